@@ -1,0 +1,36 @@
+"""Checks a local checkpoint directory before any weights are loaded."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or corrupt; the message names the path and the problem."""
+
+
+def check_checkpoint_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: checkpoint directory does not exist")
+    config = p / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{config}: missing (not a Hugging Face checkpoint)")
+    try:
+        json.loads(config.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config}: corrupt JSON ({exc})") from exc
+    if not list(p.glob("*.safetensors")):
+        raise CheckpointError(f"{p}: no *.safetensors weights (only safetensors are loaded)")
+    if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
+        raise CheckpointError(f"{p}: no tokenizer files")
+    return p
+
+
+def load_or_explain(path: Path, loader):
+    """Run ``loader(path)``; turn any load failure into a CheckpointError naming the path."""
+    check_checkpoint_dir(path)
+    try:
+        return loader(str(path))
+    except Exception as exc:  # safetensors/transformers raise many types for a corrupt file
+        raise CheckpointError(f"{path}: failed to load ({type(exc).__name__}: {exc})") from exc

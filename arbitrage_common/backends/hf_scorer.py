@@ -1,0 +1,54 @@
+"""Batched scoring with a transformers sequence-classification head (PRM and router)."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..interfaces import ScoreItem
+from ..steps import format_scorer_input
+from .checkpoints import load_or_explain
+
+
+class HFStepScorer:
+    """sigmoid(logit) of a one-label classifier over ``format_scorer_input(item)``.
+
+    ``annotate_history`` defaults to what the checkpoint was trained with
+    (``training_meta.json``), so a router trained with "Model 0:/1:" tags sees them.
+    """
+
+    def __init__(self, model_dir: str | Path, threads: int | None = None, annotate_history: bool | None = None):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        torch.set_flush_denormal(True)
+        path = Path(model_dir)
+        self.tokenizer = load_or_explain(path, AutoTokenizer.from_pretrained)
+        self.model = load_or_explain(
+            path, lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32))
+        self.model.eval()
+        if annotate_history is None:
+            meta = path / "training_meta.json"
+            annotate_history = bool(json.loads(meta.read_text()).get("annotate_history", False)) if meta.is_file() else False
+        self.annotate_history = annotate_history
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self._lock = threading.Lock()
+
+    def texts(self, items: Sequence[ScoreItem]) -> list[str]:
+        return [format_scorer_input(item, self.annotate_history) for item in items]
+
+    @torch.inference_mode()
+    def score_texts(self, texts: Sequence[str]) -> list[float]:
+        if not texts:
+            return []
+        batch = self.tokenizer(list(texts), return_tensors="pt", padding=True)
+        with self._lock:
+            logits = self.model(**batch).logits[:, 0]
+        return torch.sigmoid(logits).tolist()
+
+    def score_batch(self, items: Sequence[ScoreItem]) -> list[float]:
+        return self.score_texts(self.texts(items))

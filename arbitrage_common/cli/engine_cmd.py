@@ -1,0 +1,104 @@
+"""`arbitrage router ...` and `arbitrage bench` (in-process engine)."""
+from __future__ import annotations
+
+import argparse
+
+from .argtypes import non_negative_int, positive_float, positive_int
+from .output import emit_json
+
+
+def add_router_parser(sub) -> None:
+    router = sub.add_parser("router", help="the Arbitrage router pipeline").add_subparsers(dest="router_cmd", required=True)
+    data = router.add_parser("data", help="oracle-labelled steps: both models write, the PRM scores both")
+    data.add_argument("--out", required=True, help="JSONL dataset to write")
+    data.add_argument("--n", type=positive_int, default=3000, help="training problems")
+    data.add_argument("--seed", type=non_negative_int, default=0)
+    data.add_argument("--models-dir", default="models")
+    data.add_argument("--label-margin", type=float, default=0.1, help="class 1 when PRM(t) - PRM(d) > this")
+    data.set_defaults(func=_router_data)
+
+    train = router.add_parser("train", help="train the router classifier (resumable)")
+    train.add_argument("--data", required=True)
+    train.add_argument("--init", default="models/prm", help="start from these weights (PRM) or an LM")
+    train.add_argument("--out", required=True)
+    train.add_argument("--steps", type=positive_int, default=400)
+    train.add_argument("--seed", type=non_negative_int, default=0)
+    train.add_argument("--lr", type=positive_float, default=3e-4)
+    train.add_argument("--threads", type=positive_int, default=1)
+    train.add_argument("--annotate", action=argparse.BooleanOptionalAction, default=True,
+                       help="'Model 0:'/'Model 1:' history annotations")
+    train.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
+                       help="downsample the majority class")
+    train.add_argument("--ablation-steps", type=non_negative_int, default=0,
+                       help="also train the 4 ablation variants for this many steps and record the table")
+    train.set_defaults(func=_router_train)
+
+    ev = router.add_parser("eval", help="Spearman of a router vs the oracle advantage on held-out steps")
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--router", default="models/router")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=_router_eval)
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="sweep policies and compare Arbitrage with RSD at matched accuracy")
+    bench.add_argument("--n", type=positive_int, default=200, help="held-out problems")
+    bench.add_argument("--seed", type=non_negative_int, default=2000)
+    bench.add_argument("--out", default="runs/bench", help="directory for points.csv, PNG plots, bench.json")
+    bench.add_argument("--models-dir", default="models")
+    bench.add_argument("--confirm-n", type=positive_int, default=None, help="problems in the wall-clock confirmation")
+    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.set_defaults(func=_bench)
+
+
+def _router_data(args) -> int:
+    from tqdm import tqdm
+
+    from ..backends.hf_generator import HFStepGenerator
+    from ..backends.hf_scorer import HFStepScorer
+    from ..training.router_data import collect_router_rows, write_jsonl
+
+    root = args.models_dir
+    draft, target, prm = HFStepGenerator(f"{root}/draft"), HFStepGenerator(f"{root}/target"), HFStepScorer(f"{root}/prm")
+    with tqdm(desc="router data", unit="row") as bar:
+        rows = collect_router_rows(draft, target, prm, args.n, args.seed, label_margin=args.label_margin,
+                                   progress=lambda total: bar.update(total - bar.n))
+    write_jsonl(rows, args.out)
+    pos = sum(r["label"] for r in rows)
+    emit_json({"rows": len(rows), "positive": pos, "negative": len(rows) - pos, "out": args.out})
+    return 0
+
+
+def _router_train(args) -> int:
+    from ..training.router import run_ablation, train_router
+
+    table = None
+    if args.ablation_steps:
+        table = run_ablation(args.data, args.init, f"runs/router-ablation", args.ablation_steps, args.seed, args.lr, args.threads)
+    out = train_router(args.data, args.init, args.out, annotate=args.annotate, balance=args.balance, steps=args.steps,
+                       seed=args.seed, lr=args.lr, threads=args.threads, ablation=table)
+    emit_json({"saved": str(out), "ablation": table})
+    return 0
+
+
+def _router_eval(args) -> int:
+    from ..training.classifier import load_scoring_model
+    from ..training.router import spearman_on, split_by_problem
+    from ..training.router_data import read_jsonl
+    from ..backends.hf_scorer import HFStepScorer
+
+    annotate = HFStepScorer(args.router).annotate_history
+    tokenizer, model = load_scoring_model(args.router)
+    _, held = split_by_problem(read_jsonl(args.data))
+    emit_json({"router": args.router, "held_out_steps": len(held), "annotate_history": annotate,
+               "spearman": round(spearman_on(model, tokenizer, held, annotate), 4)})
+    return 0
+
+
+def _bench(args) -> int:
+    from ..evaluation.bench import run_bench
+
+    emit_json(run_bench(args.n, args.seed, args.out, args.models_dir, confirm_n=args.confirm_n,
+                        show_progress=not args.no_progress))
+    return 0

@@ -1,0 +1,66 @@
+"""`arbitrage models ...` and `arbitrage train ...`."""
+from __future__ import annotations
+
+from .argtypes import non_negative_int, positive_float, positive_int
+from .output import emit_json
+
+
+def add_models_parser(sub) -> None:
+    models = sub.add_parser("models", help="bundled model checks").add_subparsers(dest="models_cmd", required=True)
+    ev = models.add_parser("eval", help="quality and cost of the bundled draft, target and PRM")
+    ev.add_argument("--n", type=positive_int, default=200, help="problems to evaluate")
+    ev.add_argument("--seed", type=non_negative_int, default=1000, help="eval problem seed (training never uses integer seeds)")
+    ev.add_argument("--models-dir", default="models")
+    ev.add_argument("--no-prm", action="store_true", help="skip the PRM AUROC")
+    ev.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
+    ev.add_argument("--out", help="also write the JSON here (only when the run succeeds)")
+    ev.set_defaults(func=_models_eval)
+
+
+def add_train_parser(sub) -> None:
+    train = sub.add_parser("train", help="train bundled checkpoints").add_subparsers(dest="train_cmd", required=True)
+    lm = train.add_parser("lm", help="train the draft or target LM (resumable)")
+    lm.add_argument("--role", choices=["draft", "target"], required=True)
+    lm.add_argument("--out", required=True, help="checkpoint directory; resumes from <out>/ckpt")
+    lm.add_argument("--steps", type=positive_int, required=True)
+    lm.add_argument("--seed", type=non_negative_int, default=0)
+    lm.add_argument("--lr", type=positive_float, default=2e-3)
+    lm.add_argument("--batch-size", type=positive_int, default=32)
+    lm.add_argument("--threads", type=positive_int, default=1)
+    lm.set_defaults(func=_train_lm)
+    prm = train.add_parser("prm", help="train the PRM on checker labels of draft and target steps (resumable)")
+    prm.add_argument("--out", required=True)
+    prm.add_argument("--init", required=True, help="LM checkpoint to start from")
+    prm.add_argument("--draft", required=True, help="draft LM that writes training steps")
+    prm.add_argument("--target", required=True, help="target LM that writes training steps")
+    prm.add_argument("--problems", type=positive_int, default=3000)
+    prm.add_argument("--steps", type=positive_int, required=True)
+    prm.add_argument("--seed", type=non_negative_int, default=0)
+    prm.add_argument("--lr", type=positive_float, default=5e-4)
+    prm.add_argument("--threads", type=positive_int, default=1)
+    prm.set_defaults(func=_train_prm)
+
+
+def _models_eval(args) -> int:
+    from ..evaluation.models_eval import evaluate_models
+
+    emit_json(evaluate_models(args.n, args.seed, args.models_dir, with_prm=not args.no_prm), args.out)
+    return 0
+
+
+def _train_lm(args) -> int:
+    from ..training.lm import train_lm
+
+    out = train_lm(args.role, args.out, steps=args.steps, seed=args.seed, lr=args.lr,
+                   batch_size=args.batch_size, threads=args.threads)
+    print(f"saved {out}")
+    return 0
+
+
+def _train_prm(args) -> int:
+    from ..training.prm import train_prm
+
+    out = train_prm(args.out, init=args.init, draft=args.draft, target=args.target, n_problems=args.problems,
+                    steps=args.steps, seed=args.seed, lr=args.lr, threads=args.threads)
+    print(f"saved {out}")
+    return 0

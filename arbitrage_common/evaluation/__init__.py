@@ -1,0 +1,1 @@
+"""Evaluation: model quality on the synthetic task, policy sweeps, curves."""

@@ -1,0 +1,87 @@
+"""Memoizing Generator / Scorer adapters for threshold sweeps.
+
+Greedy decoding makes every call a pure function of its input, so a sweep computes
+each distinct call once (at batch 1, timed) and replays it. A per-request ``Charge``
+adds up the measured seconds of every call that request made, cached or not: that
+is the request's latency as if it had run alone.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..interfaces import Generation, GenerationOptions, ScoreItem
+
+
+@dataclass
+class Charge:
+    seconds: float = 0.0
+    by_stage: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds += seconds
+        self.by_stage[stage] = self.by_stage.get(stage, 0.0) + seconds
+
+
+class GenerationCache:
+    """(prefix, max_new_tokens) -> Generation, from a sync backend at batch 1."""
+
+    def __init__(self, backend, stage: str):
+        self.backend, self.stage = backend, stage
+        self.entries: dict[tuple[str, int], Generation] = {}
+
+    def view(self, charge: Charge) -> "MemoGenerator":
+        return MemoGenerator(self, charge)
+
+
+class MemoGenerator:
+    def __init__(self, cache: GenerationCache, charge: Charge):
+        self.cache, self.charge = cache, charge
+
+    async def generate(self, prefixes: Sequence[str], options: GenerationOptions) -> list[Generation]:
+        if options.temperature > 0:
+            raise ValueError("temperature: memoized sweeps need greedy decoding (temperature 0)")
+        out = []
+        for prefix in prefixes:
+            key = (prefix, options.max_new_tokens)
+            if key not in self.cache.entries:
+                self.cache.entries[key] = self.cache.backend.generate_batch([prefix], options)[0]
+            gen = self.cache.entries[key]
+            self.charge.add(self.cache.stage, gen.seconds)
+            out.append(gen)
+        return out
+
+
+class ScoreCache:
+    """scorer text -> (score, seconds measured at batch 1)."""
+
+    def __init__(self, backend, stage: str):
+        self.backend, self.stage = backend, stage
+        self.entries: dict[str, tuple[float, float]] = {}
+
+    def view(self, charge: Charge) -> "MemoScorer":
+        return MemoScorer(self, charge)
+
+    def lookup(self, item: ScoreItem) -> tuple[float, float]:
+        text = self.backend.texts([item])[0]
+        if text not in self.entries:
+            t0 = time.perf_counter()
+            score = self.backend.score_texts([text])[0]
+            self.entries[text] = (score, time.perf_counter() - t0)
+        return self.entries[text]
+
+
+class MemoScorer:
+    def __init__(self, cache: ScoreCache, charge: Charge):
+        self.cache, self.charge = cache, charge
+
+    async def score(self, items: Sequence[ScoreItem]) -> list[float]:
+        scores, seconds = [], []
+        for item in items:
+            s, t = self.cache.lookup(item)
+            scores.append(s)
+            seconds.append(t)
+        # One call scores its items as one batch: charge the slowest item, not the sum.
+        self.charge.add(self.cache.stage, max(seconds, default=0.0))
+        return scores

@@ -1,0 +1,288 @@
+"""The step loop: per step, the policy decides which model's step is kept.
+
+Pure asyncio over the ``Generator`` / ``Scorer`` protocols: no Ray, no torch. Only text
+crosses between models, so draft and target may use different tokenizers.
+
+Use::
+
+    result = await run_loop(request, models)
+
+or, to send each step as soon as it is decided::
+
+    stream = stream_loop(request, models)      # validates now, runs nothing yet
+    async for step in stream:                  # StepRecord, in order
+        ...
+    stream.result                              # LoopResult; set when the last step is yielded
+
+On a missed deadline both raise ``DeadlineExceeded`` whose ``.partial`` (also
+``stream.result``) holds the steps kept so far. Cancellation propagates untouched.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+
+from .accounting import LoopFinishReason, LoopResult, Stage, StepRecord, Usage
+from .errors import DeadlineExceeded, InvalidArgument, ScorerError
+from .interfaces import Generation, GenerationOptions, Generator, ScoreItem, Scorer, Source
+from .policies import Policy
+from .steps import build_prefix
+
+T = TypeVar("T")
+_FINISH_REASONS = ("delimiter", "eos", "length")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidArgument(name, f"must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LoopRequest:
+    """One request. ``max_new_tokens`` bounds the kept steps' tokens over the whole request
+    (each counted in its writer's tokenizer); ``step_max_tokens`` bounds one generator call;
+    ``options.max_new_tokens`` is ignored (set per call). ``deadline_s`` counts from the
+    start of the loop. Validated on construction (``InvalidArgument``)."""
+
+    prompt: str
+    policy: Policy
+    max_steps: int = 16
+    max_new_tokens: int = 512
+    step_max_tokens: int = 64
+    options: GenerationOptions = field(default_factory=GenerationOptions)
+    deadline_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InvalidArgument("prompt", "must not be empty")
+        if not isinstance(self.policy, Policy):
+            raise InvalidArgument("policy", f"must be a Policy, got {type(self.policy).__name__}")
+        _positive_int("max_steps", self.max_steps)
+        _positive_int("max_new_tokens", self.max_new_tokens)
+        _positive_int("step_max_tokens", self.step_max_tokens)
+        temperature = self.options.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or temperature < 0:
+            raise InvalidArgument("temperature", f"must be a finite number >= 0, got {temperature!r}")
+        if self.deadline_s is not None:
+            d = self.deadline_s
+            if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
+                raise InvalidArgument("deadline_s", f"must be a finite number of seconds > 0, got {d!r}")
+
+
+@dataclass(frozen=True)
+class Models:
+    """The models a request may use. ``prm`` and ``router`` are optional; ``check`` says
+    whether a policy can run on what is configured."""
+
+    draft: Generator
+    target: Generator
+    prm: Scorer | None = None
+    router: Scorer | None = None
+
+    def check(self, policy: Policy) -> None:
+        """Raise ``InvalidArgument('policy')`` if the policy needs a scorer that is missing."""
+        if policy.scorer is not None and getattr(self, policy.scorer) is None:
+            raise InvalidArgument("policy", f"policy {policy.name!r} needs a {policy.scorer} scorer, "
+                                            f"and none is configured")
+
+
+class _DeadlinePassed(Exception):
+    """Internal: turned into DeadlineExceeded with the partial result by the loop."""
+
+
+class LoopStream:
+    """Async iterator of ``StepRecord``; ``.result`` holds the ``LoopResult`` once the last
+    step is yielded (or the partial one after ``DeadlineExceeded``), else None."""
+
+    def __init__(self, request: LoopRequest, models: Models) -> None:
+        models.check(request.policy)
+        self.request = request
+        self.models = models
+        self.result: LoopResult | None = None
+        self.usage = Usage()
+        self.steps: list[StepRecord] = []
+        self._gen: AsyncIterator[StepRecord] | None = None
+        self._t0 = 0.0
+        self._deadline: float | None = None
+        self._stage_ms: dict[str, float] = {}
+
+    # -- iteration ---------------------------------------------------------------------
+    def __aiter__(self) -> LoopStream:
+        return self
+
+    async def __anext__(self) -> StepRecord:
+        if self._gen is None:
+            self._gen = self._run()
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop early (e.g. the client went away); safe to call at any time."""
+        if self._gen is not None:
+            await self._gen.aclose()  # type: ignore[attr-defined]
+
+    async def _run(self) -> AsyncIterator[StepRecord]:
+        req = self.request
+        self._t0 = time.perf_counter()
+        self._deadline = None if req.deadline_s is None else self._t0 + req.deadline_s
+        try:
+            while True:
+                record = await self._step(len(self.steps))
+                self.steps.append(record)
+                reason = self._stop_reason(record)
+                if reason is not None:
+                    self.result = self._result(reason)
+                yield record
+                if reason is not None:
+                    return
+        except _DeadlinePassed:
+            self.result = self._result("deadline")
+            raise DeadlineExceeded(self.result) from None
+
+    def _stop_reason(self, record: StepRecord) -> LoopFinishReason | None:
+        if record.finish_reason == "eos":
+            return "eos"
+        if record.finish_reason == "length" or self._tokens_left() <= 0:
+            return "length"
+        if len(self.steps) >= self.request.max_steps:
+            return "max_steps"
+        return None
+
+    def _result(self, reason: LoopFinishReason) -> LoopResult:
+        return LoopResult(prompt=self.request.prompt, steps=list(self.steps), finish_reason=reason,
+                          usage=self.usage, total_seconds=time.perf_counter() - self._t0)
+
+    def _tokens_left(self) -> int:
+        return self.request.max_new_tokens - sum(step.tokens for step in self.steps)
+
+    # -- one step ----------------------------------------------------------------------
+    async def _step(self, index: int) -> StepRecord:
+        policy, usage = self.request.policy, self.usage
+        self._stage_ms = {}
+        history = tuple((step.text, step.source) for step in self.steps)
+        prefix = build_prefix(self.request.prompt, [text for text, _ in history])
+        score: float | None = None
+
+        if policy.scorer is None and not policy.runs_both:
+            # draft / target / random: decide first, so only the chosen model runs.
+            source: Source = "target" if policy.route_to_target(None) else "draft"
+            gen = await self._generate(source, prefix)
+            return self._record(index, source, gen, score, None)
+
+        draft = await self._generate("draft", prefix)
+        # Until the step is decided the draft counts as discarded, so a deadline in the
+        # middle of the step still accounts for the tokens spent.
+        usage.draft_tokens_discarded += draft.tokens
+        problem = self.request.prompt.strip()
+
+        if policy.runs_both:
+            target: Generation | None = await self._generate("target", prefix)
+            assert target is not None
+            s_draft, s_target = await self._score("prm", [
+                ScoreItem(problem, history, draft.text), ScoreItem(problem, history, target.text)])
+            score = s_target - s_draft
+            to_target = policy.route_to_target(score)
+        else:
+            assert policy.scorer is not None
+            (score,) = await self._score(policy.scorer, [ScoreItem(problem, history, draft.text)])
+            to_target = policy.route_to_target(score)
+            target = await self._generate("target", prefix) if to_target else None
+
+        if to_target:
+            assert target is not None
+            return self._record(index, "target", target, score, draft.text)
+        usage.draft_tokens_discarded -= draft.tokens
+        return self._record(index, "draft", draft, score, None)
+
+    def _record(self, index: int, source: Source, gen: Generation, score: float | None,
+                discarded_draft: str | None) -> StepRecord:
+        """Book the kept step (target tokens are booked at generation time)."""
+        self.usage.steps_by_source[source] += 1
+        if source == "draft":
+            self.usage.draft_tokens_kept += gen.tokens
+        return StepRecord(index=index, text=gen.text, source=source, score=score,
+                          draft_discarded=discarded_draft is not None, discarded_draft_text=discarded_draft,
+                          tokens=gen.tokens, finish_reason=gen.finish_reason, stage_ms=self._stage_ms)
+
+    # -- model calls -------------------------------------------------------------------
+    async def _generate(self, source: Source, prefix: str) -> Generation:
+        model = self.models.draft if source == "draft" else self.models.target
+        options = dataclasses.replace(self.request.options,
+                                      max_new_tokens=min(self.request.step_max_tokens, self._tokens_left()))
+        gens = await self._timed(source, lambda: model.generate([prefix], options))
+        role = f"{source} generator"
+        if not isinstance(gens, (list, tuple)) or len(gens) != 1:
+            got = len(gens) if isinstance(gens, (list, tuple)) else type(gens).__name__
+            raise ScorerError(role, f"returned {got} generations for 1 prefix")
+        gen = gens[0]
+        if isinstance(gen.tokens, bool) or not isinstance(gen.tokens, int) or gen.tokens < 0:
+            raise ScorerError(role, f"token count must be an integer >= 0, got {gen.tokens!r}")
+        if gen.finish_reason not in _FINISH_REASONS:
+            raise ScorerError(role, f"unknown finish_reason {gen.finish_reason!r}")
+        if source == "target":
+            self.usage.target_tokens += gen.tokens
+        return gen
+
+    async def _score(self, role: Stage, items: Sequence[ScoreItem]) -> list[float]:
+        scorer = self.models.prm if role == "prm" else self.models.router
+        assert scorer is not None  # Models.check ran at construction
+        scores = await self._timed(role, lambda: scorer.score(items))
+        if role == "prm":
+            self.usage.prm_calls += len(items)
+        else:
+            self.usage.router_calls += len(items)
+        if not isinstance(scores, (list, tuple)) or len(scores) != len(items):
+            got = len(scores) if isinstance(scores, (list, tuple)) else type(scores).__name__
+            raise ScorerError(role, f"returned {got} scores for {len(items)} items")
+        out = []
+        for s in scores:
+            try:
+                value = float(s)
+            except (TypeError, ValueError):
+                raise ScorerError(role, f"returned a non-number score {s!r}") from None
+            if not math.isfinite(value):
+                raise ScorerError(role, f"returned a non-finite score {value!r}")
+            out.append(value)
+        return out
+
+    async def _timed(self, stage: Stage, call: Callable[[], Awaitable[T]]) -> T:
+        """Await one model call under the remaining deadline, booking its wall time.
+
+        asyncio.timeout rather than wait_for: ``expired()`` tells our deadline apart from a
+        TimeoutError raised by the model itself, and it does not run the call in a new task.
+        """
+        remaining = None if self._deadline is None else self._deadline - time.perf_counter()
+        if remaining is not None and remaining <= 0:
+            raise _DeadlinePassed
+        started = time.perf_counter()
+        timeout = asyncio.timeout(remaining)
+        try:
+            async with timeout:
+                return await call()
+        except TimeoutError:
+            if timeout.expired():
+                raise _DeadlinePassed from None
+            raise
+        finally:
+            seconds = time.perf_counter() - started
+            self.usage.stage_seconds[stage] += seconds
+            self._stage_ms[stage] = self._stage_ms.get(stage, 0.0) + seconds * 1000.0
+
+
+def stream_loop(request: LoopRequest, models: Models) -> LoopStream:
+    """Validate now (``InvalidArgument``), run lazily: iterate the returned stream to get
+    each ``StepRecord`` as soon as it is decided; ``stream.result`` holds the ``LoopResult``."""
+    return LoopStream(request, models)
+
+
+async def run_loop(request: LoopRequest, models: Models) -> LoopResult:
+    """Run the loop to its end and return the ``LoopResult``."""
+    stream = stream_loop(request, models)
+    async for _ in stream:
+        pass
+    assert stream.result is not None
+    return stream.result

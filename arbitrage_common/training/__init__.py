@@ -1,0 +1,1 @@
+"""Training of the bundled LMs, the PRM and the router (torch only here)."""

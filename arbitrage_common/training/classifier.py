@@ -1,0 +1,67 @@
+"""Shared trainer for the one-logit scoring models (the PRM and the router)."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .loop_utils import ResumableState, Stopwatch, lr_at, seed_everything
+
+
+def load_scoring_model(init_dir: str | Path):
+    """A one-label sequence classifier whose body starts from ``init_dir`` (an LM or a scorer)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ..backends.checkpoints import load_or_explain
+
+    path = Path(init_dir)
+    tokenizer = load_or_explain(path, AutoTokenizer.from_pretrained)
+    model = load_or_explain(path, lambda p: AutoModelForSequenceClassification.from_pretrained(
+        p, num_labels=1, dtype=torch.float32))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model
+
+
+def train_scoring_model(model, tokenizer, texts: Sequence[str], targets: Sequence[float], out_dir: Path,
+                        steps: int, seed: int, lr: float, batch_size: int = 32, threads: int = 1,
+                        weights: Sequence[float] | None = None, save_every: int = 100) -> float:
+    """BCE on soft or hard targets in [0, 1]; resumable from ``out_dir/ckpt``. Returns train seconds."""
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    seed_everything(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    state = ResumableState(out_dir)
+    start, elapsed = state.load(model, optimizer)
+    clock = Stopwatch(elapsed)
+    weights = list(weights) if weights is not None else [1.0] * len(texts)
+    model.train()
+    for step in range(start, steps):
+        rng = random.Random(f"scorer-batch-{seed}-{step}")  # a batch depends only on (seed, step)
+        idx = [rng.randrange(len(texts)) for _ in range(batch_size)]
+        batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True)
+        y = torch.tensor([float(targets[i]) for i in idx])
+        w = torch.tensor([weights[i] for i in idx])
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup=30)
+        logits = model(**batch).logits[:, 0]
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            state.save(model, optimizer, step + 1, clock.elapsed)
+            state.log(step=step + 1, loss=round(loss.item(), 4), elapsed_s=round(clock.elapsed, 1))
+    model.eval()
+    return clock.elapsed
+
+
+@torch.inference_mode()
+def predict(model, tokenizer, texts: Sequence[str], batch_size: int = 64) -> list[float]:
+    out: list[float] = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(list(texts[start: start + batch_size]), return_tensors="pt", padding=True)
+        out += torch.sigmoid(model(**batch).logits[:, 0]).tolist()
+    return out

@@ -1,0 +1,78 @@
+"""Oracle labels for the router: both models write every step, the PRM scores both.
+
+Each row is one step position of one trajectory: the kept history (with sources), the
+draft's and the target's candidate steps, their PRM scores, the advantage
+PRM(target) - PRM(draft) and its class. Each trajectory continues with the better
+step, so histories mix draft- and target-written steps as they do at serving time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+from ..interfaces import GenerationOptions, ScoreItem
+from ..steps import build_prefix
+from ..synthetic import check_step, generate_problem
+
+DEFAULT_LABEL_MARGIN = 0.1  # advantages within PRM noise of 0 are "no gain" (class 0)
+
+
+def collect_router_rows(draft, target, prm, n_problems: int, seed: int, batch_size: int = 64,
+                        label_margin: float = DEFAULT_LABEL_MARGIN, progress=None) -> list[dict]:
+    """``draft``/``target`` expose ``generate_batch``; ``prm`` exposes ``score_batch``."""
+    rng = random.Random(f"router-data-{seed}")
+    problems = [generate_problem(rng) for _ in range(n_problems)]
+    histories: list[list[tuple[str, str]]] = [[] for _ in problems]
+    open_ids = list(range(n_problems))
+    options = GenerationOptions(max_new_tokens=64)
+    rows = []
+    while open_ids:
+        still = []
+        for start in range(0, len(open_ids), batch_size):
+            ids = open_ids[start: start + batch_size]
+            prefixes = [build_prefix(problems[i].prompt, [s for s, _ in histories[i]]) for i in ids]
+            d_gens = draft.generate_batch(prefixes, options)
+            t_gens = target.generate_batch(prefixes, options)
+            items = []
+            for i, d, t in zip(ids, d_gens, t_gens):
+                hist = tuple(histories[i])
+                items += [ScoreItem(problems[i].prompt, hist, d.text), ScoreItem(problems[i].prompt, hist, t.text)]
+            scores = prm.score_batch(items)
+            for j, (i, d, t) in enumerate(zip(ids, d_gens, t_gens)):
+                p, prior = problems[i], [s for s, _ in histories[i]]
+                s_d, s_t = scores[2 * j], scores[2 * j + 1]
+                advantage = s_t - s_d
+                rows.append({
+                    "problem_id": i, "problem": p.prompt, "history": histories[i].copy(), "step_index": len(prior),
+                    "tier": p.step_tiers()[len(prior)] if len(prior) < len(p.step_tiers()) else "extra",
+                    "draft_step": d.text, "target_step": t.text, "prm_draft": s_d, "prm_target": s_t,
+                    "advantage": advantage, "label": int(advantage > label_margin),
+                    "draft_correct": check_step(p, prior, d.text), "target_correct": check_step(p, prior, t.text),
+                    "draft_tokens": d.tokens, "target_tokens": t.tokens,
+                })
+                kept, src = (t, "target") if advantage > 0 else (d, "draft")
+                if kept.text:
+                    histories[i].append((kept.text, src))
+                if kept.finish_reason == "delimiter" and len(histories[i]) < len(p.ops) + 3:
+                    still.append(i)
+            if progress is not None:
+                progress(len(rows))
+        open_ids = still
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: router dataset not found (make it with `arbitrage router data`)")
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
