@@ -16,12 +16,14 @@ import torch
 from ..interfaces import Generation, GenerationOptions
 from ..synthetic import STEP_DELIMITER
 from .checkpoints import load_or_explain
+from .steppers import FastLlamaStepper, HFStepper, fast_llama_supported
 
 
 class HFStepGenerator:
     """Synchronous batched step generator; thread-safe (one forward at a time)."""
 
-    def __init__(self, model_dir: str | Path, threads: int | None = None, delimiter: str = STEP_DELIMITER):
+    def __init__(self, model_dir: str | Path, threads: int | None = None, delimiter: str = STEP_DELIMITER,
+                 fast_path: bool = True):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads:
@@ -37,6 +39,9 @@ class HFStepGenerator:
         # id -> text table: the decode loop never calls the tokenizer.
         self.piece = [self.tokenizer.decode([i]) for i in range(len(self.tokenizer))]
         self.params = sum(p.numel() for p in self.model.parameters())
+        self.fast_path = fast_path and fast_llama_supported(self.model)
+        self.stepper = FastLlamaStepper(self.model) if self.fast_path else HFStepper(self.model)
+        self.context = self.model.config.max_position_embeddings
         self._lock = threading.Lock()
 
     def _encode(self, prefixes: Sequence[str]):
@@ -66,12 +71,15 @@ class HFStepGenerator:
         sampler = None
         if options.temperature > 0:
             sampler = torch.Generator().manual_seed(options.seed if options.seed is not None else 0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        if ids.shape[1] >= self.context:
+            raise ValueError(f"prompt: {ids.shape[1]} tokens leave no room in the model's context of {self.context}")
+        max_new = min(options.max_new_tokens, self.context - ids.shape[1])
+        stepper = self.stepper
+        logits = stepper.prefill(ids, mask, positions, max_new)
         texts, counts, reasons = [""] * n, [0] * n, ["length"] * n
         active = list(range(n))
-        next_pos = positions[:, -1:] + 1
-        for _ in range(options.max_new_tokens):
+        next_pos = positions[:, -1] + 1
+        for _ in range(max_new):
             if sampler is None:
                 tokens = logits.argmax(-1)
             else:
@@ -94,11 +102,8 @@ class HFStepGenerator:
             active = still
             if not active:
                 break
-            # Finished rows keep decoding pad tokens: cheaper than re-packing the cache.
-            feed = tokens.clone()
+            # Finished rows keep decoding: cheaper than re-packing the cache.
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], dim=1)
-            out = self.model(input_ids=feed[:, None], attention_mask=mask, position_ids=next_pos,
-                             past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            logits = stepper.decode(tokens, mask, next_pos)
             next_pos = next_pos + 1
         return [t.strip() for t in texts], counts, reasons

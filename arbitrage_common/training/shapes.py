@@ -29,8 +29,12 @@ class Shape:
         return asdict(self)
 
 
-# Cost at batch 1 follows the layer count (MODELS_NOTES), so the draft is shallow.
+# Cost at batch 1 follows the layer count (MODELS_NOTES), so the draft is one wide layer:
+# cheap per token, and too shallow to carry every multi-digit step (often wrong).
 SHAPES = {
-    "draft": Shape(hidden=96, layers=2, heads=4, ffn=256),
+    "draft": Shape(hidden=128, layers=1, heads=4, ffn=512),
     "target": Shape(hidden=160, layers=6, heads=4, ffn=640),
+    # Body of the PRM and the router: a small LM (2 layers) that already knows the task,
+    # so verification is learned quickly and scoring costs a fraction of a draft step.
+    "scorer_base": Shape(hidden=96, layers=2, heads=4, ffn=256),
 }
