@@ -28,6 +28,8 @@ def add_train_parser(sub) -> None:
     lm.add_argument("--lr", type=positive_float, default=2e-3)
     lm.add_argument("--batch-size", type=positive_int, default=32)
     lm.add_argument("--threads", type=positive_int, default=1)
+    lm.add_argument("--stop-after", type=positive_int, help="stop at this step of the --steps schedule")
+    lm.add_argument("--export-every", type=positive_int, help="write HF snapshots every N steps (for choosing --stop-after)")
     lm.set_defaults(func=_train_lm)
     prm = train.add_parser("prm", help="train the PRM on checker labels of draft and target steps (resumable)")
     prm.add_argument("--out", required=True)
@@ -53,7 +55,8 @@ def _train_lm(args) -> int:
     from ..training.lm import train_lm
 
     out = train_lm(args.role, args.out, steps=args.steps, seed=args.seed, lr=args.lr,
-                   batch_size=args.batch_size, threads=args.threads)
+                   batch_size=args.batch_size, threads=args.threads, stop_after=args.stop_after,
+                   export_every=args.export_every)
     print(f"saved {out}")
     return 0
 

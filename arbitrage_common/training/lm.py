@@ -37,7 +37,10 @@ def lm_training_batch(tokenizer, seed: int, step: int, batch_size: int):
 
 def train_lm(role: str, out_dir: str, steps: int, seed: int = 0, lr: float = 2e-3,
              batch_size: int = 32, threads: int = 1, save_every: int = 100,
-             shape: Shape | None = None) -> Path:
+             shape: Shape | None = None, stop_after: int | None = None, export_every: int | None = None) -> Path:
+    """Train ``steps`` steps of a cosine schedule; ``stop_after`` ends early at that step of the
+    same schedule (reproducible early stopping); ``export_every`` writes HF snapshots to
+    ``<out>/ckpt/snapshots/step-N`` for picking a stopping point."""
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(threads)
@@ -52,7 +55,11 @@ def train_lm(role: str, out_dir: str, steps: int, seed: int = 0, lr: float = 2e-
     start, elapsed = state.load(model, optimizer)
     clock = Stopwatch(elapsed)
     model.train()
-    for step in range(start, steps):
+    end = min(stop_after or steps, steps)
+    if start > end:
+        raise ValueError(f"{state.path}: resume state is at step {start}, past the requested stop at step {end}; "
+                         f"remove {state.path.parent} to retrain")
+    for step in range(start, end):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr)
         ids, attn, labels = lm_training_batch(tokenizer, seed, step, batch_size)
@@ -61,19 +68,25 @@ def train_lm(role: str, out_dir: str, steps: int, seed: int = 0, lr: float = 2e-
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if (step + 1) % save_every == 0 or step + 1 == steps:
+        if (step + 1) % save_every == 0 or step + 1 == end:
             state.save(model, optimizer, step + 1, clock.elapsed)
             state.log(step=step + 1, loss=round(loss.item(), 4), elapsed_s=round(clock.elapsed, 1))
+        if export_every and (step + 1) % export_every == 0:
+            snap = out / "ckpt" / "snapshots" / f"step-{step + 1}"
+            model.save_pretrained(str(snap), safe_serialization=True)
+            tokenizer.save_pretrained(str(snap))
     model.eval()
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     meta = {"role": role, "architecture": "LlamaForCausalLM", "shape": shape.as_dict(),
             "params": sum(p.numel() for p in model.parameters()), "seed": seed,
             "train_stream": f"random.Random('lm-train-{seed}-<step>'), 32 problems per step",
-            "steps": steps, "batch_size": batch_size, "lr_peak": lr, "threads": threads,
+            "schedule_steps": steps, "trained_steps": end, "batch_size": batch_size, "lr_peak": lr, "threads": threads,
             "train_time_s": round(clock.elapsed, 1), "torch": torch.__version__}
     write_model_card(out, f"Bundled {role} LM", meta,
-                     f"arbitrage train lm --role {role} --steps {steps} --seed {seed} --lr {lr} --out {out_dir}")
+                     f"arbitrage train lm --role {role} --steps {steps} --seed {seed} --lr {lr} "
+                     f"--batch-size {batch_size} --threads {threads}"
+                     + (f" --stop-after {end}" if end < steps else "") + f" --out {out_dir}")
     return out
 
 

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Remakes every bundled checkpoint, in dependency order, on CPU (about 1.5 h on 2 cores).
+# Each step is resumable: rerun the script after an interruption and it continues.
+# Seeds are fixed; results match up to float nondeterminism across thread counts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+A=.venv/bin/arbitrage
+$A train lm --role target --out models/target --steps 1500 --seed 0 --lr 0.002 --threads 2
+$A train lm --role draft --out models/draft --steps 900 --seed 0 --lr 0.003 --threads 1
+$A train lm --role scorer_base --out runs/scorer_base --steps 1200 --seed 0 --lr 0.003 --threads 1
+$A train prm --init runs/scorer_base --draft models/draft --target models/target --problems 3000 \
+  --steps 800 --seed 0 --lr 0.001 --out models/prm
+$A router data --n 3000 --seed 0 --out runs/router_data.jsonl
+$A router train --data runs/router_data.jsonl --init models/prm --out models/router --steps 600 \
+  --seed 0 --ablation-steps 300
