@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A=.venv/bin/arbitrage
-$A train lm --role target --out models/target --steps 1500 --seed 0 --lr 0.002 --threads 2
-$A train lm --role draft --out models/draft --steps 900 --seed 0 --lr 0.003 --threads 1
+$A train lm --role target --out models/target --steps 1000 --seed 0 --lr 0.002 --threads 1
+$A train lm --role draft --out models/draft --steps 1000 --stop-after 750 --seed 0 --lr 0.003 --threads 1
 $A train lm --role scorer_base --out runs/scorer_base --steps 1200 --seed 0 --lr 0.003 --threads 1
 $A train prm --init runs/scorer_base --draft models/draft --target models/target --problems 3000 \
   --steps 800 --seed 0 --lr 0.001 --out models/prm

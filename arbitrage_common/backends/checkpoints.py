@@ -34,3 +34,9 @@ def load_or_explain(path: Path, loader):
         return loader(str(path))
     except Exception as exc:  # safetensors/transformers raise many types for a corrupt file
         raise CheckpointError(f"{path}: failed to load ({type(exc).__name__}: {exc})") from exc
+
+
+def trained_with_annotations(path: str | Path) -> bool:
+    """Whether a scorer checkpoint was trained on "Model 0:/1:" history tags (its training_meta.json)."""
+    meta = Path(path) / "training_meta.json"
+    return bool(json.loads(meta.read_text()).get("annotate_history", False)) if meta.is_file() else False

@@ -1,16 +1,15 @@
 """Batched scoring with a transformers sequence-classification head (PRM and router)."""
 from __future__ import annotations
 
-import json
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from ..interfaces import ScoreItem
 from ..steps import format_scorer_input
-from .checkpoints import load_or_explain
+from .checkpoints import load_or_explain, trained_with_annotations
 
 
 class HFStepScorer:
@@ -31,10 +30,7 @@ class HFStepScorer:
         self.model = load_or_explain(
             path, lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32))
         self.model.eval()
-        if annotate_history is None:
-            meta = path / "training_meta.json"
-            annotate_history = bool(json.loads(meta.read_text()).get("annotate_history", False)) if meta.is_file() else False
-        self.annotate_history = annotate_history
+        self.annotate_history = trained_with_annotations(path) if annotate_history is None else annotate_history
         self.params = sum(p.numel() for p in self.model.parameters())
         self._lock = threading.Lock()
 

@@ -75,7 +75,7 @@ def _router_train(args) -> int:
 
     table = None
     if args.ablation_steps:
-        table = run_ablation(args.data, args.init, f"runs/router-ablation", args.ablation_steps, args.seed, args.lr, args.threads)
+        table = run_ablation(args.data, args.init, "runs/router-ablation", args.ablation_steps, args.seed, args.lr, args.threads)
     out = train_router(args.data, args.init, args.out, annotate=args.annotate, balance=args.balance, steps=args.steps,
                        seed=args.seed, lr=args.lr, threads=args.threads, ablation=table)
     emit_json({"saved": str(out), "ablation": table})
@@ -83,12 +83,12 @@ def _router_train(args) -> int:
 
 
 def _router_eval(args) -> int:
+    from ..backends.checkpoints import trained_with_annotations
     from ..training.classifier import load_scoring_model
     from ..training.router import spearman_on, split_by_problem
     from ..training.router_data import read_jsonl
-    from ..backends.hf_scorer import HFStepScorer
 
-    annotate = HFStepScorer(args.router).annotate_history
+    annotate = trained_with_annotations(args.router)
     tokenizer, model = load_scoring_model(args.router)
     _, held = split_by_problem(read_jsonl(args.data))
     emit_json({"router": args.router, "held_out_steps": len(held), "annotate_history": annotate,

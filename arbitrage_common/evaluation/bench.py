@@ -5,8 +5,8 @@ import asyncio
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tqdm import tqdm
 

@@ -8,8 +8,8 @@ is the request's latency as if it had run alone.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from ..interfaces import Generation, GenerationOptions, ScoreItem
 
@@ -31,7 +31,7 @@ class GenerationCache:
         self.backend, self.stage = backend, stage
         self.entries: dict[tuple[str, int], Generation] = {}
 
-    def view(self, charge: Charge) -> "MemoGenerator":
+    def view(self, charge: Charge) -> MemoGenerator:
         return MemoGenerator(self, charge)
 
 
@@ -60,7 +60,7 @@ class ScoreCache:
         self.backend, self.stage = backend, stage
         self.entries: dict[str, tuple[float, float]] = {}
 
-    def view(self, charge: Charge) -> "MemoScorer":
+    def view(self, charge: Charge) -> MemoScorer:
         return MemoScorer(self, charge)
 
     def lookup(self, item: ScoreItem) -> tuple[float, float]:

@@ -1,7 +1,7 @@
 """Small statistics used by the evaluations (no sklearn needed)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from scipy.stats import rankdata, spearmanr
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..interfaces import GenerationOptions, ScoreItem
 from ..steps import build_prefix

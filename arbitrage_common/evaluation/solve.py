@@ -1,8 +1,8 @@
 """Batched single-model solving and teacher-forced step checks on the synthetic task."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from ..interfaces import GenerationOptions
 from ..steps import build_prefix

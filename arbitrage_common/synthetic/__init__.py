@@ -11,7 +11,17 @@ from .problems import (
 )
 
 __all__ = [
-    "STEP_DELIMITER", "Op", "Problem", "generate_problem", "generate_problems", "parse_prompt",
-    "solution_text", "check_step", "expected_step", "extract_answer", "grade_answer",
-    "is_wellformed", "step_result",
+    "STEP_DELIMITER",
+    "Op",
+    "Problem",
+    "check_step",
+    "expected_step",
+    "extract_answer",
+    "generate_problem",
+    "generate_problems",
+    "grade_answer",
+    "is_wellformed",
+    "parse_prompt",
+    "solution_text",
+    "step_result",
 ]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from .problems import STEP_DELIMITER, Problem, answer_step, render_step
 

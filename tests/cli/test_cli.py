@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def arbitrage(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "arbitrage_common.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, check=False)
 
 
 def test_models_eval_prints_every_field(tmp_path):
