@@ -5,8 +5,9 @@ different tokenizers.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from typing import Literal, Protocol
 
 Source = Literal["draft", "target"]
 FinishReason = Literal["delimiter", "eos", "length"]
