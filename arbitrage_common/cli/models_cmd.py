@@ -20,8 +20,7 @@ def add_models_parser(sub) -> None:
 def add_train_parser(sub) -> None:
     train = sub.add_parser("train", help="train bundled checkpoints").add_subparsers(dest="train_cmd", required=True)
     lm = train.add_parser("lm", help="train the draft or target LM (resumable)")
-    lm.add_argument("--role", choices=["draft", "target", "scorer_base"], required=True,
-                    help="shape preset; scorer_base is the LM the PRM starts from")
+    lm.add_argument("--role", choices=["draft", "target"], required=True, help="shape preset")
     lm.add_argument("--out", required=True, help="checkpoint directory; resumes from <out>/ckpt")
     lm.add_argument("--steps", type=positive_int, required=True)
     lm.add_argument("--seed", type=non_negative_int, default=0)

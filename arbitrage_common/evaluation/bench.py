@@ -21,13 +21,14 @@ from .plots import write_csv, write_plots
 from .sweep import DEFAULT_GRID, MAX_STEPS, SweepPoint, curve_dominance, matched_comparison, run_memo_point
 
 
-def load_backends(models_dir: str | Path) -> dict:
+def load_backends(models_dir: str | Path, threads: int = 1) -> dict:
     from ..backends.hf_generator import HFStepGenerator
     from ..backends.hf_scorer import HFStepScorer
 
     root = Path(models_dir)
-    return {"draft": HFStepGenerator(root / "draft"), "target": HFStepGenerator(root / "target"),
-            "prm": HFStepScorer(root / "prm"), "router": HFStepScorer(root / "router")}
+    return {"draft": HFStepGenerator(root / "draft", threads=threads),
+            "target": HFStepGenerator(root / "target", threads=threads),
+            "prm": HFStepScorer(root / "prm", threads=threads), "router": HFStepScorer(root / "router", threads=threads)}
 
 
 def router_spearman(results: Sequence[LoopResult], router_cache: ScoreCache) -> dict:

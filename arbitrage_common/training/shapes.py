@@ -34,7 +34,4 @@ class Shape:
 SHAPES = {
     "draft": Shape(hidden=96, layers=2, heads=4, ffn=256),
     "target": Shape(hidden=160, layers=6, heads=4, ffn=640),
-    # Body of the PRM and the router: a small LM (2 layers) that already knows the task,
-    # so verification is learned quickly and scoring costs a fraction of a draft step.
-    "scorer_base": Shape(hidden=96, layers=2, heads=4, ffn=256),
 }
