@@ -6,6 +6,7 @@ import sys
 
 from .engine_cmd import add_bench_parser, add_router_parser
 from .models_cmd import add_models_parser, add_train_parser
+from .serve_cmd import add_serve_parsers
 
 ERROR_EXIT = 1
 
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_router_parser(sub)
     add_bench_parser(sub)
+    add_serve_parsers(sub)
     return parser
 
 

@@ -1,0 +1,181 @@
+"""`arbitrage serve` (run / render / bench) and `arbitrage generate` (gRPC client).
+
+Heavy imports (Ray, grpc, the services package) happen inside the commands.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+
+from .argtypes import positive_float, positive_int
+
+DEFAULT_ENDPOINT = "127.0.0.1:9000"
+
+
+def add_serve_parsers(sub) -> None:
+    serve = sub.add_parser("serve", help="run the service (embedded default: local Ray, bundled models, "
+                                         "gRPC :9000, HTTP :8000)")
+    serve.add_argument("--config", help="AppConfig YAML (default: the embedded local CPU config)")
+    serve.add_argument("--address", help="connect to this Ray cluster instead of starting a local one")
+    serve.add_argument("--render", action="store_true", help="print the Serve YAML rendered from the config and exit")
+    serve.add_argument("-o", "--out", help="with --render: write the YAML here")
+    serve.set_defaults(func=_serve)
+    serve_sub = serve.add_subparsers(dest="serve_cmd")
+    bench = serve_sub.add_parser("bench", help="serving overhead, throughput at N clients / 1, startup seconds")
+    bench.add_argument("--config", help="AppConfig YAML (models of the in-process reference, and of the "
+                                        "service when it is started here)")
+    bench.add_argument("--endpoint", help="bench a running service at HOST:PORT (gRPC) instead of starting one")
+    bench.add_argument("--app", help="Serve application name (gRPC metadata) when several apps run")
+    bench.add_argument("--n", type=positive_int, default=16, help="problems")
+    bench.add_argument("--seed", type=int, default=3000)
+    bench.add_argument("--policy", help="policy (default: the config's)")
+    bench.add_argument("--concurrency", type=positive_int, default=16)
+    bench.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    bench.set_defaults(func=_bench)
+
+    gen = sub.add_parser("generate", help="ask a running service (gRPC)")
+    gen.add_argument("prompt")
+    gen.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"HOST:PORT of the gRPC API ({DEFAULT_ENDPOINT})")
+    gen.add_argument("--app", help="Serve application name (gRPC metadata) when several apps run")
+    gen.add_argument("--policy", help="draft, target, rsd, arbitrage, oracle, random (default: the server's)")
+    gen.add_argument("--threshold", type=float)
+    gen.add_argument("--max-steps", type=int)
+    gen.add_argument("--max-new-tokens", type=int)
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--timeout", type=positive_float, help="request deadline, seconds")
+    gen.add_argument("--stream", action="store_true", help="print steps as they are decided, marked by source")
+    gen.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    gen.set_defaults(func=_generate)
+
+
+def _config(path: str | None):
+    from ..config import default_config, load_config
+
+    return load_config(path) if path else default_config()
+
+
+# -- serve ----------------------------------------------------------------------------------
+def _serve(args) -> int:
+    started = time.perf_counter()
+    cfg = _config(args.config)
+    if args.render:
+        from ..config import render_serve_yaml
+
+        text = render_serve_yaml(cfg)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        else:
+            sys.stdout.write(text)
+        return 0
+
+    from services import local
+
+    try:
+        info = local.start(cfg, address=args.address)  # cleans up after itself if it fails
+    except KeyboardInterrupt:
+        return 130
+    stop = threading.Event()
+    # Ctrl-C and SIGTERM both stop the service cleanly (also when started with SIGINT ignored).
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print(f"arbitrage serve: ready in {time.perf_counter() - started:.1f} s\n"
+              f"  gRPC  {info['grpc']}  (arbitrage.v1.ArbitrageService, grpc.health.v1.Health, reflection)\n"
+              f"  HTTP  {info['http']}  (/v1/generate, /v1/completions, /v1/chat/completions, /v1/models, "
+              f"/healthz, /docs)\n"
+              f"  default policy: {cfg.policy.default}.  Ctrl-C stops.", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig in previous:  # a second Ctrl-C must not cut the shutdown short
+            signal.signal(sig, signal.SIG_IGN)
+        print("arbitrage serve: shutting down", flush=True)
+        try:
+            local.stop(shutdown_ray=not args.address)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    print("arbitrage serve: stopped", flush=True)
+    return 0
+
+
+def _bench(args) -> int:
+    started = time.perf_counter()
+    from services.bench import run_serve_bench
+
+    result = run_serve_bench(_config(args.config), endpoint=args.endpoint, app=args.app, n=args.n, seed=args.seed,
+                             policy=args.policy, concurrency=args.concurrency, started=started)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for key, value in result.items():
+        print(f"{key:>28}: {value}")
+    return 0
+
+
+# -- generate -------------------------------------------------------------------------------
+def _request(args):
+    from protos.arbitrage.v1 import arbitrage_pb2 as pb
+
+    req = pb.GenerateRequest(prompt=args.prompt, policy=args.policy or "")
+    for name, value in (("threshold", args.threshold), ("max_steps", args.max_steps),
+                        ("max_new_tokens", args.max_new_tokens), ("timeout_s", args.timeout)):
+        if value is not None:
+            setattr(req, name, value)
+    if args.temperature is not None:
+        req.sampling.temperature = args.temperature
+    if args.seed is not None:
+        req.sampling.seed = args.seed
+    return req
+
+
+def _step_line(step) -> str:
+    from protos.arbitrage.v1 import arbitrage_pb2 as pb
+
+    source = "target" if step.source == pb.SOURCE_TARGET else "draft"
+    mark = " (draft replaced)" if step.draft_discarded else ""
+    score = f" score={step.score:.3f}" if step.HasField("score") else ""
+    return f"[{step.index}] {source:<6}{score}{mark}\n    " + step.text.replace("\n", "\n    ")
+
+
+def _summary_line(r) -> str:
+    answer = r.answer if r.HasField("answer") else "none"
+    u = r.usage
+    return (f"answer: {answer} | finish: {r.finish_reason} | policy: {r.policy} | steps: {len(r.steps)} "
+            f"(target {u.target_steps}) | acceptance: {u.acceptance_rate:.2f} | {r.total_ms:.0f} ms")
+
+
+def _generate(args) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from protos.arbitrage.v1 import arbitrage_pb2_grpc as pbg
+
+    metadata = (("application", args.app),) if args.app else None
+    with grpc.insecure_channel(args.endpoint) as channel:
+        stub = pbg.ArbitrageServiceStub(channel)
+        try:
+            if args.stream:
+                for message in stub.GenerateStream(_request(args), metadata=metadata):
+                    if message.WhichOneof("event") == "step":
+                        print(_step_line(message.step), flush=True)
+                    else:
+                        print(json.dumps(json_format.MessageToDict(message.summary, preserving_proto_field_name=True,
+                                                                     always_print_fields_with_no_presence=True))
+                              if args.json else _summary_line(message.summary))
+            else:
+                reply = stub.Generate(_request(args), metadata=metadata)
+                if args.json:
+                    print(json.dumps(json_format.MessageToDict(reply, preserving_proto_field_name=True,
+                                                                 always_print_fields_with_no_presence=True), indent=2))
+                else:
+                    print(reply.text)
+                    print(_summary_line(reply))
+        except grpc.RpcError as exc:
+            print(f"arbitrage: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0

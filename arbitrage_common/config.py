@@ -1,0 +1,313 @@
+"""The application config: one validated pydantic model, many renderings.
+
+``AppConfig`` describes the whole service: four model pools (draft, target, router, PRM),
+the coordinator, the default policy, request limits and the ports. ``services.app:build_app``
+builds the Ray Serve application from it, ``render_serve_config`` renders the Serve YAML
+(whose ``applications[0].args`` is this config again), and the RayService manifest embeds
+that YAML. No Ray, torch or transformers imports here: configs load and validate anywhere.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+
+from .errors import InvalidArgument
+from .policies import POLICIES, make_policy
+
+# Grows to Literal["transformers", "vllm"] when the vLLM backend lands.
+Backend = Literal["transformers"]
+Role = Literal["draft", "target", "router", "prm"]
+GENERATOR_ROLES: tuple[Role, ...] = ("draft", "target")
+SCORER_ROLES: tuple[Role, ...] = ("router", "prm")
+
+APP_IMPORT_PATH = "services.app:build_app"
+GRPC_SERVICER_FUNCTIONS = [
+    "protos.arbitrage.v1.arbitrage_pb2_grpc.add_ArbitrageServiceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """Which checkpoint a pool serves and how it is loaded."""
+
+    path: str = Field(description="Hugging Face checkpoint directory (safetensors). A relative path resolves "
+                                  "against AppConfig.base_dir, or the working directory of the process that "
+                                  "builds the application.")
+    backend: Backend = Field("transformers", description="Inference engine: 'transformers' (batched KV-cache "
+                                                         "decode on CPU or GPU); 'vllm' comes later.")
+    threads: PositiveInt | None = Field(1, description="torch intra-op threads per replica (None: torch's "
+                                                       "default, one per core). Keep 1 on small CPU machines.")
+    annotate_history: bool | None = Field(None, description="Scorers only: prefix history steps with 'Model 0: '/"
+                                                            "'Model 1: '. None: as the checkpoint's "
+                                                            "training_meta.json says.")
+
+
+class AutoscalingSpec(_Strict):
+    """The common subset of Ray Serve's ``autoscaling_config``."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 allows scale to zero).")
+    max_replicas: PositiveInt = Field(1, description="Most replicas.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time (default min_replicas).")
+    target_ongoing_requests: PositiveFloat = Field(8.0, description="Ongoing requests per replica the autoscaler "
+                                                                    "aims for; above it, scale up.")
+    upscale_delay_s: float = Field(5.0, ge=0, description="Seconds load must stay high before scaling up.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Seconds load must stay low before scaling down.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie in [min_replicas, max_replicas]")
+        return self
+
+
+class ActorOptionsSpec(_Strict):
+    """Ray Serve ``ray_actor_options`` of every replica of a deployment."""
+
+    num_cpus: float | None = Field(None, ge=0, description="CPUs reserved per replica (Ray's default is 1; use 0 "
+                                                           "or fractions when many deployments share few cores).")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs reserved per replica (fractions share one GPU).")
+    memory: int | None = Field(None, ge=0, description="Heap memory reserved per replica, bytes.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom resources, e.g. "
+                                                                         "{'pool_target': 1} to pin to a worker group.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100'.")
+    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env (env_vars, ...).")
+
+    def to_ray(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True, exclude_defaults=True)
+
+
+class DeploymentSpec(_Strict):
+    """Replica count, resources and queueing of one Ray Serve deployment."""
+
+    num_replicas: PositiveInt | None = Field(None, description="Fixed replica count; exclusive with "
+                                                               "autoscaling_config. Neither: 1.")
+    autoscaling_config: AutoscalingSpec | None = Field(None, description="Autoscale between min and max replicas.")
+    ray_actor_options: ActorOptionsSpec = Field(default_factory=ActorOptionsSpec,
+                                                description="Resources of each replica.")
+    max_ongoing_requests: PositiveInt = Field(16, description="Requests one replica works on at once; the router "
+                                                              "queues the rest.")
+    max_queued_requests: int = Field(-1, ge=-1, description="Requests queued at callers beyond the ongoing ones "
+                                                            "before new ones are rejected (RESOURCE_EXHAUSTED / "
+                                                            "503); -1: unbounded.")
+    graceful_shutdown_timeout_s: float = Field(10.0, ge=0, description="Seconds a stopping replica may finish "
+                                                                       "its requests.")
+    access_log: bool = Field(True, description="Log every call to this deployment (Serve access log). Pools get "
+                                               "one call per step, so they default to off.")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> DeploymentSpec:
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set num_replicas or autoscaling_config, not both")
+        return self
+
+    def deployment_options(self, name: str) -> dict[str, Any]:
+        """Keyword arguments of ``serve.deployment(cls, **options)``."""
+        opts: dict[str, Any] = {
+            "name": name,
+            "ray_actor_options": self.ray_actor_options.to_ray(),
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "logging_config": {"enable_access_log": self.access_log},
+        }
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
+        else:
+            opts["num_replicas"] = self.num_replicas or 1
+        return opts
+
+
+class PoolSpec(DeploymentSpec):
+    """One model pool: a deployment serving one checkpoint with dynamic batching."""
+
+    model: ModelSpec = Field(description="The checkpoint this pool serves.")
+    access_log: bool = Field(False, description="Log every step call (Serve access log); off: one per step is "
+                                                "noise and CPU.")
+    max_ongoing_requests: PositiveInt = Field(32, description="Step calls one replica holds at once (running, "
+                                                              "batching, or waiting for the running pass); "
+                                                              "the router queues the rest.")
+    max_batch_size: PositiveInt = Field(16, description="Most calls (steps of concurrent requests) merged into one "
+                                                        "batched forward pass.")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="Seconds an idle pool waits for more calls before "
+                                                               "it runs a batch. Under load no wait is needed: calls "
+                                                               "that arrive during a pass join the next one.")
+
+    @model_validator(mode="after")
+    def _batching(self) -> PoolSpec:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size}), or batches can never fill")
+        return self
+
+    def user_config(self) -> dict[str, Any]:
+        """Live knobs (``reconfigure``): changing them updates replicas in place."""
+        return {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}
+
+    def deployment_options(self, name: str) -> dict[str, Any]:
+        return {**super().deployment_options(name), "user_config": self.user_config()}
+
+
+class CoordinatorSpec(DeploymentSpec):
+    """The coordinator deployment: gRPC servicer and HTTP ingress; holds no model."""
+
+    max_ongoing_requests: PositiveInt = Field(64, description="Requests one coordinator replica runs at once (each "
+                                                              "is a step loop awaiting the pools).")
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After seconds advised on overload (503).")
+
+
+class PoolsSpec(_Strict):
+    """The four pools. Router and PRM are optional: a policy that needs a missing one is refused."""
+
+    draft: PoolSpec = Field(description="Draft generator pool (the cheap model writes first).")
+    target: PoolSpec = Field(description="Target generator pool (writes routed steps).")
+    router: PoolSpec | None = Field(None, description="Router scorer pool (policy 'arbitrage').")
+    prm: PoolSpec | None = Field(None, description="Process reward model pool (policies 'rsd', 'oracle').")
+
+    def configured(self) -> list[tuple[Role, PoolSpec]]:
+        """(role, spec) of every configured pool, generators first."""
+        return [(role, spec) for role in (*GENERATOR_ROLES, *SCORER_ROLES)
+                if (spec := getattr(self, role)) is not None]
+
+
+class PolicySpec(_Strict):
+    """Defaults for requests that do not name a policy or threshold."""
+
+    default: str = Field("arbitrage", description=f"Default policy, one of {', '.join(POLICIES)}.")
+    threshold: float | None = Field(None, description="Default threshold of the default policy (None: the "
+                                                      "policy's own default).")
+
+    @model_validator(mode="after")
+    def _valid(self) -> PolicySpec:
+        try:
+            make_policy(self.default, self.threshold)
+        except InvalidArgument as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class LimitsSpec(_Strict):
+    """Per-request limits; requests outside them get INVALID_ARGUMENT / 422."""
+
+    max_prompt_chars: PositiveInt = Field(4000, description="Longest prompt accepted, characters.")
+    max_steps: PositiveInt = Field(64, description="Largest max_steps a request may ask for.")
+    default_max_steps: PositiveInt = Field(16, description="max_steps when a request sets none.")
+    max_new_tokens: PositiveInt = Field(2048, description="Largest max_new_tokens a request may ask for.")
+    default_max_new_tokens: PositiveInt = Field(512, description="max_new_tokens when a request sets none.")
+    step_max_tokens: PositiveInt = Field(64, description="Token limit of one generated step.")
+    request_timeout_s: PositiveFloat = Field(60.0, description="Deadline of one request, seconds; past it: "
+                                                               "DEADLINE_EXCEEDED / 504. Requests may ask for less.")
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> LimitsSpec:
+        if self.default_max_steps > self.max_steps:
+            raise ValueError("default_max_steps must be <= max_steps")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError("default_max_new_tokens must be <= max_new_tokens")
+        return self
+
+
+class HTTPSpec(_Strict):
+    host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 in containers).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port (FastAPI ingress, OpenAI-compatible routes).")
+
+
+class GRPCSpec(_Strict):
+    port: int = Field(9000, ge=1, le=65535, description="gRPC port (ArbitrageService, health, reflection).")
+    enable_reflection: bool = Field(True, description="Serve gRPC server reflection.")
+
+
+class AppConfig(_Strict):
+    """The whole service. ``services.app:build_app(cfg.model_dump())`` builds it."""
+
+    name: str = Field("arbitrage", description="Serve application name (gRPC clients of a multi-app cluster send "
+                                               "it as 'application' metadata).")
+    served_model_name: str = Field("arbitrage-serve", description="Model id of the default policy on the "
+                                                                  "OpenAI-compatible routes.")
+    base_dir: str | None = Field(None, description="Directory relative model paths resolve against (None: the "
+                                                   "builder's working directory).")
+    pools: PoolsSpec = Field(description="The model pools.")
+    coordinator: CoordinatorSpec = Field(default_factory=CoordinatorSpec, description="The coordinator deployment.")
+    policy: PolicySpec = Field(default_factory=PolicySpec, description="Default policy and threshold.")
+    limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits and deadline.")
+    http: HTTPSpec = Field(default_factory=HTTPSpec, description="HTTP proxy options.")
+    grpc: GRPCSpec = Field(default_factory=GRPCSpec, description="gRPC proxy options.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or not v.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("name must be non-empty letters, digits, '-' or '_'")
+        return v
+
+    @model_validator(mode="after")
+    def _default_policy_runs(self) -> AppConfig:
+        scorer = POLICIES[self.policy.default].scorer
+        if scorer is not None and getattr(self.pools, scorer) is None:
+            raise ValueError(f"default policy {self.policy.default!r} needs the {scorer} pool, which is not configured")
+        return self
+
+    def resolve_path(self, path: str) -> str:
+        """Absolute model path (relative ones against base_dir or the working directory)."""
+        p = Path(path).expanduser()
+        if not p.is_absolute():
+            p = Path(self.base_dir).expanduser() / p if self.base_dir else Path.cwd() / p
+        return str(p.resolve())
+
+
+def default_config() -> AppConfig:
+    """The embedded default: local CPU, the bundled models, HTTP 8000, gRPC 9000."""
+    def pool(name: str, **kw: Any) -> PoolSpec:
+        return PoolSpec(model=ModelSpec(path=f"models/{name}"), ray_actor_options=ActorOptionsSpec(num_cpus=0), **kw)
+
+    return AppConfig(
+        base_dir=str(Path(__file__).resolve().parents[1]),  # the checkout that holds models/
+        pools=PoolsSpec(draft=pool("draft"), target=pool("target"), router=pool("router"), prm=pool("prm")),
+        coordinator=CoordinatorSpec(ray_actor_options=ActorOptionsSpec(num_cpus=0)),
+    )
+
+
+def load_config(path: str | Path) -> AppConfig:
+    """An AppConfig from a YAML (or JSON) file. Relative model paths stay relative: they
+    resolve against ``base_dir`` or the builder's working directory."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")  # noqa: TRY004 (a config error)
+    return AppConfig.model_validate(data)
+
+
+def render_serve_config(cfg: AppConfig) -> dict[str, Any]:
+    """The Serve YAML (``serve run``/``serve deploy``, KubeRay ``serveConfigV2``) as a dict.
+    Its single application builds from ``args`` = this config, so nothing is said twice."""
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.http.host, "port": cfg.http.port},
+        "grpc_options": {
+            "port": cfg.grpc.port,
+            "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS),
+            "enable_reflection": cfg.grpc.enable_reflection,
+        },
+        "applications": [{
+            "name": cfg.name,
+            "route_prefix": "/",
+            "import_path": APP_IMPORT_PATH,
+            "args": cfg.model_dump(mode="json"),
+        }],
+    }
+
+
+def render_serve_yaml(cfg: AppConfig) -> str:
+    import yaml
+
+    header = ("# Rendered from an AppConfig; do not edit by hand. Regenerate with\n"
+              "#   arbitrage serve --config configs/local-cpu.yaml --render -o configs/serve-local-cpu.yaml\n")
+    return header + yaml.safe_dump(render_serve_config(cfg), sort_keys=False, default_flow_style=False)

@@ -1,0 +1,33 @@
+"""The application builder: a validated AppConfig -> the Ray Serve application.
+
+``build_app(args)`` takes a plain dict (the AppConfig), so it is the ``import_path`` of
+the rendered Serve YAML and of a KubeRay ``serveConfigV2``. Deployment classes carry no
+decorator: options come from the config here, one ``serve.deployment(cls, **options)``
+per pool, the generator class bound twice (draft, target) and the scorer class twice
+(router, PRM).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import BackpressureConfig
+
+from arbitrage_common.config import GENERATOR_ROLES, AppConfig
+
+from .coordinator import Coordinator
+from .pools import GeneratorPool, ScorerPool
+
+
+def build_app(args: dict[str, Any] | AppConfig) -> Application:
+    cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
+    pools: dict[str, Application] = {}
+    for role, spec in cfg.pools.configured():
+        cls = GeneratorPool if role in GENERATOR_ROLES else ScorerPool
+        model = {**spec.model.model_dump(mode="json"), "path": cfg.resolve_path(spec.model.path)}
+        pools[role] = serve.deployment(cls, **spec.deployment_options(role)).bind(role=role, model=model)
+    options = cfg.coordinator.deployment_options("coordinator")
+    options["backpressure_config"] = BackpressureConfig(status_code=503, retry_after_s=cfg.coordinator.retry_after_s)
+    ingress = serve.ingress()(Coordinator)  # FastAPI app: Coordinator.__serve_build_asgi_app__
+    return serve.deployment(ingress, **options).bind(cfg.model_dump(mode="json"), **pools)

@@ -1,0 +1,129 @@
+"""``arbitrage serve bench``: serving overhead, throughput scaling and startup, measured in
+one run (ratios, since the machine is noisy). Prints figures; asserts nothing.
+
+- overhead = mean end-to-end gRPC latency / mean in-process loop latency, same problems,
+  same policy, same checkpoints, one request at a time;
+- scaling = requests/s with ``concurrency`` clients / requests/s with one client;
+- startup = seconds from the start of the command until the service answered (only when
+  the bench starts the service itself).
+"""
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from arbitrage_common.config import AppConfig
+from arbitrage_common.synthetic import extract_answer, generate_problems
+
+from .validation import RequestFields, prepare
+
+
+def _in_process_models(cfg: AppConfig):
+    from arbitrage_common.backends.async_adapters import ThreadedGenerator, ThreadedScorer
+    from arbitrage_common.backends.hf_generator import HFStepGenerator
+    from arbitrage_common.backends.hf_scorer import HFStepScorer
+    from arbitrage_common.loop import Models
+
+    p = cfg.pools
+
+    def scorer(spec):
+        return ThreadedScorer(HFStepScorer(cfg.resolve_path(spec.model.path), threads=spec.model.threads)) \
+            if spec is not None else None
+
+    return Models(
+        draft=ThreadedGenerator(HFStepGenerator(cfg.resolve_path(p.draft.model.path), threads=p.draft.model.threads)),
+        target=ThreadedGenerator(HFStepGenerator(cfg.resolve_path(p.target.model.path),
+                                                 threads=p.target.model.threads)),
+        router=scorer(p.router), prm=scorer(p.prm))
+
+
+def _in_process(cfg: AppConfig, prompts: list[str], policy: str) -> tuple[list[float], list[int | None]]:
+    from arbitrage_common.loop import run_loop
+
+    models = _in_process_models(cfg)
+
+    async def one(prompt: str):
+        request = prepare(RequestFields(prompt=prompt, policy=policy), cfg).request
+        started = time.perf_counter()
+        result = await run_loop(request, models)
+        return time.perf_counter() - started, extract_answer(result.text)
+
+    async def all_():
+        await one(prompts[0])  # warm-up
+        return [await one(p) for p in prompts]
+
+    rows = asyncio.run(all_())
+    return [r[0] for r in rows], [r[1] for r in rows]
+
+
+def _grpc_client(endpoint: str, app: str | None):
+    import grpc
+
+    from protos.arbitrage.v1 import arbitrage_pb2 as pb
+    from protos.arbitrage.v1 import arbitrage_pb2_grpc as pbg
+
+    channel = grpc.insecure_channel(endpoint)
+    stub = pbg.ArbitrageServiceStub(channel)
+    metadata = (("application", app),) if app else None
+
+    def call(prompt: str, policy: str) -> tuple[float, int | None]:
+        started = time.perf_counter()
+        reply = stub.Generate(pb.GenerateRequest(prompt=prompt, policy=policy), metadata=metadata, timeout=600)
+        return time.perf_counter() - started, (reply.answer if reply.HasField("answer") else None)
+
+    return channel, call
+
+
+def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None = None, n: int = 16,
+                    seed: int = 3000, policy: str | None = None, concurrency: int = 16,
+                    started: float | None = None) -> dict[str, Any]:
+    from . import local
+
+    started = time.perf_counter() if started is None else started
+    policy = policy or cfg.policy.default
+    out: dict[str, Any] = {"policy": policy, "problems": n, "concurrency": concurrency}
+    owns_service = endpoint is None
+    try:
+        if owns_service:
+            endpoint = local.start(cfg)["grpc"]
+        channel, call = _grpc_client(endpoint, app)
+        problems = generate_problems(n, seed)
+        prompts = [p.prompt for p in problems]
+        call(prompts[0], policy)  # the first request also proves the service answers
+        if owns_service:
+            out["startup_s"] = round(time.perf_counter() - started, 2)
+
+        inproc_s, inproc_answers = _in_process(cfg, prompts, policy)
+        seq_start = time.perf_counter()
+        grpc_rows = [call(p, policy) for p in prompts]
+        seq_wall = time.perf_counter() - seq_start
+        grpc_s = [r[0] for r in grpc_rows]
+
+        total = max(n, 4 * concurrency)
+        work = [prompts[i % n] for i in range(total)]
+        conc_start = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as ex:
+            list(ex.map(lambda p: call(p, policy), work))
+        conc_wall = time.perf_counter() - conc_start
+        channel.close()
+    finally:
+        if owns_service:
+            local.stop()
+
+    rps1, rpsn = n / seq_wall, total / conc_wall
+    out.update({
+        "in_process_ms_mean": round(1000 * statistics.mean(inproc_s), 1),
+        "grpc_ms_mean": round(1000 * statistics.mean(grpc_s), 1),
+        "serving_overhead": round(statistics.mean(grpc_s) / statistics.mean(inproc_s), 3),
+        "serving_overhead_median": round(statistics.median(grpc_s) / statistics.median(inproc_s), 3),
+        "rps_1_client": round(rps1, 3),
+        f"rps_{concurrency}_clients": round(rpsn, 3),
+        "throughput_scaling": round(rpsn / rps1, 3),
+        "accuracy_in_process": round(sum(a == p.answer for a, p in zip(inproc_answers, problems)) / n, 3),
+        "accuracy_grpc": round(sum(r[1] == p.answer for r, p in zip(grpc_rows, problems)) / n, 3),
+        "answers_agree": round(sum(r[1] == a for r, a in zip(grpc_rows, inproc_answers)) / n, 3),
+    })
+    return out

@@ -1,0 +1,182 @@
+"""Model pools: one generator class (bound as draft and target) and one scorer class (bound
+as router and PRM). No ``@serve.deployment`` here: ``services.app`` turns them into
+deployments from the AppConfig.
+
+Each pool batches dynamically with ``@serve.batch``: step calls of concurrent requests
+share one forward pass. ``@serve.batch`` seals the next batch ``batch_wait_timeout_s``
+after its first call even while a forward pass still runs, so under load it would queue
+batches of one behind the running pass. A gate fixes that: a call that arrives while a
+forward pass runs waits for it to end, and all such calls then enter the queue together
+and form one batch. Idle, a call goes straight through (no waiting with a zero timeout).
+The blocking backend runs in a worker thread so the replica's event loop (and
+``check_health``) stays free. Batch size and wait are live knobs (``user_config`` ->
+``reconfigure``).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from ray import serve
+from ray.serve.metrics import Counter, Histogram
+
+from arbitrage_common.interfaces import Generation, GenerationOptions, ScoreItem
+
+_BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
+_MS_BOUNDARIES = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
+
+
+def _load_generator(model: dict[str, Any]):
+    backend = model.get("backend", "transformers")
+    if backend == "transformers":
+        from arbitrage_common.backends.hf_generator import HFStepGenerator
+
+        return HFStepGenerator(model["path"], threads=model.get("threads"))
+    raise ValueError(f"model.backend: unsupported generator backend {backend!r}")
+
+
+def _load_scorer(model: dict[str, Any]):
+    backend = model.get("backend", "transformers")
+    if backend == "transformers":
+        from arbitrage_common.backends.hf_scorer import HFStepScorer
+
+        return HFStepScorer(model["path"], threads=model.get("threads"),
+                            annotate_history=model.get("annotate_history"))
+    raise ValueError(f"model.backend: unsupported scorer backend {backend!r}")
+
+
+class _Pool:
+    """Shared plumbing: metrics, live batching knobs, a cheap health check."""
+
+    kind = "pool"
+
+    def __init__(self, role: str, model: dict[str, Any]) -> None:
+        self.role = role
+        self.model_path = model["path"]
+        tags = ("role",)
+        self._batch_size = Histogram("arbitrage_pool_batch_size", description="Calls merged into one forward pass.",
+                                     boundaries=_BATCH_BOUNDARIES, tag_keys=tags)
+        self._batch_ms = Histogram("arbitrage_pool_batch_ms", description="Wall ms of one batched forward pass.",
+                                   boundaries=_MS_BOUNDARIES, tag_keys=tags)
+        self._items = Counter("arbitrage_pool_items_total", description="Prefixes generated or items scored.",
+                              tag_keys=tags)
+        for metric in (self._batch_size, self._batch_ms, self._items):
+            metric.set_default_tags({"role": role})
+        self._stats = {"batches": 0, "items": 0, "max_batch_items": 0, "forward_s": 0.0}
+        self._idle: asyncio.Event | None = None  # created on the replica's event loop
+
+    async def _wait_idle(self) -> None:
+        """Hold a new call while a forward pass runs, so the calls that pile up meanwhile
+        join one batch instead of each sealing its own."""
+        if self._idle is None:
+            self._idle = asyncio.Event()
+            self._idle.set()
+        await self._idle.wait()
+
+    def _count(self, items: int) -> None:
+        self._batch_size.observe(items)
+        self._items.inc(items)
+        self._stats["batches"] += 1
+        self._stats["items"] += items
+        self._stats["max_batch_items"] = max(self._stats["max_batch_items"], items)
+
+    def _batched_method(self):
+        raise NotImplementedError
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        method = self._batched_method()
+        if "max_batch_size" in user_config:
+            method.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_timeout_s" in user_config:
+            method.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+    def check_health(self) -> None:
+        """Cheap by design: the replica is healthy if its event loop answers."""
+
+    def info(self) -> dict[str, Any]:
+        """What this replica serves and how it has batched so far (for tests and debugging)."""
+        return {"role": self.role, "kind": self.kind, "model_path": self.model_path,
+                "params": getattr(self.backend, "params", None), **self._stats}
+
+    async def _run(self, fn, *args):
+        started = time.perf_counter()
+        if self._idle is not None:
+            self._idle.clear()
+        try:
+            return await asyncio.to_thread(fn, *args)
+        finally:
+            if self._idle is not None:
+                self._idle.set()
+            seconds = time.perf_counter() - started
+            self._stats["forward_s"] += seconds
+            self._batch_ms.observe(seconds * 1000.0)
+
+
+class GeneratorPool(_Pool):
+    """Serves ``generate(prefixes, options)`` for the draft or target model."""
+
+    kind = "generator"
+
+    def __init__(self, role: str, model: dict[str, Any]) -> None:
+        super().__init__(role, model)
+        self.backend = _load_generator(model)
+
+    def _batched_method(self):
+        return self._generate_batched
+
+    async def generate(self, prefixes: list[str], options: GenerationOptions) -> list[Generation]:
+        """One caller's prefixes (usually one); merged with concurrent callers' into a batch."""
+        if not prefixes:
+            return []
+        await self._wait_idle()
+        return await self._generate_batched(list(prefixes), options)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _generate_batched(self, prefix_lists: list[list[str]],
+                                option_list: list[GenerationOptions]) -> list[list[Generation]]:
+        # Calls with equal decoding options share a forward pass; greedy calls ignore the seed.
+        groups: dict[tuple, list[int]] = {}
+        for i, opts in enumerate(option_list):
+            key = (opts.max_new_tokens, opts.temperature, opts.seed if opts.temperature > 0 else None)
+            groups.setdefault(key, []).append(i)
+        out: list[list[Generation]] = [[] for _ in prefix_lists]
+        self._count(sum(map(len, prefix_lists)))
+        for members in groups.values():
+            flat = [p for i in members for p in prefix_lists[i]]
+            gens = await self._run(self.backend.generate_batch, flat, option_list[members[0]])
+            pos = 0
+            for i in members:
+                out[i] = gens[pos:pos + len(prefix_lists[i])]
+                pos += len(prefix_lists[i])
+        return out
+
+
+class ScorerPool(_Pool):
+    """Serves ``score(items)`` for the router or the PRM."""
+
+    kind = "scorer"
+
+    def __init__(self, role: str, model: dict[str, Any]) -> None:
+        super().__init__(role, model)
+        self.backend = _load_scorer(model)
+
+    def _batched_method(self):
+        return self._score_batched
+
+    async def score(self, items: list[ScoreItem]) -> list[float]:
+        if not items:
+            return []
+        await self._wait_idle()
+        return await self._score_batched(list(items))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _score_batched(self, item_lists: list[list[ScoreItem]]) -> list[list[float]]:
+        flat = [item for items in item_lists for item in items]
+        self._count(len(flat))
+        scores = await self._run(self.backend.score_batch, flat)
+        out, pos = [], 0
+        for items in item_lists:
+            out.append(scores[pos:pos + len(items)])
+            pos += len(items)
+        return out

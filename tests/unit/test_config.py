@@ -1,0 +1,144 @@
+"""AppConfig: validation, defaults, and one config rendered many ways."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from arbitrage_common import config as C
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _pool(**kw):
+    return C.PoolSpec(model=C.ModelSpec(path="models/draft"), **kw)
+
+
+def _app(**kw):
+    return C.AppConfig(pools=C.PoolsSpec(draft=_pool(), target=_pool(), router=_pool(), prm=_pool()), **kw)
+
+
+def test_config_module_imports_no_engine():
+    code = ("import sys, arbitrage_common.config as c; c.render_serve_config(c.default_config()); "
+            "bad = [m for m in ('ray', 'torch', 'transformers', 'vllm') if m in sys.modules]; "
+            "assert not bad, bad")
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_every_field_has_a_description():
+    missing = []
+
+    def walk(model: type[BaseModel]):
+        for name, field in model.model_fields.items():
+            if not field.description:
+                missing.append(f"{model.__name__}.{name}")
+            for arg in getattr(field.annotation, "__args__", ()) + (field.annotation,):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    walk(arg)
+
+    walk(C.AppConfig)
+    assert not missing
+
+
+def test_default_points_at_bundled_models_and_ports():
+    cfg = C.default_config()
+    assert {role: Path(spec.model.path).name for role, spec in cfg.pools.configured()} == \
+        {"draft": "draft", "target": "target", "router": "router", "prm": "prm"}
+    assert all(spec.model.backend == "transformers" for _, spec in cfg.pools.configured())
+    assert (cfg.http.port, cfg.grpc.port) == (8000, 9000)
+    assert cfg.resolve_path("models/draft") == str((ROOT / "models" / "draft").resolve())
+
+
+def test_shipped_local_config_is_the_embedded_default():
+    assert C.load_config(ROOT / "configs" / "local-cpu.yaml") == C.default_config().model_copy(update={"base_dir": None})
+
+
+def test_gpu_example_is_gpu_shaped():
+    cfg = C.load_config(ROOT / "configs" / "gpu-example.yaml")
+    assert cfg.pools.target.ray_actor_options.num_gpus == 1
+    assert all(spec.autoscaling_config is not None for _, spec in cfg.pools.configured())
+    assert cfg.http.host == "0.0.0.0"
+
+
+def test_rendered_serve_yaml_equals_rendering_the_app_config():
+    cfg = C.load_config(ROOT / "configs" / "local-cpu.yaml")
+    shipped = yaml.safe_load((ROOT / "configs" / "serve-local-cpu.yaml").read_text())
+    assert shipped == C.render_serve_config(cfg)
+    assert yaml.safe_load(C.render_serve_yaml(cfg)) == shipped
+
+
+def test_rendering_round_trips_through_args():
+    cfg = C.load_config(ROOT / "configs" / "gpu-example.yaml")
+    rendered = C.render_serve_config(cfg)
+    app = rendered["applications"][0]
+    assert app["import_path"] == "services.app:build_app"
+    assert C.AppConfig.model_validate(app["args"]) == cfg
+    assert rendered["grpc_options"]["port"] == 9000 and rendered["http_options"]["port"] == 8000
+    assert "protos.arbitrage.v1.arbitrage_pb2_grpc.add_ArbitrageServiceServicer_to_server" in \
+        rendered["grpc_options"]["grpc_servicer_functions"]
+
+
+def test_batch_size_needs_enough_ongoing_requests():
+    with pytest.raises(ValidationError, match="max_ongoing_requests"):
+        _pool(max_ongoing_requests=4, max_batch_size=8)
+    assert _pool(max_ongoing_requests=8, max_batch_size=8).max_batch_size == 8
+
+
+def test_replicas_and_autoscaling_are_exclusive():
+    with pytest.raises(ValidationError, match="not both"):
+        _pool(num_replicas=2, autoscaling_config=C.AutoscalingSpec())
+    with pytest.raises(ValidationError, match="min_replicas"):
+        C.AutoscalingSpec(min_replicas=3, max_replicas=2)
+
+
+def test_deployment_options():
+    pool = _pool(autoscaling_config=C.AutoscalingSpec(min_replicas=1, max_replicas=4),
+                 ray_actor_options=C.ActorOptionsSpec(num_cpus=0, num_gpus=0.5), max_queued_requests=10)
+    opts = pool.deployment_options("draft")
+    assert opts["name"] == "draft" and "num_replicas" not in opts
+    assert opts["autoscaling_config"]["max_replicas"] == 4
+    assert opts["ray_actor_options"] == {"num_cpus": 0, "num_gpus": 0.5}
+    assert opts["max_queued_requests"] == 10
+    assert opts["user_config"] == {"max_batch_size": 16, "batch_wait_timeout_s": 0.0}
+    assert opts["logging_config"] == {"enable_access_log": False}
+    assert _pool().deployment_options("x")["num_replicas"] == 1
+
+
+def test_policy_defaults_are_validated():
+    with pytest.raises(ValidationError, match="policy"):
+        C.PolicySpec(default="nope")
+    with pytest.raises(ValidationError, match="threshold"):
+        C.PolicySpec(default="arbitrage", threshold=2.0)
+    assert C.PolicySpec(default="oracle", threshold=-0.5).threshold == -0.5
+
+
+def test_default_policy_needs_its_pool():
+    pools = C.PoolsSpec(draft=_pool(), target=_pool())
+    with pytest.raises(ValidationError, match="router"):
+        C.AppConfig(pools=pools)
+    assert C.AppConfig(pools=pools, policy=C.PolicySpec(default="draft")).pools.router is None
+
+
+def test_limits():
+    with pytest.raises(ValidationError, match="default_max_steps"):
+        C.LimitsSpec(max_steps=4, default_max_steps=8)
+    with pytest.raises(ValidationError):
+        C.LimitsSpec(request_timeout_s=0)
+
+
+def test_unknown_fields_and_backends_are_rejected():
+    with pytest.raises(ValidationError):
+        C.ModelSpec(path="x", backend="onnx")
+    with pytest.raises(ValidationError):
+        C.AppConfig.model_validate({**_app().model_dump(), "typo": 1})
+
+
+def test_resolve_path_uses_base_dir(tmp_path):
+    cfg = _app(base_dir=str(tmp_path))
+    assert cfg.resolve_path("models/x") == str(tmp_path / "models" / "x")
+    assert cfg.resolve_path("/abs/y") == "/abs/y"

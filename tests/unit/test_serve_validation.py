@@ -1,0 +1,161 @@
+"""Request validation and wire conversion of the service, without Ray."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from arbitrage_common.accounting import LoopResult, StepRecord, Usage
+from arbitrage_common.config import AppConfig, LimitsSpec, ModelSpec, PolicySpec, PoolSpec, PoolsSpec
+from arbitrage_common.errors import DeadlineExceeded, InvalidArgument
+from protos.arbitrage.v1 import arbitrage_pb2 as pb
+from services import convert
+from services.validation import (
+    ChatCompletionBody,
+    CompletionBody,
+    GenerateBody,
+    RequestFields,
+    field_from_loc,
+    fields_from_proto,
+    prepare,
+)
+
+PROMPT = "Start with 12. Add 3."
+
+
+def _cfg(**kw) -> AppConfig:
+    pool = PoolSpec(model=ModelSpec(path="m"))
+    return AppConfig(pools=PoolsSpec(draft=pool, target=pool, router=pool, prm=pool),
+                     limits=LimitsSpec(max_prompt_chars=50, max_steps=10, default_max_steps=4,
+                                       request_timeout_s=30), **kw)
+
+
+def test_defaults_from_config():
+    p = prepare(RequestFields(prompt=PROMPT), _cfg(policy=PolicySpec(default="rsd", threshold=0.7)))
+    assert (p.policy, p.threshold) == ("rsd", 0.7)
+    assert p.request.max_steps == 4 and p.request.deadline_s == 30 and p.request.options.temperature == 0
+    assert len(p.request_id) == 32
+
+
+def test_another_policy_gets_its_own_default_threshold():
+    p = prepare(RequestFields(prompt=PROMPT, policy="oracle"), _cfg(policy=PolicySpec(default="rsd", threshold=0.7)))
+    assert (p.policy, p.threshold) == ("oracle", 0.0)
+
+
+def test_timeout_is_capped_by_the_limit():
+    assert prepare(RequestFields(prompt=PROMPT, timeout_s=5), _cfg()).request.deadline_s == 5
+    assert prepare(RequestFields(prompt=PROMPT, timeout_s=500), _cfg()).request.deadline_s == 30
+
+
+@pytest.mark.parametrize("fields,field", [
+    (RequestFields(), "prompt"),
+    (RequestFields(prompt=" \n"), "prompt"),
+    (RequestFields(prompt="x" * 51), "prompt"),
+    (RequestFields(prompt=PROMPT, messages=[("user", PROMPT)]), "prompt"),
+    (RequestFields(messages=[("system", "x")]), "messages"),
+    (RequestFields(messages=[("robot", "x")]), "messages[0].role"),
+    (RequestFields(prompt=PROMPT, policy="nope"), "policy"),
+    (RequestFields(prompt=PROMPT, policy="arbitrage", threshold=1.5), "threshold"),
+    (RequestFields(prompt=PROMPT, threshold=float("nan")), "threshold"),
+    (RequestFields(prompt=PROMPT, max_steps=0), "max_steps"),
+    (RequestFields(prompt=PROMPT, max_steps=-1), "max_steps"),
+    (RequestFields(prompt=PROMPT, max_steps=11), "max_steps"),
+    (RequestFields(prompt=PROMPT, max_new_tokens=0), "max_new_tokens"),
+    (RequestFields(prompt=PROMPT, temperature=-1.0), "temperature"),
+    (RequestFields(prompt=PROMPT, timeout_s=0), "timeout_s"),
+    (RequestFields(prompt=PROMPT, request_id="r" * 200), "request_id"),
+])
+def test_bad_input_names_the_field(fields, field):
+    with pytest.raises(InvalidArgument) as info:
+        prepare(fields, _cfg())
+    assert info.value.field == field
+    assert convert.classify(info.value).http_status == 422
+    assert convert.classify(info.value).message.startswith(f"{field}:")
+
+
+def test_proto_optionals_stay_unset():
+    f = fields_from_proto(pb.GenerateRequest(prompt=PROMPT))
+    assert (f.threshold, f.max_steps, f.temperature, f.seed, f.timeout_s, f.policy) == (None,) * 6
+    f = fields_from_proto(pb.GenerateRequest(prompt=PROMPT, max_steps=0, threshold=0.0,
+                                             sampling=pb.SamplingOptions(temperature=0.5, seed=3)))
+    assert (f.max_steps, f.threshold, f.temperature, f.seed) == (0, 0.0, 0.5, 3)
+
+
+def test_chat_prompt_is_the_last_user_message():
+    f = ChatCompletionBody(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                     {"role": "user", "content": PROMPT}], max_completion_tokens=9).fields(_cfg())
+    p = prepare(f, _cfg())
+    assert p.request.prompt == PROMPT and p.request.max_new_tokens == 9
+
+
+def test_openai_model_selects_the_policy():
+    assert CompletionBody(model="rsd", prompt=PROMPT).fields(_cfg()).policy == "rsd"
+    assert CompletionBody(model="arbitrage-serve", prompt=[PROMPT]).fields(_cfg()).policy is None
+    with pytest.raises(InvalidArgument, match="model"):
+        CompletionBody(model="gpt-4", prompt=PROMPT).fields(_cfg())
+    with pytest.raises(InvalidArgument, match="^n:"):
+        CompletionBody(prompt=PROMPT, n=2).fields(_cfg())
+
+
+def test_generate_body_forbids_unknown_fields():
+    with pytest.raises(ValidationError, match="bogus"):
+        GenerateBody(prompt=PROMPT, bogus=1)
+
+
+@pytest.mark.parametrize("loc,kind,field", [
+    (("body", 7), "json_invalid", "body"),
+    (("body",), "missing", "body"),
+    (("body", "max_steps"), "int_parsing", "max_steps"),
+    (("body", "messages", 0, "role"), "missing", "messages[0].role"),
+    (("body", "prompt", "str"), "string_type", "prompt"),
+])
+def test_field_from_loc(loc, kind, field):
+    assert field_from_loc(loc, kind) == field
+
+
+def _result() -> LoopResult:
+    steps = [StepRecord(0, "12 + 3 = 15", "draft", 0.2, False, None, 11, "delimiter", {"draft": 1.5, "router": 0.5}),
+             StepRecord(1, "Answer: 15", "target", 0.9, True, "Answer: 16", 10, "eos", {"target": 2.0})]
+    usage = Usage(draft_tokens_kept=11, draft_tokens_discarded=10, target_tokens=10,
+                  steps_by_source={"draft": 1, "target": 1}, router_calls=2)
+    return LoopResult(PROMPT, steps, "eos", usage, 0.25)
+
+
+def test_result_json_and_proto_agree():
+    prepared = prepare(RequestFields(prompt=PROMPT, request_id="r1"), _cfg())
+    d = convert.result_json(_result(), prepared)
+    msg = convert.result_proto(_result(), prepared)
+    assert d["answer"] == 15 == msg.answer and d["text"] == msg.text == "12 + 3 = 15\n\nAnswer: 15"
+    assert [s.source for s in msg.steps] == [pb.SOURCE_DRAFT, pb.SOURCE_TARGET]
+    assert msg.steps[1].draft_discarded and msg.steps[0].stage_ms.draft == 1.5
+    assert msg.usage.acceptance_rate == pytest.approx(11 / 21) == d["usage"]["acceptance_rate"]
+    assert msg.usage.target_steps == 1 and msg.finish_reason == "eos" and msg.request_id == "r1"
+    assert msg.total_ms == 250.0
+
+
+def test_no_answer_leaves_the_optional_unset():
+    r = _result()
+    r.steps.pop()
+    prepared = prepare(RequestFields(prompt=PROMPT), _cfg())
+    assert not convert.result_proto(r, prepared).HasField("answer")
+    assert convert.result_json(r, prepared)["answer"] is None
+
+
+def test_openai_stream_chunks_concatenate_to_the_text():
+    r = _result()
+    assert "".join(convert.step_delta(s) for s in r.steps) == r.text
+
+
+def test_deadline_maps_to_504_and_deadline_exceeded():
+    err = convert.classify(DeadlineExceeded(_result()))
+    assert err.http_status == 504 and err.grpc_code.name == "DEADLINE_EXCEEDED"
+
+
+def test_loop_result_round_trips_through_the_proto():
+    prepared = prepare(RequestFields(prompt=PROMPT), _cfg())
+    back = convert.loop_result(convert.result_proto(_result(), prepared), PROMPT)
+    original = _result()
+    assert back.text == original.text and back.finish_reason == original.finish_reason
+    assert [(s.index, s.source, s.score, s.tokens, s.draft_discarded) for s in back.steps] == \
+        [(s.index, s.source, s.score, s.tokens, s.draft_discarded) for s in original.steps]
+    assert back.usage.acceptance_rate == pytest.approx(original.usage.acceptance_rate)
+    assert back.usage.steps_by_source == original.usage.steps_by_source
