@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test eval clean-venv
+.PHONY: install run test eval bench clean-venv
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -13,13 +13,18 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 install: $(STAMP)
 
+# The embedded default: local Ray, bundled models, gRPC :9000, HTTP :8000 (Ctrl-C stops it).
 run: install
-	$(VENV)/bin/arbitrage models eval --n 100 --seed 1000
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(VENV)/bin/arbitrage serve
 
-eval: run
+eval: install
+	$(VENV)/bin/arbitrage models eval --n 300 --seed 1000 --json
+
+bench: install
+	$(VENV)/bin/arbitrage bench --n 200 --seed 2000 --out runs/bench --json
 
 test: install
-	$(PY) -m pytest -q
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(PY) -m pytest -q
 
 clean-venv:
 	rm -rf $(VENV)
