@@ -49,6 +49,8 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--confirm-n", type=positive_int, default=None, help="problems in the wall-clock confirmation")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--no-progress", action="store_true")
+    bench.add_argument("--endpoint", help="HOST:PORT of a running service: sweep over gRPC instead of in-process")
+    bench.add_argument("--app", help="Serve application name (gRPC metadata) when several apps run")
     bench.set_defaults(func=_bench)
 
 
@@ -97,6 +99,11 @@ def _router_eval(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.endpoint:
+        from ..evaluation.remote import run_remote_bench
+
+        emit_json(run_remote_bench(args.endpoint, args.n, args.seed, app=args.app, show_progress=not args.no_progress))
+        return 0
     from ..evaluation.bench import run_bench
 
     emit_json(run_bench(args.n, args.seed, args.out, args.models_dir, confirm_n=args.confirm_n,
