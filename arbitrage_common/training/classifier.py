@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .loop_utils import ResumableState, Stopwatch, lr_at, seed_everything
+from .loop_utils import ResumableState, Stopwatch, lr_at, seed_everything, train_step
 
 
 def load_scoring_model(init_dir: str | Path):
@@ -47,13 +47,7 @@ def train_scoring_model(model, tokenizer, texts: Sequence[str], targets: Sequenc
             group["lr"] = lr_at(step, steps, lr, warmup=30)
         logits = model(**batch).logits[:, 0]
         loss = (torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if (step + 1) % save_every == 0 or step + 1 == steps:
-            state.save(model, optimizer, step + 1, clock.elapsed)
-            state.log(step=step + 1, loss=round(loss.item(), 4), elapsed_s=round(clock.elapsed, 1))
+        train_step(model, optimizer, loss, step, state, clock, steps, save_every)
     model.eval()
     return clock.elapsed
 

@@ -9,7 +9,7 @@ import torch
 
 from ..synthetic import STEP_DELIMITER, generate_problem, solution_text
 from ..tokenizer import build_char_tokenizer
-from .loop_utils import ResumableState, Stopwatch, lr_at, seed_everything, write_model_card
+from .loop_utils import ResumableState, Stopwatch, lr_at, seed_everything, train_step, write_model_card
 from .shapes import SHAPES, Shape
 
 
@@ -64,13 +64,7 @@ def train_lm(role: str, out_dir: str, steps: int, seed: int = 0, lr: float = 2e-
             group["lr"] = lr_at(step, steps, lr)
         ids, attn, labels = lm_training_batch(tokenizer, seed, step, batch_size)
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if (step + 1) % save_every == 0 or step + 1 == end:
-            state.save(model, optimizer, step + 1, clock.elapsed)
-            state.log(step=step + 1, loss=round(loss.item(), 4), elapsed_s=round(clock.elapsed, 1))
+        train_step(model, optimizer, loss, step, state, clock, end, save_every)
         if export_every and (step + 1) % export_every == 0:
             snap = out / "ckpt" / "snapshots" / f"step-{step + 1}"
             model.save_pretrained(str(snap), safe_serialization=True)

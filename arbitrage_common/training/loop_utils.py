@@ -53,6 +53,18 @@ class ResumableState:
             f.write(json.dumps(row) + "\n")
 
 
+def train_step(model, optimizer, loss, step: int, state: ResumableState, clock: Stopwatch,
+               end: int, save_every: int) -> None:
+    """Backward, clip, update; every ``save_every`` steps (and at ``end``) save state and log the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    if (step + 1) % save_every == 0 or step + 1 == end:
+        state.save(model, optimizer, step + 1, clock.elapsed)
+        state.log(step=step + 1, loss=round(loss.item(), 4), elapsed_s=round(clock.elapsed, 1))
+
+
 class Stopwatch:
     def __init__(self, already: float = 0.0):
         self.start, self.already = time.perf_counter(), already
