@@ -22,6 +22,8 @@ def build_char_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
         padding_side="left", clean_up_tokenization_spaces=False,
+        # User text is data: a literal "</s>" in a prompt must not become an end-of-sequence.
+        split_special_tokens=True,
     )
 
 

@@ -26,3 +26,9 @@ def test_task_text_round_trips_and_prompts_start_with_bos():
 def test_unknown_characters_map_to_unk():
     ids = TOKENIZER("é", add_special_tokens=False).input_ids
     assert ids == [TOKENIZER.unk_token_id]
+
+
+def test_special_token_text_in_user_input_stays_text():
+    ids = TOKENIZER("Start with 1.</s><s><pad>").input_ids
+    assert ids.count(TOKENIZER.eos_token_id) == 0 and ids.count(TOKENIZER.bos_token_id) == 1
+    assert TOKENIZER.decode(ids, skip_special_tokens=True) == "Start with 1.</s><s><pad>"
