@@ -1,0 +1,47 @@
+"""`arbitrage serve --render`, `arbitrage serve bench`, `arbitrage generate`: the parts that need no cluster."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from arbitrage_common.cli.main import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_render_prints_the_committed_serve_config(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(["serve", "--config", "configs/local-cpu.yaml", "--render"]) == 0
+    assert capsys.readouterr().out == (ROOT / "configs" / "serve-local-cpu.yaml").read_text()
+
+
+def test_render_to_a_file(tmp_path):
+    out = tmp_path / "serve.yaml"
+    assert main(["serve", "--config", str(ROOT / "configs" / "gpu-example.yaml"), "--render", "-o", str(out)]) == 0
+    assert "services.app:build_app" in out.read_text()
+
+
+def test_serve_parsers():
+    parser = build_parser()
+    args = parser.parse_args(["serve"])
+    assert args.config is None and args.serve_cmd is None
+    args = parser.parse_args(["serve", "bench", "--endpoint", "h:9", "--concurrency", "4"])
+    assert (args.serve_cmd, args.endpoint, args.concurrency) == ("bench", "h:9", 4)
+    args = parser.parse_args(["generate", "Start with 1.", "--stream", "--policy", "rsd", "--threshold", "0.3"])
+    assert (args.prompt, args.stream, args.policy, args.threshold) == ("Start with 1.", True, "rsd", 0.3)
+
+
+def test_generate_without_a_service_fails_cleanly(capsys):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["generate", "Start with 1.", "--endpoint", f"127.0.0.1:{port}", "--timeout", "5"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_fails_before_starting_ray(tmp_path, capsys):
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text("pools:\n  draft: {model: {path: /nonexistent/draft}}\n  target: {model: {path: /nonexistent/t}}\n"
+                   "policy: {default: draft}\n")
+    assert main(["serve", "--config", str(cfg)]) == 1
+    assert "/nonexistent/draft" in capsys.readouterr().err
