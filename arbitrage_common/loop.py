@@ -23,8 +23,9 @@ import asyncio
 import dataclasses
 import math
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import TypeVar
 
 from .accounting import LoopFinishReason, LoopResult, Stage, StepRecord, Usage
 from .errors import DeadlineExceeded, InvalidArgument, ScorerError

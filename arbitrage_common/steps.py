@@ -4,7 +4,7 @@ Pure functions. A step is a paragraph; steps are separated by ``STEP_DELIMITER``
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .interfaces import ScoreItem, Source
 

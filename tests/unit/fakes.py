@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from arbitrage_common.interfaces import FinishReason, Generation, GenerationOptions, ScoreItem
 

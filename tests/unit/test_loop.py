@@ -2,13 +2,12 @@ import asyncio
 import math
 
 import pytest
+from fakes import ScriptedGenerator, TableScorer, chars, words
 
 from arbitrage_common.errors import DeadlineExceeded, InvalidArgument, ScorerError
 from arbitrage_common.interfaces import GenerationOptions
 from arbitrage_common.loop import LoopRequest, Models, run_loop, stream_loop
 from arbitrage_common.policies import make_policy
-
-from fakes import ScriptedGenerator, TableScorer, chars, words
 
 DRAFT = ["d0", "d1", "d2", ("d3", "eos")]
 TARGET = ["t0 x", "t1 x", "t2 x", ("t3 x", "eos")]
@@ -68,7 +67,7 @@ def test_random_runs_only_the_chosen_model():
     sources = ["target" if expected.route_to_target() else "draft" for _ in range(4)]
     assert [s.source for s in result.steps] == sources
     assert len(target.calls) == sources.count("target") and len(draft.calls) == sources.count("draft")
-    never, draft2, target2 = run(make_policy("random", 0.0, seed=3))
+    never, _, target2 = run(make_policy("random", 0.0, seed=3))
     assert target2.calls == [] and never.usage.steps_by_source == {"draft": 4, "target": 0}
 
 
@@ -79,7 +78,7 @@ def test_oracle_runs_both_and_keeps_target_on_positive_advantage():
     assert len(draft.calls) == 4 and len(target.calls) == 4
     assert [s.source for s in result.steps] == ["draft", "target", "draft", "target"]
     assert [round(s.score, 6) for s in result.steps] == [-0.4, 0.6, 0.0, 0.2]
-    assert [[i.candidate for i in call] for call in prm.calls][0] == ["d0", "t0 x"]
+    assert [i.candidate for i in prm.calls[0]] == ["d0", "t0 x"]
     u = result.usage
     assert u.prm_calls == 8
     assert u.target_tokens == 8  # all four 2-word target steps, kept or not
@@ -146,7 +145,7 @@ def test_deadline_checked_before_each_call():
     class SlowRouter(TableScorer):
         async def score(self, items):
             import time
-            time.sleep(0.03)  # blocks: the timeout cannot fire, the next call's check must
+            time.sleep(0.03)  # blocks: the timeout cannot fire, the next call's check must  # noqa: ASYNC251 (deliberate)
             return await super().score(items)
 
     target = ScriptedGenerator(TARGET)
