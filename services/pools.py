@@ -113,6 +113,15 @@ class _Pool:
             self._batch_ms.observe(seconds * 1000.0)
 
 
+def _split(flat: list, sizes: list[int]) -> list[list]:
+    """Cut one batch's flat results back into each caller's share."""
+    out, pos = [], 0
+    for size in sizes:
+        out.append(flat[pos:pos + size])
+        pos += size
+    return out
+
+
 class GeneratorPool(_Pool):
     """Serves ``generate(prefixes, options)`` for the draft or target model."""
 
@@ -145,10 +154,8 @@ class GeneratorPool(_Pool):
         for members in groups.values():
             flat = [p for i in members for p in prefix_lists[i]]
             gens = await self._run(self.backend.generate_batch, flat, option_list[members[0]])
-            pos = 0
-            for i in members:
-                out[i] = gens[pos:pos + len(prefix_lists[i])]
-                pos += len(prefix_lists[i])
+            for i, share in zip(members, _split(gens, [len(prefix_lists[i]) for i in members])):
+                out[i] = share
         return out
 
 
@@ -175,8 +182,4 @@ class ScorerPool(_Pool):
         flat = [item for items in item_lists for item in items]
         self._count(len(flat))
         scores = await self._run(self.backend.score_batch, flat)
-        out, pos = [], 0
-        for items in item_lists:
-            out.append(scores[pos:pos + len(items)])
-            pos += len(items)
-        return out
+        return _split(scores, [len(items) for items in item_lists])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..accounting import LoopResult
-from ..interfaces import ScoreItem
+from ..interfaces import GenerationOptions, ScoreItem
 from ..loop import LoopRequest, Models, run_loop
 from ..policies import make_policy
 from ..synthetic import Problem, generate_problems, grade_answer
@@ -80,7 +81,7 @@ def run_bench(n: int, seed: int, out_dir: str | Path, models_dir: str | Path = "
     caches = {"draft": GenerationCache(backends["draft"], "draft"), "target": GenerationCache(backends["target"], "target"),
               "prm": ScoreCache(backends["prm"], "prm"), "router": ScoreCache(backends["router"], "router")}
     for role in ("draft", "target"):  # warm-up so the first timed call is not an outlier
-        backends[role].generate_batch([problems[0].prompt + "\n\n"], _greedy())
+        backends[role].generate_batch([problems[0].prompt + "\n\n"], GenerationOptions(max_new_tokens=64))
     jobs = [(policy, t) for policy, ts in grid.items() for t in ts]
     points: list[SweepPoint] = []
     oracle_zero: list[LoopResult] = []
@@ -107,16 +108,8 @@ def run_bench(n: int, seed: int, out_dir: str | Path, models_dir: str | Path = "
     return result
 
 
-def _greedy():
-    from ..interfaces import GenerationOptions
-
-    return GenerationOptions(max_new_tokens=64)
-
-
 def _write_outputs(points: Sequence[SweepPoint], out: Path, result: dict) -> None:
     """Everything is written to a temp dir and moved into place last: no partial outputs."""
-    import json
-
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
