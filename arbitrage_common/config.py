@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, f
 
 from .errors import InvalidArgument
 from .policies import POLICIES, make_policy
+from .steps import DEFAULT_PROMPT_TEMPLATE, PROBLEM_FIELD, STEP_DELIMITER
 
-# Grows to Literal["transformers", "vllm"] when the vLLM backend lands.
-Backend = Literal["transformers"]
+Backend = Literal["transformers", "vllm"]
 Role = Literal["draft", "target", "router", "prm"]
 GENERATOR_ROLES: tuple[Role, ...] = ("draft", "target")
 SCORER_ROLES: tuple[Role, ...] = ("router", "prm")
@@ -33,6 +33,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class EngineSpec(_Strict):
+    """vLLM engine arguments of one pool (``backend: vllm``); the fields ``VLLMStepGenerator`` takes."""
+
+    max_model_len: PositiveInt = Field(4096, description="Prompt + generated tokens per request.")
+    dtype: str = Field("auto", description="Weights/activations dtype ('auto', 'bfloat16', 'float32' on CPU).")
+    tensor_parallel_size: PositiveInt = Field(1, description="GPUs per engine. >1 needs placement_group_bundles "
+                                                             "on the pool (one bundle per GPU).")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="Fraction of each GPU for weights "
+                                                                               "+ KV cache (None: vLLM's default, "
+                                                                               "0.9). Engines sharing a GPU split it.")
+    kv_cache_memory_bytes: PositiveInt | None = Field(None, description="Explicit KV cache size (None: on CPU "
+                                                                        "256 MiB, on GPU from "
+                                                                        "gpu_memory_utilization).")
+    max_num_seqs: PositiveInt | None = Field(None, description="Most sequences per engine step (None: vLLM's "
+                                                               "default).")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prefixes (the steps of one "
+                                                          "request).")
+    enforce_eager: bool | None = Field(None, description="No CUDA graphs (None: on for CPU, off on GPU).")
+    quantization: str | None = Field(None, description="vLLM quantization method, e.g. 'awq', 'gptq', "
+                                                       "'bitsandbytes' (None: as the checkpoint says).")
+    block_size: PositiveInt | None = Field(None, description="KV block size in tokens (None: 32 on CPU, vLLM's "
+                                                             "default on GPU).")
+
+
 class ModelSpec(_Strict):
     """Which checkpoint a pool serves and how it is loaded."""
 
@@ -40,12 +64,21 @@ class ModelSpec(_Strict):
                                   "against AppConfig.base_dir, or the working directory of the process that "
                                   "builds the application.")
     backend: Backend = Field("transformers", description="Inference engine: 'transformers' (batched KV-cache "
-                                                         "decode on CPU or GPU); 'vllm' comes later.")
+                                                         "decode on CPU or GPU) or 'vllm' (generator pools only: "
+                                                         "an AsyncLLM engine per replica).")
     threads: PositiveInt | None = Field(1, description="torch intra-op threads per replica (None: torch's "
                                                        "default, one per core). Keep 1 on small CPU machines.")
     annotate_history: bool | None = Field(None, description="Scorers only: prefix history steps with 'Model 0: '/"
                                                             "'Model 1: '. None: as the checkpoint's "
                                                             "training_meta.json says.")
+    engine: EngineSpec | None = Field(None, description="vLLM engine arguments (backend 'vllm' only; None: "
+                                                        "EngineSpec's defaults).")
+
+    @model_validator(mode="after")
+    def _engine_only_with_vllm(self) -> ModelSpec:
+        if self.engine is not None and self.backend != "vllm":
+            raise ValueError("engine: only for backend 'vllm'")
+        return self
 
 
 class AutoscalingSpec(_Strict):
@@ -147,12 +180,37 @@ class PoolSpec(DeploymentSpec):
                              f"({self.max_batch_size}), or batches can never fill")
         return self
 
+    session_affinity: bool = Field(True, description="Send every step of one request to the same replica (a "
+                                                     "session-affine request router keyed by the request id), so "
+                                                     "the engine's prefix cache is reused. Off: Ray Serve's default "
+                                                     "power-of-two-choices router.")
+    placement_group_bundles: list[dict[str, float]] | None = Field(
+        None, description="Ray placement bundles of each replica, e.g. [{'CPU': 1, 'GPU': 1}] * "
+                          "tensor_parallel_size; the first bundle holds the replica actor.")
+    placement_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = Field(
+        None, description="How the bundles spread over nodes (None: Ray's PACK).")
+
+    @model_validator(mode="after")
+    def _placement(self) -> PoolSpec:
+        tp = self.model.engine.tensor_parallel_size if self.model.engine else 1
+        if tp > 1 and not self.placement_group_bundles:
+            raise ValueError(f"model.engine.tensor_parallel_size={tp} needs placement_group_bundles "
+                             f"(one bundle with a GPU per rank)")
+        if self.placement_group_strategy and not self.placement_group_bundles:
+            raise ValueError("placement_group_strategy needs placement_group_bundles")
+        return self
+
     def user_config(self) -> dict[str, Any]:
         """Live knobs (``reconfigure``): changing them updates replicas in place."""
         return {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}
 
     def deployment_options(self, name: str) -> dict[str, Any]:
-        return {**super().deployment_options(name), "user_config": self.user_config()}
+        opts = {**super().deployment_options(name), "user_config": self.user_config()}
+        if self.placement_group_bundles:
+            opts["placement_group_bundles"] = [dict(b) for b in self.placement_group_bundles]
+            if self.placement_group_strategy:
+                opts["placement_group_strategy"] = self.placement_group_strategy
+        return opts
 
 
 class CoordinatorSpec(DeploymentSpec):
@@ -191,6 +249,24 @@ class PolicySpec(_Strict):
         except InvalidArgument as exc:
             raise ValueError(str(exc)) from None
         return self
+
+
+class PromptSpec(_Strict):
+    """How a problem is shown to the generators (both pools share it: draft and target are one family)."""
+
+    template: str = Field(DEFAULT_PROMPT_TEMPLATE, description="Text the generators continue before the first "
+                                                               "step; '{problem}' is replaced by the problem. "
+                                                               "Chat models put their chat template here. Scorers "
+                                                               "read the raw problem.")
+    step_delimiter: Literal["\n\n"] = Field(STEP_DELIMITER, description="Text between steps (a blank line, as "
+                                                                         "in the paper); fixed.")
+
+    @field_validator("template")
+    @classmethod
+    def _has_problem(cls, v: str) -> str:
+        if PROBLEM_FIELD not in v:
+            raise ValueError(f"must contain {PROBLEM_FIELD}")
+        return v
 
 
 class LimitsSpec(_Strict):
@@ -236,6 +312,7 @@ class AppConfig(_Strict):
     pools: PoolsSpec = Field(description="The model pools.")
     coordinator: CoordinatorSpec = Field(default_factory=CoordinatorSpec, description="The coordinator deployment.")
     policy: PolicySpec = Field(default_factory=PolicySpec, description="Default policy and threshold.")
+    prompt: PromptSpec = Field(default_factory=PromptSpec, description="Prompt template and step delimiter.")
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits and deadline.")
     http: HTTPSpec = Field(default_factory=HTTPSpec, description="HTTP proxy options.")
     grpc: GRPCSpec = Field(default_factory=GRPCSpec, description="gRPC proxy options.")
@@ -246,6 +323,15 @@ class AppConfig(_Strict):
         if not v or not v.replace("-", "").replace("_", "").isalnum():
             raise ValueError("name must be non-empty letters, digits, '-' or '_'")
         return v
+
+    @model_validator(mode="after")
+    def _scorers_on_transformers(self) -> AppConfig:
+        for role in SCORER_ROLES:
+            spec = getattr(self.pools, role)
+            if spec is not None and spec.model.backend != "transformers":
+                raise ValueError(f"pools.{role}.model.backend: scorer pools run on 'transformers' "
+                                 f"(see docs/PRESETS.md for why)")
+        return self
 
     @model_validator(mode="after")
     def _default_policy_runs(self) -> AppConfig:

@@ -31,7 +31,7 @@ from .accounting import LoopFinishReason, LoopResult, Stage, StepRecord, Usage
 from .errors import DeadlineExceeded, InvalidArgument, ScorerError
 from .interfaces import Generation, GenerationOptions, Generator, ScoreItem, Scorer, Source
 from .policies import Policy
-from .steps import build_prefix
+from .steps import DEFAULT_PROMPT_TEMPLATE, PROBLEM_FIELD, build_prefix
 
 T = TypeVar("T")
 _FINISH_REASONS = ("delimiter", "eos", "length")
@@ -56,12 +56,16 @@ class LoopRequest:
     step_max_tokens: int = 64
     options: GenerationOptions = field(default_factory=GenerationOptions)
     deadline_s: float | None = None
+    # Generators continue the problem rendered by this template; scorers read the raw problem.
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise InvalidArgument("prompt", "must not be empty")
         if not isinstance(self.policy, Policy):
             raise InvalidArgument("policy", f"must be a Policy, got {type(self.policy).__name__}")
+        if PROBLEM_FIELD not in self.prompt_template:
+            raise InvalidArgument("prompt_template", f"must contain {PROBLEM_FIELD}")
         _positive_int("max_steps", self.max_steps)
         _positive_int("max_new_tokens", self.max_new_tokens)
         _positive_int("step_max_tokens", self.step_max_tokens)
@@ -165,7 +169,7 @@ class LoopStream:
         policy, usage = self.request.policy, self.usage
         self._stage_ms = {}
         history = tuple((step.text, step.source) for step in self.steps)
-        prefix = build_prefix(self.request.prompt, [text for text, _ in history])
+        prefix = build_prefix(self.request.prompt, [text for text, _ in history], self.request.prompt_template)
         score: float | None = None
 
         if policy.scorer is None and not policy.runs_both:

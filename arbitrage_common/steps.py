@@ -16,10 +16,22 @@ STEP_DELIMITER = "\n\n"
 SOURCE_TAGS: dict[Source, str] = {"draft": "Model 0: ", "target": "Model 1: "}
 
 
-def build_prefix(prompt: str, steps: Sequence[str]) -> str:
-    """The text a generator continues: the stripped prompt, the kept steps, and a trailing
+# How a problem becomes the head of a generator's prefix. "{problem}" is replaced by the
+# stripped problem (str.replace, not str.format: templates may hold LaTeX braces). Chat
+# models get their chat template here (see configs/presets/).
+DEFAULT_PROMPT_TEMPLATE = "{problem}" + STEP_DELIMITER
+PROBLEM_FIELD = "{problem}"
+
+
+def render_prompt(prompt: str, template: str = DEFAULT_PROMPT_TEMPLATE) -> str:
+    """The prompt template with the stripped problem filled in."""
+    return template.replace(PROBLEM_FIELD, prompt.strip())
+
+
+def build_prefix(prompt: str, steps: Sequence[str], template: str = DEFAULT_PROMPT_TEMPLATE) -> str:
+    """The text a generator continues: the rendered prompt, the kept steps, and a trailing
     delimiter so the model starts a fresh step."""
-    head = prompt.strip() + STEP_DELIMITER
+    head = render_prompt(prompt, template)
     if not steps:
         return head
     return head + join_steps(steps) + STEP_DELIMITER
