@@ -24,13 +24,13 @@ from .validation import RequestFields, prepare
 def _in_process_models(cfg: AppConfig):
     from arbitrage_common.backends.async_adapters import ThreadedGenerator, ThreadedScorer
     from arbitrage_common.backends.hf_generator import HFStepGenerator
-    from arbitrage_common.backends.hf_scorer import HFStepScorer
+    from arbitrage_common.backends.scorers import load_step_scorer
     from arbitrage_common.loop import Models
 
     p = cfg.pools
 
     def scorer(spec):
-        return ThreadedScorer(HFStepScorer(cfg.resolve_path(spec.model.path), threads=spec.model.threads)) \
+        return ThreadedScorer(load_step_scorer(cfg.resolve_path(spec.model.path), threads=spec.model.threads)) \
             if spec is not None else None
 
     return Models(

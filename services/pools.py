@@ -39,9 +39,9 @@ def _load_generator(model: dict[str, Any]):
 def _load_scorer(model: dict[str, Any]):
     backend = model.get("backend", "transformers")
     if backend == "transformers":
-        from arbitrage_common.backends.hf_scorer import HFStepScorer
+        from arbitrage_common.backends.scorers import load_step_scorer
 
-        return HFStepScorer(model["path"], threads=model.get("threads"),
+        return load_step_scorer(model["path"], threads=model.get("threads"),
                             annotate_history=model.get("annotate_history"))
     raise ValueError(f"model.backend: unsupported scorer backend {backend!r}")
 

@@ -58,11 +58,11 @@ def _router_data(args) -> int:
     from tqdm import tqdm
 
     from ..backends.hf_generator import HFStepGenerator
-    from ..backends.hf_scorer import HFStepScorer
+    from ..backends.scorers import load_step_scorer
     from ..training.router_data import collect_router_rows, write_jsonl
 
     root = args.models_dir
-    draft, target, prm = HFStepGenerator(f"{root}/draft"), HFStepGenerator(f"{root}/target"), HFStepScorer(f"{root}/prm")
+    draft, target, prm = HFStepGenerator(f"{root}/draft"), HFStepGenerator(f"{root}/target"), load_step_scorer(f"{root}/prm")
     with tqdm(desc="router data", unit="row") as bar:
         rows = collect_router_rows(draft, target, prm, args.n, args.seed, label_margin=args.label_margin,
                                    progress=lambda total: bar.update(total - bar.n))

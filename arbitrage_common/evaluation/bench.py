@@ -24,12 +24,13 @@ from .sweep import DEFAULT_GRID, MAX_STEPS, SweepPoint, curve_dominance, matched
 
 def load_backends(models_dir: str | Path, threads: int = 1) -> dict:
     from ..backends.hf_generator import HFStepGenerator
-    from ..backends.hf_scorer import HFStepScorer
+    from ..backends.scorers import load_step_scorer
 
     root = Path(models_dir)
     return {"draft": HFStepGenerator(root / "draft", threads=threads),
             "target": HFStepGenerator(root / "target", threads=threads),
-            "prm": HFStepScorer(root / "prm", threads=threads), "router": HFStepScorer(root / "router", threads=threads)}
+            "prm": load_step_scorer(root / "prm", threads=threads),
+            "router": load_step_scorer(root / "router", threads=threads)}
 
 
 def router_spearman(results: Sequence[LoopResult], router_cache: ScoreCache) -> dict:

@@ -59,13 +59,13 @@ def _prm_auroc(scorer, trajectories: Sequence[Trajectory]) -> tuple[float, int]:
 def evaluate_models(n: int, seed: int, models_dir: str | Path = "models", with_prm: bool = True,
                     latency_repeats: int = 20, threads: int = 1) -> dict:
     from ..backends.hf_generator import HFStepGenerator
-    from ..backends.hf_scorer import HFStepScorer
+    from ..backends.scorers import load_step_scorer
 
     root = Path(models_dir)
     # One intra-op thread: tiny models gain little from more, and spinning threads make
     # timings on a shared 2-core machine erratic.
     backends = {role: HFStepGenerator(root / role, threads=threads) for role in ("draft", "target")}
-    scorer = HFStepScorer(root / "prm", threads=threads) if with_prm else None  # load all first: fail before work
+    scorer = load_step_scorer(root / "prm", threads=threads) if with_prm else None  # load all first: fail before work
     problems = generate_problems(n, seed)
     result: dict = {"n": n, "seed": seed}
     trajectories = []
