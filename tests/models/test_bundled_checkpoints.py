@@ -5,7 +5,7 @@ import pytest
 
 from arbitrage_common.backends.checkpoints import CheckpointError
 from arbitrage_common.backends.hf_generator import HFStepGenerator
-from arbitrage_common.backends.hf_scorer import HFStepScorer
+from arbitrage_common.backends.scorers import load_step_scorer
 from arbitrage_common.interfaces import GenerationOptions, ScoreItem
 from arbitrage_common.steps import build_prefix
 from arbitrage_common.synthetic import check_step, generate_problems, is_wellformed
@@ -30,7 +30,7 @@ def test_lm_checkpoint_writes_wellformed_first_steps(role):
 
 @pytest.mark.parametrize("role", ["prm", "router"])
 def test_scorer_checkpoint_returns_probabilities(role):
-    scorer = HFStepScorer(MODELS / role)
+    scorer = load_step_scorer(MODELS / role)
     p = PROBLEMS[0]
     gold = p.solution_steps()[0]
     wrong = gold[:-1] + str((int(gold[-1]) + 1) % 10)

@@ -36,7 +36,7 @@ class InProcessEngine:
     def __init__(self, cfg: AppConfig) -> None:
         from arbitrage_common.backends.async_adapters import ThreadedGenerator, ThreadedScorer
         from arbitrage_common.backends.hf_generator import HFStepGenerator
-        from arbitrage_common.backends.hf_scorer import HFStepScorer
+        from arbitrage_common.backends.scorers import load_step_scorer
 
         p = cfg.pools
         self.cfg = cfg
@@ -45,8 +45,8 @@ class InProcessEngine:
         self.models = Models(
             draft=ThreadedGenerator(HFStepGenerator(cfg.resolve_path(p.draft.model.path), threads=1)),
             target=ThreadedGenerator(HFStepGenerator(cfg.resolve_path(p.target.model.path), threads=1)),
-            router=ThreadedScorer(HFStepScorer(cfg.resolve_path(p.router.model.path), threads=1)),
-            prm=ThreadedScorer(HFStepScorer(cfg.resolve_path(p.prm.model.path), threads=1)),
+            router=ThreadedScorer(load_step_scorer(cfg.resolve_path(p.router.model.path), threads=1)),
+            prm=ThreadedScorer(load_step_scorer(cfg.resolve_path(p.prm.model.path), threads=1)),
         )
 
     def run(self, prompt: str, policy: str, **fields) -> LoopResult:
