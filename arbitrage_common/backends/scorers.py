@@ -3,9 +3,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .lm_verifier import VERIFIER_FILE
+
+
+def is_lm_verifier(model_dir: str | Path) -> bool:
+    """A causal LM with a verifier calibration (``verifier.json``) rather than a classifier head."""
+    return (Path(model_dir) / VERIFIER_FILE).is_file()
+
 
 def load_step_scorer(model_dir: str | Path, threads: int | None = None, annotate_history: bool | None = None):
     """The blocking scorer a checkpoint directory describes (``score_batch(items) -> floats``)."""
+    if is_lm_verifier(model_dir):
+        if annotate_history:
+            raise ValueError(f"{model_dir}: an LM verifier reads unannotated history (annotate_history must be off)")
+        from .lm_verifier import LMVerifierScorer
+
+        return LMVerifierScorer(model_dir, threads=threads)
     from .hf_scorer import HFStepScorer
 
     return HFStepScorer(model_dir, threads=threads, annotate_history=annotate_history)

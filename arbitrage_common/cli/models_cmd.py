@@ -41,6 +41,18 @@ def add_train_parser(sub) -> None:
     prm.add_argument("--lr", type=positive_float, default=5e-4)
     prm.add_argument("--threads", type=positive_int, default=1)
     prm.set_defaults(func=_train_prm)
+    ver = train.add_parser("verifier", help="make the LM-verifier PRM: a causal LM plus a logistic calibration of "
+                                            "its min token log-prob on checker labels (the bundled PRM)")
+    ver.add_argument("--out", required=True)
+    ver.add_argument("--lm", required=True, help="causal LM checkpoint that verifies (copied into --out)")
+    ver.add_argument("--draft", required=True, help="draft LM that writes labeled steps")
+    ver.add_argument("--target", required=True, help="target LM that writes labeled steps")
+    ver.add_argument("--problems", type=positive_int, default=3000)
+    ver.add_argument("--seed", type=non_negative_int, default=0)
+    ver.add_argument("--fit-rows", type=positive_int, default=8000, help="labeled rows the calibration is fitted on")
+    ver.add_argument("--eval-rows", type=positive_int, default=3000, help="held-out rows for the AUROC in the card")
+    ver.add_argument("--threads", type=positive_int, default=1)
+    ver.set_defaults(func=_train_verifier)
 
 
 def _models_eval(args) -> int:
@@ -65,5 +77,14 @@ def _train_prm(args) -> int:
 
     out = train_prm(args.out, init=args.init, draft=args.draft, target=args.target, n_problems=args.problems,
                     steps=args.steps, seed=args.seed, lr=args.lr, threads=args.threads)
+    print(f"saved {out}")
+    return 0
+
+
+def _train_verifier(args) -> int:
+    from ..training.verifier import make_verifier
+
+    out = make_verifier(args.out, lm=args.lm, draft=args.draft, target=args.target, n_problems=args.problems,
+                        seed=args.seed, fit_rows=args.fit_rows, eval_rows=args.eval_rows, threads=args.threads)
     print(f"saved {out}")
     return 0

@@ -35,22 +35,34 @@ def collect_prm_data(draft_dir: str, target_dir: str, n_problems: int, seed: int
     return rows
 
 
+def load_or_collect_prm_data(out: Path, draft: str, target: str, n_problems: int, seed: int) -> list[dict]:
+    """The labeled rows, generated once per output directory (``ckpt/prm_data.jsonl``) so a
+    resumed or re-calibrated run reads the same data."""
+    data_path = out / "ckpt" / "prm_data.jsonl"
+    if data_path.exists():
+        return [json.loads(line) for line in data_path.read_text().splitlines()]
+    rows = collect_prm_data(draft, target, n_problems, seed)
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def split_prm_rows(rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held out): a seeded shuffle, 10% (at least 200 rows) held out."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    held = max(200, len(rows) // 10)
+    return rows[held:], rows[:held]
+
+
 def train_prm(out_dir: str, init: str, draft: str, target: str, n_problems: int, steps: int,
               seed: int = 0, lr: float = 5e-4, threads: int = 1) -> Path:
     from ..evaluation.metrics import auroc
     from .classifier import load_scoring_model, predict, train_scoring_model
 
     out = Path(out_dir)
-    data_path = out / "ckpt" / "prm_data.jsonl"
-    if data_path.exists():  # resume: data is generated once per output directory
-        rows = [json.loads(line) for line in data_path.read_text().splitlines()]
-    else:
-        rows = collect_prm_data(draft, target, n_problems, seed)
-        data_path.parent.mkdir(parents=True, exist_ok=True)
-        data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    random.Random(seed).shuffle(rows)
-    held = max(200, len(rows) // 10)
-    train_rows, held_rows = rows[held:], rows[:held]
+    rows = load_or_collect_prm_data(out, draft, target, n_problems, seed)
+    train_rows, held_rows = split_prm_rows(rows, seed)
     tokenizer, model = load_scoring_model(init)
     seconds = train_scoring_model(model, tokenizer, [r["text"] for r in train_rows],
                                   [r["label"] for r in train_rows], out, steps=steps, seed=seed, lr=lr,

@@ -142,3 +142,28 @@ def test_resolve_path_uses_base_dir(tmp_path):
     cfg = _app(base_dir=str(tmp_path))
     assert cfg.resolve_path("models/x") == str(tmp_path / "models" / "x")
     assert cfg.resolve_path("/abs/y") == "/abs/y"
+
+
+def test_prompt_template_must_name_the_problem_and_reaches_requests():
+    with pytest.raises(ValidationError, match="must contain {problem}"):
+        _app(prompt={"template": "no placeholder"})
+    from services.validation import RequestFields, prepare
+
+    cfg = _app(prompt={"template": "Q: {problem}\nA:\n"})
+    assert prepare(RequestFields(prompt="3 + 4", policy="draft"), cfg).request.prompt_template == "Q: {problem}\nA:\n"
+
+
+def test_vllm_engine_args_and_placement_are_validated():
+    with pytest.raises(ValidationError, match="engine: only for backend 'vllm'"):
+        C.ModelSpec(path="m", engine={"max_model_len": 512})
+    tp2 = {"path": "m", "backend": "vllm", "engine": {"tensor_parallel_size": 2}}
+    with pytest.raises(ValidationError, match="tensor_parallel_size=2 needs placement_group_bundles"):
+        C.PoolSpec(model=tp2)
+    pool = C.PoolSpec(model=tp2, placement_group_bundles=[{"CPU": 1, "GPU": 1}, {"GPU": 1}],
+                      placement_group_strategy="STRICT_PACK")
+    opts = pool.deployment_options("target")
+    assert opts["placement_group_bundles"] == [{"CPU": 1, "GPU": 1}, {"GPU": 1}]
+    assert opts["placement_group_strategy"] == "STRICT_PACK"
+    with pytest.raises(ValidationError, match="pools.prm.model.backend"):
+        C.AppConfig(pools={"draft": _pool(), "target": _pool(), "prm": {"model": {"path": "p", "backend": "vllm"}}},
+                    policy={"default": "rsd"})

@@ -287,3 +287,13 @@ def test_wrong_generation_count_is_an_error(count):
     with pytest.raises(ScorerError, match=f"^target generator: returned {count} generations") as err:
         run(make_policy("target"), target=ScriptedGenerator(TARGET, count=count))
     assert err.value.role == "target generator"
+
+
+def test_prompt_template_reaches_generators_but_not_scorers():
+    router = TableScorer({"d0": 0.0, "d1": 0.0, "d2": 0.0, "d3": 0.0})
+    _, draft, _ = run(make_policy("arbitrage", 0.5), router=router, prompt_template="<q>{problem}</q>\n\n")
+    assert draft.calls[0][0] == ["<q>Start with 3.</q>\n\n"]
+    assert draft.calls[1][0] == ["<q>Start with 3.</q>\n\nd0\n\n"]
+    assert router.calls[0][0].problem == "Start with 3."
+    with pytest.raises(InvalidArgument, match="prompt_template"):
+        LoopRequest("P", make_policy("draft"), prompt_template="none")

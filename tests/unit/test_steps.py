@@ -29,3 +29,9 @@ def test_format_scorer_input_annotates_history_only():
 
 def test_format_scorer_input_empty_history():
     assert format_scorer_input(ScoreItem("P", (), "cand"), annotate=True) == "P\n\ncand"
+
+
+def test_build_prefix_renders_a_prompt_template_without_format_braces():
+    template = "<|user|>\n{problem} Put the answer in \\boxed{}.<|assistant|>\n"
+    assert build_prefix(" 2+2? ", ["s1"], template) == \
+        "<|user|>\n2+2? Put the answer in \\boxed{}.<|assistant|>\ns1\n\n"

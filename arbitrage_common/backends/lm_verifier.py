@@ -1,0 +1,102 @@
+"""A PRM made from a causal LM: how surprised the LM is by a candidate step.
+
+A step's feature is the lowest log-probability the LM gives any of the step's tokens in
+context (one slip -- a wrong digit -- is enough to make a step wrong, so the minimum, not
+the mean). ``verifier.json`` in the checkpoint holds a logistic calibration fitted on
+checker labels, so the score reads as P(step correct) like a classifier PRM's.
+"""
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..interfaces import ScoreItem
+from ..steps import format_scorer_input
+from .checkpoints import CheckpointError, load_or_explain
+
+VERIFIER_FILE = "verifier.json"
+FEATURE = "min_token_logprob"
+
+
+def read_calibration(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / VERIFIER_FILE
+    try:
+        cal = json.loads(path.read_text())
+        float(cal["a"]), float(cal["b"]), float(cal["floor"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable verifier calibration ({exc})") from exc
+    if cal.get("feature") != FEATURE:
+        raise CheckpointError(f"{path}: feature {cal.get('feature')!r} is not {FEATURE!r}")
+    return cal
+
+
+def split_candidate(item: ScoreItem) -> tuple[str, int]:
+    """The scorer text (history unannotated: the LM never saw tags) and where the candidate starts."""
+    text = format_scorer_input(item, annotate=False)
+    return text, len(text) - len(item.candidate)
+
+
+@torch.inference_mode()
+def min_logprob_features(model, tokenizer, texts: Sequence[str], starts: Sequence[int],
+                         batch_size: int = 32, lock: threading.Lock | None = None) -> list[float]:
+    """Min log-prob over the tokens at or after each text's candidate start (char offset)."""
+    out: list[float] = []
+    for lo in range(0, len(texts), batch_size):
+        chunk, cut = list(texts[lo: lo + batch_size]), starts[lo: lo + batch_size]
+        # Right padding keeps every real token at its true position (no position ids needed).
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="right", return_offsets_mapping=True)
+        offsets = enc.pop("offset_mapping")
+        if lock is None:
+            logits = model(**enc).logits.float()
+        else:
+            with lock:
+                logits = model(**enc).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
+        begin, end = offsets[:, 1:, 0], offsets[:, 1:, 1]
+        for row in range(len(chunk)):
+            mask = (begin[row] >= cut[row]) & (end[row] > begin[row]) & enc["attention_mask"][row, 1:].bool()
+            out.append(float(logp[row][mask].min()) if mask.any() else 0.0)
+    return out
+
+
+class LMVerifierScorer:
+    """``sigmoid(a * max(min_logprob, floor) + b)`` under the checkpoint's causal LM."""
+
+    annotate_history = False
+
+    def __init__(self, model_dir: str | Path, threads: int | None = None, batch_size: int = 32):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        torch.set_flush_denormal(True)
+        path = Path(model_dir)
+        self.calibration = read_calibration(path)
+        self.tokenizer = load_or_explain(path, AutoTokenizer.from_pretrained)
+        self.model = load_or_explain(path, lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32))
+        self.model.eval()
+        self.batch_size = batch_size
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self._lock = threading.Lock()
+
+    def features(self, texts: Sequence[str], starts: Sequence[int]) -> list[float]:
+        return min_logprob_features(self.model, self.tokenizer, texts, starts, self.batch_size, self._lock)
+
+    def probability(self, feature: float) -> float:
+        c = self.calibration
+        z = c["a"] * max(feature, c["floor"]) + c["b"]
+        return 1.0 / (1.0 + math.exp(-z)) if z > -60 else 0.0
+
+    def score_texts(self, texts: Sequence[str], starts: Sequence[int]) -> list[float]:
+        return [self.probability(f) for f in self.features(texts, starts)]
+
+    def score_batch(self, items: Sequence[ScoreItem]) -> list[float]:
+        if not items:
+            return []
+        texts, starts = zip(*(split_candidate(item) for item in items))
+        return self.score_texts(texts, starts)
