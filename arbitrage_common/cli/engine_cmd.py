@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .argtypes import non_negative_int, positive_float, positive_int
 from .output import emit_json
@@ -51,7 +52,31 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--no-progress", action="store_true")
     bench.add_argument("--endpoint", help="HOST:PORT of a running service: sweep over gRPC instead of in-process")
     bench.add_argument("--app", help="Serve application name (gRPC metadata) when several apps run")
+    bench.add_argument("--dataset", type=dataset_name,
+                       help="sweep real math problems instead of the synthetic task: math500, olympiadbench, gsm8k "
+                            "(graded with math-verify; --n and --seed then do not apply)")
+    bench.add_argument("--data-file", type=existing_path,
+                       help="with --dataset: a local JSONL file (or a folder holding <dataset>.jsonl); default: "
+                            "$ARBITRAGE_DATA_DIR/<dataset>.jsonl, else the hub through `datasets`")
+    bench.add_argument("--limit", type=positive_int, help="with --dataset: the first N problems")
     bench.set_defaults(func=_bench)
+
+
+def dataset_name(text: str) -> str:
+    """argparse type: a known benchmark (case, '-' and '_' ignored: MATH-500 is math500)."""
+    from ..datasets import DATASETS
+
+    key = text.lower().replace("-", "").replace("_", "")
+    if key not in DATASETS:
+        raise argparse.ArgumentTypeError(f"unknown dataset {text!r} (choose from {', '.join(sorted(DATASETS))})")
+    return key
+
+
+def existing_path(text: str) -> str:
+    """argparse type: a file or folder that exists (a typo fails before any model loads)."""
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
+    return text
 
 
 def _router_data(args) -> int:
@@ -99,6 +124,11 @@ def _router_eval(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.dataset:
+        return _dataset_bench(args)
+    for flag, value in (("--data-file", args.data_file), ("--limit", args.limit)):
+        if value is not None:
+            raise ValueError(f"{flag}: only with --dataset")
     if args.endpoint:
         from ..evaluation.remote import run_remote_bench
 
@@ -108,4 +138,20 @@ def _bench(args) -> int:
 
     emit_json(run_bench(args.n, args.seed, args.out, args.models_dir, confirm_n=args.confirm_n,
                         show_progress=not args.no_progress))
+    return 0
+
+
+def _dataset_bench(args) -> int:
+    from ..evaluation import dataset_bench as db
+
+    problems = db.load_problems(args.dataset, args.data_file, args.limit)
+    source = db.describe_source(args.dataset, args.data_file)
+    if args.endpoint:
+        emit_json(db.run_remote_dataset_bench(args.endpoint, problems, args.out, dataset=args.dataset, source=source,
+                                              app=args.app, show_progress=not args.no_progress))
+        return 0
+    from ..evaluation.bench import load_backends
+
+    emit_json(db.run_dataset_bench(problems, args.out, load_backends(args.models_dir), dataset=args.dataset,
+                                   source=source, confirm_n=args.confirm_n, show_progress=not args.no_progress))
     return 0

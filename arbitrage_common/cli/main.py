@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config_cmd import add_config_parser
 from .engine_cmd import add_bench_parser, add_router_parser
 from .models_cmd import add_models_parser, add_train_parser
 from .serve_cmd import add_serve_parsers
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_router_parser(sub)
     add_bench_parser(sub)
     add_serve_parsers(sub)
+    add_config_parser(sub)
     return parser
 
 

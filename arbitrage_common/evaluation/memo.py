@@ -54,22 +54,28 @@ class MemoGenerator:
 
 
 class ScoreCache:
-    """scorer text -> (score, seconds measured at batch 1)."""
+    """scored item -> (score, seconds measured at batch 1). Items that read the same to the
+    scorer share an entry: writers' tags only matter to a scorer that annotates history."""
 
     def __init__(self, backend, stage: str):
         self.backend, self.stage = backend, stage
-        self.entries: dict[str, tuple[float, float]] = {}
+        self.entries: dict[ScoreItem, tuple[float, float]] = {}
 
     def view(self, charge: Charge) -> MemoScorer:
         return MemoScorer(self, charge)
 
+    def _key(self, item: ScoreItem) -> ScoreItem:
+        if getattr(self.backend, "annotate_history", False):
+            return item
+        return ScoreItem(item.problem, tuple((text, "draft") for text, _ in item.history), item.candidate)
+
     def lookup(self, item: ScoreItem) -> tuple[float, float]:
-        text = self.backend.texts([item])[0]
-        if text not in self.entries:
+        key = self._key(item)
+        if key not in self.entries:
             t0 = time.perf_counter()
-            score = self.backend.score_texts([text])[0]
-            self.entries[text] = (score, time.perf_counter() - t0)
-        return self.entries[text]
+            score = self.backend.score_batch([item])[0]
+            self.entries[key] = (score, time.perf_counter() - t0)
+        return self.entries[key]
 
 
 class MemoScorer:

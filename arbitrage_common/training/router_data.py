@@ -76,3 +76,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not p.is_file():
         raise FileNotFoundError(f"{p}: router dataset not found (make it with `arbitrage router data`)")
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def error_structure(rows: list[dict]) -> dict:
+    """How the draft's wrong steps split, by the exact step checker: ones the target fixes,
+    and ones it gets wrong too. At full accuracy a perfect-PRM RSD routes every wrong draft
+    step and a perfect router only the fixable ones, so ``draft_wrong / target_fixes`` bounds
+    the target-step saving any router can show over RSD on this data."""
+    draft_wrong = sum(not r["draft_correct"] for r in rows)
+    fixes = sum(not r["draft_correct"] and r["target_correct"] for r in rows)
+    return {"steps": len(rows), "draft_wrong": draft_wrong, "target_fixes": fixes, "both_wrong": draft_wrong - fixes,
+            "target_steps_ratio_ceiling": round(draft_wrong / fixes, 3) if fixes else None}

@@ -1,0 +1,192 @@
+"""`arbitrage config check` and `arbitrage config list`: validate AppConfig files (presets,
+configs/*.yaml, rendered Serve YAMLs) without loading any weights."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_config_parser(sub) -> None:
+    config = sub.add_parser("config", help="check and list AppConfig files (presets, configs/*.yaml)")
+    config_sub = config.add_subparsers(dest="config_cmd", required=True)
+    check = config_sub.add_parser("check", help="validate configs without loading weights: fields, the Serve "
+                                                "rendering, Ray Serve's deployment options, GPU settings")
+    check.add_argument("files", nargs="*", help="AppConfig or Serve YAML files (default: every preset and "
+                                                "configs/*.yaml)")
+    check.add_argument("--paths", action="store_true", help="also check every model path is a local checkpoint "
+                                                            "of the right kind (run it where the models are)")
+    check.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    check.set_defaults(func=_check)
+    lst = config_sub.add_parser("list", help="the shipped presets: models and GPUs per replica")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=_list)
+
+
+def default_files() -> list[Path]:
+    from ..presets import PRESETS_DIR, REPO_ROOT, list_presets
+
+    return list_presets(PRESETS_DIR) + sorted((REPO_ROOT / "configs").glob("*.yaml"))
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _validation_problems(exc, prefix: str = "") -> list:
+    from ..presets import Finding
+
+    out = []
+    for err in exc.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        field = prefix + _loc(err["loc"]) if err["loc"] else ""
+        if not field:  # a whole-config validator: its message starts with the field it blames
+            named = re.match(r"([\w.\[\]]+): (.*)", msg, re.DOTALL)
+            field, msg = (prefix + named[1], named[2]) if named else (prefix.rstrip(".") or "(top level)", msg)
+        out.append(Finding(field, msg))
+    return out
+
+
+def _serve_option_problems(cfg) -> tuple[list, list]:
+    """Ray Serve validates deployment options when a deployment is declared: no cluster needed."""
+    from ..presets import Finding
+
+    try:
+        from ray import serve
+    except ImportError:
+        return [], [Finding("(ray)", "not installed: Ray Serve's validation of deployment options skipped")]
+
+    class _Probe:  # stands in for the pool/coordinator classes: only the options are judged
+        pass
+
+    deployments = [(f"pools.{role}", spec.deployment_options(role)) for role, spec in cfg.pools.configured()]
+    deployments.append(("coordinator", cfg.coordinator.deployment_options("coordinator")))
+    errors = []
+    for where, options in deployments:
+        try:
+            serve.deployment(_Probe, **options)
+        except Exception as exc:  # noqa: BLE001 (Ray raises ValueError, TypeError, RayServeException...)
+            errors.append(Finding(where, f"Ray Serve refuses the deployment options: {exc}"))
+    return errors, []
+
+
+def _app_configs(data: Any) -> list[tuple[str, Any]]:
+    """(field prefix, AppConfig dict) pairs: the file itself, or each application of a Serve YAML."""
+    if isinstance(data, dict) and "applications" in data:
+        return [(f"applications[{i}].args.", app.get("args") if isinstance(app, dict) else None)
+                for i, app in enumerate(data["applications"] or [])]
+    return [("", data)]
+
+
+def check_file(file: str | Path, paths: bool = False) -> dict:
+    """Every problem of one config file: {"file", "ok", "errors", "warnings", "pools"}."""
+    import yaml
+    from pydantic import ValidationError
+
+    from ..config import APP_IMPORT_PATH, AppConfig, render_serve_config, render_serve_yaml
+    from ..presets import Finding, model_path_problems, resource_problems
+
+    path = Path(file)
+    errors: list[Finding] = []
+    warnings: list[Finding] = []
+    pools: dict[str, dict] = {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        errors.append(Finding("(file)", f"cannot read ({exc.strerror or exc})"))
+        data = None
+    except yaml.YAMLError as exc:
+        errors.append(Finding("(file)", f"not YAML ({exc})".replace("\n", " ")))
+        data = None
+    if data is not None and not isinstance(data, dict):
+        errors.append(Finding("(top level)", "expected a mapping"))
+    elif isinstance(data, dict):
+        if "applications" in data:
+            for i, app in enumerate(data["applications"] or []):
+                if isinstance(app, dict) and app.get("import_path") != APP_IMPORT_PATH:
+                    errors.append(Finding(f"applications[{i}].import_path",
+                                          f"{app.get('import_path')!r} is not {APP_IMPORT_PATH!r}"))
+        for prefix, raw in _app_configs(data):
+            try:
+                cfg = AppConfig.model_validate(raw)
+            except ValidationError as exc:
+                errors += _validation_problems(exc, prefix)
+                continue
+            rendered = yaml.safe_load(render_serve_yaml(cfg))
+            if AppConfig.model_validate(rendered["applications"][0]["args"]) != cfg:
+                errors.append(Finding(prefix + "(rendering)", "the Serve YAML's args do not round-trip"))
+            if prefix and {k: v for k, v in data.items() if k != "applications"} != \
+                    {k: v for k, v in render_serve_config(cfg).items() if k != "applications"}:
+                warnings.append(Finding("(serve options)", "http/grpc options differ from the rendering of the "
+                                                           "args (regenerate: arbitrage serve --config ... --render)"))
+            serve_errors, serve_warnings = _serve_option_problems(cfg)
+            res_errors, res_warnings = resource_problems(cfg)
+            errors += [Finding(prefix + p.field, p.message) for p in serve_errors + res_errors]
+            warnings += [Finding(prefix + p.field, p.message) for p in serve_warnings + res_warnings]
+            if paths:
+                errors += [Finding(prefix + p.field, p.message) for p in model_path_problems(cfg)]
+            pools.update(_pool_summary(cfg))
+    return {"file": str(path), "ok": not errors, "errors": [str(p) for p in errors],
+            "warnings": [str(p) for p in warnings], "pools": pools}
+
+
+def _gpus_per_replica(spec) -> float:
+    if spec.placement_group_bundles:
+        return float(sum(b.get("GPU", 0) for b in spec.placement_group_bundles))
+    return float(spec.ray_actor_options.num_gpus or 0)
+
+
+def _pool_summary(cfg) -> dict[str, dict]:
+    out = {}
+    for role, spec in cfg.pools.configured():
+        engine = spec.model.engine
+        out[role] = {"path": spec.model.path, "backend": spec.model.backend, "gpus_per_replica": _gpus_per_replica(spec),
+                     "tensor_parallel_size": engine.tensor_parallel_size if engine else 1}
+    return out
+
+
+def _check(args) -> int:
+    files = [Path(f) for f in args.files] or default_files()
+    if not files:
+        raise ValueError("config check: no config files found; name them (FILES)")
+    results = [check_file(f, paths=args.paths) for f in files]
+    failed = [r for r in results if not r["ok"]]
+    if args.json:
+        print(json.dumps({"ok": not failed, "files": results}, indent=2))
+    else:
+        for r in results:
+            print(f"{'ok  ' if r['ok'] else 'FAIL'}  {r['file']}")
+            for w in r["warnings"]:
+                print(f"      warning: {w}")
+        for r in failed:  # each on its own line, file first: easy to grep in CI logs
+            for e in r["errors"]:
+                print(f"{r['file']}: {e}", file=sys.stderr)
+    if failed:
+        print(f"arbitrage config check: {len(failed)} of {len(results)} file(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _list(args) -> int:
+    from ..config import load_config
+    from ..presets import list_presets
+
+    rows = []
+    for path in list_presets():
+        cfg = load_config(path)
+        pools = _pool_summary(cfg)
+        rows.append({"preset": path.stem, "file": str(path), "name": cfg.name, "base_dir": cfg.base_dir,
+                     "pools": pools, "gpus_one_replica_each": sum(p["gpus_per_replica"] for p in pools.values())})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        p = row["pools"]
+        print(f"{row['preset']:<20} {p['draft']['path']} -> {p['target']['path']}  "
+              f"({row['gpus_one_replica_each']:g} GPUs for one replica of each pool)  {row['file']}")
+    return 0
