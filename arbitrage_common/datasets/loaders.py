@@ -158,7 +158,7 @@ def _load_hub(spec: DatasetSpec, split: str | None, limit: int | None, looked: s
         import datasets  # lazily: heavy, and only needed without a local file
     except ImportError as exc:
         raise DatasetUnavailable(f"{spec.name}: {looked}, and the hub fallback needs the 'datasets' package "
-                                 f"(pip install datasets), or give a local JSONL with --data") from exc
+                                 f"(pip install datasets), or give a local JSONL with --data-file") from exc
     split = split or spec.hub_split
     try:
         rows = datasets.load_dataset(spec.hub_id, spec.hub_config, split=split)
