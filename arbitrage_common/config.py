@@ -71,6 +71,9 @@ class ModelSpec(_Strict):
     annotate_history: bool | None = Field(None, description="Scorers only: prefix history steps with 'Model 0: '/"
                                                             "'Model 1: '. None: as the checkpoint's "
                                                             "training_meta.json says.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Transformers scorers: where the model runs "
+                                                                      "('auto': the GPU when the replica has one, "
+                                                                      "else the CPU).")
     engine: EngineSpec | None = Field(None, description="vLLM engine arguments (backend 'vllm' only; None: "
                                                         "EngineSpec's defaults).")
 

@@ -40,3 +40,13 @@ def trained_with_annotations(path: str | Path) -> bool:
     """Whether a scorer checkpoint was trained on "Model 0:/1:" history tags (its training_meta.json)."""
     meta = Path(path) / "training_meta.json"
     return bool(json.loads(meta.read_text()).get("annotate_history", False)) if meta.is_file() else False
+
+
+def pick_device(device: str | None) -> str:
+    """'cuda' for 'auto' when a GPU is visible to this process (Ray sets CUDA_VISIBLE_DEVICES
+    from the replica's num_gpus), else 'cpu'; an explicit device is kept."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

@@ -9,7 +9,7 @@ import torch
 
 from ..interfaces import ScoreItem
 from ..steps import format_scorer_input
-from .checkpoints import load_or_explain, trained_with_annotations
+from .checkpoints import load_or_explain, pick_device, trained_with_annotations
 
 
 class HFStepScorer:
@@ -19,7 +19,8 @@ class HFStepScorer:
     (``training_meta.json``), so a router trained with "Model 0:/1:" tags sees them.
     """
 
-    def __init__(self, model_dir: str | Path, threads: int | None = None, annotate_history: bool | None = None):
+    def __init__(self, model_dir: str | Path, threads: int | None = None, annotate_history: bool | None = None,
+                 device: str | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if threads:
@@ -29,7 +30,8 @@ class HFStepScorer:
         self.tokenizer = load_or_explain(path, AutoTokenizer.from_pretrained)
         self.model = load_or_explain(
             path, lambda p: AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32))
-        self.model.eval()
+        self.device = pick_device(device)
+        self.model.to(self.device).eval()
         self.annotate_history = trained_with_annotations(path) if annotate_history is None else annotate_history
         self.params = sum(p.numel() for p in self.model.parameters())
         self._lock = threading.Lock()
@@ -41,10 +43,10 @@ class HFStepScorer:
     def score_texts(self, texts: Sequence[str]) -> list[float]:
         if not texts:
             return []
-        batch = self.tokenizer(list(texts), return_tensors="pt", padding=True)
+        batch = self.tokenizer(list(texts), return_tensors="pt", padding=True).to(self.device)
         with self._lock:
             logits = self.model(**batch).logits[:, 0]
-        return torch.sigmoid(logits).tolist()
+        return torch.sigmoid(logits.float()).tolist()
 
     def score_batch(self, items: Sequence[ScoreItem]) -> list[float]:
         return self.score_texts(self.texts(items))

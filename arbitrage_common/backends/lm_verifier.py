@@ -17,7 +17,7 @@ import torch
 
 from ..interfaces import ScoreItem
 from ..steps import format_scorer_input
-from .checkpoints import CheckpointError, load_or_explain
+from .checkpoints import CheckpointError, load_or_explain, pick_device
 
 VERIFIER_FILE = "verifier.json"
 FEATURE = "min_token_logprob"
@@ -51,15 +51,17 @@ def min_logprob_features(model, tokenizer, texts: Sequence[str], starts: Sequenc
         # Right padding keeps every real token at its true position (no position ids needed).
         enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="right", return_offsets_mapping=True)
         offsets = enc.pop("offset_mapping")
+        enc = enc.to(model.device)
         if lock is None:
             logits = model(**enc).logits.float()
         else:
             with lock:
                 logits = model(**enc).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
+        logp, mask_all = logp.cpu(), enc["attention_mask"].cpu()
         begin, end = offsets[:, 1:, 0], offsets[:, 1:, 1]
         for row in range(len(chunk)):
-            mask = (begin[row] >= cut[row]) & (end[row] > begin[row]) & enc["attention_mask"][row, 1:].bool()
+            mask = (begin[row] >= cut[row]) & (end[row] > begin[row]) & mask_all[row, 1:].bool()
             out.append(float(logp[row][mask].min()) if mask.any() else 0.0)
     return out
 
@@ -69,7 +71,8 @@ class LMVerifierScorer:
 
     annotate_history = False
 
-    def __init__(self, model_dir: str | Path, threads: int | None = None, batch_size: int = 32):
+    def __init__(self, model_dir: str | Path, threads: int | None = None, batch_size: int = 32,
+                 device: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads:
@@ -79,7 +82,7 @@ class LMVerifierScorer:
         self.calibration = read_calibration(path)
         self.tokenizer = load_or_explain(path, AutoTokenizer.from_pretrained)
         self.model = load_or_explain(path, lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32))
-        self.model.eval()
+        self.model.to(pick_device(device)).eval()
         self.batch_size = batch_size
         self.params = sum(p.numel() for p in self.model.parameters())
         self._lock = threading.Lock()
