@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .backends.checkpoints import CheckpointError, check_checkpoint_dir
+from .backends.value_head_prm import HEAD_KEYS, is_value_head_prm, value_head_problem  # torch-free
 from .config import SCORER_ROLES, AppConfig, PoolSpec, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -79,17 +80,26 @@ def load_preset(name: str, directory: str | Path | None = None) -> AppConfig:
 # -- model paths --------------------------------------------------------------------------
 def _kind_problem(role: str, checkpoint: Path, config: dict, spec: PoolSpec) -> str | None:
     """Why this (existing) checkpoint cannot serve ``role``, or None. Only what config.json
-    declares is judged; a checkpoint that declares no architecture passes."""
+    declares (and, for a value-head PRM, the safetensors headers) is judged; a checkpoint that
+    declares no architecture passes."""
     archs = [str(a) for a in config.get("architectures") or []]
     if role in SCORER_ROLES:
         if (checkpoint / LM_VERIFIER_FILE).is_file():
             return None
+        if is_value_head_prm(checkpoint):
+            # A body plus v_head.summary (Skywork's PRM): served by the value-head scorer when the
+            # head is really there (safetensors headers only), refused when merely claimed.
+            problem = value_head_problem(checkpoint)
+            if problem is None:
+                return None
+            return (f"architectures {archs} is not a one-label *ForSequenceClassification scorer, and as a "
+                    f"value-head PRM it has {problem} (see docs/PRESETS.md, the PRM)")
         if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
-            # e.g. a PRM shipped as a causal LM plus a value head (Skywork's v_head): the
-            # transformers scorer would load the body and a randomly initialised head.
+            # e.g. a causal LM: the transformers scorer would load the body and a randomly
+            # initialised head.
             return (f"architectures {archs} is not a one-label *ForSequenceClassification scorer (nor a causal "
-                    f"LM with {LM_VERIFIER_FILE}); loading it as a scorer would use a random head "
-                    f"(see docs/PRESETS.md, the PRM)")
+                    f"LM with {LM_VERIFIER_FILE}, nor a value-head PRM with {' and '.join(HEAD_KEYS)}); "
+                    f"loading it as a scorer would use a random head (see docs/PRESETS.md, the PRM)")
         labels = config.get("id2label")
         if isinstance(labels, dict) and len(labels) != 1:
             return f"has {len(labels)} labels; scorers read one logit (train with num_labels=1)"
@@ -105,7 +115,7 @@ def _kind_problem(role: str, checkpoint: Path, config: dict, spec: PoolSpec) -> 
 
 def model_path_problems(cfg: AppConfig) -> list[Finding]:
     """Every configured pool whose resolved model path is missing, not a checkpoint, or not
-    a checkpoint of the kind the pool serves. Reads config.json only: no weights."""
+    a checkpoint of the kind the pool serves. Reads config.json and safetensors headers: no weights."""
     problems = []
     for role, spec in cfg.pools.configured():
         path = Path(cfg.resolve_path(spec.model.path))

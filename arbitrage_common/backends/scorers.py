@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .lm_verifier import VERIFIER_FILE
+from .value_head_prm import is_value_head_prm
 
 
 def is_lm_verifier(model_dir: str | Path) -> bool:
@@ -11,14 +12,21 @@ def is_lm_verifier(model_dir: str | Path) -> bool:
     return (Path(model_dir) / VERIFIER_FILE).is_file()
 
 
-def load_step_scorer(model_dir: str | Path, threads: int | None = None, annotate_history: bool | None = None):
+def load_step_scorer(model_dir: str | Path, threads: int | None = None, annotate_history: bool | None = None,
+                     device: str | None = None):
     """The blocking scorer a checkpoint directory describes (``score_batch(items) -> floats``)."""
     if is_lm_verifier(model_dir):
         if annotate_history:
             raise ValueError(f"{model_dir}: an LM verifier reads unannotated history (annotate_history must be off)")
         from .lm_verifier import LMVerifierScorer
 
-        return LMVerifierScorer(model_dir, threads=threads)
+        return LMVerifierScorer(model_dir, threads=threads, device=device)
+    if is_value_head_prm(model_dir):  # Skywork-style body + v_head: a sequence classifier would get a random head
+        if annotate_history:
+            raise ValueError(f"{model_dir}: a value-head PRM reads unannotated history (annotate_history must be off)")
+        from .value_head_prm import ValueHeadPRMScorer
+
+        return ValueHeadPRMScorer(model_dir, threads=threads, device=device)
     from .hf_scorer import HFStepScorer
 
-    return HFStepScorer(model_dir, threads=threads, annotate_history=annotate_history)
+    return HFStepScorer(model_dir, threads=threads, annotate_history=annotate_history, device=device)
