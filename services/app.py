@@ -4,7 +4,8 @@
 the rendered Serve YAML and of a KubeRay ``serveConfigV2``. Deployment classes carry no
 decorator: options come from the config here, one ``serve.deployment(cls, **options)``
 per pool, the generator class bound twice (draft, target) and the scorer class twice
-(router, PRM).
+(router, PRM). A pool with ``session_affinity`` gets the session-affine request router
+(``services.affinity``); the coordinator passes each request's id as the session id.
 """
 from __future__ import annotations
 
@@ -15,18 +16,24 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
 from arbitrage_common.config import GENERATOR_ROLES, AppConfig
+from arbitrage_common.presets import check_model_paths
 
+from .affinity import router_config
 from .coordinator import Coordinator
 from .pools import GeneratorPool, ScorerPool
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
+    check_model_paths(cfg)  # a bad model path fails here, naming pool and path, not at the first request
     pools: dict[str, Application] = {}
     for role, spec in cfg.pools.configured():
         cls = GeneratorPool if role in GENERATOR_ROLES else ScorerPool
         model = {**spec.model.model_dump(mode="json"), "path": cfg.resolve_path(spec.model.path)}
-        pools[role] = serve.deployment(cls, **spec.deployment_options(role)).bind(role=role, model=model)
+        pool_options = spec.deployment_options(role)
+        if (routing := router_config(spec.session_affinity)) is not None:
+            pool_options["request_router_config"] = routing
+        pools[role] = serve.deployment(cls, **pool_options).bind(role=role, model=model)
     options = cfg.coordinator.deployment_options("coordinator")
     options["backpressure_config"] = BackpressureConfig(status_code=503, retry_after_s=cfg.coordinator.retry_after_s)
     ingress = serve.ingress()(Coordinator)  # FastAPI app: Coordinator.__serve_build_asgi_app__

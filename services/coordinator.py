@@ -23,7 +23,7 @@ from arbitrage_common.policies import POLICIES
 from protos.arbitrage.v1 import arbitrage_pb2 as pb
 
 from . import convert
-from .handles import models_from_handles
+from .handles import PoolHandles
 from .validation import Prepared, RequestFields, fields_from_proto, prepare
 
 logger = logging.getLogger("ray.serve")
@@ -41,9 +41,9 @@ class Coordinator:
     def __init__(self, config: dict[str, Any], draft: Any, target: Any, router: Any | None = None,
                  prm: Any | None = None) -> None:
         self.cfg = AppConfig.model_validate(config)
-        self.models = models_from_handles(draft, target, router, prm)
+        self.pools = PoolHandles(draft, target, router, prm)
         self.available = [name for name, cls in POLICIES.items()
-                          if cls.scorer is None or getattr(self.models, cls.scorer) is not None]
+                          if cls.scorer is None or getattr(self.pools, cls.scorer) is not None]
         tags = ("transport", "policy", "status")
         self._requests = Counter("arbitrage_requests_total", description="Requests by transport, policy, status.",
                                  tag_keys=tags)
@@ -54,7 +54,9 @@ class Coordinator:
     # -- shared core ---------------------------------------------------------------------
     def open_stream(self, fields: RequestFields) -> tuple[Prepared, LoopStream]:
         prepared = prepare(fields, self.cfg)
-        return prepared, stream_loop(prepared.request, self.models)  # 'policy' if its pool is missing
+        # The request id is the session id: each pool with affinity serves all its steps on one replica.
+        models = self.pools.models(prepared.request_id)
+        return prepared, stream_loop(prepared.request, models)  # 'policy' if its pool is missing
 
     def record(self, transport: str, policy: str, status: str, started: float | None = None) -> None:
         self._requests.inc(tags={"transport": transport, "policy": policy or "?", "status": status})
