@@ -7,6 +7,7 @@ checker labels, so the score reads as P(step correct) like a classifier PRM's.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -42,28 +43,49 @@ def split_candidate(item: ScoreItem) -> tuple[str, int]:
 
 
 @torch.inference_mode()
-def min_logprob_features(model, tokenizer, texts: Sequence[str], starts: Sequence[int],
-                         batch_size: int = 32, lock: threading.Lock | None = None) -> list[float]:
-    """Min log-prob over the tokens at or after each text's candidate start (char offset)."""
-    out: list[float] = []
+def step_features(model, tokenizer, texts: Sequence[str], starts: Sequence[int], batch_size: int = 32,
+                  lock: threading.Lock | None = None, with_hidden: bool = False):
+    """Per text: the min log-prob over the tokens at or after its candidate start (a char
+    offset), and with ``with_hidden`` the final hidden state at its last token ([n, hidden])."""
+    mins: list[float] = []
+    hidden: list[torch.Tensor] = []
     for lo in range(0, len(texts), batch_size):
         chunk, cut = list(texts[lo: lo + batch_size]), starts[lo: lo + batch_size]
         # Right padding keeps every real token at its true position (no position ids needed).
         enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="right", return_offsets_mapping=True)
         offsets = enc.pop("offset_mapping")
         enc = enc.to(model.device)
-        if lock is None:
-            logits = model(**enc).logits.float()
-        else:
-            with lock:
-                logits = model(**enc).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
+        with lock if lock is not None else contextlib.nullcontext():
+            out = model(**enc, output_hidden_states=with_hidden)
+        logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1).gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
         logp, mask_all = logp.cpu(), enc["attention_mask"].cpu()
         begin, end = offsets[:, 1:, 0], offsets[:, 1:, 1]
         for row in range(len(chunk)):
             mask = (begin[row] >= cut[row]) & (end[row] > begin[row]) & mask_all[row, 1:].bool()
-            out.append(float(logp[row][mask].min()) if mask.any() else 0.0)
-    return out
+            mins.append(float(logp[row][mask].min()) if mask.any() else 0.0)
+        if with_hidden:
+            last = mask_all.sum(dim=1) - 1
+            hidden.append(out.hidden_states[-1].float().cpu()[torch.arange(len(chunk)), last])
+    return mins, (torch.cat(hidden) if with_hidden else None)
+
+
+def min_logprob_features(model, tokenizer, texts: Sequence[str], starts: Sequence[int],
+                         batch_size: int = 32, lock: threading.Lock | None = None) -> list[float]:
+    """Min log-prob over the tokens at or after each text's candidate start (char offset)."""
+    return step_features(model, tokenizer, texts, starts, batch_size, lock)[0]
+
+
+def load_causal_lm(model_dir: str | Path, threads: int | None = None, device: str | None = None):
+    """(tokenizer, float32 causal LM in eval mode on ``device``) of a checkpoint directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    path = Path(model_dir)
+    tokenizer = load_or_explain(path, AutoTokenizer.from_pretrained)
+    model = load_or_explain(path, lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32))
+    return tokenizer, model.to(pick_device(device)).eval()
 
 
 class LMVerifierScorer:
@@ -73,16 +95,8 @@ class LMVerifierScorer:
 
     def __init__(self, model_dir: str | Path, threads: int | None = None, batch_size: int = 32,
                  device: str | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if threads:
-            torch.set_num_threads(threads)
-        torch.set_flush_denormal(True)
-        path = Path(model_dir)
-        self.calibration = read_calibration(path)
-        self.tokenizer = load_or_explain(path, AutoTokenizer.from_pretrained)
-        self.model = load_or_explain(path, lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32))
-        self.model.to(pick_device(device)).eval()
+        self.calibration = read_calibration(model_dir)  # before the weights: a bad file fails fast
+        self.tokenizer, self.model = load_causal_lm(model_dir, threads, device)
         self.batch_size = batch_size
         self.params = sum(p.numel() for p in self.model.parameters())
         self._lock = threading.Lock()

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .lm_verifier import VERIFIER_FILE
 from .value_head_prm import is_value_head_prm
+from .verifier_router import ROUTER_HEAD_FILE
 
 
 def is_lm_verifier(model_dir: str | Path) -> bool:
@@ -15,6 +16,13 @@ def is_lm_verifier(model_dir: str | Path) -> bool:
 def load_step_scorer(model_dir: str | Path, threads: int | None = None, annotate_history: bool | None = None,
                      device: str | None = None):
     """The blocking scorer a checkpoint directory describes (``score_batch(items) -> floats``)."""
+    if (Path(model_dir) / ROUTER_HEAD_FILE).is_file():  # checked first: it holds a verifier.json too
+        if annotate_history:
+            raise ValueError(f"{model_dir}: a verifier-head router reads unannotated history "
+                             f"(annotate_history must be off)")
+        from .verifier_router import VerifierRouterScorer
+
+        return VerifierRouterScorer(model_dir, threads=threads, device=device)
     if is_lm_verifier(model_dir):
         if annotate_history:
             raise ValueError(f"{model_dir}: an LM verifier reads unannotated history (annotate_history must be off)")

@@ -18,7 +18,10 @@ def add_router_parser(sub) -> None:
     data.add_argument("--label-margin", type=float, default=0.1, help="class 1 when PRM(t) - PRM(d) > this")
     data.set_defaults(func=_router_data)
 
-    train = router.add_parser("train", help="train the router classifier (resumable)")
+    train = router.add_parser("train", help="train the router (classifier: resumable; verifier-head: minutes)")
+    train.add_argument("--kind", choices=["classifier", "verifier-head"], default="classifier",
+                       help="classifier: a one-logit sequence classifier fine-tuned from --init; verifier-head: "
+                            "--init is an LM-verifier PRM, kept frozen, plus a logistic head fitted to the labels")
     train.add_argument("--data", required=True)
     train.add_argument("--init", default="models/prm", help="start from these weights (PRM) or an LM")
     train.add_argument("--out", required=True)
@@ -30,6 +33,7 @@ def add_router_parser(sub) -> None:
                        help="'Model 0:'/'Model 1:' history annotations")
     train.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
                        help="downsample the majority class")
+    train.add_argument("--l2", type=positive_float, default=1e-3, help="verifier-head: L2 penalty of the head")
     train.add_argument("--ablation-steps", type=non_negative_int, default=0,
                        help="also train the 4 ablation variants for this many steps and record the table")
     train.set_defaults(func=_router_train)
@@ -98,6 +102,13 @@ def _router_data(args) -> int:
 
 
 def _router_train(args) -> int:
+    if args.kind == "verifier-head":
+        from ..training.verifier_router import train_verifier_router
+
+        out = train_verifier_router(args.data, args.init, args.out, seed=args.seed, balance=args.balance, l2=args.l2,
+                                    threads=args.threads)
+        emit_json({"saved": str(out)})
+        return 0
     from ..training.router import run_ablation, train_router
 
     table = None
@@ -110,16 +121,17 @@ def _router_train(args) -> int:
 
 
 def _router_eval(args) -> int:
-    from ..backends.checkpoints import trained_with_annotations
-    from ..training.classifier import load_scoring_model
-    from ..training.router import spearman_on, split_by_problem
-    from ..training.router_data import read_jsonl
+    from ..backends.scorers import load_step_scorer
+    from ..evaluation.metrics import spearman
+    from ..training.router import router_item, split_by_problem
+    from ..training.router_data import error_structure, read_jsonl
 
-    annotate = trained_with_annotations(args.router)
-    tokenizer, model = load_scoring_model(args.router)
+    scorer = load_step_scorer(args.router)  # any router kind, with the annotations it was trained with
     _, held = split_by_problem(read_jsonl(args.data))
-    emit_json({"router": args.router, "held_out_steps": len(held), "annotate_history": annotate,
-               "spearman": round(spearman_on(model, tokenizer, held, annotate), 4)})
+    scores = [s for lo in range(0, len(held), 64) for s in scorer.score_batch([router_item(r) for r in held[lo: lo + 64]])]
+    emit_json({"router": args.router, "held_out_steps": len(held), "annotate_history": scorer.annotate_history,
+               "spearman": round(spearman(scores, [r["advantage"] for r in held]), 4),
+               "error_structure": error_structure(held)})
     return 0
 
 

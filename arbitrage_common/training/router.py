@@ -14,9 +14,13 @@ from .router_data import read_jsonl
 HELD_OUT_FRACTION = 0.15
 
 
+def router_item(row: dict) -> ScoreItem:
+    """The router's input for a router-data row: problem, sourced history, draft step."""
+    return ScoreItem(row["problem"], tuple((s, src) for s, src in row["history"]), row["draft_step"])
+
+
 def router_text(row: dict, annotate: bool) -> str:
-    item = ScoreItem(row["problem"], tuple((s, src) for s, src in row["history"]), row["draft_step"])
-    return format_scorer_input(item, annotate)
+    return format_scorer_input(router_item(row), annotate)
 
 
 def split_by_problem(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:

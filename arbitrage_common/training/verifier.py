@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..backends.lm_verifier import FEATURE, VERIFIER_FILE, min_logprob_features
+from ..backends.lm_verifier import FEATURE, VERIFIER_FILE, load_causal_lm, min_logprob_features
 from ..steps import STEP_DELIMITER
 from .loop_utils import write_model_card
 from .prm import TEMPERATURES, load_or_collect_prm_data, split_prm_rows
@@ -42,17 +42,12 @@ def fit_logistic(x: list[float], y: list[int], iters: int = 200) -> tuple[float,
 
 def make_verifier(out_dir: str, lm: str, draft: str, target: str, n_problems: int, seed: int = 0,
                   fit_rows: int = 8000, eval_rows: int = 3000, threads: int = 1) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..backends.checkpoints import load_or_explain
     from ..evaluation.metrics import auroc
 
-    torch.set_num_threads(threads)
     out = Path(out_dir)
     train_rows, held_rows = split_prm_rows(load_or_collect_prm_data(out, draft, target, n_problems, seed), seed)
     train_rows, held_rows = train_rows[:fit_rows], held_rows[:eval_rows]
-    tokenizer = load_or_explain(Path(lm), AutoTokenizer.from_pretrained)
-    model = load_or_explain(Path(lm), lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)).eval()
+    tokenizer, model = load_causal_lm(lm, threads, device="cpu")
     started = time.perf_counter()
 
     def feats(rows):

@@ -1,0 +1,73 @@
+"""An Arbitrage router built on the LM-verifier PRM ("fine-tuned from the PRM").
+
+The PRM's own signal says whether the draft step is wrong; a small trained head on the
+LM's final hidden state says whether the target is likely to do better there. Score:
+``sigmoid(alpha * -z + w . standardize(h) + c)``, where ``z`` is the PRM's logit of the draft
+step (``verifier.json``) and ``h`` the hidden state at the step's last token. With
+``w = 0`` it ranks steps exactly as RSD does; training moves it toward the oracle's labels.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..interfaces import ScoreItem
+from .checkpoints import CheckpointError
+from .lm_verifier import load_causal_lm, read_calibration, split_candidate, step_features
+
+ROUTER_HEAD_FILE = "router_head.json"
+
+
+def read_router_head(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / ROUTER_HEAD_FILE
+    try:
+        head = json.loads(path.read_text())
+        float(head["alpha"]), float(head["c"])
+        if not len(head["w"]) == len(head["mean"]) == len(head["std"]):
+            raise ValueError("w, mean and std must have one entry per hidden unit")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable router head ({exc})") from exc
+    return head
+
+
+def verifier_logit(features: Sequence[float], calibration: dict) -> torch.Tensor:
+    """The PRM's logit ``a * max(f, floor) + b`` of each step."""
+    f = torch.tensor(features, dtype=torch.float64).clamp(min=calibration["floor"])
+    return calibration["a"] * f + calibration["b"]
+
+
+def router_logits(z: torch.Tensor, hidden: torch.Tensor, head: dict) -> torch.Tensor:
+    h = (hidden.double() - torch.tensor(head["mean"], dtype=torch.float64)) / torch.tensor(head["std"], dtype=torch.float64)
+    return head["alpha"] * -z + h @ torch.tensor(head["w"], dtype=torch.float64) + head["c"]
+
+
+class VerifierRouterScorer:
+    """The router pool's scorer for a ``router_head.json`` checkpoint (history never annotated:
+    the LM never saw tags)."""
+
+    annotate_history = False
+
+    def __init__(self, model_dir: str | Path, threads: int | None = None, batch_size: int = 32,
+                 device: str | None = None):
+        path = Path(model_dir)
+        self.calibration = read_calibration(path)
+        self.head = read_router_head(path)
+        self.tokenizer, self.model = load_causal_lm(path, threads, device)
+        if self.model.config.hidden_size != len(self.head["w"]):
+            raise CheckpointError(f"{path / ROUTER_HEAD_FILE}: head has {len(self.head['w'])} weights, the model "
+                                  f"{self.model.config.hidden_size} hidden units")
+        self.batch_size = batch_size
+        self.params = sum(p.numel() for p in self.model.parameters()) + len(self.head["w"]) + 2
+        self._lock = threading.Lock()
+
+    def score_batch(self, items: Sequence[ScoreItem]) -> list[float]:
+        if not items:
+            return []
+        texts, starts = zip(*(split_candidate(item) for item in items))
+        mins, hidden = step_features(self.model, self.tokenizer, texts, starts, self.batch_size, self._lock,
+                                     with_hidden=True)
+        return torch.sigmoid(router_logits(verifier_logit(mins, self.calibration), hidden, self.head)).tolist()
