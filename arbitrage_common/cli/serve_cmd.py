@@ -20,6 +20,10 @@ def add_serve_parsers(sub) -> None:
                                          "gRPC :9000, HTTP :8000)")
     serve.add_argument("--config", help="AppConfig YAML (default: the embedded local CPU config)")
     serve.add_argument("--address", help="connect to this Ray cluster instead of starting a local one")
+    serve.add_argument("--backend", choices=("transformers", "vllm"),
+                       help="run the draft and target pools on this backend (default: as the config says); vllm: "
+                            "one vLLM engine per pool with CPU settings for the bundled models, router and PRM stay "
+                            "on transformers (docs/VLLM.md). Also applies to --render")
     serve.add_argument("--render", action="store_true", help="print the Serve YAML rendered from the config and exit")
     serve.add_argument("-o", "--out", help="with --render: write the YAML here")
     serve.set_defaults(func=_serve)
@@ -28,6 +32,9 @@ def add_serve_parsers(sub) -> None:
     bench.add_argument("--config", help="AppConfig YAML (models of the in-process reference, and of the "
                                         "service when it is started here)")
     bench.add_argument("--endpoint", help="bench a running service at HOST:PORT (gRPC) instead of starting one")
+    bench.add_argument("--backend", choices=("transformers", "vllm"),
+                       help="when starting the service: its draft and target pools on this backend, as `serve "
+                            "--backend` (the in-process reference stays on transformers)")
     bench.add_argument("--app", help="Serve application name (gRPC metadata) when several apps run")
     bench.add_argument("--n", type=positive_int, default=16, help="problems")
     bench.add_argument("--seed", type=int, default=3000)
@@ -59,9 +66,19 @@ def _config(path: str | None):
 
 
 # -- serve ----------------------------------------------------------------------------------
+def _config_for(args):
+    """The config of ``--config`` (or the embedded default) with ``--backend`` applied."""
+    cfg = _config(args.config)
+    if args.backend:
+        from services.local import use_backend
+
+        cfg = use_backend(cfg, args.backend)
+    return cfg
+
+
 def _serve(args) -> int:
     started = time.perf_counter()
-    cfg = _config(args.config)
+    cfg = _config_for(args)
     if args.render:
         from ..config import render_serve_yaml
 
@@ -107,7 +124,7 @@ def _bench(args) -> int:
     started = time.perf_counter()
     from services.bench import run_serve_bench
 
-    result = run_serve_bench(_config(args.config), endpoint=args.endpoint, app=args.app, n=args.n, seed=args.seed,
+    result = run_serve_bench(_config_for(args), endpoint=args.endpoint, app=args.app, n=args.n, seed=args.seed,
                              policy=args.policy, concurrency=args.concurrency, started=started)
     if args.json:
         print(json.dumps(result, indent=2))
