@@ -32,8 +32,8 @@ def _stage_ms(values: dict[str, float]) -> dict[str, float]:
 
 def step_json(step: StepRecord) -> dict[str, Any]:
     return {"index": step.index, "text": step.text, "source": step.source, "score": step.score,
-            "draft_discarded": step.draft_discarded, "tokens": step.tokens,
-            "finish_reason": step.finish_reason, "stage_ms": _stage_ms(step.stage_ms)}
+            "draft_discarded": step.draft_discarded, "discarded_draft_text": step.discarded_draft_text,
+            "tokens": step.tokens, "finish_reason": step.finish_reason, "stage_ms": _stage_ms(step.stage_ms)}
 
 
 def result_json(result: LoopResult, prepared: Prepared) -> dict[str, Any]:
@@ -174,14 +174,14 @@ def classify(exc: BaseException) -> ApiError:
 # -- the way back (clients: remote benches, tests) ----------------------------------------
 def loop_result(msg: pb.GenerateResponse, prompt: str = "") -> LoopResult:
     """A ``GenerateResponse`` as the engine's ``LoopResult``, so code written against the
-    in-process loop (benches, graders) can run against a service. Discarded draft texts and
-    per-step draft tokens do not travel, so ``discarded_draft_text`` is None."""
+    in-process loop (benches, graders, router data) can run against a service."""
     from arbitrage_common.accounting import Usage
 
     source = {pb.SOURCE_DRAFT: "draft", pb.SOURCE_TARGET: "target"}
     steps = [StepRecord(index=s.index, text=s.text, source=source[s.source],
                         score=s.score if s.HasField("score") else None, draft_discarded=s.draft_discarded,
-                        discarded_draft_text=None, tokens=s.tokens, finish_reason=s.finish_reason,
+                        discarded_draft_text=s.discarded_draft_text if s.HasField("discarded_draft_text") else None,
+                        tokens=s.tokens, finish_reason=s.finish_reason,
                         stage_ms={k: v for k in STAGES if (v := getattr(s.stage_ms, k))})
              for s in msg.steps]
     u = msg.usage

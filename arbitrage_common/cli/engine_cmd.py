@@ -16,6 +16,14 @@ def add_router_parser(sub) -> None:
     data.add_argument("--seed", type=non_negative_int, default=0)
     data.add_argument("--models-dir", default="models")
     data.add_argument("--label-margin", type=float, default=0.1, help="class 1 when PRM(t) - PRM(d) > this")
+    data.add_argument("--endpoint", help="HOST:PORT of a running service (e.g. a GPU preset): collect over gRPC "
+                                         "with policy oracle at threshold 0 instead of the bundled models in-process")
+    data.add_argument("--app", help="with --endpoint: Serve application name (gRPC metadata)")
+    data.add_argument("--dataset", type=dataset_name, help="with --endpoint: problems of this benchmark's file "
+                                                           "(a training split: never the one you bench on)")
+    data.add_argument("--data-file", type=existing_path, help="with --dataset: local JSONL file or folder")
+    data.add_argument("--limit", type=positive_int, help="with --dataset: the first N problems")
+    data.add_argument("--max-steps", type=positive_int, default=64, help="with --endpoint: step cap per problem")
     data.set_defaults(func=_router_data)
 
     train = router.add_parser("train", help="train the router (classifier: resumable; verifier-head: minutes)")
@@ -33,6 +41,8 @@ def add_router_parser(sub) -> None:
                        help="'Model 0:'/'Model 1:' history annotations")
     train.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
                        help="downsample the majority class")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="classifier: where to train ('auto': the GPU when one is visible)")
     train.add_argument("--l2", type=positive_float, default=1e-3, help="verifier-head: L2 penalty of the head")
     train.add_argument("--ablation-steps", type=non_negative_int, default=0,
                        help="also train the 4 ablation variants for this many steps and record the table")
@@ -86,18 +96,52 @@ def existing_path(text: str) -> str:
 def _router_data(args) -> int:
     from tqdm import tqdm
 
+    if args.endpoint:
+        return _router_data_remote(args)
+    for flag, value in (("--dataset", args.dataset), ("--data-file", args.data_file), ("--limit", args.limit),
+                        ("--app", args.app)):
+        if value is not None:
+            raise ValueError(f"{flag}: only with --endpoint (the in-process collector runs the synthetic task)")
+
     from ..backends.hf_generator import HFStepGenerator
     from ..backends.scorers import load_step_scorer
-    from ..training.router_data import collect_router_rows, write_jsonl
+    from ..training.router_data import collect_router_rows
 
     root = args.models_dir
     draft, target, prm = HFStepGenerator(f"{root}/draft"), HFStepGenerator(f"{root}/target"), load_step_scorer(f"{root}/prm")
     with tqdm(desc="router data", unit="row") as bar:
         rows = collect_router_rows(draft, target, prm, args.n, args.seed, label_margin=args.label_margin,
                                    progress=lambda total: bar.update(total - bar.n))
-    write_jsonl(rows, args.out)
+    return _write_rows(rows, args.out)
+
+
+def _router_data_remote(args) -> int:
+    from tqdm import tqdm
+
+    from ..training.remote_router_data import collect_remote_rows
+    from ..training.router_data import router_problems
+
+    if args.dataset:
+        from ..evaluation.dataset_bench import load_problems
+
+        problems = [p.problem for p in load_problems(args.dataset, args.data_file, args.limit)]
+    else:
+        for flag, value in (("--data-file", args.data_file), ("--limit", args.limit)):
+            if value is not None:
+                raise ValueError(f"{flag}: only with --dataset")
+        problems = [p.prompt for p in router_problems(args.n, args.seed)]
+    with tqdm(desc="router data", unit="row") as bar:
+        rows = collect_remote_rows(args.endpoint, problems, app=args.app, max_steps=args.max_steps,
+                                   label_margin=args.label_margin, progress=lambda total: bar.update(total - bar.n))
+    return _write_rows(rows, args.out, problems=len(problems), endpoint=args.endpoint)
+
+
+def _write_rows(rows: list[dict], out: str, **extra) -> int:
+    from ..training.router_data import write_jsonl
+
+    write_jsonl(rows, out)
     pos = sum(r["label"] for r in rows)
-    emit_json({"rows": len(rows), "positive": pos, "negative": len(rows) - pos, "out": args.out})
+    emit_json({"rows": len(rows), "positive": pos, "negative": len(rows) - pos, **extra, "out": out})
     return 0
 
 
@@ -113,9 +157,10 @@ def _router_train(args) -> int:
 
     table = None
     if args.ablation_steps:
-        table = run_ablation(args.data, args.init, "runs/router-ablation", args.ablation_steps, args.seed, args.lr, args.threads)
+        table = run_ablation(args.data, args.init, "runs/router-ablation", args.ablation_steps, args.seed, args.lr,
+                             args.threads, args.device)
     out = train_router(args.data, args.init, args.out, annotate=args.annotate, balance=args.balance, steps=args.steps,
-                       seed=args.seed, lr=args.lr, threads=args.threads, ablation=table)
+                       seed=args.seed, lr=args.lr, threads=args.threads, ablation=table, device=args.device)
     emit_json({"saved": str(out), "ablation": table})
     return 0
 

@@ -26,9 +26,13 @@ def load_scoring_model(init_dir: str | Path):
 
 def train_scoring_model(model, tokenizer, texts: Sequence[str], targets: Sequence[float], out_dir: Path,
                         steps: int, seed: int, lr: float, batch_size: int = 32, threads: int = 1,
-                        weights: Sequence[float] | None = None, save_every: int = 100) -> float:
-    """BCE on soft or hard targets in [0, 1]; resumable from ``out_dir/ckpt``. Returns train seconds."""
+                        weights: Sequence[float] | None = None, save_every: int = 100, device: str | None = None) -> float:
+    """BCE on soft or hard targets in [0, 1]; resumable from ``out_dir/ckpt``. Returns train seconds.
+    ``device``: 'auto' (None) trains on the GPU when one is visible (a 1.5B router on a GPU)."""
+    from ..backends.checkpoints import pick_device
+
     torch.set_num_threads(threads)
+    model.to(pick_device(device))
     torch.set_flush_denormal(True)
     seed_everything(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -40,12 +44,12 @@ def train_scoring_model(model, tokenizer, texts: Sequence[str], targets: Sequenc
     for step in range(start, steps):
         rng = random.Random(f"scorer-batch-{seed}-{step}")  # a batch depends only on (seed, step)
         idx = [rng.randrange(len(texts)) for _ in range(batch_size)]
-        batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True)
-        y = torch.tensor([float(targets[i]) for i in idx])
-        w = torch.tensor([weights[i] for i in idx])
+        batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True).to(model.device)
+        y = torch.tensor([float(targets[i]) for i in idx], device=model.device)
+        w = torch.tensor([weights[i] for i in idx], device=model.device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=30)
-        logits = model(**batch).logits[:, 0]
+        logits = model(**batch).logits[:, 0].float()
         loss = (torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).mean()
         train_step(model, optimizer, loss, step, state, clock, steps, save_every)
     model.eval()
@@ -56,6 +60,6 @@ def train_scoring_model(model, tokenizer, texts: Sequence[str], targets: Sequenc
 def predict(model, tokenizer, texts: Sequence[str], batch_size: int = 64) -> list[float]:
     out: list[float] = []
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(list(texts[start: start + batch_size]), return_tensors="pt", padding=True)
-        out += torch.sigmoid(model(**batch).logits[:, 0]).tolist()
+        batch = tokenizer(list(texts[start: start + batch_size]), return_tensors="pt", padding=True).to(model.device)
+        out += torch.sigmoid(model(**batch).logits[:, 0].float()).tolist()
     return out

@@ -47,23 +47,25 @@ def spearman_on(model, tokenizer, rows: Sequence[dict], annotate: bool) -> float
 
 
 def fit_router(rows: Sequence[dict], init: str, out: Path, annotate: bool, balance: bool, steps: int,
-               seed: int, lr: float, threads: int):
+               seed: int, lr: float, threads: int, device: str | None = None):
     from .classifier import load_scoring_model, train_scoring_model
 
     train = balance_classes(rows, seed) if balance else list(rows)
     tokenizer, model = load_scoring_model(init)
     seconds = train_scoring_model(model, tokenizer, [router_text(r, annotate) for r in train],
-                                  [r["label"] for r in train], out, steps=steps, seed=seed, lr=lr, threads=threads)
+                                  [r["label"] for r in train], out, steps=steps, seed=seed, lr=lr, threads=threads,
+                                  device=device)
     return tokenizer, model, seconds, len(train)
 
 
 def train_router(data: str, init: str, out_dir: str, annotate: bool = True, balance: bool = True,
                  steps: int = 400, seed: int = 0, lr: float = 3e-4, threads: int = 1,
-                 ablation: list[dict] | None = None) -> Path:
+                 ablation: list[dict] | None = None, device: str | None = None) -> Path:
     rows = read_jsonl(data)
     train_rows, held_rows = split_by_problem(rows)
     out = Path(out_dir)
-    tokenizer, model, seconds, n_train = fit_router(train_rows, init, out, annotate, balance, steps, seed, lr, threads)
+    tokenizer, model, seconds, n_train = fit_router(train_rows, init, out, annotate, balance, steps, seed, lr, threads,
+                                                device)
     rho = spearman_on(model, tokenizer, held_rows, annotate)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
@@ -84,7 +86,7 @@ def train_router(data: str, init: str, out_dir: str, annotate: bool = True, bala
 
 
 def run_ablation(data: str, init: str, work_dir: str, steps: int, seed: int = 0, lr: float = 3e-4,
-                 threads: int = 1) -> list[dict]:
+                 threads: int = 1, device: str | None = None) -> list[dict]:
     """Spearman on held-out steps for annotations on/off x downsampling on/off."""
     rows = read_jsonl(data)
     train_rows, held_rows = split_by_problem(rows)
@@ -92,7 +94,8 @@ def run_ablation(data: str, init: str, work_dir: str, steps: int, seed: int = 0,
     for annotate in (True, False):
         for balance in (True, False):
             out = Path(work_dir) / f"annotate-{int(annotate)}-balance-{int(balance)}"
-            tokenizer, model, _, n = fit_router(train_rows, init, out, annotate, balance, steps, seed, lr, threads)
+            tokenizer, model, _, n = fit_router(train_rows, init, out, annotate, balance, steps, seed, lr, threads,
+                                             device)
             table.append({"annotate_history": annotate, "balance_classes": balance, "train_rows": n,
                           "spearman": round(spearman_on(model, tokenizer, held_rows, annotate), 4)})
     return table

@@ -19,11 +19,16 @@ from ..synthetic import check_step, generate_problem
 DEFAULT_LABEL_MARGIN = 0.1  # advantages within PRM noise of 0 are "no gain" (class 0)
 
 
+def router_problems(n_problems: int, seed: int) -> list:
+    """The synthetic training problems of ``router data`` (a string-keyed stream: never eval seeds)."""
+    rng = random.Random(f"router-data-{seed}")
+    return [generate_problem(rng) for _ in range(n_problems)]
+
+
 def collect_router_rows(draft, target, prm, n_problems: int, seed: int, batch_size: int = 64,
                         label_margin: float = DEFAULT_LABEL_MARGIN, progress=None) -> list[dict]:
     """``draft``/``target`` expose ``generate_batch``; ``prm`` exposes ``score_batch``."""
-    rng = random.Random(f"router-data-{seed}")
-    problems = [generate_problem(rng) for _ in range(n_problems)]
+    problems = router_problems(n_problems, seed)
     histories: list[list[tuple[str, str]]] = [[] for _ in problems]
     open_ids = list(range(n_problems))
     options = GenerationOptions(max_new_tokens=64)
@@ -78,11 +83,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def error_structure(rows: list[dict]) -> dict:
+def error_structure(rows: list[dict]) -> dict | None:
     """How the draft's wrong steps split, by the exact step checker: ones the target fixes,
     and ones it gets wrong too. At full accuracy a perfect-PRM RSD routes every wrong draft
     step and a perfect router only the fixable ones, so ``draft_wrong / target_fixes`` bounds
     the target-step saving any router can show over RSD on this data."""
+    if any(r.get("draft_correct") is None for r in rows):  # rows from a service: no step checker
+        return None
     draft_wrong = sum(not r["draft_correct"] for r in rows)
     fixes = sum(not r["draft_correct"] and r["target_correct"] for r in rows)
     return {"steps": len(rows), "draft_wrong": draft_wrong, "target_fixes": fixes, "both_wrong": draft_wrong - fixes,

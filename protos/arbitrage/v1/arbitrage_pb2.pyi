@@ -67,7 +67,7 @@ class StageMs(_message.Message):
     def __init__(self, draft: _Optional[float] = ..., target: _Optional[float] = ..., router: _Optional[float] = ..., prm: _Optional[float] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("index", "text", "source", "score", "draft_discarded", "tokens", "finish_reason", "stage_ms")
+    __slots__ = ("index", "text", "source", "score", "draft_discarded", "tokens", "finish_reason", "stage_ms", "discarded_draft_text")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class Step(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STAGE_MS_FIELD_NUMBER: _ClassVar[int]
+    DISCARDED_DRAFT_TEXT_FIELD_NUMBER: _ClassVar[int]
     index: int
     text: str
     source: Source
@@ -84,7 +85,8 @@ class Step(_message.Message):
     tokens: int
     finish_reason: str
     stage_ms: StageMs
-    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., source: _Optional[_Union[Source, str]] = ..., score: _Optional[float] = ..., draft_discarded: _Optional[bool] = ..., tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., stage_ms: _Optional[_Union[StageMs, _Mapping]] = ...) -> None: ...
+    discarded_draft_text: str
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., source: _Optional[_Union[Source, str]] = ..., score: _Optional[float] = ..., draft_discarded: _Optional[bool] = ..., tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., stage_ms: _Optional[_Union[StageMs, _Mapping]] = ..., discarded_draft_text: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("draft_tokens_kept", "draft_tokens_discarded", "target_tokens", "acceptance_rate", "target_steps", "draft_steps", "target_step_fraction", "router_calls", "prm_calls", "stage_ms")

@@ -1,0 +1,56 @@
+"""`arbitrage router data --endpoint`: the router's training rows from a running service.
+
+The oracle at threshold 0 is the data-collection procedure itself: both models write each
+step, the PRM scores both, the trajectory continues with the better one, and every reply
+step carries the advantage (``score``) and the draft step (its text, or
+``discarded_draft_text`` when the target's step replaced it). So rows for real model pairs
+come from the served preset on its GPUs, with its prompt template, engines and PRM; this
+module only asks and writes. Without an exact step checker the correctness columns are None.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from ..loop import LoopResult
+from .router_data import DEFAULT_LABEL_MARGIN
+
+
+def rows_from_oracle(problem_id: int, problem: str, result: LoopResult,
+                     label_margin: float = DEFAULT_LABEL_MARGIN) -> list[dict]:
+    """One row per oracle step that has both a score and its draft step."""
+    rows, history = [], []
+    for step in result.steps:
+        draft = step.discarded_draft_text if step.draft_discarded else (step.text if step.source == "draft" else None)
+        if step.score is not None and draft is not None:
+            rows.append({"problem_id": problem_id, "problem": problem, "history": [list(h) for h in history],
+                         "step_index": step.index, "tier": None, "draft_step": draft,
+                         "target_step": step.text if step.source == "target" else None,
+                         "advantage": step.score, "label": int(step.score > label_margin),
+                         "draft_correct": None, "target_correct": None})
+        history.append((step.text, step.source))
+    return rows
+
+
+def collect_remote_rows(endpoint: str, problems: Sequence[str], app: str | None = None, max_steps: int = 64,
+                        label_margin: float = DEFAULT_LABEL_MARGIN, timeout_s: float = 600.0,
+                        progress: Callable[[int], None] | None = None) -> list[dict]:
+    """Runs ``oracle(0)`` on each problem over gRPC, one at a time; any failed request fails the
+    whole collection (a dataset with silent holes would bias the router)."""
+    import grpc
+
+    from protos.arbitrage.v1 import arbitrage_pb2 as pb
+    from protos.arbitrage.v1 import arbitrage_pb2_grpc as pbg
+    from services.convert import loop_result
+
+    metadata = (("application", app),) if app else None
+    rows: list[dict] = []
+    with grpc.insecure_channel(endpoint) as channel:
+        stub = pbg.ArbitrageServiceStub(channel)
+        for i, problem in enumerate(problems):
+            request = pb.GenerateRequest(prompt=problem, policy="oracle", threshold=0.0, max_steps=max_steps,
+                                         request_id=f"router-data-{i}")
+            reply = stub.Generate(request, metadata=metadata, timeout=timeout_s)
+            rows += rows_from_oracle(i, problem, loop_result(reply, problem), label_margin)
+            if progress is not None:
+                progress(len(rows))
+    return rows
