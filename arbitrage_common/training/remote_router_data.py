@@ -10,20 +10,29 @@ module only asks and writes. Without an exact step checker the correctness colum
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
-from ..loop import LoopResult
 from .router_data import DEFAULT_LABEL_MARGIN
 
 
-def rows_from_oracle(problem_id: int, problem: str, result: LoopResult,
+class OracleStep(NamedTuple):
+    """What a row needs of one decided step (from a reply's ``Step`` or a ``StepRecord``)."""
+
+    text: str
+    source: str
+    score: float | None
+    discarded_draft_text: str | None
+
+
+def rows_from_oracle(problem_id: int, problem: str, steps: Sequence[OracleStep],
                      label_margin: float = DEFAULT_LABEL_MARGIN) -> list[dict]:
     """One row per oracle step that has both a score and its draft step."""
     rows, history = [], []
-    for step in result.steps:
-        draft = step.discarded_draft_text if step.draft_discarded else (step.text if step.source == "draft" else None)
+    for index, step in enumerate(steps):
+        draft = step.discarded_draft_text if step.source == "target" else step.text
         if step.score is not None and draft is not None:
             rows.append({"problem_id": problem_id, "problem": problem, "history": [list(h) for h in history],
-                         "step_index": step.index, "tier": None, "draft_step": draft,
+                         "step_index": index, "tier": None, "draft_step": draft,
                          "target_step": step.text if step.source == "target" else None,
                          "advantage": step.score, "label": int(step.score > label_margin),
                          "draft_correct": None, "target_correct": None})
@@ -40,8 +49,7 @@ def collect_remote_rows(endpoint: str, problems: Sequence[str], app: str | None 
 
     from protos.arbitrage.v1 import arbitrage_pb2 as pb
     from protos.arbitrage.v1 import arbitrage_pb2_grpc as pbg
-    from services.convert import loop_result
-
+    source = {pb.SOURCE_DRAFT: "draft", pb.SOURCE_TARGET: "target"}
     metadata = (("application", app),) if app else None
     rows: list[dict] = []
     with grpc.insecure_channel(endpoint) as channel:
@@ -50,7 +58,10 @@ def collect_remote_rows(endpoint: str, problems: Sequence[str], app: str | None 
             request = pb.GenerateRequest(prompt=problem, policy="oracle", threshold=0.0, max_steps=max_steps,
                                          request_id=f"router-data-{i}")
             reply = stub.Generate(request, metadata=metadata, timeout=timeout_s)
-            rows += rows_from_oracle(i, problem, loop_result(reply, problem), label_margin)
+            steps = [OracleStep(s.text, source[s.source], s.score if s.HasField("score") else None,
+                                s.discarded_draft_text if s.HasField("discarded_draft_text") else None)
+                     for s in reply.steps]
+            rows += rows_from_oracle(i, problem, steps, label_margin)
             if progress is not None:
                 progress(len(rows))
     return rows
