@@ -74,15 +74,11 @@ def check_backends(cfg: AppConfig) -> None:
 def start(cfg: AppConfig, address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
     """ray.init (local unless ``address``), Serve with the config's HTTP/gRPC options, then
     the app. Blocks until every deployment is ready; returns where it listens."""
-    from arbitrage_common.backends.checkpoints import CheckpointError, check_checkpoint_dir
+    from arbitrage_common.presets import check_model_paths
 
     started = time.perf_counter()
-    if not address:  # local cluster, same filesystem: fail fast, naming the path, before Ray starts
-        for role, spec in cfg.pools.configured():
-            try:
-                check_checkpoint_dir(cfg.resolve_path(spec.model.path))
-            except CheckpointError as exc:
-                raise CheckpointError(f"pools.{role}.model.path: {exc}") from None
+    if not address:  # local cluster, same filesystem: fail fast, naming pool and path, before Ray starts
+        check_model_paths(cfg)
         check_backends(cfg)
 
     import ray
