@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..interfaces import Generation, GenerationOptions
-from ..synthetic import STEP_DELIMITER
+from ..steps import STEP_DELIMITER
 from .checkpoints import load_or_explain
 from .steppers import FastLlamaStepper, HFStepper, fast_llama_supported
 

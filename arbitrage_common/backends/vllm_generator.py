@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from ..interfaces import Generation, GenerationOptions
-from ..synthetic import STEP_DELIMITER
+from ..steps import STEP_DELIMITER
 from .checkpoints import check_checkpoint_dir
 
 logger = logging.getLogger(__name__)
