@@ -8,7 +8,7 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 RAY_ENV := RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled}
 
-.PHONY: install install-vllm run run-vllm test test-main test-vllm eval bench clean-venv clean-venv-vllm
+.PHONY: install install-vllm run run-vllm test test-main test-vllm eval bench k8s clean-venv clean-venv-vllm
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -45,6 +45,11 @@ eval: install
 
 bench: install
 	$(VENV)/bin/arbitrage bench --n 200 --seed 2000 --out runs/bench --json
+
+# The KubeRay manifests (k8s/base, k8s/overlays) rendered from configs/cpu-demo.yaml and the
+# presets; tests/k8s fails when the committed files differ (docs/KUBERAY.md).
+k8s: install
+	$(VENV)/bin/arbitrage k8s render
 
 # Both suites, one after the other (never two Ray clusters at once): everything but
 # tests/vllm in .venv, then tests/vllm (real vLLM engines) in .venv-vllm.

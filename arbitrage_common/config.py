@@ -8,12 +8,15 @@ that YAML. No Ray, torch or transformers imports here: configs load and validate
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from .errors import InvalidArgument
+from .kuberay.spec import ClusterSpec
+from .paths import project_home
 from .policies import POLICIES, make_policy
 from .steps import DEFAULT_PROMPT_TEMPLATE, PROBLEM_FIELD, STEP_DELIMITER
 
@@ -114,6 +117,10 @@ class ActorOptionsSpec(_Strict):
     resources: dict[str, float] = Field(default_factory=dict, description="Custom resources, e.g. "
                                                                          "{'pool_target': 1} to pin to a worker group.")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100'.")
+    label_selector: dict[str, str] = Field(default_factory=dict, description="Ray node labels a replica's node "
+                                                                             "must carry, e.g. {'arbitrage-serve.io/"
+                                                                             "group': 'target'} (the KubeRay "
+                                                                             "rendering pins every pool this way).")
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env (env_vars, ...).")
 
     def to_ray(self) -> dict[str, Any]:
@@ -192,6 +199,9 @@ class PoolSpec(DeploymentSpec):
                           "tensor_parallel_size; the first bundle holds the replica actor.")
     placement_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = Field(
         None, description="How the bundles spread over nodes (None: Ray's PACK).")
+    placement_group_bundle_label_selector: list[dict[str, str]] | None = Field(
+        None, description="Ray node labels each bundle's node must carry (one selector for all bundles, or one "
+                          "per bundle); how a pool with bundles is pinned to a worker group.")
 
     @model_validator(mode="after")
     def _placement(self) -> PoolSpec:
@@ -201,6 +211,13 @@ class PoolSpec(DeploymentSpec):
                              f"(one bundle with a GPU per rank)")
         if self.placement_group_strategy and not self.placement_group_bundles:
             raise ValueError("placement_group_strategy needs placement_group_bundles")
+        selectors = self.placement_group_bundle_label_selector
+        if selectors is not None:
+            if not self.placement_group_bundles:
+                raise ValueError("placement_group_bundle_label_selector needs placement_group_bundles")
+            if len(selectors) not in (1, len(self.placement_group_bundles)):
+                raise ValueError(f"placement_group_bundle_label_selector: {len(selectors)} selectors for "
+                                 f"{len(self.placement_group_bundles)} bundles (give 1, or one per bundle)")
         return self
 
     def user_config(self) -> dict[str, Any]:
@@ -213,6 +230,9 @@ class PoolSpec(DeploymentSpec):
             opts["placement_group_bundles"] = [dict(b) for b in self.placement_group_bundles]
             if self.placement_group_strategy:
                 opts["placement_group_strategy"] = self.placement_group_strategy
+            if self.placement_group_bundle_label_selector:
+                opts["placement_group_bundle_label_selector"] = [dict(s) for s in
+                                                                 self.placement_group_bundle_label_selector]
         return opts
 
 
@@ -311,7 +331,13 @@ class AppConfig(_Strict):
     served_model_name: str = Field("arbitrage-serve", description="Model id of the default policy on the "
                                                                   "OpenAI-compatible routes.")
     base_dir: str | None = Field(None, description="Directory relative model paths resolve against (None: the "
-                                                   "builder's working directory).")
+                                                   "builder's working directory). Environment variables expand "
+                                                   "where the app is built, e.g. '${ARBITRAGE_HOME}'.")
+    model_path_check: Literal["build", "replicas"] = Field(
+        "build", description="Where every model path is checked before a model loads: 'build' (where the app is "
+                             "built, e.g. `arbitrage serve`; all pools at once) or 'replicas' (each pool replica "
+                             "checks its own path on its node: clusters whose head Pod holds no weights). Pool "
+                             "replicas always check their own path.")
     pools: PoolsSpec = Field(description="The model pools.")
     coordinator: CoordinatorSpec = Field(default_factory=CoordinatorSpec, description="The coordinator deployment.")
     policy: PolicySpec = Field(default_factory=PolicySpec, description="Default policy and threshold.")
@@ -319,6 +345,9 @@ class AppConfig(_Strict):
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits and deadline.")
     http: HTTPSpec = Field(default_factory=HTTPSpec, description="HTTP proxy options.")
     grpc: GRPCSpec = Field(default_factory=GRPCSpec, description="gRPC proxy options.")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="KubeRay layout: image, worker-group "
+                                                                          "Pod shapes and scheduling knobs "
+                                                                          "(`arbitrage k8s render`).")
 
     @field_validator("name")
     @classmethod
@@ -345,9 +374,9 @@ class AppConfig(_Strict):
 
     def resolve_path(self, path: str) -> str:
         """Absolute model path (relative ones against base_dir or the working directory)."""
-        p = Path(path).expanduser()
+        p = Path(os.path.expandvars(path)).expanduser()
         if not p.is_absolute():
-            p = Path(self.base_dir).expanduser() / p if self.base_dir else Path.cwd() / p
+            p = Path(os.path.expandvars(self.base_dir)).expanduser() / p if self.base_dir else Path.cwd() / p
         return str(p.resolve())
 
 
@@ -357,7 +386,7 @@ def default_config() -> AppConfig:
         return PoolSpec(model=ModelSpec(path=f"models/{name}"), ray_actor_options=ActorOptionsSpec(num_cpus=0), **kw)
 
     return AppConfig(
-        base_dir=str(Path(__file__).resolve().parents[1]),  # the checkout that holds models/
+        base_dir=str(project_home()),  # the checkout (or install, or $ARBITRAGE_HOME) that holds models/
         pools=PoolsSpec(draft=pool("draft"), target=pool("target"), router=pool("router"), prm=pool("prm")),
         coordinator=CoordinatorSpec(ray_actor_options=ActorOptionsSpec(num_cpus=0)),
     )

@@ -18,9 +18,10 @@ from pathlib import Path
 from .backends.checkpoints import CheckpointError, check_checkpoint_dir
 from .backends.value_head_prm import HEAD_KEYS, is_value_head_prm, value_head_problem  # torch-free
 from .config import SCORER_ROLES, AppConfig, PoolSpec, load_config
+from .paths import presets_dir, project_home
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PRESETS_DIR = REPO_ROOT / "configs" / "presets"
+REPO_ROOT = project_home()  # the checkout, $ARBITRAGE_HOME, or an install's share/arbitrage-serve
+PRESETS_DIR = presets_dir()
 
 # A causal LM used as a PRM carries its calibration in this file (the name is
 # arbitrage_common.backends.lm_verifier.VERIFIER_FILE; not imported: that module needs torch).
@@ -113,27 +114,39 @@ def _kind_problem(role: str, checkpoint: Path, config: dict, spec: PoolSpec) -> 
     return None
 
 
+def _pool_path_problem(role: str, spec: PoolSpec, path: Path, relative_note: str = "") -> Finding | None:
+    where = f"pools.{role}.model.path"
+    try:
+        check_checkpoint_dir(path)
+    except CheckpointError as exc:  # its message starts with the path
+        return Finding(where, f"{exc}{relative_note}")
+    config = json.loads((path / "config.json").read_text())  # valid JSON: checked above
+    reason = (_kind_problem(role, path, config, spec) if isinstance(config, dict)
+              else "config.json is not a JSON object")
+    return Finding(where, f"{path}: {reason}") if reason else None
+
+
 def model_path_problems(cfg: AppConfig) -> list[Finding]:
     """Every configured pool whose resolved model path is missing, not a checkpoint, or not
     a checkpoint of the kind the pool serves. Reads config.json and safetensors headers: no weights."""
     problems = []
     for role, spec in cfg.pools.configured():
-        path = Path(cfg.resolve_path(spec.model.path))
-        where = f"pools.{role}.model.path"
-        try:
-            check_checkpoint_dir(path)
-        except CheckpointError as exc:  # its message starts with the path
-            relative = "" if Path(spec.model.path).expanduser().is_absolute() else (
-                f" ({spec.model.path!r} resolved against "
-                f"{'base_dir ' + repr(cfg.base_dir) if cfg.base_dir else 'the working directory'})")
-            problems.append(Finding(where, f"{exc}{relative}"))
-            continue
-        config = json.loads((path / "config.json").read_text())  # valid JSON: checked above
-        reason = (_kind_problem(role, path, config, spec) if isinstance(config, dict)
-                  else "config.json is not a JSON object")
-        if reason:
-            problems.append(Finding(where, f"{path}: {reason}"))
+        relative = "" if Path(spec.model.path).expanduser().is_absolute() else (
+            f" ({spec.model.path!r} resolved against "
+            f"{'base_dir ' + repr(cfg.base_dir) if cfg.base_dir else 'the working directory'})")
+        problem = _pool_path_problem(role, spec, Path(cfg.resolve_path(spec.model.path)), relative)
+        if problem:
+            problems.append(problem)
     return problems
+
+
+def check_pool_model(role: str, model: dict) -> None:
+    """What a pool replica runs before it loads its model (``model``: the ModelSpec dump with
+    the resolved path): ``ModelPathError`` naming the pool and the path on *this* node."""
+    spec = PoolSpec(model=model)
+    problem = _pool_path_problem(role, spec, Path(spec.model.path))
+    if problem:
+        raise ModelPathError([problem])
 
 
 def check_model_paths(cfg: AppConfig) -> None:

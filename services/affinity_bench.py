@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from arbitrage_common.client import Client, build_request, source_name
 from arbitrage_common.config import AppConfig, PolicySpec, default_config, render_serve_config
 from arbitrage_common.synthetic import generate_problems
 
@@ -81,14 +82,11 @@ def _totals(infos: dict[int, dict[str, Any]]) -> dict[int, tuple[float, ...]]:
             for pid, i in infos.items()}
 
 
-def run_batch(stub, app: str, prompts: list[str], max_steps: int) -> list[float]:
+def run_batch(client: Client, prompts: list[str], max_steps: int) -> list[float]:
     """The prompts concurrently, one request each; the target stage ms of every target step."""
-    from protos.arbitrage.v1 import arbitrage_pb2 as pb
-
     def one(prompt: str) -> list[float]:
-        reply = stub.Generate(pb.GenerateRequest(prompt=prompt, max_steps=max_steps),
-                              metadata=(("application", app),), timeout=600)
-        return [s.stage_ms.target for s in reply.steps if s.source == pb.SOURCE_TARGET]
+        reply = client.generate(build_request(prompt, max_steps=max_steps), timeout=600)
+        return [s.stage_ms.target for s in reply.steps if source_name(s) == "target"]
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         return [ms for steps in pool.map(one, prompts) for ms in steps]
@@ -111,7 +109,7 @@ def _ratio(key: str, on: dict, off: dict) -> float | None:
     return round(on[key] / off[key], 3) if on[key] and off[key] else None
 
 
-def run_level(stub, apps: dict[str, str], prompts: list[str], concurrency: int, max_steps: int,
+def run_level(clients: dict[str, Client], apps: dict[str, str], prompts: list[str], concurrency: int, max_steps: int,
               replicas: int) -> dict[str, Any]:
     """Both phases on the same prompts, ``concurrency`` requests at a time, batch by batch,
     alternating which app goes first; counters are read before and after."""
@@ -119,7 +117,7 @@ def run_level(stub, apps: dict[str, str], prompts: list[str], concurrency: int, 
     step_ms: dict[str, list[float]] = {p: [] for p in apps}
     for k, i in enumerate(range(0, len(prompts), concurrency)):
         for p in (("on", "off") if k % 2 == 0 else ("off", "on")):
-            step_ms[p] += run_batch(stub, apps[p], prompts[i:i + concurrency], max_steps)
+            step_ms[p] += run_batch(clients[p], prompts[i:i + concurrency], max_steps)
     after = {p: _totals(replica_infos(app, replicas)) for p, app in apps.items()}
     on, off = (summarize(before[p], after[p], step_ms[p], len(prompts)) for p in ("on", "off"))
     return {"concurrency": concurrency, "affinity_on": on, "affinity_off": off,
@@ -139,11 +137,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--replicas", type=int, default=2, help="target pool replicas")
     args = ap.parse_args(argv)
 
-    import grpc
     import ray
     from ray import serve
 
-    from protos.arbitrage.v1 import arbitrage_pb2_grpc
     from services.app import build_app
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only cluster
@@ -157,13 +153,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         serve.start(http_options=rendered["http_options"], grpc_options=rendered["grpc_options"])
         serve.run_many([serve.RunTarget(build_app(c), name=c.name, route_prefix=f"/{p}") for p, c in cfgs.items()])
         startup_s = time.perf_counter() - started
-        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-        stub = arbitrage_pb2_grpc.ArbitrageServiceStub(channel)
+        channel = Client(f"127.0.0.1:{grpc_port}").channel  # one channel, one client per app
+        clients = {p: Client(f"127.0.0.1:{grpc_port}", app, channel=channel) for p, app in apps.items()}
         # First calls of a fresh engine are slow: warm every replica (problems of another seed).
         warmup = [p.prompt for p in generate_problems(2 * args.replicas, args.seed + 99_999)]
-        for app in apps.values():
-            run_batch(stub, app, warmup, args.max_steps)
-        levels = [run_level(stub, apps, [p.prompt for p in generate_problems(args.n, args.seed + 1000 * j)],
+        for p in apps:
+            run_batch(clients[p], warmup, args.max_steps)
+        levels = [run_level(clients, apps, [p.prompt for p in generate_problems(args.n, args.seed + 1000 * j)],
                             c, args.max_steps, args.replicas) for j, c in enumerate(args.concurrency)]
         channel.close()
     finally:

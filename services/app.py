@@ -25,7 +25,8 @@ from .pools import GeneratorPool, ScorerPool
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
-    check_model_paths(cfg)  # a bad model path fails here, naming pool and path, not at the first request
+    if cfg.model_path_check == "build":  # a bad path fails here, naming pool and path, not at the first request
+        check_model_paths(cfg)  # else (clusters) each pool replica checks its own path on its node
     pools: dict[str, Application] = {}
     for role, spec in cfg.pools.configured():
         cls = GeneratorPool if role in GENERATOR_ROLES else ScorerPool

@@ -60,21 +60,16 @@ def _in_process(cfg: AppConfig, prompts: list[str], policy: str) -> tuple[list[f
 
 
 def _grpc_client(endpoint: str, app: str | None):
-    import grpc
+    from arbitrage_common.client import Client, build_request
 
-    from protos.arbitrage.v1 import arbitrage_pb2 as pb
-    from protos.arbitrage.v1 import arbitrage_pb2_grpc as pbg
-
-    channel = grpc.insecure_channel(endpoint)
-    stub = pbg.ArbitrageServiceStub(channel)
-    metadata = (("application", app),) if app else None
+    client = Client(endpoint, app)
 
     def call(prompt: str, policy: str) -> tuple[float, int | None]:
         started = time.perf_counter()
-        reply = stub.Generate(pb.GenerateRequest(prompt=prompt, policy=policy), metadata=metadata, timeout=600)
+        reply = client.generate(build_request(prompt, policy), timeout=600)
         return time.perf_counter() - started, (reply.answer if reply.HasField("answer") else None)
 
-    return channel, call
+    return client, call
 
 
 def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None = None, n: int = 16,

@@ -49,7 +49,11 @@ class Coordinator:
                                  tag_keys=tags)
         self._latency = Histogram("arbitrage_request_ms", description="End-to-end ms of successful requests.",
                                   boundaries=_LATENCY_MS, tag_keys=("transport", "policy"))
-        self._steps = Counter("arbitrage_steps_total", description="Decided steps by writer.", tag_keys=("source",))
+        self._steps = Counter("arbitrage_steps_total", description="Decided steps by writer and policy.",
+                              tag_keys=("source", "policy"))
+        self._first_step = Histogram("arbitrage_first_step_ms", description="Ms from the start of a request's step "
+                                                                            "loop to its first decided step (TTFS).",
+                                     boundaries=_LATENCY_MS, tag_keys=("policy",))
 
     # -- shared core ---------------------------------------------------------------------
     def open_stream(self, fields: RequestFields) -> tuple[Prepared, LoopStream]:
@@ -64,10 +68,16 @@ class Coordinator:
             self._latency.observe((time.perf_counter() - started) * 1000.0,
                                   tags={"transport": transport, "policy": policy})
 
-    async def steps_of(self, stream: LoopStream) -> AsyncIterator[Any]:
+    async def steps_of(self, stream: LoopStream, policy: str) -> AsyncIterator[Any]:
+        """The stream's steps, counted by source and (validated) policy; the first one also
+        records time to first step."""
+        started, first = time.perf_counter(), True
         try:
             async for step in stream:
-                self._steps.inc(tags={"source": step.source})
+                if first:
+                    self._first_step.observe((time.perf_counter() - started) * 1000.0, tags={"policy": policy})
+                    first = False
+                self._steps.inc(tags={"source": step.source, "policy": policy})
                 yield step
         finally:
             await stream.aclose()
@@ -85,7 +95,7 @@ class Coordinator:
         try:
             prepared, stream = self.open_stream(fields_from_proto(request))
             policy = prepared.policy
-            async for _ in self.steps_of(stream):
+            async for _ in self.steps_of(stream, policy):
                 pass
             response = convert.result_proto(stream.result, prepared)
         except Exception as exc:  # noqa: BLE001 (every failure maps to a status)
@@ -105,7 +115,7 @@ class Coordinator:
         try:
             prepared, stream = self.open_stream(fields_from_proto(request))
             policy = prepared.policy
-            async for step in self.steps_of(stream):
+            async for step in self.steps_of(stream, policy):
                 yield pb.GenerateStreamResponse(step=convert.step_proto(step))
             summary = convert.result_proto(stream.result, prepared)
         except Exception as exc:  # noqa: BLE001 (every failure maps to a status)

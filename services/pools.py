@@ -29,6 +29,7 @@ from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from arbitrage_common.interfaces import Generation, GenerationOptions, ScoreItem
+from arbitrage_common.presets import check_pool_model
 
 _BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
 _MS_BOUNDARIES = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
@@ -64,6 +65,7 @@ class _Pool:
     kind = "pool"
 
     def __init__(self, role: str, model: dict[str, Any]) -> None:
+        check_pool_model(role, model)  # on this replica's node: clear error naming pool and path, before loading
         self.role = role
         self.model_path = model["path"]
         self.backend_name = model.get("backend", "transformers")

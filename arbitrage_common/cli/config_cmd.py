@@ -135,17 +135,13 @@ def check_file(file: str | Path, paths: bool = False) -> dict:
             "warnings": [str(p) for p in warnings], "pools": pools}
 
 
-def _gpus_per_replica(spec) -> float:
-    if spec.placement_group_bundles:
-        return float(sum(b.get("GPU", 0) for b in spec.placement_group_bundles))
-    return float(spec.ray_actor_options.num_gpus or 0)
-
-
 def _pool_summary(cfg) -> dict[str, dict]:
+    from ..kuberay.sizing import gpus_per_replica
+
     out = {}
     for role, spec in cfg.pools.configured():
         engine = spec.model.engine
-        out[role] = {"path": spec.model.path, "backend": spec.model.backend, "gpus_per_replica": _gpus_per_replica(spec),
+        out[role] = {"path": spec.model.path, "backend": spec.model.backend, "gpus_per_replica": gpus_per_replica(spec),
                      "tensor_parallel_size": engine.tensor_parallel_size if engine else 1}
     return out
 

@@ -6,6 +6,7 @@ import sys
 
 from .config_cmd import add_config_parser
 from .engine_cmd import add_bench_parser, add_router_parser
+from .k8s_cmd import add_k8s_parser
 from .models_cmd import add_models_parser, add_train_parser
 from .serve_cmd import add_serve_parsers
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_serve_parsers(sub)
     add_config_parser(sub)
+    add_k8s_parser(sub)
     return parser
 
 

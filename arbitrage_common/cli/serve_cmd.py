@@ -12,7 +12,7 @@ import time
 
 from .argtypes import positive_float, positive_int
 
-DEFAULT_ENDPOINT = "127.0.0.1:9000"
+DEFAULT_ENDPOINT = "127.0.0.1:9000"  # arbitrage_common.client.DEFAULT_ENDPOINT (not imported: keeps --help light)
 
 
 def add_serve_parsers(sub) -> None:
@@ -136,24 +136,17 @@ def _bench(args) -> int:
 
 # -- generate -------------------------------------------------------------------------------
 def _request(args):
-    from protos.arbitrage.v1 import arbitrage_pb2 as pb
+    from ..client import build_request
 
-    req = pb.GenerateRequest(prompt=args.prompt, policy=args.policy or "")
-    for name, value in (("threshold", args.threshold), ("max_steps", args.max_steps),
-                        ("max_new_tokens", args.max_new_tokens), ("timeout_s", args.timeout)):
-        if value is not None:
-            setattr(req, name, value)
-    if args.temperature is not None:
-        req.sampling.temperature = args.temperature
-    if args.seed is not None:
-        req.sampling.seed = args.seed
-    return req
+    return build_request(args.prompt, args.policy, temperature=args.temperature, seed=args.seed,
+                         threshold=args.threshold, max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
+                         timeout_s=args.timeout)
 
 
 def _step_line(step) -> str:
-    from protos.arbitrage.v1 import arbitrage_pb2 as pb
+    from ..client import source_name
 
-    source = "target" if step.source == pb.SOURCE_TARGET else "draft"
+    source = source_name(step)
     mark = " (draft replaced)" if step.draft_discarded else ""
     score = f" score={step.score:.3f}" if step.HasField("score") else ""
     return f"[{step.index}] {source:<6}{score}{mark}\n    " + step.text.replace("\n", "\n    ")
@@ -167,32 +160,24 @@ def _summary_line(r) -> str:
 
 
 def _generate(args) -> int:
-    import grpc
-    from google.protobuf import json_format
+    from ..client import Client, ServiceError, to_dict
 
-    from protos.arbitrage.v1 import arbitrage_pb2_grpc as pbg
-
-    metadata = (("application", args.app),) if args.app else None
-    with grpc.insecure_channel(args.endpoint) as channel:
-        stub = pbg.ArbitrageServiceStub(channel)
+    with Client(args.endpoint, args.app) as client:
         try:
             if args.stream:
-                for message in stub.GenerateStream(_request(args), metadata=metadata):
+                for message in client.stream(_request(args)):
                     if message.WhichOneof("event") == "step":
                         print(_step_line(message.step), flush=True)
                     else:
-                        print(json.dumps(json_format.MessageToDict(message.summary, preserving_proto_field_name=True,
-                                                                     always_print_fields_with_no_presence=True))
-                              if args.json else _summary_line(message.summary))
+                        print(json.dumps(to_dict(message.summary)) if args.json else _summary_line(message.summary))
             else:
-                reply = stub.Generate(_request(args), metadata=metadata)
+                reply = client.generate(_request(args))
                 if args.json:
-                    print(json.dumps(json_format.MessageToDict(reply, preserving_proto_field_name=True,
-                                                                 always_print_fields_with_no_presence=True), indent=2))
+                    print(json.dumps(to_dict(reply), indent=2))
                 else:
                     print(reply.text)
                     print(_summary_line(reply))
-        except grpc.RpcError as exc:
-            print(f"arbitrage: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        except ServiceError as exc:
+            print(f"arbitrage: error: {exc.code}: {exc.details}", file=sys.stderr)
             return 1
     return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..accounting import LoopResult
+from ..client import Client, ServiceError, build_request
 from ..datasets import DATASETS, BenchProblem, DatasetUnavailable, extract_answer, grade_answer, load_benchmark
 from ..datasets.loaders import DATA_DIR_ENV
 from ..interfaces import GenerationOptions
@@ -194,15 +195,13 @@ def _curves(points: Sequence[SweepPoint]) -> list[dict]:
 
 
 # -- against a running service ---------------------------------------------------------------
-def remote_point(call: Callable, pb, policy: str, threshold: float | None, problems: Sequence[BenchProblem],
+def remote_point(call: Callable, policy: str, threshold: float | None, problems: Sequence[BenchProblem],
                  tag: str) -> tuple[SweepPoint, list[dict]]:
     """One point over ``call(GenerateRequest) -> GenerateResponse``; server limits and template apply."""
     correct, texts, seconds = [], [], 0.0
     kept = drafted = target_steps = steps = 0
     for i, p in enumerate(problems):
-        request = pb.GenerateRequest(prompt=p.problem, policy=policy, request_id=f"{tag}-{policy}-{threshold}-{i}")
-        if threshold is not None:
-            request.threshold = threshold
+        request = build_request(p.problem, policy, request_id=f"{tag}-{policy}-{threshold}-{i}", threshold=threshold)
         t0 = time.perf_counter()
         try:
             reply = call(request)
@@ -223,28 +222,20 @@ def remote_point(call: Callable, pb, policy: str, threshold: float | None, probl
 def run_remote_dataset_bench(endpoint: str, problems: Sequence[BenchProblem], out_dir: str | Path, *, dataset: str,
                              source: str, app: str | None = None, grid: dict | None = None,
                              show_progress: bool = True) -> dict:
-    import grpc
-
-    from protos.arbitrage.v1 import arbitrage_pb2 as pb
-    from protos.arbitrage.v1 import arbitrage_pb2_grpc as pbg
-
     grade_answer("\\boxed{1}", "1")
     grid = grid or DEFAULT_GRID
-    metadata = (("application", app),) if app else None
     points, answers = [], []
-    with grpc.insecure_channel(endpoint) as channel:
-        stub = pbg.ArbitrageServiceStub(channel)
+    with Client(endpoint, app) as client:
 
         def call(request):
             try:
-                return stub.Generate(request, metadata=metadata)
-            except grpc.RpcError as exc:  # name the problem: one bad request stops the sweep
-                raise RuntimeError(f"{endpoint}: request {request.request_id}: {exc.code().name}: "
-                                   f"{exc.details()}") from exc
+                return client.generate(request)
+            except ServiceError as exc:  # name the problem: one bad request stops the sweep
+                raise RuntimeError(f"request {request.request_id}: {exc}") from exc
 
         jobs = [(policy, t) for policy, ts in grid.items() for t in ts]
         for policy, t in tqdm(jobs, desc=f"sweep {dataset}", unit="point", disable=not show_progress):
-            point, records = remote_point(call, pb, policy, t, problems, f"bench-{dataset}")
+            point, records = remote_point(call, policy, t, problems, f"bench-{dataset}")
             points.append(point)
             answers += records
     result = {"dataset": dataset, "source": source, "endpoint": endpoint, "n": len(problems), "graded": len(answers),

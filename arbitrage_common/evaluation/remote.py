@@ -8,19 +8,19 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from ..client import Client, build_request
 from ..synthetic import Problem, generate_problems, grade_answer
 from .sweep import DEFAULT_GRID, MAX_STEPS, SweepPoint, curve_dominance, matched_comparison
 
 
-def _point(stub, pb, policy: str, threshold: float | None, problems: Sequence[Problem], metadata) -> SweepPoint:
+def _point(client: Client, policy: str, threshold: float | None, problems: Sequence[Problem]) -> SweepPoint:
     correct = kept = drafted = target_steps = steps = 0
     seconds = 0.0
     for i, p in enumerate(problems):
-        request = pb.GenerateRequest(prompt=p.prompt, policy=policy, max_steps=MAX_STEPS, request_id=f"bench-{policy}-{i}")
-        if threshold is not None:
-            request.threshold = threshold
+        request = build_request(p.prompt, policy, max_steps=MAX_STEPS, request_id=f"bench-{policy}-{i}",
+                                threshold=threshold)
         t0 = time.perf_counter()
-        reply = stub.Generate(request, metadata=metadata)
+        reply = client.generate(request)
         seconds += time.perf_counter() - t0
         correct += grade_answer(p, reply.text)
         kept += reply.usage.draft_tokens_kept
@@ -33,19 +33,13 @@ def _point(stub, pb, policy: str, threshold: float | None, problems: Sequence[Pr
 
 def run_remote_bench(endpoint: str, n: int, seed: int, app: str | None = None, grid: dict | None = None,
                      show_progress: bool = True) -> dict:
-    import grpc
     from tqdm import tqdm
-
-    from protos.arbitrage.v1 import arbitrage_pb2 as pb
-    from protos.arbitrage.v1 import arbitrage_pb2_grpc as pbg
 
     grid = grid or DEFAULT_GRID
     problems = generate_problems(n, seed)
-    metadata = (("application", app),) if app else None
     jobs = [(policy, t) for policy, ts in grid.items() for t in ts]
-    with grpc.insecure_channel(endpoint) as channel:
-        stub = pbg.ArbitrageServiceStub(channel)
-        points = [_point(stub, pb, policy, t, problems, metadata)
+    with Client(endpoint, app) as client:
+        points = [_point(client, policy, t, problems)
                   for policy, t in tqdm(jobs, desc="sweep", unit="point", disable=not show_progress)]
     return {"n": n, "seed": seed, "endpoint": endpoint, "points": [p.as_dict() for p in points],
             "matched": matched_comparison(points),

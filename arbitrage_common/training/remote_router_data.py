@@ -45,20 +45,15 @@ def collect_remote_rows(endpoint: str, problems: Sequence[str], app: str | None 
                         progress: Callable[[int], None] | None = None) -> list[dict]:
     """Runs ``oracle(0)`` on each problem over gRPC, one at a time; any failed request fails the
     whole collection (a dataset with silent holes would bias the router)."""
-    import grpc
+    from ..client import Client, build_request, source_name
 
-    from protos.arbitrage.v1 import arbitrage_pb2 as pb
-    from protos.arbitrage.v1 import arbitrage_pb2_grpc as pbg
-    source = {pb.SOURCE_DRAFT: "draft", pb.SOURCE_TARGET: "target"}
-    metadata = (("application", app),) if app else None
     rows: list[dict] = []
-    with grpc.insecure_channel(endpoint) as channel:
-        stub = pbg.ArbitrageServiceStub(channel)
+    with Client(endpoint, app) as client:
         for i, problem in enumerate(problems):
-            request = pb.GenerateRequest(prompt=problem, policy="oracle", threshold=0.0, max_steps=max_steps,
-                                         request_id=f"router-data-{i}")
-            reply = stub.Generate(request, metadata=metadata, timeout=timeout_s)
-            steps = [OracleStep(s.text, source[s.source], s.score if s.HasField("score") else None,
+            request = build_request(problem, "oracle", threshold=0.0, max_steps=max_steps,
+                                    request_id=f"router-data-{i}")
+            reply = client.generate(request, timeout=timeout_s)
+            steps = [OracleStep(s.text, source_name(s), s.score if s.HasField("score") else None,
                                 s.discarded_draft_text if s.HasField("discarded_draft_text") else None)
                      for s in reply.steps]
             rows += rows_from_oracle(i, problem, steps, label_margin)

@@ -100,8 +100,6 @@ def test_problems_longer_than_the_context_are_skipped_and_named(tmp_path):
 
 
 def test_remote_points_send_the_problem_and_grade_the_reply():
-    from protos.arbitrage.v1 import arbitrage_pb2 as pb
-
     problems = load_benchmark("math500", FIXTURES / "math500.jsonl", limit=2)
     sent = []
 
@@ -112,12 +110,12 @@ def test_remote_points_send_the_problem_and_grade_the_reply():
         usage = SimpleNamespace(draft_tokens_kept=3, draft_tokens_discarded=1, target_steps=1)
         return SimpleNamespace(text=text, usage=usage, steps=[1, 2])
 
-    point, records = db.remote_point(call, pb, "rsd", 0.7, problems, "t")
+    point, records = db.remote_point(call, "rsd", 0.7, problems, "t")
     assert [r.prompt for r in sent] == [p.problem for p in problems]
     assert all(r.policy == "rsd" and r.HasField("threshold") and r.threshold == 0.7 for r in sent)
     assert point.accuracy == 0.5 and point.acceptance_rate == 0.75 and point.target_step_fraction == 0.5
     assert [r["correct"] for r in records] == [True, False]
-    _, _ = db.remote_point(call, pb, "draft", None, problems, "t")
+    _, _ = db.remote_point(call, "draft", None, problems, "t")
     assert not sent[-1].HasField("threshold")
 
 

@@ -1,0 +1,61 @@
+"""`arbitrage k8s render`: the KubeRay manifests (RayService, kustomize base and overlays)
+from the configs; `--check` fails when the files on disk differ from the rendering."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_k8s_parser(sub) -> None:
+    k8s = sub.add_parser("k8s", help="KubeRay manifests rendered from the configs (docs/KUBERAY.md)")
+    k8s_sub = k8s.add_subparsers(dest="k8s_cmd", required=True)
+    render = k8s_sub.add_parser("render", help="write k8s/base/<name> and k8s/overlays/<name>[-ha] for cpu-demo "
+                                               "and every preset (or the ones named)")
+    render.add_argument("--preset", action="append", default=[], metavar="NAME",
+                        help="render only this target: cpu-demo or a preset name (repeatable; default: all)")
+    render.add_argument("--config", help="render this AppConfig file instead (its overlay name: --name)")
+    render.add_argument("--name", help="with --config: the base/overlay directory name (default: the file's stem)")
+    render.add_argument("--out", help="the k8s/ directory to write into (default: the project's k8s/)")
+    render.add_argument("--check", action="store_true", help="write nothing; exit 1 when a rendered file is "
+                                                             "missing or differs on disk")
+    render.set_defaults(func=_render)
+
+
+def _render(args) -> int:
+    from ..config import load_config
+    from ..kuberay.targets import default_out, drift, render_targets, target_config, target_names, write_files
+
+    if args.config:
+        if args.preset:
+            raise ValueError("--config and --preset: name one kind of target")
+        configs = {args.name or Path(args.config).stem: load_config(args.config)}
+    else:
+        configs = {name: target_config(name) for name in (args.preset or target_names())}
+    files = render_targets(configs)  # every error surfaces here, before a file is written
+    out = Path(args.out) if args.out else default_out()
+    if args.check:
+        stale = drift(files, out)
+        for rel in stale:
+            print(f"k8s render --check: {out / rel} differs from the rendering", file=sys.stderr)
+        if stale:
+            print("k8s render --check: run `make k8s` and commit the result", file=sys.stderr)
+            return 1
+        print(f"k8s render --check: {len(files)} file(s) match the configs")
+        return 0
+    for path in write_files(files, out):
+        print(path)
+    _print_sizes(configs)
+    return 0
+
+
+def _print_sizes(configs) -> None:
+    """Each target's worker groups: Pod shape and Pod counts (what a platform team budgets)."""
+    from ..kuberay.sizing import group_sizes
+
+    for name, cfg in configs.items():
+        sizes = group_sizes(cfg)
+        gpus = (sum(g.gpus * g.min_pods for g in sizes), sum(g.gpus * g.max_pods for g in sizes))
+        print(f"{name}: GPUs {gpus[0]} at min, {gpus[1]} at max")
+        for g in sizes:
+            print(f"  {g.name:<12} Pods {g.min_pods}-{g.max_pods} (deploy {g.initial_pods}), each {g.cpus} CPU "
+                  f"{g.gpus} GPU: {', '.join(g.deployments)}")

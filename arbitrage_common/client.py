@@ -1,0 +1,127 @@
+"""The one gRPC client of the service: channel, stub, metadata, request building, error mapping.
+
+The CLI, the benches, router-data collection and ``loadtests/`` all call the service through
+this module; none of them imports ``services``. grpc and the generated protos are imported
+lazily, so ``arbitrage_common`` stays importable without them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Self
+
+DEFAULT_ENDPOINT = "127.0.0.1:9000"
+RETRIABLE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
+_OPTIONAL_FIELDS = ("threshold", "max_steps", "max_new_tokens", "timeout_s", "request_id")
+
+
+class ServiceError(RuntimeError):
+    """A call that ended with a non-OK gRPC status: ``code`` is the status name."""
+
+    def __init__(self, endpoint: str, code: str, details: str):
+        self.code, self.details = code, details
+        super().__init__(f"{endpoint}: {code}: {details}")
+
+    @property
+    def retriable(self) -> bool:
+        return self.code in RETRIABLE
+
+
+def metadata_for(app: str | None, extra: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str], ...] | None:
+    """gRPC metadata: the Serve application name when several apps share a cluster."""
+    pairs = ((("application", app),) if app else ()) + tuple(extra)
+    return pairs or None
+
+
+def build_request(prompt: str, policy: str | None = None, temperature: float | None = None,
+                  seed: int | None = None, **fields: Any):
+    """A ``GenerateRequest``; fields left None keep the server's defaults."""
+    from protos.arbitrage.v1 import arbitrage_pb2 as pb
+
+    unknown = set(fields) - set(_OPTIONAL_FIELDS)
+    if unknown:
+        raise TypeError(f"build_request: unknown field(s) {sorted(unknown)}")
+    req = pb.GenerateRequest(prompt=prompt, policy=policy or "")
+    for name, value in fields.items():
+        if value is not None:
+            setattr(req, name, value)
+    if temperature is not None:
+        req.sampling.temperature = temperature
+    if seed is not None:
+        req.sampling.seed = seed
+    return req
+
+
+def source_name(step) -> str:
+    from protos.arbitrage.v1 import arbitrage_pb2 as pb
+
+    return "target" if step.source == pb.SOURCE_TARGET else "draft"
+
+
+def to_dict(message) -> dict:
+    """A reply (or stream event) as JSON-ready dict, field names as in the proto."""
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+
+
+@dataclass
+class Client:
+    """A channel to one endpoint. Use as a context manager (closes the channel)."""
+
+    endpoint: str = DEFAULT_ENDPOINT
+    app: str | None = None
+    channel: Any = None
+
+    def __post_init__(self) -> None:
+        import grpc
+
+        from protos.arbitrage.v1 import arbitrage_pb2_grpc as pbg
+
+        if self.channel is None:
+            self.channel = grpc.insecure_channel(self.endpoint)
+        self.stub = pbg.ArbitrageServiceStub(self.channel)
+        self.metadata = metadata_for(self.app)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _error(self, exc) -> ServiceError:
+        return ServiceError(self.endpoint, exc.code().name, exc.details() or "")
+
+    def generate(self, request, timeout: float | None = None):
+        """``Generate``; a non-OK status raises ``ServiceError``."""
+        import grpc
+
+        try:
+            return self.stub.Generate(request, metadata=self.metadata, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+
+    def stream(self, request, timeout: float | None = None) -> Iterator[Any]:
+        """``GenerateStream`` events (steps, then the summary); a non-OK status raises ``ServiceError``."""
+        import grpc
+
+        try:
+            yield from self.stub.GenerateStream(request, metadata=self.metadata, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+
+    def healthy(self, timeout: float = 5.0) -> bool:
+        """``grpc.health.v1`` Check says SERVING within ``timeout``."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            reply = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(),
+                                                                   metadata=self.metadata, timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING

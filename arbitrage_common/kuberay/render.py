@@ -1,0 +1,199 @@
+"""AppConfig -> the KubeRay RayService and its kustomize base and overlay.
+
+``cluster_app_config`` is the one transform from a config to what runs on the cluster: every
+deployment pinned to its worker group by a Ray node label, HTTP on 0.0.0.0, ``base_dir`` as
+the cluster sees it, and model paths checked on the replicas' nodes (the head Pod holds no
+weights). The RayService's ``serveConfigV2`` is ``render_serve_config`` of that config,
+unchanged. Pure logic: yaml and pydantic only.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from ..config import AppConfig, render_serve_config
+from .sizing import GroupSize, group_sizes
+from .spec import GROUP_LABEL, GROUP_OF
+
+RAY_IMAGE_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
+SERVE_PORT_NAMES = ("serve", "serve-grpc")  # KubeRay 1.6+ puts every serve / serve-* port on the serve Service
+METRICS_PORT = 8080
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+APP_LABEL = "app.kubernetes.io/name"
+AUTOSCALER_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
+
+
+def _pin(spec, group: str) -> dict[str, Any]:
+    """The fields that pin one deployment spec to its group (bundled pools pin every bundle)."""
+    selector = {GROUP_LABEL: group}
+    if getattr(spec, "placement_group_bundles", None):
+        return {"placement_group_bundle_label_selector": [selector]}
+    return {"ray_actor_options": {**spec.ray_actor_options.model_dump(mode="json"), "label_selector": selector}}
+
+
+def cluster_app_config(cfg: AppConfig) -> AppConfig:
+    """``cfg`` as it is served on its KubeRay cluster (see the module docstring)."""
+    data = cfg.model_dump(mode="json")
+    for role, spec in cfg.pools.configured():
+        data["pools"][role].update(_pin(spec, GROUP_OF[role]))
+    data["coordinator"].update(_pin(cfg.coordinator, GROUP_OF["coordinator"]))
+    data["http"]["host"] = "0.0.0.0"
+    data["model_path_check"] = "replicas"
+    if cfg.cluster.base_dir is not None:
+        data["base_dir"] = cfg.cluster.base_dir
+    return AppConfig.model_validate(data)
+
+
+class _ManifestDumper(yaml.SafeDumper):
+    """Multi-line strings (``serveConfigV2``) as literal blocks, so a manifest reads as YAML."""
+
+
+_ManifestDumper.add_representer(
+    str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+
+
+def dump_yaml(obj: Any) -> str:
+    return yaml.dump(obj, Dumper=_ManifestDumper, sort_keys=False, default_flow_style=False, width=10**6)
+
+
+def serve_config_v2(cfg: AppConfig) -> str:
+    """The ``serveConfigV2`` string: the Serve YAML of ``cluster_app_config(cfg)``."""
+    return yaml.safe_dump(render_serve_config(cluster_app_config(cfg)), sort_keys=False, default_flow_style=False,
+                          width=10**6)
+
+
+def pinned_ray_version() -> str:
+    """The ray version this package pins (its ``ray[serve]==X`` requirement)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        reqs = requires("arbitrage-serve") or []
+    except PackageNotFoundError:  # running from a tree that is not installed
+        reqs = []
+    for req in reqs:
+        name, _, version = req.partition("==")
+        if name.split("[")[0].strip() == "ray" and version:
+            return version.split(";")[0].strip()
+    raise RuntimeError("arbitrage-serve is not installed with a pinned ray[serve]==X requirement")
+
+
+def _resources(cpus: int, memory: str, gpus: int) -> dict[str, Any]:
+    amounts = {"cpu": str(cpus), "memory": memory}
+    limits = {**amounts, **({GPU_RESOURCE: str(gpus)} if gpus else {})}
+    return {"requests": dict(amounts), "limits": limits}
+
+
+def _container(name: str, image: str, resources: dict, ports: dict[str, int]) -> dict[str, Any]:
+    return {"name": name, "image": image, "imagePullPolicy": "IfNotPresent", "resources": resources,
+            "ports": [{"name": n, "containerPort": p} for n, p in ports.items()]}
+
+
+def _serve_ports(cfg: AppConfig) -> dict[str, int]:
+    return {"serve": cfg.http.port, "serve-grpc": cfg.grpc.port, "metrics": METRICS_PORT}
+
+
+def _head(cfg: AppConfig) -> dict[str, Any]:
+    head = cfg.cluster.head
+    ports = {**RAY_IMAGE_PORTS, **_serve_ports(cfg)}
+    return {
+        # No CPUs and no GPUs for Ray's scheduler: no replica ever lands on the head.
+        "rayStartParams": {"num-cpus": "0", "num-gpus": "0", "dashboard-host": "0.0.0.0",
+                           "metrics-export-port": str(METRICS_PORT)},
+        "template": {"metadata": {"labels": {APP_LABEL: "arbitrage-serve"}},
+                     "spec": {"containers": [_container("ray-head", cfg.cluster.image,
+                                                        _resources(head.cpus, head.memory, 0), ports)]}},
+    }
+
+
+def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
+    shape = cfg.cluster.group(size.name)
+    pod_spec: dict[str, Any] = {"containers": [_container("ray-worker", cfg.cluster.image,
+                                                          _resources(size.cpus, shape.memory, size.gpus),
+                                                          _serve_ports(cfg))]}
+    if size.gpus:
+        pod_spec["tolerations"] = [dict(GPU_TOLERATION)]
+    group: dict[str, Any] = {
+        "groupName": size.name,
+        "replicas": size.initial_pods,
+        "minReplicas": size.min_pods,
+        "maxReplicas": size.max_pods,
+        # Ray node labels (KubeRay 1.5+): the deployments of this group select them.
+        "labels": {GROUP_LABEL: size.name},
+        "rayStartParams": {"metrics-export-port": str(METRICS_PORT)},
+        "template": {"metadata": {"labels": {APP_LABEL: "arbitrage-serve", GROUP_LABEL: size.name}},
+                     "spec": pod_spec},
+    }
+    if shape.idle_timeout_s is not None:
+        group["idleTimeoutSeconds"] = shape.idle_timeout_s
+    return group
+
+
+def render_rayservice(cfg: AppConfig) -> dict[str, Any]:
+    """The RayService manifest of ``cfg`` as a dict (``yaml.safe_dump`` it)."""
+    sizes = group_sizes(cfg)
+    cluster = cfg.cluster
+    metadata: dict[str, Any] = {"name": cfg.name, "labels": {APP_LABEL: "arbitrage-serve",
+                                                             "app.kubernetes.io/instance": cfg.name}}
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": metadata,
+        "spec": {
+            # A rayClusterConfig change (image, groups) starts a new cluster beside the old one and
+            # switches traffic once its app is ready; a serveConfigV2-only change updates in place.
+            "upgradeStrategy": {"type": "NewCluster"},
+            "serveConfigV2": serve_config_v2(cfg),
+            "rayClusterConfig": {
+                "rayVersion": pinned_ray_version(),
+                "enableInTreeAutoscaling": True,
+                "autoscalerOptions": {"version": "v2", "upscalingMode": cluster.upscaling_mode,
+                                      "idleTimeoutSeconds": cluster.idle_timeout_s,
+                                      "resources": {"requests": dict(AUTOSCALER_RESOURCES),
+                                                    "limits": dict(AUTOSCALER_RESOURCES)}},
+                "headGroupSpec": _head(cfg),
+                "workerGroupSpecs": [_worker(cfg, s) for s in sizes],
+            },
+        },
+    }
+
+
+def _overlay_patch(cfg: AppConfig) -> list[dict[str, Any]]:
+    """JSON 6902 ops that add each group's nodeSelector and tolerations (the overlay knobs)."""
+    ops = []
+    for i, size in enumerate(group_sizes(cfg)):
+        shape = cfg.cluster.group(size.name)
+        base = f"/spec/rayClusterConfig/workerGroupSpecs/{i}/template/spec"
+        if shape.node_selector:
+            ops.append({"op": "add", "path": f"{base}/nodeSelector", "value": dict(shape.node_selector)})
+        if shape.tolerations:
+            existing = [dict(GPU_TOLERATION)] if size.gpus else []
+            ops.append({"op": "add", "path": f"{base}/tolerations", "value": existing + list(shape.tolerations)})
+    return ops
+
+
+def render_kustomize(cfg: AppConfig, overlay: str) -> dict[str, str]:
+    """Files (path relative to k8s/ -> text) of this config's base and its overlay ``overlay``."""
+    header = (f"# Rendered by `arbitrage k8s render` from the AppConfig of {overlay!r}; do not edit by hand\n"
+              f"# (edit the config, then `make k8s`).\n")
+    dump = lambda obj: header + dump_yaml(obj)
+    base = f"base/{overlay}"
+    files = {f"{base}/rayservice.yaml": dump(render_rayservice(cfg)),
+             f"{base}/kustomization.yaml": dump({"apiVersion": "kustomize.config.k8s.io/v1beta1",
+                                                 "kind": "Kustomization", "resources": ["rayservice.yaml"]})}
+    kustomization: dict[str, Any] = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                                     "resources": [f"../../{base}"]}
+    if cfg.cluster.namespace:
+        kustomization["namespace"] = cfg.cluster.namespace
+    ops = _overlay_patch(cfg)
+    if ops:
+        files[f"overlays/{overlay}/scheduling.yaml"] = dump(ops)
+        kustomization["patches"] = [{"path": "scheduling.yaml",
+                                     "target": {"group": "ray.io", "version": "v1", "kind": "RayService",
+                                                "name": cfg.name}}]
+    files[f"overlays/{overlay}/kustomization.yaml"] = dump(kustomization)
+    ha = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+          "resources": [f"../{overlay}"], "components": ["../../components/ha"]}
+    files[f"overlays/{overlay}-ha/kustomization.yaml"] = dump(ha)
+    return files

@@ -1,0 +1,68 @@
+"""Which configs have manifests under k8s/, and writing them without partial results."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..config import AppConfig, load_config
+from ..paths import configs_dir, project_home
+from ..presets import list_presets, preset_path
+from .render import render_kustomize
+
+CPU_DEMO = "cpu-demo"  # configs/cpu-demo.yaml: the embedded default on a CPU-only cluster
+
+
+def target_names() -> list[str]:
+    """cpu-demo, then every preset."""
+    return [CPU_DEMO] + [p.stem for p in list_presets()]
+
+
+def target_config(name: str) -> AppConfig:
+    """The AppConfig of one target; ValueError names the unknown one and lists the known."""
+    if name == CPU_DEMO:
+        return load_config(configs_dir() / f"{CPU_DEMO}.yaml")
+    try:
+        return load_config(preset_path(name))
+    except ValueError:
+        raise ValueError(f"--preset: unknown preset {name!r} (known: {', '.join(target_names())})") from None
+
+
+def render_targets(configs: dict[str, AppConfig]) -> dict[str, str]:
+    """Every file of every target (relative to k8s/). Raises before anything is written."""
+    files: dict[str, str] = {}
+    for name, cfg in configs.items():
+        try:
+            files.update(render_kustomize(cfg, name))
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    return files
+
+
+def default_out() -> Path:
+    return project_home() / "k8s"
+
+
+def write_files(files: dict[str, str], out: Path) -> list[Path]:
+    """Write every file atomically (a temp file then a rename each); rendering is already done,
+    so a bad config never leaves a partial set behind."""
+    written = []
+    for rel, text in sorted(files.items()):
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        written.append(path)
+    return written
+
+
+def drift(files: dict[str, str], out: Path) -> list[str]:
+    """Rendered files that are missing or differ on disk (relative paths)."""
+    return [rel for rel, text in sorted(files.items())
+            if not (out / rel).is_file() or (out / rel).read_text() != text]

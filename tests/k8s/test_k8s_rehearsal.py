@@ -1,0 +1,160 @@
+"""The rendered cpu-demo RayService, run: a real local multi-node Ray cluster shaped like its
+worker groups, its own serveConfigV2 deployed through the dashboard's Serve REST API (as KubeRay
+does), then placement, gRPC, HTTP, metrics and a pool scaled up into its own group only."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from rehearsal import LocalRayCluster, start_cluster, worker_groups
+
+from arbitrage_common.kuberay.spec import GROUP_LABEL, GROUP_OF
+
+ROOT = Path(__file__).resolve().parents[2]
+MANIFEST = ROOT / "k8s" / "base" / "cpu-demo" / "rayservice.yaml"
+PROMPT = "Start with 42. Add 17. Subtract 25. Multiply by 2."
+
+
+@pytest.fixture(scope="module")
+def rayservice() -> dict:
+    return yaml.safe_load(MANIFEST.read_text())
+
+
+@pytest.fixture(scope="module")
+def serve_config(rayservice) -> dict:
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+@pytest.fixture(scope="module")
+def cluster(rayservice, serve_config, tmp_path_factory):
+    # What the image sets (k8s/Dockerfile): the bundled models under $ARBITRAGE_HOME. Ray's
+    # processes run outside the checkout, so the app imports the installed package.
+    env = {"ARBITRAGE_HOME": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    c = start_cluster(rayservice, env, tmp_path_factory.mktemp("ray-cwd"))
+    try:
+        c.deploy(rayservice["spec"]["serveConfigV2"])
+        c.wait_running(serve_config["applications"][0]["name"])
+        yield c
+    finally:
+        c.stop()
+
+
+def _app(serve_config) -> str:
+    return serve_config["applications"][0]["name"]
+
+
+def _group_of(replica: dict) -> str | None:
+    return replica["labels"].get(GROUP_LABEL)
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def test_manifest_has_a_worker_group_per_pool_and_a_cpu_free_head(rayservice):
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
+    assert (head["num-cpus"], head["num-gpus"]) == ("0", "0")
+    assert [g.name for g in worker_groups(rayservice)] == ["draft", "target", "scorers", "coordinator"]
+
+
+def test_every_replica_runs_in_its_own_group_only(cluster, serve_config):
+    replicas = cluster.replicas(_app(serve_config))
+    running = [r for r in replicas if r["state"] == "ALIVE"]
+    assert {r["deployment"] for r in running} == {"draft", "target", "router", "prm", "coordinator"}
+    misplaced = [(r["deployment"], _group_of(r)) for r in running if _group_of(r) != GROUP_OF[r["deployment"]]]
+    assert not misplaced, misplaced
+    assert not [r for r in running if r["head"]], "a replica landed on the head (num-cpus 0)"
+
+
+def test_grpc_and_http_answer_through_the_cluster(cluster, serve_config):
+    import grpc
+
+    from protos.arbitrage.v1 import arbitrage_pb2 as pb
+    from protos.arbitrage.v1 import arbitrage_pb2_grpc as pbg
+
+    grpc_port, http_port = serve_config["grpc_options"]["port"], serve_config["http_options"]["port"]
+    app = _app(serve_config)
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        reply = pbg.ArbitrageServiceStub(channel).Generate(
+            pb.GenerateRequest(prompt=PROMPT, policy="arbitrage", max_steps=6), metadata=(("application", app),),
+            timeout=120)
+    assert reply.steps and reply.finish_reason
+    body = json.dumps({"prompt": PROMPT, "policy": "arbitrage", "max_steps": 6}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/generate", data=body,
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        http_reply = json.loads(resp.read())
+    # Greedy and per-request: both transports give the same steps.
+    assert [s["text"] for s in http_reply["steps"]] == [s.text for s in reply.steps]
+
+
+def test_scaling_a_pool_lands_only_in_its_group(cluster: LocalRayCluster, rayservice, serve_config):
+    """Raise the target pool's min_replicas: the new replica waits for a target-group Pod even
+    though another group's Pod has a free CPU; once the autoscaler's Pod (started here) joins,
+    it runs there."""
+    app = _app(serve_config)
+    target_group = next(g for g in worker_groups(rayservice) if g.name == "target")
+    assert target_group.max_pods >= 2, "cpu-demo's target group must be able to grow for this test"
+    scaled = copy.deepcopy(serve_config)
+    pools = scaled["applications"][0]["args"]["pools"]
+    pools["target"]["autoscaling_config"]["min_replicas"] = 2
+    cluster.deploy(yaml.safe_dump(scaled, sort_keys=False))
+
+    def pending_target():
+        reps = [r for r in cluster.replicas(app) if r["deployment"] == "target"]
+        return len(reps) >= 2 and reps
+    reps = _wait_for(pending_target, 120, "a second target replica")
+    time.sleep(10)  # give the scheduler time to misplace it, if it could
+    reps = [r for r in cluster.replicas(app) if r["deployment"] == "target"]
+    placed = [r for r in reps if r["node_id"] and r["state"] == "ALIVE"]
+    assert all(_group_of(r) == "target" for r in placed), placed
+    assert len(placed) == 1, f"the second target replica must wait for a target Pod: {reps}"
+
+    cluster.add_pods([(target_group, 1)])  # what the Ray autoscaler asks KubeRay for
+    cluster.wait_running(app)
+    reps = _wait_for(lambda: [r for r in cluster.replicas(app) if r["deployment"] == "target"
+                              and r["state"] == "ALIVE"] if sum(r["deployment"] == "target" and r["state"] == "ALIVE"
+                                                                for r in cluster.replicas(app)) == 2 else None,
+                     180, "two running target replicas")
+    assert {_group_of(r) for r in reps} == {"target"}
+    assert len({r["node_id"] for r in reps}) == 2  # one replica per one-CPU Pod
+    others = [r for r in cluster.replicas(app) if r["state"] == "ALIVE" and r["deployment"] != "target"]
+    assert all(_group_of(r) == GROUP_OF[r["deployment"]] for r in others), others
+
+
+def test_dashboard_metrics_are_exported(cluster, serve_config):
+    """Every metric the Grafana dashboard queries is on the nodes' metrics ports (after the
+    requests above), except the vLLM engine's prefix-cache gauge, which a transformers pool
+    does not export: that one must be declared by the pools' source."""
+    from test_k8s_manifests import dashboard_metrics  # one parser of the dashboard's queries
+
+    wanted = dashboard_metrics()
+    vllm_only = {"ray_arbitrage_pool_prefix_cache_hit_rate"}
+
+    def exported():
+        text = cluster.metrics_text()
+        names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+        missing = {m for m in wanted - vllm_only if m not in names}
+        return None if missing else names
+    try:
+        _wait_for(exported, 90, "the dashboard's metrics on the nodes' metrics ports")
+    except AssertionError:
+        text = cluster.metrics_text()
+        names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+        raise AssertionError(f"not exported: {sorted(m for m in wanted - vllm_only if m not in names)}; "
+                             f"exported arbitrage/serve metrics: "
+                             f"{sorted(n for n in names if 'arbitrage' in n or 'serve' in n)}") from None
+    pools_source = (ROOT / "services" / "pools.py").read_text()
+    for name in vllm_only & wanted:
+        assert f'"{name.removeprefix("ray_")}"' in pools_source, name

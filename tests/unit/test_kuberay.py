@@ -1,0 +1,170 @@
+"""KubeRay rendering as pure logic: Pod packing, worker-group bounds, pinning, bad input."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from arbitrage_common import config as C
+from arbitrage_common.kuberay.render import cluster_app_config, render_rayservice
+from arbitrage_common.kuberay.sizing import Demand, SizingError, group_sizes, pods_needed
+from arbitrage_common.kuberay.spec import GROUP_LABEL
+from arbitrage_common.kuberay.targets import target_config
+from arbitrage_common.presets import ModelPathError, check_pool_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _d(gpus: float, cpus: float = 1.0) -> Demand:
+    return Demand("draft", cpus, gpus, "ray_actor_options.num_gpus")
+
+
+@pytest.mark.parametrize("demands,cpus,gpus,pods", [
+    ([_d(0.5)] * 3, 8, 1, 2),                 # two halves share a GPU
+    ([_d(0.75), _d(0.5)], 8, 1, 2),           # a fraction never spans two GPUs
+    ([_d(0.75), _d(0.5)], 8, 2, 1),
+    ([_d(0.25)] * 8, 8, 2, 1),
+    ([_d(2)] * 3, 8, 2, 3),                    # tensor parallel 2: one replica per 2-GPU Pod
+    ([_d(1)] * 4, 8, 2, 2),
+    ([_d(0, cpus=1)] * 5, 2, 0, 3),            # CPU-only: CPUs bound the Pod
+    ([_d(0, cpus=0)] * 5, 2, 0, 1),            # replicas that reserve nothing share one Pod
+    ([], 2, 1, 0),
+])
+def test_pods_needed_packs_like_ray_places(demands, cpus, gpus, pods):
+    assert pods_needed(demands, cpus, gpus) == pods
+
+
+def _pool(gpus: float | None = None, lo: int = 1, hi: int = 4, initial: int | None = None, **kw) -> C.PoolSpec:
+    return C.PoolSpec(model=C.ModelSpec(path="m"), ray_actor_options=C.ActorOptionsSpec(num_cpus=1, num_gpus=gpus),
+                      autoscaling_config=C.AutoscalingSpec(min_replicas=lo, max_replicas=hi,
+                                                           initial_replicas=initial), **kw)
+
+
+def _cfg(**cluster) -> C.AppConfig:
+    return C.AppConfig(pools=C.PoolsSpec(draft=_pool(0.5, 1, 4), target=_pool(1, 1, 8), router=_pool(0.25, 1, 4),
+                                         prm=_pool(0.25, 0, 2, initial=1)),
+                       coordinator=C.CoordinatorSpec(num_replicas=3, ray_actor_options=C.ActorOptionsSpec(num_cpus=1)),
+                       cluster=cluster)
+
+
+def test_group_bounds_follow_the_pools_autoscaling_and_gpus_per_replica():
+    sizes = {g.name: g for g in group_sizes(_cfg())}
+    assert (sizes["draft"].gpus, sizes["draft"].min_pods, sizes["draft"].max_pods) == (1, 1, 2)  # 2 halves a GPU
+    assert (sizes["target"].gpus, sizes["target"].min_pods, sizes["target"].max_pods) == (1, 1, 8)
+    # router (1..4) and PRM (0..2, 1 at deploy) at a quarter GPU each: min 1, initial 2, max 6 replicas
+    assert (sizes["scorers"].min_pods, sizes["scorers"].initial_pods, sizes["scorers"].max_pods) == (1, 1, 2)
+    assert sizes["scorers"].deployments == ("router", "prm")
+    assert (sizes["coordinator"].gpus, sizes["coordinator"].cpus) == (0, 2)
+    assert sizes["coordinator"].min_pods == sizes["coordinator"].max_pods == 2  # 3 fixed replicas, 2 CPUs a Pod
+
+
+def test_bigger_pods_mean_fewer_of_them():
+    sizes = {g.name: g for g in group_sizes(_cfg(target={"gpus": 4, "cpus": 8}))}
+    assert (sizes["target"].min_pods, sizes["target"].max_pods) == (1, 2)
+
+
+def test_a_replica_bigger_than_its_groups_pod_fails_naming_both_values():
+    with pytest.raises(SizingError) as exc:
+        group_sizes(_cfg(target={"gpus": 0}))
+    assert "pools.target" in str(exc.value) and "needs 1 GPU(s)" in str(exc.value)
+    assert "offers 0 GPU(s) per Pod (cluster.target.gpus)" in str(exc.value)
+    tp2 = target_config("qwen-math-1.5b-7b").model_dump(mode="json")
+    tp2["cluster"]["target"] = {"gpus": 1}
+    with pytest.raises(SizingError, match=r"pools.target: one replica needs 2 GPU\(s\) \(placement_group_bundles\), "
+                                          r"but worker group 'target' offers 1 GPU\(s\)"):
+        render_rayservice(C.AppConfig.model_validate(tp2))
+
+
+def test_cluster_config_pins_every_deployment_to_its_group():
+    cfg = cluster_app_config(target_config("qwen-math-1.5b-7b"))
+    assert cfg.pools.draft.ray_actor_options.label_selector == {GROUP_LABEL: "draft"}
+    assert cfg.pools.router.ray_actor_options.label_selector == {GROUP_LABEL: "scorers"}
+    assert cfg.pools.prm.ray_actor_options.label_selector == {GROUP_LABEL: "scorers"}
+    assert cfg.coordinator.ray_actor_options.label_selector == {GROUP_LABEL: "coordinator"}
+    # the tensor-parallel target has bundles: each bundle is pinned, not only the replica actor
+    assert cfg.pools.target.placement_group_bundle_label_selector == [{GROUP_LABEL: "target"}]
+    assert cfg.pools.target.deployment_options("target")["placement_group_bundle_label_selector"] == \
+        [{GROUP_LABEL: "target"}]
+    assert (cfg.http.host, cfg.model_path_check) == ("0.0.0.0", "replicas")
+
+
+def test_the_local_config_is_not_pinned():
+    # the same preset served on one machine (`arbitrage serve --config ...`) has no labels to match
+    assert not target_config("llama-1b-8b").pools.draft.ray_actor_options.label_selector
+    assert "label_selector" not in target_config("llama-1b-8b").pools.draft.deployment_options("d")[
+        "ray_actor_options"]
+
+
+def test_base_dir_expands_environment_variables(monkeypatch, tmp_path):
+    cfg = target_config("cpu-demo")
+    monkeypatch.setenv("ARBITRAGE_HOME", str(tmp_path))  # what the image sets
+    assert cfg.base_dir == "${ARBITRAGE_HOME}"
+    assert cfg.resolve_path("models/draft") == str(tmp_path / "models" / "draft")
+
+
+def test_bundle_selectors_must_match_the_bundles():
+    with pytest.raises(ValueError, match="needs placement_group_bundles"):
+        _pool(placement_group_bundle_label_selector=[{"a": "b"}])
+    with pytest.raises(ValueError, match="2 selectors for 1 bundles"):
+        _pool(placement_group_bundles=[{"CPU": 1}], placement_group_bundle_label_selector=[{"a": "b"}] * 2)
+
+
+# -- where model paths are checked --------------------------------------------------------------
+def _missing_cfg(check: str) -> C.AppConfig:
+    pool = C.PoolSpec(model=C.ModelSpec(path="/nonexistent/draft"), ray_actor_options=C.ActorOptionsSpec(num_cpus=0))
+    return C.AppConfig(pools=C.PoolsSpec(draft=pool, target=pool), policy=C.PolicySpec(default="draft"),
+                       model_path_check=check)
+
+
+def test_cluster_configs_build_without_the_weights_on_the_building_node():
+    from services.app import build_app
+
+    with pytest.raises(ModelPathError, match="pools.draft.model.path"):
+        build_app(_missing_cfg("build"))
+    build_app(_missing_cfg("replicas"))  # the head Pod builds the app; it holds no weights
+
+
+def test_a_pool_replica_checks_its_own_model_path_first():
+    from services.pools import GeneratorPool
+
+    with pytest.raises(ModelPathError) as exc:
+        GeneratorPool(role="target", model={"path": "/nonexistent/target", "backend": "transformers"})
+    assert "pools.target.model.path" in str(exc.value) and "/nonexistent/target" in str(exc.value)
+    check_pool_model("draft", {"path": str(ROOT / "models" / "draft"), "backend": "transformers"})
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "arbitrage_common.cli", "k8s", "render", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_render_of_an_unknown_preset_names_it_and_writes_nothing(tmp_path):
+    proc = _cli("--preset", "cpu-demo", "--preset", "nope", "--out", str(tmp_path))
+    assert proc.returncode == 1
+    assert "unknown preset 'nope'" in proc.stderr and "cpu-demo" in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_render_that_fails_on_one_config_writes_no_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    data = target_config("llama-1b-8b").model_dump(mode="json")
+    data["cluster"]["target"]["gpus"] = 0
+    import yaml
+
+    bad.write_text(yaml.safe_dump(data))
+    out = tmp_path / "k8s"
+    proc = _cli("--config", str(bad), "--out", str(out))
+    assert proc.returncode == 1 and "offers 0 GPU(s) per Pod" in proc.stderr and "needs 1 GPU(s)" in proc.stderr
+    assert not out.exists()
+
+
+def test_render_writes_and_checks(tmp_path):
+    assert _cli("--preset", "cpu-demo", "--out", str(tmp_path)).returncode == 0
+    assert (tmp_path / "base" / "cpu-demo" / "rayservice.yaml").is_file()
+    assert _cli("--preset", "cpu-demo", "--out", str(tmp_path), "--check").returncode == 0
+    (tmp_path / "base" / "cpu-demo" / "rayservice.yaml").write_text("edited\n")
+    proc = _cli("--preset", "cpu-demo", "--out", str(tmp_path), "--check")
+    assert proc.returncode == 1 and "rayservice.yaml differs" in proc.stderr
