@@ -8,12 +8,12 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 RAY_ENV := RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled}
 
-.PHONY: install install-vllm run run-vllm test test-main test-vllm eval bench k8s clean-venv clean-venv-vllm
+.PHONY: install install-vllm run run-vllm test test-main test-vllm eval bench k8s loadtest plan-check clean-venv clean-venv-vllm
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev,bench]"
+	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev,bench,load]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -50,6 +50,14 @@ bench: install
 # presets; tests/k8s fails when the committed files differ (docs/KUBERAY.md).
 k8s: install
 	$(VENV)/bin/arbitrage k8s render
+
+# locust against the embedded default (started and stopped here), 60 s, report in runs/loadtest
+# (docs/LOADTEST.md); plan-check: the capacity planner's p95 against measured runs.
+loadtest: install
+	$(RAY_ENV) $(VENV)/bin/arbitrage loadtest --duration 60 --users 8 --transport grpc-stream --slo-ms 5000 --out runs/loadtest
+
+plan-check: install
+	$(RAY_ENV) $(VENV)/bin/arbitrage plan check --duration 60 --out runs/plan-check
 
 # Both suites, one after the other (never two Ray clusters at once): everything but
 # tests/vllm in .venv, then tests/vllm (real vLLM engines) in .venv-vllm.

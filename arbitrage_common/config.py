@@ -97,6 +97,10 @@ class AutoscalingSpec(_Strict):
                                                                     "aims for; above it, scale up.")
     upscale_delay_s: float = Field(5.0, ge=0, description="Seconds load must stay high before scaling up.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Seconds load must stay low before scaling down.")
+    look_back_period_s: PositiveFloat | None = Field(None, description="Seconds of ongoing-request history each "
+                                                                       "decision averages (None: Serve's 30).")
+    metrics_interval_s: PositiveFloat | None = Field(None, description="Seconds between replicas' load reports "
+                                                                       "(None: Serve's 10).")
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:

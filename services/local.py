@@ -71,7 +71,8 @@ def check_backends(cfg: AppConfig) -> None:
                            f"({lines[-1]}); {VLLM_INSTALL}")
 
 
-def start(cfg: AppConfig, address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
+def start(cfg: AppConfig, address: str | None = None, num_cpus: int | None = None,
+          metrics_port: int | None = None) -> dict[str, Any]:
     """ray.init (local unless ``address``), Serve with the config's HTTP/gRPC options, then
     the app. Blocks until every deployment is ready; returns where it listens."""
     from arbitrage_common.presets import check_model_paths
@@ -90,7 +91,8 @@ def start(cfg: AppConfig, address: str | None = None, num_cpus: int | None = Non
         if address:
             ray.init(address=address, include_dashboard=False)
         else:
-            ray.init(num_cpus=num_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, include_dashboard=False)
+            ray.init(num_cpus=num_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, include_dashboard=False,
+                     _metrics_export_port=metrics_port)
     rendered = render_serve_config(cfg)
     try:
         serve.start(http_options=rendered["http_options"], grpc_options=rendered["grpc_options"])

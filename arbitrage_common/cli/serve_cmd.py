@@ -24,6 +24,8 @@ def add_serve_parsers(sub) -> None:
                        help="run the draft and target pools on this backend (default: as the config says); vllm: "
                             "one vLLM engine per pool with CPU settings for the bundled models, router and PRM stay "
                             "on transformers (docs/VLLM.md). Also applies to --render")
+    serve.add_argument("--metrics-port", type=positive_int, help="local cluster: serve Prometheus metrics on this "
+                                                                   "port (default: a port Ray picks)")
     serve.add_argument("--render", action="store_true", help="print the Serve YAML rendered from the config and exit")
     serve.add_argument("-o", "--out", help="with --render: write the YAML here")
     serve.set_defaults(func=_serve)
@@ -93,7 +95,7 @@ def _serve(args) -> int:
     from services import local
 
     try:
-        info = local.start(cfg, address=args.address)  # cleans up after itself if it fails
+        info = local.start(cfg, address=args.address, metrics_port=args.metrics_port)  # cleans up if it fails
     except KeyboardInterrupt:
         return 130
     stop = threading.Event()

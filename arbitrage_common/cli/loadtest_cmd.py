@@ -1,0 +1,72 @@
+"""`arbitrage loadtest`: locust, headless and bounded, against the embedded default (started
+here) or a running service (--grpc / --http); writes the locust CSVs, summary.json and report.html."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .argtypes import positive_float, positive_int
+
+
+def add_loadtest_parser(sub) -> None:
+    p = sub.add_parser("loadtest", help="locust load test: requests/s, latency percentiles, TTFS, time per step, "
+                                        "goodput, pools over time (loadtests/)")
+    where = p.add_argument_group("service (default: start the embedded default here)")
+    where.add_argument("--grpc", help="HOST:PORT of a running service's gRPC API")
+    where.add_argument("--http", help="base URL of a running service's HTTP API")
+    where.add_argument("--app", help="Serve application name (gRPC metadata) when several apps run")
+    where.add_argument("--config", help="AppConfig of the service started here (default: the embedded default)")
+    where.add_argument("--metrics", action="append", default=[], metavar="URL",
+                       help="Prometheus endpoint(s) of the service's Ray nodes, sampled for pools over time")
+    load = p.add_argument_group("load")
+    load.add_argument("--transport", default="grpc", help="grpc, grpc-stream, http, http-sse, openai, openai-chat")
+    load.add_argument("--users", type=positive_int, default=4, help="closed loop: concurrent users (peak)")
+    load.add_argument("--spawn-rate", type=positive_float, default=4.0, help="users started per second")
+    load.add_argument("--shape", default="steady", help="closed loop: steady, ramp or spike")
+    load.add_argument("--rate", type=positive_float, help="open loop: Poisson arrivals per second (replaces --users)")
+    load.add_argument("--max-in-flight", type=positive_int, default=256, help="open loop: more are dropped, counted")
+    load.add_argument("--duration", type=positive_float, default=60.0, help="seconds of load")
+    load.add_argument("--timeout", type=positive_float, default=120.0, help="per-request deadline, seconds")
+    load.add_argument("--slo-ms", type=positive_float, help="goodput: share of requests done within this many ms")
+    mix = p.add_argument_group("request mix")
+    mix.add_argument("--policy", help="policy of every request (default: the server's)")
+    mix.add_argument("--threshold", type=float)
+    mix.add_argument("--hard-prob", type=float, default=0.2, help="share of problems with a hard step (0..1)")
+    mix.add_argument("--max-steps", type=positive_int)
+    mix.add_argument("--seed", type=int, default=0, help="seed of the problem draws and Poisson arrivals")
+    p.add_argument("--out", default="runs/loadtest", help="output directory")
+    p.add_argument("--fail-on-errors", action="store_true", help="exit 1 when any request failed")
+    p.add_argument("--no-progress", action="store_true", help="no live stats (default: live when a terminal)")
+    p.set_defaults(func=_loadtest)
+
+
+def _loadtest(args) -> int:
+    try:
+        from loadtests.runner import run_local, run_locust
+        from loadtests.settings import LoadSettings, Mix
+    except ImportError as exc:
+        raise RuntimeError(f"the load tests need locust: pip install -e '.[load]' ({exc})") from None
+
+    mix = Mix(policy=args.policy, threshold=args.threshold, hard_prob=args.hard_prob, max_steps=args.max_steps,
+              seed=args.seed)
+    endpoints = {k: v for k, v in (("host_grpc", args.grpc), ("host_http", args.http)) if v}
+    settings = LoadSettings(transport=args.transport, mix=mix, users=args.users, spawn_rate=args.spawn_rate,
+                            duration_s=args.duration, shape=args.shape, rate=args.rate,
+                            max_in_flight=args.max_in_flight, timeout_s=args.timeout, slo_ms=args.slo_ms,
+                            app=args.app, **endpoints)
+    out = Path(args.out)
+    progress = sys.stdout.isatty() and not args.no_progress
+    if endpoints:
+        summary = run_locust(settings, out, args.metrics, progress)
+    else:
+        summary = run_local(settings, out, args.config, progress)
+    brief = {k: summary[k] for k in ("requests", "succeeded", "failures_by_status", "requests_per_s", "e2e_ms",
+                                     "ttfs_ms", "time_per_step_ms", "target_step_fraction", "goodput")}
+    print(json.dumps(brief, indent=2))
+    print(f"arbitrage loadtest: report in {out / 'report.html'}, summary in {out / 'summary.json'}")
+    if args.fail_on_errors and summary["failures_by_status"]:
+        print(f"arbitrage loadtest: {sum(summary['failures_by_status'].values())} request(s) failed",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,121 @@
+"""`arbitrage plan`: replicas, GPUs and worker-group Pods per pool for an arrival rate and a
+p95 SLO (RSD and Arbitrage side by side at matched accuracy); `plan profile` measures its
+inputs; `plan check` compares its predictions with locust runs on this machine."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .argtypes import positive_float, positive_int
+
+DEFAULT_PROFILE = "runs/plan/profile.json"
+
+
+def add_plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="capacity planner: replicas / GPUs / Pods per pool for a rate and a p95 SLO")
+    p.add_argument("--profile", default=DEFAULT_PROFILE, help=f"from `arbitrage plan profile` ({DEFAULT_PROFILE})")
+    p.add_argument("--rate", type=float, help="arrivals per second to plan for")
+    p.add_argument("--slo-ms", type=float, help="p95 end-to-end latency to hold, ms")
+    p.add_argument("--policy", default="arbitrage", help="arbitrage, rsd, target or draft")
+    p.add_argument("--target-fraction", type=float, help="share of steps the target writes (default: the profile's)")
+    p.add_argument("--bench", help="bench.json of `arbitrage bench`: plan RSD and Arbitrage at its matched accuracy")
+    p.add_argument("--preset", help="GPUs per pool and worker-group Pods for this preset (or cpu-demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_plan)
+    plan_sub = p.add_subparsers(dest="plan_cmd")
+    prof = plan_sub.add_parser("profile", help="measure per-pool service time vs batch size (and, with --grpc, "
+                                               "overheads and steps per request from a running service)")
+    prof.add_argument("--config", help="AppConfig whose checkpoints are profiled (default: the embedded default)")
+    prof.add_argument("--grpc", help="HOST:PORT of the running service to calibrate overheads against")
+    prof.add_argument("--app", help="Serve application name (gRPC metadata)")
+    prof.add_argument("--policy", default="arbitrage")
+    prof.add_argument("--n", type=positive_int, default=20, help="requests for the calibration")
+    prof.add_argument("--seed", type=int, default=0)
+    prof.add_argument("--cores", type=positive_float, help="CPU cores the pools share (a CPU machine; omit on GPUs)")
+    prof.add_argument("--out", default=DEFAULT_PROFILE)
+    prof.set_defaults(func=_profile)
+    check = plan_sub.add_parser("check", help="predicted vs measured p95 at 30/60/85%% of measured capacity "
+                                              "(starts the embedded default, runs locust open-loop)")
+    check.add_argument("--config", help="AppConfig of the service started here (default: the embedded default)")
+    check.add_argument("--policy", default="arbitrage")
+    check.add_argument("--fractions", default="0.3,0.6,0.85", help="shares of the measured capacity")
+    check.add_argument("--duration", type=positive_float, default=60.0, help="seconds of load per rate")
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--out", default="runs/plan-check")
+    check.set_defaults(func=_check)
+
+
+def _profile(args) -> int:
+
+    from ..config import default_config, load_config
+    from ..planning.profile import build_profile
+
+    cfg = load_config(args.config) if args.config else default_config()
+    cores = args.cores if args.cores else None
+    prof = build_profile(cfg, args.grpc, args.app, args.policy, args.n, args.seed, cores)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(prof.as_dict(), indent=2) + "\n")
+    print(json.dumps(prof.as_dict(), indent=2))
+    print(f"arbitrage plan profile: wrote {out}")
+    return 0
+
+
+def _fraction_at_matched(bench: dict, policy: str) -> float:
+    point = (bench.get("matched") or {}).get(policy)
+    if not point:
+        raise ValueError(f"--bench: no matched {policy} point in the bench result (its matched section is empty)")
+    return point["target_step_fraction"]
+
+
+def _plan(args) -> int:
+    if args.rate is None or args.slo_ms is None:
+        raise ValueError("plan: --rate and --slo-ms are required (or run `arbitrage plan profile` / `plan check`)")
+    from ..planning.planner import Profile, gpus_and_pods, plan
+
+    if not Path(args.profile).is_file():
+        raise ValueError(f"--profile: {args.profile} does not exist; run `arbitrage plan profile` first")
+    prof = Profile.load(args.profile)
+    if args.bench:
+        bench = json.loads(Path(args.bench).read_text())
+        runs = [("rsd", _fraction_at_matched(bench, "rsd")), ("arbitrage", _fraction_at_matched(bench, "arbitrage"))]
+    else:
+        fraction = args.target_fraction if args.target_fraction is not None else prof.measured.get("target_fraction")
+        if fraction is None:
+            raise ValueError("--target-fraction: the profile has no measured fraction; give one (0..1)")
+        runs = [(args.policy, fraction)]
+    cfg = None
+    if args.preset:
+        from ..kuberay.targets import target_config
+
+        cfg = target_config(args.preset)
+    results = []
+    for policy, fraction in runs:
+        r = plan(prof, policy, fraction, args.rate, args.slo_ms, args.seed)
+        if cfg is not None:
+            r.update(gpus_and_pods(r["replicas"], cfg))
+        results.append(r)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        print(f"{r['policy']:<10} target fraction {r['target_fraction']:.3f}: replicas {r['replicas']}  "
+              f"predicted p50 {r['predicted_p50_ms']} ms, p95 {r['predicted_p95_ms']} ms")
+        if "gpus_per_pool" in r:
+            print(f"{'':<10} GPUs {r['gpus_per_pool']} = {r['gpus_total']}; worker groups {r['worker_groups']}")
+            for pool, v in r["above_config_max_replicas"].items():
+                print(f"{'':<10} warning: pools.{pool} needs {v['planned']} replicas, above its autoscaling "
+                      f"max_replicas ({v['max_replicas']}): raise it, then `make k8s`")
+    return 0
+
+
+def _check(args) -> int:
+    try:
+        from loadtests.plan_check import run_plan_check
+    except ImportError as exc:
+        raise RuntimeError(f"plan check needs locust: pip install -e '.[load]' ({exc})") from None
+    fractions = [float(f) for f in args.fractions.split(",")]
+    table = run_plan_check(args.config, args.policy, fractions, args.duration, args.seed, Path(args.out))
+    print(json.dumps(table, indent=2))
+    return 0

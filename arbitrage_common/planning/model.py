@@ -1,0 +1,196 @@
+"""The queueing model the planner simulates.
+
+Each request is a chain of pool calls, step after step: the draft writes, the router (or, for
+RSD, the PRM) scores, and with probability ``target_fraction`` the target rewrites. Every pool
+has ``replicas`` servers with a shared queue; an idle replica takes up to ``max_batch`` queued
+calls at once and serves them in ``base_ms + per_item_ms * b`` (the batch-dependent service
+rate of dynamic batching: calls that arrive during a pass join the next one). Each call also
+pays ``hop_ms`` of handle and coordinator overhead that holds no replica, and each request
+``request_overhead_ms`` (proxy, gRPC). With ``cores`` set, busy replicas share that many
+cores (processor sharing: a CPU machine); on GPUs leave it None (each replica its own device).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+CALLS_PER_STEP = {
+    "draft": (("draft",), None),
+    "target": (("target",), None),
+    "arbitrage": (("draft", "router"), "target"),
+    "rsd": (("draft", "prm"), "target"),
+}
+
+
+@dataclass(frozen=True)
+class ServiceCurve:
+    """Wall ms of one batched forward pass of ``b`` calls: ``base_ms + per_item_ms * b``."""
+
+    base_ms: float
+    per_item_ms: float
+
+    def ms(self, b: int) -> float:
+        return self.base_ms + self.per_item_ms * b
+
+    @classmethod
+    def fit(cls, batch_sizes: list[int], ms: list[float]) -> ServiceCurve:
+        """Least squares over the profiled points (both terms kept >= 0)."""
+        n = len(batch_sizes)
+        if n == 0:
+            raise ValueError("a service curve needs at least one profiled batch size")
+        if n == 1:
+            return cls(0.0, ms[0] / batch_sizes[0])
+        mx, my = sum(batch_sizes) / n, sum(ms) / n
+        sxx = sum((x - mx) ** 2 for x in batch_sizes)
+        slope = sum((x - mx) * (y - my) for x, y in zip(batch_sizes, ms)) / sxx if sxx else 0.0
+        slope = max(slope, 0.0)
+        return cls(max(my - slope * mx, 0.0), slope)
+
+
+@dataclass(frozen=True)
+class Pool:
+    curve: ServiceCurve
+    replicas: int = 1
+    max_batch: int = 16
+
+
+@dataclass(frozen=True)
+class Workload:
+    policy: str
+    steps: tuple[int, ...]        # steps of each request, sampled per request (an empirical distribution)
+    target_fraction: float        # share of steps the target writes (1 for policy 'target')
+    hop_ms: float = 0.0
+    request_overhead_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.policy not in CALLS_PER_STEP:
+            raise ValueError(f"policy: the planner models {', '.join(CALLS_PER_STEP)}, got {self.policy!r}")
+        if not 0.0 <= self.target_fraction <= 1.0:
+            raise ValueError(f"target fraction: must lie in [0, 1], got {self.target_fraction}")
+        if not self.steps or min(self.steps) <= 0:
+            raise ValueError("steps per request: give at least one positive count")
+
+    def pools(self) -> set[str]:
+        always, routed = CALLS_PER_STEP[self.policy]
+        return set(always) | ({routed} if routed and self.target_fraction > 0 else set())
+
+
+@dataclass
+class SimResult:
+    latencies_ms: list[float]
+    utilization: dict[str, float]
+    mean_wait_ms: dict[str, float]
+    stable: bool
+
+    def p(self, q: float) -> float:
+        xs = sorted(self.latencies_ms)
+        pos = (len(xs) - 1) * q / 100.0
+        lo = int(pos)
+        return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
+
+
+@dataclass
+class _Req:
+    arrival: float
+    calls: deque = field(default_factory=deque)
+
+
+def _request_calls(w: Workload, rng: random.Random) -> deque:
+    always, routed = CALLS_PER_STEP[w.policy]
+    calls: deque = deque()
+    for _ in range(rng.choice(w.steps)):
+        calls.extend(always)
+        if routed and rng.random() < w.target_fraction:
+            calls.append(routed)
+    return calls
+
+
+def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int = 2000, seed: int = 0,
+             cores: float | None = None, warmup: float = 0.1) -> SimResult:
+    """Poisson arrivals at ``rate`` per second through the pools; latencies of the requests after
+    the warm-up share. ``stable`` is False when the backlog at the end exceeds 10% of requests."""
+    if rate <= 0:
+        raise ValueError(f"rate: arrivals per second must be > 0, got {rate}")
+    missing = w.pools() - set(pools)
+    if missing:
+        raise ValueError(f"no profile for pool(s) {sorted(missing)} that policy {w.policy!r} calls")
+    rng = random.Random(seed)
+    events: list = []  # (time_ms, seq, kind, payload)
+    seq = 0
+
+    def push(t: float, kind: str, payload) -> None:
+        nonlocal seq
+        heapq.heappush(events, (t, seq, kind, payload))
+        seq += 1
+
+    t_arr = 0.0
+    for i in range(n_requests):
+        t_arr += rng.expovariate(rate) * 1000.0
+        push(t_arr, "arrive", i)
+    queues = {name: deque() for name in pools}
+    idle = {name: p.replicas for name, p in pools.items()}
+    busy: list[list] = []  # [remaining_ms, pool, calls, started_ms]
+    busy_ms = dict.fromkeys(pools, 0.0)
+    waits: dict[str, list[float]] = {name: [] for name in pools}
+    done: dict[int, float] = {}
+    reqs: dict[int, _Req] = {}
+    now = 0.0
+
+    def speed() -> float:
+        return 1.0 if cores is None or len(busy) <= cores else cores / len(busy)
+
+    def start_batches() -> None:
+        for name, q in queues.items():
+            while q and idle[name] > 0:
+                b = min(pools[name].max_batch, len(q))
+                calls = [q.popleft() for _ in range(b)]
+                for _, enq in calls:
+                    waits[name].append(now - enq)
+                idle[name] -= 1
+                busy.append([pools[name].curve.ms(b), name, calls, now])
+
+    def next_call(rid: int) -> None:
+        req = reqs[rid]
+        if not req.calls:
+            done[rid] = now + w.request_overhead_ms - req.arrival
+            return
+        push(now + w.hop_ms, "enqueue", (rid, req.calls.popleft()))
+
+    while events or busy:
+        s = speed()
+        t_done = now + min(b[0] for b in busy) / s if busy else math.inf
+        t_event = events[0][0] if events else math.inf
+        t_next = min(t_done, t_event)
+        for b in busy:
+            b[0] -= (t_next - now) * s
+        now = t_next
+        if t_done <= t_event:
+            i = min(range(len(busy)), key=lambda k: busy[k][0])
+            _, name, calls, started = busy.pop(i)
+            idle[name] += 1
+            busy_ms[name] += now - started
+            for rid, _ in calls:
+                next_call(rid)
+        else:
+            _, _, kind, payload = heapq.heappop(events)
+            if kind == "arrive":
+                reqs[payload] = _Req(now, _request_calls(w, rng))
+                next_call(payload)
+            else:
+                rid, pool = payload
+                queues[pool].append((rid, now))
+        start_batches()
+        if len(done) >= n_requests:
+            break
+    order = sorted(done)  # request ids are in arrival order
+    kept = [done[i] for i in order[int(warmup * len(order)):]]
+    span = max(now, 1e-9)
+    # A stable system's latency does not trend: the last quarter of arrivals fare like the second.
+    q = max(1, len(kept) // 4)
+    second, last = kept[q:2 * q] or kept, kept[-q:]
+    stable = sum(last) / len(last) <= 1.5 * sum(second) / len(second)
+    return SimResult(kept, {n: busy_ms[n] / (span * pools[n].replicas) for n in pools},
+                     {n: (sum(v) / len(v) if v else 0.0) for n, v in waits.items()}, stable=stable)

@@ -1,0 +1,115 @@
+"""``arbitrage plan profile``: the planner's inputs, measured.
+
+1. Per-pool service time against batch size: each pool's backend, in this process, on the
+   bundled (or configured) checkpoints, on prefixes of real solutions at a random step (seeded),
+   timed at batch sizes 1..max; a line ``base + per_item * b`` is fitted.
+2. With ``--grpc``: the overheads the pools do not see and the request shape, from a few
+   one-at-a-time requests to the running service (the one client module): steps per request
+   and target-step fraction of the policy, per-call hop and per-request overhead (measured
+   latency minus the pools' stage times the service reports).
+A benchmark tool: it loads models, so it is never imported by the serving path."""
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+from ..config import AppConfig
+from ..interfaces import GenerationOptions, ScoreItem
+from ..steps import build_prefix
+from ..synthetic import generate_problems
+from .model import CALLS_PER_STEP, ServiceCurve
+from .planner import Profile
+
+BATCH_SIZES = (1, 2, 4, 8, 16)
+
+
+def _inputs(n: int, seed: int) -> list[tuple[str, list[str]]]:
+    rng = random.Random(seed)
+    out = []
+    for p in generate_problems(n, seed):
+        steps = p.solution_steps()
+        k = rng.randrange(len(steps))
+        out.append((p.prompt, steps[:k]))
+    return out
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        runs.append((time.perf_counter() - t0) * 1000.0)
+    return statistics.median(runs)
+
+
+def profile_pools(cfg: AppConfig, batch_sizes=BATCH_SIZES, seed: int = 0, repeats: int = 3,
+                  step_tokens: int | None = None) -> tuple[dict[str, ServiceCurve], dict]:
+    from ..backends.hf_generator import HFStepGenerator
+    from ..backends.scorers import load_step_scorer
+
+    inputs = _inputs(max(batch_sizes), seed)
+    options = GenerationOptions(max_new_tokens=step_tokens or cfg.limits.step_max_tokens)
+    curves, points = {}, {}
+    for role, spec in cfg.pools.configured():
+        path = cfg.resolve_path(spec.model.path)
+        if role in ("draft", "target"):
+            gen = HFStepGenerator(path, threads=spec.model.threads)
+            prefixes = [build_prefix(prompt, steps, cfg.prompt.template) for prompt, steps in inputs]
+            run = lambda b, gen=gen, prefixes=prefixes: gen.generate_batch(prefixes[:b], options)  # noqa: E731
+        else:
+            scorer = load_step_scorer(path, threads=spec.model.threads, annotate_history=spec.model.annotate_history)
+            items = [ScoreItem(prompt, tuple((s, "draft") for s in steps[:-1]), steps[-1] if steps else "x")
+                     for prompt, steps in inputs]
+            run = lambda b, scorer=scorer, items=items: scorer.score_batch(items[:b])  # noqa: E731
+        sizes = [b for b in batch_sizes if b <= spec.max_batch_size]
+        ms = [_time(lambda b=b: run(b), repeats) for b in sizes]
+        curves[role] = ServiceCurve.fit(sizes, ms)
+        points[role] = dict(zip(map(str, sizes), (round(m, 2) for m in ms)))
+    return curves, points
+
+
+def measure_service(endpoint: str, app: str | None, policy: str, n: int, seed: int,
+                    max_steps: int | None = None) -> dict:
+    """One request at a time: steps, target fraction, and overheads beyond the pools' stages."""
+    from ..client import Client, build_request
+
+    steps, target_steps, gaps, calls = [], 0, [], 0
+    with Client(endpoint, app) as client:
+        for i, p in enumerate(generate_problems(n, seed + 1)):
+            t0 = time.perf_counter()
+            reply = client.generate(build_request(p.prompt, policy, max_steps=max_steps, request_id=f"profile-{i}"))
+            wall = (time.perf_counter() - t0) * 1000.0
+            stage = sum(getattr(s.stage_ms, f) for s in reply.steps for f in ("draft", "target", "router", "prm"))
+            steps.append(len(reply.steps))
+            target_steps += reply.usage.target_steps
+            calls += sum(bool(getattr(s.stage_ms, f)) for s in reply.steps for f in ("draft", "target", "router",
+                                                                                    "prm"))
+            gaps.append((wall, stage))
+    return {"steps": steps, "target_fraction": target_steps / max(sum(steps), 1), "calls_per_request": calls / n,
+            "wall_ms_mean": statistics.mean(g[0] for g in gaps), "stage_ms_mean": statistics.mean(g[1] for g in gaps)}
+
+
+def build_profile(cfg: AppConfig, endpoint: str | None, app: str | None, policy: str, n: int, seed: int,
+                  cores: float | None, max_steps: int | None = None) -> Profile:
+    curves, points = profile_pools(cfg, seed=seed)
+    measured: dict = {"service_ms_by_batch": points}
+    steps: tuple[int, ...] = (cfg.limits.default_max_steps,)
+    hop = overhead = 0.0
+    if endpoint:
+        m = measure_service(endpoint, app, policy, n, seed, max_steps)
+        steps = tuple(m["steps"])
+        # The service's stage times include the hop to each pool; what is left of the wall time
+        # (proxy, gRPC, coordinator) is the per-request overhead. Hops: stage time beyond the
+        # pools' own batch-1 service time, spread over the calls.
+        always, routed = CALLS_PER_STEP[policy]
+        per_step = sum(curves[r].ms(1) for r in always) + (curves[routed].ms(1) * m["target_fraction"]
+                                                           if routed else 0.0)
+        pure = per_step * statistics.mean(steps)
+        hop = max(m["stage_ms_mean"] - pure, 0.0) / max(m["calls_per_request"], 1)
+        overhead = max(m["wall_ms_mean"] - m["stage_ms_mean"], 0.0)
+        measured.update({k: m[k] for k in ("target_fraction", "calls_per_request", "wall_ms_mean", "stage_ms_mean")})
+        measured["policy"] = policy
+    return Profile(curves, {r: s.max_batch_size for r, s in cfg.pools.configured()}, round(hop, 3),
+                   round(overhead, 3), steps, cores, measured)

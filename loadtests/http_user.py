@@ -1,0 +1,78 @@
+"""The HTTP side: ``/v1/generate`` (JSON, or server-sent events timed per step) and the
+OpenAI-compatible ``/v1/completions`` and ``/v1/chat/completions``. Requests go through
+locust's HTTP session, so each is a locust request entry; SSE adds TTFS and step entries."""
+from __future__ import annotations
+
+import json
+import time
+
+from . import records
+
+ROUTES = {"http": "/v1/generate", "http-sse": "/v1/generate", "openai": "/v1/completions",
+          "openai-chat": "/v1/chat/completions"}
+
+
+def _ms(since: float) -> float:
+    return (time.perf_counter() - since) * 1000.0
+
+
+def _body(settings, prompt: str) -> dict:
+    mix = settings.mix
+    extra = {k: v for k, v in (("policy", mix.policy), ("threshold", mix.threshold), ("max_steps", mix.max_steps),
+                               ("timeout_s", settings.timeout_s)) if v is not None}
+    if settings.transport == "openai":
+        return {"prompt": prompt, **extra}
+    if settings.transport == "openai-chat":
+        return {"messages": [{"role": "user", "content": prompt}], **extra}
+    return {"prompt": prompt, "stream": settings.transport == "http-sse", **extra}
+
+
+def _usage(settings, reply: dict) -> tuple[int, int, str | None]:
+    body = reply.get("arbitrage", reply) if settings.transport.startswith("openai") else reply
+    return len(body.get("steps", [])), body.get("usage", {}).get("target_steps", 0), body.get("policy")
+
+
+def call_http(session, environment, settings, prompt: str) -> None:
+    route = ROUTES[settings.transport]
+    started, t0 = time.perf_counter(), records.since_start()
+    rec = records.Record(settings.transport, t0, 0.0, "OK", policy=settings.mix.policy)
+    stream = settings.transport == "http-sse"
+    with session.post(route, json=_body(settings, prompt), stream=stream, catch_response=True,
+                      timeout=settings.timeout_s, name=route + (" (sse)" if stream else "")) as resp:
+        if resp.status_code != 200:
+            rec.status = f"HTTP_{resp.status_code}"
+            resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+        elif stream:
+            _read_sse(resp, environment, rec, started)
+        else:
+            rec.steps, rec.target_steps, rec.policy = _usage(settings, resp.json())
+            resp.success()
+        rec.e2e_ms = _ms(started)
+    records.add(rec)
+
+
+def _read_sse(resp, environment, rec: records.Record, started: float) -> None:
+    fire = environment.events.request.fire
+    event, last = None, started
+    for raw in resp.iter_lines(decode_unicode=True):
+        if raw.startswith("event:"):
+            event = raw.split(":", 1)[1].strip()
+        elif raw.startswith("data:") and event == "step":
+            now = time.perf_counter()
+            if rec.ttfs_ms is None:
+                rec.ttfs_ms = _ms(started)
+                fire(request_type="SSE", name="/v1/generate TTFS", response_time=rec.ttfs_ms, response_length=0)
+            else:
+                rec.step_ms.append((now - last) * 1000.0)
+                fire(request_type="SSE", name="/v1/generate step", response_time=rec.step_ms[-1], response_length=0)
+            last, rec.steps = now, rec.steps + 1
+        elif raw.startswith("data:") and event == "summary":
+            summary = json.loads(raw.split(":", 1)[1])
+            rec.target_steps, rec.policy = summary["usage"]["target_steps"], summary["policy"]
+        elif raw.startswith("data:") and event == "error":
+            error = json.loads(raw.split(":", 1)[1])
+            rec.status = str(error.get("error", {}).get("code", "STREAM_ERROR")).upper()
+    if rec.status == "OK":
+        resp.success()
+    else:
+        resp.failure(f"stream ended with {rec.status}")

@@ -1,0 +1,100 @@
+"""Locust entry point: ``locust -f loadtests/locustfile.py`` (``arbitrage loadtest`` runs it).
+
+The run is described by ``ARBITRAGE_LOAD`` (``settings.LoadSettings`` as JSON): transport, mix,
+shape, and for open-loop runs a Poisson arrival rate. Closed loop: ``users`` users, each sending
+its next request when the last one ends, shaped steady / ramp / spike. Open loop
+(``rate``): one scheduler user starts requests at seeded Poisson arrival times whatever the
+responses do (locust alone is closed-loop); more than ``max_in_flight`` at once are dropped and
+counted, never silently queued. Per-request records go to ``records`` when the run stops.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `loadtests` as a package
+
+import gevent  # noqa: E402
+from gevent.pool import Pool  # noqa: E402
+from locust import HttpUser, constant, events, task  # noqa: E402
+
+from loadtests import records  # noqa: E402
+from loadtests.grpc_user import call_grpc, make_client  # noqa: E402
+from loadtests.http_user import call_http  # noqa: E402
+from loadtests.settings import LoadSettings, poisson_arrivals  # noqa: E402
+from loadtests.shapes import SHAPES  # noqa: E402
+
+SETTINGS = LoadSettings.from_env()
+PROMPTS = SETTINGS.mix.prompts()
+_NEXT = itertools.count()
+
+
+def next_prompt() -> str:
+    """Requests cycle through the seeded problem pool in one fixed order."""
+    return PROMPTS[next(_NEXT) % len(PROMPTS)]
+
+
+class _Caller:
+    """What both user kinds share: one request of the configured transport."""
+
+    def setup_transport(self) -> None:
+        if SETTINGS.transport.startswith("grpc"):
+            self.grpc_client = make_client(self.environment, SETTINGS)
+
+    def one_request(self) -> None:
+        if SETTINGS.transport.startswith("grpc"):
+            call_grpc(self.grpc_client, SETTINGS, next_prompt())
+        else:
+            call_http(self.client, self.environment, SETTINGS, next_prompt())
+
+
+class ArbitrageUser(_Caller, HttpUser):
+    """Closed loop: the next request as soon as the last one ends."""
+
+    host = SETTINGS.host_http
+    wait_time = constant(0)
+    abstract = SETTINGS.rate is not None
+
+    def on_start(self) -> None:
+        self.setup_transport()
+
+    @task
+    def request(self) -> None:
+        self.one_request()
+
+
+class OpenLoopUser(_Caller, HttpUser):
+    """Open loop: Poisson arrivals at ``rate`` per second, each request in its own greenlet."""
+
+    host = SETTINGS.host_http
+    fixed_count = 1
+    wait_time = constant(0)
+    abstract = SETTINGS.rate is None
+
+    def on_start(self) -> None:
+        self.setup_transport()
+
+    @task
+    def schedule(self) -> None:
+        pool, started = Pool(SETTINGS.max_in_flight), time.perf_counter()
+        for at in poisson_arrivals(SETTINGS.rate, SETTINGS.duration_s, SETTINGS.mix.seed):
+            gevent.sleep(max(0.0, at - (time.perf_counter() - started)))
+            if pool.full():
+                self.environment.events.request.fire(request_type="open-loop", name="dropped", response_time=0,
+                                                     response_length=0, exception=RuntimeError("max_in_flight"))
+                records.add(records.Record(SETTINGS.transport, records.since_start(), 0.0, "DROPPED"))
+                continue
+            pool.spawn(self.one_request)
+        pool.join(timeout=SETTINGS.timeout_s)
+        self.environment.runner.quit()
+
+
+if SETTINGS.rate is None:
+    Shape = SHAPES[SETTINGS.shape]  # locust uses the LoadTestShape subclass it finds in this module
+
+@events.test_stop.add_listener
+def _write_records(environment, **_kw) -> None:
+    if SETTINGS.records:
+        records.write(SETTINGS.records)

@@ -1,0 +1,52 @@
+"""``arbitrage plan check``: the planner against this machine. Start the service, profile it,
+measure its capacity (closed loop, many users), then at shares of that capacity predict p95
+(the planner's simulation) and measure it (locust, open loop, Poisson arrivals), side by side."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from .runner import LocalService, run_locust
+from .settings import LoadSettings, Mix
+
+CAPACITY_USERS = 16
+
+
+def run_plan_check(config: str | None, policy: str, fractions: list[float], duration_s: float, seed: int,
+                   out: Path) -> dict:
+    from arbitrage_common.config import default_config, load_config
+    from arbitrage_common.planning.planner import predict
+    from arbitrage_common.planning.profile import build_profile
+
+    if not fractions or any(not 0 < f < 1 for f in fractions):
+        raise ValueError(f"--fractions: shares of capacity in (0, 1), got {fractions}")
+    cfg = load_config(config) if config else default_config()
+    out.mkdir(parents=True, exist_ok=True)
+    with LocalService(config, out / "service.log") as svc:
+        base = LoadSettings(**svc.endpoints, transport="grpc", mix=Mix(policy=policy, seed=seed), timeout_s=120)
+        profile = build_profile(cfg, svc.endpoints["host_grpc"], svc.name, policy, 20, seed,
+                                cores=float(len(os.sched_getaffinity(0))))
+        (out / "profile.json").write_text(json.dumps(profile.as_dict(), indent=2))
+        metrics = [f"http://127.0.0.1:{svc.metrics_port}/metrics"]
+        sat = run_locust(replace(base, users=CAPACITY_USERS, spawn_rate=CAPACITY_USERS, duration_s=duration_s / 2),
+                         out / "capacity", metrics, False)
+        capacity = sat["requests_per_s"]
+        fraction_target = sat["target_step_fraction"] or 0.0
+        rows = []
+        for i, share in enumerate(fractions):
+            rate = round(share * capacity, 3)
+            sim = predict(profile, policy, fraction_target, rate, {}, seed=seed + i)
+            run = run_locust(replace(base, rate=rate, duration_s=duration_s, mix=Mix(policy=policy, seed=seed + i)),
+                             out / f"rate-{share:g}", metrics, False)
+            measured = run["e2e_ms"]["p95"]
+            rows.append({"share_of_capacity": share, "rate_per_s": rate, "requests": run["requests"],
+                         "failures": run["failures_by_status"],
+                         "predicted_p50_ms": round(sim.p(50), 1), "measured_p50_ms": run["e2e_ms"]["p50"],
+                         "predicted_p95_ms": round(sim.p(95), 1), "measured_p95_ms": measured,
+                         "p95_error": round(sim.p(95) / measured - 1, 3) if measured else None})
+    table = {"policy": policy, "capacity_rps": capacity, "capacity_users": CAPACITY_USERS,
+             "target_step_fraction": fraction_target, "profile": str(out / "profile.json"), "rows": rows}
+    (out / "plan_check.json").write_text(json.dumps(table, indent=2) + "\n")
+    return table

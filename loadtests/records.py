@@ -1,0 +1,48 @@
+"""Per-request records of a load run: what locust's CSVs do not hold (time to first step,
+time per step, steps written by the target, status names). One list per locust process,
+written as JSONL when the run stops."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+STARTED = time.time()
+_RECORDS: list[Record] = []
+
+
+@dataclass
+class Record:
+    transport: str
+    start_s: float                    # seconds since the locust process started
+    e2e_ms: float
+    status: str                       # "OK", a gRPC status name, "HTTP_503", "DROPPED", ...
+    ttfs_ms: float | None = None
+    step_ms: list[float] = field(default_factory=list)   # gaps between streamed steps
+    steps: int = 0
+    target_steps: int = 0
+    policy: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "OK"
+
+
+def add(record: Record) -> None:
+    _RECORDS.append(record)
+
+
+def since_start() -> float:
+    return time.time() - STARTED
+
+
+def write(path: str | Path) -> int:
+    with open(path, "w") as f:
+        for r in _RECORDS:
+            f.write(json.dumps(asdict(r)) + "\n")
+    return len(_RECORDS)
+
+
+def read(path: str | Path) -> list[Record]:
+    return [Record(**json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]

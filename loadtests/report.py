@@ -1,0 +1,128 @@
+"""summary.json and report.html of a load run, from the per-request records and the pool
+timeline: what GuideLLM and ``vllm bench serve`` report, in steps (TTFS for TTFT, time per step
+for ITL), plus goodput under an SLO and the pools' replicas, queues and batch sizes over time."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+from .records import Record
+
+PERCENTILES = (50, 95, 99)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _dist(values: list[float]) -> dict[str, float | None]:
+    out = {f"p{q}": (round(v, 2) if (v := percentile(values, q)) is not None else None) for q in PERCENTILES}
+    out["mean"] = round(sum(values) / len(values), 2) if values else None
+    out["n"] = len(values)
+    return out
+
+
+def summarize(recs: list[Record], duration_s: float, slo_ms: float | None, timeline: list[dict],
+              settings: dict) -> dict:
+    ok = [r for r in recs if r.ok]
+    statuses = Counter(r.status for r in recs)
+    steps = sum(r.steps for r in ok)
+    per_step = [g for r in ok for g in r.step_ms] or [r.e2e_ms / r.steps for r in ok if r.steps]
+    within = [r for r in ok if slo_ms is None or r.e2e_ms <= slo_ms]
+    return {
+        "settings": settings,
+        "duration_s": round(duration_s, 2),
+        "requests": len(recs),
+        "succeeded": len(ok),
+        "failures_by_status": {k: v for k, v in sorted(statuses.items()) if k != "OK"},
+        "requests_per_s": round(len(ok) / duration_s, 3) if duration_s > 0 else None,
+        "e2e_ms": _dist([r.e2e_ms for r in ok]),
+        "ttfs_ms": _dist([r.ttfs_ms for r in ok if r.ttfs_ms is not None]),
+        "time_per_step_ms": _dist(per_step),
+        "time_per_step_source": "gaps between streamed steps" if any(r.step_ms for r in ok)
+                                else "end-to-end / steps (unary calls)",
+        "steps_per_request": round(steps / len(ok), 2) if ok else None,
+        "target_step_fraction": round(sum(r.target_steps for r in ok) / steps, 4) if steps else None,
+        "slo_ms": slo_ms,
+        "goodput": round(len(within) / len(recs), 4) if recs else None,
+        "goodput_requests_per_s": round(len(within) / duration_s, 3) if duration_s > 0 else None,
+        "pools_over_time": timeline,
+    }
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _charts(recs: list[Record], timeline: list[dict]) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    charts = []
+    ok = [r for r in recs if r.ok]
+    if ok:
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.scatter([r.start_s for r in ok], [r.e2e_ms for r in ok], s=6, label="end-to-end")
+        ttfs = [r for r in ok if r.ttfs_ms is not None]
+        if ttfs:
+            ax.scatter([r.start_s for r in ttfs], [r.ttfs_ms for r in ttfs], s=6, label="TTFS")
+        ax.set_xlabel("request start (s)")
+        ax.set_ylabel("ms")
+        ax.legend()
+        charts.append(("Latency of each request", _png(fig)))
+        plt.close(fig)
+    if timeline:
+        for key, title in (("replicas", "Healthy replicas per pool"), ("queued", "Queued calls per pool"),
+                           ("batch_size", "Mean batch size per pool")):
+            fig, ax = plt.subplots(figsize=(7, 2.6))
+            pools = sorted({p for row in timeline for p in row["pools"]})
+            for pool in pools:
+                pts = [(row["t"], row["pools"][pool][key]) for row in timeline
+                       if pool in row["pools"] and row["pools"][pool][key] is not None]
+                if pts:
+                    ax.step([t for t, _ in pts], [v for _, v in pts], where="post", label=pool)
+            ax.set_xlabel("s since the run started")
+            ax.legend(fontsize=7, ncol=5)
+            charts.append((title, _png(fig)))
+            plt.close(fig)
+    return charts
+
+
+def _table(summary: dict) -> str:
+    rows = []
+    for key in ("requests", "succeeded", "requests_per_s", "steps_per_request", "target_step_fraction", "slo_ms",
+                "goodput", "goodput_requests_per_s"):
+        rows.append(f"<tr><th>{key}</th><td>{summary[key]}</td></tr>")
+    for key in ("e2e_ms", "ttfs_ms", "time_per_step_ms"):
+        d = summary[key]
+        rows.append(f"<tr><th>{key}</th><td>p50 {d['p50']} · p95 {d['p95']} · p99 {d['p99']} · mean {d['mean']} "
+                    f"(n={d['n']})</td></tr>")
+    rows.append(f"<tr><th>failures by status</th><td>{html.escape(json.dumps(summary['failures_by_status']))}"
+                f"</td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def write_report(out: Path, recs: list[Record], summary: dict) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    charts = _charts(recs, summary["pools_over_time"])
+    imgs = "".join(f"<h3>{html.escape(t)}</h3><img src='data:image/png;base64,{b}'>" for t, b in charts)
+    settings = html.escape(json.dumps(summary["settings"], indent=1))
+    (out / "report.html").write_text(
+        "<!doctype html><meta charset='utf-8'><title>Arbitrage Serve load test</title>"
+        "<style>body{font-family:sans-serif;max-width:60em}th{text-align:left;padding-right:1em}</style>"
+        f"<h1>Arbitrage Serve load test</h1><pre>{settings}</pre>{_table(summary)}{imgs}")

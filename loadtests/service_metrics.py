@@ -1,0 +1,123 @@
+"""The service's own Prometheus metrics, sampled during a run: per pool (deployment) the
+healthy replicas, requests queued at callers and running on replicas, and the mean batch size
+since the previous sample. Reads the Ray metrics export port(s); no Ray import."""
+from __future__ import annotations
+
+import re
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+
+_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+POOLS = ("draft", "target", "router", "prm", "coordinator")
+
+
+def parse(text: str) -> list[tuple[str, dict[str, str], float]]:
+    out = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _LINE.match(line)
+        if m:
+            try:
+                out.append((m[1], dict(_LABEL.findall(m[2] or "")), float(m[3])))
+            except ValueError:
+                continue
+    return out
+
+
+# Serve sets a replica's health gauge at each health check (every 10 s by default), so an
+# export interval may lack it: a replica counts as up until this long after it was last seen.
+REPLICA_TTL_S = 15.0
+
+
+class ReplicaTracker:
+    """Healthy replicas per deployment from ``ray_serve_deployment_replica_healthy``."""
+
+    def __init__(self, ttl_s: float = REPLICA_TTL_S):
+        self.ttl_s = ttl_s
+        self.seen: dict[tuple[str, str], tuple[float, float]] = {}  # (deployment, replica) -> (time, value)
+
+    def update(self, samples, app: str | None, now: float | None = None) -> dict[str, int]:
+        now = time.monotonic() if now is None else now
+        for name, labels, value in samples:
+            if name == "ray_serve_deployment_replica_healthy" and labels.get("deployment") and (
+                    not app or labels.get("application") in (None, app)):
+                self.seen[(labels["deployment"], labels.get("replica", "?"))] = (now, value)
+        counts: dict[str, int] = defaultdict(int)
+        for (dep, _), (t, value) in self.seen.items():
+            if now - t <= self.ttl_s and value >= 1:
+                counts[dep] += 1
+        return dict(counts)
+
+
+def snapshot(samples, app: str | None) -> dict[str, dict[str, float]]:
+    """Per deployment: queued, running, and cumulative items and batches (pools)."""
+    pools: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for name, labels, value in samples:
+        if app and labels.get("application") not in (None, app):
+            continue
+        dep = labels.get("deployment")
+        if name == "ray_serve_deployment_queued_queries" and dep:
+            pools[dep]["queued"] += value
+        elif name == "ray_serve_replica_processing_queries" and dep:
+            pools[dep]["running"] += value
+        elif name == "ray_arbitrage_pool_items_total" and labels.get("role"):
+            pools[labels["role"]]["items"] += value  # exact (Ray exports a histogram's _sum from bucket midpoints)
+        elif name == "ray_arbitrage_pool_batch_size_count" and labels.get("role"):
+            pools[labels["role"]]["batch_count"] += value
+    return {dep: dict(v) for dep, v in pools.items() if dep in POOLS}
+
+
+def scrape(urls: list[str], timeout: float = 5.0) -> list:
+    samples = []
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                samples += parse(resp.read().decode())
+        except OSError:
+            continue
+    return samples
+
+
+class Sampler(threading.Thread):
+    """Samples every ``interval_s`` until stopped; ``timeline`` rows: t, pool -> figures."""
+
+    def __init__(self, urls: list[str], app: str | None, interval_s: float = 2.0):
+        super().__init__(daemon=True)
+        self.urls, self.app, self.interval_s = urls, app, interval_s
+        self.timeline: list[dict] = []
+        self._stop_event = threading.Event()
+        self._t0 = time.monotonic()
+
+    def run(self) -> None:
+        previous: dict[str, dict[str, float]] = {}
+        tracker = ReplicaTracker()
+        while True:
+            samples = scrape(self.urls)
+            replicas = tracker.update(samples, self.app)
+            snap = snapshot(samples, self.app)
+            for dep in replicas:
+                snap.setdefault(dep, {})
+            row = {"t": round(time.monotonic() - self._t0, 2), "pools": {}}
+            for dep, v in snap.items():
+                before = previous.get(dep, {})
+                # Ray drops a gauge from an export interval in which it was not set: carry it forward.
+                v = {**before, **v}
+                calls = v.get("batch_count", 0) - before.get("batch_count", 0)
+                items = v.get("items", 0) - before.get("items", 0)
+                row["pools"][dep] = {"replicas": replicas.get(dep, 0), "queued": v.get("queued", 0),
+                                     "running": v.get("running", 0),
+                                     "batch_size": round(items / calls, 2) if calls > 0 else None}
+                snap[dep] = v
+            previous = {**previous, **snap}
+            self.timeline.append(row)
+            if self._stop_event.wait(self.interval_s):
+                return
+
+    def stop(self) -> list[dict]:
+        self._stop_event.set()
+        self.join(timeout=30)
+        return self.timeline

@@ -1,0 +1,88 @@
+"""What one load run does: the request mix, the transport, the shape. Passed to the locust
+process as JSON in ``ARBITRAGE_LOAD`` (locust owns the command line). Pure logic."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+ENV = "ARBITRAGE_LOAD"
+Transport = Literal["grpc", "grpc-stream", "http", "http-sse", "openai", "openai-chat"]
+TRANSPORTS: tuple[str, ...] = ("grpc", "grpc-stream", "http", "http-sse", "openai", "openai-chat")
+Shape = Literal["steady", "ramp", "spike"]
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Per-request problems (seeded draws from the synthetic task) and routing knobs."""
+
+    policy: str | None = None          # None: the server's default
+    threshold: float | None = None
+    hard_prob: float = 0.2              # share of problems with a hard final step (difficulty)
+    max_steps: int | None = None
+    seed: int = 0
+    pool_size: int = 512                # distinct problems drawn; requests cycle through them
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.hard_prob <= 1.0:
+            raise ValueError(f"--hard-prob: must lie in [0, 1], got {self.hard_prob}")
+        if self.pool_size <= 0:
+            raise ValueError(f"pool_size: must be > 0, got {self.pool_size}")
+
+    def prompts(self) -> list[str]:
+        from arbitrage_common.synthetic import generate_problems
+
+        return [p.prompt for p in generate_problems(self.pool_size, self.seed, hard_prob=self.hard_prob)]
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    host_grpc: str = "127.0.0.1:9000"
+    host_http: str = "http://127.0.0.1:8000"
+    app: str | None = None
+    transport: str = "grpc"
+    mix: Mix = field(default_factory=Mix)
+    users: int = 4
+    spawn_rate: float = 4.0
+    duration_s: float = 60.0
+    shape: str = "steady"
+    rate: float | None = None           # open loop: Poisson arrivals per second (users then ignored)
+    max_in_flight: int = 256            # open loop: more in flight are dropped and counted
+    timeout_s: float = 120.0
+    slo_ms: float | None = None
+    records: str | None = None          # per-request JSONL written here when the run stops
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"--transport: expected one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
+        if self.shape not in ("steady", "ramp", "spike"):
+            raise ValueError(f"--shape: expected steady, ramp or spike, got {self.shape!r}")
+        if self.rate is not None and self.rate <= 0:
+            raise ValueError(f"--rate: arrivals per second must be > 0, got {self.rate}")
+        if self.users <= 0 or self.duration_s <= 0:
+            raise ValueError("--users and --duration must be > 0")
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> LoadSettings:
+        raw = os.environ.get(ENV)
+        if not raw:
+            return cls()
+        data = json.loads(raw)
+        data["mix"] = Mix(**data.get("mix", {}))
+        return cls(**data)
+
+
+def poisson_arrivals(rate: float, duration_s: float, seed: int) -> list[float]:
+    """Arrival times (seconds from start) of a Poisson process: exponential gaps, seeded."""
+    rng = random.Random(seed)
+    out, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration_s:
+            return out
+        out.append(t)

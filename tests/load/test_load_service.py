@@ -1,0 +1,132 @@
+"""Locust against a real local service (`arbitrage serve` in a child process, driven as a black
+box): the CI smoke, every transport, a service that is down, and the pools autoscaling
+independently under load (policy target scales the target pool only, policy draft the draft
+pool only, both back down after the load stops)."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from arbitrage_common.config import default_config
+from loadtests.runner import LocalService, run_locust
+from loadtests.service_metrics import ReplicaTracker, scrape
+from loadtests.settings import LoadSettings, Mix
+
+ROOT = Path(__file__).resolve().parents[2]
+# Fast autoscaling so a CI run shows it: scale above half an ongoing request per replica, decide
+# on 3 s of history, up after 2 s, down after 10 s.
+AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.5, "upscale_delay_s": 2,
+               "downscale_delay_s": 10, "look_back_period_s": 3, "metrics_interval_s": 1}
+# downscale_delay_s + look-back + replica shutdown + the tracker's 15 s memory of a replica
+DOWNSCALE_GRACE_S = 60
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    out = tmp_path_factory.mktemp("load")
+    data = default_config().model_dump(mode="json")
+    for role in ("draft", "target"):
+        data["pools"][role]["autoscaling_config"] = dict(AUTOSCALING)
+    cfg = out / "autoscaling.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    with LocalService(str(cfg), out / "service.log") as svc:
+        yield svc
+
+
+def _settings(svc, **kw) -> LoadSettings:
+    mix = kw.pop("mix", Mix(max_steps=8))
+    return LoadSettings(**svc.endpoints, mix=mix, timeout_s=60, **kw)
+
+
+def _metrics(svc) -> list[str]:
+    return [f"http://127.0.0.1:{svc.metrics_port}/metrics"]
+
+
+_TRACKER = ReplicaTracker()
+
+
+def _replicas(svc) -> dict[str, int]:
+    return _TRACKER.update(scrape(_metrics(svc)), svc.name)
+
+
+def _peak(timeline: list[dict], pool: str) -> float:
+    return max((row["pools"].get(pool, {}).get("replicas", 0) for row in timeline), default=0)
+
+
+def _wait_scaled_down(svc, pools: tuple[str, ...]) -> list[dict]:
+    """Replicas over time until every pool is back at min_replicas (or the grace runs out)."""
+    record, started = [], time.monotonic()
+    while time.monotonic() - started < DOWNSCALE_GRACE_S:
+        reps = _replicas(svc)
+        record.append({"t": round(time.monotonic() - started, 1), **{p: reps.get(p) for p in pools}})
+        if all(reps.get(p) == AUTOSCALING["min_replicas"] for p in pools):
+            return record
+        time.sleep(2)
+    raise AssertionError(f"not back to {AUTOSCALING['min_replicas']} replica(s) within {DOWNSCALE_GRACE_S} s: "
+                         f"{record}")
+
+
+def test_smoke_grpc_stream_zero_failures_and_report(service, tmp_path):
+    out = tmp_path / "smoke"
+    summary = run_locust(_settings(service, transport="grpc-stream", users=3, duration_s=20, slo_ms=30000),
+                         out, _metrics(service), progress=False)
+    assert summary["requests"] > 0 and summary["failures_by_status"] == {}
+    assert summary["ttfs_ms"]["n"] == summary["succeeded"] and summary["time_per_step_ms"]["n"] > 0
+    assert summary["ttfs_ms"]["p50"] <= summary["e2e_ms"]["p50"]
+    assert 0.0 <= summary["target_step_fraction"] <= 1.0 and summary["goodput"] == 1.0
+    assert {"summary.json", "report.html", "locust_stats.csv", "requests.jsonl"} <= {p.name for p in out.iterdir()}
+    stats = (out / "locust_stats.csv").read_text()
+    assert "GenerateStream TTFS" in stats and "GenerateStream end" in stats and "GenerateStream step" in stats
+    assert any(row["pools"].get("draft", {}).get("replicas") for row in summary["pools_over_time"])
+
+
+@pytest.mark.parametrize("transport", ["http-sse", "openai-chat"])
+def test_http_transports(service, tmp_path, transport):
+    summary = run_locust(_settings(service, transport=transport, users=2, duration_s=8), tmp_path, [], False)
+    assert summary["requests"] > 0 and summary["failures_by_status"] == {}
+    assert summary["steps_per_request"] > 0
+    if transport == "http-sse":
+        assert summary["ttfs_ms"]["n"] == summary["succeeded"]
+
+
+def test_slo_goodput_counts_slow_requests_out(service, tmp_path):
+    summary = run_locust(_settings(service, transport="grpc", users=2, duration_s=6, slo_ms=1), tmp_path, [], False)
+    assert summary["succeeded"] > 0 and summary["goodput"] == 0.0  # nothing finishes within 1 ms
+
+
+def test_a_service_that_is_down_fails_fast_with_a_clear_message(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "arbitrage_common.cli", "loadtest", "--grpc", f"127.0.0.1:{port}",
+                           "--duration", "30", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 1 and f"127.0.0.1:{port}" in proc.stderr and "did not answer" in proc.stderr
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("policy,scaled,idle", [("target", "target", "draft"), ("draft", "draft", "target")])
+def test_pools_autoscale_independently(service, tmp_path, policy, scaled, idle, request):
+    _wait_scaled_down(service, ("draft", "target"))  # start from min_replicas
+    summary = run_locust(_settings(service, transport="grpc", users=8, duration_s=30, mix=Mix(policy=policy,
+                                                                                              max_steps=10)),
+                         tmp_path, _metrics(service), progress=False)
+    assert summary["failures_by_status"] == {}
+    timeline = summary["pools_over_time"]
+    assert _peak(timeline, scaled) == AUTOSCALING["max_replicas"], timeline
+    assert _peak(timeline, idle) == AUTOSCALING["min_replicas"], timeline
+    after = _wait_scaled_down(service, (scaled, idle))
+    record = {"policy": policy, "during": [{"t": r["t"], **{p: r["pools"].get(p, {}).get("replicas")
+                                                             for p in ("draft", "target")}} for r in timeline],
+              "after_load": after}
+    (ROOT / "runs").mkdir(exist_ok=True)
+    (ROOT / "runs" / f"autoscaling-{policy}.json").write_text(json.dumps(record, indent=1))
