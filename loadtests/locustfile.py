@@ -16,15 +16,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `loadtests` as a package
 
-import gevent  # noqa: E402
-from gevent.pool import Pool  # noqa: E402
-from locust import HttpUser, constant, events, task  # noqa: E402
+import gevent
+from gevent.pool import Pool
+from locust import HttpUser, constant, events, task
 
-from loadtests import records  # noqa: E402
-from loadtests.grpc_user import call_grpc, make_client  # noqa: E402
-from loadtests.http_user import call_http  # noqa: E402
-from loadtests.settings import LoadSettings, poisson_arrivals  # noqa: E402
-from loadtests.shapes import SHAPES  # noqa: E402
+from loadtests import records
+from loadtests.grpc_user import call_grpc, make_client
+from loadtests.http_user import call_http
+from loadtests.settings import LoadSettings, poisson_arrivals
+from loadtests.shapes import SHAPES
 
 SETTINGS = LoadSettings.from_env()
 PROMPTS = SETTINGS.mix.prompts()

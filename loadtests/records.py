@@ -39,8 +39,7 @@ def since_start() -> float:
 
 def write(path: str | Path) -> int:
     with open(path, "w") as f:
-        for r in _RECORDS:
-            f.write(json.dumps(asdict(r)) + "\n")
+        f.writelines(json.dumps(asdict(r)) + "\n" for r in _RECORDS)
     return len(_RECORDS)
 
 

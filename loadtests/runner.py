@@ -13,6 +13,7 @@ import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
+from typing import Self
 
 from arbitrage_common.client import Client
 
@@ -60,7 +61,7 @@ class LocalService:
         self.config, self.log = config, log
         self.grpc_port, self.http_port, self.metrics_port = _free_port(), _free_port(), _free_port()
 
-    def __enter__(self) -> LocalService:
+    def __enter__(self) -> Self:
         import yaml
 
         from arbitrage_common.config import default_config, load_config
@@ -73,7 +74,7 @@ class LocalService:
         cfg_file.write_text(yaml.safe_dump(data, sort_keys=False))
         env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
                "RAY_metrics_report_interval_ms": "2000"}  # pools over time at a 2 s grain
-        self._log = open(self.log, "w")  # noqa: SIM115 (closed in __exit__)
+        self._log = open(self.log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "arbitrage_common.cli", "serve", "--config",
                                       str(cfg_file), "--metrics-port", str(self.metrics_port)],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env)

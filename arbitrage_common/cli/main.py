@@ -8,8 +8,8 @@ from .config_cmd import add_config_parser
 from .engine_cmd import add_bench_parser, add_router_parser
 from .k8s_cmd import add_k8s_parser
 from .loadtest_cmd import add_loadtest_parser
-from .plan_cmd import add_plan_parser
 from .models_cmd import add_models_parser, add_train_parser
+from .plan_cmd import add_plan_parser
 from .serve_cmd import add_serve_parsers
 
 ERROR_EXIT = 1

@@ -59,8 +59,8 @@ def test_target_fraction_routes_that_share_of_steps():
 def _profile(**kw) -> Profile:
     curves = {"draft": ServiceCurve(5, 1), "router": ServiceCurve(8, 0.5), "prm": ServiceCurve(8, 0.5),
               "target": ServiceCurve(40, 4)}
-    base = dict(curves=curves, max_batch=dict.fromkeys(curves, 16), hop_ms=2.0, request_overhead_ms=5.0,
-                steps=(5, 6, 7), cores=None, measured={})
+    base = {"curves": curves, "max_batch": dict.fromkeys(curves, 16), "hop_ms": 2.0, "request_overhead_ms": 5.0,
+            "steps": (5, 6, 7), "cores": None, "measured": {}}
     return Profile(**{**base, **kw})
 
 
