@@ -57,8 +57,8 @@ def check_up(settings: LoadSettings, timeout_s: float = 5.0) -> None:
 class LocalService:
     """``arbitrage serve --config CFG`` on free ports in a child process, stopped by SIGTERM."""
 
-    def __init__(self, config: str | None, log: Path):
-        self.config, self.log = config, log
+    def __init__(self, config: str | None, log: Path, fast_metrics: bool = True):
+        self.config, self.log, self.fast_metrics = config, log, fast_metrics
         self.grpc_port, self.http_port, self.metrics_port = _free_port(), _free_port(), _free_port()
 
     def __enter__(self) -> Self:
@@ -72,8 +72,9 @@ class LocalService:
         self.name = cfg.name
         cfg_file = self.log.with_name("service-config.yaml")
         cfg_file.write_text(yaml.safe_dump(data, sort_keys=False))
-        env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
-               "RAY_metrics_report_interval_ms": "2000"}  # pools over time at a 2 s grain
+        env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+        if self.fast_metrics:  # pools over time at a 2 s grain (Ray's default export is every 10 s)
+            env["RAY_metrics_report_interval_ms"] = "2000"
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "arbitrage_common.cli", "serve", "--config",
                                       str(cfg_file), "--metrics-port", str(self.metrics_port)],

@@ -6,8 +6,9 @@ has ``replicas`` servers with a shared queue; an idle replica takes up to ``max_
 calls at once and serves them in ``base_ms + per_item_ms * b`` (the batch-dependent service
 rate of dynamic batching: calls that arrive during a pass join the next one). Each call also
 pays ``hop_ms`` of handle and coordinator overhead that holds no replica, and each request
-``request_overhead_ms`` (proxy, gRPC). With ``cores`` set, busy replicas share that many
-cores (processor sharing: a CPU machine); on GPUs leave it None (each replica its own device).
+``request_overhead_ms`` (proxy, gRPC). With ``cores`` set (a CPU machine), the busy replicas
+and that overhead, which is Python work on the same cores, share them (processor sharing); on
+GPUs leave it None: each replica has its own device and the overhead is latency only.
 """
 from __future__ import annotations
 
@@ -27,27 +28,37 @@ CALLS_PER_STEP = {
 
 @dataclass(frozen=True)
 class ServiceCurve:
-    """Wall ms of one batched forward pass of ``b`` calls: ``base_ms + per_item_ms * b``."""
+    """Wall ms of one batched forward pass of ``b`` calls: ``base_ms + per_item_ms * b`` on
+    average, varying call to call with coefficient of variation ``cv`` (a step's length, and so
+    its time, depends on what the model writes)."""
 
     base_ms: float
     per_item_ms: float
+    cv: float = 0.0
 
     def ms(self, b: int) -> float:
         return self.base_ms + self.per_item_ms * b
 
+    def sample_ms(self, b: int, rng: random.Random) -> float:
+        """One pass: the mean times a lognormal factor of mean 1 and this CV."""
+        if self.cv <= 0:
+            return self.ms(b)
+        sigma2 = math.log1p(self.cv ** 2)
+        return self.ms(b) * rng.lognormvariate(-sigma2 / 2, math.sqrt(sigma2))
+
     @classmethod
-    def fit(cls, batch_sizes: list[int], ms: list[float]) -> ServiceCurve:
+    def fit(cls, batch_sizes: list[int], ms: list[float], cv: float = 0.0) -> ServiceCurve:
         """Least squares over the profiled points (both terms kept >= 0)."""
         n = len(batch_sizes)
         if n == 0:
             raise ValueError("a service curve needs at least one profiled batch size")
         if n == 1:
-            return cls(0.0, ms[0] / batch_sizes[0])
+            return cls(0.0, ms[0] / batch_sizes[0], cv)
         mx, my = sum(batch_sizes) / n, sum(ms) / n
         sxx = sum((x - mx) ** 2 for x in batch_sizes)
         slope = sum((x - mx) * (y - my) for x, y in zip(batch_sizes, ms)) / sxx if sxx else 0.0
         slope = max(slope, 0.0)
-        return cls(max(my - slope * mx, 0.0), slope)
+        return cls(max(my - slope * mx, 0.0), slope, cv)
 
 
 @dataclass(frozen=True)
@@ -132,7 +143,9 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
         push(t_arr, "arrive", i)
     queues = {name: deque() for name in pools}
     idle = {name: p.replicas for name, p in pools.items()}
-    busy: list[list] = []  # [remaining_ms, pool, calls, started_ms]
+    # Work on the (shared) cores: [remaining_ms, kind, payload, started_ms]; kind "batch" holds a
+    # replica (payload: pool, calls), "hop" and "finish" are the coordinator's own CPU work.
+    busy: list[list] = []
     busy_ms = dict.fromkeys(pools, 0.0)
     waits: dict[str, list[float]] = {name: [] for name in pools}
     done: dict[int, float] = {}
@@ -150,14 +163,21 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
                 for _, enq in calls:
                     waits[name].append(now - enq)
                 idle[name] -= 1
-                busy.append([pools[name].curve.ms(b), name, calls, now])
+                busy.append([pools[name].curve.sample_ms(b, rng), "batch", (name, calls), now])
 
     def next_call(rid: int) -> None:
         req = reqs[rid]
         if not req.calls:
-            done[rid] = now + w.request_overhead_ms - req.arrival
+            if cores is None:
+                done[rid] = now + w.request_overhead_ms - req.arrival
+            else:
+                busy.append([w.request_overhead_ms, "finish", rid, now])
             return
-        push(now + w.hop_ms, "enqueue", (rid, req.calls.popleft()))
+        call = (rid, req.calls.popleft())
+        if cores is None:  # GPUs: the overhead is latency, the cores are not the bottleneck
+            push(now + w.hop_ms, "enqueue", call)
+        else:  # a CPU machine: the coordinator's work per call shares the cores with the pools
+            busy.append([w.hop_ms, "hop", call, now])
 
     while events or busy:
         s = speed()
@@ -169,11 +189,17 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
         now = t_next
         if t_done <= t_event:
             i = min(range(len(busy)), key=lambda k: busy[k][0])
-            _, name, calls, started = busy.pop(i)
-            idle[name] += 1
-            busy_ms[name] += now - started
-            for rid, _ in calls:
-                next_call(rid)
+            _, kind, payload, started = busy.pop(i)
+            if kind == "batch":
+                name, calls = payload
+                idle[name] += 1
+                busy_ms[name] += now - started
+                for rid, _ in calls:
+                    next_call(rid)
+            elif kind == "hop":
+                queues[payload[1]].append((payload[0], now))
+            else:
+                done[payload] = now - reqs[payload].arrival
         else:
             _, _, kind, payload = heapq.heappop(events)
             if kind == "arrive":

@@ -4,7 +4,7 @@ side by side at matched accuracy (the business case: fewer target GPUs)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .model import CALLS_PER_STEP, Pool, ServiceCurve, SimResult, Workload, simulate
@@ -30,8 +30,24 @@ class Profile:
         return cls({k: ServiceCurve(**v) for k, v in d["curves"].items()}, d["max_batch"], d["hop_ms"],
                    d["request_overhead_ms"], tuple(d["steps"]), d.get("cores"), d.get("measured", {}))
 
+    def cpu_ms_per_request(self, policy: str, target_fraction: float) -> float:
+        """Work one request puts on the cores at batch 1: pool passes, hops, overhead."""
+        always, routed = CALLS_PER_STEP[policy]
+        steps = sum(self.steps) / len(self.steps)
+        per_step = sum(self.curves[p].ms(1) + self.hop_ms for p in always)
+        if routed:
+            per_step += target_fraction * (self.curves[routed].ms(1) + self.hop_ms)
+        return steps * per_step + self.request_overhead_ms
+
+    def scaled(self, k: float) -> Profile:
+        """Every time multiplied by ``k`` (calibration against a measured capacity)."""
+        curves = {n: ServiceCurve(c.base_ms * k, c.per_item_ms * k, c.cv) for n, c in self.curves.items()}
+        return replace(self, curves=curves, hop_ms=self.hop_ms * k, request_overhead_ms=self.request_overhead_ms * k,
+                       measured={**self.measured, "scaled_by": k})
+
     def as_dict(self) -> dict:
-        return {"curves": {k: {"base_ms": v.base_ms, "per_item_ms": v.per_item_ms} for k, v in self.curves.items()},
+        return {"curves": {k: {"base_ms": v.base_ms, "per_item_ms": v.per_item_ms, "cv": v.cv}
+                           for k, v in self.curves.items()},
                 "max_batch": self.max_batch, "hop_ms": self.hop_ms, "request_overhead_ms": self.request_overhead_ms,
                 "steps": list(self.steps), "cores": self.cores, "measured": self.measured}
 

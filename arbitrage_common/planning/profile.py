@@ -58,14 +58,18 @@ def profile_pools(cfg: AppConfig, batch_sizes=BATCH_SIZES, seed: int = 0, repeat
             gen = HFStepGenerator(path, threads=spec.model.threads)
             prefixes = [build_prefix(prompt, steps, cfg.prompt.template) for prompt, steps in inputs]
             run = lambda b, gen=gen, prefixes=prefixes: gen.generate_batch(prefixes[:b], options)
+            one = lambda i, gen=gen, prefixes=prefixes: gen.generate_batch([prefixes[i]], options)
         else:
             scorer = load_step_scorer(path, threads=spec.model.threads, annotate_history=spec.model.annotate_history)
             items = [ScoreItem(prompt, tuple((s, "draft") for s in steps[:-1]), steps[-1] if steps else "x")
                      for prompt, steps in inputs]
             run = lambda b, scorer=scorer, items=items: scorer.score_batch(items[:b])
+            one = lambda i, scorer=scorer, items=items: scorer.score_batch([items[i]])
         sizes = [b for b in batch_sizes if b <= spec.max_batch_size]
         ms = [_time(lambda b=b, run=run: run(b), repeats) for b in sizes]
-        curves[role] = ServiceCurve.fit(sizes, ms)
+        singles = [_time(lambda i=i, one=one: one(i), 1) for i in range(len(inputs))]  # call-to-call spread
+        cv = statistics.pstdev(singles) / statistics.mean(singles)
+        curves[role] = ServiceCurve.fit(sizes, ms, cv)
         points[role] = dict(zip(map(str, sizes), (round(m, 2) for m in ms)))
     return curves, points
 

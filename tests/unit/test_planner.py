@@ -130,3 +130,26 @@ def test_load_settings_reject_bad_fields():
         assert LoadSettings.from_env() == s
     finally:
         del os.environ["ARBITRAGE_LOAD"]
+
+
+def test_calibration_scales_every_time_and_the_cpu_per_request():
+    prof = _profile()
+    # steps mean 6: per step draft 6 + router 8.5 + 2 hops of 2, plus 0.5 x (target 44 + hop 2); + 5 overhead
+    assert prof.cpu_ms_per_request("arbitrage", 0.5) == pytest.approx(6 * (6 + 8.5 + 4 + 0.5 * 46) + 5)
+    doubled = prof.scaled(2.0)
+    assert doubled.cpu_ms_per_request("arbitrage", 0.5) == pytest.approx(2 * prof.cpu_ms_per_request("arbitrage", 0.5))
+    assert doubled.measured["scaled_by"] == 2.0
+
+
+def test_variable_service_times_keep_their_mean_and_lengthen_the_tail():
+    rng = __import__("random").Random(0)
+    c = ServiceCurve(100.0, 0.0, cv=0.5)
+    draws = [c.sample_ms(1, rng) for _ in range(20000)]
+    assert statistics.mean(draws) == pytest.approx(100.0, rel=0.02)
+    assert statistics.pstdev(draws) / statistics.mean(draws) == pytest.approx(0.5, rel=0.05)
+    w = Workload("target", (1,), 1.0)
+    fixed = simulate({"target": Pool(ServiceCurve(100.0, 0.0), max_batch=1)}, w, rate=5.0, n_requests=20000, seed=4)
+    varied = simulate({"target": Pool(c, max_batch=1)}, w, rate=5.0, n_requests=20000, seed=4)
+    # M/G/1: the mean wait grows with (1 + cv^2) / 2 (Pollaczek-Khinchine): 50 ms -> 62.5 ms
+    assert statistics.mean(varied.latencies_ms) == pytest.approx(162.5, rel=0.06)
+    assert varied.p(95) > fixed.p(95)
