@@ -153,3 +153,29 @@ def test_variable_service_times_keep_their_mean_and_lengthen_the_tail():
     # M/G/1: the mean wait grows with (1 + cv^2) / 2 (Pollaczek-Khinchine): 50 ms -> 62.5 ms
     assert statistics.mean(varied.latencies_ms) == pytest.approx(162.5, rel=0.06)
     assert varied.p(95) > fixed.p(95)
+
+
+def test_plan_cli_sets_rsd_beside_arbitrage_for_a_preset(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    from arbitrage_common.cli.main import main
+
+    root = Path(__file__).resolve().parents[2]
+    point = {"threshold": 0.5, "accuracy": 0.61, "acceptance_rate": 0.7, "latency_s_mean": 1.0, "n": 150}
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"matched": {"rsd": {**point, "policy": "rsd", "target_step_fraction": 0.38},
+                                             "arbitrage": {**point, "policy": "arbitrage",
+                                                           "target_step_fraction": 0.18}}}))
+    profile = root / "docs" / "examples" / "gpu-profile-llama-1b-8b.assumed.json"
+    assert main(["plan", "--profile", str(profile), "--rate", "20", "--slo-ms", "20000", "--bench", str(bench),
+                 "--preset", "llama-1b-8b", "--json"]) == 0
+    rsd, arb = json.loads(capsys.readouterr().out)
+    assert (rsd["policy"], arb["policy"]) == ("rsd", "arbitrage")
+    assert rsd["replicas"]["target"] > arb["replicas"]["target"]  # 0.38 vs 0.18 of the steps on the target
+    assert rsd["gpus_per_pool"]["target"] == rsd["replicas"]["target"]  # one whole GPU per target replica
+    assert arb["worker_groups"]["target"]["pods"] == arb["replicas"]["target"]
+    assert rsd["predicted_p95_ms"] <= 20000 and arb["predicted_p95_ms"] <= 20000
+    assert main(["plan", "--profile", str(profile), "--rate", "-1", "--slo-ms", "100", "--target-fraction", "0.2"]) \
+        == 1
+    assert "--rate: arrivals per second must be > 0" in capsys.readouterr().err
