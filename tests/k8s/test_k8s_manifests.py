@@ -147,7 +147,7 @@ def test_serve_config_is_ray_serves_schema_and_the_cluster_config(target):
     assert args == cluster_app_config(target_config(target))
 
 
-def test_ports_and_versions(rayservice_names=None):
+def test_ports_and_versions():
     for target in target_names():
         manifest = yaml.safe_load((K8S / "base" / target / "rayservice.yaml").read_text())
         cluster = manifest["spec"]["rayClusterConfig"]
@@ -215,6 +215,3 @@ def test_dashboard_queries_cover_what_an_operator_watches():
                    "ray_arbitrage_pool_batch_size_bucket", "ray_arbitrage_pool_prefix_cache_hit_rate"):
         assert needed in metrics, needed
 
-
-def test_kustomize_is_available_for_the_overlay_builds():
-    assert KUBECTL.exists() or shutil.which("kubectl"), "kubectl (kustomize) missing"
