@@ -214,4 +214,3 @@ def test_dashboard_queries_cover_what_an_operator_watches():
                    "ray_arbitrage_first_step_ms_bucket", "ray_arbitrage_steps_total",
                    "ray_arbitrage_pool_batch_size_bucket", "ray_arbitrage_pool_prefix_cache_hit_rate"):
         assert needed in metrics, needed
-
