@@ -6,11 +6,13 @@ lazily, so ``arbitrage_common`` stays importable without them.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Self
 
 DEFAULT_ENDPOINT = "127.0.0.1:9000"
+API_KEY_ENV = "ARBITRAGE_API_KEY"  # the key a client sends when the service has one (auth.api_key_env)
 RETRIABLE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 _OPTIONAL_FIELDS = ("threshold", "max_steps", "max_new_tokens", "timeout_s", "request_id")
 
@@ -27,9 +29,17 @@ class ServiceError(RuntimeError):
         return self.code in RETRIABLE
 
 
-def metadata_for(app: str | None, extra: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str], ...] | None:
-    """gRPC metadata: the Serve application name when several apps share a cluster."""
-    pairs = ((("application", app),) if app else ()) + tuple(extra)
+def auth_metadata(api_key: str | None = None) -> tuple[tuple[str, str], ...]:
+    """``authorization: Bearer <key>`` from ``api_key`` or ``$ARBITRAGE_API_KEY``; () without one."""
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
+def metadata_for(app: str | None, extra: tuple[tuple[str, str], ...] = (),
+                 api_key: str | None = None) -> tuple[tuple[str, str], ...] | None:
+    """gRPC metadata: the Serve application name when several apps share a cluster, and the
+    API key when one is given or set in ``$ARBITRAGE_API_KEY``."""
+    pairs = ((("application", app),) if app else ()) + auth_metadata(api_key) + tuple(extra)
     return pairs or None
 
 
@@ -73,6 +83,7 @@ class Client:
     endpoint: str = DEFAULT_ENDPOINT
     app: str | None = None
     channel: Any = None
+    api_key: str | None = None  # None: $ARBITRAGE_API_KEY if set
 
     def __post_init__(self) -> None:
         import grpc
@@ -82,7 +93,7 @@ class Client:
         if self.channel is None:
             self.channel = grpc.insecure_channel(self.endpoint)
         self.stub = pbg.ArbitrageServiceStub(self.channel)
-        self.metadata = metadata_for(self.app)
+        self.metadata = metadata_for(self.app, api_key=self.api_key)
 
     def __enter__(self) -> Self:
         return self

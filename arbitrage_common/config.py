@@ -9,6 +9,7 @@ that YAML. No Ray, torch or transformers imports here: configs load and validate
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,8 @@ APP_IMPORT_PATH = "services.app:build_app"
 GRPC_SERVICER_FUNCTIONS = [
     "protos.arbitrage.v1.arbitrage_pb2_grpc.add_ArbitrageServiceServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    # Not a servicer: the hook that runs in every proxy; a dead coordinator replica -> UNAVAILABLE.
+    "services.proxy_status.install",
 ]
 
 
@@ -77,6 +80,9 @@ class ModelSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Transformers scorers: where the model runs "
                                                                       "('auto': the GPU when the replica has one, "
                                                                       "else the CPU).")
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with the checkpoint (its "
+                                                       "config's auto_map) when loading it. Off unless the "
+                                                       "model needs it and its source is trusted.")
     engine: EngineSpec | None = Field(None, description="vLLM engine arguments (backend 'vllm' only; None: "
                                                         "EngineSpec's defaults).")
 
@@ -246,6 +252,17 @@ class CoordinatorSpec(DeploymentSpec):
     max_ongoing_requests: PositiveInt = Field(64, description="Requests one coordinator replica runs at once (each "
                                                               "is a step loop awaiting the pools).")
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After seconds advised on overload (503).")
+    graceful_shutdown_timeout_s: float = Field(300.0, ge=0, description="Seconds a stopping coordinator replica "
+                                                                        "may finish its requests; at least "
+                                                                        "limits.request_timeout_s (validated), "
+                                                                        "so a downscale drops no request in "
+                                                                        "flight.")
+    pool_retries: int = Field(8, ge=0, description="Retries of one pool call that failed because its replica "
+                                                   "died or its pool was full (within the request's deadline).")
+    retry_backoff_s: float = Field(0.05, gt=0, description="First retry backoff; it doubles per retry (full "
+                                                          "jitter), capped at 1 s.")
+    health_probe_s: float = Field(2.0, gt=0, description="How often each coordinator replica probes the pools "
+                                                         "for gRPC Check/Watch and /healthz.")
 
 
 class PoolsSpec(_Strict):
@@ -307,6 +324,12 @@ class LimitsSpec(_Strict):
     step_max_tokens: PositiveInt = Field(64, description="Token limit of one generated step.")
     request_timeout_s: PositiveFloat = Field(60.0, description="Deadline of one request, seconds; past it: "
                                                                "DEADLINE_EXCEEDED / 504. Requests may ask for less.")
+    max_body_bytes: PositiveInt = Field(1024 * 1024, description="Largest HTTP request body, bytes (Content-Length, "
+                                                                 "or counted as a chunked body arrives); larger: "
+                                                                 "413 payload_too_large.")
+    max_grpc_message_bytes: PositiveInt = Field(1024 * 1024, description="Largest gRPC request message, bytes "
+                                                                         "(checked by the coordinator); larger: "
+                                                                         "INVALID_ARGUMENT payload_too_large.")
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> LimitsSpec:
@@ -315,6 +338,35 @@ class LimitsSpec(_Strict):
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must be <= max_new_tokens")
         return self
+
+
+class AuthSpec(_Strict):
+    """Optional API key authentication (``arbitrage_common.auth``); off unless ``api_key_env`` is set."""
+
+    api_key_env: str | None = Field(None, description="Name of the environment variable that holds the API key, "
+                                                      "or keys separated by commas (never the key itself). Set, "
+                                                      "every route but /healthz and /livez and every gRPC call "
+                                                      "needs 'Authorization: Bearer <key>'; the variable must be "
+                                                      "set on every node (a coordinator replica without it fails "
+                                                      "to start). None: no authentication.")
+    k8s_secret: str | None = Field(None, description="KubeRay: the Secret whose key named like api_key_env holds "
+                                                     "the keys; rendered as env on every Pod (None: "
+                                                     "'<name>-api-keys').")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError(f"{v!r} is not an environment variable name (letters, digits, '_'; the key itself "
+                             f"never goes into the config)")
+        return v
+
+    @field_validator("k8s_secret")
+    @classmethod
+    def _secret_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", v):
+            raise ValueError(f"{v!r} is not a Kubernetes Secret name (lowercase letters, digits, '-', '.')")
+        return v
 
 
 class HTTPSpec(_Strict):
@@ -347,6 +399,7 @@ class AppConfig(_Strict):
     policy: PolicySpec = Field(default_factory=PolicySpec, description="Default policy and threshold.")
     prompt: PromptSpec = Field(default_factory=PromptSpec, description="Prompt template and step delimiter.")
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits and deadline.")
+    auth: AuthSpec = Field(default_factory=AuthSpec, description="API key authentication (off by default).")
     http: HTTPSpec = Field(default_factory=HTTPSpec, description="HTTP proxy options.")
     grpc: GRPCSpec = Field(default_factory=GRPCSpec, description="gRPC proxy options.")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="KubeRay layout: image, worker-group "
@@ -367,6 +420,15 @@ class AppConfig(_Strict):
             if spec is not None and spec.model.backend != "transformers":
                 raise ValueError(f"pools.{role}.model.backend: scorer pools run on 'transformers' "
                                  f"(see docs/PRESETS.md for why)")
+        return self
+
+    @model_validator(mode="after")
+    def _drain_outlasts_requests(self) -> AppConfig:
+        grace, timeout = self.coordinator.graceful_shutdown_timeout_s, self.limits.request_timeout_s
+        if grace < timeout:
+            raise ValueError(f"coordinator.graceful_shutdown_timeout_s ({grace:g}) must be >= "
+                             f"limits.request_timeout_s ({timeout:g}): a stopping coordinator replica would drop "
+                             f"requests still in flight")
         return self
 
     @model_validator(mode="after")

@@ -6,11 +6,15 @@ different tokenizers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 Source = Literal["draft", "target"]
-FinishReason = Literal["delimiter", "eos", "length"]
+# Why a step ended: "delimiter" (the step delimiter, not included in the text), "eos"
+# (end-of-sequence), "length" (its token budget or the model's context ran out), or
+# "context": the prefix leaves no room in the model's context, so nothing was generated
+# (Generation(text="", tokens=0, finish_reason="context")).
+FinishReason = Literal["delimiter", "eos", "length", "context"]
 
 
 @dataclass(frozen=True)
@@ -22,10 +26,28 @@ class GenerationOptions:
     seed: int | None = None
 
 
+def row_options(options: GenerationOptions | Sequence[GenerationOptions], n: int) -> list[GenerationOptions]:
+    """One ``GenerationOptions`` per row of an ``n``-row batch.
+
+    A sequence is taken as it is (one per row). One options object for the whole batch
+    gives row ``i`` the seed ``(seed or 0) + i`` when sampling, so equal prefixes in one
+    call still draw different samples; a row's output depends only on its own options.
+    """
+    if isinstance(options, GenerationOptions):
+        if options.temperature <= 0:
+            return [options] * n
+        base = options.seed or 0
+        return [replace(options, seed=base + i) for i in range(n)]
+    rows = list(options)
+    if len(rows) != n:
+        raise ValueError(f"options: {len(rows)} for {n} prefixes (one per prefix, or one for all)")
+    return rows
+
+
 @dataclass(frozen=True)
 class Generation:
-    """One generated step: text without the delimiter, its token count, why it stopped,
-    and the wall seconds of the call that produced it (shared by a batch)."""
+    """One generated step: text without the delimiter, its token count, why it stopped
+    (``FinishReason``), and the wall seconds of the call that produced it (shared by a batch)."""
 
     text: str
     tokens: int

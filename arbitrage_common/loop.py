@@ -15,7 +15,10 @@ or, to send each step as soon as it is decided::
     stream.result                              # LoopResult; set when the last step is yielded
 
 On a missed deadline both raise ``DeadlineExceeded`` whose ``.partial`` (also
-``stream.result``) holds the steps kept so far. Cancellation propagates untouched.
+``stream.result``) holds the steps kept so far. Cancellation propagates untouched. When a
+generator answers ``"context"`` (no room left in its context), the request ends with
+``finish_reason "length"`` keeping its steps; at the first step that is the prompt's fault,
+``InvalidArgument('prompt')``.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from .policies import Policy
 from .steps import DEFAULT_PROMPT_TEMPLATE, PROBLEM_FIELD, build_prefix
 
 T = TypeVar("T")
-_FINISH_REASONS = ("delimiter", "eos", "length")
+_FINISH_REASONS = ("delimiter", "eos", "length", "context")
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -100,6 +103,13 @@ class _DeadlinePassed(Exception):
     """Internal: turned into DeadlineExceeded with the partial result by the loop."""
 
 
+class _ContextFull(Exception):
+    """Internal: a generator had no room left in its context for this step."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+
 class LoopStream:
     """Async iterator of ``StepRecord``; ``.result`` holds the ``LoopResult`` once the last
     step is yielded (or the partial one after ``DeadlineExceeded``), else None."""
@@ -136,7 +146,15 @@ class LoopStream:
         self._deadline = None if req.deadline_s is None else self._t0 + req.deadline_s
         try:
             while True:
-                record = await self._step(len(self.steps))
+                try:
+                    record = await self._step(len(self.steps))
+                except _ContextFull as full:
+                    if not self.steps:  # nothing decided yet: the prompt itself does not fit
+                        raise InvalidArgument("prompt", f"leaves no room in the {full.source} model's context") \
+                            from None
+                    # The context filled up mid-request: the request ends here and keeps its steps.
+                    self.result = self._result("length")
+                    return
                 self.steps.append(record)
                 reason = self._stop_reason(record)
                 if reason is not None:
@@ -228,6 +246,8 @@ class LoopStream:
             raise ScorerError(role, f"token count must be an integer >= 0, got {gen.tokens!r}")
         if gen.finish_reason not in _FINISH_REASONS:
             raise ScorerError(role, f"unknown finish_reason {gen.finish_reason!r}")
+        if gen.finish_reason == "context":
+            raise _ContextFull(source)
         if source == "target":
             self.usage.target_tokens += gen.tokens
         return gen

@@ -1,10 +1,12 @@
-"""Steps as text: build the generation prefix, split text into steps, format scorer input.
+"""Steps as text: build the generation prefix, split text into steps, format scorer input,
+and the rule that fits a scorer input into a model's context (``fit_scorer_input``).
 
 Pure functions. A step is a paragraph; steps are separated by ``STEP_DELIMITER``.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from .interfaces import ScoreItem, Source
 
@@ -54,5 +56,62 @@ def format_scorer_input(item: ScoreItem, annotate: bool) -> str:
     With ``annotate`` each history step is prefixed by its writer's tag ("Model 0: " for the
     draft, "Model 1: " for the target); the candidate is never annotated.
     """
-    history = [(SOURCE_TAGS[source] + text) if annotate else text for text, source in item.history]
-    return STEP_DELIMITER.join([item.problem, *history, item.candidate])
+    problem, history, candidate = scorer_pieces(item, annotate)
+    return problem + "".join(history) + candidate
+
+
+def scorer_pieces(item: ScoreItem, annotate: bool) -> tuple[str, list[str], str]:
+    """``format_scorer_input`` in pieces: the problem, each history step with the delimiter
+    before it, and the candidate with the delimiter before it (their concatenation is the input)."""
+    history = [STEP_DELIMITER + ((SOURCE_TAGS[source] + text) if annotate else text) for text, source in item.history]
+    return item.problem, history, STEP_DELIMITER + item.candidate
+
+
+# -- context limits -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScorerFit:
+    """How a scorer input is cut to fit a model's context (token counts; see ``fit_scorer_input``)."""
+
+    drop_history: int  # oldest history steps left out
+    problem_tokens: int  # problem tokens kept; fewer than all: its middle is cut (``cut_middle``)
+    candidate_tokens: int  # candidate tokens kept; fewer than all: its head is cut (``keep_tail``)
+
+
+def fit_scorer_input(problem: int, history: Sequence[int], candidate: int, budget: int) -> ScorerFit:
+    """The one truncation rule of every scorer, over token costs: the candidate first, then the
+    problem, then the newest history steps, oldest dropped first, until ``budget`` is spent.
+
+    A kept history is always the newest steps without a gap. Only when the problem and the
+    candidate alone exceed the budget is the problem cut (its middle: the setup at its head
+    and the question at its tail both stay), and only when the candidate alone does is the
+    candidate cut (its head: scorers read the end of the step)."""
+    room = max(budget, 0)
+    candidate_kept = min(candidate, room)
+    room -= candidate_kept
+    problem_kept = min(problem, room)
+    room -= problem_kept
+    kept = 0
+    for cost in reversed(history):
+        if cost > room:
+            break
+        room -= cost
+        kept += 1
+    return ScorerFit(len(history) - kept, problem_kept, candidate_kept)
+
+
+def cut_middle(text: str, spans: Sequence[tuple[int, int]], keep: int) -> str:
+    """``text`` cut to its first ``ceil(keep/2)`` and last ``floor(keep/2)`` tokens (``spans``:
+    each token's character span, in order)."""
+    if keep >= len(spans):
+        return text
+    if keep <= 0:
+        return ""
+    head, tail = (keep + 1) // 2, keep // 2
+    return text[: spans[head - 1][1]] + (text[spans[len(spans) - tail][0]:] if tail else "")
+
+
+def keep_tail(text: str, spans: Sequence[tuple[int, int]], keep: int) -> str:
+    """``text`` cut to its last ``keep`` tokens (``spans`` as for ``cut_middle``)."""
+    if keep >= len(spans):
+        return text
+    return text[spans[len(spans) - keep][0]:] if keep > 0 else ""

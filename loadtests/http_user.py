@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 import time
 
+from arbitrage_common.client import auth_metadata
+
 from . import records
 
+# The service's API key, when it has one: $ARBITRAGE_API_KEY, as the gRPC client sends it.
+_AUTH = dict(auth_metadata())
 ROUTES = {"http": "/v1/generate", "http-sse": "/v1/generate", "openai": "/v1/completions",
           "openai-chat": "/v1/chat/completions"}
 
@@ -37,7 +41,7 @@ def call_http(session, environment, settings, prompt: str) -> None:
     started, t0 = time.perf_counter(), records.since_start()
     rec = records.Record(settings.transport, t0, 0.0, "OK", policy=settings.mix.policy)
     stream = settings.transport == "http-sse"
-    with session.post(route, json=_body(settings, prompt), stream=stream, catch_response=True,
+    with session.post(route, json=_body(settings, prompt), stream=stream, catch_response=True, headers=_AUTH,
                       timeout=settings.timeout_s, name=route + (" (sse)" if stream else "")) as resp:
         if resp.status_code != 200:
             rec.status = f"HTTP_{resp.status_code}"

@@ -30,14 +30,15 @@ def _in_process_models(cfg: AppConfig):
     p = cfg.pools
 
     def scorer(spec):
-        return ThreadedScorer(load_step_scorer(cfg.resolve_path(spec.model.path), threads=spec.model.threads)) \
+        return ThreadedScorer(load_step_scorer(cfg.resolve_path(spec.model.path), threads=spec.model.threads,
+                                               trust_remote_code=spec.model.trust_remote_code)) \
             if spec is not None else None
 
-    return Models(
-        draft=ThreadedGenerator(HFStepGenerator(cfg.resolve_path(p.draft.model.path), threads=p.draft.model.threads)),
-        target=ThreadedGenerator(HFStepGenerator(cfg.resolve_path(p.target.model.path),
-                                                 threads=p.target.model.threads)),
-        router=scorer(p.router), prm=scorer(p.prm))
+    def generator(spec):
+        return ThreadedGenerator(HFStepGenerator(cfg.resolve_path(spec.model.path), threads=spec.model.threads,
+                                                 trust_remote_code=spec.model.trust_remote_code))
+
+    return Models(draft=generator(p.draft), target=generator(p.target), router=scorer(p.router), prm=scorer(p.prm))
 
 
 def _in_process(cfg: AppConfig, prompts: list[str], policy: str) -> tuple[list[float], list[int | None]]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +25,7 @@ from protos.arbitrage.v1 import arbitrage_pb2 as pb
 from .validation import Prepared
 
 _PROTO_SOURCE = {"draft": "SOURCE_DRAFT", "target": "SOURCE_TARGET"}
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 OPENAI_FINISH = {"eos": "stop", "max_steps": "length", "length": "length", "deadline": "length"}
 
 
@@ -36,12 +39,17 @@ def step_json(step: StepRecord) -> dict[str, Any]:
             "tokens": step.tokens, "finish_reason": step.finish_reason, "stage_ms": _stage_ms(step.stage_ms)}
 
 
+def _int64_or_none(value: int | None) -> int | None:
+    """``answer`` is an int64 in the proto: a longer number in the text leaves it unset (JSON too)."""
+    return value if value is not None and INT64_MIN <= value <= INT64_MAX else None
+
+
 def result_json(result: LoopResult, prepared: Prepared) -> dict[str, Any]:
     u = result.usage
     return {
         "request_id": prepared.request_id,
         "text": result.text,
-        "answer": extract_answer(result.text),
+        "answer": _int64_or_none(extract_answer(result.text)),
         "steps": [step_json(s) for s in result.steps],
         "usage": {
             "draft_tokens_kept": u.draft_tokens_kept, "draft_tokens_discarded": u.draft_tokens_discarded,
@@ -123,18 +131,44 @@ def sse(data: Any, event: str | None = None) -> str:
 
 
 # -- errors -------------------------------------------------------------------------------
+RETRIABLE_CODES = frozenset({"unavailable", "resource_exhausted"})
+POOL_NAMES = ("draft", "target", "router", "prm")
+_OPENAI_TYPE = {"invalid_argument": "invalid_request_error", "payload_too_large": "invalid_request_error",
+                "unauthenticated": "authentication_error"}
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
+# Where Ray and Serve name a deployment in an error: the replica actor's class and name,
+# ReplicaID / DeploymentID strings, and our pools' own "<role> pool: ..." prefix.
+_POOL_PATTERNS = (re.compile(r"ServeReplica:[^:\s]+:([A-Za-z0-9_-]+)"),
+                  re.compile(r"SERVE_REPLICA::[^#\s]+#([A-Za-z0-9_-]+)#"),
+                  re.compile(r"deployment='([A-Za-z0-9_-]+)'"),
+                  re.compile(r"Deployment\(name='([A-Za-z0-9_-]+)'"),
+                  re.compile(r"^([a-z]+) pool: "))
+
+
 @dataclass(frozen=True)
 class ApiError:
-    """One failure as every transport reports it."""
+    """One failure as every transport reports it.
 
-    code: str              # invalid_argument, resource_exhausted, deadline_exceeded, unavailable, internal
+    ``code``: invalid_argument, unauthenticated, payload_too_large, resource_exhausted,
+    unavailable, deadline_exceeded, cancelled, internal (or not_found). ``message`` names the
+    field or the pool, never a path, exception text or traceback. ``reference`` (internal
+    errors): a short id, also in ``message``, for the server's log line with the traceback."""
+
+    code: str
     grpc_code: grpc.StatusCode
     http_status: int
     message: str
     field: str | None = None
+    reference: str | None = None
+
+    @property
+    def retriable(self) -> bool:
+        """True where the same request may succeed if sent again (after a backoff)."""
+        return self.code in RETRIABLE_CODES
 
     def json(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.code == "invalid_argument" else self.code
+        """OpenAI's error shape."""
+        kind = _OPENAI_TYPE.get(self.code, self.code)
         return {"error": {"message": self.message, "type": kind, "param": self.field, "code": self.code}}
 
 
@@ -142,33 +176,141 @@ def invalid(field: str, message: str) -> ApiError:
     return ApiError("invalid_argument", grpc.StatusCode.INVALID_ARGUMENT, 422, f"{field}: {message}", field)
 
 
-def _cause(exc: BaseException) -> BaseException:
-    """Unwrap Ray's task errors to the exception the pool raised."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc
+def unauthenticated(where: str = "header 'Authorization: Bearer <key>'") -> ApiError:
+    """401 / UNAUTHENTICATED: no valid API key (``where``: how the client sends one)."""
+    return ApiError("unauthenticated", grpc.StatusCode.UNAUTHENTICATED, 401,
+                    f"missing or invalid API key ({where})")
+
+
+def payload_too_large(limit: int, size: int | None = None, field: str = "body") -> ApiError:
+    """413 (HTTP) / INVALID_ARGUMENT (gRPC; not RESOURCE_EXHAUSTED, which clients retry): the
+    request is larger than ``limit`` bytes. ``field`` is 'body' (HTTP) or 'request' (gRPC)."""
+    got = f"is {size} bytes" if size is not None else "is too large"
+    return ApiError("payload_too_large", grpc.StatusCode.INVALID_ARGUMENT, 413,
+                    f"{field}: {got}; the limit is {limit} bytes", field)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc``, then the exceptions Ray wrapped in it (``RayTaskError.cause``), outermost first."""
+    chain = [exc]
+    while len(chain) < 8:
+        cause = getattr(chain[-1], "cause", None)
+        if not isinstance(cause, BaseException) or any(cause is seen for seen in chain):
+            break
+        chain.append(cause)
+    return chain
+
+
+def _safe_str(obj: Any) -> str:
+    try:
+        return str(obj)
+    except Exception:  # noqa: BLE001 (a broken __str__ must not break the error path)
+        return ""
+
+
+def _pool_of(chain: list[BaseException]) -> str | None:
+    """The pool a failure came from, where it can be known: a ``pool`` attribute, the
+    deployment a Serve error names, a ScorerError's role, or a replica named in Ray's text.
+    Only known pool names (or a plain name set as ``pool``) come out, never other text."""
+    for e in chain:
+        pool = getattr(e, "pool", None)
+        if isinstance(pool, str) and _SAFE_NAME.fullmatch(pool):
+            return pool
+    for e in chain:
+        name = getattr(getattr(e, "_deployment_id", None), "name", None)
+        if name in POOL_NAMES:
+            return name
+        if isinstance(e, ScorerError) and (role := str(e.role).split(" ")[0]) in POOL_NAMES:
+            return role
+    for e in reversed(chain):  # the innermost first: its message is the pool's own
+        texts = [getattr(e, "proctitle", None), getattr(e, "actor_repr", None), getattr(e, "_replica_id", None),
+                 _safe_str(e)]
+        for text in texts:
+            if not isinstance(text, str):
+                text = _safe_str(text) if text is not None else ""
+            for pattern in _POOL_PATTERNS:
+                for m in pattern.finditer(text):
+                    if m.group(1) in POOL_NAMES:
+                        return m.group(1)
+    return None
+
+
+def _any(chain: list[BaseException], types: type | tuple[type, ...]) -> BaseException | None:
+    return next((e for e in chain if isinstance(e, types)), None)
+
+
+def _unavailable(message: str) -> ApiError:
+    return ApiError("unavailable", grpc.StatusCode.UNAVAILABLE, 503, message)
+
+
+def new_reference() -> str:
+    """A short id tying a client's error message to the server's log line."""
+    return secrets.token_hex(6)
 
 
 def classify(exc: BaseException) -> ApiError:
-    """Map any failure of a request to the status every transport reports."""
-    if isinstance(exc, InvalidArgument):
-        return invalid(exc.field, exc.detail)
-    if isinstance(exc, DeadlineExceeded):
+    """Map any failure of a request to the status every transport reports.
+
+    - ``InvalidArgument`` -> INVALID_ARGUMENT / 422, naming the field.
+    - ``DeadlineExceeded`` raised here (the request's own deadline) -> DEADLINE_EXCEEDED / 504.
+    - cancellation (``asyncio.CancelledError``, Ray's ``TaskCancelledError``) -> CANCELLED / 499.
+    - ``BackPressureError`` (a pool's queue is full) -> RESOURCE_EXHAUSTED / 503, retriable.
+    - a dead or unreachable replica or engine (``RayActorError`` and subclasses, a crashed
+      worker or node, ``DeploymentUnavailableError``, ``ReplicaUnavailableError``,
+      ``EngineDeadError``) or a ``TimeoutError`` raised by a backend or a Ray call (not our
+      deadline) -> UNAVAILABLE / 503, retriable.
+    - anything else (a bug, a bad checkpoint, unusable model output) -> INTERNAL / 500 with a
+      ``reference`` and no exception text; the caller logs the traceback with the reference.
+
+    Ray's ``RayTaskError`` is looked through (``.cause``) to what the pool raised."""
+    from ray.exceptions import (
+        LocalRayletDiedError,
+        NodeDiedError,
+        RayActorError,
+        TaskCancelledError,
+        WorkerCrashedError,
+    )
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+    from arbitrage_common.backends.checkpoints import CheckpointError
+    from arbitrage_common.backends.vllm_generator import EngineDeadError, EngineRequestError
+
+    chain = _chain(exc)
+    if (bad := _any(chain, InvalidArgument)) is not None:
+        return invalid(bad.field, bad.detail)
+    if isinstance(exc, DeadlineExceeded) and len(chain) == 1:  # wrapped, it would be a pool's own timeout
         return ApiError("deadline_exceeded", grpc.StatusCode.DEADLINE_EXCEEDED, 504,
                         f"request deadline exceeded after {len(exc.partial.steps)} steps; no partial result "
                         f"is returned (raise timeout_s or lower max_steps)")
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-    inner = _cause(exc)
-    if isinstance(exc, BackPressureError) or isinstance(inner, BackPressureError):
+    if _any(chain, (asyncio.CancelledError, TaskCancelledError)) is not None:
+        return ApiError("cancelled", grpc.StatusCode.CANCELLED, 499, "request cancelled")
+    pool = _pool_of(chain)
+    the_pool = f"the {pool} pool" if pool else "a model pool"
+    if _any(chain, BackPressureError) is not None:
         return ApiError("resource_exhausted", grpc.StatusCode.RESOURCE_EXHAUSTED, 503,
-                        f"overloaded, a model pool's queue is full; retry with backoff ({inner})")
-    if isinstance(exc, DeploymentUnavailableError) or isinstance(inner, DeploymentUnavailableError):
-        return ApiError("unavailable", grpc.StatusCode.UNAVAILABLE, 503, f"a model pool is unavailable: {inner}")
-    if isinstance(exc, asyncio.TimeoutError):
-        return ApiError("deadline_exceeded", grpc.StatusCode.DEADLINE_EXCEEDED, 504, "request deadline exceeded")
-    role = f" ({inner.role})" if isinstance(inner, ScorerError) else ""
-    return ApiError("internal", grpc.StatusCode.INTERNAL, 500,
-                    f"internal error{role}: {type(inner).__name__}: {str(inner)[:500]}")
+                        f"overloaded: {the_pool}'s queue is full; retry with backoff")
+    if _any(chain, EngineDeadError) is not None:
+        return _unavailable(f"{the_pool}'s vLLM engine is dead; retry (Serve replaces its replica)")
+    if _any(chain, DeploymentUnavailableError) is not None:
+        return _unavailable(f"{the_pool} is unavailable (it failed to deploy); retry later")
+    if _any(chain, (RayActorError, ReplicaUnavailableError, WorkerCrashedError, NodeDiedError,
+                    LocalRayletDiedError)) is not None:
+        return _unavailable(f"{the_pool} lost a replica (it died or is unreachable); retry")
+    if _any(chain, TimeoutError) is not None:  # raised by a backend or a Ray call; our deadline returned above
+        return _unavailable(f"{the_pool} timed out; retry")
+    reference = new_reference()
+    if (scorer := _any(chain, ScorerError)) is not None:
+        role = scorer.role if isinstance(scorer.role, str) and re.fullmatch(r"[a-z ]{1,40}", scorer.role) else pool
+        what = f": the {role} returned an unusable result" if role else ": a model returned an unusable result"
+    else:
+        details = [f"{pool} pool"] if pool else []
+        if _any(chain, CheckpointError) is not None:  # its message names a path: never shown
+            details.append("unusable checkpoint")
+        elif _any(chain, EngineRequestError) is not None:
+            details.append("engine request failed")
+        what = f" ({', '.join(details)})" if details else ""
+    return ApiError("internal", grpc.StatusCode.INTERNAL, 500, f"internal error{what}; reference {reference}",
+                    reference=reference)
 
 
 # -- the way back (clients: remote benches, tests) ----------------------------------------

@@ -8,6 +8,7 @@ No ``@serve.deployment`` here; ``services.app`` wraps the class with ``serve.ing
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,22 +18,42 @@ import grpc
 from grpc_health.v1 import health_pb2
 from ray.serve.metrics import Counter, Histogram
 
+from arbitrage_common.auth import check_bearer, load_keys
 from arbitrage_common.config import AppConfig
+from arbitrage_common.errors import InvalidArgument
 from arbitrage_common.loop import LoopStream, stream_loop
 from arbitrage_common.policies import POLICIES
+from arbitrage_common.retry import RetryPolicy
+from arbitrage_common.steps import build_prefix
 from protos.arbitrage.v1 import arbitrage_pb2 as pb
 
 from . import convert
 from .handles import PoolHandles
+from .health import PoolHealth, pools_needed
 from .validation import Prepared, RequestFields, fields_from_proto, prepare
 
 logger = logging.getLogger("ray.serve")
 SERVICE_NAME = "arbitrage.v1.ArbitrageService"
 _LATENCY_MS = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
+# Byte-level and character tokenizers never produce more tokens than the text has bytes
+# (plus a few special tokens), so a prompt this far below the context needs no counting.
+_SPECIAL_TOKENS_MARGIN = 8
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class _GrpcAbort(Exception):
     """Raised after setting the gRPC status on the context: Serve returns that status."""
+
+
+class _Refused(Exception):
+    """A gRPC call refused before validation; carries its ApiError."""
+
+    def __init__(self, err: convert.ApiError) -> None:
+        self.err = err
+
+
+_UNAUTHENTICATED = convert.unauthenticated("metadata 'authorization: Bearer <key>'")
 
 
 class Coordinator:
@@ -41,9 +62,18 @@ class Coordinator:
     def __init__(self, config: dict[str, Any], draft: Any, target: Any, router: Any | None = None,
                  prm: Any | None = None) -> None:
         self.cfg = AppConfig.model_validate(config)
-        self.pools = PoolHandles(draft, target, router, prm)
+        self.api_keys = load_keys(self.cfg.auth)  # a missing key variable fails the replica at start
+        c = self.cfg.coordinator
+        self.pools = PoolHandles(draft, target, router, prm,
+                                 retry=RetryPolicy(retries=c.pool_retries, base_s=c.retry_backoff_s),
+                                 on_retry=self._count_retry)
         self.available = [name for name, cls in POLICIES.items()
                           if cls.scorer is None or getattr(self.pools, cls.scorer) is not None]
+        self.health = PoolHealth(self.cfg.name, pools_needed(self.cfg.policy.default), c.health_probe_s)
+        self._contexts: dict[str, int] | None = None
+        self._retries = Counter("arbitrage_pool_retries_total", description="Pool calls retried, by pool and reason "
+                                                                            "(replica died, pool full).",
+                                tag_keys=("role", "reason"))
         tags = ("transport", "policy", "status")
         self._requests = Counter("arbitrage_requests_total", description="Requests by transport, policy, status.",
                                  tag_keys=tags)
@@ -56,17 +86,60 @@ class Coordinator:
                                      boundaries=_LATENCY_MS, tag_keys=("policy",))
 
     # -- shared core ---------------------------------------------------------------------
-    def open_stream(self, fields: RequestFields) -> tuple[Prepared, LoopStream]:
+    async def open_stream(self, fields: RequestFields) -> tuple[Prepared, LoopStream]:
+        """Validate, admit (the prompt fits every generator's context) and bind the pools.
+        A client's own gRPC deadline needs nothing here: when it passes, the proxy cancels the
+        call, which cancels the loop and its pool call in flight."""
         prepared = prepare(fields, self.cfg)
+        await self._admit(prepared)
+        # Retries stop in time for the request to fail before its deadline, not at it.
+        deadline = time.monotonic() + prepared.request.deadline_s if prepared.request.deadline_s else None
         # The request id is the session id: each pool with affinity serves all its steps on one replica.
-        models = self.pools.models(prepared.request_id)
+        models = self.pools.models(prepared.request_id, deadline)
         return prepared, stream_loop(prepared.request, models)  # 'policy' if its pool is missing
 
+    async def _generator_contexts(self) -> dict[str, int]:
+        """Each generator pool's context length (asked once; {} while a pool cannot answer)."""
+        if self._contexts is None:
+            try:
+                infos = await asyncio.gather(*(self.pools.caller(role, "context_info")() for role in ("draft", "target")))
+            except Exception:  # noqa: BLE001 (the loop still ends an overlong prompt cleanly)
+                return {}
+            self._contexts = {role: info["context"] for role, info in zip(("draft", "target"), infos)
+                              if info.get("context")}
+        return self._contexts
+
+    async def _admit(self, prepared: Prepared) -> None:
+        """INVALID_ARGUMENT('prompt') for a prompt that leaves no room in a generator's context,
+        counted in that model's own tokens; short prompts are let through uncounted."""
+        request = prepared.request
+        prefix = build_prefix(request.prompt, [], request.prompt_template)
+        contexts = await self._generator_contexts()
+        if not contexts or len(prefix.encode()) + _SPECIAL_TOKENS_MARGIN < min(contexts.values()):
+            return
+        roles = list(contexts)
+        counts = await asyncio.gather(*(self.pools.caller(role, "count_tokens")(prefix) for role in roles))
+        for role, tokens in zip(roles, counts):
+            if tokens >= contexts[role]:
+                raise InvalidArgument("prompt", f"is {tokens} tokens for the {role} model (prompt template "
+                                                f"included); its context holds {contexts[role]}")
+
+    def policy_label(self, raw: str | None) -> str:
+        """A bounded metrics label: a known policy name, else 'invalid' (clients cannot mint labels)."""
+        name = raw or self.cfg.policy.default
+        return name if name in POLICIES else "invalid"
+
+    def authorized(self, header: str | None) -> bool:
+        return not self.api_keys or check_bearer(header, self.api_keys)
+
+    def _count_retry(self, role: str, reason: str) -> None:
+        self._retries.inc(tags={"role": role, "reason": reason})
+
     def record(self, transport: str, policy: str, status: str, started: float | None = None) -> None:
-        self._requests.inc(tags={"transport": transport, "policy": policy or "?", "status": status})
+        self._requests.inc(tags={"transport": transport, "policy": self.policy_label(policy), "status": status})
         if started is not None and status == "ok":
             self._latency.observe((time.perf_counter() - started) * 1000.0,
-                                  tags={"transport": transport, "policy": policy})
+                                  tags={"transport": transport, "policy": self.policy_label(policy)})
 
     async def steps_of(self, stream: LoopStream, policy: str) -> AsyncIterator[Any]:
         """The stream's steps, counted by source and (validated) policy; the first one also
@@ -85,21 +158,44 @@ class Coordinator:
     def fail(self, transport: str, policy: str, exc: BaseException) -> convert.ApiError:
         err = convert.classify(exc)
         self.record(transport, policy, err.code)
-        if err.code == "internal":
-            logger.exception("request failed", exc_info=exc)
+        if err.code == "internal":  # the client sees only the reference; the log has the traceback
+            logger.error("request failed (reference %s)", err.reference, exc_info=exc)
+        elif err.code == "unavailable":
+            logger.warning("request failed: %s (%s)", err.message, type(exc).__name__)
         return err
 
+    def _refused(self, exc: _Refused, policy: str) -> convert.ApiError:
+        self.record("grpc", policy, exc.err.code)
+        return exc.err
+
+    def cancelled(self, transport: str, policy: str) -> None:
+        self.record(transport, policy, "cancelled")
+
     # -- gRPC: arbitrage.v1.ArbitrageService -------------------------------------------
+    def _grpc_fields(self, request: pb.GenerateRequest, grpc_context: Any) -> RequestFields:
+        """Auth and size checks, then the request's fields."""
+        if grpc_context is not None and self.api_keys:
+            metadata = dict(grpc_context.invocation_metadata())
+            if not self.authorized(metadata.get("authorization")):
+                raise _Refused(_UNAUTHENTICATED)
+        limit = self.cfg.limits.max_grpc_message_bytes
+        if request.ByteSize() > limit:
+            raise _Refused(convert.payload_too_large(limit, request.ByteSize(), field="request"))
+        return fields_from_proto(request)
+
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateResponse:
         started, policy = time.perf_counter(), request.policy
         try:
-            prepared, stream = self.open_stream(fields_from_proto(request))
+            prepared, stream = await self.open_stream(self._grpc_fields(request, grpc_context))
             policy = prepared.policy
             async for _ in self.steps_of(stream, policy):
                 pass
             response = convert.result_proto(stream.result, prepared)
+        except asyncio.CancelledError:
+            self.cancelled("grpc", policy)
+            raise
         except Exception as exc:  # noqa: BLE001 (every failure maps to a status)
-            err = self.fail("grpc", policy, exc)
+            err = self._refused(exc, policy) if isinstance(exc, _Refused) else self.fail("grpc", policy, exc)
             if grpc_context is None:
                 raise _GrpcAbort(err.message) from None
             # Unary: the status travels with the (empty, never delivered) reply; no traceback logged.
@@ -113,13 +209,17 @@ class Coordinator:
                              grpc_context: Any = None) -> AsyncIterator[pb.GenerateStreamResponse]:
         started, policy = time.perf_counter(), request.policy
         try:
-            prepared, stream = self.open_stream(fields_from_proto(request))
+            prepared, stream = await self.open_stream(self._grpc_fields(request, grpc_context))
             policy = prepared.policy
             async for step in self.steps_of(stream, policy):
                 yield pb.GenerateStreamResponse(step=convert.step_proto(step))
             summary = convert.result_proto(stream.result, prepared)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled("grpc", policy)
+            raise
         except Exception as exc:  # noqa: BLE001 (every failure maps to a status)
-            self._abort(grpc_context, self.fail("grpc", policy, exc))
+            err = self._refused(exc, policy) if isinstance(exc, _Refused) else self.fail("grpc", policy, exc)
+            self._abort(grpc_context, err)
         self.record("grpc", policy, "ok", started)
         yield pb.GenerateStreamResponse(summary=summary)
 
@@ -131,18 +231,28 @@ class Coordinator:
             grpc_context.set_details(err.message)
         raise _GrpcAbort(err.message) from None
 
-    # -- gRPC: grpc.health.v1.Health ---------------------------------------------------
-    def _health(self, request: Any, grpc_context: Any) -> health_pb2.HealthCheckResponse:
+    # -- gRPC: grpc.health.v1.Health (open: no API key) -------------------------------
+    def _check_service(self, request: Any, grpc_context: Any) -> None:
         if request.service not in ("", SERVICE_NAME):
             self._abort(grpc_context, convert.ApiError("not_found", grpc.StatusCode.NOT_FOUND, 404,
                                                        f"unknown service {request.service!r}"))
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    @staticmethod
+    def _health_reply(serving: bool) -> health_pb2.HealthCheckResponse:
+        return health_pb2.HealthCheckResponse(status=_SERVING if serving else _NOT_SERVING)
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None):
-        return self._health(request, grpc_context)
+        """SERVING while every pool the default policy needs has a running replica."""
+        self._check_service(request, grpc_context)
+        return self._health_reply(await self.health.current())
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None):
-        yield self._health(request, grpc_context)
+        """The current status, then one message per change, until the client leaves."""
+        self._check_service(request, grpc_context)
+        serving = await self.health.current()
+        while True:
+            yield self._health_reply(serving)
+            serving = await self.health.wait_change(serving)
 
     # -- HTTP (routes in services.http_api) ------------------------------------------------
     def __serve_build_asgi_app__(self):

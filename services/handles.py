@@ -9,15 +9,36 @@ id once (``handle.options(method_name=..., session_id=...)``, a light copy shari
 handle's router), so every step of the request reaches the same replica of each pool
 whose deployment runs the session-affine router (``services.affinity``); other routers
 ignore the id. Per step nothing is created but the call itself.
+
+Retries: a pool call that fails because its replica died (``RayActorError``, an engine
+that died: ``EngineDeadError``) or because the pool is full (``BackPressureError``,
+``DeploymentUnavailableError``) is made again after a full-jitter backoff
+(``arbitrage_common.retry``), while the request's deadline leaves room. The router then
+picks another replica (Serve drops a dead one from its set; the affinity router's next
+rank takes the session). That is safe because a pool call is a pure function of its input:
+a greedy step depends only on the prefix, a sampled one on the prefix and the request's
+seed, and a score on its items, so a retried step is the same step; a failed call
+delivered nothing, so nothing is counted twice. Not retried: failures raised by the model code itself (a bug, a bad checkpoint) and
+backend timeouts. Where a retry is not the same step: a sampled call without a seed on a
+backend that draws fresh randomness per call (vLLM with ``seed`` unset) gets a new sample,
+so its text may differ from a run without the fault.
 """
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import random
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from arbitrage_common.interfaces import Generation, GenerationOptions, ScoreItem
 from arbitrage_common.loop import Models
+from arbitrage_common.retry import RetryPolicy
+
+NO_RETRY = RetryPolicy(retries=0)
 
 
 async def _await_cancellable(response: Any) -> Any:
@@ -28,6 +49,48 @@ async def _await_cancellable(response: Any) -> Any:
         raise
 
 
+def retry_reason(exc: BaseException) -> str | None:
+    """'replica' (its replica or engine died), 'full' (pool queue full), or None (not retriable)."""
+    from arbitrage_common.backends.vllm_generator import EngineDeadError
+
+    cause = getattr(exc, "cause", None)
+    if isinstance(exc, (BackPressureError, DeploymentUnavailableError)):
+        return "full"
+    if isinstance(exc, RayActorError) or isinstance(cause, EngineDeadError) or isinstance(exc, EngineDeadError):
+        return "replica"
+    return None
+
+
+class PoolCaller:
+    """Calls one bound pool method with retries under a deadline (``time.monotonic``)."""
+
+    def __init__(self, call: Any, role: str, policy: RetryPolicy, deadline: float | None,
+                 on_retry: Callable[[str, str], None] | None, rng: random.Random) -> None:
+        self._call, self.role, self._policy, self._deadline = call, role, policy, deadline
+        self._on_retry, self._rng = on_retry, rng
+
+    async def __call__(self, *args: Any) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return await _await_cancellable(self._call.remote(*args))
+            except Exception as exc:
+                reason = retry_reason(exc)
+                remaining = None if self._deadline is None else self._deadline - time.monotonic()
+                delay = None if reason is None else self._policy.next_delay(attempt, remaining, self._rng)
+                if delay is None:
+                    if reason is not None:
+                        try:  # so the client's message can name the pool
+                            exc.pool = self.role  # type: ignore[attr-defined]
+                        except AttributeError:
+                            pass
+                    raise
+                if self._on_retry is not None:
+                    self._on_retry(self.role, reason)
+                await asyncio.sleep(delay)
+                attempt += 1
+
+
 def _bind(handle: Any, method: str, session_id: str) -> Any:
     """The handle's method, with the session id when there is one."""
     if session_id:
@@ -36,38 +99,55 @@ def _bind(handle: Any, method: str, session_id: str) -> Any:
 
 
 class HandleGenerator:
-    """``Generator`` over a GeneratorPool deployment handle (optionally session-bound)."""
+    """``Generator`` over a GeneratorPool deployment handle."""
 
-    def __init__(self, handle: Any, session_id: str = "") -> None:
-        self._call = _bind(handle, "generate", session_id)
+    def __init__(self, caller: PoolCaller) -> None:
+        self._call = caller
 
     async def generate(self, prefixes: Sequence[str], options: GenerationOptions) -> list[Generation]:
-        return await _await_cancellable(self._call.remote(list(prefixes), options))
+        return await self._call(list(prefixes), options)
 
 
 class HandleScorer:
-    """``Scorer`` over a ScorerPool deployment handle (optionally session-bound)."""
+    """``Scorer`` over a ScorerPool deployment handle."""
 
-    def __init__(self, handle: Any, session_id: str = "") -> None:
-        self._call = _bind(handle, "score", session_id)
+    def __init__(self, caller: PoolCaller) -> None:
+        self._call = caller
 
     async def score(self, items: Sequence[ScoreItem]) -> list[float]:
-        return await _await_cancellable(self._call.remote(list(items)))
+        return await self._call(list(items))
 
 
 class PoolHandles:
-    """The pool handles of one coordinator replica; ``models`` binds them to a session."""
+    """The pool handles of one coordinator replica; ``models`` binds them to a session.
+    ``on_retry(role, reason)`` is told of every retry (metrics)."""
 
-    def __init__(self, draft: Any, target: Any, router: Any | None = None, prm: Any | None = None) -> None:
+    def __init__(self, draft: Any, target: Any, router: Any | None = None, prm: Any | None = None,
+                 retry: RetryPolicy = NO_RETRY, on_retry: Callable[[str, str], None] | None = None) -> None:
         self.draft, self.target, self.router, self.prm = draft, target, router, prm
+        self.retry, self.on_retry = retry, on_retry
+        self._rng = random.Random()  # jitter only: it never touches a request's output
 
-    def models(self, session_id: str = "") -> Models:
-        """The loop's ``Models`` for one request; a missing scorer pool stays None."""
+    def configured(self) -> dict[str, Any]:
+        return {role: h for role in ("draft", "target", "router", "prm") if (h := getattr(self, role)) is not None}
+
+    def caller(self, role: str, method: str, session_id: str = "", deadline: float | None = None) -> PoolCaller:
+        return PoolCaller(_bind(getattr(self, role), method, session_id), role, self.retry, deadline,
+                          self.on_retry, self._rng)
+
+    def models(self, session_id: str = "", deadline: float | None = None) -> Models:
+        """The loop's ``Models`` for one request (``deadline``: ``time.monotonic()`` seconds
+        by which retries stop); a missing scorer pool stays None."""
+        def scorer(role: str) -> HandleScorer | None:
+            if getattr(self, role) is None:
+                return None
+            return HandleScorer(self.caller(role, "score", session_id, deadline))
+
         return Models(
-            draft=HandleGenerator(self.draft, session_id),
-            target=HandleGenerator(self.target, session_id),
-            router=HandleScorer(self.router, session_id) if self.router is not None else None,
-            prm=HandleScorer(self.prm, session_id) if self.prm is not None else None,
+            draft=HandleGenerator(self.caller("draft", "generate", session_id, deadline)),
+            target=HandleGenerator(self.caller("target", "generate", session_id, deadline)),
+            router=scorer("router"),
+            prm=scorer("prm"),
         )
 
 

@@ -2,20 +2,30 @@
 
 Routes: ``POST /v1/generate`` (JSON, or server-sent events with ``stream: true``),
 OpenAI-compatible ``POST /v1/completions`` and ``POST /v1/chat/completions`` (with
-``stream``), ``GET /v1/models``, ``GET /healthz``. Errors use OpenAI's error shape
+``stream``), ``GET /v1/models``, ``GET /healthz``, ``GET /livez`` (liveness: 200 whenever
+the replica answers, no pool call). Errors use OpenAI's error shape
 ``{"error": {"message", "type", "param", "code"}}``: 422 names the field (``param``),
 503 carries Retry-After, 504 is a missed deadline. A stream that fails after it started
 ends with an error event and no summary / ``[DONE]``: nothing partial passes as success.
+
+Two ASGI middlewares run before any route: ``AuthMiddleware`` (with API keys configured,
+401 ``unauthenticated`` and ``WWW-Authenticate: Bearer`` unless the request carries
+``Authorization: Bearer <key>``; ``/healthz`` and ``/livez`` stay open) and
+``BodyLimitMiddleware`` (413 ``payload_too_large`` for a body over ``limits.max_body_bytes``,
+by Content-Length up front or counted as a chunked body arrives).
 """
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from arbitrage_common.auth import check_bearer, load_keys
 
 from . import convert
 from .validation import ChatCompletionBody, CompletionBody, GenerateBody, Prepared, RequestFields, field_from_loc
@@ -26,18 +36,134 @@ if TYPE_CHECKING:
     from .coordinator import Coordinator
 
 
-def error_response(err: convert.ApiError, retry_after_s: float | None = None) -> JSONResponse:
-    headers = None
+OPEN_PATHS = frozenset({"/healthz", "/livez"})  # no API key: probes of load balancers and kubelets
+OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+OnReject = Callable[[str, str], None]  # (path, status code) of a request answered by a middleware
+
+
+def error_response(err: convert.ApiError, retry_after_s: float | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = dict(headers or {})
     if err.http_status == 503 and retry_after_s:
-        headers = {"Retry-After": str(max(1, round(retry_after_s)))}
-    return JSONResponse(err.json(), status_code=err.http_status, headers=headers)
+        headers["Retry-After"] = str(max(1, round(retry_after_s)))
+    return JSONResponse(err.json(), status_code=err.http_status, headers=headers or None)
+
+
+def route_path(scope: Scope) -> str:
+    """The path below the app's route prefix (``root_path``), as Starlette routes it."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+        return path[len(root):] or "/"
+    return path
+
+
+def transport_of(path: str) -> str:
+    """The metrics transport of a route: 'openai' or 'http'."""
+    return "openai" if path in OPENAI_PATHS else "http"
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    return next((value for key, value in scope.get("headers", ()) if key.lower() == name), None)
+
+
+class AuthMiddleware:
+    """401 unless ``Authorization: Bearer <key>`` names one of ``keys`` (every path but
+    ``OPEN_PATHS``). No keys: authentication is off and every request passes."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[bytes, ...], on_reject: OnReject | None = None) -> None:
+        self.app, self.keys, self.on_reject = app, tuple(keys), on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or route_path(scope) in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if check_bearer(_header(scope, b"authorization"), self.keys):
+            await self.app(scope, receive, send)
+            return
+        if self.on_reject is not None:
+            self.on_reject(route_path(scope), "unauthenticated")
+        response = error_response(convert.unauthenticated(), headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    """Raised into the app by ``receive`` once the body passed the limit."""
+
+
+class BodyLimitMiddleware:
+    """413 for a request body over ``limit`` bytes: a larger Content-Length is refused before
+    the body is read; a body without one (chunked) is counted as it arrives, and once past the
+    limit the app's reading fails and whatever it would have answered is replaced by the 413."""
+
+    def __init__(self, app: ASGIApp, limit: int, on_reject: OnReject | None = None) -> None:
+        self.app, self.limit, self.on_reject = app, limit, on_reject
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, size: int | None) -> None:
+        if self.on_reject is not None:
+            self.on_reject(route_path(scope), "payload_too_large")
+        response = error_response(convert.payload_too_large(self.limit, size), headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.limit:
+            await self._reject(scope, receive, send, int(declared))
+            return
+        received, exceeded, started = 0, False, False
+
+        async def counting_receive() -> Message:
+            nonlocal received, exceeded
+            if exceeded:  # the app asks again after its read failed: the body is not delivered
+                raise _BodyTooLarge
+            message = await receive()
+            if message.get("type") == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded:  # e.g. FastAPI's 400 for a body it could not read: the 413 goes instead
+                return
+            if message.get("type") == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except _BodyTooLarge:
+            pass
+        if exceeded and not started:
+            await self._reject(scope, receive, send, None)
 
 
 def build_http_api(coord: Coordinator) -> FastAPI:
     api = FastAPI(title="Arbitrage Serve", version="1",
                   description="Step-level speculative reasoning. 422 names the bad field, 503 = overloaded "
-                              "(retry after Retry-After), 504 = deadline exceeded.")
+                              "(retry after Retry-After), 504 = deadline exceeded, 401 = missing or invalid "
+                              "API key, 413 = body too large.")
     retry = coord.cfg.coordinator.retry_after_s
+    keys = getattr(coord, "api_keys", None)
+    if keys is None:  # fail closed: keys configured are always checked, whoever loads them
+        keys = load_keys(coord.cfg.auth)
+
+    def rejected(path: str, status: str) -> None:
+        coord.record(transport_of(path), "", status)
+
+    # The last added runs first: authentication, then the body limit, then the routes.
+    api.add_middleware(BodyLimitMiddleware, limit=coord.cfg.limits.max_body_bytes, on_reject=rejected)
+    api.add_middleware(AuthMiddleware, keys=tuple(keys), on_reject=rejected)
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -52,8 +178,11 @@ def build_http_api(coord: Coordinator) -> FastAPI:
                   render: Callable[[Any, Prepared], dict[str, Any]]):
         started, policy = time.perf_counter(), ""
         try:
-            prepared, stream = coord.open_stream(get_fields())
+            prepared, stream = await coord.open_stream(get_fields())
             policy = prepared.policy
+        except asyncio.CancelledError as exc:  # the client left (counted, then Serve's cancellation goes on)
+            coord.fail(transport, policy, exc)
+            raise
         except Exception as exc:  # noqa: BLE001 (every failure maps to a status)  # bad input is answered before any stream starts
             return error_response(coord.fail(transport, policy, exc), retry)
         if stream_it:
@@ -62,6 +191,9 @@ def build_http_api(coord: Coordinator) -> FastAPI:
         try:
             async for _ in coord.steps_of(stream, policy):
                 pass
+        except asyncio.CancelledError as exc:
+            coord.fail(transport, policy, exc)
+            raise
         except Exception as exc:  # noqa: BLE001 (every failure maps to a status)
             return error_response(coord.fail(transport, policy, exc), retry)
         coord.record(transport, policy, "ok", started)
@@ -72,6 +204,9 @@ def build_http_api(coord: Coordinator) -> FastAPI:
         try:
             async for chunk in events:
                 yield chunk
+        except (asyncio.CancelledError, GeneratorExit):  # the client disconnected mid-stream
+            coord.fail(transport, prepared.policy, asyncio.CancelledError())
+            raise
         except Exception as exc:  # noqa: BLE001 (every failure maps to a status)
             err = coord.fail(transport, prepared.policy, exc)
             yield convert.sse(err.json(), event="error" if transport == "http" else None)
@@ -101,9 +236,21 @@ def build_http_api(coord: Coordinator) -> FastAPI:
         return await run("openai", lambda: body.fields(coord.cfg), body.stream, openai_events(model, chat),
                          lambda result, prepared: convert.openai_response(result, prepared, model, chat))
 
+    @api.get("/livez")
+    async def livez() -> dict[str, str]:
+        """Liveness: the replica's event loop answers. No pool call, no API key."""
+        return {"status": "alive"}
+
     @api.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "policies": coord.available}
+    async def healthz():
+        """Readiness: 200 while every pool the default policy needs has a running replica,
+        else 503 with Retry-After and the running replicas per pool. No API key."""
+        serving = await coord.health.current()
+        body = {"status": "ok" if serving else "not_serving", "policies": coord.available,
+                "running_replicas": dict(coord.health.running)}
+        if serving:
+            return body
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(max(1, round(retry)))})
 
     @api.get("/v1/models")
     async def models() -> dict[str, Any]:

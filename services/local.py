@@ -98,21 +98,26 @@ def start(cfg: AppConfig, address: str | None = None, num_cpus: int | None = Non
         serve.start(http_options=rendered["http_options"], grpc_options=rendered["grpc_options"])
         serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
     except BaseException:
-        stop(shutdown_ray=not address)
+        stop(shutdown_ray=not address, app_name=cfg.name if address else None)
         raise
     host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
     return {"grpc": f"{host}:{cfg.grpc.port}", "http": f"http://{host}:{cfg.http.port}",
             "seconds": time.perf_counter() - started}
 
 
-def stop(shutdown_ray: bool = True) -> None:
-    """Delete the apps, stop Serve, and (for a cluster started here) Ray."""
+def stop(shutdown_ray: bool = True, app_name: str | None = None) -> None:
+    """Stop what ``start`` started. ``app_name`` (a shared cluster, ``--address``): delete
+    only that application, leaving Serve and every other application running. Else delete
+    every app, stop Serve, and (for a cluster started here) Ray."""
     import ray
     from ray import serve
 
     if ray.is_initialized():
         try:
-            serve.shutdown()
+            if app_name:
+                serve.delete(app_name)  # waits until the app's replicas drained and stopped
+            else:
+                serve.shutdown()
         finally:
             if shutdown_ray:
                 ray.shutdown()

@@ -28,11 +28,15 @@ from typing import Any
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from arbitrage_common.interfaces import Generation, GenerationOptions, ScoreItem
+from arbitrage_common.interfaces import Generation, GenerationOptions, ScoreItem, row_options
 from arbitrage_common.presets import check_pool_model
 
 _BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
 _MS_BOUNDARIES = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
+
+
+def _trust_remote_code(model: dict[str, Any]) -> bool:
+    return bool(model.get("trust_remote_code", False))  # off unless the pool's ModelSpec says so
 
 
 def _load_generator(model: dict[str, Any]):
@@ -40,12 +44,13 @@ def _load_generator(model: dict[str, Any]):
     if backend == "transformers":
         from arbitrage_common.backends.hf_generator import HFStepGenerator
 
-        return HFStepGenerator(model["path"], threads=model.get("threads"))
+        return HFStepGenerator(model["path"], threads=model.get("threads"), trust_remote_code=_trust_remote_code(model))
     if backend == "vllm":
         from arbitrage_common.backends.vllm_generator import VLLMStepGenerator, generator_kwargs
 
         # build_app passes absolute paths: always a local checkpoint, checked before vllm loads.
-        return VLLMStepGenerator(model["path"], local=True, **generator_kwargs(model.get("engine")))
+        return VLLMStepGenerator(model["path"], local=True, trust_remote_code=_trust_remote_code(model),
+                                 **generator_kwargs(model.get("engine")))
     raise ValueError(f"model.backend: unsupported generator backend {backend!r}")
 
 
@@ -55,7 +60,8 @@ def _load_scorer(model: dict[str, Any]):
         from arbitrage_common.backends.scorers import load_step_scorer
 
         return load_step_scorer(model["path"], threads=model.get("threads"),
-                                annotate_history=model.get("annotate_history"), device=model.get("device"))
+                                annotate_history=model.get("annotate_history"), device=model.get("device"),
+                                trust_remote_code=_trust_remote_code(model))
     raise ValueError(f"model.backend: unsupported scorer backend {backend!r}")
 
 
@@ -219,19 +225,22 @@ class GeneratorPool(_Pool):
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _generate_batched(self, prefix_lists: list[list[str]],
                                 option_list: list[GenerationOptions]) -> list[list[Generation]]:
-        # Calls with equal decoding options share a forward pass; greedy calls ignore the seed.
-        groups: dict[tuple, list[int]] = {}
-        for i, opts in enumerate(option_list):
-            key = (opts.max_new_tokens, opts.temperature, opts.seed if opts.temperature > 0 else None)
-            groups.setdefault(key, []).append(i)
-        out: list[list[Generation]] = [[] for _ in prefix_lists]
-        self._count(sum(map(len, prefix_lists)))
-        for members in groups.values():
-            flat = [p for i in members for p in prefix_lists[i]]
-            gens = await self._run(self.backend.generate_batch, flat, option_list[members[0]])
-            for i, share in zip(members, _split(gens, [len(prefix_lists[i]) for i in members])):
-                out[i] = share
-        return out
+        # Every call of the batch shares one forward pass, each row decoding with its own
+        # call's options (budget, temperature, seed): a row's result is what its call alone
+        # would get, so merging calls never changes an output.
+        flat = [p for prefixes in prefix_lists for p in prefixes]
+        rows = [o for prefixes, opts in zip(prefix_lists, option_list) for o in row_options(opts, len(prefixes))]
+        self._count(len(flat))
+        gens = await self._run(self.backend.generate_batch, flat, rows)
+        return _split(gens, [len(prefixes) for prefixes in prefix_lists])
+
+    async def context_info(self) -> dict[str, int | None]:
+        """The model's context in tokens (prompt + generated); None if the backend cannot tell."""
+        return {"context": getattr(self.backend, "context", None)}
+
+    async def count_tokens(self, prefix: str) -> int:
+        """The exact token count this pool's backend would feed its model for ``prefix``."""
+        return self.backend.count_tokens(prefix)
 
 
 class ScorerPool(_Pool):

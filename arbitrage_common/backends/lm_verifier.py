@@ -19,6 +19,7 @@ import torch
 from ..interfaces import ScoreItem
 from ..steps import format_scorer_input
 from .checkpoints import CheckpointError, load_or_explain, pick_device
+from .fit import TextFit, model_context
 
 VERIFIER_FILE = "verifier.json"
 FEATURE = "min_token_logprob"
@@ -75,7 +76,8 @@ def min_logprob_features(model, tokenizer, texts: Sequence[str], starts: Sequenc
     return step_features(model, tokenizer, texts, starts, batch_size, lock)[0]
 
 
-def load_causal_lm(model_dir: str | Path, threads: int | None = None, device: str | None = None):
+def load_causal_lm(model_dir: str | Path, threads: int | None = None, device: str | None = None,
+                   trust_remote_code: bool = False):
     """(tokenizer, float32 causal LM in eval mode on ``device``) of a checkpoint directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -83,22 +85,26 @@ def load_causal_lm(model_dir: str | Path, threads: int | None = None, device: st
         torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     path = Path(model_dir)
-    tokenizer = load_or_explain(path, AutoTokenizer.from_pretrained)
-    model = load_or_explain(path, lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32))
+    tokenizer = load_or_explain(path, lambda p: AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code))
+    model = load_or_explain(path, lambda p: AutoModelForCausalLM.from_pretrained(
+        p, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code))
     return tokenizer, model.to(pick_device(device)).eval()
 
 
 class LMVerifierScorer:
-    """``sigmoid(a * max(min_logprob, floor) + b)`` under the checkpoint's causal LM."""
+    """``sigmoid(a * max(min_logprob, floor) + b)`` under the checkpoint's causal LM (an item
+    longer than its context is cut by ``self.fit``: ``steps.fit_scorer_input``)."""
 
     annotate_history = False
 
     def __init__(self, model_dir: str | Path, threads: int | None = None, batch_size: int = 32,
-                 device: str | None = None):
+                 device: str | None = None, trust_remote_code: bool = False):
         self.calibration = read_calibration(model_dir)  # before the weights: a bad file fails fast
-        self.tokenizer, self.model = load_causal_lm(model_dir, threads, device)
+        self.tokenizer, self.model = load_causal_lm(model_dir, threads, device, trust_remote_code)
         self.batch_size = batch_size
         self.params = sum(p.numel() for p in self.model.parameters())
+        self.context = model_context(self.model)
+        self.fit = TextFit(self.tokenizer, self.context, annotate=False)
         self._lock = threading.Lock()
 
     def features(self, texts: Sequence[str], starts: Sequence[int]) -> list[float]:
@@ -115,5 +121,5 @@ class LMVerifierScorer:
     def score_batch(self, items: Sequence[ScoreItem]) -> list[float]:
         if not items:
             return []
-        texts, starts = zip(*(split_candidate(item) for item in items))
+        texts, starts = zip(*(split_candidate(self.fit(item)) for item in items))
         return self.score_texts(texts, starts)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..interfaces import ScoreItem
 from .checkpoints import CheckpointError, check_checkpoint_dir, load_or_explain, pick_device
+from .fit import fit_item, model_context, plain_tokens
 
 ARCHITECTURE = "Qwen2ForPrmModel"  # Skywork's config.json (the model class of its remote code)
 HEAD_WEIGHT = "v_head.summary.weight"
@@ -155,11 +156,14 @@ class ValueHeadPRMScorer:
         # The checkpoint's dtype (bf16 for Skywork) on an accelerator; float32 on the CPU, where
         # bf16 matmuls are slow. The one-row head always runs in float32 (cheap, and exact).
         dtype = torch.float32 if self.device.type == "cpu" else "auto"
-        self.tokenizer = load_or_explain(path, AutoTokenizer.from_pretrained)
+        # Never remote code: the config's auto_map names Skywork's classes, which this scorer
+        # replaces (scorers.load_step_scorer refuses trust_remote_code for this kind).
+        self.tokenizer = load_or_explain(path, lambda p: AutoTokenizer.from_pretrained(p, trust_remote_code=False))
         # AutoModel gives the bare Qwen2 body: the "model." prefix is stripped and lm_head/v_head
-        # keys are left unused. The config's auto_map (Skywork's remote code) is never run.
+        # keys are left unused.
         model, info = load_or_explain(
-            path, lambda p: AutoModel.from_pretrained(p, dtype=dtype, output_loading_info=True))
+            path, lambda p: AutoModel.from_pretrained(p, dtype=dtype, output_loading_info=True, use_safetensors=True,
+                                                      trust_remote_code=False))
         if info.get("missing_keys"):
             # transformers would initialise them at random and only warn
             raise CheckpointError(f"{path}: body weights missing from the checkpoint: "
@@ -181,7 +185,19 @@ class ValueHeadPRMScorer:
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)  # masked out anyway
         self.batch_size = batch_size
         self.params = sum(p.numel() for p in self.model.parameters()) + self.head_weight.numel() + 1
+        self.context = model_context(self.model)
         self._lock = threading.Lock()
+
+    def fit(self, item: ScoreItem) -> ScoreItem:
+        """``item`` cut to the model's context (``steps.fit_scorer_input``)."""
+        return fit_item(item, self.context, lambda it: len(self.encode(it)), self._costs, self.tokenizer)
+
+    def _costs(self, item: ScoreItem):
+        def step(text: str) -> int:  # each line and its step token, as ``encode`` lays them out
+            return sum(plain_tokens(self.tokenizer, line) + 1 for line in text.strip().split(STEP_TOKEN))
+
+        return (plain_tokens(self.tokenizer, item.problem + "\n"), [step(t) for t, _ in item.history],
+                step(item.candidate))
 
     def encode(self, item: ScoreItem) -> list[int]:
         """Token ids of one item, built piece by piece as Skywork's ``prepare_input`` does.
@@ -218,4 +234,4 @@ class ValueHeadPRMScorer:
     def score_batch(self, items: Sequence[ScoreItem]) -> list[float]:
         if not items:
             return []
-        return self.score_ids([self.encode(item) for item in items])
+        return self.score_ids([self.encode(self.fit(item)) for item in items])

@@ -17,6 +17,7 @@ import torch
 
 from ..interfaces import ScoreItem
 from .checkpoints import CheckpointError
+from .fit import TextFit, model_context
 from .lm_verifier import load_causal_lm, read_calibration, split_candidate, step_features
 
 ROUTER_HEAD_FILE = "router_head.json"
@@ -47,27 +48,29 @@ def router_logits(z: torch.Tensor, hidden: torch.Tensor, head: dict) -> torch.Te
 
 class VerifierRouterScorer:
     """The router pool's scorer for a ``router_head.json`` checkpoint (history never annotated:
-    the LM never saw tags)."""
+    the LM never saw tags; an item longer than the context is cut by ``self.fit``)."""
 
     annotate_history = False
 
     def __init__(self, model_dir: str | Path, threads: int | None = None, batch_size: int = 32,
-                 device: str | None = None):
+                 device: str | None = None, trust_remote_code: bool = False):
         path = Path(model_dir)
         self.calibration = read_calibration(path)
         self.head = read_router_head(path)
-        self.tokenizer, self.model = load_causal_lm(path, threads, device)
+        self.tokenizer, self.model = load_causal_lm(path, threads, device, trust_remote_code)
         if self.model.config.hidden_size != len(self.head["w"]):
             raise CheckpointError(f"{path / ROUTER_HEAD_FILE}: head has {len(self.head['w'])} weights, the model "
                                   f"{self.model.config.hidden_size} hidden units")
         self.batch_size = batch_size
         self.params = sum(p.numel() for p in self.model.parameters()) + len(self.head["w"]) + 2
+        self.context = model_context(self.model)
+        self.fit = TextFit(self.tokenizer, self.context, annotate=False)
         self._lock = threading.Lock()
 
     def score_batch(self, items: Sequence[ScoreItem]) -> list[float]:
         if not items:
             return []
-        texts, starts = zip(*(split_candidate(item) for item in items))
+        texts, starts = zip(*(split_candidate(self.fit(item)) for item in items))
         mins, hidden = step_features(self.model, self.tokenizer, texts, starts, self.batch_size, self._lock,
                                      with_hidden=True)
         return torch.sigmoid(router_logits(verifier_logit(mins, self.calibration), hidden, self.head)).tolist()

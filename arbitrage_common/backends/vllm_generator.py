@@ -3,11 +3,14 @@
 ``VLLMStepGenerator.generate(prefixes, options)`` has the result semantics of the
 transformers backend (``HFStepGenerator.generate_batch``): per prefix the step text
 without the delimiter, stripped; the generated token count (delimiter and EOS tokens
-included, as there); the finish reason ``"delimiter" | "eos" | "length"``; and the wall
-seconds of the whole call. Every prefix is its own engine request, so concurrent calls
-from many coroutines (a Ray Serve replica's requests) batch together inside the engine's
-continuous-batching scheduler, and steps of one request share prompt blocks through
-prefix caching.
+included, as there); the finish reason ``"delimiter" | "eos" | "length" | "context"``; and
+the wall seconds of the whole call. ``options`` is one for all prefixes or one per prefix
+(``interfaces.row_options``). Each row is checked against the context on its own: a prefix
+of ``max_model_len`` tokens or more returns ``("", 0, "context")`` without reaching the
+engine, and a budget past the room left is capped to it (the row then ends ``"length"``).
+Every prefix is its own engine request, so concurrent calls from many coroutines (a Ray
+Serve replica's requests) batch together inside the engine's continuous-batching
+scheduler, and steps of one request share prompt blocks through prefix caching.
 
 Errors: every engine failure is raised as ``EngineRequestError`` naming the model;
 ``EngineDeadError`` (a subclass) when the engine process died. A request in flight when
@@ -66,7 +69,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..interfaces import Generation, GenerationOptions
+from ..interfaces import Generation, GenerationOptions, row_options
 from ..steps import STEP_DELIMITER
 from .checkpoints import check_checkpoint_dir
 
@@ -391,6 +394,10 @@ class VLLMStepGenerator:
                 AsyncEngineArgs(**args), stat_loggers=[_stat_logger_factory(self.prefix_cache)])
         except Exception as exc:  # config/load errors come from the engine process in many types
             raise EngineStartError(f"{model_str}: vLLM engine failed to start ({type(exc).__name__}: {exc})") from exc
+        # Prompts go to the engine as token ids from its own tokenizer: the context check
+        # here counts exactly what the engine will see.
+        self.tokenizer = self.engine.tokenizer
+        self.context = int(getattr(getattr(self.engine, "model_config", None), "max_model_len", None) or max_model_len)
         self._ids = itertools.count()
         self._tag = uuid.uuid4().hex[:8]
         self._closed = False
@@ -398,16 +405,25 @@ class VLLMStepGenerator:
 
     # ---- generation -------------------------------------------------------------------
 
-    def _sampling_params(self, options: GenerationOptions, row: int):
+    def count_tokens(self, prefix: str) -> int:
+        """The tokens the engine gets for ``prefix`` (special tokens included)."""
+        return len(self._encode(prefix))
+
+    def _encode(self, prefix: str) -> list[int]:
+        if self.tokenizer is None:
+            raise EngineRequestError(f"{self.model}: the engine has no tokenizer (skip_tokenizer_init)")
+        return list(self.tokenizer.encode(prefix, add_special_tokens=True))
+
+    def _sampling_params(self, options: GenerationOptions, max_tokens: int):
         # Special tokens decode as text, as in the transformers backend's piece table (an EOS
         # that ends the step is never decoded).
-        kw: dict[str, Any] = {"max_tokens": options.max_new_tokens, "stop": [self.delimiter],
+        kw: dict[str, Any] = {"max_tokens": max_tokens, "stop": [self.delimiter],
                               "output_kind": self._final_only, "skip_special_tokens": False,
                               "spaces_between_special_tokens": False}
         if options.temperature > 0:
-            # As the transformers backend: seed None means 0; row i of a batch gets seed + i so
-            # equal prefixes in one call still draw different samples.
-            kw.update(temperature=options.temperature, seed=(options.seed or 0) + row)
+            # As the transformers backend: seed None means 0 (row_options already gave row i of
+            # a call with one options object seed + i).
+            kw.update(temperature=options.temperature, seed=options.seed or 0)
         else:
             kw.update(temperature=0.0)
         return self._SamplingParams(**kw)
@@ -424,10 +440,11 @@ class VLLMStepGenerator:
             raise EngineRequestError(f"{self.model}: request {out.request_id} finished with {c.finish_reason!r}")
         return c.text.strip(), len(c.token_ids), reason
 
-    async def _one(self, prefix: str, params, request_id: str):
+    async def _one(self, prefix: str, ids: list[int], params, request_id: str):
         final = None
         try:
-            async for out in self.engine.generate({"prompt": prefix}, params, request_id=request_id):
+            prompt = {"prompt_token_ids": ids, "prompt": prefix}
+            async for out in self.engine.generate(prompt, params, request_id=request_id):
                 final = out
         except asyncio.CancelledError:
             # vLLM aborts on cancellation too; doing it here keeps the guarantee explicit and
@@ -445,22 +462,31 @@ class VLLMStepGenerator:
         except Exception as exc:  # noqa: BLE001 - a dead engine has nothing left to abort
             logger.debug("abort of %s failed: %s", request_id, exc)
 
-    async def generate(self, prefixes: Sequence[str], options: GenerationOptions) -> list[Generation]:
-        """Continue each prefix up to the delimiter, EOS or ``options.max_new_tokens``.
+    async def generate(self, prefixes: Sequence[str],
+                       options: GenerationOptions | Sequence[GenerationOptions]) -> list[Generation]:
+        """Continue each prefix up to the delimiter, EOS, its token budget or the context.
 
-        All prefixes run as concurrent engine requests. If one fails, the others are aborted
-        and the error propagates (no partial batch is returned).
+        All prefixes that fit run as concurrent engine requests. If one fails, the others are
+        aborted and the error propagates (no partial batch is returned).
         """
         if self._closed:
             raise EngineDeadError(f"{self.model}: generator is shut down")
         if not prefixes:
             return []
-        if options.max_new_tokens < 1:
-            return [Generation("", 0, "length", 0.0) for _ in prefixes]
+        rows = row_options(options, len(prefixes))
         start = time.perf_counter()
         base = f"step-{self._tag}-{next(self._ids)}"
-        tasks = [asyncio.ensure_future(self._one(p, self._sampling_params(options, i), f"{base}-{i}"))
-                 for i, p in enumerate(prefixes)]
+        results: list[tuple[str, int, str]] = [("", 0, "length")] * len(prefixes)
+        run, tasks = [], []
+        for i, (prefix, opts) in enumerate(zip(prefixes, rows)):
+            ids = self._encode(prefix)
+            room = self.context - len(ids)
+            if room <= 0:  # vLLM would reject the request; the step loop ends it cleanly instead
+                results[i] = ("", 0, "context")
+            elif opts.max_new_tokens >= 1:
+                run.append(i)
+                params = self._sampling_params(opts, min(opts.max_new_tokens, room))
+                tasks.append(asyncio.ensure_future(self._one(prefix, ids, params, f"{base}-{i}")))
         try:
             outs = await asyncio.gather(*tasks)
         except BaseException as exc:
@@ -470,8 +496,10 @@ class VLLMStepGenerator:
             if isinstance(exc, Exception) and (err := self._request_error(exc)) is not exc:
                 raise err from exc
             raise
+        for i, out in zip(run, outs):
+            results[i] = self._finish(out)
         seconds = time.perf_counter() - start
-        return [Generation(text, n, reason, seconds) for text, n, reason in map(self._finish, outs)]
+        return [Generation(text, n, reason, seconds) for text, n, reason in results]
 
     def _request_error(self, exc: Exception) -> EngineRequestError:
         """Our own error type for any engine failure: it names the model, says plainly when the

@@ -114,7 +114,8 @@ def _serve(args) -> int:
             signal.signal(sig, signal.SIG_IGN)
         print("arbitrage serve: shutting down", flush=True)
         try:
-            local.stop(shutdown_ray=not args.address)
+            # On a shared cluster (--address) only this application goes; others keep running.
+            local.stop(shutdown_ray=not args.address, app_name=cfg.name if args.address else None)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

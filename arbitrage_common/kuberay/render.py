@@ -85,9 +85,25 @@ def _resources(cpus: int, memory: str, gpus: int) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": limits}
 
 
-def _container(name: str, image: str, resources: dict, ports: dict[str, int]) -> dict[str, Any]:
-    return {"name": name, "image": image, "imagePullPolicy": "IfNotPresent", "resources": resources,
-            "ports": [{"name": n, "containerPort": p} for n, p in ports.items()]}
+def auth_secret_env(cfg: AppConfig) -> list[dict[str, Any]]:
+    """The container env that carries the API keys (``auth.api_key_env``) from a Secret: the
+    key named like the variable in Secret ``auth.k8s_secret`` (default ``<name>-api-keys``).
+    Empty when authentication is off. Every Pod gets it, so a replica finds it on any node."""
+    var = cfg.auth.api_key_env
+    if not var:
+        return []
+    secret = cfg.auth.k8s_secret or f"{cfg.name}-api-keys"
+    return [{"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": var}}}]
+
+
+def _container(name: str, image: str, resources: dict, ports: dict[str, int],
+               env: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": name, "image": image, "imagePullPolicy": "IfNotPresent",
+                                 "resources": resources,
+                                 "ports": [{"name": n, "containerPort": p} for n, p in ports.items()]}
+    if env:
+        container["env"] = [dict(e) for e in env]
+    return container
 
 
 def _serve_ports(cfg: AppConfig) -> dict[str, int]:
@@ -103,7 +119,8 @@ def _head(cfg: AppConfig) -> dict[str, Any]:
                            "metrics-export-port": str(METRICS_PORT)},
         "template": {"metadata": {"labels": {APP_LABEL: "arbitrage-serve"}},
                      "spec": {"containers": [_container("ray-head", cfg.cluster.image,
-                                                        _resources(head.cpus, head.memory, 0), ports)]}},
+                                                        _resources(head.cpus, head.memory, 0), ports,
+                                                        auth_secret_env(cfg))]}},
     }
 
 
@@ -111,7 +128,7 @@ def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
     shape = cfg.cluster.group(size.name)
     pod_spec: dict[str, Any] = {"containers": [_container("ray-worker", cfg.cluster.image,
                                                           _resources(size.cpus, shape.memory, size.gpus),
-                                                          _serve_ports(cfg))]}
+                                                          _serve_ports(cfg), auth_secret_env(cfg))]}
     if size.gpus:
         pod_spec["tolerations"] = [dict(GPU_TOLERATION)]
     group: dict[str, Any] = {

@@ -55,12 +55,13 @@ def profile_pools(cfg: AppConfig, batch_sizes=BATCH_SIZES, seed: int = 0, repeat
     for role, spec in cfg.pools.configured():
         path = cfg.resolve_path(spec.model.path)
         if role in ("draft", "target"):
-            gen = HFStepGenerator(path, threads=spec.model.threads)
+            gen = HFStepGenerator(path, threads=spec.model.threads, trust_remote_code=spec.model.trust_remote_code)
             prefixes = [build_prefix(prompt, steps, cfg.prompt.template) for prompt, steps in inputs]
             run = lambda b, gen=gen, prefixes=prefixes: gen.generate_batch(prefixes[:b], options)
             one = lambda i, gen=gen, prefixes=prefixes: gen.generate_batch([prefixes[i]], options)
         else:
-            scorer = load_step_scorer(path, threads=spec.model.threads, annotate_history=spec.model.annotate_history)
+            scorer = load_step_scorer(path, threads=spec.model.threads, annotate_history=spec.model.annotate_history,
+                                      trust_remote_code=spec.model.trust_remote_code)
             items = [ScoreItem(prompt, tuple((s, "draft") for s in steps[:-1]), steps[-1] if steps else "x")
                      for prompt, steps in inputs]
             run = lambda b, scorer=scorer, items=items: scorer.score_batch(items[:b])

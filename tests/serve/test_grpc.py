@@ -212,3 +212,24 @@ def test_cancelled_client_stops_its_loop_and_frees_its_slot(stub, slow_metadata)
     stream.cancel()
     assert_no_more_pool_calls(SLOW_APP)
     _wait_idle(stub, slow_metadata, tries=10)  # and its coordinator slot is free again
+
+
+def test_a_grpc_deadline_bounds_the_servers_work(stub, slow_metadata):
+    """The standard gRPC deadline (no timeout_s) ends the call and stops its loop and pool calls."""
+    _wait_idle(stub, slow_metadata)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(pb.GenerateRequest(prompt=problems(1)[0].prompt, max_steps=32), metadata=slow_metadata,
+                      timeout=3.0)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert_no_more_pool_calls(SLOW_APP)
+    _wait_idle(stub, slow_metadata, tries=10)
+
+
+def test_an_oversized_request_is_invalid_argument_naming_it(stub, main_metadata, app_config):
+    limit = app_config.limits.max_grpc_message_bytes
+    request = pb.GenerateRequest(prompt="x", request_id="r" * 100, policy="draft")
+    request.messages.add(role="system", content="y" * (limit + 1))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(request, metadata=main_metadata, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("request:"), info.value.details()

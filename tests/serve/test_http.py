@@ -156,3 +156,10 @@ def test_client_disconnect_stops_the_loop(http_url):
     r.close()
     assert_no_more_pool_calls(SLOW_APP)
     _probe_slow(http_url, tries=10)
+
+
+def test_a_body_over_the_limit_is_413(client, app_config):
+    limit = app_config.limits.max_body_bytes
+    reply = client.post("/v1/generate", data=b'{"prompt": "' + b"x" * (limit + 10) + b'"}',
+                        headers={"content-type": "application/json"})
+    assert reply.status_code == 413 and reply.json()["error"]["param"] == "body"

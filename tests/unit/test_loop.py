@@ -297,3 +297,28 @@ def test_prompt_template_reaches_generators_but_not_scorers():
     assert router.calls[0][0].problem == "Start with 3."
     with pytest.raises(InvalidArgument, match="prompt_template"):
         LoopRequest("P", make_policy("draft"), prompt_template="none")
+
+
+# -- context: a generator with no room left ---------------------------------------------
+def test_context_full_mid_request_ends_with_length_and_keeps_steps():
+    draft = ScriptedGenerator(["d0", "d1", ("", "context")])
+    result, _, _ = run(make_policy("draft"), draft=draft)
+    assert result.finish_reason == "length"
+    assert [s.text for s in result.steps] == ["d0", "d1"]
+
+
+def test_context_full_in_target_after_draft_drops_the_step():
+    # RSD: the draft's step scores low, the target has no room: the request ends before it.
+    draft = ScriptedGenerator(["d0", "bad"])
+    target = ScriptedGenerator(["t0", ("", "context")])
+    result, _, _ = run(make_policy("rsd", 0.5), draft=draft, target=target,
+                       prm=TableScorer({"d0": 0.9, "bad": 0.1}))
+    assert result.finish_reason == "length"
+    assert [s.text for s in result.steps] == ["d0"]
+
+
+def test_prompt_that_does_not_fit_is_invalid_argument():
+    draft = ScriptedGenerator([("", "context")])
+    with pytest.raises(InvalidArgument) as err:
+        run(make_policy("draft"), draft=draft)
+    assert err.value.field == "prompt" and "draft" in str(err.value)

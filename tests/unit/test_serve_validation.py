@@ -1,6 +1,8 @@
 """Request validation and wire conversion of the service, without Ray."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from pydantic import ValidationError
 
@@ -138,6 +140,24 @@ def test_no_answer_leaves_the_optional_unset():
     prepared = prepare(RequestFields(prompt=PROMPT), _cfg())
     assert not convert.result_proto(r, prepared).HasField("answer")
     assert convert.result_json(r, prepared)["answer"] is None
+
+
+@pytest.mark.parametrize("answer,expected", [
+    ("123456789012345678901234567890", None),          # 30 digits: no int64 holds it
+    ("-123456789012345678901234567890", None),
+    (str(2**63), None), (str(-(2**63) - 1), None),   # one past each end
+    (str(2**63 - 1), 2**63 - 1), (str(-(2**63)), -(2**63)),
+])
+def test_an_answer_outside_int64_is_left_unset_in_json_and_proto(answer, expected):
+    r = _result()
+    r.steps[-1] = dataclasses.replace(r.steps[-1], text=f"Answer: {answer}")
+    prepared = prepare(RequestFields(prompt=PROMPT), _cfg())
+    assert r.text.endswith(answer)
+    assert convert.result_json(r, prepared)["answer"] == expected
+    msg = convert.result_proto(r, prepared)  # used to fail: ParseDict refuses an int64 overflow (INTERNAL)
+    assert msg.HasField("answer") == (expected is not None)
+    if expected is not None:
+        assert msg.answer == expected
 
 
 def test_openai_stream_chunks_concatenate_to_the_text():

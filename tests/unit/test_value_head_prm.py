@@ -105,6 +105,8 @@ def test_detected_and_loaded_as_a_value_head_prm(checkpoint, scorer):
     assert scorer.device.type == "cpu" or torch.cuda.is_available()
     with pytest.raises(ValueError, match="annotate_history"):
         load_step_scorer(checkpoint, annotate_history=True)
+    with pytest.raises(ValueError, match="trust_remote_code"):  # Skywork's auto_map is never run
+        load_step_scorer(checkpoint, trust_remote_code=True)
     for bundled in ("prm", "router", "target"):  # the other kinds keep their backends
         assert not V.is_value_head_prm(ROOT / "models" / bundled)
 
@@ -133,6 +135,23 @@ def test_padded_batch_equals_one_at_a_time(scorer):
     single = [scorer.score_batch([item])[0] for item in items]
     assert scorer.score_batch(items) == pytest.approx(single, abs=1e-5)
     assert scorer.score_batch([]) == []
+
+
+def test_input_past_the_context_keeps_problem_candidate_and_newest_steps(scorer):
+    """512 positions; one token per byte: BOS, problem + newline, each line + its step token."""
+    def length(item):
+        return 1 + len(item.problem) + 1 + sum(len(line) + 1 for text in [*(t for t, _ in item.history), item.candidate]
+                                               for line in text.split("\n"))
+
+    history = tuple((f"{i} + 1 = {i + 1}\nso {i + 1}", "draft") for i in range(60))
+    item = ScoreItem("Start with 0. Add 1 sixty times.", history, "60 + 1 = 61")
+    keep = max(k for k in range(len(history) + 1)
+               if length(ScoreItem(item.problem, history[len(history) - k:], item.candidate)) <= 512)
+    assert 0 < keep < len(history) and length(item) > 512
+    expected = ScoreItem(item.problem, history[len(history) - keep:], item.candidate)
+    assert scorer.fit(item) == expected
+    assert len(scorer.encode(expected)) == length(expected) <= 512
+    assert scorer.score_batch([item]) == scorer.score_batch([expected])
 
 
 def test_sharded_checkpoint_found_through_its_index(checkpoint, scorer, tmp_path):

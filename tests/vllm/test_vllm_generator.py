@@ -135,12 +135,27 @@ def test_token_limit_and_edge_cases(engine, loop):
     assert [(g.text, g.tokens, g.finish_reason) for g in zero] == [("", 0, "length")]
 
 
-def test_context_limit_caps_generation_and_rejects_overlong_prompts(engine, loop):
-    near = "Start with 1. Add 1.\n\n" + "1 + 1 = 2\n" * 48  # ~500 tokens with BOS, max_model_len 512
-    got = run(loop, engine.generate([near], GenerationOptions(max_new_tokens=64)))[0]
-    assert got.tokens <= 512 - 503 and got.finish_reason in ("length", "delimiter", "eos")
-    with pytest.raises(Exception, match=r"(?i)maximum context length|longer than|too long"):
-        run(loop, engine.generate(["x" * 600], STEP))
+def test_rows_have_their_own_context_and_budget(engine, loop):
+    """One call mixing a prompt longer than the context, one the context caps, a short one, a
+    small budget and a sampled row: each row is what it is alone, and the greedy rows are what
+    the transformers backend gives (no exception for the overlong row: it is "context")."""
+    from arbitrage_common.backends.hf_generator import HFStepGenerator
+
+    assert engine.context == 512  # max_model_len
+    near = "Start with 1. Add 1.\n\n" + "1 + 1 = 2\n" * 48 + "\n"  # BOS + 503 characters: 8 tokens left
+    short = _prefixes(2, seed=51)
+    rows = [("x" * 600, STEP), (near, STEP), (short[0], STEP), (short[1], GenerationOptions(max_new_tokens=4)),
+            (short[0], GenerationOptions(max_new_tokens=32, temperature=1.2, seed=7))]
+    got = run(loop, engine.generate([p for p, _ in rows], [o for _, o in rows]))
+    alone = [run(loop, engine.generate([p], o))[0] for p, o in rows]
+    triples = lambda gens: [(g.text, g.tokens, g.finish_reason) for g in gens]
+    assert triples(got) == triples(alone)
+    assert triples(got[:1]) == [("", 0, "context")]
+    assert got[1].tokens <= 8 and (got[1].tokens, got[1].finish_reason) != (0, "context")
+    assert (got[3].tokens, got[3].finish_reason) == (4, "length")
+    hf = HFStepGenerator(DRAFT)
+    assert engine.count_tokens(near) == hf.count_tokens(near) == 504
+    assert triples(got[:4]) == triples(hf.generate_batch([p for p, _ in rows[:4]], [o for _, o in rows[:4]]))
     assert run(loop, engine.generate(_prefixes(1), STEP))[0].finish_reason == "delimiter"  # still serving
 
 

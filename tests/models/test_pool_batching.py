@@ -1,0 +1,58 @@
+"""GeneratorPool's Serve batch without Ray: calls with different decoding options share one
+forward pass, and each call gets what it gets alone (issue #13). The pool method is run
+undecorated over the bundled draft model; no cluster is started."""
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from arbitrage_common.backends.hf_generator import HFStepGenerator
+from arbitrage_common.interfaces import GenerationOptions
+from arbitrage_common.steps import build_prefix
+from arbitrage_common.synthetic import generate_problems
+
+pools = pytest.importorskip("services.pools")
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+class _PoolSelf:
+    """The attributes ``_generate_batched`` uses, with a real backend."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.passes: list[int] = []
+
+    def _count(self, items: int) -> None:
+        pass
+
+    async def _run(self, fn, *args):
+        self.passes.append(len(args[0]))
+        return await asyncio.to_thread(fn, *args)
+
+
+def test_calls_with_different_options_share_one_pass_and_keep_their_results():
+    backend = HFStepGenerator(MODELS / "draft")
+    prefixes = [build_prefix(p.prompt, []) for p in generate_problems(5, 99)]
+    calls = [
+        ([prefixes[0]], GenerationOptions(max_new_tokens=64)),
+        ([prefixes[1], prefixes[2]], GenerationOptions(max_new_tokens=40, temperature=1.0, seed=3)),
+        (["Start with 1. " * 50], GenerationOptions(max_new_tokens=64)),  # longer than the context
+        ([prefixes[3]], GenerationOptions(max_new_tokens=5)),
+        ([prefixes[4]], GenerationOptions(max_new_tokens=64, temperature=0.7, seed=9)),
+    ]
+    fake = _PoolSelf(backend)
+    merged = asyncio.run(pools.GeneratorPool._generate_batched.__wrapped__(
+        fake, [p for p, _ in calls], [o for _, o in calls]))
+    assert fake.passes == [6]  # one forward pass for all five calls
+    alone = [backend.generate_batch(p, o) for p, o in calls]
+    as_triples = lambda gens: [(g.text, g.tokens, g.finish_reason) for g in gens]
+    assert [as_triples(m) for m in merged] == [as_triples(a) for a in alone]
+    assert as_triples(merged[2]) == [("", 0, "context")]
+    assert (merged[3][0].tokens, merged[3][0].finish_reason) == (5, "length")
+
+
+def test_context_info_and_count_tokens():
+    backend = HFStepGenerator(MODELS / "target")
+    fake = _PoolSelf(backend)
+    assert asyncio.run(pools.GeneratorPool.context_info(fake)) == {"context": 512}
+    assert asyncio.run(pools.GeneratorPool.count_tokens(fake, "Start with 3.")) == 1 + len("Start with 3.")

@@ -1,0 +1,82 @@
+"""AppConfig guards of issue #11: drain time vs request deadline, size limits, auth, and the
+KubeRay rendering of the API key Secret."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from arbitrage_common import config as C
+from arbitrage_common.kuberay.render import auth_secret_env, render_rayservice
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLED = sorted([*ROOT.glob("configs/*.yaml"), *ROOT.glob("configs/presets/*.yaml")])
+
+
+def _pools():
+    pool = C.PoolSpec(model=C.ModelSpec(path="models/draft"))
+    return C.PoolsSpec(draft=pool, target=pool, router=pool, prm=pool)
+
+
+def test_a_coordinator_that_drains_faster_than_a_request_may_run_is_refused():
+    with pytest.raises(ValidationError, match=r"coordinator\.graceful_shutdown_timeout_s \(30\) must be >= "
+                                              r"limits\.request_timeout_s \(60\)"):
+        C.AppConfig(pools=_pools(), coordinator=C.CoordinatorSpec(graceful_shutdown_timeout_s=30))
+    with pytest.raises(ValidationError, match="graceful_shutdown_timeout_s"):
+        C.AppConfig(pools=_pools(), limits=C.LimitsSpec(request_timeout_s=301))
+    ok = C.AppConfig(pools=_pools(), coordinator=C.CoordinatorSpec(graceful_shutdown_timeout_s=60))
+    assert ok.coordinator.graceful_shutdown_timeout_s == ok.limits.request_timeout_s  # equal is enough
+
+
+def test_the_default_drain_covers_the_longest_bundled_deadline():
+    assert C.CoordinatorSpec().graceful_shutdown_timeout_s >= 300
+    assert C.default_config().coordinator.deployment_options("coordinator")["graceful_shutdown_timeout_s"] >= \
+        C.default_config().limits.request_timeout_s
+    assert C.PoolSpec(model=C.ModelSpec(path="m")).graceful_shutdown_timeout_s == 10.0  # pools serve short steps
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=[p.name for p in BUNDLED])
+def test_every_bundled_config_validates(path):
+    if path.name.startswith("serve-"):  # a rendered Serve config: its app's args are the AppConfig
+        data = C.AppConfig.model_validate(yaml.safe_load(path.read_text())["applications"][0]["args"])
+    else:
+        data = C.load_config(path)
+    assert data.coordinator.graceful_shutdown_timeout_s >= data.limits.request_timeout_s
+
+
+def test_size_limits_default_to_one_mib_and_must_be_positive():
+    limits = C.LimitsSpec()
+    assert limits.max_body_bytes == 1024 * 1024 == limits.max_grpc_message_bytes
+    for field in ("max_body_bytes", "max_grpc_message_bytes"):
+        with pytest.raises(ValidationError, match=field):
+            C.LimitsSpec(**{field: 0})
+
+
+def test_auth_is_off_by_default_and_names_a_variable():
+    assert C.default_config().auth.api_key_env is None
+    cfg = C.AppConfig(pools=_pools(), auth=C.AuthSpec(api_key_env="ARBITRAGE_API_KEYS"))
+    assert C.render_serve_config(cfg)["applications"][0]["args"]["auth"] == \
+        {"api_key_env": "ARBITRAGE_API_KEYS", "k8s_secret": None}  # the variable's name travels, never a key
+
+
+def _containers(manifest):
+    cluster = manifest["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    return [c for pod in pods for c in pod["template"]["spec"]["containers"]]
+
+
+def test_kuberay_pods_get_the_key_variable_from_a_secret_only_with_auth():
+    base = C.load_config(ROOT / "configs" / "cpu-demo.yaml")
+    assert auth_secret_env(base) == []
+    assert all("env" not in c for c in _containers(render_rayservice(base)))
+
+    secured = base.model_copy(update={"auth": C.AuthSpec(api_key_env="ARBITRAGE_API_KEYS")})
+    expected = [{"name": "ARBITRAGE_API_KEYS",
+                 "valueFrom": {"secretKeyRef": {"name": f"{base.name}-api-keys", "key": "ARBITRAGE_API_KEYS"}}}]
+    containers = _containers(render_rayservice(secured))
+    assert len(containers) == 5 and all(c["env"] == expected for c in containers)
+
+    named = base.model_copy(update={"auth": C.AuthSpec(api_key_env="K", k8s_secret="prod-keys")})
+    assert auth_secret_env(named)[0]["valueFrom"]["secretKeyRef"] == {"name": "prod-keys", "key": "K"}

@@ -1,0 +1,286 @@
+"""The HTTP API's guards without Ray: API key auth, body size limits, /livez.
+
+``build_http_api`` runs on a fake coordinator (the attributes the routes use), under
+FastAPI's TestClient; the body-limit middleware is also driven by raw ASGI messages, to
+count a body that arrives in chunks.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from arbitrage_common.auth import AuthConfigError
+from arbitrage_common.config import AppConfig, AuthSpec, LimitsSpec, ModelSpec, PoolSpec, PoolsSpec
+from arbitrage_common.errors import InvalidArgument
+from services import convert
+from services.http_api import BodyLimitMiddleware, build_http_api, route_path
+
+LIMIT = 2048
+KEY = "test-key-0123"
+PROMPT = "Start with 12. Add 3."
+
+
+class FakeHealth:
+    """services.health.PoolHealth as http_api reads it."""
+
+    def __init__(self, serving: bool = True) -> None:
+        self.serving = serving
+        self.running = {"draft": int(serving), "target": 1}
+
+    async def current(self) -> bool:
+        return self.serving
+
+
+class FakeCoordinator:
+    """What services.http_api uses of a Coordinator. ``open_stream`` records the fields it
+    got (so a test sees the body reached the route) and refuses them as bad input."""
+
+    def __init__(self, auth: AuthSpec | None = None, api_keys=None, limit: int = LIMIT, fail_with=None):
+        pool = PoolSpec(model=ModelSpec(path="m"))
+        self.cfg = AppConfig(pools=PoolsSpec(draft=pool, target=pool, router=pool, prm=pool),
+                             limits=LimitsSpec(max_body_bytes=limit), auth=auth or AuthSpec())
+        if api_keys is not None:
+            self.api_keys = api_keys
+        self.available = ["draft", "target"]
+        self.health = FakeHealth()
+        self.opened: list = []
+        self.records: list[tuple[str, str, str]] = []
+        self.fail_with = fail_with
+
+    def record(self, transport: str, policy: str, status: str, started: float | None = None) -> None:
+        self.records.append((transport, policy, status))
+
+    def fail(self, transport: str, policy: str, exc: BaseException) -> convert.ApiError:
+        err = convert.classify(exc)
+        self.record(transport, policy, err.code)
+        return err
+
+    async def open_stream(self, fields):
+        self.opened.append(fields)
+        if self.fail_with is not None:
+            raise self.fail_with
+        raise InvalidArgument("policy", "refused by the fake coordinator")
+
+    def list_models(self):
+        return {"object": "list", "data": []}
+
+
+def _client(coord: FakeCoordinator) -> TestClient:
+    return TestClient(build_http_api(coord), raise_server_exceptions=True)
+
+
+def _generate(client: TestClient, headers: dict | None = None, **body):
+    return client.post("/v1/generate", json={"prompt": PROMPT, **body}, headers=headers or {})
+
+
+# -- /livez and /healthz ------------------------------------------------------------------
+def test_livez_answers_alive_and_touches_no_pool():
+    coord = FakeCoordinator()
+    r = _client(coord).get("/livez")
+    assert r.status_code == 200 and r.json() == {"status": "alive"}
+    assert coord.opened == [] and coord.records == []
+
+
+# -- authentication -----------------------------------------------------------------------
+@pytest.fixture
+def secured():
+    coord = FakeCoordinator(auth=AuthSpec(api_key_env="ARB_KEYS"), api_keys=(KEY.encode(), b"other-key"))
+    return coord, _client(coord)
+
+
+@pytest.mark.parametrize("method,path", [("post", "/v1/generate"), ("post", "/v1/completions"),
+                                         ("post", "/v1/chat/completions"), ("get", "/v1/models"),
+                                         ("get", "/openapi.json"), ("get", "/docs"), ("get", "/no-such-route")])
+@pytest.mark.parametrize("header", [None, "Bearer wrong-key", f"Basic {KEY}", KEY])
+def test_every_route_but_the_probes_needs_a_key(secured, method, path, header):
+    coord, client = secured
+    headers = {"Authorization": header} if header else {}
+    r = getattr(client, method)(path, headers=headers, **({"json": {"prompt": PROMPT}} if method == "post" else {}))
+    assert r.status_code == 401, r.text
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert r.json() == {"error": {"message": "missing or invalid API key (header 'Authorization: Bearer <key>')",
+                                  "type": "authentication_error", "param": None, "code": "unauthenticated"}}
+    assert coord.opened == []  # refused before any route ran
+    assert coord.records[-1][2] == "unauthenticated"
+
+
+def test_a_valid_key_reaches_the_routes(secured):
+    coord, client = secured
+    for key in (KEY, "other-key"):
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    r = _generate(client, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "policy"  # the fake's refusal: it got through
+    assert coord.opened[0].prompt == PROMPT
+
+
+def test_probes_stay_open(secured):
+    _, client = secured
+    assert client.get("/livez").json() == {"status": "alive"}
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_healthz_is_503_with_retry_after_while_a_pool_has_no_replica(secured):
+    coord, client = secured
+    coord.health = FakeHealth(serving=False)
+    reply = client.get("/healthz")
+    assert reply.status_code == 503 and reply.headers["retry-after"] == "1"
+    assert reply.json()["running_replicas"]["draft"] == 0
+    assert client.get("/livez").status_code == 200
+
+
+def test_unauthenticated_requests_are_counted_by_transport(secured):
+    coord, client = secured
+    client.post("/v1/completions", json={"prompt": PROMPT})
+    client.post("/v1/generate", json={"prompt": PROMPT})
+    assert coord.records == [("openai", "", "unauthenticated"), ("http", "", "unauthenticated")]
+
+
+def test_without_keys_nothing_is_checked():
+    coord = FakeCoordinator(api_keys=())
+    assert _client(coord).get("/v1/models").status_code == 200
+
+
+def test_keys_are_loaded_when_the_coordinator_holds_none(monkeypatch):
+    """Fail closed: a config with auth is enforced even if the coordinator did not load keys."""
+    monkeypatch.setenv("ARB_HTTP_TEST_KEYS", KEY)
+    client = _client(FakeCoordinator(auth=AuthSpec(api_key_env="ARB_HTTP_TEST_KEYS")))
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    monkeypatch.delenv("ARB_HTTP_TEST_KEYS")
+    with pytest.raises(AuthConfigError, match="ARB_HTTP_TEST_KEYS"):
+        build_http_api(FakeCoordinator(auth=AuthSpec(api_key_env="ARB_HTTP_TEST_KEYS")))
+
+
+# -- body size ------------------------------------------------------------------------------
+def _assert_413(r) -> None:
+    assert r.status_code == 413, r.text
+    error = r.json()["error"]
+    assert error["code"] == "payload_too_large" and error["param"] == "body"
+    assert error["type"] == "invalid_request_error" and f"the limit is {LIMIT} bytes" in error["message"]
+
+
+def test_a_body_over_the_limit_by_content_length_is_refused_unread():
+    coord = FakeCoordinator()
+    r = _generate(_client(coord), prompt="x" * (LIMIT + 10))
+    _assert_413(r)
+    assert "is 2" in r.json()["error"]["message"]  # the declared size is named
+    assert coord.opened == [] and coord.records == [("http", "", "payload_too_large")]
+
+
+def test_a_body_at_the_limit_passes():
+    coord = FakeCoordinator()
+    padding = LIMIT - len(json.dumps({"prompt": PROMPT, "request_id": ""}))
+    body = json.dumps({"prompt": PROMPT, "request_id": "r" * padding}).encode()
+    assert len(body) == LIMIT
+    r = _client(coord).post("/v1/generate", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and coord.opened, r.text  # reached the route
+
+
+def test_a_chunked_body_without_content_length_is_counted():
+    coord = FakeCoordinator()
+    client = _client(coord)
+    big = json.dumps({"prompt": "x" * (LIMIT + 10)}).encode()
+
+    def chunks(data: bytes):
+        for i in range(0, len(data), 512):
+            yield data[i:i + 512]
+
+    r = client.post("/v1/generate", content=chunks(big), headers={"content-type": "application/json"})
+    assert "content-length" not in {k.lower() for k in r.request.headers}
+    _assert_413(r)
+    assert coord.opened == []
+    small = json.dumps({"prompt": PROMPT}).encode()
+    r = client.post("/v1/generate", content=chunks(small), headers={"content-type": "application/json"})
+    assert r.status_code == 422 and coord.opened[0].prompt == PROMPT
+
+
+def test_the_auth_check_runs_before_the_body_limit(secured):
+    coord, client = secured
+    assert _generate(client, prompt="x" * (LIMIT + 10)).status_code == 401
+    assert coord.records == [("http", "", "unauthenticated")]
+
+
+def _run_asgi(app, chunks: list[bytes], headers: list[tuple[bytes, bytes]] | None = None):
+    """One HTTP request through ``app``, its body in ``chunks``; returns (status, body, chunks read)."""
+    pending = list(chunks)
+    read = 0
+    sent: list[dict] = []
+
+    async def receive():
+        nonlocal read
+        if not pending:
+            return {"type": "http.disconnect"}
+        read += 1
+        chunk = pending.pop(0)
+        return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/generate", "root_path": "", "headers": headers or [],
+             "query_string": b""}
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, body, read
+
+
+async def _reading_app(scope, receive, send):
+    """An app that reads the whole body, then answers 200 with its length."""
+    size = 0
+    while True:
+        message = await receive()
+        size += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": str(size).encode()})
+
+
+def test_the_middleware_stops_reading_at_the_limit():
+    app = BodyLimitMiddleware(_reading_app, limit=1000)
+    status, body, read = _run_asgi(app, [b"x" * 400] * 10)
+    assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
+    assert read == 3  # 1200 bytes > 1000: the other 7 chunks are never read
+    assert _run_asgi(app, [b"x" * 250] * 4)[:2] == (200, b"1000")
+
+
+def test_the_middleware_replaces_what_the_app_answers_to_an_unreadable_body():
+    async def swallowing_app(scope, receive, send):  # like FastAPI: a failed read becomes a 400
+        try:
+            while (await receive()).get("more_body"):
+                pass
+        except Exception:  # noqa: BLE001
+            await send({"type": "http.response.start", "status": 400, "headers": []})
+            await send({"type": "http.response.body", "body": b"There was an error parsing the body"})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    status, body, _ = _run_asgi(BodyLimitMiddleware(swallowing_app, limit=100), [b"y" * 60] * 3)
+    assert status == 413 and b"parsing" not in body
+
+
+def test_content_length_over_the_limit_is_refused_before_any_read():
+    app = BodyLimitMiddleware(_reading_app, limit=1000)
+    status, _, read = _run_asgi(app, [b"x" * 10], headers=[(b"content-length", b"5000")])
+    assert status == 413 and read == 0
+
+
+def test_route_path_strips_the_route_prefix():
+    assert route_path({"path": "/slow/livez", "root_path": "/slow"}) == "/livez"
+    assert route_path({"path": "/livez", "root_path": ""}) == "/livez"
+    assert route_path({"path": "/slowlivez", "root_path": "/slow"}) == "/slowlivez"
+
+
+# -- cancellation is counted ------------------------------------------------------------------
+def test_a_cancelled_request_is_counted_as_cancelled():
+    coord = FakeCoordinator(fail_with=asyncio.CancelledError())
+    # The cancellation goes on, up to Serve (TestClient's portal reports it as its own kind).
+    with pytest.raises((asyncio.CancelledError, concurrent.futures.CancelledError)):
+        _generate(_client(coord))
+    assert coord.records == [("http", "", "cancelled")]

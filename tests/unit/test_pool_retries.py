@@ -1,0 +1,94 @@
+"""PoolCaller's retries over a fake handle (pure logic: no cluster), and readiness arithmetic."""
+import asyncio
+import random
+import time
+from types import SimpleNamespace
+
+import pytest
+from ray.exceptions import ActorDiedError
+from ray.serve.exceptions import BackPressureError
+
+from arbitrage_common.retry import RetryPolicy
+from services.handles import PoolCaller, retry_reason
+from services.health import pools_needed, running_pools
+
+
+class FlakyCall:
+    """``.remote(*args)`` fails with ``errors`` in turn, then answers ``args``."""
+
+    def __init__(self, *errors: BaseException) -> None:
+        self.errors, self.calls = list(errors), 0
+
+    def remote(self, *args):
+        self.calls += 1
+        error = self.errors.pop(0) if self.errors else None
+
+        async def answer():
+            if error is not None:
+                raise error
+            return args
+        return _Response(answer())
+
+
+class _Response:
+    def __init__(self, coro) -> None:
+        self._coro = coro
+
+    def __await__(self):
+        return self._coro.__await__()
+
+    def cancel(self) -> None:
+        pass
+
+
+def _caller(call, retries=3, deadline=None, seen=None):
+    on_retry = (lambda role, reason: seen.append((role, reason))) if seen is not None else None
+    return PoolCaller(call, "draft", RetryPolicy(retries=retries, base_s=0.001), deadline, on_retry, random.Random(0))
+
+
+def test_a_dead_replica_and_a_full_pool_are_retried_and_the_answer_is_the_same_call():
+    seen: list = []
+    call = FlakyCall(ActorDiedError(), BackPressureError(num_queued_requests=1, max_queued_requests=1))
+    assert asyncio.run(_caller(call, seen=seen)(["p"], "opts")) == (["p"], "opts")
+    assert call.calls == 3 and seen == [("draft", "replica"), ("draft", "full")]
+
+
+def test_a_bug_is_not_retried():
+    call = FlakyCall(KeyError("bug"))
+    with pytest.raises(KeyError):
+        asyncio.run(_caller(call)(["p"]))
+    assert call.calls == 1
+
+
+def test_retries_stop_at_the_limit_and_name_the_pool():
+    call = FlakyCall(*[ActorDiedError() for _ in range(5)])
+    with pytest.raises(ActorDiedError) as info:
+        asyncio.run(_caller(call, retries=2)(["p"]))
+    assert call.calls == 3 and info.value.pool == "draft"
+
+
+def test_no_retry_once_the_deadline_leaves_no_room():
+    call = FlakyCall(ActorDiedError(), ActorDiedError())
+    with pytest.raises(ActorDiedError):
+        asyncio.run(_caller(call, deadline=time.monotonic() + 0.01)(["p"]))
+    assert call.calls == 1
+
+
+def test_retry_reasons():
+    assert retry_reason(ActorDiedError()) == "replica"
+    assert retry_reason(BackPressureError(num_queued_requests=1, max_queued_requests=1)) == "full"
+    assert retry_reason(TimeoutError()) is None
+    assert retry_reason(ValueError()) is None
+
+
+def test_pools_needed_by_each_policy():
+    assert pools_needed("arbitrage") == ["draft", "target", "router"]
+    assert pools_needed("rsd") == ["draft", "target", "prm"]
+    assert pools_needed("oracle") == ["draft", "target", "prm"]
+    assert pools_needed("draft") == ["draft", "target"]
+
+
+def test_running_pools_counts_running_replicas_only():
+    deployments = {"draft": SimpleNamespace(replica_states={"RUNNING": 2, "STARTING": 1}),
+                   "target": SimpleNamespace(replica_states={"STARTING": 1})}
+    assert running_pools(deployments, ["draft", "target", "router"]) == {"draft": 2, "target": 0, "router": 0}
