@@ -27,6 +27,18 @@ class Usage:
     ``target_tokens`` counts every target token generated, also oracle steps not kept;
     ``prm_calls``/``router_calls`` count items scored; ``stage_seconds`` is wall time
     awaited per stage.
+
+    Step pipelining (``LoopRequest.pipeline``): while the scorer reads draft step k, the
+    draft already writes step k+1 as if step k were kept. ``speculative_drafts_used``
+    counts such early drafts that became step k+1's draft (their tokens are then booked
+    like any draft step's, kept or discarded); ``speculative_drafts_discarded`` counts
+    those thrown away (step k went to the target, or the request ended first), and
+    ``speculative_draft_tokens_discarded`` their tokens, for those that had finished when
+    dropped (a call cancelled in flight reports none). These tokens are in neither
+    ``draft_tokens_kept`` nor ``draft_tokens_discarded``, so ``acceptance_rate`` is that
+    of the plain loop. The draft's wall time that overlapped the scorer is not awaited and
+    is not in ``stage_seconds``: a used early draft books only the time the loop still
+    waited for it after the scorer answered.
     """
 
     draft_tokens_kept: int = 0
@@ -36,6 +48,10 @@ class Usage:
     router_calls: int = 0
     prm_calls: int = 0
     stage_seconds: dict[str, float] = field(default_factory=_zero_stages)
+    # Step pipelining (after the older fields, so positional construction still works).
+    speculative_drafts_used: int = 0
+    speculative_drafts_discarded: int = 0
+    speculative_draft_tokens_discarded: int = 0
 
     @property
     def draft_tokens(self) -> int:
@@ -64,7 +80,9 @@ class Usage:
 class StepRecord:
     """One decided step. ``score`` is the score the policy read (for oracle the advantage
     PRM(target) - PRM(draft); None for policies without a scorer). ``tokens`` and
-    ``finish_reason`` are those of the kept step, in its writer's tokenizer."""
+    ``finish_reason`` are those of the kept step, in its writer's tokenizer. ``stage_ms`` is
+    the wall ms this step awaited per stage; with step pipelining its draft, written while
+    the previous step was scored, books only the time still waited for it (often ~0)."""
 
     index: int
     text: str

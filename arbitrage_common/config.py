@@ -8,6 +8,7 @@ that YAML. No Ray, torch or transformers imports here: configs load and validate
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ from .kuberay.spec import ClusterSpec
 from .paths import project_home
 from .policies import POLICIES, make_policy
 from .steps import DEFAULT_PROMPT_TEMPLATE, PROBLEM_FIELD, STEP_DELIMITER
+from .threshold_control import ADJUSTABLE_POLICIES
 
 Backend = Literal["transformers", "vllm"]
 Role = Literal["draft", "target", "router", "prm"]
@@ -279,12 +281,64 @@ class PoolsSpec(_Strict):
                 if (spec := getattr(self, role)) is not None]
 
 
+class LoadControlSpec(_Strict):
+    """Load-aware thresholds (``arbitrage_common.threshold_control``; off by default): each
+    coordinator replica moves thresholds toward fewer target calls while its target calls run
+    over budget, and back as load falls. A threshold the client sets itself is never moved."""
+
+    enabled: bool = Field(False, description="Run the controller in every coordinator replica.")
+    latency_budget_ms: PositiveFloat | None = Field(None, description="Budget for the EWMA of one target call's "
+                                                                      "wall latency (queueing and retries "
+                                                                      "included), ms. None: no latency signal.")
+    in_flight_budget: PositiveFloat | None = Field(None, description="Budget for the mean target calls in flight "
+                                                                     "from one coordinator replica (e.g. target "
+                                                                     "replicas x max_batch_size / coordinator "
+                                                                     "replicas). None: no queue signal.")
+    gain: float = Field(0.05, gt=0, le=1, description="Offset raised per interval per unit of relative excess "
+                                                      "over budget (capped at 1: twice the budget).")
+    decay: float = Field(0.02, gt=0, le=1, description="Offset lowered per interval per unit of relative slack "
+                                                       "under budget (1 when idle).")
+    deadband: float = Field(0.1, ge=0, lt=1, description="Relative band around the budget in which the offset "
+                                                         "holds (0.1: within 10%).")
+    max_offset: float = Field(0.3, gt=0, le=1, description="Most the threshold moves from its base.")
+    interval_s: PositiveFloat = Field(1.0, description="Seconds between updates of the offset.")
+    latency_alpha: float = Field(0.2, gt=0, le=1, description="EWMA weight of each new latency sample.")
+    policies: tuple[str, ...] = Field(ADJUSTABLE_POLICIES, description="Policies whose threshold is controlled "
+                                                                       f"(of {', '.join(ADJUSTABLE_POLICIES)}).")
+    threshold_limits: dict[str, float] = Field(default_factory=dict, description="Per policy, the furthest "
+                                                                                 "threshold the controller may "
+                                                                                 "set (arbitrage: a ceiling, "
+                                                                                 "default 1; rsd: a floor, "
+                                                                                 "default 0).")
+
+    @model_validator(mode="after")
+    def _valid(self) -> LoadControlSpec:
+        if self.enabled and self.latency_budget_ms is None and self.in_flight_budget is None:
+            raise ValueError("latency_budget_ms / in_flight_budget: an enabled controller needs at least one budget")
+        for field, names in (("policies", self.policies), ("threshold_limits", tuple(self.threshold_limits))):
+            for name in names:
+                if name not in ADJUSTABLE_POLICIES:
+                    raise ValueError(f"{field}: {name!r} cannot be load-controlled; expected one of "
+                                     f"{', '.join(ADJUSTABLE_POLICIES)} (policies whose threshold gates target calls)")
+        if len(set(self.policies)) != len(self.policies):
+            raise ValueError(f"policies: lists a policy twice: {list(self.policies)}")
+        if self.enabled and not self.policies:
+            raise ValueError("policies: an enabled controller needs at least one policy")
+        for name, limit in self.threshold_limits.items():
+            if not (math.isfinite(limit) and 0.0 <= limit <= 1.0):
+                raise ValueError(f"threshold_limits.{name}: must be in [0, 1], got {limit!r}")
+        return self
+
+
 class PolicySpec(_Strict):
     """Defaults for requests that do not name a policy or threshold."""
 
     default: str = Field("arbitrage", description=f"Default policy, one of {', '.join(POLICIES)}.")
     threshold: float | None = Field(None, description="Default threshold of the default policy (None: the "
                                                       "policy's own default).")
+    load_control: LoadControlSpec = Field(default_factory=LoadControlSpec, exclude_if=lambda v: v == LoadControlSpec(),
+                                          description="Load-aware thresholds (off; left out of renderings "
+                                                      "while default).")
 
     @model_validator(mode="after")
     def _valid(self) -> PolicySpec:
@@ -330,6 +384,15 @@ class LimitsSpec(_Strict):
     max_grpc_message_bytes: PositiveInt = Field(1024 * 1024, description="Largest gRPC request message, bytes "
                                                                          "(checked by the coordinator); larger: "
                                                                          "INVALID_ARGUMENT payload_too_large.")
+    step_pipelining: bool = Field(False, exclude_if=lambda v: v is False,
+                                  description="Step pipelining for arbitrage and rsd (LoopRequest.pipeline): the "
+                                              "draft writes step k+1 while step k is scored, dropped if step k goes "
+                                              "to the target. Same outputs, lower latency where the draft and "
+                                              "scorer pools have their own hardware; costs the dropped drafts' "
+                                              "work. Off by default: on the 2-core CPU default both calls share "
+                                              "the cores and it measured no faster "
+                                              "(arbitrage_common.evaluation.pipeline_bench). Left out of "
+                                              "renderings while off.")
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> LimitsSpec:

@@ -19,6 +19,17 @@ On a missed deadline both raise ``DeadlineExceeded`` whose ``.partial`` (also
 generator answers ``"context"`` (no room left in its context), the request ends with
 ``finish_reason "length"`` keeping its steps; at the first step that is the prompt's fault,
 ``InvalidArgument('prompt')``.
+
+Step pipelining (``LoopRequest.pipeline``, policies with a scorer that run one model per
+step: ``arbitrage``, ``rsd``): while the scorer reads draft step k, the draft already writes
+step k+1 from the prefix with step k kept, with the options the loop would give that call
+(the token budget left once step k is kept). If step k is kept and the request goes on,
+that early draft is step k+1's draft; if step k goes to the target, it is cancelled and
+dropped. No early draft is started when keeping step k would end the request (eos, a cut
+step, the token budget, ``max_steps``), and one still running when the request ends
+(deadline, error, cancellation, ``aclose``) is cancelled and awaited. A kept step's text,
+source, score and tokens are those of the plain loop; ``Usage`` counts the early drafts
+(see ``accounting.Usage``).
 """
 from __future__ import annotations
 
@@ -61,6 +72,10 @@ class LoopRequest:
     deadline_s: float | None = None
     # Generators continue the problem rendered by this template; scorers read the raw problem.
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    # Step pipelining (module docstring): the draft writes step k+1 while step k is scored.
+    # Same outputs; extra draft calls for steps that go to the target. Off by default here;
+    # the service sets it from ``limits.step_pipelining``.
+    pipeline: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -72,6 +87,8 @@ class LoopRequest:
         _positive_int("max_steps", self.max_steps)
         _positive_int("max_new_tokens", self.max_new_tokens)
         _positive_int("step_max_tokens", self.step_max_tokens)
+        if not isinstance(self.pipeline, bool):
+            raise InvalidArgument("pipeline", f"must be a bool, got {self.pipeline!r}")
         temperature = self.options.temperature
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
                 or not math.isfinite(temperature) or temperature < 0:
@@ -110,6 +127,15 @@ class _ContextFull(Exception):
         self.source = source
 
 
+@dataclass(frozen=True)
+class _Speculation:
+    """An early draft: step k+1's draft call, started while step k is scored."""
+
+    prefix: str
+    options: GenerationOptions
+    task: asyncio.Task[list[Generation]]
+
+
 class LoopStream:
     """Async iterator of ``StepRecord``; ``.result`` holds the ``LoopResult`` once the last
     step is yielded (or the partial one after ``DeadlineExceeded``), else None."""
@@ -125,6 +151,7 @@ class LoopStream:
         self._t0 = 0.0
         self._deadline: float | None = None
         self._stage_ms: dict[str, float] = {}
+        self._spec: _Speculation | None = None
 
     # -- iteration ---------------------------------------------------------------------
     def __aiter__(self) -> LoopStream:
@@ -165,13 +192,23 @@ class LoopStream:
         except _DeadlinePassed:
             self.result = self._result("deadline")
             raise DeadlineExceeded(self.result) from None
+        finally:
+            # Whatever ended the request (also an error, cancellation or aclose at a yield),
+            # an early draft still out is cancelled and awaited: no task outlives the stream.
+            if self._spec is not None:
+                await self._drop_speculation()
 
     def _stop_reason(self, record: StepRecord) -> LoopFinishReason | None:
-        if record.finish_reason == "eos":
+        return self._stop_after(record.finish_reason, self._tokens_left(), len(self.steps))
+
+    def _stop_after(self, finish_reason: str, tokens_left: int, steps: int) -> LoopFinishReason | None:
+        """Why the request ends once a step with ``finish_reason`` is kept, leaving
+        ``tokens_left`` of the budget and ``steps`` steps kept; None if it goes on."""
+        if finish_reason == "eos":
             return "eos"
-        if record.finish_reason == "length" or self._tokens_left() <= 0:
+        if finish_reason == "length" or tokens_left <= 0:
             return "length"
-        if len(self.steps) >= self.request.max_steps:
+        if steps >= self.request.max_steps:
             return "max_steps"
         return None
 
@@ -187,7 +224,8 @@ class LoopStream:
         policy, usage = self.request.policy, self.usage
         self._stage_ms = {}
         history = tuple((step.text, step.source) for step in self.steps)
-        prefix = build_prefix(self.request.prompt, [text for text, _ in history], self.request.prompt_template)
+        texts = [text for text, _ in history]
+        prefix = build_prefix(self.request.prompt, texts, self.request.prompt_template)
         score: float | None = None
 
         if policy.scorer is None and not policy.runs_both:
@@ -196,7 +234,7 @@ class LoopStream:
             gen = await self._generate(source, prefix)
             return self._record(index, source, gen, score, None)
 
-        draft = await self._generate("draft", prefix)
+        draft = await self._draft(prefix)
         # Until the step is decided the draft counts as discarded, so a deadline in the
         # middle of the step still accounts for the tokens spent.
         usage.draft_tokens_discarded += draft.tokens
@@ -211,9 +249,14 @@ class LoopStream:
             to_target = policy.route_to_target(score)
         else:
             assert policy.scorer is not None
+            if self.request.pipeline:
+                self._speculate(texts, draft)
             (score,) = await self._score(policy.scorer, [ScoreItem(problem, history, draft.text)])
             to_target = policy.route_to_target(score)
-            target = await self._generate("target", prefix) if to_target else None
+            target = None
+            if to_target:
+                await self._drop_speculation()  # it continued a step that is not kept
+                target = await self._generate("target", prefix)
 
         if to_target:
             assert target is not None
@@ -231,12 +274,66 @@ class LoopStream:
                           draft_discarded=discarded_draft is not None, discarded_draft_text=discarded_draft,
                           tokens=gen.tokens, finish_reason=gen.finish_reason, stage_ms=self._stage_ms)
 
+    # -- step pipelining ---------------------------------------------------------------
+    def _speculate(self, texts: list[str], draft: Generation) -> None:
+        """Start step k+1's draft call as if ``draft`` (step k) were kept: the prefix and
+        options the plain loop would use then. Not when keeping it would end the request."""
+        tokens_left = self._tokens_left() - draft.tokens
+        if self._stop_after(draft.finish_reason, tokens_left, len(self.steps) + 1) is not None:
+            return
+        if self._deadline is not None and time.perf_counter() >= self._deadline:
+            return  # the scorer call is refused next anyway
+        prefix = build_prefix(self.request.prompt, [*texts, draft.text], self.request.prompt_template)
+        options = self._options(tokens_left)
+        model = self.models.draft
+
+        async def call() -> list[Generation]:
+            return await model.generate([prefix], options)
+
+        self._spec = _Speculation(prefix, options, asyncio.create_task(call(), name="arbitrage-early-draft"))
+
+    async def _draft(self, prefix: str) -> Generation:
+        """This step's draft: the early draft started for this very call, else a new call."""
+        spec, options = self._spec, self._options(self._tokens_left())
+        if spec is None:
+            return await self._generate("draft", prefix)
+        if spec.prefix != prefix or spec.options != options:  # cannot happen: never serve another call's draft
+            await self._drop_speculation()
+            return await self._generate("draft", prefix)
+        self.usage.speculative_drafts_used += 1
+        try:
+            # Booked: only the time still waited for it; the rest overlapped the scorer.
+            gens = await self._timed("draft", lambda: spec.task)
+        finally:
+            self._spec = None
+            if not spec.task.done():  # the deadline passed before or while waiting
+                await _cancel(spec.task)
+        return self._check("draft", gens)
+
+    async def _drop_speculation(self) -> None:
+        """Cancel the early draft (if any), wait for it to end, book it as discarded."""
+        spec, self._spec = self._spec, None
+        if spec is None:
+            return
+        self.usage.speculative_drafts_discarded += 1
+        gens = await _cancel(spec.task)
+        if isinstance(gens, (list, tuple)) and len(gens) == 1 and isinstance(gens[0], Generation) \
+                and isinstance(gens[0].tokens, int) and not isinstance(gens[0].tokens, bool) and gens[0].tokens > 0:
+            self.usage.speculative_draft_tokens_discarded += gens[0].tokens
+
     # -- model calls -------------------------------------------------------------------
+    def _options(self, tokens_left: int) -> GenerationOptions:
+        return dataclasses.replace(self.request.options,
+                                   max_new_tokens=min(self.request.step_max_tokens, tokens_left))
+
     async def _generate(self, source: Source, prefix: str) -> Generation:
         model = self.models.draft if source == "draft" else self.models.target
-        options = dataclasses.replace(self.request.options,
-                                      max_new_tokens=min(self.request.step_max_tokens, self._tokens_left()))
+        options = self._options(self._tokens_left())
         gens = await self._timed(source, lambda: model.generate([prefix], options))
+        return self._check(source, gens)
+
+    def _check(self, source: Source, gens: object) -> Generation:
+        """Validate one generator call's answer; book target tokens."""
         role = f"{source} generator"
         if not isinstance(gens, (list, tuple)) or len(gens) != 1:
             got = len(gens) if isinstance(gens, (list, tuple)) else type(gens).__name__
@@ -296,6 +393,16 @@ class LoopStream:
             seconds = time.perf_counter() - started
             self.usage.stage_seconds[stage] += seconds
             self._stage_ms[stage] = self._stage_ms.get(stage, 0.0) + seconds * 1000.0
+
+
+async def _cancel(task: asyncio.Task[T]) -> T | None:
+    """Cancel ``task`` if it still runs and wait until it has ended (its own error is not
+    raised here); its result if it finished first, else None."""
+    task.cancel()
+    await asyncio.wait([task])
+    if task.cancelled() or task.exception() is not None:
+        return None
+    return task.result()
 
 
 def stream_loop(request: LoopRequest, models: Models) -> LoopStream:

@@ -39,8 +39,10 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
             records.add(records.Record(self.transport, t0, _ms(started), exc.code().name, policy=request.policy))
             return call
         self.fire(request_type="grpc", name=name, response_time=_ms(started), response_length=reply.ByteSize())
-        records.add(records.Record(self.transport, t0, _ms(started), "OK", steps=len(reply.steps),
-                                   target_steps=reply.usage.target_steps, policy=reply.policy))
+        rec = records.Record(self.transport, t0, _ms(started), "OK", steps=len(reply.steps),
+                             target_steps=reply.usage.target_steps, policy=reply.policy)
+        records.grade(rec, request.prompt, reply)
+        records.add(rec)
         return call
 
     def intercept_unary_stream(self, continuation, details, request):
@@ -67,6 +69,7 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
                 else:
                     rec.target_steps = event.summary.usage.target_steps
                     rec.policy = event.summary.policy
+                    records.grade(rec, request.prompt, event.summary)
                 yield event
         except grpc.RpcError as exc:
             rec.status, rec.e2e_ms = exc.code().name, _ms(started)

@@ -27,7 +27,8 @@ from loadtests.settings import LoadSettings, poisson_arrivals
 from loadtests.shapes import SHAPES
 
 SETTINGS = LoadSettings.from_env()
-PROMPTS = SETTINGS.mix.prompts()
+records.EXPECTED.update(SETTINGS.mix.answers())
+PROMPTS = list(records.EXPECTED)
 _NEXT = itertools.count()
 
 

@@ -23,10 +23,23 @@ class Record:
     steps: int = 0
     target_steps: int = 0
     policy: str | None = None
+    threshold: float | None = None    # the threshold the service reports it used
+    correct: bool | None = None       # the answer against the problem's (None: unknown prompt)
 
     @property
     def ok(self) -> bool:
         return self.status == "OK"
+
+
+EXPECTED: dict[str, int] = {}  # prompt -> correct answer, set by the locustfile
+
+
+def grade(record: Record, prompt: str, reply) -> None:
+    """Fill what a finished reply says of the request: threshold used and correctness."""
+    if reply.HasField("threshold"):
+        record.threshold = reply.threshold
+    if prompt in EXPECTED:
+        record.correct = reply.HasField("answer") and reply.answer == EXPECTED[prompt]
 
 
 def add(record: Record) -> None:

@@ -40,6 +40,7 @@ def summarize(recs: list[Record], duration_s: float, slo_ms: float | None, timel
     steps = sum(r.steps for r in ok)
     per_step = [g for r in ok for g in r.step_ms] or [r.e2e_ms / r.steps for r in ok if r.steps]
     within = [r for r in ok if slo_ms is None or r.e2e_ms <= slo_ms]
+    graded = [r for r in ok if r.correct is not None]
     return {
         "settings": settings,
         "duration_s": round(duration_s, 2),
@@ -54,6 +55,9 @@ def summarize(recs: list[Record], duration_s: float, slo_ms: float | None, timel
                                 else "end-to-end / steps (unary calls)",
         "steps_per_request": round(steps / len(ok), 2) if ok else None,
         "target_step_fraction": round(sum(r.target_steps for r in ok) / steps, 4) if steps else None,
+        # Of the answered requests the gRPC transports graded (failures are counted above, apart).
+        "accuracy": round(sum(bool(r.correct) for r in graded) / len(graded), 4) if graded else None,
+        "threshold_used": _dist([r.threshold for r in ok if r.threshold is not None]),
         "slo_ms": slo_ms,
         "goodput": round(len(within) / len(recs), 4) if recs else None,
         "goodput_requests_per_s": round(len(within) / duration_s, 3) if duration_s > 0 else None,
@@ -105,7 +109,8 @@ def _charts(recs: list[Record], timeline: list[dict]) -> list[tuple[str, str]]:
 
 def _table(summary: dict) -> str:
     rows = []
-    for key in ("requests", "succeeded", "requests_per_s", "steps_per_request", "target_step_fraction", "slo_ms",
+    for key in ("requests", "succeeded", "requests_per_s", "steps_per_request", "target_step_fraction", "accuracy",
+                "slo_ms",
                 "goodput", "goodput_requests_per_s"):
         rows.append(f"<tr><th>{key}</th><td>{summary[key]}</td></tr>")
     for key in ("e2e_ms", "ttfs_ms", "time_per_step_ms"):

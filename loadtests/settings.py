@@ -32,9 +32,13 @@ class Mix:
             raise ValueError(f"pool_size: must be > 0, got {self.pool_size}")
 
     def prompts(self) -> list[str]:
+        return list(self.answers())
+
+    def answers(self) -> dict[str, int]:
+        """Each prompt of the seeded pool (in order) and its correct answer."""
         from arbitrage_common.synthetic import generate_problems
 
-        return [p.prompt for p in generate_problems(self.pool_size, self.seed, hard_prob=self.hard_prob)]
+        return {p.prompt: p.answer for p in generate_problems(self.pool_size, self.seed, hard_prob=self.hard_prob)}
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,9 @@ def result_json(result: LoopResult, prepared: Prepared) -> dict[str, Any]:
             "target_steps": u.steps_by_source["target"], "draft_steps": u.steps_by_source["draft"],
             "target_step_fraction": u.target_step_fraction, "router_calls": u.router_calls,
             "prm_calls": u.prm_calls, "stage_ms": _stage_ms({k: v * 1000.0 for k, v in u.stage_seconds.items()}),
+            "speculative_drafts_used": u.speculative_drafts_used,
+            "speculative_drafts_discarded": u.speculative_drafts_discarded,
+            "speculative_draft_tokens_discarded": u.speculative_draft_tokens_discarded,
         },
         "finish_reason": result.finish_reason,
         "policy": prepared.policy,
@@ -330,6 +333,9 @@ def loop_result(msg: pb.GenerateResponse, prompt: str = "") -> LoopResult:
     usage = Usage(draft_tokens_kept=u.draft_tokens_kept, draft_tokens_discarded=u.draft_tokens_discarded,
                   target_tokens=u.target_tokens, steps_by_source={"draft": u.draft_steps, "target": u.target_steps},
                   router_calls=u.router_calls, prm_calls=u.prm_calls,
+                  speculative_drafts_used=u.speculative_drafts_used,
+                  speculative_drafts_discarded=u.speculative_drafts_discarded,
+                  speculative_draft_tokens_discarded=u.speculative_draft_tokens_discarded,
                   stage_seconds={k: getattr(u.stage_ms, k) / 1000.0 for k in STAGES})
     return LoopResult(prompt=prompt, steps=steps, finish_reason=msg.finish_reason, usage=usage,
                       total_seconds=msg.total_ms / 1000.0)

@@ -9,6 +9,7 @@ No ``@serve.deployment`` here; ``services.app`` wraps the class with ``serve.ing
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,15 +17,16 @@ from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 from arbitrage_common.auth import check_bearer, load_keys
 from arbitrage_common.config import AppConfig
 from arbitrage_common.errors import InvalidArgument
 from arbitrage_common.loop import LoopStream, stream_loop
-from arbitrage_common.policies import POLICIES
+from arbitrage_common.policies import POLICIES, make_policy
 from arbitrage_common.retry import RetryPolicy
 from arbitrage_common.steps import build_prefix
+from arbitrage_common.threshold_control import LoadController
 from protos.arbitrage.v1 import arbitrage_pb2 as pb
 
 from . import convert
@@ -38,6 +40,7 @@ _LATENCY_MS = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
 # Byte-level and character tokenizers never produce more tokens than the text has bytes
 # (plus a few special tokens), so a prompt this far below the context needs no counting.
 _SPECIAL_TOKENS_MARGIN = 8
+WATCH_RESEND_S = 5.0
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -63,14 +66,18 @@ class Coordinator:
                  prm: Any | None = None) -> None:
         self.cfg = AppConfig.model_validate(config)
         self.api_keys = load_keys(self.cfg.auth)  # a missing key variable fails the replica at start
-        c = self.cfg.coordinator
+        c, load_control = self.cfg.coordinator, self.cfg.policy.load_control
+        self.load = LoadController(load_control) if load_control.enabled else None
         self.pools = PoolHandles(draft, target, router, prm,
                                  retry=RetryPolicy(retries=c.pool_retries, base_s=c.retry_backoff_s),
-                                 on_retry=self._count_retry)
+                                 on_retry=self._count_retry, load=self.load)
+        self._offset = Gauge("arbitrage_threshold_offset", description="Load-aware threshold offset toward fewer "
+                                                                       "target calls (this coordinator replica).")
         self.available = [name for name, cls in POLICIES.items()
                           if cls.scorer is None or getattr(self.pools, cls.scorer) is not None]
         self.health = PoolHealth(self.cfg.name, pools_needed(self.cfg.policy.default), c.health_probe_s)
         self._contexts: dict[str, int] | None = None
+        self._releases: set[asyncio.Task] = set()
         self._retries = Counter("arbitrage_pool_retries_total", description="Pool calls retried, by pool and reason "
                                                                             "(replica died, pool full).",
                                 tag_keys=("role", "reason"))
@@ -90,13 +97,26 @@ class Coordinator:
         """Validate, admit (the prompt fits every generator's context) and bind the pools.
         A client's own gRPC deadline needs nothing here: when it passes, the proxy cancels the
         call, which cancels the loop and its pool call in flight."""
-        prepared = prepare(fields, self.cfg)
+        prepared = self._under_load(prepare(fields, self.cfg), explicit=fields.threshold is not None)
         await self._admit(prepared)
         # Retries stop in time for the request to fail before its deadline, not at it.
         deadline = time.monotonic() + prepared.request.deadline_s if prepared.request.deadline_s else None
         # The request id is the session id: each pool with affinity serves all its steps on one replica.
         models = self.pools.models(prepared.request_id, deadline)
         return prepared, stream_loop(prepared.request, models)  # 'policy' if its pool is missing
+
+    def _under_load(self, prepared: Prepared, explicit: bool) -> Prepared:
+        """The request with the threshold the load controller sets now (when it is on and the
+        client left the threshold to the server); the response reports the one used."""
+        if self.load is None:
+            return prepared
+        used = self.load.threshold_for(prepared.policy, prepared.threshold, time.monotonic(), explicit=explicit)
+        self._offset.set(self.load.offset)
+        if used == prepared.threshold:
+            return prepared
+        policy = make_policy(prepared.policy, used, prepared.request.options.seed)
+        return dataclasses.replace(prepared, threshold=used, request=dataclasses.replace(prepared.request,
+                                                                                         policy=policy))
 
     async def _generator_contexts(self) -> dict[str, int]:
         """Each generator pool's context length (asked once; {} while a pool cannot answer)."""
@@ -141,10 +161,10 @@ class Coordinator:
             self._latency.observe((time.perf_counter() - started) * 1000.0,
                                   tags={"transport": transport, "policy": self.policy_label(policy)})
 
-    async def steps_of(self, stream: LoopStream, policy: str) -> AsyncIterator[Any]:
+    async def steps_of(self, stream: LoopStream, prepared: Prepared) -> AsyncIterator[Any]:
         """The stream's steps, counted by source and (validated) policy; the first one also
-        records time to first step."""
-        started, first = time.perf_counter(), True
+        records time to first step. At the end the scorer pools drop the request's cache."""
+        started, first, policy = time.perf_counter(), True, prepared.policy
         try:
             async for step in stream:
                 if first:
@@ -154,6 +174,24 @@ class Coordinator:
                 yield step
         finally:
             await stream.aclose()
+            self._release(prepared)
+
+    def _release(self, prepared: Prepared) -> None:
+        """Fire and forget: the scorer pools this request used drop its cached prefix (their
+        LRU evicts it anyway if this is lost)."""
+        used = {prepared.request.policy.scorer} | ({"prm"} if prepared.request.policy.runs_both else set())
+        for role in used & {"router", "prm"}:
+            if getattr(self.pools, role) is None:
+                continue
+            task = asyncio.get_running_loop().create_task(self._release_one(role, prepared.request_id))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+
+    async def _release_one(self, role: str, session: str) -> None:
+        try:
+            await self.pools.caller(role, "release", session)(session)
+        except Exception as exc:  # noqa: BLE001 (best effort: the LRU bounds the cache anyway)
+            logger.debug("release of %s on %s failed: %s", session, role, type(exc).__name__)
 
     def fail(self, transport: str, policy: str, exc: BaseException) -> convert.ApiError:
         err = convert.classify(exc)
@@ -188,7 +226,7 @@ class Coordinator:
         try:
             prepared, stream = await self.open_stream(self._grpc_fields(request, grpc_context))
             policy = prepared.policy
-            async for _ in self.steps_of(stream, policy):
+            async for _ in self.steps_of(stream, prepared):
                 pass
             response = convert.result_proto(stream.result, prepared)
         except asyncio.CancelledError:
@@ -211,7 +249,7 @@ class Coordinator:
         try:
             prepared, stream = await self.open_stream(self._grpc_fields(request, grpc_context))
             policy = prepared.policy
-            async for step in self.steps_of(stream, policy):
+            async for step in self.steps_of(stream, prepared):
                 yield pb.GenerateStreamResponse(step=convert.step_proto(step))
             summary = convert.result_proto(stream.result, prepared)
         except (asyncio.CancelledError, GeneratorExit):
@@ -247,12 +285,18 @@ class Coordinator:
         return self._health_reply(await self.health.current())
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None):
-        """The current status, then one message per change, until the client leaves."""
+        """The current status, then a message at each change, until the client leaves. The
+        status is also re-sent every ``WATCH_RESEND_S`` unchanged: Serve's proxy notices a
+        client that left only when it writes, and until then the stream counts as a request
+        in flight that would hold a stopping replica for its whole graceful shutdown."""
         self._check_service(request, grpc_context)
         serving = await self.health.current()
         while True:
             yield self._health_reply(serving)
-            serving = await self.health.wait_change(serving)
+            try:
+                serving = await asyncio.wait_for(self.health.wait_change(serving), WATCH_RESEND_S)
+            except TimeoutError:
+                pass
 
     # -- HTTP (routes in services.http_api) ------------------------------------------------
     def __serve_build_asgi_app__(self):

@@ -108,14 +108,38 @@ class HandleGenerator:
         return await self._call(list(prefixes), options)
 
 
-class HandleScorer:
-    """``Scorer`` over a ScorerPool deployment handle."""
+class TimedGenerator:
+    """A target ``Generator`` whose calls feed the load-aware threshold controller
+    (``arbitrage_common.threshold_control``): in flight while they run; their wall time
+    (queueing in the pool included) is a latency sample unless cancelled or failed for a
+    reason that says nothing about load."""
 
-    def __init__(self, caller: PoolCaller) -> None:
-        self._call = caller
+    def __init__(self, inner: HandleGenerator, load: Any) -> None:
+        self._inner, self._load = inner, load
+
+    async def generate(self, prefixes: Sequence[str], options: GenerationOptions) -> list[Generation]:
+        started, sample = time.monotonic(), False
+        self._load.call_started(started)
+        try:
+            out = await self._inner.generate(prefixes, options)
+            sample = True
+            return out
+        except Exception as exc:
+            sample = retry_reason(exc) == "full"  # a pool that stayed full is evidence of load
+            raise
+        finally:
+            self._load.call_finished(started, time.monotonic(), sample=sample)
+
+
+class HandleScorer:
+    """``Scorer`` over a ScorerPool deployment handle; the session id also keys the pool's
+    prefix cache (the same replica serves every step of the session)."""
+
+    def __init__(self, caller: PoolCaller, session_id: str = "") -> None:
+        self._call, self._session = caller, session_id or None
 
     async def score(self, items: Sequence[ScoreItem]) -> list[float]:
-        return await self._call(list(items))
+        return await self._call(list(items), self._session)
 
 
 class PoolHandles:
@@ -123,9 +147,11 @@ class PoolHandles:
     ``on_retry(role, reason)`` is told of every retry (metrics)."""
 
     def __init__(self, draft: Any, target: Any, router: Any | None = None, prm: Any | None = None,
-                 retry: RetryPolicy = NO_RETRY, on_retry: Callable[[str, str], None] | None = None) -> None:
+                 retry: RetryPolicy = NO_RETRY, on_retry: Callable[[str, str], None] | None = None,
+                 load: Any = None) -> None:
         self.draft, self.target, self.router, self.prm = draft, target, router, prm
         self.retry, self.on_retry = retry, on_retry
+        self.load = load  # a LoadController told of every target call, or None
         self._rng = random.Random()  # jitter only: it never touches a request's output
 
     def configured(self) -> dict[str, Any]:
@@ -141,11 +167,12 @@ class PoolHandles:
         def scorer(role: str) -> HandleScorer | None:
             if getattr(self, role) is None:
                 return None
-            return HandleScorer(self.caller(role, "score", session_id, deadline))
+            return HandleScorer(self.caller(role, "score", session_id, deadline), session_id)
 
+        target = HandleGenerator(self.caller("target", "generate", session_id, deadline))
         return Models(
             draft=HandleGenerator(self.caller("draft", "generate", session_id, deadline)),
-            target=HandleGenerator(self.caller("target", "generate", session_id, deadline)),
+            target=TimedGenerator(target, self.load) if self.load is not None else target,
             router=scorer("router"),
             prm=scorer("prm"),
         )

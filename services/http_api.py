@@ -189,7 +189,7 @@ def build_http_api(coord: Coordinator) -> FastAPI:
             return StreamingResponse(guard(transport, prepared, events(prepared, stream), started),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            async for _ in coord.steps_of(stream, policy):
+            async for _ in coord.steps_of(stream, prepared):
                 pass
         except asyncio.CancelledError as exc:
             coord.fail(transport, policy, exc)
@@ -214,14 +214,14 @@ def build_http_api(coord: Coordinator) -> FastAPI:
         coord.record(transport, prepared.policy, "ok", started)
 
     async def generate_events(prepared: Prepared, stream: LoopStream) -> AsyncIterator[str]:
-        async for step in coord.steps_of(stream, prepared.policy):
+        async for step in coord.steps_of(stream, prepared):
             yield convert.sse(convert.step_json(step), event="step")
         yield convert.sse(convert.result_json(stream.result, prepared), event="summary")
 
     def openai_events(model: str, chat: bool):
         async def events(prepared: Prepared, stream: LoopStream) -> AsyncIterator[str]:
             first = True
-            async for step in coord.steps_of(stream, prepared.policy):
+            async for step in coord.steps_of(stream, prepared):
                 yield convert.sse(convert.openai_chunk(prepared, model, chat, convert.step_delta(step), first=first))
                 first = False
             result = stream.result

@@ -244,26 +244,46 @@ class GeneratorPool(_Pool):
 
 
 class ScorerPool(_Pool):
-    """Serves ``score(items)`` for the router or the PRM."""
+    """Serves ``score(items, session)`` for the router or the PRM.
+
+    A backend with a prefix cache (the causal-LM scorers: ``backends.prefix_cache``) keeps
+    each session's scored prefix, so a step runs only its new tokens; session affinity
+    keeps a request on one replica, a miss (a failover) recomputes the same score, and
+    ``release(session)`` drops the cache when the request ends (an LRU bounds it anyway)."""
 
     kind = "scorer"
 
     def __init__(self, role: str, model: dict[str, Any]) -> None:
         super().__init__(role, model)
         self.backend = _load_scorer(model)
+        self.cached = hasattr(self.backend, "release")
 
     def _batched_method(self):
         return self._score_batched
 
-    async def score(self, items: list[ScoreItem]) -> list[float]:
+    async def score(self, items: list[ScoreItem], session: str | None = None) -> list[float]:
         if not items:
             return []
         await self._wait_idle()
-        return await self._score_batched(list(items))
+        return await self._score_batched(list(items), session)
+
+    async def release(self, session: str) -> bool:
+        """Drop a finished request's cached prefix; True if this replica held one."""
+        return bool(self.backend.release(session)) if self.cached else False
+
+    def info(self) -> dict[str, Any]:
+        out = super().info()
+        out["prefix_cache"] = self.backend.prefix_cache.info() if self.cached else None
+        return out
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _score_batched(self, item_lists: list[list[ScoreItem]]) -> list[list[float]]:
+    async def _score_batched(self, item_lists: list[list[ScoreItem]],
+                             sessions: list[str | None]) -> list[list[float]]:
         flat = [item for items in item_lists for item in items]
         self._count(len(flat))
-        scores = await self._run(self.backend.score_batch, flat)
+        if self.cached:
+            per_item = [session for items, session in zip(item_lists, sessions) for _ in items]
+            scores = await self._run(self.backend.score_batch, flat, per_item)
+        else:
+            scores = await self._run(self.backend.score_batch, flat)
         return _split(scores, [len(items) for items in item_lists])

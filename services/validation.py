@@ -113,7 +113,8 @@ def prepare(fields: RequestFields, cfg: AppConfig) -> Prepared:
     request = LoopRequest(prompt=prompt, policy=policy, max_steps=max_steps, max_new_tokens=max_new_tokens,
                           step_max_tokens=limits.step_max_tokens,
                           options=GenerationOptions(temperature=float(temperature), seed=seed),
-                          deadline_s=timeout, prompt_template=cfg.prompt.template)
+                          deadline_s=timeout, prompt_template=cfg.prompt.template,
+                          pipeline=limits.step_pipelining)
     return Prepared(request=request, policy=name, threshold=policy.threshold, request_id=request_id)
 
 

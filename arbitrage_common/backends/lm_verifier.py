@@ -11,7 +11,7 @@ import contextlib
 import json
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from ..interfaces import ScoreItem
 from ..steps import format_scorer_input
 from .checkpoints import CheckpointError, load_or_explain, pick_device
 from .fit import TextFit, model_context
+from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCachedLM
 
 VERIFIER_FILE = "verifier.json"
 FEATURE = "min_token_logprob"
@@ -93,12 +94,17 @@ def load_causal_lm(model_dir: str | Path, threads: int | None = None, device: st
 
 class LMVerifierScorer:
     """``sigmoid(a * max(min_logprob, floor) + b)`` under the checkpoint's causal LM (an item
-    longer than its context is cut by ``self.fit``: ``steps.fit_scorer_input``)."""
+    longer than its context is cut by ``self.fit``: ``steps.fit_scorer_input``).
+
+    ``score_batch(items, sessions)`` keeps each session's prefix KV cache (``prefix_cache``,
+    at most ``prefix_cache_bytes``; 0 turns it off) and runs only each step's new tokens;
+    ``release(session)`` drops a session's cache at the end of its request."""
 
     annotate_history = False
 
     def __init__(self, model_dir: str | Path, threads: int | None = None, batch_size: int = 32,
-                 device: str | None = None, trust_remote_code: bool = False):
+                 device: str | None = None, trust_remote_code: bool = False,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
         self.calibration = read_calibration(model_dir)  # before the weights: a bad file fails fast
         self.tokenizer, self.model = load_causal_lm(model_dir, threads, device, trust_remote_code)
         self.batch_size = batch_size
@@ -106,6 +112,7 @@ class LMVerifierScorer:
         self.context = model_context(self.model)
         self.fit = TextFit(self.tokenizer, self.context, annotate=False)
         self._lock = threading.Lock()
+        self.prefix_cache = PrefixCachedLM(self.model, self.tokenizer, prefix_cache_bytes, batch_size, self._lock)
 
     def features(self, texts: Sequence[str], starts: Sequence[int]) -> list[float]:
         return min_logprob_features(self.model, self.tokenizer, texts, starts, self.batch_size, self._lock)
@@ -118,8 +125,18 @@ class LMVerifierScorer:
     def score_texts(self, texts: Sequence[str], starts: Sequence[int]) -> list[float]:
         return [self.probability(f) for f in self.features(texts, starts)]
 
-    def score_batch(self, items: Sequence[ScoreItem]) -> list[float]:
+    def score_batch(self, items: Sequence[ScoreItem], sessions: Sequence[Hashable | None] | None = None) -> list[float]:
+        """One P(step correct) per item. ``sessions``: one key per item (None: not cached), e.g.
+        the request id; items of a session reuse its cached prefix (same scores as uncached)."""
         if not items:
             return []
-        texts, starts = zip(*(split_candidate(self.fit(item)) for item in items))
-        return self.score_texts(texts, starts)
+        if sessions is None:
+            texts, starts = zip(*(split_candidate(self.fit(item)) for item in items))
+            return self.score_texts(texts, starts)
+        mins, _ = self.prefix_cache.features(items, sessions, self.fit, split_candidate,
+                                             lambda texts, starts: (self.features(texts, starts), None))
+        return [self.probability(f) for f in mins]
+
+    def release(self, session: Hashable) -> bool:
+        """Drop ``session``'s cached prefix (its request ended); True if it had one."""
+        return self.prefix_cache.release(session)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from ..interfaces import ScoreItem
 from .checkpoints import CheckpointError
 from .fit import TextFit, model_context
 from .lm_verifier import load_causal_lm, read_calibration, split_candidate, step_features
+from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCachedLM
 
 ROUTER_HEAD_FILE = "router_head.json"
 
@@ -48,12 +49,17 @@ def router_logits(z: torch.Tensor, hidden: torch.Tensor, head: dict) -> torch.Te
 
 class VerifierRouterScorer:
     """The router pool's scorer for a ``router_head.json`` checkpoint (history never annotated:
-    the LM never saw tags; an item longer than the context is cut by ``self.fit``)."""
+    the LM never saw tags; an item longer than the context is cut by ``self.fit``).
+
+    ``score_batch(items, sessions)`` keeps each session's prefix KV cache (``prefix_cache``,
+    at most ``prefix_cache_bytes``; 0 turns it off) and runs only each step's new tokens;
+    ``release(session)`` drops a session's cache at the end of its request."""
 
     annotate_history = False
 
     def __init__(self, model_dir: str | Path, threads: int | None = None, batch_size: int = 32,
-                 device: str | None = None, trust_remote_code: bool = False):
+                 device: str | None = None, trust_remote_code: bool = False,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
         path = Path(model_dir)
         self.calibration = read_calibration(path)
         self.head = read_router_head(path)
@@ -66,11 +72,24 @@ class VerifierRouterScorer:
         self.context = model_context(self.model)
         self.fit = TextFit(self.tokenizer, self.context, annotate=False)
         self._lock = threading.Lock()
+        self.prefix_cache = PrefixCachedLM(self.model, self.tokenizer, prefix_cache_bytes, batch_size, self._lock)
 
-    def score_batch(self, items: Sequence[ScoreItem]) -> list[float]:
+    def _features(self, texts: Sequence[str], starts: Sequence[int]):
+        return step_features(self.model, self.tokenizer, texts, starts, self.batch_size, self._lock, with_hidden=True)
+
+    def score_batch(self, items: Sequence[ScoreItem], sessions: Sequence[Hashable | None] | None = None) -> list[float]:
+        """One router score per item. ``sessions``: one key per item (None: not cached), e.g.
+        the request id; items of a session reuse its cached prefix (same scores as uncached)."""
         if not items:
             return []
-        texts, starts = zip(*(split_candidate(self.fit(item)) for item in items))
-        mins, hidden = step_features(self.model, self.tokenizer, texts, starts, self.batch_size, self._lock,
-                                     with_hidden=True)
+        if sessions is None:
+            texts, starts = zip(*(split_candidate(self.fit(item)) for item in items))
+            mins, hidden = self._features(texts, starts)
+        else:
+            mins, hidden = self.prefix_cache.features(items, sessions, self.fit, split_candidate, self._features,
+                                                      with_hidden=True)
         return torch.sigmoid(router_logits(verifier_logit(mins, self.calibration), hidden, self.head)).tolist()
+
+    def release(self, session: Hashable) -> bool:
+        """Drop ``session``'s cached prefix (its request ended); True if it had one."""
+        return self.prefix_cache.release(session)

@@ -31,11 +31,13 @@ PROMPTS = [p.prompt for p in problems(3, seed=99)]
 texts = st.one_of(st.sampled_from(PROMPTS), st.text(max_size=300), st.just(""), st.just("\x00" * 10),
                   st.text(min_size=190, max_size=260), st.just(PROMPTS[0] + " 1234567890123456789012345678901234"))
 policies = st.one_of(st.sampled_from([*POLICIES, "", "ARBITRAGE", "nope"]), st.text(max_size=40))
-floats = st.floats(allow_nan=True, allow_infinity=True)
+# No subnormals: the in-process reference engine sets torch's flush-denormal mode, which
+# hypothesis detects and refuses to generate them under.
+floats = st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False)
 int32 = st.one_of(st.integers(-3, 40), st.integers(-(2**31), 2**31 - 1))
-small_timeouts = st.one_of(st.none(), st.floats(min_value=1e-3, max_value=0.05), floats)
+small_timeouts = st.one_of(st.none(), st.floats(min_value=1e-3, max_value=0.05, allow_subnormal=False), floats)
 json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-                                     st.floats(allow_nan=False), st.text(max_size=30)),
+                                     st.floats(allow_nan=False, allow_subnormal=False), st.text(max_size=30)),
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
                                                                                        max_size=3), max_leaves=6)
 

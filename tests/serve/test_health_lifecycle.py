@@ -69,6 +69,16 @@ def _check(channel) -> int:
     return stub.Check(health_pb2.HealthCheckRequest(), metadata=(("application", APP),), timeout=10).status
 
 
+def _next_change(seen: queue.Queue, current: int, budget_s: float) -> int:
+    """The next status Watch sends that differs from ``current`` (re-sends are skipped)."""
+    import time
+
+    deadline = time.monotonic() + budget_s
+    while (status := seen.get(timeout=max(0.1, deadline - time.monotonic()))) == current:
+        pass
+    return status
+
+
 def test_watch_follows_a_pool_that_loses_its_replica(lifecycle_app, grpc_channel, http_url):
     stub = health_pb2_grpc.HealthStub(grpc_channel)
     watch = stub.Watch(health_pb2.HealthCheckRequest(), metadata=(("application", APP),))
@@ -82,6 +92,7 @@ def test_watch_follows_a_pool_that_loses_its_replica(lifecycle_app, grpc_channel
 
     threading.Thread(target=read, daemon=True).start()
     assert seen.get(timeout=20) == SERVING
+    assert seen.get(timeout=20) == SERVING  # re-sent unchanged (so the proxy notices a client that left)
     assert _check(grpc_channel) == SERVING
     assert requests.get(f"{http_url}/{APP}/healthz", timeout=10).status_code == 200
 
@@ -89,10 +100,10 @@ def test_watch_follows_a_pool_that_loses_its_replica(lifecycle_app, grpc_channel
                 if a["name"].startswith(f"SERVE_REPLICA::{APP}#draft#"))
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
 
-    assert seen.get(timeout=60) == NOT_SERVING  # the controller saw the replica go
+    assert _next_change(seen, SERVING, 60) == NOT_SERVING  # the controller saw the replica go
     during = (_check(grpc_channel), requests.get(f"{http_url}/{APP}/healthz", timeout=10))
     livez = requests.get(f"{http_url}/{APP}/livez", timeout=10)
-    assert seen.get(timeout=90) == SERVING  # Serve started a new draft replica
+    assert _next_change(seen, NOT_SERVING, 90) == SERVING  # Serve started a new draft replica
     assert watch.is_active()  # the stream stays open after each change
     watch.cancel()
     # Check and /healthz said NOT_SERVING / 503 while the pool had no replica, unless the

@@ -89,7 +89,7 @@ class Step(_message.Message):
     def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., source: _Optional[_Union[Source, str]] = ..., score: _Optional[float] = ..., draft_discarded: _Optional[bool] = ..., tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., stage_ms: _Optional[_Union[StageMs, _Mapping]] = ..., discarded_draft_text: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("draft_tokens_kept", "draft_tokens_discarded", "target_tokens", "acceptance_rate", "target_steps", "draft_steps", "target_step_fraction", "router_calls", "prm_calls", "stage_ms")
+    __slots__ = ("draft_tokens_kept", "draft_tokens_discarded", "target_tokens", "acceptance_rate", "target_steps", "draft_steps", "target_step_fraction", "router_calls", "prm_calls", "stage_ms", "speculative_drafts_used", "speculative_drafts_discarded", "speculative_draft_tokens_discarded")
     DRAFT_TOKENS_KEPT_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_DISCARDED_FIELD_NUMBER: _ClassVar[int]
     TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,9 @@ class Usage(_message.Message):
     ROUTER_CALLS_FIELD_NUMBER: _ClassVar[int]
     PRM_CALLS_FIELD_NUMBER: _ClassVar[int]
     STAGE_MS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_DRAFTS_USED_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_DRAFTS_DISCARDED_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_DRAFT_TOKENS_DISCARDED_FIELD_NUMBER: _ClassVar[int]
     draft_tokens_kept: int
     draft_tokens_discarded: int
     target_tokens: int
@@ -110,7 +113,10 @@ class Usage(_message.Message):
     router_calls: int
     prm_calls: int
     stage_ms: StageMs
-    def __init__(self, draft_tokens_kept: _Optional[int] = ..., draft_tokens_discarded: _Optional[int] = ..., target_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_steps: _Optional[int] = ..., draft_steps: _Optional[int] = ..., target_step_fraction: _Optional[float] = ..., router_calls: _Optional[int] = ..., prm_calls: _Optional[int] = ..., stage_ms: _Optional[_Union[StageMs, _Mapping]] = ...) -> None: ...
+    speculative_drafts_used: int
+    speculative_drafts_discarded: int
+    speculative_draft_tokens_discarded: int
+    def __init__(self, draft_tokens_kept: _Optional[int] = ..., draft_tokens_discarded: _Optional[int] = ..., target_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_steps: _Optional[int] = ..., draft_steps: _Optional[int] = ..., target_step_fraction: _Optional[float] = ..., router_calls: _Optional[int] = ..., prm_calls: _Optional[int] = ..., stage_ms: _Optional[_Union[StageMs, _Mapping]] = ..., speculative_drafts_used: _Optional[int] = ..., speculative_drafts_discarded: _Optional[int] = ..., speculative_draft_tokens_discarded: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "answer", "steps", "usage", "finish_reason", "policy", "threshold", "total_ms")

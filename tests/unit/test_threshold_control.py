@@ -1,0 +1,328 @@
+"""Load-aware thresholds (arbitrage_common.threshold_control): the control law with time passed in."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from arbitrage_common import config as C
+from arbitrage_common.policies import POLICY_NAMES, make_policy
+from arbitrage_common.threshold_control import ADJUSTABLE_POLICIES, FEWER_TARGET_CALLS, LoadController
+
+BUDGET = 400.0
+
+
+def _spec(**kw) -> C.LoadControlSpec:
+    return C.LoadControlSpec(**{"enabled": True, "latency_budget_ms": BUDGET, **kw})
+
+
+def _ctl(**kw) -> LoadController:
+    """An enabled controller whose first window opens at t = 0."""
+    ctl = LoadController(_spec(**kw))
+    ctl.update(0.0)
+    return ctl
+
+
+def _drive(ctl: LoadController, latency_ms: float, start: float, seconds: float, step: float = 0.1) -> float:
+    """Latency samples every ``step`` seconds for ``seconds``; the time reached."""
+    t = start
+    for _ in range(round(seconds / step)):
+        t = round(t + step, 6)
+        ctl.observe_latency(latency_ms, t)
+    return t
+
+
+def _at(ctl: LoadController, t: float) -> float:
+    ctl.update(t)
+    return ctl.offset
+
+
+def test_offset_rises_under_sustained_overload_and_falls_back_to_zero():
+    ctl = _ctl()
+    assert ctl.threshold_for("arbitrage", 0.5, 0.0) == 0.5
+    offsets, t = [], 0.0
+    for _ in range(5):
+        t = _drive(ctl, 2 * BUDGET, t, 1.0)
+        offsets.append(_at(ctl, t))
+    assert offsets == sorted(offsets) and offsets[0] > 0
+    assert offsets[-1] == pytest.approx(5 * 0.05)  # error clamped to 1: gain per interval
+    assert ctl.threshold_for("arbitrage", 0.5, t) == pytest.approx(0.75)
+    t = _drive(ctl, 0.5 * BUDGET, t, 60.0)  # half the budget: error -0.5, decay 0.02 * 0.5 per interval
+    assert ctl.offset == 0.0
+    assert ctl.threshold_for("arbitrage", 0.5, t) == 0.5
+
+
+def test_offset_never_leaves_its_bounds():
+    ctl = _ctl(max_offset=0.2)
+    t = _drive(ctl, 100 * BUDGET, 0.0, 30.0)
+    assert ctl.offset == pytest.approx(0.2)
+    assert ctl.threshold_for("arbitrage", 0.9, t) == 1.0  # base + offset, capped at the range
+    assert ctl.threshold_for("rsd", 0.1, t) == 0.0
+    _drive(ctl, 0.0, t, 120.0)
+    assert ctl.offset == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(samples=st.lists(st.tuples(st.floats(0, 50), st.floats(0, 5000), st.integers(0, 64)), max_size=60),
+       base=st.floats(0, 1), max_offset=st.floats(0.01, 1), limit=st.floats(0, 1), gain=st.floats(0.01, 1))
+def test_thresholds_stay_within_range_bounds_and_never_toward_more_target_calls(samples, base, max_offset, limit,
+                                                                                gain):
+    spec = _spec(max_offset=max_offset, gain=gain, decay=gain, in_flight_budget=8,
+                 threshold_limits={"arbitrage": limit, "rsd": limit})
+    ctl, t = LoadController(spec), 0.0
+    for dt, latency, in_flight in samples:
+        t += dt
+        ctl.observe_in_flight(in_flight, t)
+        ctl.observe_latency(latency, t)
+        assert 0.0 <= ctl.offset <= max_offset
+        up, down = ctl.threshold_for("arbitrage", base, t), ctl.threshold_for("rsd", base, t)
+        assert base <= up <= 1.0 and (up == pytest.approx(base) or up <= limit + 1e-9)
+        assert 0.0 <= down <= base and (down == pytest.approx(base) or down >= limit - 1e-9)
+        assert up - base <= max_offset + 1e-6 and base - down <= max_offset + 1e-6
+
+
+def test_within_the_deadband_the_offset_holds():
+    ctl = _ctl(deadband=0.1)
+    t = _drive(ctl, 2 * BUDGET, 0.0, 3.0)
+    held = ctl.offset
+    assert held > 0
+    for latency in (1.08 * BUDGET, 0.92 * BUDGET, BUDGET):
+        ctl.observe_latency(latency, t)  # pull the EWMA into the band before the next windows
+        for _ in range(40):
+            ctl.observe_latency(latency, t)
+        t = _drive(ctl, latency, t, 5.0)
+        assert ctl.offset == pytest.approx(held)
+    t = _drive(ctl, 1.2 * BUDGET, t, 5.0)  # out of the band: moves again
+    assert ctl.offset > held
+
+
+def test_updates_are_rate_limited_to_one_per_interval():
+    ctl = _ctl(interval_s=2.0)
+    ctl.update(0.0)
+    for i in range(1, 200):  # 1.99 s of heavy overload and many admissions: no update yet
+        ctl.observe_latency(10 * BUDGET, i * 0.01)
+        assert ctl.threshold_for("arbitrage", 0.5, i * 0.01) == 0.5
+    assert ctl.offset == 0.0 and ctl.snapshot()["updates"] == 0
+    ctl.observe_latency(10 * BUDGET, 2.0)
+    assert ctl.offset == pytest.approx(0.05) and ctl.snapshot()["updates"] == 1
+    for i in range(1, 100):
+        ctl.observe_latency(10 * BUDGET, 2.0 + i * 0.02)
+    assert ctl.offset == pytest.approx(0.05)
+    assert _at(ctl, 4.0) == pytest.approx(0.10)
+
+
+def test_missed_intervals_count_but_idle_only_decays():
+    ctl = _ctl(max_offset=0.3, decay=0.02)
+    t = _drive(ctl, 10 * BUDGET, 0.0, 6.0)
+    assert ctl.offset == pytest.approx(0.3)
+    # The last sample (at t) opened [t, t+1): busy. Then no target call until t+5: four idle
+    # intervals (error -1 each), and the stale EWMA is forgotten.
+    assert _at(ctl, t + 5.0) == pytest.approx(0.3 - 4 * 0.02)
+    assert ctl.latency_ewma_ms is None and ctl.snapshot()["error"] == -1.0
+    assert _at(ctl, t + 1000.0) == 0.0
+
+
+def test_a_window_busy_only_at_its_start_is_not_busy_throughout():
+    ctl = _ctl(gain=0.05, decay=0.02)
+    ctl.observe_latency(2 * BUDGET, 0.5)     # one overloaded sample, then silence for 9.5 s
+    assert _at(ctl, 10.0) == 0.0                        # up 0.05 once, then nine idle intervals down
+    ctl = _ctl(gain=0.2, decay=0.02)
+    ctl.observe_latency(2 * BUDGET, 0.5)
+    assert _at(ctl, 3.0) == pytest.approx(0.2 - 2 * 0.02)   # [0, 1) busy: up; [1, 3) idle: down twice
+
+
+def test_calls_in_flight_without_completions_are_not_idle():
+    ctl = _ctl()
+    t = _drive(ctl, 2 * BUDGET, 0.0, 2.0)
+    raised = ctl.offset
+    ctl.call_started(t)  # one slow call, no completion for 3 s: the last latency stands
+    assert _at(ctl, t + 3.0) > raised
+    ctl.call_finished(t, t + 3.5, sample=False)  # cancelled: counted out, no sample
+    assert ctl.in_flight == 0 and ctl.latency_ewma_ms == pytest.approx(2 * BUDGET)
+
+
+def test_in_flight_budget_uses_the_time_weighted_mean():
+    ctl = LoadController(C.LoadControlSpec(enabled=True, in_flight_budget=4))
+    ctl.observe_in_flight(0, 0.0)
+    ctl.observe_in_flight(16, 0.5)   # 16 in flight for the second half: mean 8, twice the budget
+    assert _at(ctl, 1.0) == pytest.approx(0.05)
+    assert ctl.snapshot()["error"] == pytest.approx(1.0)
+    ctl.observe_in_flight(4, 1.0)    # exactly on budget: holds
+    assert _at(ctl, 2.0) == pytest.approx(0.05)
+    ctl.observe_in_flight(0, 2.0)    # none in flight, no samples: idle
+    assert _at(ctl, 3.0) == pytest.approx(0.03)
+
+
+def test_call_helpers_count_in_flight_and_time_calls():
+    ctl = _ctl(latency_alpha=1.0)
+    ctl.call_started(0.0)
+    ctl.call_started(0.1)
+    assert ctl.in_flight == 2
+    ctl.call_finished(0.0, 0.3)
+    assert ctl.in_flight == 1 and ctl.latency_ewma_ms == pytest.approx(300.0)
+    ctl.call_finished(0.1, 0.9)
+    assert ctl.in_flight == 0 and ctl.latency_ewma_ms == pytest.approx(800.0)
+
+
+def test_bad_latency_samples_are_ignored():
+    ctl = _ctl()
+    for bad in (float("nan"), float("inf"), -1.0, True):
+        ctl.observe_latency(bad, 0.5)
+    assert ctl.latency_ewma_ms is None
+
+
+@pytest.mark.parametrize("name", ADJUSTABLE_POLICIES)
+def test_the_offset_means_fewer_target_calls_for_each_policy(name):
+    ctl = _ctl()
+    t = _drive(ctl, 2 * BUDGET, 0.0, 4.0)
+    base = 0.5
+    used = ctl.threshold_for(name, base, t)
+    assert (used - base) * FEWER_TARGET_CALLS[name] == pytest.approx(ctl.offset)
+    assert used == (0.7 if name == "arbitrage" else 0.3)
+    scores = [i / 100 for i in range(101)]
+    at_base = [s for s in scores if make_policy(name, base).route_to_target(s)]
+    at_used = [s for s in scores if make_policy(name, used).route_to_target(s)]
+    assert set(at_used) < set(at_base)  # strictly fewer steps to the target, and no new ones
+
+
+@pytest.mark.parametrize("name", sorted(set(POLICY_NAMES) - set(ADJUSTABLE_POLICIES)))
+def test_other_policies_keep_their_threshold(name):
+    ctl = _ctl()
+    t = _drive(ctl, 10 * BUDGET, 0.0, 5.0)
+    assert ctl.offset > 0
+    base = make_policy(name).threshold  # None for draft / target
+    assert ctl.threshold_for(name, base, t) == base
+    assert not ctl.applies(name)
+
+
+def test_an_explicit_client_threshold_is_honoured():
+    ctl = _ctl()
+    t = _drive(ctl, 10 * BUDGET, 0.0, 5.0)
+    assert ctl.threshold_for("arbitrage", 0.5, t, explicit=True) == 0.5
+    assert ctl.threshold_for("rsd", 0.5, t, explicit=True) == 0.5
+    assert ctl.threshold_for("arbitrage", 0.5, t) > 0.5
+
+
+def test_off_or_not_listed_means_unchanged():
+    off = LoadController(C.LoadControlSpec())
+    _drive(off, 10 * BUDGET, 0.0, 5.0)
+    assert off.threshold_for("arbitrage", 0.5, 5.0) == 0.5
+    only_rsd = _ctl(policies=["rsd"])
+    t = _drive(only_rsd, 10 * BUDGET, 0.0, 5.0)
+    assert only_rsd.threshold_for("arbitrage", 0.5, t) == 0.5
+    assert only_rsd.threshold_for("rsd", 0.5, t) < 0.5
+
+
+def test_threshold_limits_bound_the_move_and_never_reverse_it():
+    ctl = _ctl(max_offset=0.5, threshold_limits={"arbitrage": 0.8, "rsd": 0.25})
+    t = _drive(ctl, 10 * BUDGET, 0.0, 20.0)
+    assert ctl.offset == pytest.approx(0.5)
+    assert ctl.threshold_for("arbitrage", 0.5, t) == 0.8
+    assert ctl.threshold_for("rsd", 0.5, t) == 0.25
+    assert ctl.threshold_for("arbitrage", 0.9, t) == 0.9   # already past the limit: left alone
+    assert ctl.threshold_for("rsd", 0.1, t) == 0.1
+
+
+def test_closed_loop_settles_on_the_budget_then_returns_when_load_falls():
+    """A fake target pool: steps arrive at ``rate``/s, router scores uniform, arbitrage sends
+    the share above the threshold; latency = 100 ms / (1 - utilisation). Overloaded at the base
+    threshold; the controller must settle with latency inside the deadband, without cycling."""
+    spec = _spec(max_offset=0.4)
+    ctl, t, capacity = LoadController(spec), 0.0, 4.0
+    history = []
+
+    def latency(rate: float, threshold: float) -> float:
+        utilisation = rate * (1.0 - threshold) / capacity
+        return min(5000.0, 100.0 / max(0.02, 1.0 - utilisation))
+
+    for rate, seconds in ((10.0, 90.0), (4.0, 90.0)):
+        for _ in range(round(seconds / 0.1)):
+            t = round(t + 0.1, 6)
+            threshold = ctl.threshold_for("arbitrage", 0.5, t)
+            ctl.observe_latency(latency(rate, threshold), t)
+            history.append((rate, ctl.offset, latency(rate, threshold)))
+        if rate == 10.0:
+            assert latency(rate, 0.5) > 2 * BUDGET  # the pool is really overloaded at the base
+            tail = history[-300:]  # the last 30 s at the high rate
+            offsets = [o for _, o, _ in tail]
+            assert max(offsets) - min(offsets) < 0.02
+            assert all(0.85 * BUDGET <= lat <= 1.15 * BUDGET for _, _, lat in tail)
+    assert ctl.offset == 0.0  # load fell: back to the base threshold
+
+
+def test_config_default_is_off_and_not_rendered():
+    cfg = C.default_config()
+    assert cfg.policy.load_control == C.LoadControlSpec() and not cfg.policy.load_control.enabled
+    assert cfg.policy.load_control.policies == ("arbitrage", "rsd")
+    assert "load_control" not in C.render_serve_config(cfg)["applications"][0]["args"]["policy"]
+
+
+def test_config_enabled_renders_and_round_trips():
+    cfg = C.default_config()
+    lc = _spec(in_flight_budget=8, threshold_limits={"arbitrage": 0.9})
+    on = cfg.model_copy(update={"policy": C.PolicySpec(load_control=lc)})
+    args = C.render_serve_config(on)["applications"][0]["args"]
+    assert args["policy"]["load_control"]["latency_budget_ms"] == BUDGET
+    assert C.AppConfig.model_validate(args).policy.load_control == lc
+
+
+@pytest.mark.parametrize(("kw", "field"), [
+    ({"enabled": True}, "latency_budget_ms / in_flight_budget"),
+    ({"policies": ["random"]}, "policies: 'random'"),
+    ({"policies": ["oracle"]}, "policies: 'oracle'"),
+    ({"policies": ["rsd", "rsd"]}, "policies: lists a policy twice"),
+    ({"enabled": True, "latency_budget_ms": 100, "policies": []}, "policies: an enabled"),
+    ({"threshold_limits": {"draft": 0.5}}, "threshold_limits: 'draft'"),
+    ({"threshold_limits": {"rsd": 1.5}}, "threshold_limits.rsd"),
+    ({"gain": 0}, "load_control.gain"),
+    ({"decay": 2}, "load_control.decay"),
+    ({"deadband": 1}, "load_control.deadband"),
+    ({"max_offset": 0}, "load_control.max_offset"),
+    ({"interval_s": 0}, "load_control.interval_s"),
+    ({"latency_alpha": 0}, "load_control.latency_alpha"),
+    ({"latency_budget_ms": -5}, "load_control.latency_budget_ms"),
+    ({"in_flight_budget": 0}, "load_control.in_flight_budget"),
+    ({"bogus": 1}, "load_control.bogus"),
+])
+def test_config_errors_name_the_field(kw, field):
+    data = C.default_config().model_dump(mode="json")
+    data["policy"]["load_control"] = kw
+    with pytest.raises(ValidationError) as info:
+        C.AppConfig.model_validate(data)
+    assert field in str(info.value)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_noisy_latency_does_not_make_it_cycle(seed):
+    """The same fake pool with +-40% noise on every sample (seeded): the offset stays in a narrow
+    band around its equilibrium and mean latency on budget."""
+    import random
+
+    rng, ctl, t, tail = random.Random(seed), _ctl(max_offset=0.4), 0.0, []
+    for i in range(900):
+        t = round(t + 0.1, 6)
+        threshold = ctl.threshold_for("arbitrage", 0.5, t)
+        utilisation = 10.0 * (1.0 - threshold) / 4.0
+        sample = min(5000.0, 100.0 / max(0.02, 1.0 - utilisation)) * rng.uniform(0.6, 1.4)
+        ctl.observe_latency(sample, t)
+        if i >= 600:
+            tail.append((ctl.offset, sample))
+    offsets = [o for o, _ in tail]
+    assert max(offsets) - min(offsets) < 0.03
+    assert 0.9 * BUDGET <= sum(s for _, s in tail) / len(tail) <= 1.1 * BUDGET
+
+
+def test_the_documented_example_config_is_valid():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "SERVING.md").read_text()
+    section = doc[doc.index("## Load-aware thresholds"):]
+    example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1))
+    data = C.default_config().model_dump(mode="json")
+    data["policy"] = example["policy"]
+    lc = C.AppConfig.model_validate(data).policy.load_control
+    assert lc.enabled and lc.latency_budget_ms == 400 and lc.threshold_limits == {"arbitrage": 0.9}
