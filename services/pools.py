@@ -273,7 +273,7 @@ class ScorerPool(_Pool):
 
     def info(self) -> dict[str, Any]:
         out = super().info()
-        out["prefix_cache"] = self.backend.prefix_cache.info() if self.cached else None
+        out["scorer_cache"] = self.backend.prefix_cache.info() if self.cached else None
         return out
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)

@@ -36,3 +36,29 @@ def pytest_approx(value):
     import pytest
 
     return pytest.approx(value, abs=1e-4)
+
+
+def test_the_router_caches_a_requests_prefix_and_drops_it_at_the_end(serve_cluster, stub, main_metadata):
+    """Served requests hit the router's per-request cache after their first step, and the
+    coordinator releases each request's cache when it ends."""
+    import time
+
+    from ray import serve
+
+    from protos.arbitrage.v1 import arbitrage_pb2 as pb
+
+    router = serve.get_deployment_handle("router", app_name=serve_cluster[0].name)
+    before = router.info.remote().result()["scorer_cache"]
+    if before is None:
+        import pytest
+
+        pytest.skip("the router checkpoint is not a causal-LM scorer (no prefix cache)")
+    replies = [stub.Generate(pb.GenerateRequest(prompt=p.prompt, policy="arbitrage", max_steps=6),
+                             metadata=main_metadata) for p in problems(3, seed=31)]
+    assert all(len(r.steps) >= 2 for r in replies)
+    deadline = time.monotonic() + 20
+    while (after := router.info.remote().result()["scorer_cache"])["sessions"] > before["sessions"] \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)  # the release is fire-and-forget
+    assert after["hits"] > before["hits"], (before, after)
+    assert after["sessions"] <= before["sessions"], (before, after)  # all three released
