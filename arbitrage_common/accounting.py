@@ -93,6 +93,7 @@ class StepRecord:
     tokens: int
     finish_reason: FinishReason
     stage_ms: dict[str, float] = field(default_factory=dict)
+    draft_score: float | None = None  # the PRM's score of the draft step (rsd, oracle)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -245,13 +245,14 @@ class LoopStream:
             assert target is not None
             s_draft, s_target = await self._score("prm", [
                 ScoreItem(problem, history, draft.text), ScoreItem(problem, history, target.text)])
-            score = s_target - s_draft
+            score, draft_score = s_target - s_draft, s_draft
             to_target = policy.route_to_target(score)
         else:
             assert policy.scorer is not None
             if self.request.pipeline:
                 self._speculate(texts, draft)
             (score,) = await self._score(policy.scorer, [ScoreItem(problem, history, draft.text)])
+            draft_score = score if policy.scorer == "prm" else None
             to_target = policy.route_to_target(score)
             target = None
             if to_target:
@@ -260,19 +261,20 @@ class LoopStream:
 
         if to_target:
             assert target is not None
-            return self._record(index, "target", target, score, draft.text)
+            return self._record(index, "target", target, score, draft.text, draft_score)
         usage.draft_tokens_discarded -= draft.tokens
-        return self._record(index, "draft", draft, score, None)
+        return self._record(index, "draft", draft, score, None, draft_score)
 
     def _record(self, index: int, source: Source, gen: Generation, score: float | None,
-                discarded_draft: str | None) -> StepRecord:
+                discarded_draft: str | None, draft_score: float | None = None) -> StepRecord:
         """Book the kept step (target tokens are booked at generation time)."""
         self.usage.steps_by_source[source] += 1
         if source == "draft":
             self.usage.draft_tokens_kept += gen.tokens
         return StepRecord(index=index, text=gen.text, source=source, score=score,
                           draft_discarded=discarded_draft is not None, discarded_draft_text=discarded_draft,
-                          tokens=gen.tokens, finish_reason=gen.finish_reason, stage_ms=self._stage_ms)
+                          tokens=gen.tokens, finish_reason=gen.finish_reason, stage_ms=self._stage_ms,
+                          draft_score=draft_score)
 
     # -- step pipelining ---------------------------------------------------------------
     def _speculate(self, texts: list[str], draft: Generation) -> None:

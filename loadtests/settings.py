@@ -21,6 +21,7 @@ class Mix:
     policy: str | None = None          # None: the server's default
     threshold: float | None = None
     hard_prob: float = 0.2              # share of problems with a hard final step (difficulty)
+    problem_mix: str | None = None      # a named mix (synthetic.MIXES: math, olympiad) instead of hard_prob
     max_steps: int | None = None
     seed: int = 0
     pool_size: int = 512                # distinct problems drawn; requests cycle through them
@@ -28,6 +29,10 @@ class Mix:
     def __post_init__(self) -> None:
         if not 0.0 <= self.hard_prob <= 1.0:
             raise ValueError(f"--hard-prob: must lie in [0, 1], got {self.hard_prob}")
+        from arbitrage_common.synthetic import MIXES
+
+        if self.problem_mix is not None and self.problem_mix not in MIXES:
+            raise ValueError(f"--mix: unknown mix {self.problem_mix!r} (choose from {', '.join(MIXES)})")
         if self.pool_size <= 0:
             raise ValueError(f"pool_size: must be > 0, got {self.pool_size}")
 
@@ -36,9 +41,13 @@ class Mix:
 
     def answers(self) -> dict[str, int]:
         """Each prompt of the seeded pool (in order) and its correct answer."""
-        from arbitrage_common.synthetic import generate_problems
+        from arbitrage_common.synthetic import generate_mix, generate_problems
 
-        return {p.prompt: p.answer for p in generate_problems(self.pool_size, self.seed, hard_prob=self.hard_prob)}
+        if self.problem_mix is not None:
+            problems = generate_mix(self.pool_size, self.seed, self.problem_mix)
+        else:
+            problems = generate_problems(self.pool_size, self.seed, hard_prob=self.hard_prob)
+        return {p.prompt: p.answer for p in problems}
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ def _stage_ms(values: dict[str, float]) -> dict[str, float]:
 def step_json(step: StepRecord) -> dict[str, Any]:
     return {"index": step.index, "text": step.text, "source": step.source, "score": step.score,
             "draft_discarded": step.draft_discarded, "discarded_draft_text": step.discarded_draft_text,
-            "tokens": step.tokens, "finish_reason": step.finish_reason, "stage_ms": _stage_ms(step.stage_ms)}
+            "tokens": step.tokens, "finish_reason": step.finish_reason, "stage_ms": _stage_ms(step.stage_ms),
+            "draft_score": step.draft_score}
 
 
 def _int64_or_none(value: int | None) -> int | None:
@@ -327,7 +328,8 @@ def loop_result(msg: pb.GenerateResponse, prompt: str = "") -> LoopResult:
                         score=s.score if s.HasField("score") else None, draft_discarded=s.draft_discarded,
                         discarded_draft_text=s.discarded_draft_text if s.HasField("discarded_draft_text") else None,
                         tokens=s.tokens, finish_reason=s.finish_reason,
-                        stage_ms={k: v for k in STAGES if (v := getattr(s.stage_ms, k))})
+                        stage_ms={k: v for k in STAGES if (v := getattr(s.stage_ms, k))},
+                        draft_score=s.draft_score if s.HasField("draft_score") else None)
              for s in msg.steps]
     u = msg.usage
     usage = Usage(draft_tokens_kept=u.draft_tokens_kept, draft_tokens_discarded=u.draft_tokens_discarded,

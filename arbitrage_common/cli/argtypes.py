@@ -29,3 +29,13 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
+
+
+def mix_list(text: str) -> tuple[str, ...]:
+    """argparse type: a problem mix or a comma list of them."""
+    from ..synthetic import parse_mixes
+
+    try:
+        return parse_mixes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("mix: ")) from exc

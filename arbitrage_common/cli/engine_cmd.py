@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .argtypes import non_negative_int, positive_float, positive_int
+from ..synthetic.problems import MIXES
+from .argtypes import mix_list, non_negative_int, positive_float, positive_int
 from .output import emit_json
 
 
@@ -15,7 +16,11 @@ def add_router_parser(sub) -> None:
     data.add_argument("--n", type=positive_int, default=3000, help="training problems")
     data.add_argument("--seed", type=non_negative_int, default=0)
     data.add_argument("--models-dir", default="models")
-    data.add_argument("--label-margin", type=float, default=0.1, help="class 1 when PRM(t) - PRM(d) > this")
+    data.add_argument("--label-margin", type=float, default=0.0,
+                      help="class 1 when PRM(t) - PRM(d) > this (0: the paper's label; `router train` can relabel)")
+    data.add_argument("--mix", type=mix_list, default=("math",),
+                      help="problem mix: math, olympiad, or a comma list (problems alternate)")
+    data.add_argument("--prm", type=existing_path, help="PRM checkpoint that labels the steps (default: <models-dir>/prm)")
     data.add_argument("--endpoint", help="HOST:PORT of a running service (e.g. a GPU preset): collect over gRPC "
                                          "with policy oracle at threshold 0 instead of the bundled models in-process")
     data.add_argument("--app", help="with --endpoint: Serve application name (gRPC metadata)")
@@ -43,6 +48,8 @@ def add_router_parser(sub) -> None:
                        help="downsample the majority class")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                        help="classifier: where to train ('auto': the GPU when one is visible)")
+    train.add_argument("--label-margin", type=float, default=0.0,
+                       help="relabel: class 1 when PRM(t) - PRM(d) > this (0: the paper's 1[advantage > 0])")
     train.add_argument("--l2", type=positive_float, default=1e-3, help="verifier-head: L2 penalty of the head")
     train.add_argument("--ablation-steps", type=non_negative_int, default=0,
                        help="also train the 4 ablation variants for this many steps and record the table")
@@ -61,6 +68,11 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--seed", type=non_negative_int, default=2000)
     bench.add_argument("--out", default="runs/bench", help="directory for points.csv, PNG plots, bench.json")
     bench.add_argument("--models-dir", default="models")
+    bench.add_argument("--mix", choices=sorted(MIXES), default="math",
+                       help="synthetic problem mix: math (a hard final step in ~20%% of problems) or olympiad "
+                            "(every problem has one)")
+    bench.add_argument("--prm", type=existing_path, help="PRM checkpoint (default: <models-dir>/prm)")
+    bench.add_argument("--router", type=existing_path, help="router checkpoint (default: <models-dir>/router)")
     bench.add_argument("--confirm-n", type=positive_int, default=None, help="problems in the wall-clock confirmation")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--no-progress", action="store_true")
@@ -108,11 +120,12 @@ def _router_data(args) -> int:
     from ..training.router_data import collect_router_rows
 
     root = args.models_dir
-    draft, target, prm = HFStepGenerator(f"{root}/draft"), HFStepGenerator(f"{root}/target"), load_step_scorer(f"{root}/prm")
+    draft, target = HFStepGenerator(f"{root}/draft"), HFStepGenerator(f"{root}/target")
+    prm = load_step_scorer(args.prm or f"{root}/prm")
     with tqdm(desc="router data", unit="row") as bar:
         rows = collect_router_rows(draft, target, prm, args.n, args.seed, label_margin=args.label_margin,
-                                   progress=lambda total: bar.update(total - bar.n))
-    return _write_rows(rows, args.out)
+                                   progress=lambda total: bar.update(total - bar.n), mixes=args.mix)
+    return _write_rows(rows, args.out, mix=",".join(args.mix), prm=args.prm or f"{root}/prm")
 
 
 def _router_data_remote(args) -> int:
@@ -129,7 +142,7 @@ def _router_data_remote(args) -> int:
         for flag, value in (("--data-file", args.data_file), ("--limit", args.limit)):
             if value is not None:
                 raise ValueError(f"{flag}: only with --dataset")
-        problems = [p.prompt for p in router_problems(args.n, args.seed)]
+        problems = [p.prompt for p in router_problems(args.n, args.seed, args.mix)]
     with tqdm(desc="router data", unit="row") as bar:
         rows = collect_remote_rows(args.endpoint, problems, app=args.app, max_steps=args.max_steps,
                                    label_margin=args.label_margin, progress=lambda total: bar.update(total - bar.n))
@@ -141,7 +154,13 @@ def _write_rows(rows: list[dict], out: str, **extra) -> int:
 
     write_jsonl(rows, out)
     pos = sum(r["label"] for r in rows)
-    emit_json({"rows": len(rows), "positive": pos, "negative": len(rows) - pos, **extra, "out": out})
+    summary = {"rows": len(rows), "positive": pos, "negative": len(rows) - pos, **extra, "out": out}
+    if rows and all(r.get("prm_draft") is not None for r in rows):
+        from ..evaluation.analyze import analyze
+
+        report = analyze(rows)  # RSD waste and the oracle bound of every dataset (`arbitrage analyze` has more)
+        summary["payoff"] = {"headline": report["headline"], "reading": report["reading"]}
+    emit_json(summary)
     return 0
 
 
@@ -150,7 +169,7 @@ def _router_train(args) -> int:
         from ..training.verifier_router import train_verifier_router
 
         out = train_verifier_router(args.data, args.init, args.out, seed=args.seed, balance=args.balance, l2=args.l2,
-                                    threads=args.threads)
+                                    threads=args.threads, label_margin=args.label_margin)
         emit_json({"saved": str(out)})
         return 0
     from ..training.router import run_ablation, train_router
@@ -158,9 +177,10 @@ def _router_train(args) -> int:
     table = None
     if args.ablation_steps:
         table = run_ablation(args.data, args.init, "runs/router-ablation", args.ablation_steps, args.seed, args.lr,
-                             args.threads, args.device)
+                             args.threads, args.device, args.label_margin)
     out = train_router(args.data, args.init, args.out, annotate=args.annotate, balance=args.balance, steps=args.steps,
-                       seed=args.seed, lr=args.lr, threads=args.threads, ablation=table, device=args.device)
+                       seed=args.seed, lr=args.lr, threads=args.threads, ablation=table, device=args.device,
+                       label_margin=args.label_margin)
     emit_json({"saved": str(out), "ablation": table})
     return 0
 
@@ -168,20 +188,25 @@ def _router_train(args) -> int:
 def _router_eval(args) -> int:
     from ..backends.scorers import load_step_scorer
     from ..evaluation.metrics import spearman
-    from ..training.router import router_item, split_by_problem
+    from ..training.router import score_rows, split_by_problem
     from ..training.router_data import error_structure, read_jsonl
 
     scorer = load_step_scorer(args.router)  # any router kind, with the annotations it was trained with
     _, held = split_by_problem(read_jsonl(args.data))
-    scores = [s for lo in range(0, len(held), 64) for s in scorer.score_batch([router_item(r) for r in held[lo: lo + 64]])]
+    scores = score_rows(scorer, held)
+    from ..evaluation.payoff import spearman_note
+
+    rho = round(spearman(scores, [r["advantage"] for r in held]), 4)
     emit_json({"router": args.router, "held_out_steps": len(held), "annotate_history": scorer.annotate_history,
-               "spearman": round(spearman(scores, [r["advantage"] for r in held]), 4),
+               **spearman_note(rho),
                "error_structure": error_structure(held)})
     return 0
 
 
 def _bench(args) -> int:
     if args.dataset:
+        if args.mix != "math":
+            raise ValueError("--mix: the synthetic task's mixes do not apply to --dataset")
         return _dataset_bench(args)
     for flag, value in (("--data-file", args.data_file), ("--limit", args.limit)):
         if value is not None:
@@ -189,12 +214,16 @@ def _bench(args) -> int:
     if args.endpoint:
         from ..evaluation.remote import run_remote_bench
 
-        emit_json(run_remote_bench(args.endpoint, args.n, args.seed, app=args.app, show_progress=not args.no_progress))
+        for flag, value in (("--prm", args.prm), ("--router", args.router)):
+            if value is not None:
+                raise ValueError(f"{flag}: not with --endpoint (the service's own PRM and router apply)")
+        emit_json(run_remote_bench(args.endpoint, args.n, args.seed, app=args.app, show_progress=not args.no_progress,
+                                   mix=args.mix))
         return 0
     from ..evaluation.bench import run_bench
 
     emit_json(run_bench(args.n, args.seed, args.out, args.models_dir, confirm_n=args.confirm_n,
-                        show_progress=not args.no_progress))
+                        show_progress=not args.no_progress, mix=args.mix, prm=args.prm, router=args.router))
     return 0
 
 
@@ -209,6 +238,7 @@ def _dataset_bench(args) -> int:
         return 0
     from ..evaluation.bench import load_backends
 
-    emit_json(db.run_dataset_bench(problems, args.out, load_backends(args.models_dir), dataset=args.dataset,
+    backends = load_backends(args.models_dir, prm=args.prm, router=args.router)
+    emit_json(db.run_dataset_bench(problems, args.out, backends, dataset=args.dataset,
                                    source=source, confirm_n=args.confirm_n, show_progress=not args.no_progress))
     return 0

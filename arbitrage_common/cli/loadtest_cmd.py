@@ -33,6 +33,8 @@ def add_loadtest_parser(sub) -> None:
     mix.add_argument("--policy", help="policy of every request (default: the server's)")
     mix.add_argument("--threshold", type=float)
     mix.add_argument("--hard-prob", type=float, default=0.2, help="share of problems with a hard step (0..1)")
+    mix.add_argument("--mix", dest="problem_mix", choices=["math", "olympiad"],
+                     help="a named problem mix instead of --hard-prob (olympiad: every problem has a hard step)")
     mix.add_argument("--max-steps", type=positive_int)
     mix.add_argument("--seed", type=int, default=0, help="seed of the problem draws and Poisson arrivals")
     p.add_argument("--out", default="runs/loadtest", help="output directory")
@@ -48,8 +50,8 @@ def _loadtest(args) -> int:
     except ImportError as exc:
         raise RuntimeError(f"the load tests need locust: pip install -e '.[load]' ({exc})") from None
 
-    mix = Mix(policy=args.policy, threshold=args.threshold, hard_prob=args.hard_prob, max_steps=args.max_steps,
-              seed=args.seed)
+    mix = Mix(policy=args.policy, threshold=args.threshold, hard_prob=args.hard_prob, problem_mix=args.problem_mix,
+              max_steps=args.max_steps, seed=args.seed)
     endpoints = {k: v for k, v in (("host_grpc", args.grpc), ("host_http", args.http)) if v}
     settings = LoadSettings(transport=args.transport, mix=mix, users=args.users, spawn_rate=args.spawn_rate,
                             duration_s=args.duration, shape=args.shape, rate=args.rate,

@@ -9,6 +9,7 @@ from .engine_cmd import add_bench_parser, add_router_parser
 from .k8s_cmd import add_k8s_parser
 from .loadtest_cmd import add_loadtest_parser
 from .models_cmd import add_models_parser, add_train_parser
+from .payoff_cmd import add_payoff_parsers
 from .plan_cmd import add_plan_parser
 from .serve_cmd import add_serve_parsers
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_router_parser(sub)
     add_bench_parser(sub)
+    add_payoff_parsers(sub)
     add_serve_parsers(sub)
     add_config_parser(sub)
     add_k8s_parser(sub)

@@ -1,7 +1,8 @@
 """`arbitrage models ...` and `arbitrage train ...`."""
 from __future__ import annotations
 
-from .argtypes import non_negative_int, positive_float, positive_int
+from ..synthetic.problems import MIXES
+from .argtypes import mix_list, non_negative_int, positive_float, positive_int
 from .output import emit_json
 
 
@@ -10,6 +11,8 @@ def add_models_parser(sub) -> None:
     ev = models.add_parser("eval", help="quality and cost of the bundled draft, target and PRM")
     ev.add_argument("--n", type=positive_int, default=200, help="problems to evaluate")
     ev.add_argument("--seed", type=non_negative_int, default=1000, help="eval problem seed (training never uses integer seeds)")
+    ev.add_argument("--mix", choices=sorted(MIXES), default="math", help="synthetic problem mix")
+    ev.add_argument("--prm", help="PRM checkpoint (default: <models-dir>/prm)")
     ev.add_argument("--models-dir", default="models")
     ev.add_argument("--no-prm", action="store_true", help="skip the PRM AUROC")
     ev.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
@@ -19,8 +22,9 @@ def add_models_parser(sub) -> None:
 
 def add_train_parser(sub) -> None:
     train = sub.add_parser("train", help="train bundled checkpoints").add_subparsers(dest="train_cmd", required=True)
-    lm = train.add_parser("lm", help="train the draft or target LM (resumable)")
-    lm.add_argument("--role", choices=["draft", "target"], required=True, help="shape preset")
+    lm = train.add_parser("lm", help="train the draft, target or PRM-body LM (resumable)")
+    lm.add_argument("--role", choices=["draft", "target", "prm"], required=True,
+                    help="shape preset (prm: the independent PRM's body, before `train prm`)")
     lm.add_argument("--out", required=True, help="checkpoint directory; resumes from <out>/ckpt")
     lm.add_argument("--steps", type=positive_int, required=True)
     lm.add_argument("--seed", type=non_negative_int, default=0)
@@ -40,6 +44,8 @@ def add_train_parser(sub) -> None:
     prm.add_argument("--seed", type=non_negative_int, default=0)
     prm.add_argument("--lr", type=positive_float, default=5e-4)
     prm.add_argument("--threads", type=positive_int, default=1)
+    prm.add_argument("--mix", type=mix_list, default=("math",),
+                     help="problem mix of the labeled steps: math, olympiad, or a comma list (problems alternate)")
     prm.set_defaults(func=_train_prm)
     ver = train.add_parser("verifier", help="make the LM-verifier PRM: a causal LM plus a logistic calibration of "
                                             "its min token log-prob on checker labels (the bundled PRM)")
@@ -58,7 +64,8 @@ def add_train_parser(sub) -> None:
 def _models_eval(args) -> int:
     from ..evaluation.models_eval import evaluate_models
 
-    emit_json(evaluate_models(args.n, args.seed, args.models_dir, with_prm=not args.no_prm), args.out)
+    emit_json(evaluate_models(args.n, args.seed, args.models_dir, with_prm=not args.no_prm, mix=args.mix, prm=args.prm),
+              args.out)
     return 0
 
 
@@ -76,7 +83,7 @@ def _train_prm(args) -> int:
     from ..training.prm import train_prm
 
     out = train_prm(args.out, init=args.init, draft=args.draft, target=args.target, n_problems=args.problems,
-                    steps=args.steps, seed=args.seed, lr=args.lr, threads=args.threads)
+                    steps=args.steps, seed=args.seed, lr=args.lr, threads=args.threads, mixes=args.mix)
     print(f"saved {out}")
     return 0
 

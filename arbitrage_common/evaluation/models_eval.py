@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..interfaces import GenerationOptions, ScoreItem
 from ..steps import build_prefix
-from ..synthetic import STEP_DELIMITER, check_step, generate_problems, grade_answer, is_wellformed
+from ..synthetic import STEP_DELIMITER, check_step, generate_mix, grade_answer, is_wellformed
 from .metrics import auroc
 from .solve import Trajectory, solve_batched, teacher_forced_steps
 
@@ -57,7 +57,7 @@ def _prm_auroc(scorer, trajectories: Sequence[Trajectory]) -> tuple[float, int]:
 
 
 def evaluate_models(n: int, seed: int, models_dir: str | Path = "models", with_prm: bool = True,
-                    latency_repeats: int = 20, threads: int = 1) -> dict:
+                    latency_repeats: int = 20, threads: int = 1, mix: str = "math", prm: str | Path | None = None) -> dict:
     from ..backends.hf_generator import HFStepGenerator
     from ..backends.scorers import load_step_scorer
 
@@ -65,9 +65,9 @@ def evaluate_models(n: int, seed: int, models_dir: str | Path = "models", with_p
     # One intra-op thread: tiny models gain little from more, and spinning threads make
     # timings on a shared 2-core machine erratic.
     backends = {role: HFStepGenerator(root / role, threads=threads) for role in ("draft", "target")}
-    scorer = load_step_scorer(root / "prm", threads=threads) if with_prm else None  # load all first: fail before work
-    problems = generate_problems(n, seed)
-    result: dict = {"n": n, "seed": seed}
+    scorer = load_step_scorer(prm or root / "prm", threads=threads) if with_prm else None  # load all first: fail before work
+    problems = generate_mix(n, seed, mix)
+    result: dict = {"n": n, "seed": seed, "mix": mix}
     trajectories = []
     for role, backend in backends.items():
         result[role], trajs = _model_quality(backend, problems)

@@ -45,3 +45,29 @@ def write_plots(points: Sequence[SweepPoint], out_dir: Path) -> list[str]:
         plt.close(fig)
         written.append(name)
     return written
+
+
+def write_speedup_plot(speedup: dict, out_dir: Path, name: str = "speedup_vs_accuracy.png") -> str:
+    """RSD ÷ Arbitrage (latency and target steps) against the accuracy level both reach."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = speedup["curve"]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for key, style, label in (("latency_ratio", "o-", "latency"), ("target_steps_ratio", "s--", "target steps")):
+        pts = [(r["accuracy_level"], r[key]) for r in curve if r[key] is not None]
+        ax.plot([a for a, _ in pts], [v for _, v in pts], style, label=f"{label}: RSD / Arbitrage")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    for key, color in (("at_target_minus_1pt", "red"), ("at_midpoint", "green")):
+        if speedup.get(key):
+            ax.axvline(speedup[key]["accuracy_level"], color=color, lw=0.8, ls=":", label=key.replace("_", " "))
+    ax.set_xlabel("accuracy level reached by both")
+    ax.set_ylabel("ratio (higher: Arbitrage cheaper)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / name, dpi=110)
+    plt.close(fig)
+    return name

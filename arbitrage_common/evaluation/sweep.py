@@ -1,25 +1,23 @@
-"""Threshold sweeps of the routing policies over the step loop, and the matched-accuracy rule."""
+"""Sweep points of the routing policies, the matched-accuracy rule and curve dominance."""
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-
-from ..accounting import LoopResult
-from ..loop import LoopRequest, Models, run_loop
-from ..policies import make_policy
-from ..synthetic import Problem, grade_answer
-from .memo import Charge
 
 DEFAULT_GRID = {
     "draft": [None],
     "target": [None],
-    "rsd": [0.001, 0.005, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995],
-    "arbitrage": [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98],
-    "oracle": [-0.5, -0.2, 0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98, 0.99],
+    # Dense where scores crowd (an independent PRM's sit near 1; routers' near 0), so a level
+    # is not reached by one policy only because its grid jumps past it.
+    "rsd": [0.001, 0.005, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.825, 0.85, 0.875, 0.9,
+            0.925, 0.95, 0.965, 0.98, 0.99, 0.995],
+    "arbitrage": [0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8,
+                  0.9, 0.95, 0.98, 0.99],
+    # tau = 0 is the paper's oracle (keep the target's step when it scores higher); just below
+    # 0 it also routes the ties, where the target wrote the draft's text.
+    "oracle": [-0.5, -0.2, -0.01, 0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98, 0.99],
 }
 MATCH_SLACK = 0.01  # matched level = the target's accuracy minus one point
-MAX_STEPS = 12
 
 
 @dataclass
@@ -36,34 +34,17 @@ class SweepPoint:
         return asdict(self)
 
 
-def summarize(policy: str, threshold: float | None, problems: Sequence[Problem],
-              results: Sequence[LoopResult], latencies: Sequence[float]) -> SweepPoint:
-    kept = sum(r.usage.draft_tokens_kept for r in results)
-    drafted = kept + sum(r.usage.draft_tokens_discarded for r in results)
-    target_steps = sum(r.usage.steps_by_source.get("target", 0) for r in results)
-    steps = sum(len(r.steps) for r in results)
+def summarize(policy: str, threshold: float | None, traces: Sequence, correct: Sequence[bool]) -> SweepPoint:
+    """One point from a run's traces (``runners.Trace``) and their grades."""
+    kept = sum(t.draft_tokens_kept for t in traces)
+    drafted = kept + sum(t.draft_tokens_discarded for t in traces)
+    target_steps = sum(t.target_steps for t in traces)
+    steps = sum(len(t.steps) for t in traces)
     return SweepPoint(
-        policy=policy, threshold=threshold,
-        accuracy=sum(grade_answer(p, r.text) for p, r in zip(problems, results)) / len(results),
+        policy=policy, threshold=threshold, accuracy=sum(correct) / len(traces),
         acceptance_rate=kept / drafted if drafted else 0.0,
         target_step_fraction=target_steps / steps if steps else 0.0,
-        latency_s_mean=sum(latencies) / len(latencies), n=len(results))
-
-
-def run_memo_point(policy: str, threshold: float | None, problems: Sequence[Problem], caches: dict) -> tuple[SweepPoint, list[LoopResult]]:
-    """One sweep point on memoized models; latency = measured seconds of the calls made."""
-    async def one(i: int, p: Problem) -> tuple[LoopResult, float]:
-        charge = Charge()
-        models = Models(**{role: cache.view(charge) for role, cache in caches.items()})
-        req = LoopRequest(p.prompt, make_policy(policy, threshold, seed=i), max_steps=MAX_STEPS)
-        return await run_loop(req, models), charge.seconds
-
-    async def all_() -> list[tuple[LoopResult, float]]:
-        return [await one(i, p) for i, p in enumerate(problems)]  # sequential: caches are not shared-safe
-
-    pairs = asyncio.run(all_())
-    results = [r for r, _ in pairs]
-    return summarize(policy, threshold, problems, results, [s for _, s in pairs]), results
+        latency_s_mean=sum(t.seconds for t in traces) / len(traces), n=len(traces))
 
 
 def cheapest_reaching(points: Sequence[SweepPoint], policy: str, level: float) -> SweepPoint | None:

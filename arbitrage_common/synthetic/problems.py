@@ -127,6 +127,43 @@ def generate_problems(n: int, seed: int, hard_prob: float = 0.2) -> list[Problem
     return [generate_problem(rng, hard_prob) for _ in range(n)]
 
 
+# Problem mixes: ``math`` is the task the LMs were trained on (a hard final step in ~20% of
+# problems); ``olympiad`` gives every problem a hard step (only the final operation can be
+# hard: the LMs never saw a hard step elsewhere).
+MIXES = {"math": 0.2, "olympiad": 1.0}
+
+
+def has_hard_step(problem: Problem) -> bool:
+    return "hard" in problem.step_tiers()
+
+
+def generate_mix_problem(rng: random.Random, mix: str) -> Problem:
+    """One problem of ``mix``; olympiad problems are redrawn until they hold a hard step (a
+    chain that ends below 10 gets none)."""
+    if mix not in MIXES:
+        raise ValueError(f"mix: unknown mix {mix!r} (choose from {', '.join(MIXES)})")
+    while True:
+        problem = generate_problem(rng, MIXES[mix])
+        if mix != "olympiad" or has_hard_step(problem):
+            return problem
+
+
+def generate_mix(n: int, seed: int, mix: str = "math") -> list[Problem]:
+    """``n`` problems of ``mix``; ``math`` equals ``generate_problems(n, seed)``."""
+    rng = random.Random(seed)
+    return [generate_mix_problem(rng, mix) for _ in range(n)]
+
+
+def parse_mixes(text: str) -> tuple[str, ...]:
+    """``math``, ``olympiad`` or a comma list (problems alternate between the mixes)."""
+    mixes = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in mixes if m not in MIXES]
+    if not mixes or bad:
+        raise ValueError(f"mix: unknown mix {', '.join(bad) or repr(text)} (choose from {', '.join(MIXES)}, "
+                         f"or a comma list of them)")
+    return mixes
+
+
 def solution_text(problem: Problem) -> str:
     return STEP_DELIMITER.join(problem.solution_steps())
 

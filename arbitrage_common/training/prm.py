@@ -7,20 +7,22 @@ from pathlib import Path
 
 from ..interfaces import GenerationOptions, ScoreItem
 from ..steps import format_scorer_input
-from ..synthetic import check_step, generate_problem
+from ..synthetic import check_step, generate_mix_problem
 from .loop_utils import write_model_card
 
 # Greedy runs give the models' typical mistakes; sampled runs add rarer ones.
 TEMPERATURES = (0.0, 0.8)
 
 
-def collect_prm_data(draft_dir: str, target_dir: str, n_problems: int, seed: int) -> list[dict]:
-    """Label every step of draft and target trajectories with the exact checker."""
+def collect_prm_data(draft_dir: str, target_dir: str, n_problems: int, seed: int,
+                     mixes: tuple[str, ...] = ("math",)) -> list[dict]:
+    """Label every step of draft and target trajectories with the exact checker; problem i is
+    of ``mixes[i % len(mixes)]``."""
     from ..backends.hf_generator import HFStepGenerator
     from ..evaluation.solve import solve_batched
 
     rng = random.Random(f"prm-data-{seed}")
-    problems = [generate_problem(rng) for _ in range(n_problems)]
+    problems = [generate_mix_problem(rng, mixes[i % len(mixes)]) for i in range(n_problems)]
     rows = []
     for role, path in (("draft", draft_dir), ("target", target_dir)):
         backend = HFStepGenerator(path)
@@ -35,13 +37,14 @@ def collect_prm_data(draft_dir: str, target_dir: str, n_problems: int, seed: int
     return rows
 
 
-def load_or_collect_prm_data(out: Path, draft: str, target: str, n_problems: int, seed: int) -> list[dict]:
+def load_or_collect_prm_data(out: Path, draft: str, target: str, n_problems: int, seed: int,
+                             mixes: tuple[str, ...] = ("math",)) -> list[dict]:
     """The labeled rows, generated once per output directory (``ckpt/prm_data.jsonl``) so a
     resumed or re-calibrated run reads the same data."""
     data_path = out / "ckpt" / "prm_data.jsonl"
     if data_path.exists():
         return [json.loads(line) for line in data_path.read_text().splitlines()]
-    rows = collect_prm_data(draft, target, n_problems, seed)
+    rows = collect_prm_data(draft, target, n_problems, seed, mixes)
     data_path.parent.mkdir(parents=True, exist_ok=True)
     data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
@@ -56,28 +59,37 @@ def split_prm_rows(rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]
 
 
 def train_prm(out_dir: str, init: str, draft: str, target: str, n_problems: int, steps: int,
-              seed: int = 0, lr: float = 5e-4, threads: int = 1) -> Path:
+              seed: int = 0, lr: float = 5e-4, threads: int = 1, mixes: tuple[str, ...] = ("math",)) -> Path:
     from ..evaluation.metrics import auroc
     from .classifier import load_scoring_model, predict, train_scoring_model
 
     out = Path(out_dir)
-    rows = load_or_collect_prm_data(out, draft, target, n_problems, seed)
+    rows = load_or_collect_prm_data(out, draft, target, n_problems, seed, mixes)
     train_rows, held_rows = split_prm_rows(rows, seed)
     tokenizer, model = load_scoring_model(init)
     seconds = train_scoring_model(model, tokenizer, [r["text"] for r in train_rows],
                                   [r["label"] for r in train_rows], out, steps=steps, seed=seed, lr=lr,
                                   threads=threads)
-    held_auroc = auroc(predict(model, tokenizer, [r["text"] for r in held_rows]), [r["label"] for r in held_rows])
+    held_scores = predict(model, tokenizer, [r["text"] for r in held_rows])
+    held_auroc = auroc(held_scores, [r["label"] for r in held_rows])
+    by_writer = {}
+    for writer in ("draft", "target"):
+        pairs = [(s, r["label"]) for s, r in zip(held_scores, held_rows) if r["writer"] == writer]
+        if len({y for _, y in pairs}) == 2:
+            by_writer[writer] = round(auroc([s for s, _ in pairs], [y for _, y in pairs]), 4)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
-    meta = {"role": "prm", "architecture": type(model).__name__, "init": init, "head": "1 logit, sigmoid = P(step correct)",
+    meta = {"role": "prm", "kind": "classifier", "architecture": type(model).__name__, "init": init,
+            "head": "1 logit, sigmoid = P(step correct)",
             "params": sum(p.numel() for p in model.parameters()), "seed": seed,
-            "data": {"problems": n_problems, "stream": f"random.Random('prm-data-{seed}')",
+            "data": {"problems": n_problems, "mixes": list(mixes), "stream": f"random.Random('prm-data-{seed}')",
                      "writers": ["draft", "target"], "temperatures": list(TEMPERATURES), "rows": len(rows),
                      "positive_rate": round(sum(r["label"] for r in rows) / len(rows), 4)},
             "annotate_history": False, "steps": steps, "lr_peak": lr, "threads": threads,
-            "train_time_s": round(seconds, 1), "held_out_auroc": round(held_auroc, 4)}
+            "train_time_s": round(seconds, 1), "held_out_auroc": round(held_auroc, 4),
+            "held_out_auroc_by_writer": by_writer}
     write_model_card(out, "Bundled PRM (process reward model)", meta,
                      f"arbitrage train prm --init {init} --draft {draft} --target {target} "
-                     f"--problems {n_problems} --steps {steps} --seed {seed} --lr {lr} --out {out_dir}")
+                     f"--problems {n_problems} --steps {steps} --seed {seed} --lr {lr} --mix {','.join(mixes)} "
+                     f"--out {out_dir}")
     return out

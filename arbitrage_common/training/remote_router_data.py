@@ -22,6 +22,7 @@ class OracleStep(NamedTuple):
     source: str
     score: float | None
     discarded_draft_text: str | None
+    draft_score: float | None = None
 
 
 def rows_from_oracle(problem_id: int, problem: str, steps: Sequence[OracleStep],
@@ -35,9 +36,21 @@ def rows_from_oracle(problem_id: int, problem: str, steps: Sequence[OracleStep],
                          "step_index": index, "tier": None, "draft_step": draft,
                          "target_step": step.text if step.source == "target" else None,
                          "advantage": step.score, "label": int(step.score > label_margin),
+                         "prm_draft": step.draft_score,
+                         "prm_target": None if step.draft_score is None else step.draft_score + step.score,
                          "draft_correct": None, "target_correct": None})
         history.append((step.text, step.source))
     return rows
+
+
+def oracle_step(step) -> OracleStep:
+    """A reply's ``Step`` (proto) as an ``OracleStep``."""
+    from ..client import source_name
+
+    def opt(name: str):
+        return getattr(step, name) if step.HasField(name) else None
+
+    return OracleStep(step.text, source_name(step), opt("score"), opt("discarded_draft_text"), opt("draft_score"))
 
 
 def collect_remote_rows(endpoint: str, problems: Sequence[str], app: str | None = None, max_steps: int = 64,
@@ -45,7 +58,7 @@ def collect_remote_rows(endpoint: str, problems: Sequence[str], app: str | None 
                         progress: Callable[[int], None] | None = None) -> list[dict]:
     """Runs ``oracle(0)`` on each problem over gRPC, one at a time; any failed request fails the
     whole collection (a dataset with silent holes would bias the router)."""
-    from ..client import Client, build_request, source_name
+    from ..client import Client, build_request
 
     rows: list[dict] = []
     with Client(endpoint, app) as client:
@@ -53,9 +66,7 @@ def collect_remote_rows(endpoint: str, problems: Sequence[str], app: str | None 
             request = build_request(problem, "oracle", threshold=0.0, max_steps=max_steps,
                                     request_id=f"router-data-{i}")
             reply = client.generate(request, timeout=timeout_s)
-            steps = [OracleStep(s.text, source_name(s), s.score if s.HasField("score") else None,
-                                s.discarded_draft_text if s.HasField("discarded_draft_text") else None)
-                     for s in reply.steps]
+            steps = [oracle_step(s) for s in reply.steps]
             rows += rows_from_oracle(i, problem, steps, label_margin)
             if progress is not None:
                 progress(len(rows))

@@ -14,21 +14,25 @@ from pathlib import Path
 
 from ..interfaces import GenerationOptions, ScoreItem
 from ..steps import build_prefix
-from ..synthetic import check_step, generate_problem
+from ..synthetic import check_step, generate_mix_problem
 
-DEFAULT_LABEL_MARGIN = 0.1  # advantages within PRM noise of 0 are "no gain" (class 0)
+# The paper's label, 1[PRM(target) - PRM(draft) > 0]: a step where the target writes the
+# draft's text has an advantage of exactly 0, whatever the PRM's noise, so it is never positive.
+DEFAULT_LABEL_MARGIN = 0.0
 
 
-def router_problems(n_problems: int, seed: int) -> list:
-    """The synthetic training problems of ``router data`` (a string-keyed stream: never eval seeds)."""
+def router_problems(n_problems: int, seed: int, mixes: tuple[str, ...] = ("math",)) -> list:
+    """The synthetic training problems of ``router data`` (a string-keyed stream: never eval
+    seeds); with several mixes, problem i is of ``mixes[i % len(mixes)]``."""
     rng = random.Random(f"router-data-{seed}")
-    return [generate_problem(rng) for _ in range(n_problems)]
+    return [generate_mix_problem(rng, mixes[i % len(mixes)]) for i in range(n_problems)]
 
 
 def collect_router_rows(draft, target, prm, n_problems: int, seed: int, batch_size: int = 64,
-                        label_margin: float = DEFAULT_LABEL_MARGIN, progress=None) -> list[dict]:
+                        label_margin: float = DEFAULT_LABEL_MARGIN, progress=None,
+                        mixes: tuple[str, ...] = ("math",)) -> list[dict]:
     """``draft``/``target`` expose ``generate_batch``; ``prm`` exposes ``score_batch``."""
-    problems = router_problems(n_problems, seed)
+    problems = router_problems(n_problems, seed, mixes)
     histories: list[list[tuple[str, str]]] = [[] for _ in problems]
     open_ids = list(range(n_problems))
     options = GenerationOptions(max_new_tokens=64)
@@ -66,6 +70,11 @@ def collect_router_rows(draft, target, prm, n_problems: int, seed: int, batch_si
                 progress(len(rows))
         open_ids = still
     return rows
+
+
+def relabel(rows: list[dict], label_margin: float = DEFAULT_LABEL_MARGIN) -> list[dict]:
+    """The rows with ``label = 1[advantage > label_margin]`` (the knob of `router train`)."""
+    return [{**r, "label": int(r["advantage"] > label_margin)} for r in rows]
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:

@@ -34,4 +34,7 @@ class Shape:
 SHAPES = {
     "draft": Shape(hidden=96, layers=2, heads=4, ffn=256),
     "target": Shape(hidden=160, layers=6, heads=4, ffn=640),
+    # The independent PRM's body: about 1/5 of the target's parameters, as Skywork-1.5B is
+    # of an 8B target in the paper.
+    "prm": Shape(hidden=112, layers=3, heads=4, ffn=320),
 }

@@ -13,7 +13,7 @@ from ..backends.lm_verifier import VERIFIER_FILE, load_causal_lm, read_calibrati
 from ..backends.verifier_router import ROUTER_HEAD_FILE, router_logits, verifier_logit
 from .loop_utils import write_model_card
 from .router import balance_classes, router_text, split_by_problem
-from .router_data import error_structure, read_jsonl
+from .router_data import DEFAULT_LABEL_MARGIN, error_structure, read_jsonl, relabel
 
 
 def _features(model, tokenizer, rows: list[dict], calibration: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,11 +44,11 @@ def fit_head(z: torch.Tensor, hidden: torch.Tensor, labels: list[int], l2: float
 
 
 def train_verifier_router(data: str, prm: str, out_dir: str, seed: int = 0, balance: bool = True,
-                          l2: float = 1e-3, threads: int = 1) -> Path:
+                          l2: float = 1e-3, threads: int = 1, label_margin: float = DEFAULT_LABEL_MARGIN) -> Path:
     from ..evaluation.metrics import spearman
 
     started = time.perf_counter()
-    rows = read_jsonl(data)
+    rows = relabel(read_jsonl(data), label_margin)
     train_rows, held_rows = split_by_problem(rows)
     calibration = read_calibration(prm)
     tokenizer, model = load_causal_lm(prm, threads, device="cpu")
@@ -75,7 +75,7 @@ def train_verifier_router(data: str, prm: str, out_dir: str, seed: int = 0, bala
             "head": "sigmoid(alpha * -PRM_logit(draft step) + w . standardized final hidden state + c) = "
                     "P(PRM(target) - PRM(draft) > label margin)",
             "trained_params": len(head["w"]) + 2, "seed": seed, "data": data, "annotate_history": False,
-            "balance_classes": balance, "l2": l2, "train_rows": n_train, "held_out_rows": len(held_rows),
+            "balance_classes": balance, "l2": l2, "label_margin": label_margin, "train_rows": n_train, "held_out_rows": len(held_rows),
             "positive_rate_raw": round(sum(r["label"] for r in train_rows) / len(train_rows), 4),
             "threads": threads, "train_time_s": round(time.perf_counter() - started, 1),
             "held_out_spearman_vs_oracle_advantage": round(rho, 4),
@@ -83,7 +83,7 @@ def train_verifier_router(data: str, prm: str, out_dir: str, seed: int = 0, bala
             "held_out_error_structure": error_structure(held_rows)}
     write_model_card(out, "Bundled Arbitrage router (verifier head)", meta,
                      f"arbitrage router train --kind verifier-head --data {data} --init {prm} --seed {seed} "
-                     f"--l2 {l2}{'' if balance else ' --no-balance'} --out {out_dir}")
+                     f"--l2 {l2} --label-margin {label_margin}{'' if balance else ' --no-balance'} --out {out_dir}")
     return out
 
 

@@ -11,6 +11,10 @@ import pytest
 from arbitrage_common.cli.main import main
 from arbitrage_common.datasets import load_benchmark
 from arbitrage_common.evaluation import dataset_bench as db
+from arbitrage_common.evaluation.runners import EndpointRunner
+from arbitrage_common.evaluation.stack import step_outcomes
+from arbitrage_common.evaluation.sweep import summarize
+from arbitrage_common.evaluation.tasks import DatasetTask
 from arbitrage_common.interfaces import Generation
 from arbitrage_common.steps import format_scorer_input
 
@@ -79,6 +83,9 @@ def test_every_answer_is_graded_against_its_gold(tmp_path, dataset):
     for name in ("points.csv", "accuracy_vs_latency.png", "answers.jsonl", "bench.json"):
         assert (out / name).is_file()
     assert result["wallclock"]["n"] == 2 and result["wallclock"]["rsd"]["accuracy"] == 1.0
+    # No step checker on real problems: the PRM judges each target call (each one fixes a wrong answer).
+    waste = {(w["policy"], w["threshold"]): w for w in result["waste_by_point"]}
+    assert waste[("rsd", 0.5)]["target_calls_judged"] == len(problems) and waste[("rsd", 0.5)]["waste"] == 0.0
 
 
 def test_problems_longer_than_the_context_are_skipped_and_named(tmp_path):
@@ -99,23 +106,33 @@ def test_problems_longer_than_the_context_are_skipped_and_named(tmp_path):
     assert result["n"] == len(problems) - len(too_long) and result["matched"] is None
 
 
-def test_remote_points_send_the_problem_and_grade_the_reply():
+def test_endpoint_runs_send_the_problem_and_grade_the_reply():
+    from protos.arbitrage.v1 import arbitrage_pb2 as pb
+
     problems = load_benchmark("math500", FIXTURES / "math500.jsonl", limit=2)
+    task = DatasetTask("math500", problems, "fixture")
     sent = []
 
     def call(request):
         sent.append(request)
         right = request.prompt == problems[0].problem
-        text = f"Step.\n\nSo $\\boxed{{{problems[0].answer if right else 'nope'}}}$"
-        usage = SimpleNamespace(draft_tokens_kept=3, draft_tokens_discarded=1, target_steps=1)
-        return SimpleNamespace(text=text, usage=usage, steps=[1, 2])
+        answer = f"So $\\boxed{{{problems[0].answer if right else 'nope'}}}$"
+        steps = [pb.Step(text="Step.", source=pb.SOURCE_DRAFT),
+                 pb.Step(text=answer, source=pb.SOURCE_TARGET, draft_discarded=True, discarded_draft_text="d")]
+        usage = pb.Usage(draft_tokens_kept=3, draft_tokens_discarded=1, target_steps=1)
+        return pb.GenerateResponse(text=f"Step.\n\n{answer}", steps=steps, usage=usage)
 
-    point, records = db.remote_point(call, "rsd", 0.7, problems, "t")
+    runner = EndpointRunner(call, "t")
+    traces = runner.run(task, "rsd", 0.7)
     assert [r.prompt for r in sent] == [p.problem for p in problems]
     assert all(r.policy == "rsd" and r.HasField("threshold") and r.threshold == 0.7 for r in sent)
+    assert all(r.max_steps == task.max_steps for r in sent)
+    point = summarize("rsd", 0.7, traces, [task.grade(p, t.text) for p, t in zip(task.problems, traces)])
     assert point.accuracy == 0.5 and point.acceptance_rate == 0.75 and point.target_step_fraction == 0.5
-    assert [r["correct"] for r in records] == [True, False]
-    _, _ = db.remote_point(call, "draft", None, problems, "t")
+    assert traces[0].steps[1].discarded_draft_text == "d" and traces[0].steps[0].discarded_draft_text is None
+    # No step checker and no PRM over an endpoint: waste is not judged rather than guessed.
+    assert step_outcomes(task, runner, traces) == []
+    runner.run(task, "draft", None)
     assert not sent[-1].HasField("threshold")
 
 
@@ -132,6 +149,7 @@ def test_bad_arguments_name_the_argument(capsys, args, needle):
 
 @pytest.mark.parametrize("args,needle", [
     (["--limit", "3"], "--limit: only with --dataset"),
+    (["--dataset", "gsm8k", "--mix", "olympiad"], "--mix: the synthetic task's mixes do not apply to --dataset"),
     (["--data-file", str(FIXTURES / "gsm8k.jsonl")], "--data-file: only with --dataset"),
     (["--dataset", "MATH-500", "--data-file", str(ROOT / "tests")], "--data-file: math500: "),
 ])

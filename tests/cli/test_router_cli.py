@@ -19,14 +19,22 @@ def test_router_data_train_eval_pipeline(tmp_path):
     summary = json.loads(made.stdout)
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     assert summary["rows"] == len(rows) and summary["positive"] == sum(r["label"] for r in rows) > 0
-    for r in rows:  # the oracle's label is its advantage over the margin, and the PRM scored both steps
-        assert r["advantage"] == r["prm_target"] - r["prm_draft"] and r["label"] == int(r["advantage"] > 0.1)
+    for r in rows:  # the paper's label 1[advantage > 0], and the PRM scored both steps
+        assert r["advantage"] == r["prm_target"] - r["prm_draft"] and r["label"] == int(r["advantage"] > 0)
+    # Every dataset reports RSD's waste and the oracle's bound (at RSD threshold 0.5).
+    headline = summary["payoff"]["headline"]
+    routed = [r for r in rows if r["prm_draft"] < 0.5]
+    assert headline["rsd_threshold"] == 0.5 and headline["improving_calls"] <= len(routed)
+    assert headline["rsd_target_fraction"] == round(len(routed) / len(rows), 4)
 
     trained = arbitrage("router", "train", "--kind", "verifier-head", "--data", str(data), "--init", "models/prm",
-                        "--out", str(out))
+                        "--out", str(out), "--label-margin", "0.5")
     assert trained.returncode == 0, trained.stderr
     meta = json.loads((out / "training_meta.json").read_text())
     assert meta["kind"] == "verifier_head" and {a["balance_classes"] for a in meta["ablation"]} == {True, False}
+    # The margin relabels the rows at training time: fewer positives than at 0.
+    assert meta["label_margin"] == 0.5
+    assert meta["positive_rate_raw"] < summary["positive"] / summary["rows"] + 1e-9
     assert f"--out {out}" in (out / "README.md").read_text()  # the card's remake command
 
     evaluated = arbitrage("router", "eval", "--data", str(data), "--router", str(out))

@@ -86,6 +86,19 @@ def test_oracle_runs_both_and_keeps_target_on_positive_advantage():
     assert result.finish_reason == "eos"
 
 
+def test_steps_carry_the_prm_score_of_the_draft_step():
+    # Oracle: PRM(draft), so PRM(target) = draft_score + score; RSD: its score; Arbitrage: none.
+    prm = TableScorer({"d0": 0.9, "t0 x": 0.5, "d1": 0.2, "t1 x": 0.8, "d2": 0.5, "t2 x": 0.5,
+                       "d3": 0.1, "t3 x": 0.3})
+    oracle, _, _ = run(make_policy("oracle"), prm=prm)
+    assert [s.draft_score for s in oracle.steps] == [0.9, 0.2, 0.5, 0.1]
+    rsd, _, _ = run(make_policy("rsd", 0.5), prm=prm)
+    assert [s.draft_score for s in rsd.steps] == [0.9, 0.2, 0.5, 0.1]
+    router = TableScorer({"d0": 0.1, "d1": 0.95, "d2": 0.6, "d3": 0.3})
+    arb, _, _ = run(make_policy("arbitrage", 0.5), router=router)
+    assert [s.draft_score for s in arb.steps] == [None] * 4
+
+
 def test_oracle_threshold_moves_the_decision():
     prm = TableScorer({"d1": 0.2, "t1 x": 0.8})
     result, _, _ = run(make_policy("oracle", 0.7), prm=prm)

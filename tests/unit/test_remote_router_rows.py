@@ -18,3 +18,11 @@ def test_rows_rebuild_history_draft_steps_and_labels():
 def test_unscored_steps_make_no_rows_but_stay_in_history():
     rows = rows_from_oracle(0, "P", [OracleStep("a", "draft", None, None), OracleStep("b", "draft", 0.0, None)])
     assert len(rows) == 1 and rows[0]["history"] == [["a", "draft"]]
+
+
+def test_rows_carry_both_prm_scores_when_the_reply_sends_the_draft_score():
+    steps = [OracleStep("t0", "target", 0.5, "d0", draft_score=0.25), OracleStep("d1", "draft", -0.125, None, 0.75)]
+    rows = rows_from_oracle(0, "P", steps)
+    assert [(r["prm_draft"], r["prm_target"]) for r in rows] == [(0.25, 0.75), (0.75, 0.625)]
+    assert [r["label"] for r in rows] == [1, 0]  # the paper's label: 1[advantage > 0]
+    assert rows_from_oracle(0, "P", [OracleStep("a", "draft", 0.0, None)])[0]["prm_draft"] is None

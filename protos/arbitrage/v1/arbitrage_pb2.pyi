@@ -67,7 +67,7 @@ class StageMs(_message.Message):
     def __init__(self, draft: _Optional[float] = ..., target: _Optional[float] = ..., router: _Optional[float] = ..., prm: _Optional[float] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("index", "text", "source", "score", "draft_discarded", "tokens", "finish_reason", "stage_ms", "discarded_draft_text")
+    __slots__ = ("index", "text", "source", "score", "draft_discarded", "tokens", "finish_reason", "stage_ms", "discarded_draft_text", "draft_score")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class Step(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STAGE_MS_FIELD_NUMBER: _ClassVar[int]
     DISCARDED_DRAFT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_SCORE_FIELD_NUMBER: _ClassVar[int]
     index: int
     text: str
     source: Source
@@ -86,7 +87,8 @@ class Step(_message.Message):
     finish_reason: str
     stage_ms: StageMs
     discarded_draft_text: str
-    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., source: _Optional[_Union[Source, str]] = ..., score: _Optional[float] = ..., draft_discarded: _Optional[bool] = ..., tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., stage_ms: _Optional[_Union[StageMs, _Mapping]] = ..., discarded_draft_text: _Optional[str] = ...) -> None: ...
+    draft_score: float
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., source: _Optional[_Union[Source, str]] = ..., score: _Optional[float] = ..., draft_discarded: _Optional[bool] = ..., tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., stage_ms: _Optional[_Union[StageMs, _Mapping]] = ..., discarded_draft_text: _Optional[str] = ..., draft_score: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("draft_tokens_kept", "draft_tokens_discarded", "target_tokens", "acceptance_rate", "target_steps", "draft_steps", "target_step_fraction", "router_calls", "prm_calls", "stage_ms", "speculative_drafts_used", "speculative_drafts_discarded", "speculative_draft_tokens_discarded")
