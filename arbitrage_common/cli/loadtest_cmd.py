@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..synthetic.problems import MIXES
 from .argtypes import positive_float, positive_int
 
 
@@ -33,7 +34,7 @@ def add_loadtest_parser(sub) -> None:
     mix.add_argument("--policy", help="policy of every request (default: the server's)")
     mix.add_argument("--threshold", type=float)
     mix.add_argument("--hard-prob", type=float, default=0.2, help="share of problems with a hard step (0..1)")
-    mix.add_argument("--mix", dest="problem_mix", choices=["math", "olympiad"],
+    mix.add_argument("--mix", dest="problem_mix", choices=sorted(MIXES),
                      help="a named problem mix instead of --hard-prob (olympiad: every problem has a hard step)")
     mix.add_argument("--max-steps", type=positive_int)
     mix.add_argument("--seed", type=int, default=0, help="seed of the problem draws and Poisson arrivals")

@@ -83,7 +83,8 @@ def run_regime_map(out_dir: str | Path, n: int, seed: int, mixes: tuple[str, ...
                    grid: dict | None = None, confirm_n: int = 0, show_progress: bool = True) -> dict:
     """Every cell whose checkpoints exist; the draft and target calls of a mix are computed once
     and shared by its cells (memoized, greedy)."""
-    from .bench import load_backends
+    from ..backends.hf_generator import HFStepGenerator
+    from ..backends.scorers import load_step_scorer
     from .runners import InProcessRunner, generation_caches
     from .stack import run_sweep, write_outputs
     from .tasks import SyntheticTask
@@ -98,12 +99,19 @@ def run_regime_map(out_dir: str | Path, n: int, seed: int, mixes: tuple[str, ...
     if not present:
         raise ValueError(f"--models-dir: {root} holds no PRM/router pair of the map ({', '.join(c.router for c in CELLS)})")
     rows = []
+    generators = {role: HFStepGenerator(root / role, threads=1) for role in ("draft", "target")}
+    loaded: dict[str, object] = {}  # a checkpoint two cells share (the self-verifier PRM) loads once
+
+    def scorer(name: str):
+        if name not in loaded:
+            loaded[name] = load_step_scorer(root / name, threads=1)
+        return loaded[name]
+
+    scorers = {c: {"prm": scorer(c.prm), "router": scorer(c.router)} for c in present}
     for mix in mixes:
-        task, shared = SyntheticTask(n, seed, mix), None
+        task, shared = SyntheticTask(n, seed, mix), generation_caches(generators)
         for cell in present:
-            backends = load_backends(root, prm=root / cell.prm, router=root / cell.router)
-            if shared is None:
-                shared = generation_caches(backends)
+            backends = {**generators, **scorers[cell]}
             result, points, _ = run_sweep(task, InProcessRunner(backends, shared), grid, confirm_n, show_progress)
             name = f"{mix}-{cell.prm_kind}-{cell.router_kind}"
             write_outputs(points, tmp / name, result)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from .payoff import cheapest
+
 DEFAULT_GRID = {
     "draft": [None],
     "target": [None],
@@ -48,8 +50,7 @@ def summarize(policy: str, threshold: float | None, traces: Sequence, correct: S
 
 
 def cheapest_reaching(points: Sequence[SweepPoint], policy: str, level: float) -> SweepPoint | None:
-    ok = [p for p in points if p.policy == policy and p.accuracy >= level - 1e-12]
-    return min(ok, key=lambda p: p.latency_s_mean) if ok else None
+    return cheapest(points, policy, level)
 
 
 def _matched_at(points: Sequence[SweepPoint], level: float, rule: str) -> dict:
