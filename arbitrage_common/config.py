@@ -14,7 +14,16 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 from .errors import InvalidArgument
 from .kuberay.spec import ClusterSpec
@@ -87,6 +96,10 @@ class ModelSpec(_Strict):
                                                        "model needs it and its source is trusted.")
     engine: EngineSpec | None = Field(None, description="vLLM engine arguments (backend 'vllm' only; None: "
                                                         "EngineSpec's defaults).")
+    prefix_cache_mb: NonNegativeInt | None = Field(None, description="Scorer pools only: MiB of per-request prefix "
+                                                                    "KV cache per replica (an LRU; 0 turns it off; "
+                                                                    "None: 256). Causal-LM scorers use it; the "
+                                                                    "classifier scorers have none.")
 
     @model_validator(mode="after")
     def _engine_only_with_vllm(self) -> ModelSpec:
@@ -274,6 +287,14 @@ class PoolsSpec(_Strict):
     target: PoolSpec = Field(description="Target generator pool (writes routed steps).")
     router: PoolSpec | None = Field(None, description="Router scorer pool (policy 'arbitrage').")
     prm: PoolSpec | None = Field(None, description="Process reward model pool (policies 'rsd', 'oracle').")
+
+    @model_validator(mode="after")
+    def _scorer_fields_on_scorers(self) -> PoolsSpec:
+        for role in GENERATOR_ROLES:
+            if getattr(self, role).model.prefix_cache_mb is not None:
+                raise ValueError(f"pools.{role}.model.prefix_cache_mb: only for scorer pools (router, prm); "
+                                 f"a generator's KV cache is its backend's")
+        return self
 
     def configured(self) -> list[tuple[Role, PoolSpec]]:
         """(role, spec) of every configured pool, generators first."""

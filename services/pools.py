@@ -61,7 +61,7 @@ def _load_scorer(model: dict[str, Any]):
 
         return load_step_scorer(model["path"], threads=model.get("threads"),
                                 annotate_history=model.get("annotate_history"), device=model.get("device"),
-                                trust_remote_code=_trust_remote_code(model))
+                                trust_remote_code=_trust_remote_code(model), prefix_cache_mb=model.get("prefix_cache_mb"))
     raise ValueError(f"model.backend: unsupported scorer backend {backend!r}")
 
 

@@ -250,6 +250,19 @@ def test_lru_eviction_under_a_tiny_byte_bound(prm):
     assert not off.prefix_cache.enabled and len(off.prefix_cache.store) == 0
 
 
+@pytest.mark.parametrize("name", ["prm", "router"])
+def test_prefix_cache_mb_bounds_the_loaded_scorers_cache(name):
+    """The pool's ModelSpec.prefix_cache_mb reaches the backend: MiB to bytes, 0 turns it off."""
+    bounded = load_step_scorer(MODELS / name, threads=1, prefix_cache_mb=3)
+    assert bounded.prefix_cache.store.max_bytes == 3 * 2**20 and bounded.prefix_cache.enabled
+    off = load_step_scorer(MODELS / name, threads=1, prefix_cache_mb=0)
+    p = generate_problems(1, 7)[0]
+    item = ScoreItem(p.prompt, (), p.solution_steps()[0])
+    assert off.score_batch([item], ["s"]) == pytest.approx(bounded.score_batch([item], ["s"]), abs=TOL)
+    assert not off.prefix_cache.enabled and off.prefix_cache.info()["sessions"] == 0
+    assert bounded.prefix_cache.info()["sessions"] == 1
+
+
 def test_concurrent_calls_stay_exact(scorer):
     """The pool calls the backend from worker threads: sessions scored at once from two threads."""
     problems = generate_problems(4, 606)

@@ -80,3 +80,17 @@ def test_kuberay_pods_get_the_key_variable_from_a_secret_only_with_auth():
 
     named = base.model_copy(update={"auth": C.AuthSpec(api_key_env="K", k8s_secret="prod-keys")})
     assert auth_secret_env(named)[0]["valueFrom"]["secretKeyRef"] == {"name": "prod-keys", "key": "K"}
+
+
+def test_prefix_cache_size_is_a_scorer_field_and_travels_to_the_replicas():
+    pools = _pools()
+    router = pools.router.model_copy(update={"model": pools.router.model.model_copy(update={"prefix_cache_mb": 64})})
+    cfg = C.AppConfig(pools=pools.model_copy(update={"router": router}))
+    args = C.render_serve_config(cfg)["applications"][0]["args"]
+    assert args["pools"]["router"]["model"]["prefix_cache_mb"] == 64
+    assert C.default_config().pools.prm.model.prefix_cache_mb is None  # the backend's default bound
+    with pytest.raises(ValidationError, match="prefix_cache_mb"):
+        C.ModelSpec(path="m", prefix_cache_mb=-1)
+    draft = pools.draft.model_copy(update={"model": pools.draft.model.model_copy(update={"prefix_cache_mb": 8})})
+    with pytest.raises(ValidationError, match=r"pools\.draft\.model\.prefix_cache_mb: only for scorer pools"):
+        C.PoolsSpec.model_validate({**pools.model_dump(), "draft": draft.model_dump()})
