@@ -36,6 +36,9 @@ Backend = Literal["transformers", "vllm"]
 Role = Literal["draft", "target", "router", "prm"]
 GENERATOR_ROLES: tuple[Role, ...] = ("draft", "target")
 SCORER_ROLES: tuple[Role, ...] = ("router", "prm")
+# Merged-call lanes per pool replica when a pool can have several (PoolSpec.merge_lanes):
+# more lanes than replicas so that hashing the lanes onto replicas leaves none without one.
+LANES_PER_REPLICA = 4
 
 APP_IMPORT_PATH = "services.app:build_app"
 GRPC_SERVICER_FUNCTIONS = [
@@ -245,6 +248,19 @@ class PoolSpec(DeploymentSpec):
                                  f"{len(self.placement_group_bundles)} bundles (give 1, or one per bundle)")
         return self
 
+    def max_replicas(self) -> int:
+        """The most replicas this pool can have (autoscaling bound, or its fixed count)."""
+        if self.autoscaling_config is not None:
+            return self.autoscaling_config.max_replicas
+        return self.num_replicas or 1
+
+    def merge_lanes(self) -> int:
+        """Lanes of the coordinator's merged calls to this pool (``arbitrage_common.coalesce``):
+        one for a single replica (every concurrent call can merge); else several per replica,
+        so the lanes, each pinned to a replica by affinity, spread over all of them."""
+        replicas = self.max_replicas()
+        return 1 if replicas <= 1 else LANES_PER_REPLICA * replicas
+
     def user_config(self) -> dict[str, Any]:
         """Live knobs (``reconfigure``): changing them updates replicas in place."""
         return {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}
@@ -278,6 +294,12 @@ class CoordinatorSpec(DeploymentSpec):
                                                           "jitter), capped at 1 s.")
     health_probe_s: float = Field(2.0, gt=0, description="How often each coordinator replica probes the pools "
                                                          "for gRPC Check/Watch and /healthz.")
+    merge_calls: bool = Field(True, exclude_if=lambda v: v is True,
+                              description="Merge the step calls that concurrent requests make to one pool into one "
+                                          "Serve call per lane (arbitrage_common.coalesce): under load a handle "
+                                          "call costs as much CPU as a small model's step. An idle pool still gets "
+                                          "each call at once; affinity holds (a request keeps its lane, a lane its "
+                                          "replica). Off: one Serve call per step call.")
 
 
 class PoolsSpec(_Strict):

@@ -2,7 +2,13 @@
 one run (ratios, since the machine is noisy). Prints figures; asserts nothing.
 
 - overhead = mean end-to-end gRPC latency / mean in-process loop latency, same problems,
-  same policy, same checkpoints, one request at a time;
+  same policy, same checkpoints, one request at a time. The in-process loop and the gRPC
+  call alternate problem by problem (the order flips every problem), so drift in the
+  machine's speed hits both alike;
+- ``serving_overhead`` compares with the plain in-process loop (scorers read each step's
+  whole context, as the issue's first figure did); ``serving_overhead_same_work`` with the
+  in-process loop whose scorers keep each request's prefix cache, as the served pools do,
+  so it is the cost of serving alone;
 - scaling = requests/s with ``concurrency`` clients / requests/s with one client;
 - startup = seconds from the start of the command until the service answered (only when
   the bench starts the service itself).
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,7 +38,8 @@ def _in_process_models(cfg: AppConfig):
 
     def scorer(spec):
         return ThreadedScorer(load_step_scorer(cfg.resolve_path(spec.model.path), threads=spec.model.threads,
-                                               trust_remote_code=spec.model.trust_remote_code)) \
+                                               trust_remote_code=spec.model.trust_remote_code,
+                                               prefix_cache_mb=spec.model.prefix_cache_mb)) \
             if spec is not None else None
 
     def generator(spec):
@@ -41,23 +49,38 @@ def _in_process_models(cfg: AppConfig):
     return Models(draft=generator(p.draft), target=generator(p.target), router=scorer(p.router), prm=scorer(p.prm))
 
 
-def _in_process(cfg: AppConfig, prompts: list[str], policy: str) -> tuple[list[float], list[int | None]]:
+def _in_process(cfg: AppConfig, policy: str) -> Callable[[str, bool], tuple[float, int | None]]:
+    """``run(prompt, cached)``: one request through the in-process loop on its own event loop
+    (seconds, answer); ``cached``: its scorers keep the request's prefix cache, as a pool's do."""
+    import dataclasses
+
     from arbitrage_common.loop import run_loop
 
     models = _in_process_models(cfg)
+    loop = asyncio.new_event_loop()
+    counter = iter(range(1 << 30))
 
-    async def one(prompt: str):
+    def with_session(session: str):
+        return dataclasses.replace(models, **{role: getattr(models, role).bound(session)
+                                              for role in ("router", "prm") if getattr(models, role) is not None})
+
+    async def one(prompt: str, cached: bool):
         request = prepare(RequestFields(prompt=prompt, policy=policy), cfg).request
+        session = f"bench-{next(counter)}"
+        used = with_session(session) if cached else models
         started = time.perf_counter()
-        result = await run_loop(request, models)
-        return time.perf_counter() - started, extract_answer(result.text)
+        result = await run_loop(request, used)
+        seconds = time.perf_counter() - started
+        for role in ("router", "prm"):
+            scorer = getattr(used, role)
+            if cached and scorer is not None and scorer.session is not None:
+                scorer.backend.release(session)
+        return seconds, extract_answer(result.text)
 
-    async def all_():
-        await one(prompts[0])  # warm-up
-        return [await one(p) for p in prompts]
+    def run(prompt: str, cached: bool) -> tuple[float, int | None]:
+        return loop.run_until_complete(one(prompt, cached))
 
-    rows = asyncio.run(all_())
-    return [r[0] for r in rows], [r[1] for r in rows]
+    return run
 
 
 def _grpc_client(endpoint: str, app: str | None):
@@ -92,11 +115,24 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         if owns_service:
             out["startup_s"] = round(time.perf_counter() - started, 2)
 
-        inproc_s, inproc_answers = _in_process(cfg, prompts, policy)
-        seq_start = time.perf_counter()
-        grpc_rows = [call(p, policy) for p in prompts]
-        seq_wall = time.perf_counter() - seq_start
+        inproc = _in_process(cfg, policy)
+        inproc(prompts[0], False)  # warm-up
+        inproc(prompts[0], True)
+        rows: dict[str, list] = {"plain": [], "cached": [], "grpc": []}
+        seq_wall = 0.0
+        for i, prompt in enumerate(prompts):
+            order = ("plain", "cached", "grpc") if i % 2 == 0 else ("grpc", "cached", "plain")
+            for kind in order:
+                if kind == "grpc":
+                    t = time.perf_counter()
+                    rows["grpc"].append(call(prompt, policy))
+                    seq_wall += time.perf_counter() - t
+                else:
+                    rows[kind].append(inproc(prompt, kind == "cached"))
+        grpc_rows = rows["grpc"]
         grpc_s = [r[0] for r in grpc_rows]
+        inproc_s, inproc_answers = [r[0] for r in rows["plain"]], [r[1] for r in rows["plain"]]
+        cached_s = [r[0] for r in rows["cached"]]
 
         total = max(n, 4 * concurrency)
         work = [prompts[i % n] for i in range(total)]
@@ -112,9 +148,11 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
     rps1, rpsn = n / seq_wall, total / conc_wall
     out.update({
         "in_process_ms_mean": round(1000 * statistics.mean(inproc_s), 1),
+        "in_process_cached_ms_mean": round(1000 * statistics.mean(cached_s), 1),
         "grpc_ms_mean": round(1000 * statistics.mean(grpc_s), 1),
         "serving_overhead": round(statistics.mean(grpc_s) / statistics.mean(inproc_s), 3),
         "serving_overhead_median": round(statistics.median(grpc_s) / statistics.median(inproc_s), 3),
+        "serving_overhead_same_work": round(statistics.mean(grpc_s) / statistics.mean(cached_s), 3),
         "rps_1_client": round(rps1, 3),
         f"rps_{concurrency}_clients": round(rpsn, 3),
         "throughput_scaling": round(rpsn / rps1, 3),

@@ -68,9 +68,10 @@ class Coordinator:
         self.api_keys = load_keys(self.cfg.auth)  # a missing key variable fails the replica at start
         c, load_control = self.cfg.coordinator, self.cfg.policy.load_control
         self.load = LoadController(load_control) if load_control.enabled else None
+        lanes = {role: spec.merge_lanes() for role, spec in self.cfg.pools.configured()} if c.merge_calls else None
         self.pools = PoolHandles(draft, target, router, prm,
                                  retry=RetryPolicy(retries=c.pool_retries, base_s=c.retry_backoff_s),
-                                 on_retry=self._count_retry, load=self.load)
+                                 on_retry=self._count_retry, load=self.load, lanes=lanes)
         self._offset = Gauge("arbitrage_threshold_offset", description="Load-aware threshold offset toward fewer "
                                                                        "target calls (this coordinator replica).")
         self.available = [name for name, cls in POLICIES.items()
@@ -178,10 +179,10 @@ class Coordinator:
 
     def _release(self, prepared: Prepared) -> None:
         """Fire and forget: the scorer pools this request used drop its cached prefix (their
-        LRU evicts it anyway if this is lost)."""
+        LRU evicts it anyway if this is lost). With merged calls it rides on the next call."""
         used = {prepared.request.policy.scorer} | ({"prm"} if prepared.request.policy.runs_both else set())
         for role in used & {"router", "prm"}:
-            if getattr(self.pools, role) is None:
+            if getattr(self.pools, role) is None or self.pools.release(role, prepared.request_id):
                 continue
             task = asyncio.get_running_loop().create_task(self._release_one(role, prepared.request_id))
             self._releases.add(task)

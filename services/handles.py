@@ -34,6 +34,7 @@ from typing import Any
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+from arbitrage_common.coalesce import Coalescer
 from arbitrage_common.interfaces import Generation, GenerationOptions, ScoreItem
 from arbitrage_common.loop import Models
 from arbitrage_common.retry import RetryPolicy
@@ -114,7 +115,7 @@ class TimedGenerator:
     (queueing in the pool included) is a latency sample unless cancelled or failed for a
     reason that says nothing about load."""
 
-    def __init__(self, inner: HandleGenerator, load: Any) -> None:
+    def __init__(self, inner: HandleGenerator | MergedGenerator, load: Any) -> None:
         self._inner, self._load = inner, load
 
     async def generate(self, prefixes: Sequence[str], options: GenerationOptions) -> list[Generation]:
@@ -142,17 +143,70 @@ class HandleScorer:
         return await self._call(list(items), self._session)
 
 
+class MergedGenerator:
+    """``Generator`` whose calls leave through the pool's ``Coalescer`` (merged with other
+    requests' concurrent calls into one ``generate_rows``)."""
+
+    def __init__(self, merged: Coalescer, session_id: str, deadline: float | None) -> None:
+        self._merged, self._session, self._deadline = merged, session_id, deadline
+
+    async def generate(self, prefixes: Sequence[str], options: GenerationOptions) -> list[Generation]:
+        return await self._merged.call(self._session, (list(prefixes), options, self._deadline))
+
+
+class MergedScorer:
+    """``Scorer`` over the pool's ``Coalescer``; each row keeps its session (prefix cache)."""
+
+    def __init__(self, merged: Coalescer, session_id: str, deadline: float | None) -> None:
+        self._merged, self._session, self._deadline = merged, session_id, deadline
+
+    async def score(self, items: Sequence[ScoreItem]) -> list[float]:
+        return await self._merged.call(self._session, (list(items), self._session or None, self._deadline))
+
+
+def _latest(deadlines: list[float | None]) -> float | None:
+    """A merged call retries until the latest of its rows' deadlines (each row's own wait is
+    bounded by its loop's deadline anyway); None if any row has none."""
+    if not deadlines or any(d is None for d in deadlines):
+        return None
+    return max(deadlines)  # type: ignore[type-var]
+
+
 class PoolHandles:
     """The pool handles of one coordinator replica; ``models`` binds them to a session.
-    ``on_retry(role, reason)`` is told of every retry (metrics)."""
+    ``on_retry(role, reason)`` is told of every retry (metrics). ``lanes`` ({role: n}) turns
+    on merged calls for those pools (``arbitrage_common.coalesce``)."""
 
     def __init__(self, draft: Any, target: Any, router: Any | None = None, prm: Any | None = None,
                  retry: RetryPolicy = NO_RETRY, on_retry: Callable[[str, str], None] | None = None,
-                 load: Any = None) -> None:
+                 load: Any = None, lanes: dict[str, int] | None = None) -> None:
         self.draft, self.target, self.router, self.prm = draft, target, router, prm
         self.retry, self.on_retry = retry, on_retry
         self.load = load  # a LoadController told of every target call, or None
         self._rng = random.Random()  # jitter only: it never touches a request's output
+        self.merged: dict[str, Coalescer] = {
+            role: Coalescer(self._merged_send(role), lanes=n, key_prefix=f"{role}-lane")
+            for role, n in (lanes or {}).items() if getattr(self, role) is not None}
+
+    def _merged_send(self, role: str):
+        generator = role in ("draft", "target")
+
+        async def send(lane_key: str, rows: list[Any], piggyback: list[Any]) -> Any:
+            deadline = _latest([row[2] for row in rows])
+            firsts, seconds = [row[0] for row in rows], [row[1] for row in rows]
+            if generator:
+                return await self.caller(role, "generate_rows", lane_key, deadline)(firsts, seconds)
+            return await self.caller(role, "score_rows", lane_key, deadline)(firsts, seconds, piggyback)
+        return send
+
+    def release(self, role: str, session_id: str) -> bool:
+        """Queue a finished session's cache release on a merged scorer pool (it rides on the
+        lane's next call); False when the pool does not merge calls."""
+        merged = self.merged.get(role)
+        if merged is None:
+            return False
+        merged.attach(session_id, session_id)
+        return True
 
     def configured(self) -> dict[str, Any]:
         return {role: h for role in ("draft", "target", "router", "prm") if (h := getattr(self, role)) is not None}
@@ -164,14 +218,21 @@ class PoolHandles:
     def models(self, session_id: str = "", deadline: float | None = None) -> Models:
         """The loop's ``Models`` for one request (``deadline``: ``time.monotonic()`` seconds
         by which retries stop); a missing scorer pool stays None."""
-        def scorer(role: str) -> HandleScorer | None:
+        def scorer(role: str) -> MergedScorer | HandleScorer | None:
             if getattr(self, role) is None:
                 return None
+            if role in self.merged:
+                return MergedScorer(self.merged[role], session_id, deadline)
             return HandleScorer(self.caller(role, "score", session_id, deadline), session_id)
 
-        target = HandleGenerator(self.caller("target", "generate", session_id, deadline))
+        def generator(role: str) -> MergedGenerator | HandleGenerator:
+            if role in self.merged:
+                return MergedGenerator(self.merged[role], session_id, deadline)
+            return HandleGenerator(self.caller(role, "generate", session_id, deadline))
+
+        target = generator("target")
         return Models(
-            draft=HandleGenerator(self.caller("draft", "generate", session_id, deadline)),
+            draft=generator("draft"),
             target=TimedGenerator(target, self.load) if self.load is not None else target,
             router=scorer("router"),
             prm=scorer("prm"),

@@ -84,7 +84,8 @@ class _Pool:
                               tag_keys=tags)
         for metric in (self._batch_size, self._batch_ms, self._items):
             metric.set_default_tags({"role": role})
-        self._stats = {"batches": 0, "items": 0, "max_batch_items": 0, "forward_s": 0.0}
+        # calls: Serve calls received (a merged call counts once); items: rows run.
+        self._stats = {"calls": 0, "batches": 0, "items": 0, "max_batch_items": 0, "forward_s": 0.0}
         self._idle: asyncio.Event | None = None  # created on the replica's event loop
 
     async def _wait_idle(self) -> None:
@@ -146,6 +147,17 @@ class _Pool:
             self._batch_ms.observe(seconds * 1000.0)
 
 
+async def _gather_rows(calls: list, row_error: type | tuple[type, ...] = ()) -> list:
+    """Run one merged call's rows (``arbitrage_common.coalesce``) side by side, so they join one
+    batch. A row's own failure (``row_error``) comes back in its place; any other failure
+    (a dead engine, a failed pass) is the whole call's, raised so the caller can retry it."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException) and not (isinstance(result, Exception) and isinstance(result, row_error)):
+            raise result
+    return results
+
+
 def _split(flat: list, sizes: list[int]) -> list[list]:
     """Cut one batch's flat results back into each caller's share."""
     out, pos = [], 0
@@ -179,12 +191,30 @@ class GeneratorPool(_Pool):
 
     async def generate(self, prefixes: list[str], options: GenerationOptions) -> list[Generation]:
         """One caller's prefixes (usually one); merged with concurrent callers' into a batch."""
+        self._stats["calls"] += 1
+        return await self._generate(prefixes, options)
+
+    async def _generate(self, prefixes: list[str], options: GenerationOptions) -> list[Generation]:
         if not prefixes:
             return []
         if self.engine_batched:
             return await self._generate_in_engine(list(prefixes), options)
         await self._wait_idle()
         return await self._generate_batched(list(prefixes), options)
+
+    async def generate_rows(self, prefix_lists: list[list[str]],
+                            option_list: list[GenerationOptions]) -> list[list[Generation] | Exception]:
+        """A merged call: the calls of several requests, each ``(prefixes, options)``, one
+        result (or that row's own engine error) per call."""
+        from arbitrage_common.backends.vllm_generator import EngineDeadError, EngineRequestError
+
+        self._stats["calls"] += 1
+        calls = [self._generate(prefixes, options) for prefixes, options in zip(prefix_lists, option_list)]
+        results = await _gather_rows(calls, EngineRequestError)
+        dead = next((r for r in results if isinstance(r, EngineDeadError)), None)
+        if dead is not None:  # the replica's fault, not the row's: the caller retries elsewhere
+            raise dead
+        return results
 
     async def _generate_in_engine(self, prefixes: list[str], options: GenerationOptions) -> list[Generation]:
         """One call straight to the async engine: concurrent calls batch inside it. Metrics
@@ -262,10 +292,23 @@ class ScorerPool(_Pool):
         return self._score_batched
 
     async def score(self, items: list[ScoreItem], session: str | None = None) -> list[float]:
+        self._stats["calls"] += 1
+        return await self._score(items, session)
+
+    async def _score(self, items: list[ScoreItem], session: str | None) -> list[float]:
         if not items:
             return []
         await self._wait_idle()
         return await self._score_batched(list(items), session)
+
+    async def score_rows(self, item_lists: list[list[ScoreItem]], sessions: list[str | None],
+                         release: list[str] | tuple[str, ...] = ()) -> list[list[float]]:
+        """A merged call: the score calls of several requests (one session each), plus the
+        sessions that finished since (their cached prefixes are dropped first)."""
+        self._stats["calls"] += 1
+        for session in release:
+            await self.release(session)
+        return await _gather_rows([self._score(items, session) for items, session in zip(item_lists, sessions)])
 
     async def release(self, session: str) -> bool:
         """Drop a finished request's cached prefix; True if this replica held one."""

@@ -18,8 +18,18 @@ class ThreadedGenerator:
 
 
 class ThreadedScorer:
-    def __init__(self, backend):
+    """Runs a blocking ``score_batch`` off the event loop. ``session``: the key of the
+    backend's per-request prefix cache, when it has one (``backends.prefix_cache``)."""
+
+    def __init__(self, backend, session: str | None = None):
         self.backend = backend
+        self.session = session if hasattr(backend, "release") else None
+
+    def bound(self, session: str) -> ThreadedScorer:
+        """The same backend, scoring under ``session`` (release it when the request ends)."""
+        return ThreadedScorer(self.backend, session)
 
     async def score(self, items: Sequence[ScoreItem]) -> list[float]:
-        return await asyncio.to_thread(self.backend.score_batch, list(items))
+        if self.session is None:
+            return await asyncio.to_thread(self.backend.score_batch, list(items))
+        return await asyncio.to_thread(self.backend.score_batch, list(items), [self.session] * len(items))

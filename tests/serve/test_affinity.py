@@ -3,7 +3,10 @@ generator pool, the target with ``session_affinity`` on, the draft with it off (
 
 Where each call ran is read from Ray Serve's own access logs: every replica writes
 ``CALL generate OK`` lines tagged with its replica id and the Serve request id, which the
-gRPC metadata ``request_id`` sets per client request (the pool calls inherit it).
+gRPC metadata ``request_id`` sets per client request (the pool calls inherit it). The app
+routes each request's calls itself (``coordinator.merge_calls`` off): merged calls are routed
+by their lane's key through the same router, and a request keeps its lane
+(``tests/unit/test_coalesce.py``).
 """
 from __future__ import annotations
 
@@ -50,7 +53,8 @@ def affinity_app(serve_cluster):
     main = serve_cluster[0]
     cfg = AppConfig(name=APP, pools=PoolsSpec(draft=_pool(main.pools.draft.model.path, affinity=False),
                                               target=_pool(main.pools.target.model.path, affinity=True)),
-                    coordinator=CoordinatorSpec(ray_actor_options=ActorOptionsSpec(num_cpus=0)),
+                    coordinator=CoordinatorSpec(ray_actor_options=ActorOptionsSpec(num_cpus=0),
+                                                merge_calls=False),
                     policy=PolicySpec(default="target"), http=main.http, grpc=main.grpc, limits=LimitsSpec(request_timeout_s=120))
     serve.run(build_app(cfg), name=APP, route_prefix=f"/{APP}")
     ctx = ray.get_runtime_context()

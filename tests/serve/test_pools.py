@@ -62,3 +62,57 @@ def test_the_router_caches_a_requests_prefix_and_drops_it_at_the_end(serve_clust
         time.sleep(0.2)  # the release is fire-and-forget
     assert after["hits"] > before["hits"], (before, after)
     assert after["sessions"] <= before["sessions"], (before, after)  # all three released
+
+
+def test_a_merged_call_equals_each_call_alone(serve_cluster):
+    """generate_rows / score_rows (the coordinator's merged calls): every row gets what its
+    call alone gets, with its own options; released sessions leave the scorer's cache."""
+    from ray import serve
+
+    app = serve_cluster[0].name
+    draft = serve.get_deployment_handle("draft", app_name=app)
+    prefixes = [[p.prompt + "\n\n"] for p in problems(3, seed=41)]
+    options = [GenerationOptions(max_new_tokens=n) for n in (4, 64, 12)]
+    alone = [draft.generate.remote(p, o).result() for p, o in zip(prefixes, options)]
+    merged = draft.generate_rows.remote(prefixes, options).result()
+    assert [[(g.text, g.tokens, g.finish_reason) for g in row] for row in merged] == \
+           [[(g.text, g.tokens, g.finish_reason) for g in row] for row in alone]
+    assert merged[0][0].tokens <= 4 < merged[1][0].tokens  # each row kept its own budget
+
+    router = serve.get_deployment_handle("router", app_name=app)
+    items = [[ScoreItem(p.prompt, (), g[0].text)] for p, g in zip(problems(3, seed=41), alone)]
+    one_by_one = [router.score.remote(i).result() for i in items]
+    sessions = [f"merged-{i}" for i in range(3)]
+    together = router.score_rows.remote(items, sessions).result()
+    assert [[pytest_approx(s) for s in row] for row in one_by_one] == together
+    cache = router.info.remote().result()["scorer_cache"]
+    if cache is not None:
+        held = cache["sessions"]
+        router.score_rows.remote([], [], sessions).result()  # a release-only merged call
+        assert router.info.remote().result()["scorer_cache"]["sessions"] == held - 3
+
+
+def test_concurrent_requests_leave_the_coordinator_as_merged_calls(serve_cluster, stub, main_metadata):
+    """Under concurrency the coordinator merges step calls: the draft pool sees fewer calls
+    than steps, and every reply equals the same request sent alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from protos.arbitrage.v1 import arbitrage_pb2 as pb
+
+    draft = serve.get_deployment_handle("draft", app_name=serve_cluster[0].name)
+    prompts = [p.prompt for p in problems(12, seed=43)]
+
+    def ask(prompt):
+        return stub.Generate(pb.GenerateRequest(prompt=prompt, policy="arbitrage"), metadata=main_metadata)
+
+    alone = [ask(p) for p in prompts[:3]]
+    before = draft.info.remote().result()
+    with ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(ask, prompts))
+    after = draft.info.remote().result()
+    assert [r.text for r in together[:3]] == [r.text for r in alone]
+    draft_steps = sum(1 for r in together for s in r.steps if s.source == "draft" or s.draft_discarded)
+    assert after["items"] - before["items"] >= draft_steps
+    assert after["calls"] - before["calls"] < after["items"] - before["items"]

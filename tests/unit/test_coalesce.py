@@ -1,0 +1,170 @@
+"""Merged pool calls (arbitrage_common.coalesce) against a fake pool: what leaves as one call,
+which row gets which result, cancellation, lanes and piggybacked messages."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from arbitrage_common.coalesce import Coalescer, lane_index
+
+
+class FakePool:
+    """Records each merged call; answers row -> row * 10 once ``gate`` opens."""
+
+    def __init__(self, fail_rows: frozenset = frozenset(), fail_call: Exception | None = None) -> None:
+        self.calls: list[tuple[str, list, list]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.cancelled = 0
+        self.fail_rows, self.fail_call = fail_rows, fail_call
+
+    async def send(self, key: str, rows: list, piggyback: list) -> list:
+        self.calls.append((key, list(rows), list(piggyback)))
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.fail_call is not None:
+            raise self.fail_call
+        return [ValueError(f"row {r}") if r in self.fail_rows else r * 10 for r in rows]
+
+
+async def settle() -> None:
+    """Let every ready task run (calls start, merged calls leave)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_an_idle_lane_sends_each_call_at_once():
+    async def main():
+        pool = FakePool()
+        merged = Coalescer(pool.send)
+        assert await merged.call("a", 1) == 10
+        assert await merged.call("b", 2) == 20
+        return pool.calls
+
+    assert [rows for _, rows, _ in run(main())] == [[1], [2]]
+
+
+def test_calls_that_arrive_while_the_lane_is_busy_leave_as_one_call_with_their_own_results():
+    async def main():
+        pool = FakePool()
+        pool.gate.clear()
+        merged = Coalescer(pool.send, max_in_flight=1)
+        first = asyncio.ensure_future(merged.call("s0", 0))
+        await settle()
+        rest = [asyncio.ensure_future(merged.call(f"s{i}", i)) for i in range(1, 6)]
+        await settle()
+        assert len(pool.calls) == 1  # the others wait for the call in flight
+        pool.gate.set()
+        return await first, await asyncio.gather(*rest), pool.calls, merged
+
+    first, rest, calls, merged = run(main())
+    assert first == 0 and rest == [10, 20, 30, 40, 50]
+    assert [rows for _, rows, _ in calls] == [[0], [1, 2, 3, 4, 5]]
+    assert (merged.calls, merged.rows) == (2, 6)
+
+
+def test_max_rows_splits_a_long_queue():
+    async def main():
+        pool = FakePool()
+        pool.gate.clear()
+        merged = Coalescer(pool.send, max_in_flight=1, max_rows=2)
+        tasks = [asyncio.ensure_future(merged.call("s", i)) for i in range(5)]
+        await settle()
+        pool.gate.set()
+        return await asyncio.gather(*tasks), pool.calls
+
+    results, calls = run(main())
+    assert results == [0, 10, 20, 30, 40]
+    assert [rows for _, rows, _ in calls] == [[0], [1, 2], [3, 4]]  # the first left at once
+
+
+def test_a_rows_own_failure_reaches_only_that_row():
+    async def main():
+        pool = FakePool(fail_rows=frozenset({2}))
+        pool.gate.clear()
+        merged = Coalescer(pool.send, max_in_flight=1)
+        tasks = [asyncio.ensure_future(merged.call("s", i)) for i in range(4)]
+        await settle()
+        pool.gate.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = run(main())
+    assert results[:2] == [0, 10] and results[3] == 30
+    assert isinstance(results[2], ValueError) and str(results[2]) == "row 2"
+
+
+def test_a_failed_merged_call_fails_every_row_in_it():
+    async def main():
+        pool = FakePool(fail_call=ConnectionError("replica died"))
+        merged = Coalescer(pool.send, max_in_flight=1)
+        return await asyncio.gather(*(merged.call("s", i) for i in range(3)), return_exceptions=True)
+
+    assert all(isinstance(r, ConnectionError) for r in run(main()))
+
+
+def test_a_cancelled_queued_row_never_leaves_and_an_abandoned_call_is_cancelled():
+    async def main():
+        pool = FakePool()
+        pool.gate.clear()
+        merged = Coalescer(pool.send, max_in_flight=1)
+        alone = asyncio.ensure_future(merged.call("s", 1))
+        await settle()
+        queued = asyncio.ensure_future(merged.call("s", 2))
+        kept = asyncio.ensure_future(merged.call("s", 3))
+        await settle()
+        queued.cancel()
+        alone.cancel()  # the only row of the call in flight: the call itself stops
+        await settle()
+        pool.gate.set()
+        result = await kept
+        await merged.aclose()
+        return result, pool
+
+    result, pool = run(main())
+    assert result == 30
+    assert [rows for _, rows, _ in pool.calls] == [[1], [3]]
+    assert pool.cancelled == 1
+
+
+def test_a_session_keeps_its_lane_and_sessions_spread_over_lanes():
+    assert all(lane_index(f"req-{i}", 8) == lane_index(f"req-{i}", 8) for i in range(50))
+    assert {lane_index(f"req-{i}", 8) for i in range(200)} == set(range(8))
+    assert lane_index("anything", 1) == 0 and lane_index("", 8) == 0
+
+    async def main():
+        pool = FakePool()
+        merged = Coalescer(pool.send, lanes=4, key_prefix="router-lane")
+        for i in range(20):
+            await merged.call(f"req-{i}", i)
+        return pool.calls
+
+    keys = {f"req-{rows[0]}": key for key, rows, _ in run(main())}
+    assert all(keys[s] == f"router-lane-{lane_index(s, 4)}" for s in keys)
+
+
+def test_piggybacked_messages_ride_the_next_call_of_their_lane_or_leave_alone_when_idle():
+    async def main():
+        pool = FakePool()
+        merged = Coalescer(pool.send, flush_s=0.05)
+        merged.attach("done-1", "done-1")
+        await merged.call("next", 1)  # carries the release
+        merged.attach("done-2", "done-2")
+        await asyncio.sleep(0.15)  # nothing else comes: it leaves alone
+        return pool.calls
+
+    calls = run(main())
+    assert calls == [("lane-0", [1], ["done-1"]), ("lane-0", [], ["done-2"])]
+
+
+@pytest.mark.parametrize("bad", [{"lanes": 0}, {"max_in_flight": 0}, {"max_rows": 0}])
+def test_bounds_are_checked(bad):
+    with pytest.raises(ValueError):
+        Coalescer(FakePool().send, **bad)
