@@ -74,7 +74,10 @@ class Coalescer:
         """Send ``message`` with the next merged call of the session's lane (or alone, soon)."""
         lane = self.lane(session)
         lane.piggyback.append(message)
-        if lane.flush is None:
+        self._schedule_flush(lane)
+
+    def _schedule_flush(self, lane: _Lane) -> None:
+        if lane.piggyback and lane.flush is None:
             lane.flush = asyncio.get_running_loop().call_later(self.flush_s, self._flush, lane)
 
     def _flush(self, lane: _Lane) -> None:
@@ -133,8 +136,8 @@ class Coalescer:
         finally:
             lane.in_flight -= 1
             self._pump(lane)
-            if lane.piggyback and lane.flush is None and lane.in_flight == 0:
-                lane.flush = asyncio.get_running_loop().call_later(self.flush_s, self._flush, lane)
+            if lane.in_flight == 0:
+                self._schedule_flush(lane)
 
     async def aclose(self) -> None:
         """Wait for the merged calls still out (tests, shutdown)."""

@@ -16,6 +16,7 @@ one run (ratios, since the machine is noisy). Prints figures; asserts nothing.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -58,7 +59,7 @@ def _in_process(cfg: AppConfig, policy: str) -> Callable[[str, bool], tuple[floa
 
     models = _in_process_models(cfg)
     loop = asyncio.new_event_loop()
-    counter = iter(range(1 << 30))
+    counter = itertools.count()
 
     def with_session(session: str):
         return dataclasses.replace(models, **{role: getattr(models, role).bound(session)

@@ -153,7 +153,7 @@ async def _gather_rows(calls: list, row_error: type | tuple[type, ...] = ()) -> 
     (a dead engine, a failed pass) is the whole call's, raised so the caller can retry it."""
     results = await asyncio.gather(*calls, return_exceptions=True)
     for result in results:
-        if isinstance(result, BaseException) and not (isinstance(result, Exception) and isinstance(result, row_error)):
+        if isinstance(result, BaseException) and not isinstance(result, row_error):
             raise result
     return results
 
