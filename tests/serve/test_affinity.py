@@ -123,12 +123,12 @@ def test_without_affinity_steps_scatter(affinity_app, stub):
     """The control: the draft pool runs Serve's default router, so the observation above
     would catch scattered steps (each step picks a replica anew)."""
     assert len(_replica_ids(affinity_app, "draft")) == 2
-    rids = [f"free-{i}" for i in range(4)]
+    rids = [f"free-{i}" for i in range(8)]  # steps spread at random: enough requests that some split
     prompts = [p.prompt for p in problems(len(rids), seed=778)]
     steps = _run(stub, list(zip(rids, prompts)), policy="draft")
     calls = _settled_calls(affinity_app, "draft", steps)
     assert all(sum(calls[rid].values()) == steps[rid] for rid in rids)
-    assert any(len(calls[rid]) == 2 for rid in rids if steps[rid] >= 4), {r: dict(calls[r]) for r in rids}
+    assert any(len(calls[rid]) == 2 for rid in rids if steps[rid] >= 2), {r: dict(calls[r]) for r in rids}
 
 
 def test_a_missing_model_path_fails_when_the_app_is_built(tmp_path):
