@@ -99,15 +99,20 @@ class ModelSpec(_Strict):
                                                        "model needs it and its source is trusted.")
     engine: EngineSpec | None = Field(None, description="vLLM engine arguments (backend 'vllm' only; None: "
                                                         "EngineSpec's defaults).")
-    prefix_cache_mb: NonNegativeInt | None = Field(None, description="Scorer pools only: MiB of per-request prefix "
-                                                                    "KV cache per replica (an LRU; 0 turns it off; "
-                                                                    "None: 256). Causal-LM scorers use it; the "
-                                                                    "classifier scorers have none.")
+    prefix_cache_mb: NonNegativeInt | None = Field(None, description="Transformers backend: MiB of per-request "
+                                                                    "prefix KV cache per replica (an LRU; 0 turns "
+                                                                    "it off; None: 256), so a step runs only what "
+                                                                    "is new since the request's last step. The "
+                                                                    "generators (fast Llama path) and causal-LM "
+                                                                    "scorers use it; classifier scorers have none.")
 
     @model_validator(mode="after")
     def _engine_only_with_vllm(self) -> ModelSpec:
         if self.engine is not None and self.backend != "vllm":
             raise ValueError("engine: only for backend 'vllm'")
+        if self.prefix_cache_mb is not None and self.backend == "vllm":
+            raise ValueError("prefix_cache_mb: not for backend 'vllm' (its engine caches prefixes itself: "
+                             "engine.enable_prefix_caching)")
         return self
 
 
@@ -309,14 +314,6 @@ class PoolsSpec(_Strict):
     target: PoolSpec = Field(description="Target generator pool (writes routed steps).")
     router: PoolSpec | None = Field(None, description="Router scorer pool (policy 'arbitrage').")
     prm: PoolSpec | None = Field(None, description="Process reward model pool (policies 'rsd', 'oracle').")
-
-    @model_validator(mode="after")
-    def _scorer_fields_on_scorers(self) -> PoolsSpec:
-        for role in GENERATOR_ROLES:
-            if getattr(self, role).model.prefix_cache_mb is not None:
-                raise ValueError(f"pools.{role}.model.prefix_cache_mb: only for scorer pools (router, prm); "
-                                 f"a generator's KV cache is its backend's")
-        return self
 
     def configured(self) -> list[tuple[Role, PoolSpec]]:
         """(role, spec) of every configured pool, generators first."""

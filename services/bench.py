@@ -5,10 +5,10 @@ one run (ratios, since the machine is noisy). Prints figures; asserts nothing.
   same policy, same checkpoints, one request at a time. The in-process loop and the gRPC
   call alternate problem by problem (the order flips every problem), so drift in the
   machine's speed hits both alike;
-- ``serving_overhead`` compares with the plain in-process loop (scorers read each step's
-  whole context, as the issue's first figure did); ``serving_overhead_same_work`` with the
-  in-process loop whose scorers keep each request's prefix cache, as the served pools do,
-  so it is the cost of serving alone;
+- ``serving_overhead`` compares with the plain in-process loop (every step reads its whole
+  context, as the issue's first figure did); ``serving_overhead_same_work`` with the
+  in-process loop whose generators and scorers keep each request's prefix cache, as the
+  served pools do, so it is the cost of serving alone;
 - scaling = requests/s with ``concurrency`` clients / requests/s with one client;
 - startup = seconds from the start of the command until the service answered (only when
   the bench starts the service itself).
@@ -44,15 +44,18 @@ def _in_process_models(cfg: AppConfig):
             if spec is not None else None
 
     def generator(spec):
+        mb = spec.model.prefix_cache_mb
+        cache = {} if mb is None else {"prefix_cache_bytes": mb * 2**20}
         return ThreadedGenerator(HFStepGenerator(cfg.resolve_path(spec.model.path), threads=spec.model.threads,
-                                                 trust_remote_code=spec.model.trust_remote_code))
+                                                 trust_remote_code=spec.model.trust_remote_code, **cache))
 
     return Models(draft=generator(p.draft), target=generator(p.target), router=scorer(p.router), prm=scorer(p.prm))
 
 
 def _in_process(cfg: AppConfig, policy: str) -> Callable[[str, bool], tuple[float, int | None]]:
     """``run(prompt, cached)``: one request through the in-process loop on its own event loop
-    (seconds, answer); ``cached``: its scorers keep the request's prefix cache, as a pool's do."""
+    (seconds, answer); ``cached``: its generators and scorers keep the request's prefix cache,
+    as the pools do."""
     import dataclasses
 
     from arbitrage_common.loop import run_loop
@@ -61,9 +64,10 @@ def _in_process(cfg: AppConfig, policy: str) -> Callable[[str, bool], tuple[floa
     loop = asyncio.new_event_loop()
     counter = itertools.count()
 
+    roles = [role for role in ("draft", "target", "router", "prm") if getattr(models, role) is not None]
+
     def with_session(session: str):
-        return dataclasses.replace(models, **{role: getattr(models, role).bound(session)
-                                              for role in ("router", "prm") if getattr(models, role) is not None})
+        return dataclasses.replace(models, **{role: getattr(models, role).bound(session) for role in roles})
 
     async def one(prompt: str, cached: bool):
         request = prepare(RequestFields(prompt=prompt, policy=policy), cfg).request
@@ -72,10 +76,8 @@ def _in_process(cfg: AppConfig, policy: str) -> Callable[[str, bool], tuple[floa
         started = time.perf_counter()
         result = await run_loop(request, used)
         seconds = time.perf_counter() - started
-        for role in ("router", "prm"):
-            scorer = getattr(used, role)
-            if cached and scorer is not None and scorer.session is not None:
-                scorer.backend.release(session)
+        for role in roles:
+            getattr(used, role).release()
         return seconds, extract_answer(result.text)
 
     def run(prompt: str, cached: bool) -> tuple[float, int | None]:

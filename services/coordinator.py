@@ -78,6 +78,10 @@ class Coordinator:
                           if cls.scorer is None or getattr(self.pools, cls.scorer) is not None]
         self.health = PoolHealth(self.cfg.name, pools_needed(self.cfg.policy.default), c.health_probe_s)
         self._contexts: dict[str, int] | None = None
+        # Generator pools that keep a per-request prefix cache (transformers, cache not off).
+        self._cached_generators = {role for role in ("draft", "target")
+                                   if (m := getattr(self.cfg.pools, role).model).backend == "transformers"
+                                   and m.prefix_cache_mb != 0}
         self._releases: set[asyncio.Task] = set()
         self._retries = Counter("arbitrage_pool_retries_total", description="Pool calls retried, by pool and reason "
                                                                             "(replica died, pool full).",
@@ -164,7 +168,7 @@ class Coordinator:
 
     async def steps_of(self, stream: LoopStream, prepared: Prepared) -> AsyncIterator[Any]:
         """The stream's steps, counted by source and (validated) policy; the first one also
-        records time to first step. At the end the scorer pools drop the request's cache."""
+        records time to first step. At the end the pools drop the request's cache."""
         started, first, policy = time.perf_counter(), True, prepared.policy
         try:
             async for step in stream:
@@ -178,10 +182,10 @@ class Coordinator:
             self._release(prepared)
 
     def _release(self, prepared: Prepared) -> None:
-        """Fire and forget: the scorer pools this request used drop its cached prefix (their
-        LRU evicts it anyway if this is lost). With merged calls it rides on the next call."""
+        """Fire and forget: the pools this request used drop its cached prefix (their LRU
+        evicts it anyway if this is lost). With merged calls it rides on the next call."""
         used = {prepared.request.policy.scorer} | ({"prm"} if prepared.request.policy.runs_both else set())
-        for role in used & {"router", "prm"}:
+        for role in (used & {"router", "prm"}) | self._cached_generators:
             if getattr(self.pools, role) is None or self.pools.release(role, prepared.request_id):
                 continue
             task = asyncio.get_running_loop().create_task(self._release_one(role, prepared.request_id))

@@ -100,13 +100,14 @@ def _bind(handle: Any, method: str, session_id: str) -> Any:
 
 
 class HandleGenerator:
-    """``Generator`` over a GeneratorPool deployment handle."""
+    """``Generator`` over a GeneratorPool deployment handle; the session id also keys the
+    pool's prefix cache."""
 
-    def __init__(self, caller: PoolCaller) -> None:
-        self._call = caller
+    def __init__(self, caller: PoolCaller, session_id: str = "") -> None:
+        self._call, self._session = caller, session_id or None
 
     async def generate(self, prefixes: Sequence[str], options: GenerationOptions) -> list[Generation]:
-        return await self._call(list(prefixes), options)
+        return await self._call(list(prefixes), options, self._session)
 
 
 class TimedGenerator:
@@ -151,7 +152,8 @@ class MergedGenerator:
         self._merged, self._session, self._deadline = merged, session_id, deadline
 
     async def generate(self, prefixes: Sequence[str], options: GenerationOptions) -> list[Generation]:
-        return await self._merged.call(self._session, (list(prefixes), options, self._deadline))
+        return await self._merged.call(self._session, ((list(prefixes), options, self._session or None),
+                                                       self._deadline))
 
 
 class MergedScorer:
@@ -161,7 +163,7 @@ class MergedScorer:
         self._merged, self._session, self._deadline = merged, session_id, deadline
 
     async def score(self, items: Sequence[ScoreItem]) -> list[float]:
-        return await self._merged.call(self._session, (list(items), self._session or None, self._deadline))
+        return await self._merged.call(self._session, ((list(items), self._session or None), self._deadline))
 
 
 def _latest(deadlines: list[float | None]) -> float | None:
@@ -189,19 +191,19 @@ class PoolHandles:
             for role, n in (lanes or {}).items() if getattr(self, role) is not None}
 
     def _merged_send(self, role: str):
-        generator = role in ("draft", "target")
+        method, arity = ("generate_rows", 3) if role in ("draft", "target") else ("score_rows", 2)
 
         async def send(lane_key: str, rows: list[Any], piggyback: list[Any]) -> Any:
-            deadline = _latest([row[2] for row in rows])
-            firsts, seconds = [row[0] for row in rows], [row[1] for row in rows]
-            if generator:
-                return await self.caller(role, "generate_rows", lane_key, deadline)(firsts, seconds)
-            return await self.caller(role, "score_rows", lane_key, deadline)(firsts, seconds, piggyback)
+            # rows: (args, deadline) each; the pool method takes one list per argument (empty
+            # lists when only piggybacked releases travel)
+            columns = [[args[k] for args, _ in rows] for k in range(arity)]
+            deadline = _latest([deadline for _, deadline in rows])
+            return await self.caller(role, method, lane_key, deadline)(*columns, piggyback)
         return send
 
     def release(self, role: str, session_id: str) -> bool:
-        """Queue a finished session's cache release on a merged scorer pool (it rides on the
-        lane's next call); False when the pool does not merge calls."""
+        """Queue a finished session's cache release on a merged pool (it rides on the lane's
+        next call); False when the pool does not merge calls."""
         merged = self.merged.get(role)
         if merged is None:
             return False
@@ -228,7 +230,7 @@ class PoolHandles:
         def generator(role: str) -> MergedGenerator | HandleGenerator:
             if role in self.merged:
                 return MergedGenerator(self.merged[role], session_id, deadline)
-            return HandleGenerator(self.caller(role, "generate", session_id, deadline))
+            return HandleGenerator(self.caller(role, "generate", session_id, deadline), session_id)
 
         target = generator("target")
         return Models(

@@ -12,6 +12,10 @@ The blocking backend runs in a worker thread so the replica's event loop (and
 ``check_health``) stays free. Batch size and wait are live knobs (``user_config`` ->
 ``reconfigure``).
 
+A transformers generator keeps each session's (request's) prefix keys/values
+(``backends.generator_cache``), so a step prefills only what is new since the request's
+last step; affinity keeps the session on one replica and ``release`` drops it at the end.
+
 A generator on the vLLM backend (``model.backend: vllm``) skips all of that: its engine
 batches concurrent requests itself (continuous batching, ``max_num_seqs``), so each call
 goes straight to the async backend. Cancelling the call (a Serve ``response.cancel()``)
@@ -44,7 +48,9 @@ def _load_generator(model: dict[str, Any]):
     if backend == "transformers":
         from arbitrage_common.backends.hf_generator import HFStepGenerator
 
-        return HFStepGenerator(model["path"], threads=model.get("threads"), trust_remote_code=_trust_remote_code(model))
+        cache = {} if model.get("prefix_cache_mb") is None else {"prefix_cache_bytes": int(model["prefix_cache_mb"]) * 2**20}
+        return HFStepGenerator(model["path"], threads=model.get("threads"), trust_remote_code=_trust_remote_code(model),
+                               **cache)
     if backend == "vllm":
         from arbitrage_common.backends.vllm_generator import VLLMStepGenerator, generator_kwargs
 
@@ -168,7 +174,7 @@ def _split(flat: list, sizes: list[int]) -> list[list]:
 
 
 class GeneratorPool(_Pool):
-    """Serves ``generate(prefixes, options)`` for the draft or target model."""
+    """Serves ``generate(prefixes, options, session)`` for the draft or target model."""
 
     kind = "generator"
 
@@ -177,9 +183,12 @@ class GeneratorPool(_Pool):
         self.backend = _load_generator(model)
         # An engine that batches inside itself (vLLM) is called directly, once per call.
         self.engine_batched = self.backend_name == "vllm"
-        if self.engine_batched:
+        # A session prefix cache of its own (transformers); vLLM's engine caches by content.
+        self.cached = not self.engine_batched and getattr(self.backend, "prefix_cache", None) is not None
+        if self.engine_batched or self.cached:
             self._hit_rate = Gauge("arbitrage_pool_prefix_cache_hit_rate", tag_keys=("role",),
-                                   description="Prefix-cache token hit rate of this replica's engine since start.")
+                                   description="Prefix-cache token hit rate of this replica (its engine's, or its "
+                                               "session cache's) since start.")
             self._hit_rate.set_default_tags({"role": role})
 
     def _batched_method(self):
@@ -189,27 +198,36 @@ class GeneratorPool(_Pool):
         if not self.engine_batched:  # the Serve batch knobs do not apply to an engine-batched pool
             super().reconfigure(user_config)
 
-    async def generate(self, prefixes: list[str], options: GenerationOptions) -> list[Generation]:
-        """One caller's prefixes (usually one); merged with concurrent callers' into a batch."""
+    async def generate(self, prefixes: list[str], options: GenerationOptions,
+                       session: str | None = None) -> list[Generation]:
+        """One caller's prefixes (usually one); merged with concurrent callers' into a batch.
+        ``session`` keys the prefix cache (the engine's own cache needs none)."""
         self._stats["calls"] += 1
-        return await self._generate(prefixes, options)
+        return await self._generate(prefixes, options, session)
 
-    async def _generate(self, prefixes: list[str], options: GenerationOptions) -> list[Generation]:
+    async def _generate(self, prefixes: list[str], options: GenerationOptions,
+                        session: str | None) -> list[Generation]:
         if not prefixes:
             return []
         if self.engine_batched:
             return await self._generate_in_engine(list(prefixes), options)
         await self._wait_idle()
-        return await self._generate_batched(list(prefixes), options)
+        return await self._generate_batched(list(prefixes), options, session)
 
-    async def generate_rows(self, prefix_lists: list[list[str]],
-                            option_list: list[GenerationOptions]) -> list[list[Generation] | Exception]:
-        """A merged call: the calls of several requests, each ``(prefixes, options)``, one
-        result (or that row's own engine error) per call."""
+    async def generate_rows(self, prefix_lists: list[list[str]], option_list: list[GenerationOptions],
+                            sessions: list[str | None] | None = None,
+                            release: list[str] | tuple[str, ...] = ()) -> list[list[Generation] | Exception]:
+        """A merged call: the calls of several requests, each ``(prefixes, options, session)``,
+        one result (or that row's own engine error) per call; plus the sessions that finished
+        since (their cached prefixes are dropped first)."""
         from arbitrage_common.backends.vllm_generator import EngineDeadError, EngineRequestError
 
         self._stats["calls"] += 1
-        calls = [self._generate(prefixes, options) for prefixes, options in zip(prefix_lists, option_list)]
+        for session in release:
+            await self.release(session)
+        sessions = sessions or [None] * len(prefix_lists)
+        calls = [self._generate(prefixes, options, session)
+                 for prefixes, options, session in zip(prefix_lists, option_list, sessions)]
         results = await _gather_rows(calls, EngineRequestError)
         dead = next((r for r in results if isinstance(r, EngineDeadError)), None)
         if dead is not None:  # the replica's fault, not the row's: the caller retries elsewhere
@@ -234,9 +252,16 @@ class GeneratorPool(_Pool):
             self._batch_ms.observe(seconds * 1000.0)
             self._hit_rate.set(self.backend.stats()["prefix_cache_hit_rate"])
 
+    async def release(self, session: str) -> bool:
+        """Drop a finished request's cached prefix; True if this replica held one."""
+        return bool(self.backend.release(session)) if self.cached else False
+
     def info(self) -> dict[str, Any]:
-        """``_Pool.info()``, plus for an engine-batched pool its prefix cache and engine state."""
+        """``_Pool.info()``, plus the prefix cache: the session cache's counters (transformers),
+        or an engine-batched pool's engine prefix cache and engine state."""
         out = super().info()
+        if self.cached:
+            out["prefix_cache"] = self.backend.prefix_cache.info()
         if self.engine_batched:
             s = self.backend.stats()
             out["prefix_cache"] = {"requests": s["prefix_cache_requests"], "queries": s["prefix_cache_queries"],
@@ -253,15 +278,20 @@ class GeneratorPool(_Pool):
             await self.backend.reset_prefix_cache()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _generate_batched(self, prefix_lists: list[list[str]],
-                                option_list: list[GenerationOptions]) -> list[list[Generation]]:
+    async def _generate_batched(self, prefix_lists: list[list[str]], option_list: list[GenerationOptions],
+                                sessions: list[str | None]) -> list[list[Generation]]:
         # Every call of the batch shares one forward pass, each row decoding with its own
-        # call's options (budget, temperature, seed): a row's result is what its call alone
-        # would get, so merging calls never changes an output.
+        # call's options (budget, temperature, seed) over its own session's cached prefix: a
+        # row's result is what its call alone would get, so merging calls never changes an output.
         flat = [p for prefixes in prefix_lists for p in prefixes]
         rows = [o for prefixes, opts in zip(prefix_lists, option_list) for o in row_options(opts, len(prefixes))]
         self._count(len(flat))
-        gens = await self._run(self.backend.generate_batch, flat, rows)
+        if self.cached:
+            per_row = [session for prefixes, session in zip(prefix_lists, sessions) for _ in prefixes]
+            gens = await self._run(self.backend.generate_batch, flat, rows, per_row)
+            self._hit_rate.set(self.backend.prefix_cache.info()["hit_rate"])
+        else:
+            gens = await self._run(self.backend.generate_batch, flat, rows)
         return _split(gens, [len(prefixes) for prefixes in prefix_lists])
 
     async def context_info(self) -> dict[str, int | None]:

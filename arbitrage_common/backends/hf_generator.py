@@ -4,6 +4,10 @@ No ``generate()``: one prefill, then a greedy/sampled decode loop over the KV ca
 stopping each row at the step delimiter, EOS or its own token budget (its options, capped
 by the context). Per-token Python work is a table lookup and a suffix check per active
 row, plus one draw per sampled row.
+
+Rows with a session key (a request id) start over the keys/values that session's last call
+left (``generator_cache``; the fast Llama path only), so a step prefills only what is new
+since the session's last step instead of the whole problem and history.
 """
 from __future__ import annotations
 
@@ -17,14 +21,18 @@ import torch
 from ..interfaces import Generation, GenerationOptions, row_options
 from ..steps import STEP_DELIMITER
 from .checkpoints import load_or_explain
-from .steppers import FastLlamaStepper, HFStepper, fast_llama_supported
+from .generator_cache import GeneratorPrefixCache, KVSequence
+from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
+from .steppers import FastLlamaStepper, HFStepper, KVPrefix, fast_llama_supported
 
 
 class HFStepGenerator:
-    """Synchronous batched step generator; thread-safe (one forward at a time)."""
+    """Synchronous batched step generator; thread-safe (one forward at a time).
+    ``prefix_cache_bytes`` bounds the per-session prefix cache (0: off)."""
 
     def __init__(self, model_dir: str | Path, threads: int | None = None, delimiter: str = STEP_DELIMITER,
-                 fast_path: bool = True, trust_remote_code: bool = False):
+                 fast_path: bool = True, trust_remote_code: bool = False,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads:
@@ -45,7 +53,13 @@ class HFStepGenerator:
         self.fast_path = fast_path and fast_llama_supported(self.model)
         self.stepper = FastLlamaStepper(self.model) if self.fast_path else HFStepper(self.model)
         self.context = self.model.config.max_position_embeddings
+        self.prefix_cache = (GeneratorPrefixCache(prefix_cache_bytes)
+                             if self.stepper.supports_past and prefix_cache_bytes > 0 else None)
         self._lock = threading.Lock()
+
+    def release(self, session: str) -> bool:
+        """Drop a finished request's cached prefix; True if there was one."""
+        return self.prefix_cache is not None and self.prefix_cache.release(session)
 
     def count_tokens(self, prefix: str) -> int:
         """The tokens this backend feeds the model for ``prefix`` (special tokens included)."""
@@ -61,9 +75,10 @@ class HFStepGenerator:
         return ids, mask
 
     @torch.inference_mode()
-    def generate_batch(self, prefixes: Sequence[str],
-                       options: GenerationOptions | Sequence[GenerationOptions]) -> list[Generation]:
-        """Continue each prefix; ``options`` is one for all rows or one per row (``row_options``).
+    def generate_batch(self, prefixes: Sequence[str], options: GenerationOptions | Sequence[GenerationOptions],
+                       sessions: Sequence[str | None] | None = None) -> list[Generation]:
+        """Continue each prefix; ``options`` is one for all rows or one per row (``row_options``);
+        ``sessions``: each row's session key, or None (uncached).
 
         Every row has its own context check, token budget, temperature and sampling
         generator, so a row's result does not depend on the other rows of the batch. A row
@@ -71,13 +86,16 @@ class HFStepGenerator:
         if not prefixes:
             return []
         rows = row_options(options, len(prefixes))
+        if sessions is not None and len(sessions) != len(prefixes):
+            raise ValueError(f"sessions: {len(sessions)} for {len(prefixes)} prefixes")
         with self._lock:
             start = time.perf_counter()
-            results = self._decode(prefixes, rows)
+            results = self._decode(prefixes, rows, sessions if self.prefix_cache is not None else None)
             seconds = time.perf_counter() - start
         return [Generation(t, n, r, seconds) for t, n, r in results]
 
-    def _decode(self, prefixes: Sequence[str], rows: list[GenerationOptions]) -> list[tuple[str, int, str]]:
+    def _decode(self, prefixes: Sequence[str], rows: list[GenerationOptions],
+                sessions: Sequence[str | None] | None) -> list[tuple[str, int, str]]:
         results: list[tuple[str, int, str]] = [("", 0, "length")] * len(prefixes)
         run, run_ids, budgets = [], [], []
         for i, prefix in enumerate(prefixes):
@@ -91,17 +109,33 @@ class HFStepGenerator:
             run.append(i)
             run_ids.append(ids)
             budgets.append(budget)
-        if run:
-            decoded = self._decode_rows(run_ids, [rows[i] for i in run], budgets)
-            for i, result in zip(run, decoded):
-                results[i] = result
+        if not run:
+            return results
+        keys = [sessions[i] for i in run] if sessions is not None else [None] * len(run)
+        cache = self.prefix_cache if sessions is not None else None
+        epoch = cache.epoch() if cache is not None else 0
+        pasts = [cache.lookup(key, ids) for key, ids in zip(keys, run_ids)] if cache is not None else None
+        decoded, kept = self._decode_rows(run_ids, [rows[i] for i in run], budgets, pasts,
+                                          keep=[key is not None and key not in keys[:j] for j, key in enumerate(keys)])
+        for i, result in zip(run, decoded):
+            results[i] = result
+        for key, sequence in zip(keys, kept):
+            if sequence is not None:
+                cache.keep(key, sequence, epoch)
         return results
 
-    def _decode_rows(self, rows: list[list[int]], options: list[GenerationOptions],
-                     budgets: list[int]) -> list[tuple[str, int, str]]:
+    def _decode_rows(self, rows: list[list[int]], options: list[GenerationOptions], budgets: list[int],
+                     pasts: list[KVPrefix | None] | None = None, keep: list[bool] | None = None,
+                     ) -> tuple[list[tuple[str, int, str]], list[KVSequence | None]]:
+        """Decode each row over its cached past (``pasts``: one ``KVPrefix`` of its leading ids
+        or None); for each row in ``keep``, return the ``KVSequence`` it leaves (else None)."""
         n = len(rows)
-        ids, mask = self._encode(rows)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        lengths = [p.length if p is not None else 0 for p in pasts] if pasts else [0] * n
+        ids, mask = self._encode([row[start:] for row, start in zip(rows, lengths)])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + torch.tensor(lengths)[:, None] * mask
+        width = max(lengths)
+        if width:  # the past region: row r's first lengths[r] slots are its past, the rest a masked gap
+            mask = torch.cat([torch.arange(width)[None, :] < torch.tensor(lengths)[:, None], mask.bool()], dim=1).long()
         longest = max(budgets)
         # Sampled rows: each row's uniforms come from its own generator, seeded from its own
         # seed and drawn for its own budget up front, so a row samples the same tokens whatever
@@ -114,8 +148,10 @@ class HFStepGenerator:
                 seed = options[i].seed if options[i].seed is not None else 0
                 uniforms[j, : budgets[i]] = torch.rand(budgets[i], generator=torch.Generator().manual_seed(seed))
         stepper = self.stepper
-        logits = stepper.prefill(ids, mask, positions, longest)
+        logits = stepper.prefill(ids, mask, positions, longest, past=pasts if width else None)
         texts, counts, reasons = [""] * n, [0] * n, ["length"] * n
+        generated: list[list[int]] = [[] for _ in range(n)]
+        fed = 0  # generated tokens fed back (their keys/values exist) in every row
         active = list(range(n))
         # Rows that are done keep decoding (cheaper than re-packing the cache); their positions
         # stop at the last one the model has, so a long finished row never indexes past it.
@@ -132,6 +168,7 @@ class HFStepGenerator:
             still = []
             for i in active:
                 tok = token_list[i]
+                generated[i].append(tok)
                 counts[i] += 1
                 if tok == self.eos_id:
                     reasons[i] = "eos"
@@ -147,4 +184,13 @@ class HFStepGenerator:
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], dim=1)
             logits = stepper.decode(tokens, mask, next_pos.clamp(max=last_pos))
             next_pos = next_pos + 1
-        return [(t.strip(), c, r) for t, c, r in zip(texts, counts, reasons)]
+            fed += 1
+        kept = [self._kept(r, rows[r], lengths[r], width + ids.shape[1], generated[r][:fed])
+                if keep and keep[r] else None for r in range(n)]
+        return [(t.strip(), c, r) for t, c, r in zip(texts, counts, reasons)], kept
+
+    def _kept(self, row: int, prefix: list[int], past: int, start: int, fed: list[int]) -> KVSequence:
+        """Row ``row``'s real tokens and their keys/values: its past (slots ``[0, past)``), its
+        new prefix tokens (left-padded to end at ``start``) and the generated tokens fed back."""
+        slots = torch.cat([torch.arange(past), torch.arange(start - len(prefix) + past, start + len(fed))])
+        return KVSequence(tuple(prefix) + tuple(fed), self.stepper.export(row, slots))

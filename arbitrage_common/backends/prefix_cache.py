@@ -49,6 +49,8 @@ from typing import Any
 
 import torch
 
+from .steppers import FastLlamaStepper, fast_llama_supported
+
 DEFAULT_PREFIX_CACHE_BYTES = 256 * 2**20
 MAX_SEGMENTS = 8  # a session's KV segments are concatenated into one past this many
 MAX_BRANCHES = 4  # whole texts (scored candidates) kept per session from its last call
@@ -300,6 +302,7 @@ class PrefixCachedLM:
         self._probed = max_bytes <= 0  # probed on the first call with sessions (0 bytes: off, never)
         self._probe_lock = threading.Lock()
         self._layer = None
+        self._fast: FastLlamaStepper | None = None  # the fused Llama forward, where the model allows it (CPU)
         self._stats_lock = threading.Lock()
         self.stats = {"hits": 0, "misses": 0, "truncated": 0, "uncached": 0, "new_tokens": 0, "cached_tokens": 0}
 
@@ -312,6 +315,8 @@ class PrefixCachedLM:
                     with self.lock if self.lock is not None else contextlib.nullcontext():
                         self._layout = _kv_layout(self.model)
                     self._layer = _layer_class() if self._layout is not None else None
+                    if self._layout is not None and self.model.device.type == "cpu" and fast_llama_supported(self.model):
+                        self._fast = FastLlamaStepper(self.model)
                     self._probed = True
         return self._layout
 
@@ -430,6 +435,28 @@ class PrefixCachedLM:
             states.setdefault(whole.ids, whole)
         return SessionState(tuple(states.values()))
 
+    def _hf_forward(self, input_ids, mask, positions, buf, p_max: int, with_hidden: bool):
+        from transformers import DynamicCache
+
+        device = self.model.device
+        cache = DynamicCache()
+        cache.layers = [self._layer(buf[layer, 0], buf[layer, 1], p_max) for layer in range(buf.shape[0])]
+        out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                         position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                         output_hidden_states=with_hidden)
+        return out.logits, (out.hidden_states[-1] if with_hidden else None)
+
+    def _fast_forward(self, input_ids, mask, positions, buf, p_max: int):
+        """The same forward on the fused Llama path (``FastLlamaStepper``: no module hooks):
+        new tokens are right-padded after the past region, so row i's token j sees its past and
+        its new tokens up to j."""
+        n = input_ids.shape[1]
+        allowed = torch.ones(n, p_max + n, dtype=torch.bool).tril(diagonal=p_max) & mask.bool()[:, None, None, :]
+        # Padding positions may run past the rotary table; their outputs are never read.
+        hidden = self._fast.forward_over(input_ids, positions.clamp(max=len(self._fast.cos) - 1), allowed,
+                                         list(buf[:, 0]), list(buf[:, 1]), p_max)
+        return torch.nn.functional.linear(hidden, self._fast.lm_head), hidden
+
     def _forward(self, chunk: list[_Row], with_hidden: bool, mins: list,
                  hidden: list) -> list[tuple[PrefixState | None, PrefixState]]:
         """One padded forward of the chunk's new tokens over their pasts; per row its features
@@ -456,16 +483,11 @@ class PrefixCachedLM:
                     t = seg.shape[3]
                     buf[:, :, i, :, at:at + t] = seg
                     at += t
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        cache.layers = [self._layer(buf[layer, 0], buf[layer, 1], p_max) for layer in range(n_layers)]
         with self.lock if self.lock is not None else contextlib.nullcontext():
-            out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                             position_ids=positions.to(device), past_key_values=cache, use_cache=True,
-                             output_hidden_states=with_hidden)
-        logits = out.logits
-        last_hidden = out.hidden_states[-1] if with_hidden else None
+            if self._fast is not None:
+                logits, last_hidden = self._fast_forward(input_ids, mask, positions, buf, p_max)
+            else:
+                logits, last_hidden = self._hf_forward(input_ids, mask, positions, buf, p_max, with_hidden)
         results = []
         for i, (r, p, m) in enumerate(zip(chunk, pasts, news)):
             # Logits for positions ``first`` .. p + m - 1 (a past's stored logits stand for p - 1).

@@ -2,21 +2,42 @@
 
 ``FastLlamaStepper`` runs a Llama-architecture model straight from its weights with a
 preallocated KV cache and fused QKV / gate-up matmuls: a handful of torch ops per layer
-and no module hooks, which is where tiny models spend their time on CPU.
-``HFStepper`` is the general fallback over any transformers causal LM.
+and no module hooks, which is where tiny models spend their time on CPU. Its prefill can
+start each row over a cached past (``KVPrefix``: a request's earlier tokens, from
+``backends.generator_cache``), so only the new tokens run.
+``HFStepper`` is the general fallback over any transformers causal LM (no cached past).
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 
+@dataclass(frozen=True)
+class KVPrefix:
+    """Keys and values of a row's first tokens: ``[layers, kv heads, tokens, head dim]`` each."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+
 class HFStepper:
+    supports_past = False
+
     def __init__(self, model):
         self.model = model
         self.cache = None
 
-    def prefill(self, ids, mask, positions, max_new_tokens: int):
+    def prefill(self, ids, mask, positions, max_new_tokens: int, past: Sequence[KVPrefix | None] | None = None):
+        if past is not None:
+            raise ValueError("HFStepper cannot start from a cached past")
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         self.cache = out.past_key_values
         return out.logits[:, -1, :]
@@ -37,6 +58,8 @@ def fast_llama_supported(model) -> bool:
 
 
 class FastLlamaStepper:
+    supports_past = True
+
     def __init__(self, model):
         cfg = model.config
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -77,6 +100,16 @@ class FastLlamaStepper:
 
     def _forward(self, ids, positions, attn_mask):
         """ids/positions [B, T]; attn_mask bool [B, 1, T, length+T]. Returns last-position logits."""
+        return F.linear(self._hidden(ids, positions, attn_mask, last_only=True), self.lm_head)
+
+    def forward_over(self, ids, positions, attn_mask, k_cache: list, v_cache: list, start: int) -> torch.Tensor:
+        """The final (normed) hidden states [B, T, H] of every new position, over per-layer
+        key/value buffers ``[B, KV, S, D]`` whose slots before ``start`` hold the past; the new
+        keys/values are written from ``start`` on. For the prefix-cached scorers."""
+        self.k_cache, self.v_cache, self.length = k_cache, v_cache, start
+        return self._hidden(ids, positions, attn_mask, last_only=False)
+
+    def _hidden(self, ids, positions, attn_mask, last_only: bool):
         b, t = ids.shape
         x = F.embedding(ids, self.embed)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [B, 1, T, D]
@@ -95,19 +128,39 @@ class FastLlamaStepper:
             gate, up = F.linear(self._norm(x, w_post), w_gu).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, w_down)
         self.length = end
-        return F.linear(self._norm(x[:, -1], self.final_norm), self.lm_head)
+        return self._norm(x[:, -1] if last_only else x, self.final_norm)
 
-    def prefill(self, ids, mask, positions, max_new_tokens: int):
+    def prefill(self, ids, mask, positions, max_new_tokens: int, past: Sequence[KVPrefix | None] | None = None):
+        """Run the new tokens ``ids`` [B, T] (left-padded). Without ``past``, ``mask`` is [B, T].
+        With it, row ``r``'s past fills slots ``[0, P_r)`` of a zeroed region ``P = max P_r``
+        wide and ``mask`` is [B, P + T] (slots ``>= P_r`` of the region are False): the
+        gap is masked, so every real token sees exactly its own past."""
         b, t = ids.shape
-        total = t + max_new_tokens
+        width = mask.shape[1] - t
+        total = width + t + max_new_tokens
         self.k_cache = [torch.empty(b, self.n_kv, total, self.head_dim) for _ in self.layers]
         self.v_cache = [torch.empty(b, self.n_kv, total, self.head_dim) for _ in self.layers]
-        self.length = 0
+        if width:
+            for i in range(len(self.layers)):  # zeros, not garbage: a masked slot's weight is 0, never NaN
+                self.k_cache[i][:, :, :width] = 0
+                self.v_cache[i][:, :, :width] = 0
+            for row, prefix in enumerate(past or ()):
+                if prefix is not None:
+                    for i in range(len(self.layers)):
+                        self.k_cache[i][row, :, :prefix.length] = prefix.keys[i]
+                        self.v_cache[i][row, :, :prefix.length] = prefix.values[i]
+        self.length = width
         keys = mask.bool()[:, None, None, :]
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        causal = torch.ones(t, width + t, dtype=torch.bool).tril(diagonal=width)
         # Each position also sees itself, so left-pad rows stay finite (no all-masked softmax).
-        allowed = (causal & keys) | torch.eye(t, dtype=torch.bool)
-        return self._forward(ids, positions, allowed)
+        itself = torch.zeros(t, width + t, dtype=torch.bool)
+        itself[:, width:] = torch.eye(t, dtype=torch.bool)
+        return self._forward(ids, positions, (causal & keys) | itself)
 
     def decode(self, tokens, mask, positions):
         return self._forward(tokens[:, None], positions[:, None], mask.bool()[:, None, None, :])
+
+    def export(self, row: int, slots: torch.Tensor) -> KVPrefix:
+        """A copy of row ``row``'s keys/values at ``slots`` (its real tokens, in order)."""
+        return KVPrefix(torch.stack([k[row].index_select(1, slots) for k in self.k_cache]),
+                        torch.stack([v[row].index_select(1, slots) for v in self.v_cache]))

@@ -20,7 +20,13 @@ class _PoolSelf:
 
     def __init__(self, backend):
         self.backend = backend
+        self.cached = backend.prefix_cache is not None
         self.passes: list[int] = []
+        self.hit_rates: list[float] = []
+        self._hit_rate = self  # the gauge: ``set`` records
+
+    def set(self, value: float) -> None:
+        self.hit_rates.append(value)
 
     def _count(self, items: int) -> None:
         pass
@@ -41,12 +47,18 @@ def test_calls_with_different_options_share_one_pass_and_keep_their_results():
         ([prefixes[4]], GenerationOptions(max_new_tokens=64, temperature=0.7, seed=9)),
     ]
     fake = _PoolSelf(backend)
-    merged = asyncio.run(pools.GeneratorPool._generate_batched.__wrapped__(
-        fake, [p for p, _ in calls], [o for _, o in calls]))
-    assert fake.passes == [6]  # one forward pass for all five calls
-    alone = [backend.generate_batch(p, o) for p, o in calls]
+    sessions = ["a", "b", None, "d", "e"]  # the second pass runs over the sessions' cached prefixes
+    passes = [asyncio.run(pools.GeneratorPool._generate_batched.__wrapped__(
+        fake, [p for p, _ in calls], [o for _, o in calls], sessions)) for _ in range(2)]
+    assert fake.passes == [6, 6]  # one forward pass for all five calls
+    # the second pass reuses something on every row with a session (both of "b"'s rows share
+    # the prompt template's tokens)
+    assert backend.prefix_cache.info()["requests"] == 10 and backend.prefix_cache.info()["misses"] == 5
+    assert fake.hit_rates[0] == 0.0 and 0.0 < fake.hit_rates[1] < 1.0  # the gauge follows the cache
+    alone = [HFStepGenerator(MODELS / "draft", prefix_cache_bytes=0).generate_batch(p, o) for p, o in calls]
     as_triples = lambda gens: [(g.text, g.tokens, g.finish_reason) for g in gens]
-    assert [as_triples(m) for m in merged] == [as_triples(a) for a in alone]
+    for merged in passes:
+        assert [as_triples(m) for m in merged] == [as_triples(a) for a in alone]
     assert as_triples(merged[2]) == [("", 0, "context")]
     assert (merged[3][0].tokens, merged[3][0].finish_reason) == (5, "length")
 

@@ -1,6 +1,7 @@
 """The pools batch dynamically: concurrent step calls share one forward pass."""
 from __future__ import annotations
 
+import pytest
 from serve_helpers import SLOW_APP, problems
 
 from arbitrage_common.interfaces import GenerationOptions, ScoreItem
@@ -33,34 +34,32 @@ def test_scorer_pool_scores_in_order(serve_cluster):
 
 
 def pytest_approx(value):
-    import pytest
-
     return pytest.approx(value, abs=1e-4)
 
 
-def test_the_router_caches_a_requests_prefix_and_drops_it_at_the_end(serve_cluster, stub, main_metadata):
-    """Served requests hit the router's per-request cache after their first step, and the
-    coordinator releases each request's cache when it ends."""
+@pytest.mark.parametrize("role, field", [("router", "scorer_cache"), ("draft", "prefix_cache")])
+def test_a_pool_caches_a_requests_prefix_and_drops_it_at_the_end(serve_cluster, stub, main_metadata, role, field):
+    """Served requests hit the pool's per-request cache after their first step (the router's
+    scored prefix, the draft's keys/values), and the coordinator releases each request's cache
+    when it ends."""
     import time
 
     from ray import serve
 
     from protos.arbitrage.v1 import arbitrage_pb2 as pb
 
-    router = serve.get_deployment_handle("router", app_name=serve_cluster[0].name)
-    before = router.info.remote().result()["scorer_cache"]
+    handle = serve.get_deployment_handle(role, app_name=serve_cluster[0].name)
+    before = handle.info.remote().result()[field]
     if before is None:
-        import pytest
-
-        pytest.skip("the router checkpoint is not a causal-LM scorer (no prefix cache)")
+        pytest.skip(f"the {role} checkpoint has no prefix cache")
     replies = [stub.Generate(pb.GenerateRequest(prompt=p.prompt, policy="arbitrage", max_steps=6),
                              metadata=main_metadata) for p in problems(3, seed=31)]
     assert all(len(r.steps) >= 2 for r in replies)
     deadline = time.monotonic() + 20
-    while (after := router.info.remote().result()["scorer_cache"])["sessions"] > before["sessions"] \
+    while (after := handle.info.remote().result()[field])["sessions"] > before["sessions"] \
             and time.monotonic() < deadline:
         time.sleep(0.2)  # the release is fire-and-forget
-    assert after["hits"] > before["hits"], (before, after)
+    assert after["hits"] - before["hits"] >= 3, (before, after)
     assert after["sessions"] <= before["sessions"], (before, after)  # all three released
 
 
@@ -74,10 +73,17 @@ def test_a_merged_call_equals_each_call_alone(serve_cluster):
     prefixes = [[p.prompt + "\n\n"] for p in problems(3, seed=41)]
     options = [GenerationOptions(max_new_tokens=n) for n in (4, 64, 12)]
     alone = [draft.generate.remote(p, o).result() for p, o in zip(prefixes, options)]
+    as_triples = lambda rows: [[(g.text, g.tokens, g.finish_reason) for g in row] for row in rows]
     merged = draft.generate_rows.remote(prefixes, options).result()
-    assert [[(g.text, g.tokens, g.finish_reason) for g in row] for row in merged] == \
-           [[(g.text, g.tokens, g.finish_reason) for g in row] for row in alone]
+    assert as_triples(merged) == as_triples(alone)
     assert merged[0][0].tokens <= 4 < merged[1][0].tokens  # each row kept its own budget
+    sessions = [f"merged-gen-{i}" for i in range(3)]
+    held = draft.info.remote().result()["prefix_cache"]["sessions"]
+    for _ in range(2):  # the second time over each session's cached prefix
+        assert as_triples(draft.generate_rows.remote(prefixes, options, sessions).result()) == as_triples(alone)
+    assert draft.info.remote().result()["prefix_cache"]["sessions"] == held + 3
+    draft.generate_rows.remote([], [], [], sessions).result()  # a release-only merged call
+    assert draft.info.remote().result()["prefix_cache"]["sessions"] == held
 
     router = serve.get_deployment_handle("router", app_name=app)
     items = [[ScoreItem(p.prompt, (), g[0].text)] for p, g in zip(problems(3, seed=41), alone)]

@@ -82,15 +82,16 @@ def test_kuberay_pods_get_the_key_variable_from_a_secret_only_with_auth():
     assert auth_secret_env(named)[0]["valueFrom"]["secretKeyRef"] == {"name": "prod-keys", "key": "K"}
 
 
-def test_prefix_cache_size_is_a_scorer_field_and_travels_to_the_replicas():
+def test_prefix_cache_size_travels_to_the_replicas_and_is_refused_on_vllm():
     pools = _pools()
     router = pools.router.model_copy(update={"model": pools.router.model.model_copy(update={"prefix_cache_mb": 64})})
-    cfg = C.AppConfig(pools=pools.model_copy(update={"router": router}))
+    draft = pools.draft.model_copy(update={"model": pools.draft.model.model_copy(update={"prefix_cache_mb": 8})})
+    cfg = C.AppConfig(pools=pools.model_copy(update={"router": router, "draft": draft}))
     args = C.render_serve_config(cfg)["applications"][0]["args"]
     assert args["pools"]["router"]["model"]["prefix_cache_mb"] == 64
+    assert args["pools"]["draft"]["model"]["prefix_cache_mb"] == 8
     assert C.default_config().pools.prm.model.prefix_cache_mb is None  # the backend's default bound
     with pytest.raises(ValidationError, match="prefix_cache_mb"):
         C.ModelSpec(path="m", prefix_cache_mb=-1)
-    draft = pools.draft.model_copy(update={"model": pools.draft.model.model_copy(update={"prefix_cache_mb": 8})})
-    with pytest.raises(ValidationError, match=r"pools\.draft\.model\.prefix_cache_mb: only for scorer pools"):
-        C.PoolsSpec.model_validate({**pools.model_dump(), "draft": draft.model_dump()})
+    with pytest.raises(ValidationError, match="prefix_cache_mb: not for backend 'vllm'"):
+        C.ModelSpec(path="m", backend="vllm", prefix_cache_mb=8)
