@@ -9,7 +9,10 @@ one run (ratios, since the machine is noisy). Prints figures; asserts nothing.
   context, as the issue's first figure did); ``serving_overhead_same_work`` with the
   in-process loop whose generators and scorers keep each request's prefix cache, as the
   served pools do, so it is the cost of serving alone;
-- scaling = requests/s with ``concurrency`` clients / requests/s with one client;
+- scaling = requests/s with ``concurrency`` clients / requests/s with one client. The
+  concurrent requests (``4 x concurrency`` per round, problems of their own, none repeated)
+  run in two rounds, one before and one after the one-at-a-time runs, so drift in the
+  machine's speed hits both;
 - startup = seconds from the start of the command until the service answered (only when
   the bench starts the service itself).
 """
@@ -118,6 +121,20 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         if owns_service:
             out["startup_s"] = round(time.perf_counter() - started, 2)
 
+        # Concurrent load: problems of its own, none repeated, so no prefix cache (an engine's
+        # caches by content) reuses another request's work: a warm-up wave, then two timed rounds.
+        total = max(n, 4 * concurrency)
+        load = [p.prompt for p in generate_problems(concurrency + 2 * total, seed + 1)]
+        rounds = [load[concurrency:concurrency + total], load[concurrency + total:]]
+
+        def concurrent_wall(prompts_: list[str]) -> float:
+            begun = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as ex:
+                list(ex.map(lambda p: call(p, policy), prompts_))
+            return time.perf_counter() - begun
+
+        concurrent_wall(load[:concurrency])
+        conc_wall = concurrent_wall(rounds[0])  # one round before the one-at-a-time runs, one after
         inproc = _in_process(cfg, policy)
         inproc(prompts[0], False)  # warm-up
         inproc(prompts[0], True)
@@ -137,18 +154,13 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         inproc_s, inproc_answers = [r[0] for r in rows["plain"]], [r[1] for r in rows["plain"]]
         cached_s = [r[0] for r in rows["cached"]]
 
-        total = max(n, 4 * concurrency)
-        work = [prompts[i % n] for i in range(total)]
-        conc_start = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as ex:
-            list(ex.map(lambda p: call(p, policy), work))
-        conc_wall = time.perf_counter() - conc_start
+        conc_wall += concurrent_wall(rounds[1])
         channel.close()
     finally:
         if owns_service:
             local.stop()
 
-    rps1, rpsn = n / seq_wall, total / conc_wall
+    rps1, rpsn = n / seq_wall, 2 * total / conc_wall
     out.update({
         "in_process_ms_mean": round(1000 * statistics.mean(inproc_s), 1),
         "in_process_cached_ms_mean": round(1000 * statistics.mean(cached_s), 1),
