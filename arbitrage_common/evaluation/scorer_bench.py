@@ -3,10 +3,13 @@
 ``python -m arbitrage_common.evaluation.scorer_bench`` prints, for the bundled PRM (LM verifier,
 two candidates per step as in an oracle/RSD call) and router (verifier head, one candidate):
 
-- ``trajectory``: sessions advancing step by step through synthetic problems (gold history, the
-  bundled draft model's step as the candidate; the PRM's second candidate is the gold step),
-  B sessions per scorer call (B = 1 and 16): ms per call and per item, uncached vs cached,
-  first steps (misses) included;
+- ``trajectory``: sessions advancing step by step through synthetic problems (the bundled draft
+  model's step as the candidate; the PRM's second candidate is the gold step), B sessions per
+  scorer call (B = 1 and 16): ms per call and per item, uncached vs cached, first steps
+  (misses) included. Two histories bracket what a served request does: ``kept gold`` (each
+  kept step is the gold one, never the step just scored, as when the target rewrites every
+  step) and ``kept draft`` (each kept step is the draft step just scored, as when the router
+  accepts it);
 - ``context``: one step at a history of h steps (long synthetic problems), the cache warmed
   with the h-1 step prefix: ms per item uncached, cached (rows of a batch in one padded
   forward, the default) and cached with one forward per row, and the tokens each item reads.
@@ -64,9 +67,11 @@ def draft_steps(draft, problems: Sequence[Problem], batch: int = 32) -> dict[tup
     return out
 
 
-def step_items(problem: Problem, draft: str, k: int, pair: bool) -> list[ScoreItem]:
+def step_items(problem: Problem, draft: str, k: int, pair: bool, kept: Sequence[str] | None = None) -> list[ScoreItem]:
+    """Step ``k``'s items: the draft candidate (and the gold one for a pair) after the ``kept``
+    steps (default: the gold steps before k)."""
     gold = problem.solution_steps()
-    history = tuple((s, "draft") for s in gold[:k])
+    history = tuple((s, "draft") for s in (gold[:k] if kept is None else kept))
     items = [ScoreItem(problem.prompt, history, draft)]
     return items + [ScoreItem(problem.prompt, history, gold[k])] if pair else items
 
@@ -96,9 +101,10 @@ def _diff(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def bench_trajectories(scorer, problems: Sequence[Problem], drafts: dict, batch: int, pair: bool,
-                       repeats: int, tag: str) -> dict:
-    """B = ``batch`` sessions per call advancing through their problems together (history:
-    the gold steps; candidate: the draft's step, plus the gold step for the PRM)."""
+                       repeats: int, tag: str, kept: str = "gold") -> dict:
+    """B = ``batch`` sessions per call advancing through their problems together (candidate:
+    the draft's step, plus the gold step for the PRM; history: the gold steps, or with
+    ``kept="draft"`` the draft steps scored before)."""
     first, later = Clock(), Clock()  # each session's first step (a miss), the steps after it
     calls = items_n = later_items = 0
     worst = 0.0
@@ -110,7 +116,8 @@ def bench_trajectories(scorer, problems: Sequence[Problem], drafts: dict, batch:
                 items, sessions = [], []
                 for i in group:
                     if k < len(problems[i].solution_steps()):
-                        row = step_items(problems[i], drafts[i, k], k, pair)
+                        history = [drafts[i, j] for j in range(k)] if kept == "draft" else None
+                        row = step_items(problems[i], drafts[i, k], k, pair, history)
                         items += row
                         sessions += [keys[i]] * len(row)
                 order = ["uncached", "cached"] if calls % 2 else ["cached", "uncached"]
@@ -128,7 +135,7 @@ def bench_trajectories(scorer, problems: Sequence[Problem], drafts: dict, batch:
         for name in c.wall:
             every.wall[name] = every.wall.get(name, 0.0) + c.wall[name]
             every.cpu[name] = every.cpu.get(name, 0.0) + c.cpu[name]
-    return {"batch_sessions": batch, "calls": calls, "items": items_n, "ms_per_call": every.per(calls),
+    return {"batch_sessions": batch, "kept": kept, "calls": calls, "items": items_n, "ms_per_call": every.per(calls),
             "ms_per_item": every.per(items_n), "items_after_first_step": later_items,
             "ms_per_item_after_first_step": later.per(later_items), "max_abs_diff": worst}
 
@@ -192,8 +199,10 @@ def run(models_dir: str | Path = "models", threads: int = 1, n_problems: int = 3
         pair = name == "prm"  # the PRM scores a draft and a target candidate per step
         scorer.score_batch(step_items(problems[0], drafts[0, 0], 0, pair))  # warm-up
         res = {"items_per_session_step": 2 if pair else 1, "trajectory": [], "context": []}
-        for b in batches:
-            res["trajectory"].append(bench_trajectories(scorer, problems, drafts, b, pair, repeats, f"{name}-t{b}"))
+        for kept in ("gold", "draft"):
+            for b in batches:
+                res["trajectory"].append(bench_trajectories(scorer, problems, drafts, b, pair, repeats,
+                                                            f"{name}-t{b}-{kept}", kept))
         for b in batches:
             for h in histories:
                 res["context"].append(bench_context(scorer, long, long_drafts, h, b, pair, repeats, f"{name}-c{b}-{h}"))
@@ -207,11 +216,11 @@ def print_report(res: dict) -> None:
           f"ms = CPU ms of this process (wall ms in brackets)")
     for name, r in res["scorers"].items():
         print(f"\n== {name}: {r['items_per_session_step']} item(s) per session step ==")
-        print("trajectory    B  calls items |  ms/call uncached        cached |  ms/item uncached        cached "
+        print("trajectory kept   B  calls items |  ms/call uncached        cached |  ms/item uncached        cached "
               "| speedup | after 1st step: ms/item uncached   cached | speedup  max|diff|")
         for t in r["trajectory"]:
             c, i, a = t["ms_per_call"], t["ms_per_item"], t["ms_per_item_after_first_step"]
-            print(f"            {t['batch_sessions']:>3} {t['calls']:>6} {t['items']:>5} | "
+            print(f"           {t['kept']:>5} {t['batch_sessions']:>3} {t['calls']:>6} {t['items']:>5} | "
                   f"{_ms(c, 'uncached'):>22} {_ms(c, 'cached'):>13} | {_ms(i, 'uncached'):>22} {_ms(i, 'cached'):>13} | "
                   f"{i['cpu']['uncached'] / i['cpu']['cached']:>6.2f}x | {_ms(a, 'uncached'):>31} {_ms(a, 'cached'):>13} | "
                   f"{a['cpu']['uncached'] / a['cpu']['cached']:>6.2f}x  {t['max_abs_diff']:.1e}")
