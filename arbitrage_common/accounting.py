@@ -39,6 +39,11 @@ class Usage:
     of the plain loop. The draft's wall time that overlapped the scorer is not awaited and
     is not in ``stage_seconds``: a used early draft books only the time the loop still
     waited for it after the scorer answered.
+
+    Draft lookahead (``LoopRequest.lookahead``) books its steps drafted ahead the same way:
+    used when a stashed step became that step's draft, discarded (with its tokens) when the
+    step before it went to the target or the request ended first. The scorer counts include
+    the items scored ahead and dropped; a step taken from the stash books no stage time.
     """
 
     draft_tokens_kept: int = 0

@@ -433,6 +433,14 @@ class LimitsSpec(_Strict):
                                               "the cores and it measured no faster "
                                               "(arbitrage_common.evaluation.pipeline_bench). Left out of "
                                               "renderings while off.")
+    draft_lookahead: int = Field(0, ge=0, le=8, exclude_if=lambda v: v == 0,
+                                 description="Draft lookahead for arbitrage and rsd (LoopRequest.lookahead): one "
+                                             "draft call also writes this many steps after its step, as if each "
+                                             "were kept, and one scorer call scores them all; while the draft is "
+                                             "kept the next steps need no pool call, and a step that goes to the "
+                                             "target drops the rest. Same outputs; fewer pool calls for the "
+                                             "dropped drafts' and scores' work. 0: off. Not with "
+                                             "step_pipelining. Left out of renderings while 0.")
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> LimitsSpec:
@@ -440,6 +448,8 @@ class LimitsSpec(_Strict):
             raise ValueError("default_max_steps must be <= max_steps")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must be <= max_new_tokens")
+        if self.draft_lookahead and self.step_pipelining:
+            raise ValueError("draft_lookahead and step_pipelining cannot both be on (both guess that a step is kept)")
         return self
 
 

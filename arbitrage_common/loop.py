@@ -30,6 +30,16 @@ step, the token budget, ``max_steps``), and one still running when the request e
 (deadline, error, cancellation, ``aclose``) is cancelled and awaited. A kept step's text,
 source, score and tokens are those of the plain loop; ``Usage`` counts the early drafts
 (see ``accounting.Usage``).
+
+Draft lookahead (``LoopRequest.lookahead`` = n, the same policies; ``arbitrage_common.lookahead``):
+one draft call writes step k and up to n steps after it, each from the prefix with the ones
+before kept, and one scorer call scores them all (each over the history with the drafts
+before it kept). While the policy keeps the draft, the next steps are decided from those
+drafts and scores with no call; a step that goes to the target drops the rest. A kept
+step's text, source, score and tokens are those of the plain loop (each stashed step is used
+only if its prefix, options and history are the ones the plain loop would use); ``Usage``
+books the stashed drafts as early drafts, and the scorer counts include the dropped ones.
+Lookahead and pipelining are two ways to spend the same guess, and do not combine.
 """
 from __future__ import annotations
 
@@ -44,6 +54,7 @@ from typing import TypeVar
 from .accounting import LoopFinishReason, LoopResult, Stage, StepRecord, Usage
 from .errors import DeadlineExceeded, InvalidArgument, ScorerError
 from .interfaces import Generation, GenerationOptions, Generator, ScoreItem, Scorer, Source
+from .lookahead import DraftAhead, generate_ahead, well_formed
 from .policies import Policy
 from .steps import DEFAULT_PROMPT_TEMPLATE, PROBLEM_FIELD, build_prefix
 
@@ -76,6 +87,9 @@ class LoopRequest:
     # Same outputs; extra draft calls for steps that go to the target. Off by default here;
     # the service sets it from ``limits.step_pipelining``.
     pipeline: bool = False
+    # Draft lookahead (module docstring): steps drafted and scored ahead per draft call; 0 off.
+    # The service sets it from ``limits.draft_lookahead``.
+    lookahead: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -89,6 +103,10 @@ class LoopRequest:
         _positive_int("step_max_tokens", self.step_max_tokens)
         if not isinstance(self.pipeline, bool):
             raise InvalidArgument("pipeline", f"must be a bool, got {self.pipeline!r}")
+        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or self.lookahead < 0:
+            raise InvalidArgument("lookahead", f"must be an integer >= 0, got {self.lookahead!r}")
+        if self.lookahead and self.pipeline:
+            raise InvalidArgument("lookahead", "cannot be combined with pipeline (both guess that a step is kept)")
         temperature = self.options.temperature
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
                 or not math.isfinite(temperature) or temperature < 0:
@@ -136,6 +154,17 @@ class _Speculation:
     task: asyncio.Task[list[Generation]]
 
 
+@dataclass(frozen=True)
+class _Ahead:
+    """A step drafted ahead (lookahead) and its score: the call and history it assumed."""
+
+    prefix: str
+    options: GenerationOptions
+    history: tuple[tuple[str, Source], ...]
+    gen: Generation
+    score: float | None  # None until the scorer call that reads it has answered
+
+
 class LoopStream:
     """Async iterator of ``StepRecord``; ``.result`` holds the ``LoopResult`` once the last
     step is yielded (or the partial one after ``DeadlineExceeded``), else None."""
@@ -152,6 +181,7 @@ class LoopStream:
         self._deadline: float | None = None
         self._stage_ms: dict[str, float] = {}
         self._spec: _Speculation | None = None
+        self._ahead: list[_Ahead] = []
 
     # -- iteration ---------------------------------------------------------------------
     def __aiter__(self) -> LoopStream:
@@ -197,6 +227,7 @@ class LoopStream:
             # an early draft still out is cancelled and awaited: no task outlives the stream.
             if self._spec is not None:
                 await self._drop_speculation()
+            self._drop_ahead()
 
     def _stop_reason(self, record: StepRecord) -> LoopFinishReason | None:
         return self._stop_after(record.finish_reason, self._tokens_left(), len(self.steps))
@@ -234,11 +265,16 @@ class LoopStream:
             gen = await self._generate(source, prefix)
             return self._record(index, source, gen, score, None)
 
-        draft = await self._draft(prefix)
+        problem = self.request.prompt.strip()
+        if self.request.lookahead and not policy.runs_both:
+            assert policy.scorer is not None
+            draft, score = await self._scored_draft(prefix, history, problem, policy.scorer)
+        else:
+            draft = await self._draft(prefix)
+            score = None
         # Until the step is decided the draft counts as discarded, so a deadline in the
         # middle of the step still accounts for the tokens spent.
         usage.draft_tokens_discarded += draft.tokens
-        problem = self.request.prompt.strip()
 
         if policy.runs_both:
             target: Generation | None = await self._generate("target", prefix)
@@ -251,12 +287,14 @@ class LoopStream:
             assert policy.scorer is not None
             if self.request.pipeline:
                 self._speculate(texts, draft)
-            (score,) = await self._score(policy.scorer, [ScoreItem(problem, history, draft.text)])
+            if score is None:
+                (score,) = await self._score(policy.scorer, [ScoreItem(problem, history, draft.text)])
             draft_score = score if policy.scorer == "prm" else None
             to_target = policy.route_to_target(score)
             target = None
             if to_target:
                 await self._drop_speculation()  # it continued a step that is not kept
+                self._drop_ahead()
                 target = await self._generate("target", prefix)
 
         if to_target:
@@ -322,6 +360,54 @@ class LoopStream:
         if isinstance(gens, (list, tuple)) and len(gens) == 1 and isinstance(gens[0], Generation) \
                 and isinstance(gens[0].tokens, int) and not isinstance(gens[0].tokens, bool) and gens[0].tokens > 0:
             self.usage.speculative_draft_tokens_discarded += gens[0].tokens
+
+    # -- draft lookahead ---------------------------------------------------------------
+    async def _scored_draft(self, prefix: str, history: tuple[tuple[str, Source], ...], problem: str,
+                            role: Stage) -> tuple[Generation, float]:
+        """This step's draft and score: stashed by an earlier call when it drafted this very
+        step, else one draft call with lookahead and one scorer call for all it wrote."""
+        options = self._options(self._tokens_left())
+        if self._ahead:
+            ahead = self._ahead[0]
+            if (ahead.prefix, ahead.options, ahead.history) == (prefix, options, history) and ahead.score is not None:
+                if self._deadline is not None and time.perf_counter() >= self._deadline:
+                    raise _DeadlinePassed  # as the plain loop's next call would
+                self._ahead.pop(0)
+                self.usage.speculative_drafts_used += 1
+                return ahead.gen, ahead.score
+            self._drop_ahead()  # cannot happen: never use a step drafted for another call
+        plan = DraftAhead(self.request.lookahead, self._tokens_left(), self.request.max_steps - len(self.steps),
+                          self.request.step_max_tokens)
+        model = self.models.draft
+        gens = await self._timed("draft", lambda: generate_ahead(model, prefix, options, plan))
+        draft = self._check("draft", gens[:1] if isinstance(gens, list) and gens else gens)
+        # Stash each step drafted ahead with the call and history the plain loop would give it.
+        at, last, seen = (prefix, options, plan), draft, history
+        for k, extra in enumerate(gens[1:], start=1):
+            step = at[2].after(at[0], at[1], last)
+            if step is None or not well_formed(extra) or extra.finish_reason not in ("delimiter", "eos", "length"):
+                self._book_dropped(gens[k:])  # e.g. a "context" step: the plain loop asks for it itself
+                break
+            seen = (*seen, (last.text, "draft"))
+            self._ahead.append(_Ahead(step[0], step[1], seen, extra, None))
+            at, last = step, extra
+        # Until scored, the stash books as dropped if the scorer call fails (``_run``'s finally).
+        items = [ScoreItem(problem, history, draft.text)] + [ScoreItem(problem, a.history, a.gen.text)
+                                                             for a in self._ahead]
+        scores = await self._score(role, items)
+        self._ahead = [dataclasses.replace(a, score=s) for a, s in zip(self._ahead, scores[1:])]
+        return draft, scores[0]
+
+    def _drop_ahead(self) -> None:
+        """Drop the steps drafted ahead (their step went to the target, or the request ended)."""
+        stashed, self._ahead = self._ahead, []
+        self._book_dropped([a.gen for a in stashed])
+
+    def _book_dropped(self, gens: Sequence[object]) -> None:
+        for gen in gens:
+            self.usage.speculative_drafts_discarded += 1
+            if well_formed(gen):
+                self.usage.speculative_draft_tokens_discarded += gen.tokens  # type: ignore[attr-defined]
 
     # -- model calls -------------------------------------------------------------------
     def _options(self, tokens_left: int) -> GenerationOptions:

@@ -2,7 +2,8 @@
 one run (ratios, since the machine is noisy). Prints figures; asserts nothing.
 
 - overhead = mean end-to-end gRPC latency / mean in-process loop latency, same problems,
-  same policy, same checkpoints, one request at a time. The in-process loop and the gRPC
+  same policy, same checkpoints, one request at a time; the in-process loop is the plain one
+  (no step pipelining, no draft lookahead, whatever the config turns on). The in-process loop and the gRPC
   call alternate problem by problem (the order flips every problem), so drift in the
   machine's speed hits both alike;
 - ``serving_overhead`` compares with the plain in-process loop (every step reads its whole
@@ -73,7 +74,10 @@ def _in_process(cfg: AppConfig, policy: str) -> Callable[[str, bool], tuple[floa
         return dataclasses.replace(models, **{role: getattr(models, role).bound(session) for role in roles})
 
     async def one(prompt: str, cached: bool):
-        request = prepare(RequestFields(prompt=prompt, policy=policy), cfg).request
+        # The plain loop, whatever the config turns on: pipelining and lookahead only pay where
+        # calls cost a hop, and their dropped guesses would slow the reference down.
+        request = dataclasses.replace(prepare(RequestFields(prompt=prompt, policy=policy), cfg).request,
+                                      pipeline=False, lookahead=0)
         session = f"bench-{next(counter)}"
         used = with_session(session) if cached else models
         started = time.perf_counter()

@@ -36,6 +36,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from arbitrage_common.coalesce import Coalescer
 from arbitrage_common.interfaces import Generation, GenerationOptions, ScoreItem
+from arbitrage_common.lookahead import DraftAhead
 from arbitrage_common.loop import Models
 from arbitrage_common.retry import RetryPolicy
 
@@ -109,6 +110,10 @@ class HandleGenerator:
     async def generate(self, prefixes: Sequence[str], options: GenerationOptions) -> list[Generation]:
         return await self._call(list(prefixes), options, self._session)
 
+    async def generate_ahead(self, prefix: str, options: GenerationOptions, plan: DraftAhead) -> list[Generation]:
+        """Draft lookahead: the step and the steps planned after it, in one pool call."""
+        return await self._call([prefix], options, self._session, plan)
+
 
 class TimedGenerator:
     """A target ``Generator`` whose calls feed the load-aware threshold controller
@@ -152,7 +157,14 @@ class MergedGenerator:
         self._merged, self._session, self._deadline = merged, session_id, deadline
 
     async def generate(self, prefixes: Sequence[str], options: GenerationOptions) -> list[Generation]:
-        return await self._merged.call(self._session, ((list(prefixes), options, self._session or None),
+        return await self._row(list(prefixes), options, None)
+
+    async def generate_ahead(self, prefix: str, options: GenerationOptions, plan: DraftAhead) -> list[Generation]:
+        """Draft lookahead: the step and the steps planned after it, in one merged row."""
+        return await self._row([prefix], options, plan)
+
+    async def _row(self, prefixes: list[str], options: GenerationOptions, plan: DraftAhead | None) -> list[Generation]:
+        return await self._merged.call(self._session, ((prefixes, options, self._session or None, plan),
                                                        self._deadline))
 
 
@@ -191,7 +203,7 @@ class PoolHandles:
             for role, n in (lanes or {}).items() if getattr(self, role) is not None}
 
     def _merged_send(self, role: str):
-        method, arity = ("generate_rows", 3) if role in ("draft", "target") else ("score_rows", 2)
+        method, arity = ("generate_rows", 4) if role in ("draft", "target") else ("score_rows", 2)
 
         async def send(lane_key: str, rows: list[Any], piggyback: list[Any]) -> Any:
             # rows: (args, deadline) each; the pool method takes one list per argument (empty

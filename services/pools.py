@@ -33,6 +33,7 @@ from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from arbitrage_common.interfaces import Generation, GenerationOptions, ScoreItem, row_options
+from arbitrage_common.lookahead import DraftAhead, chain, chain_rows
 from arbitrage_common.presets import check_pool_model
 
 _BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
@@ -198,12 +199,25 @@ class GeneratorPool(_Pool):
         if not self.engine_batched:  # the Serve batch knobs do not apply to an engine-batched pool
             super().reconfigure(user_config)
 
-    async def generate(self, prefixes: list[str], options: GenerationOptions,
-                       session: str | None = None) -> list[Generation]:
+    async def generate(self, prefixes: list[str], options: GenerationOptions, session: str | None = None,
+                       ahead: DraftAhead | None = None) -> list[Generation]:
         """One caller's prefixes (usually one); merged with concurrent callers' into a batch.
-        ``session`` keys the prefix cache (the engine's own cache needs none)."""
+        ``session`` keys the prefix cache (the engine's own cache needs none). With ``ahead``
+        (draft lookahead, one prefix) the step and the steps planned after it, each run as its
+        own call here (joining whatever batch forms), all in this one Serve call."""
         self._stats["calls"] += 1
-        return await self._generate(prefixes, options, session)
+        return await self._generate_ahead(prefixes, options, session, ahead)
+
+    async def _generate_ahead(self, prefixes: list[str], options: GenerationOptions, session: str | None,
+                              ahead: DraftAhead | None) -> list[Generation]:
+        if ahead is None or len(prefixes) != 1:
+            return await self._generate(prefixes, options, session)
+        if self.engine_batched:
+            return await chain(lambda more, opts: self._generate(list(more), opts, session), prefixes[0], options,
+                               ahead)
+        # The planned steps run in the same batched pass, right after the step (``chain_rows``).
+        await self._wait_idle()
+        return await self._generate_batched(list(prefixes), options, session, ahead)
 
     async def _generate(self, prefixes: list[str], options: GenerationOptions,
                         session: str | None) -> list[Generation]:
@@ -212,22 +226,23 @@ class GeneratorPool(_Pool):
         if self.engine_batched:
             return await self._generate_in_engine(list(prefixes), options)
         await self._wait_idle()
-        return await self._generate_batched(list(prefixes), options, session)
+        return await self._generate_batched(list(prefixes), options, session, None)
 
     async def generate_rows(self, prefix_lists: list[list[str]], option_list: list[GenerationOptions],
-                            sessions: list[str | None] | None = None,
+                            sessions: list[str | None] | None = None, aheads: list[DraftAhead | None] | None = None,
                             release: list[str] | tuple[str, ...] = ()) -> list[list[Generation] | Exception]:
-        """A merged call: the calls of several requests, each ``(prefixes, options, session)``,
-        one result (or that row's own engine error) per call; plus the sessions that finished
-        since (their cached prefixes are dropped first)."""
+        """A merged call: the calls of several requests, each ``(prefixes, options, session,
+        ahead)`` as ``generate`` takes them, one result (or that row's own engine error) per
+        call; plus the sessions that finished since (their cached prefixes are dropped first)."""
         from arbitrage_common.backends.vllm_generator import EngineDeadError, EngineRequestError
 
         self._stats["calls"] += 1
         for session in release:
             await self.release(session)
         sessions = sessions or [None] * len(prefix_lists)
-        calls = [self._generate(prefixes, options, session)
-                 for prefixes, options, session in zip(prefix_lists, option_list, sessions)]
+        aheads = aheads or [None] * len(prefix_lists)
+        calls = [self._generate_ahead(prefixes, options, session, ahead)
+                 for prefixes, options, session, ahead in zip(prefix_lists, option_list, sessions, aheads)]
         results = await _gather_rows(calls, EngineRequestError)
         dead = next((r for r in results if isinstance(r, EngineDeadError)), None)
         if dead is not None:  # the replica's fault, not the row's: the caller retries elsewhere
@@ -279,20 +294,28 @@ class GeneratorPool(_Pool):
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _generate_batched(self, prefix_lists: list[list[str]], option_list: list[GenerationOptions],
-                                sessions: list[str | None]) -> list[list[Generation]]:
+                                sessions: list[str | None], aheads: list[DraftAhead | None]) -> list[list[Generation]]:
         # Every call of the batch shares one forward pass, each row decoding with its own
         # call's options (budget, temperature, seed) over its own session's cached prefix: a
         # row's result is what its call alone would get, so merging calls never changes an output.
+        # A call with a lookahead plan (one prefix) gets its planned steps too, the next steps
+        # of all such calls in one more pass each round (``chain_rows``).
         flat = [p for prefixes in prefix_lists for p in prefixes]
         rows = [o for prefixes, opts in zip(prefix_lists, option_list) for o in row_options(opts, len(prefixes))]
-        self._count(len(flat))
+        per_row = [session for prefixes, session in zip(prefix_lists, sessions) for _ in prefixes]
+        plans = [ahead if len(prefixes) == 1 else None for prefixes, ahead in zip(prefix_lists, aheads)
+                 for _ in prefixes]
+
+        def run(indices: list[int], prefixes: list[str], options: list[GenerationOptions]) -> list[Generation]:
+            self._count(len(prefixes))
+            if self.cached:
+                return self.backend.generate_batch(prefixes, options, [per_row[i] for i in indices])
+            return self.backend.generate_batch(prefixes, options)
+
+        chains = await self._run(chain_rows, run, flat, rows, plans)
         if self.cached:
-            per_row = [session for prefixes, session in zip(prefix_lists, sessions) for _ in prefixes]
-            gens = await self._run(self.backend.generate_batch, flat, rows, per_row)
             self._hit_rate.set(self.backend.prefix_cache.info()["hit_rate"])
-        else:
-            gens = await self._run(self.backend.generate_batch, flat, rows)
-        return _split(gens, [len(prefixes) for prefixes in prefix_lists])
+        return [[gen for row in part for gen in row] for part in _split(chains, [len(ps) for ps in prefix_lists])]
 
     async def context_info(self) -> dict[str, int | None]:
         """The model's context in tokens (prompt + generated); None if the backend cannot tell."""

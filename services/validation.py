@@ -114,7 +114,7 @@ def prepare(fields: RequestFields, cfg: AppConfig) -> Prepared:
                           step_max_tokens=limits.step_max_tokens,
                           options=GenerationOptions(temperature=float(temperature), seed=seed),
                           deadline_s=timeout, prompt_template=cfg.prompt.template,
-                          pipeline=limits.step_pipelining)
+                          pipeline=limits.step_pipelining, lookahead=limits.draft_lookahead)
     return Prepared(request=request, policy=name, threshold=policy.threshold, request_id=request_id)
 
 

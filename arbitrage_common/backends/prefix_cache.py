@@ -476,8 +476,9 @@ class PrefixCachedLM:
         positions = torch.arange(n_max)[None, :] + torch.tensor(pasts)[:, None]
         buf = torch.empty((n_layers, 2, b, heads, width, head_dim), dtype=dtype, device=device)
         if p_max:
-            buf[:, :, :, :, :p_max].zero_()  # a masked slot must hold a finite value (0 * NaN is NaN)
             for i, r in enumerate(chunk):
+                # a masked slot (the gap after a shorter past) must hold a finite value (0 * NaN is NaN)
+                buf[:, :, i, :, pasts[i]:p_max].zero_()
                 at = 0
                 for seg in r.past.segments if r.past is not None else ():
                     t = seg.shape[3]

@@ -82,7 +82,7 @@ def test_a_merged_call_equals_each_call_alone(serve_cluster):
     for _ in range(2):  # the second time over each session's cached prefix
         assert as_triples(draft.generate_rows.remote(prefixes, options, sessions).result()) == as_triples(alone)
     assert draft.info.remote().result()["prefix_cache"]["sessions"] == held + 3
-    draft.generate_rows.remote([], [], [], sessions).result()  # a release-only merged call
+    draft.generate_rows.remote([], [], [], [], sessions).result()  # a release-only merged call
     assert draft.info.remote().result()["prefix_cache"]["sessions"] == held
 
     router = serve.get_deployment_handle("router", app_name=app)
@@ -96,6 +96,39 @@ def test_a_merged_call_equals_each_call_alone(serve_cluster):
         held = cache["sessions"]
         router.score_rows.remote([], [], sessions).result()  # a release-only merged call
         assert router.info.remote().result()["scorer_cache"]["sessions"] == held - 3
+
+
+def test_a_draft_call_with_lookahead_writes_the_next_steps_as_separate_calls_would(serve_cluster):
+    """Draft lookahead in the pool (``generate`` with a plan, and a merged row with one): each
+    step equals a call of its own on the prefix with the steps before it kept, and all of
+    them arrive in one Serve call."""
+    from ray import serve
+
+    from arbitrage_common.lookahead import DraftAhead
+    from arbitrage_common.steps import STEP_DELIMITER
+
+    draft = serve.get_deployment_handle("draft", app_name=serve_cluster[0].name)
+    options = GenerationOptions(max_new_tokens=48)
+    plan = DraftAhead(extra_steps=2, tokens_left=400, steps_left=8, step_max_tokens=48)
+    as_triples = lambda gens: [(g.text, g.tokens, g.finish_reason) for g in gens]
+    for k, p in enumerate(problems(3, seed=43)):
+        before = draft.info.remote().result()["calls"]
+        if k % 2:
+            (chained,) = draft.generate_rows.remote([[p.prompt + STEP_DELIMITER]], [options],
+                                                    [f"ahead-{k}"], [plan]).result()
+        else:
+            chained = draft.generate.remote([p.prompt + STEP_DELIMITER], options, f"ahead-{k}", plan).result()
+        assert draft.info.remote().result()["calls"] == before + 1
+        prefix, alone = p.prompt + STEP_DELIMITER, []
+        for _ in range(3):
+            (gen,) = draft.generate.remote([prefix], options).result()
+            alone.append(gen)
+            if gen.finish_reason != "delimiter":
+                break
+            prefix += gen.text + STEP_DELIMITER
+        assert len(alone) >= 2, "a problem whose first step ends the request tests nothing"
+        assert as_triples(chained) == as_triples(alone)
+    draft.generate_rows.remote([], [], [], [], [f"ahead-{k}" for k in range(3)]).result()
 
 
 def test_concurrent_requests_leave_the_coordinator_as_merged_calls(serve_cluster, stub, main_metadata):
@@ -122,3 +155,37 @@ def test_concurrent_requests_leave_the_coordinator_as_merged_calls(serve_cluster
     draft_steps = sum(1 for r in together for s in r.steps if s.source == "draft" or s.draft_discarded)
     assert after["items"] - before["items"] >= draft_steps
     assert after["calls"] - before["calls"] < after["items"] - before["items"]
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["handles", "merged"])
+def test_the_loop_with_lookahead_over_served_pools_equals_the_plain_loop(serve_cluster, engine, merged):
+    """Draft lookahead end to end through the coordinator's adapters (one ``generate`` with a
+    plan per draft call, or a merged row carrying it): the steps of the in-process plain loop,
+    in fewer draft and router calls than steps."""
+    import asyncio
+    import dataclasses
+
+    from ray import serve
+
+    from arbitrage_common.loop import run_loop
+    from services.handles import PoolHandles
+    from services.validation import RequestFields, prepare
+
+    app = serve_cluster[0].name
+    handles = {role: serve.get_deployment_handle(role, app_name=app) for role in ("draft", "target", "router", "prm")}
+    pools = PoolHandles(**handles, lanes={"draft": 1, "router": 1} if merged else None)
+    calls = lambda: {role: handles[role].info.remote().result()["calls"] for role in ("draft", "router")}
+    for k, p in enumerate(problems(2, seed=47)):
+        request = prepare(RequestFields(prompt=p.prompt, policy="arbitrage"), engine.cfg).request
+        before = calls()
+        served = asyncio.run(run_loop(dataclasses.replace(request, lookahead=2), pools.models(f"la-{merged}-{k}")))
+        after = calls()
+        plain = engine.run(p.prompt, "arbitrage")
+        assert [(s.text, s.source) for s in served.steps] == [(s.text, s.source) for s in plain.steps]
+        assert [s.score for s in served.steps] == [pytest_approx(s.score) for s in plain.steps]
+        # a step from the stash needed no call; every other step one draft and one router call
+        used = served.usage.speculative_drafts_used
+        assert after == {"draft": before["draft"] + len(served.steps) - used,
+                         "router": before["router"] + len(served.steps) - used}
+        if len(served.steps) >= 2 and served.steps[0].source == "draft":
+            assert used >= 1
