@@ -54,8 +54,25 @@ def check_up(settings: LoadSettings, timeout_s: float = 5.0) -> None:
     raise ServiceDown(f"{settings.host_http}: /healthz is not 200")
 
 
+def _exit_with_parent():
+    """A ``preexec_fn`` that asks Linux to send the child SIGTERM when its parent dies
+    (``prctl(PR_SET_PDEATHSIG)``), so a run killed hard (a test runner's timeout, ``kill -9``)
+    leaves no service and no Ray cluster behind; None elsewhere. libc's ``prctl`` is looked
+    up here, in the parent: the child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 class LocalService:
-    """``arbitrage serve --config CFG`` on free ports in a child process, stopped by SIGTERM."""
+    """``arbitrage serve --config CFG`` on free ports in a child process, stopped by SIGTERM
+    (also when this process dies without stopping it)."""
 
     def __init__(self, config: str | None, log: Path, fast_metrics: bool = True):
         self.config, self.log, self.fast_metrics = config, log, fast_metrics
@@ -78,7 +95,8 @@ class LocalService:
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "arbitrage_common.cli", "serve", "--config",
                                       str(cfg_file), "--metrics-port", str(self.metrics_port)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=_exit_with_parent())  # noqa: PLW1509 - a prctl call only
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -87,6 +87,62 @@ def _wait_scaled_down(svc, pools: tuple[str, ...]) -> list[dict]:
                          f"{record}")
 
 
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process under ``pid`` now (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_service_outlives_no_run_that_was_killed(tmp_path):
+    """A run that started its own service and was killed hard (kill -9, a CI timeout) takes the
+    service and its Ray processes down with it. Runs before the module's service starts, so
+    only one local Ray cluster is up at a time."""
+    import textwrap
+
+    holder_py = tmp_path / "holder.py"
+    holder_py.write_text(textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from loadtests.runner import LocalService
+        with LocalService(None, Path({str(tmp_path / "service.log")!r})) as svc:
+            print(svc.proc.pid, flush=True)
+            time.sleep(600)
+    """))
+    holder = subprocess.Popen([sys.executable, str(holder_py)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = holder.stdout.readline()
+        assert line.strip().isdigit(), f"the service did not start: {(tmp_path / 'service.log').read_text()[-2000:]}"
+        service_pid = int(line)
+        tree = {service_pid} | _descendants(service_pid)
+        assert len(tree) > 2, tree  # the service, its raylet, GCS, workers...
+    finally:
+        holder.kill()  # SIGKILL: no cleanup code of the holder runs
+        holder.wait()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+        time.sleep(1)
+    assert not [pid for pid in tree if _alive(pid)]
+
+
 def test_smoke_grpc_stream_zero_failures_and_report(service, tmp_path):
     out = tmp_path / "smoke"
     summary = run_locust(_settings(service, transport="grpc-stream", users=3, duration_s=20, slo_ms=30000),
