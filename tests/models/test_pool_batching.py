@@ -29,10 +29,9 @@ class _PoolSelf:
         self.hit_rates.append(value)
 
     def _count(self, items: int) -> None:
-        pass
+        self.passes.append(items)  # rows of one forward pass
 
     async def _run(self, fn, *args):
-        self.passes.append(len(args[0]))
         return await asyncio.to_thread(fn, *args)
 
 
@@ -49,7 +48,7 @@ def test_calls_with_different_options_share_one_pass_and_keep_their_results():
     fake = _PoolSelf(backend)
     sessions = ["a", "b", None, "d", "e"]  # the second pass runs over the sessions' cached prefixes
     passes = [asyncio.run(pools.GeneratorPool._generate_batched.__wrapped__(
-        fake, [p for p, _ in calls], [o for _, o in calls], sessions)) for _ in range(2)]
+        fake, [p for p, _ in calls], [o for _, o in calls], sessions, [None] * 5)) for _ in range(2)]
     assert fake.passes == [6, 6]  # one forward pass for all five calls
     # the second pass reuses something on every row with a session (both of "b"'s rows share
     # the prompt template's tokens)
@@ -68,3 +67,32 @@ def test_context_info_and_count_tokens():
     fake = _PoolSelf(backend)
     assert asyncio.run(pools.GeneratorPool.context_info(fake)) == {"context": 512}
     assert asyncio.run(pools.GeneratorPool.count_tokens(fake, "Start with 3.")) == 1 + len("Start with 3.")
+
+
+def test_calls_with_a_lookahead_plan_chain_their_next_steps_in_shared_passes():
+    """Draft lookahead in the pool's batch: the first pass runs every call's step, each later
+    pass the next step of the calls still planned; each chain equals the calls made one by
+    one on the prefix with the steps before kept."""
+    from arbitrage_common.lookahead import DraftAhead
+    from arbitrage_common.steps import STEP_DELIMITER
+
+    backend = HFStepGenerator(MODELS / "draft")
+    problems = generate_problems(3, 77)
+    calls = [([build_prefix(p.prompt, [])], GenerationOptions(max_new_tokens=48)) for p in problems]
+    plans = [DraftAhead(2, 400, 8, 48), None, DraftAhead(1, 400, 8, 48)]
+    fake = _PoolSelf(backend)
+    chained = asyncio.run(pools.GeneratorPool._generate_batched.__wrapped__(
+        fake, [p for p, _ in calls], [o for _, o in calls], ["x", "y", "z"], plans))
+    alone_backend = HFStepGenerator(MODELS / "draft", prefix_cache_bytes=0)
+    as_triples = lambda gens: [(g.text, g.tokens, g.finish_reason) for g in gens]
+    for (prefixes, options), plan, got in zip(calls, plans, chained):
+        prefix, want = prefixes[0], []
+        for _ in range(1 + (plan.extra_steps if plan else 0)):
+            (gen,) = alone_backend.generate_batch([prefix], options)
+            want.append(gen)
+            if gen.finish_reason != "delimiter":
+                break
+            prefix += gen.text + STEP_DELIMITER
+        assert as_triples(got) == as_triples(want)
+    assert [len(c) for c in chained] == [3, 1, 2], "these problems' first steps all end at the delimiter"
+    assert fake.passes == [3, 2, 1]  # every call, then both planned ones, then the one planned twice
