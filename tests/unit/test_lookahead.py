@@ -174,9 +174,9 @@ def test_a_generator_answering_more_than_one_step_is_an_error():
 def test_a_deadline_past_ends_the_request_before_a_stashed_step():
     async def main():
         m = _models(ChainingGenerator(["d0", "d1", "d2", ("d3", "eos")]), **_scorers())
-        stream = stream_loop(LoopRequest(PROMPT, make_policy("arbitrage"), lookahead=1, deadline_s=0.05), m)
+        stream = stream_loop(LoopRequest(PROMPT, make_policy("arbitrage"), lookahead=1, deadline_s=0.5), m)
         assert (await stream.__anext__()).text == "d0"
-        await asyncio.sleep(0.06)  # step 1 is stashed, but the deadline has passed
+        await asyncio.sleep(0.6)  # step 1 is stashed, but the deadline has passed
         with pytest.raises(DeadlineExceeded) as err:
             await stream.__anext__()
         return err.value.partial
