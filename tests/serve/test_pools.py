@@ -164,6 +164,7 @@ def test_the_loop_with_lookahead_over_served_pools_equals_the_plain_loop(serve_c
     in fewer draft and router calls than steps."""
     import asyncio
     import dataclasses
+    import time
 
     from ray import serve
 
@@ -177,6 +178,7 @@ def test_the_loop_with_lookahead_over_served_pools_equals_the_plain_loop(serve_c
     calls = lambda: {role: handles[role].info.remote().result()["calls"] for role in ("draft", "router")}
     for k, p in enumerate(problems(2, seed=47)):
         request = prepare(RequestFields(prompt=p.prompt, policy="arbitrage"), engine.cfg).request
+        time.sleep(1.0)  # earlier tests' end-of-request releases leave as calls of their own after 0.5 s idle
         before = calls()
         served = asyncio.run(run_loop(dataclasses.replace(request, lookahead=2), pools.models(f"la-{merged}-{k}")))
         after = calls()
