@@ -71,7 +71,8 @@ class Coordinator:
         lanes = {role: spec.merge_lanes() for role, spec in self.cfg.pools.configured()} if c.merge_calls else None
         self.pools = PoolHandles(draft, target, router, prm,
                                  retry=RetryPolicy(retries=c.pool_retries, base_s=c.retry_backoff_s),
-                                 on_retry=self._count_retry, load=self.load, lanes=lanes)
+                                 on_retry=self._count_retry, load=self.load, lanes=lanes,
+                                 over_grpc=c.pool_calls_over_grpc)
         self._offset = Gauge("arbitrage_threshold_offset", description="Load-aware threshold offset toward fewer "
                                                                        "target calls (this coordinator replica).")
         self.available = [name for name, cls in POLICIES.items()
@@ -83,6 +84,7 @@ class Coordinator:
                                    if (m := getattr(self.cfg.pools, role).model).backend == "transformers"
                                    and m.prefix_cache_mb != 0}
         self._releases: set[asyncio.Task] = set()
+        self._inflight = 0  # requests whose steps are being run (``steps_of``)
         self._retries = Counter("arbitrage_pool_retries_total", description="Pool calls retried, by pool and reason "
                                                                             "(replica died, pool full).",
                                 tag_keys=("role", "reason"))
@@ -104,6 +106,10 @@ class Coordinator:
         call, which cancels the loop and its pool call in flight."""
         prepared = self._under_load(prepare(fields, self.cfg), explicit=fields.threshold is not None)
         await self._admit(prepared)
+        busiest = self.cfg.limits.step_pipelining_max_inflight
+        if prepared.request.pipeline and busiest is not None and self._inflight >= busiest:
+            # Busy: no spare capacity for early drafts, so the plain loop (same outputs).
+            prepared = dataclasses.replace(prepared, request=dataclasses.replace(prepared.request, pipeline=False))
         # Retries stop in time for the request to fail before its deadline, not at it.
         deadline = time.monotonic() + prepared.request.deadline_s if prepared.request.deadline_s else None
         # The request id is the session id: each pool with affinity serves all its steps on one replica.
@@ -170,6 +176,7 @@ class Coordinator:
         """The stream's steps, counted by source and (validated) policy; the first one also
         records time to first step. At the end the pools drop the request's cache."""
         started, first, policy = time.perf_counter(), True, prepared.policy
+        self._inflight += 1
         try:
             async for step in stream:
                 if first:
@@ -178,6 +185,7 @@ class Coordinator:
                 self._steps.inc(tags={"source": step.source, "policy": policy})
                 yield step
         finally:
+            self._inflight -= 1
             await stream.aclose()
             self._release(prepared)
 

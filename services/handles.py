@@ -189,11 +189,15 @@ def _latest(deadlines: list[float | None]) -> float | None:
 class PoolHandles:
     """The pool handles of one coordinator replica; ``models`` binds them to a session.
     ``on_retry(role, reason)`` is told of every retry (metrics). ``lanes`` ({role: n}) turns
-    on merged calls for those pools (``arbitrage_common.coalesce``)."""
+    on merged calls for those pools (``arbitrage_common.coalesce``); ``over_grpc`` sends the
+    calls over Serve's direct gRPC channel between replicas (``_by_reference=False``)."""
 
     def __init__(self, draft: Any, target: Any, router: Any | None = None, prm: Any | None = None,
                  retry: RetryPolicy = NO_RETRY, on_retry: Callable[[str, str], None] | None = None,
-                 load: Any = None, lanes: dict[str, int] | None = None) -> None:
+                 load: Any = None, lanes: dict[str, int] | None = None, over_grpc: bool = False) -> None:
+        if over_grpc:  # every call below: Serve's direct gRPC channel to the replica, not an actor task
+            draft, target, router, prm = (h if h is None else h.options(_by_reference=False)
+                                          for h in (draft, target, router, prm))
         self.draft, self.target, self.router, self.prm = draft, target, router, prm
         self.retry, self.on_retry = retry, on_retry
         self.load = load  # a LoadController told of every target call, or None

@@ -90,7 +90,10 @@ def serve_cluster(tmp_path_factory):
     main = AppConfig(
         pools=PoolsSpec(**{role: _pool(paths[role]) for role in ("draft", "target", "router", "prm")}),
         coordinator=coordinator, http=http, grpc=grpc_port,
-        limits=LimitsSpec(max_prompt_chars=200, max_steps=32, default_max_steps=12, request_timeout_s=120),
+        # Step pipelining as the embedded default runs it: early drafts while the coordinator is
+        # not busy, so served answers are also checked against the plain in-process loop with it.
+        limits=LimitsSpec(max_prompt_chars=200, max_steps=32, default_max_steps=12, request_timeout_s=120,
+                          step_pipelining=True, step_pipelining_max_inflight=2),
     )
     slow_pool = {"max_ongoing_requests": 8, "max_batch_size": 8, "batch_wait_timeout_s": 2.0}
     slow = AppConfig(

@@ -157,6 +157,33 @@ def test_concurrent_requests_leave_the_coordinator_as_merged_calls(serve_cluster
     assert after["calls"] - before["calls"] < after["items"] - before["items"]
 
 
+def test_early_drafts_only_while_the_coordinator_is_not_busy(serve_cluster, stub, main_metadata, engine):
+    """``limits.step_pipelining_max_inflight`` (2 in the test app): a request alone gets early
+    drafts; of requests sent together, those that start with two others in flight run the
+    plain loop. Either way the steps are the plain in-process loop's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from protos.arbitrage.v1 import arbitrage_pb2 as pb
+
+    assert serve_cluster[0].limits.step_pipelining_max_inflight == 2
+    prompts = [p.prompt for p in problems(8, seed=53)]
+
+    def ask(prompt):
+        return stub.Generate(pb.GenerateRequest(prompt=prompt, policy="arbitrage"), metadata=main_metadata)
+
+    early = lambda r: r.usage.speculative_drafts_used + r.usage.speculative_drafts_discarded
+    # An early draft is started after every step but a last one: any reply of 2+ steps had one.
+    alone = [ask(p) for p in prompts[:2]]
+    assert all(early(r) >= 1 for r in alone if len(r.steps) >= 2) and any(len(r.steps) >= 2 for r in alone)
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, prompts))
+    assert [early(r) for r in together if len(r.steps) >= 2].count(0) >= 1
+    for prompt, reply in zip(prompts, together):
+        plain = engine.run(prompt, "arbitrage")
+        assert [(s.text, s.source == pb.SOURCE_TARGET) for s in reply.steps] \
+            == [(s.text, s.source == "target") for s in plain.steps]
+
+
 @pytest.mark.parametrize("merged", [False, True], ids=["handles", "merged"])
 def test_the_loop_with_lookahead_over_served_pools_equals_the_plain_loop(serve_cluster, engine, merged):
     """Draft lookahead end to end through the coordinator's adapters (one ``generate`` with a
@@ -180,7 +207,8 @@ def test_the_loop_with_lookahead_over_served_pools_equals_the_plain_loop(serve_c
         request = prepare(RequestFields(prompt=p.prompt, policy="arbitrage"), engine.cfg).request
         time.sleep(1.0)  # earlier tests' end-of-request releases leave as calls of their own after 0.5 s idle
         before = calls()
-        served = asyncio.run(run_loop(dataclasses.replace(request, lookahead=2), pools.models(f"la-{merged}-{k}")))
+        served = asyncio.run(run_loop(dataclasses.replace(request, lookahead=2, pipeline=False),
+                                      pools.models(f"la-{merged}-{k}")))
         after = calls()
         plain = engine.run(p.prompt, "arbitrage")
         assert [(s.text, s.source) for s in served.steps] == [(s.text, s.source) for s in plain.steps]

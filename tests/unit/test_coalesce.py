@@ -3,6 +3,7 @@ which row gets which result, cancellation, lanes and piggybacked messages."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 
 import pytest
 
@@ -132,6 +133,48 @@ def test_a_cancelled_queued_row_never_leaves_and_an_abandoned_call_is_cancelled(
     assert result == 30
     assert [rows for _, rows, _ in pool.calls] == [[1], [3]]
     assert pool.cancelled == 1
+
+
+REQUEST = contextvars.ContextVar("request", default=None)  # stands for Serve's request context
+
+
+def test_merged_calls_never_run_in_a_callers_context():
+    # Under Serve a call made in a request's context is that request's child, with its id. A
+    # merged call carries other requests' rows, and the call that follows an abandoned one
+    # (started from the abandoned call's own task) must not inherit the id either: two
+    # calls with one id confuse Serve's router (a lane stalled).
+    async def caller(name: str, session: str, payload: int) -> int:
+        REQUEST.set(name)
+        return await merged.call(session, payload)
+
+    seen: list = []
+
+    async def send(key: str, rows: list, piggyback: list) -> list:
+        seen.append((list(rows), list(piggyback), REQUEST.get()))
+        await gate.wait()
+        return [r * 10 for r in rows]
+
+    async def main():
+        nonlocal merged, gate
+        gate = asyncio.Event()
+        merged = Coalescer(send, max_in_flight=1, flush_s=0.01)
+        abandoned = asyncio.ensure_future(caller("a", "s", 1))
+        await settle()
+        kept = asyncio.ensure_future(caller("b", "s", 2))
+        await settle()
+        abandoned.cancel()  # its call stops; the queued row leaves from that call's task
+        await settle()
+        gate.set()
+        result = await kept
+        REQUEST.set("c")
+        merged.attach("s", "done")  # sent alone after flush_s, from a timer
+        await asyncio.sleep(0.05)
+        await merged.aclose()
+        return result
+
+    merged = gate = None
+    assert run(main()) == 20
+    assert seen == [([1], [], None), ([2], [], None), ([], ["done"], None)]
 
 
 def test_a_session_keeps_its_lane_and_sessions_spread_over_lanes():
