@@ -138,3 +138,21 @@ def test_every_pool_call_of_a_request_carries_its_session(session):
 def test_missing_scorer_pools_stay_missing():
     models = PoolHandles(RecordingHandle([]), RecordingHandle([])).models("s")
     assert models.router is None and models.prm is None
+
+
+@pytest.mark.parametrize("over_grpc", [True, False])
+def test_pool_calls_go_over_grpc_only_when_asked(over_grpc):
+    # coordinator.pool_calls_over_grpc: every step call leaves with _by_reference=False (Serve's
+    # direct gRPC channel); off, the handles keep Serve's default (actor tasks).
+    log: list = []
+    models = PoolHandles(*(RecordingHandle(log) for _ in range(4)), over_grpc=over_grpc).models("s")
+
+    async def steps():
+        await models.draft.generate(["p"], GenerationOptions())
+        await models.router.score([object()])
+        await models.target.generate(["p"], GenerationOptions())
+        await models.prm.score([object()])
+
+    asyncio.run(steps())
+    assert len(log) == 4
+    assert [o.get("_by_reference") for o in log] == ([False] * 4 if over_grpc else [None] * 4)
