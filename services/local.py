@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from arbitrage_common.config import GENERATOR_ROLES, AppConfig, render_serve_config
+from arbitrage_common.config import GENERATOR_ROLES, RAY_CLUSTER_ENV, AppConfig, render_serve_config
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # small machines: Ray's default (30% of RAM) is far too much
 VLLM_INSTALL = ("run `make install-vllm` (it builds .venv-vllm as docs/VLLM.md says: pip install -c "
@@ -71,6 +71,13 @@ def check_backends(cfg: AppConfig) -> None:
                            f"({lines[-1]}); {VLLM_INSTALL}")
 
 
+def use_cluster_env() -> None:
+    """Put RAY_CLUSTER_ENV in this process's environment (a variable already set wins): a local
+    cluster started from here inherits it."""
+    for name, value in RAY_CLUSTER_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def start(cfg: AppConfig, address: str | None = None, num_cpus: int | None = None,
           metrics_port: int | None = None) -> dict[str, Any]:
     """ray.init (local unless ``address``), Serve with the config's HTTP/gRPC options, then
@@ -91,6 +98,7 @@ def start(cfg: AppConfig, address: str | None = None, num_cpus: int | None = Non
         if address:
             ray.init(address=address, include_dashboard=False)
         else:
+            use_cluster_env()
             ray.init(num_cpus=num_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, include_dashboard=False,
                      _metrics_export_port=metrics_port)
     rendered = render_serve_config(cfg)

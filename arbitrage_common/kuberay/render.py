@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ..config import AppConfig, render_serve_config
+from ..config import RAY_CLUSTER_ENV, AppConfig, render_serve_config
 from .sizing import GroupSize, group_sizes
 from .spec import GROUP_LABEL, GROUP_OF
 
@@ -98,11 +98,11 @@ def auth_secret_env(cfg: AppConfig) -> list[dict[str, Any]]:
 
 def _container(name: str, image: str, resources: dict, ports: dict[str, int],
                env: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A Ray node's container: the cluster's Ray environment (RAY_CLUSTER_ENV), then ``env``."""
     container: dict[str, Any] = {"name": name, "image": image, "imagePullPolicy": "IfNotPresent",
                                  "resources": resources,
                                  "ports": [{"name": n, "containerPort": p} for n, p in ports.items()]}
-    if env:
-        container["env"] = [dict(e) for e in env]
+    container["env"] = [{"name": k, "value": v} for k, v in RAY_CLUSTER_ENV.items()] + [dict(e) for e in env or ()]
     return container
 
 

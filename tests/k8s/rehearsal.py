@@ -164,8 +164,14 @@ class LocalRayCluster:
         return "\n".join(texts)
 
 
+def pod_env(rayservice: dict) -> dict[str, str]:
+    """The literal env of the head Pod's Ray container (what every node gets; Secret refs left out)."""
+    container = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
 def start_cluster(rayservice: dict, env_overrides: dict[str, str], cwd: Path) -> LocalRayCluster:
-    env = {**os.environ, **env_overrides}
+    env = {**os.environ, **pod_env(rayservice), **env_overrides}
     cluster = LocalRayCluster(rayservice, env, cwd)
     cluster.start_head()
     try:

@@ -33,6 +33,7 @@ from arbitrage_common.config import (
     PoolsSpec,
     render_serve_config,
 )
+from services.local import use_cluster_env
 
 
 def _free_port() -> int:
@@ -105,6 +106,7 @@ def serve_cluster(tmp_path_factory):
         limits=LimitsSpec(request_timeout_s=300),
     )
     rendered = render_serve_config(main)
+    use_cluster_env()  # as `arbitrage serve` runs it: the proxies reach the coordinator over gRPC
     ray.init(num_cpus=8, object_store_memory=200 * 1024**2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options=rendered["http_options"], grpc_options=rendered["grpc_options"])
