@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -49,20 +50,61 @@ def lane_index(session: str, lanes: int) -> int:
 class _Lane:
     def __init__(self, key: str) -> None:
         self.key = key
-        self.queue: list[tuple[Any, asyncio.Future]] = []
+        self.queue: list[tuple[Any, asyncio.Future, float]] = []  # payload, future, arrival
         self.piggyback: list[Any] = []
         self.in_flight = 0
         self.flush: asyncio.TimerHandle | None = None
 
 
+class CallSlots:
+    """At most ``limit`` merged calls out at once over every ``Coalescer`` that shares it.
+
+    Why: where the pools share a few cores (one node, models on CPU), more forward passes at
+    once only time-slice those cores, while rows that wait meanwhile merge into bigger
+    batches, which cost less per row (measured: 5.7 rows a draft batch and 7.4 a router batch
+    against about 3). When a slot frees, the waiting lane whose oldest row came first goes
+    next (first come, first served across pools: no pool starves), with every row it holds by
+    then. A freed slot goes straight to a waiting lane, so no core idles while rows wait."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        self.limit = limit
+        self.out = 0
+        self._waiting: dict[tuple[int, int], tuple[Coalescer, _Lane]] = {}
+
+    def take(self, owner: Coalescer, lane: _Lane) -> bool:
+        """A slot for a merged call of ``lane``; if none is free, ``lane`` waits for one."""
+        if self.out < self.limit:
+            self.out += 1
+            return True
+        self._waiting[(id(owner), id(lane))] = (owner, lane)
+        return False
+
+    def give_back(self) -> None:
+        """Free a slot and hand it to the waiting lane whose oldest live row came first."""
+        self.out -= 1
+        while self.out < self.limit and self._waiting:
+            key = min(self._waiting, key=lambda k: _oldest_row(self._waiting[k][1]))
+            owner, lane = self._waiting.pop(key)
+            owner._pump(lane)
+
+
+def _oldest_row(lane: _Lane) -> float:
+    """When the lane's oldest live queued row arrived (inf: none left)."""
+    return min((arrived for _, future, arrived in lane.queue if not future.done()), default=math.inf)
+
+
 class Coalescer:
-    """Merges concurrent calls per lane; ``call(session, payload)`` returns that row's result."""
+    """Merges concurrent calls per lane; ``call(session, payload)`` returns that row's result.
+    ``slots``: a ``CallSlots`` shared with other coalescers (None: no shared limit)."""
 
     def __init__(self, send: Send, lanes: int = 1, key_prefix: str = "lane", max_in_flight: int = 1,
-                 max_rows: int = 64, flush_s: float = 0.5) -> None:
+                 max_rows: int = 64, flush_s: float = 0.5, slots: CallSlots | None = None) -> None:
         if lanes < 1 or max_in_flight < 1 or max_rows < 1:
             raise ValueError("lanes, max_in_flight and max_rows must be >= 1")
         self._send = send
+        self.slots = slots
         self._lanes = [_Lane(f"{key_prefix}-{i}") for i in range(lanes)]
         self.max_in_flight, self.max_rows, self.flush_s = max_in_flight, max_rows, flush_s
         self._tasks: set[asyncio.Task] = set()
@@ -74,8 +116,9 @@ class Coalescer:
 
     async def call(self, session: str, payload: Any) -> Any:
         lane = self.lane(session)
-        future = asyncio.get_running_loop().create_future()
-        lane.queue.append((payload, future))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        lane.queue.append((payload, future, loop.time()))
         self._pump(lane)
         return await future  # cancelling this cancels only the row
 
@@ -95,13 +138,14 @@ class Coalescer:
             self._start(lane, [])
 
     def _pump(self, lane: _Lane) -> None:
-        while lane.queue and lane.in_flight < self.max_in_flight:
+        while lane.in_flight < self.max_in_flight:
+            lane.queue = [row for row in lane.queue if not row[1].done()]
+            if not lane.queue or (self.slots is not None and not self.slots.take(self, lane)):
+                return
             batch, lane.queue = lane.queue[:self.max_rows], lane.queue[self.max_rows:]
-            rows = [(payload, future) for payload, future in batch if not future.done()]
-            if rows:
-                self._start(lane, rows)
+            self._start(lane, [(payload, future) for payload, future, _ in batch], slot=self.slots is not None)
 
-    def _start(self, lane: _Lane, rows: list[tuple[Any, asyncio.Future]]) -> None:
+    def _start(self, lane: _Lane, rows: list[tuple[Any, asyncio.Future]], slot: bool = False) -> None:
         piggyback, lane.piggyback = lane.piggyback, []
         if lane.flush is not None:
             lane.flush.cancel()
@@ -112,6 +156,8 @@ class Coalescer:
         task = asyncio.get_running_loop().create_task(self._run(lane, rows, piggyback), context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if slot:  # after _run's own pump: the lane that just finished queues for a slot like any other
+            task.add_done_callback(lambda _: self.slots.give_back())
 
     async def _run(self, lane: _Lane, rows: list[tuple[Any, asyncio.Future]], piggyback: list[Any]) -> None:
         futures = [future for _, future in rows]

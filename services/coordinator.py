@@ -69,10 +69,14 @@ class Coordinator:
         c, load_control = self.cfg.coordinator, self.cfg.policy.load_control
         self.load = LoadController(load_control) if load_control.enabled else None
         lanes = {role: spec.merge_lanes() for role, spec in self.cfg.pools.configured()} if c.merge_calls else None
+        # A vLLM engine admits rows into its running batch at every engine step, so a row held
+        # for a call slot would only wait: those pools never take one.
+        slotted = {role for role, spec in self.cfg.pools.configured() if spec.model.backend != "vllm"}
         self.pools = PoolHandles(draft, target, router, prm,
                                  retry=RetryPolicy(retries=c.pool_retries, base_s=c.retry_backoff_s),
                                  on_retry=self._count_retry, load=self.load, lanes=lanes,
-                                 over_grpc=c.pool_calls_over_grpc)
+                                 over_grpc=c.pool_calls_over_grpc, calls_in_flight=c.pool_calls_in_flight,
+                                 slot_roles=slotted)
         self._offset = Gauge("arbitrage_threshold_offset", description="Load-aware threshold offset toward fewer "
                                                                        "target calls (this coordinator replica).")
         self.available = [name for name, cls in POLICIES.items()

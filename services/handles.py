@@ -28,13 +28,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from arbitrage_common.coalesce import Coalescer
+from arbitrage_common.coalesce import CallSlots, Coalescer
 from arbitrage_common.interfaces import Generation, GenerationOptions, ScoreItem
 from arbitrage_common.lookahead import DraftAhead
 from arbitrage_common.loop import Models
@@ -189,12 +189,15 @@ def _latest(deadlines: list[float | None]) -> float | None:
 class PoolHandles:
     """The pool handles of one coordinator replica; ``models`` binds them to a session.
     ``on_retry(role, reason)`` is told of every retry (metrics). ``lanes`` ({role: n}) turns
-    on merged calls for those pools (``arbitrage_common.coalesce``); ``over_grpc`` sends the
-    calls over Serve's direct gRPC channel between replicas (``_by_reference=False``)."""
+    on merged calls for those pools (``arbitrage_common.coalesce``); ``calls_in_flight``
+    caps their merged calls out at once with one ``CallSlots`` shared by the pools in
+    ``slot_roles`` (None: all of them); ``over_grpc`` sends the calls over Serve's direct gRPC
+    channel between replicas (``_by_reference=False``)."""
 
     def __init__(self, draft: Any, target: Any, router: Any | None = None, prm: Any | None = None,
                  retry: RetryPolicy = NO_RETRY, on_retry: Callable[[str, str], None] | None = None,
-                 load: Any = None, lanes: dict[str, int] | None = None, over_grpc: bool = False) -> None:
+                 load: Any = None, lanes: dict[str, int] | None = None, over_grpc: bool = False,
+                 calls_in_flight: int | None = None, slot_roles: Collection[str] | None = None) -> None:
         if over_grpc:  # every call below: Serve's direct gRPC channel to the replica, not an actor task
             draft, target, router, prm = (h if h is None else h.options(_by_reference=False)
                                           for h in (draft, target, router, prm))
@@ -202,8 +205,10 @@ class PoolHandles:
         self.retry, self.on_retry = retry, on_retry
         self.load = load  # a LoadController told of every target call, or None
         self._rng = random.Random()  # jitter only: it never touches a request's output
+        slots = CallSlots(calls_in_flight) if calls_in_flight else None
         self.merged: dict[str, Coalescer] = {
-            role: Coalescer(self._merged_send(role), lanes=n, key_prefix=f"{role}-lane")
+            role: Coalescer(self._merged_send(role), lanes=n, key_prefix=f"{role}-lane",
+                            slots=slots if slot_roles is None or role in slot_roles else None)
             for role, n in (lanes or {}).items() if getattr(self, role) is not None}
 
     def _merged_send(self, role: str):

@@ -455,7 +455,7 @@ class PrefixCachedLM:
         # Padding positions may run past the rotary table; their outputs are never read.
         hidden = self._fast.forward_over(input_ids, positions.clamp(max=len(self._fast.cos) - 1), allowed,
                                          list(buf[:, 0]), list(buf[:, 1]), p_max)
-        return torch.nn.functional.linear(hidden, self._fast.lm_head), hidden
+        return self._fast.logits(hidden), hidden
 
     def _forward(self, chunk: list[_Row], with_hidden: bool, mins: list,
                  hidden: list) -> list[tuple[PrefixState | None, PrefixState]]:

@@ -1,10 +1,16 @@
 """Forward-pass steppers for the lean decode loop: prefill once, then one token per call.
 
 ``FastLlamaStepper`` runs a Llama-architecture model straight from its weights with a
-preallocated KV cache and fused QKV / gate-up matmuls: a handful of torch ops per layer
-and no module hooks, which is where tiny models spend their time on CPU. Its prefill can
-start each row over a cached past (``KVPrefix``: a request's earlier tokens, from
-``backends.generator_cache``), so only the new tokens run.
+preallocated KV cache and no module hooks. Tiny models spend their CPU time on per-op
+overhead (about 2 us an op) and on streaming weights, so a layer is as few ops as it can be:
+- weights are kept transposed (``[in, out]``, contiguous) and multiplied with ``matmul``: at
+  a decode's few rows, ``F.linear`` over ``[out, in]`` costs 1.2-2x as much on CPU (MKL);
+- RoPE's rotate-half is folded into the QKV weight (a sign-flipped, half-swapped copy of the
+  Q and K columns: columns are only copied and negated), so the one matmul also gives
+  rotate_half(q) and rotate_half(k), and RoPE is a multiply and an ``addcmul`` instead of
+  about a dozen ops per tensor.
+Its prefill can start each row over a cached past (``KVPrefix``: a request's earlier
+tokens, from ``backends.generator_cache``), so only the new tokens run.
 ``HFStepper`` is the general fallback over any transformers causal LM (no cached past).
 """
 from __future__ import annotations
@@ -49,6 +55,19 @@ class HFStepper:
         return out.logits[:, -1, :]
 
 
+def _transposed(weight: torch.Tensor) -> torch.Tensor:
+    """A linear layer's ``[out, in]`` weight as a contiguous ``[in, out]`` matrix."""
+    return weight.detach().t().contiguous()
+
+
+def _rotated_half(weight_t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """Columns of a transposed ``[in, heads * head_dim]`` weight such that ``x @ result`` is
+    RoPE's ``rotate_half(x @ weight_t)`` per head: ``cat(-second half, first half)``."""
+    w = weight_t.reshape(weight_t.shape[0], heads, head_dim)
+    half = head_dim // 2
+    return torch.cat([-w[..., half:], w[..., :half]], dim=-1).reshape(weight_t.shape)
+
+
 def fast_llama_supported(model) -> bool:
     cfg = model.config
     rope = getattr(cfg, "rope_parameters", None) or {}
@@ -74,33 +93,38 @@ class FastLlamaStepper:
         m = model.model
         self.embed = m.embed_tokens.weight.detach()
         self.final_norm = m.norm.weight.detach()
-        self.lm_head = model.lm_head.weight.detach()
+        self.lm_head_t = _transposed(model.lm_head.weight)
         self.layers = []
         for layer in m.layers:
             a, mlp = layer.self_attn, layer.mlp
             self.layers.append((
                 layer.input_layernorm.weight.detach(),
-                torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(),
-                a.o_proj.weight.detach(),
+                self._qkv_weight(a),
+                _transposed(a.o_proj.weight),
                 layer.post_attention_layernorm.weight.detach(),
-                torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
-                mlp.down_proj.weight.detach(),
+                _transposed(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                _transposed(mlp.down_proj.weight),
             ))
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.length = 0
 
+    def _qkv_weight(self, attn) -> torch.Tensor:
+        """Columns ``[q, k | rotate_half(q, k) | v]``: one matmul gives all five."""
+        qk = _transposed(torch.cat([attn.q_proj.weight, attn.k_proj.weight]))
+        rotated = _rotated_half(qk, self.n_heads + self.n_kv, self.head_dim)
+        return torch.cat([qk, rotated, _transposed(attn.v_proj.weight)], dim=1).contiguous()
+
     def _norm(self, x, w):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w
 
-    def _rope(self, x, cos, sin):
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits of final (normed) hidden states."""
+        return torch.matmul(hidden, self.lm_head_t)
 
     def _forward(self, ids, positions, attn_mask):
         """ids/positions [B, T]; attn_mask bool [B, 1, T, length+T]. Returns last-position logits."""
-        return F.linear(self._hidden(ids, positions, attn_mask, last_only=True), self.lm_head)
+        return self.logits(self._hidden(ids, positions, attn_mask, last_only=True))
 
     def forward_over(self, ids, positions, attn_mask, k_cache: list, v_cache: list, start: int) -> torch.Tensor:
         """The final (normed) hidden states [B, T, H] of every new position, over per-layer
@@ -112,21 +136,21 @@ class FastLlamaStepper:
     def _hidden(self, ids, positions, attn_mask, last_only: bool):
         b, t = ids.shape
         x = F.embedding(ids, self.embed)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [B, 1, T, D]
-        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # [B, T, 1, D]
+        heads, d = self.n_heads + self.n_kv, self.head_dim
+        qk_dim, q_dim = heads * d, self.n_heads * d
         start, end = self.length, self.length + t
         for i, (w_in, w_qkv, w_o, w_post, w_gu, w_down) in enumerate(self.layers):
-            h = self._norm(x, w_in)
-            q, k, v = F.linear(h, w_qkv).split([q_dim, kv_dim, kv_dim], dim=-1)
-            q = self._rope(q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = self._rope(k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
-            self.k_cache[i][:, :, start:end] = k
-            self.v_cache[i][:, :, start:end] = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, self.k_cache[i][:, :, :end], self.v_cache[i][:, :, :end],
-                                               attn_mask=attn_mask, enable_gqa=self.n_kv != self.n_heads)
-            x = x + F.linear(o.transpose(1, 2).reshape(b, t, q_dim), w_o)
-            gate, up = F.linear(self._norm(x, w_post), w_gu).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w_down)
+            qk, qk_rot, v = torch.matmul(self._norm(x, w_in), w_qkv).split([qk_dim, qk_dim, self.n_kv * d], dim=-1)
+            qk = torch.addcmul(qk.view(b, t, heads, d) * cos, qk_rot.view(b, t, heads, d), sin).transpose(1, 2)
+            self.k_cache[i][:, :, start:end] = qk[:, self.n_heads:]
+            self.v_cache[i][:, :, start:end] = v.view(b, t, self.n_kv, d).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qk[:, :self.n_heads], self.k_cache[i][:, :, :end],
+                                               self.v_cache[i][:, :, :end], attn_mask=attn_mask,
+                                               enable_gqa=self.n_kv != self.n_heads)
+            x = x + torch.matmul(o.transpose(1, 2).reshape(b, t, q_dim), w_o)
+            gate, up = torch.matmul(self._norm(x, w_post), w_gu).chunk(2, dim=-1)
+            x = x + torch.matmul(F.silu(gate) * up, w_down)
         self.length = end
         return self._norm(x[:, -1] if last_only else x, self.final_norm)
 

@@ -87,7 +87,9 @@ def serve_cluster(tmp_path_factory):
 
     paths = _model_paths(tmp_path_factory.mktemp("models"))
     http, grpc_port = HTTPSpec(port=_free_port()), GRPCSpec(port=_free_port())
-    coordinator = CoordinatorSpec(ray_actor_options=ActorOptionsSpec(num_cpus=0))
+    # Shared call slots as the embedded default has them (default_config), so the served tests
+    # run merged calls that wait for a slot.
+    coordinator = CoordinatorSpec(ray_actor_options=ActorOptionsSpec(num_cpus=0), pool_calls_in_flight=2)
     main = AppConfig(
         pools=PoolsSpec(**{role: _pool(paths[role]) for role in ("draft", "target", "router", "prm")}),
         coordinator=coordinator, http=http, grpc=grpc_port,

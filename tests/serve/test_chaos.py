@@ -34,7 +34,9 @@ def _chaos_config(main: AppConfig) -> AppConfig:
     return AppConfig(
         name=APP,
         pools=PoolsSpec(**{role: _pool(path, **two) for role, path in paths.items()}),
-        coordinator=CoordinatorSpec(ray_actor_options=ActorOptionsSpec(num_cpus=0), num_replicas=2),
+        # Call slots too: a call that dies with its replica must give its slot back.
+        coordinator=CoordinatorSpec(ray_actor_options=ActorOptionsSpec(num_cpus=0), num_replicas=2,
+                                    pool_calls_in_flight=2),
         policy=PolicySpec(default="arbitrage"), http=main.http, grpc=main.grpc,
         limits=LimitsSpec(max_prompt_chars=200, request_timeout_s=TIMEOUT_S),
     )

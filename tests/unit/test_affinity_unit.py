@@ -156,3 +156,25 @@ def test_pool_calls_go_over_grpc_only_when_asked(over_grpc):
     asyncio.run(steps())
     assert len(log) == 4
     assert [o.get("_by_reference") for o in log] == ([False] * 4 if over_grpc else [None] * 4)
+
+
+@pytest.mark.parametrize("limit", [2, None])
+def test_merged_pools_share_one_call_slot_limit_only_when_asked(limit):
+    # coordinator.pool_calls_in_flight: one CallSlots over every pool's merged calls.
+    lanes = {role: 1 for role in ("draft", "target", "router", "prm")}
+    handles = PoolHandles(*(RecordingHandle([]) for _ in range(4)), lanes=lanes, calls_in_flight=limit)
+    slots = [merged.slots for merged in handles.merged.values()]
+    assert len(slots) == 4
+    if limit is None:
+        assert slots == [None] * 4
+    else:
+        assert all(s is slots[0] for s in slots) and slots[0].limit == limit
+
+
+def test_pools_left_out_of_slot_roles_never_wait_for_a_slot():
+    # The coordinator leaves vLLM pools out: their engines batch continuously.
+    lanes = {role: 1 for role in ("draft", "target", "router", "prm")}
+    handles = PoolHandles(*(RecordingHandle([]) for _ in range(4)), lanes=lanes, calls_in_flight=2,
+                          slot_roles={"router", "prm"})
+    assert handles.merged["draft"].slots is None and handles.merged["target"].slots is None
+    assert handles.merged["router"].slots is handles.merged["prm"].slots is not None

@@ -7,7 +7,7 @@ import contextvars
 
 import pytest
 
-from arbitrage_common.coalesce import Coalescer, lane_index
+from arbitrage_common.coalesce import CallSlots, Coalescer, lane_index
 
 
 class FakePool:
@@ -211,3 +211,82 @@ def test_piggybacked_messages_ride_the_next_call_of_their_lane_or_leave_alone_wh
 def test_bounds_are_checked(bad):
     with pytest.raises(ValueError):
         Coalescer(FakePool().send, **bad)
+
+
+# -- CallSlots: one limit on merged calls out over several pools ------------------------------
+def test_shared_slots_hold_another_pools_call_until_a_slot_frees():
+    async def main():
+        draft, router = FakePool(), FakePool()
+        draft.gate.clear()
+        slots = CallSlots(1)
+        d, r = Coalescer(draft.send, slots=slots), Coalescer(router.send, slots=slots)
+        first = asyncio.ensure_future(d.call("a", 1))
+        await settle()
+        second = asyncio.ensure_future(r.call("b", 2))
+        await settle()
+        held = len(router.calls)  # the one slot is the draft's
+        draft.gate.set()
+        return held, await first, await second, slots.out
+
+    held, first, second, out = run(main())
+    assert (held, first, second, out) == (0, 10, 20, 0)
+
+
+def test_a_freed_slot_goes_to_the_lane_whose_oldest_row_came_first_and_rows_merge_meanwhile():
+    async def main():
+        pools = {name: FakePool() for name in ("draft", "router", "target")}
+        pools["draft"].gate.clear()
+        slots = CallSlots(1)
+        merged = {name: Coalescer(pool.send, slots=slots) for name, pool in pools.items()}
+        order: list[str] = []
+        for name, pool in pools.items():
+            send = pool.send
+
+            async def recording(key, rows, piggyback, name=name, send=send):
+                order.append(name)
+                return await send(key, rows, piggyback)
+            merged[name]._send = recording
+        busy = asyncio.ensure_future(merged["draft"].call("s0", 0))
+        await settle()
+        first = [asyncio.ensure_future(merged["target"].call("t9", 9))]
+        await settle()
+        later = [asyncio.ensure_future(merged["router"].call(f"r{i}", i)) for i in range(3)]
+        await settle()
+        held = list(order)
+        pools["draft"].gate.set()
+        await asyncio.gather(busy, *first, *later)
+        return held, order, [rows for _, rows, _ in pools["router"].calls]
+
+    held, order, router_calls = run(main())
+    assert held == ["draft"]
+    assert order == ["draft", "target", "router"]  # one row that came first beats three that came later
+    assert router_calls == [[0, 1, 2]]  # rows that waited for a slot leave as one call
+
+
+def test_a_slot_comes_back_after_a_failed_call_and_after_its_rows_were_cancelled():
+    async def main():
+        bad, slow, other = FakePool(fail_call=RuntimeError("replica died")), FakePool(), FakePool()
+        slots = CallSlots(1)
+        with pytest.raises(RuntimeError):
+            await Coalescer(bad.send, slots=slots).call("a", 1)
+        await settle()
+        after_failure = slots.out
+        slow.gate.clear()
+        s, o = Coalescer(slow.send, slots=slots), Coalescer(other.send, slots=slots)
+        running = asyncio.ensure_future(s.call("b", 2))
+        await settle()
+        waiting = asyncio.ensure_future(o.call("c", 3))
+        await settle()
+        waiting.cancel()  # its row leaves the queue; nothing must wait on its behalf
+        await settle()
+        running.cancel()  # the only row of the call in flight: the call is cancelled too
+        await settle()
+        after_cancel = slots.out
+        return after_failure, after_cancel, await o.call("d", 4), len(other.calls)
+
+    assert run(main()) == (0, 0, 40, 1)
+
+
+def test_call_slots_need_a_positive_limit():
+    with pytest.raises(ValueError, match="limit"):
+        CallSlots(0)

@@ -89,6 +89,14 @@ def test_batch_size_needs_enough_ongoing_requests():
     assert _pool(max_ongoing_requests=8, max_batch_size=8).max_batch_size == 8
 
 
+def test_shared_call_slots_need_merged_calls():
+    with pytest.raises(ValidationError, match="pool_calls_in_flight"):
+        C.CoordinatorSpec(merge_calls=False, pool_calls_in_flight=2)
+    with pytest.raises(ValidationError, match="pool_calls_in_flight"):
+        C.CoordinatorSpec(pool_calls_in_flight=0)
+    assert C.CoordinatorSpec(pool_calls_in_flight=2).pool_calls_in_flight == 2
+
+
 def test_replicas_and_autoscaling_are_exclusive():
     with pytest.raises(ValidationError, match="not both"):
         _pool(num_replicas=2, autoscaling_config=C.AutoscalingSpec())

@@ -1,22 +1,36 @@
 """The fast Llama stepper computes what transformers computes, with left padding and a KV cache."""
+import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from arbitrage_common.backends.steppers import FastLlamaStepper, HFStepper, fast_llama_supported
+from arbitrage_common.backends.steppers import FastLlamaStepper, HFStepper, _rotated_half, fast_llama_supported
 from arbitrage_common.tokenizer import build_char_tokenizer
 from arbitrage_common.training.shapes import Shape
 
 
-def _model():
+def _model(kv_heads: int | None = None):
     torch.manual_seed(0)
     tok = build_char_tokenizer()
-    model = LlamaForCausalLM(Shape(hidden=32, layers=2, heads=4, ffn=64).llama_config(len(tok))).eval()
+    config = Shape(hidden=32, layers=2, heads=4, ffn=64).llama_config(len(tok))
+    if kv_heads is not None:
+        config.num_key_value_heads = kv_heads  # grouped-query attention
+    model = LlamaForCausalLM(config).eval()
     return tok, model
 
 
+def test_the_folded_rope_columns_give_rotate_half_of_each_head():
+    torch.manual_seed(0)
+    heads, head_dim = 3, 8
+    weight_t, x = torch.randn(16, heads * head_dim), torch.randn(5, 16)
+    out = (x @ weight_t).view(5, heads, head_dim)
+    expected = torch.cat([-out[..., head_dim // 2:], out[..., :head_dim // 2]], dim=-1).reshape(5, -1)
+    assert torch.allclose(x @ _rotated_half(weight_t, heads, head_dim), expected, atol=1e-6)
+
+
 @torch.inference_mode()
-def test_fast_stepper_matches_transformers_over_prefill_and_decode():
-    tok, model = _model()
+@pytest.mark.parametrize("kv_heads", [None, 2], ids=["mha", "gqa"])
+def test_fast_stepper_matches_transformers_over_prefill_and_decode(kv_heads):
+    tok, model = _model(kv_heads)
     assert fast_llama_supported(model)
     texts = ["Start with 12. Add 30.\n\n", "Start with 7.\n\n", "Start with 99. Subtract 45. Add 10.\n\n"]
     rows = [tok(t).input_ids for t in texts]
