@@ -131,6 +131,15 @@ class HFStepGenerator:
         or None); for each row in ``keep``, return the ``KVSequence`` it leaves (else None)."""
         n = len(rows)
         lengths = [p.length if p is not None else 0 for p in pasts] if pasts else [0] * n
+        new_tokens = [len(row) - start for row, start in zip(rows, lengths)]
+        order = sorted(range(n), key=new_tokens.__getitem__)
+        if order != list(range(n)):  # fewest new tokens first: the prefill runs rows in chunks by width
+            def pick(values):
+                return [values[r] for r in order] if values is not None else None
+
+            decoded, kept = self._decode_rows(pick(rows), pick(options), pick(budgets), pick(pasts), pick(keep))
+            at = {r: i for i, r in enumerate(order)}
+            return [decoded[at[r]] for r in range(n)], [kept[at[r]] for r in range(n)]
         ids, mask = self._encode([row[start:] for row, start in zip(rows, lengths)])
         positions = (mask.cumsum(-1) - 1).clamp(min=0) + torch.tensor(lengths)[:, None] * mask
         width = max(lengths)
@@ -148,7 +157,7 @@ class HFStepGenerator:
                 seed = options[i].seed if options[i].seed is not None else 0
                 uniforms[j, : budgets[i]] = torch.rand(budgets[i], generator=torch.Generator().manual_seed(seed))
         stepper = self.stepper
-        logits = stepper.prefill(ids, mask, positions, longest, past=pasts if width else None)
+        logits = stepper.prefill(ids, mask, positions, longest, past=pasts if width else None, new_tokens=new_tokens)
         texts, counts, reasons = [""] * n, [0] * n, ["length"] * n
         generated: list[list[int]] = [[] for _ in range(n)]
         fed = 0  # generated tokens fed back (their keys/values exist) in every row

@@ -40,7 +40,6 @@ stored states are never mutated.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -49,12 +48,11 @@ from typing import Any
 
 import torch
 
-from .steppers import FastLlamaStepper, fast_llama_supported
+from .steppers import FORWARD_OVERHEAD_TOKENS, FastLlamaStepper, fast_llama_supported, plan_chunks
 
 DEFAULT_PREFIX_CACHE_BYTES = 256 * 2**20
 MAX_SEGMENTS = 8  # a session's KV segments are concatenated into one past this many
 MAX_BRANCHES = 4  # whole texts (scored candidates) kept per session from its last call
-FORWARD_OVERHEAD_TOKENS = 48  # one more forward costs about this many padded tokens (measured on CPU)
 _TOMBSTONES = 4096  # released keys remembered (to refuse a put from a batch that began before)
 
 
@@ -153,26 +151,6 @@ class ByteLRU:
             return False
         self._bytes -= entry[1]
         return True
-
-
-def plan_chunks(widths: Sequence[int], max_batch: int, overhead: float = FORWARD_OVERHEAD_TOKENS) -> list[int]:
-    """Where to cut rows of ascending ``widths`` into forwards of at most ``max_batch`` rows so
-    that the padded tokens (rows x widest row, per forward) plus ``overhead`` per forward are
-    fewest: the end index of each chunk."""
-    if any(a > b for a, b in itertools.pairwise(widths)):
-        raise ValueError("widths must be ascending")
-    n = len(widths)
-    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
-    for end in range(1, n + 1):
-        for begin in range(max(0, end - max_batch), end):
-            cost = best[begin] + overhead + (end - begin) * widths[end - 1]
-            if cost < best[end]:
-                best[end], cut[end] = cost, begin
-    ends, end = [], n
-    while end > 0:
-        ends.append(end)
-        end = cut[end]
-    return ends[::-1]
 
 
 @dataclass(frozen=True)

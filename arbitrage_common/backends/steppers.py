@@ -15,6 +15,7 @@ tokens, from ``backends.generator_cache``), so only the new tokens run.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,7 +42,8 @@ class HFStepper:
         self.model = model
         self.cache = None
 
-    def prefill(self, ids, mask, positions, max_new_tokens: int, past: Sequence[KVPrefix | None] | None = None):
+    def prefill(self, ids, mask, positions, max_new_tokens: int, past: Sequence[KVPrefix | None] | None = None,
+                new_tokens: Sequence[int] | None = None):
         if past is not None:
             raise ValueError("HFStepper cannot start from a cached past")
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
@@ -53,6 +55,29 @@ class HFStepper:
                          past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
         return out.logits[:, -1, :]
+
+
+FORWARD_OVERHEAD_TOKENS = 48  # one more forward costs about this many padded tokens (measured on CPU)
+
+
+def plan_chunks(widths: Sequence[int], max_batch: int, overhead: float = FORWARD_OVERHEAD_TOKENS) -> list[int]:
+    """Where to cut rows of ascending ``widths`` into forwards of at most ``max_batch`` rows so
+    that the padded tokens (rows x widest row, per forward) plus ``overhead`` per forward are
+    fewest: the end index of each chunk."""
+    if any(a > b for a, b in itertools.pairwise(widths)):
+        raise ValueError("widths must be ascending")
+    n = len(widths)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        for begin in range(max(0, end - max_batch), end):
+            cost = best[begin] + overhead + (end - begin) * widths[end - 1]
+            if cost < best[end]:
+                best[end], cut[end] = cost, begin
+    ends, end = [], n
+    while end > 0:
+        ends.append(end)
+        end = cut[end]
+    return ends[::-1]
 
 
 def _transposed(weight: torch.Tensor) -> torch.Tensor:
@@ -154,11 +179,18 @@ class FastLlamaStepper:
         self.length = end
         return self._norm(x[:, -1] if last_only else x, self.final_norm)
 
-    def prefill(self, ids, mask, positions, max_new_tokens: int, past: Sequence[KVPrefix | None] | None = None):
+    def prefill(self, ids, mask, positions, max_new_tokens: int, past: Sequence[KVPrefix | None] | None = None,
+                new_tokens: Sequence[int] | None = None):
         """Run the new tokens ``ids`` [B, T] (left-padded). Without ``past``, ``mask`` is [B, T].
         With it, row ``r``'s past fills slots ``[0, P_r)`` of a zeroed region ``P = max P_r``
         wide and ``mask`` is [B, P + T] (slots ``>= P_r`` of the region are False): the
-        gap is masked, so every real token sees exactly its own past."""
+        gap is masked, so every real token sees exactly its own past.
+
+        ``new_tokens``: each row's count of real new tokens, ascending. The rows then run in
+        chunks (``plan_chunks``), each only as wide as its widest row, instead of all padded to
+        the widest: a batch that mixes a request's first step (its whole prompt) with other
+        requests' next steps (a few tokens each) would spend most of its prefill on padding.
+        The slots a chunk skips are left-padding: zeroed, and masked as before."""
         b, t = ids.shape
         width = mask.shape[1] - t
         total = width + t + max_new_tokens
@@ -173,13 +205,28 @@ class FastLlamaStepper:
                     for i in range(len(self.layers)):
                         self.k_cache[i][row, :, :prefix.length] = prefix.keys[i]
                         self.v_cache[i][row, :, :prefix.length] = prefix.values[i]
-        self.length = width
         keys = mask.bool()[:, None, None, :]
         causal = torch.ones(t, width + t, dtype=torch.bool).tril(diagonal=width)
         # Each position also sees itself, so left-pad rows stay finite (no all-masked softmax).
         itself = torch.zeros(t, width + t, dtype=torch.bool)
         itself[:, width:] = torch.eye(t, dtype=torch.bool)
-        return self._forward(ids, positions, (causal & keys) | itself)
+        allowed = (causal & keys) | itself
+        ends = plan_chunks([max(n, 1) for n in new_tokens], b) if new_tokens is not None else [b]
+        if len(ends) == 1:
+            self.length = width
+            return self._forward(ids, positions, allowed)
+        k_all, v_all, logits, lo = self.k_cache, self.v_cache, [], 0
+        for hi in ends:
+            skip = t - max(new_tokens[hi - 1], 1)  # leading columns that are padding in every row here
+            for k, v in zip(k_all, v_all):
+                k[lo:hi, :, width:width + skip] = 0
+                v[lo:hi, :, width:width + skip] = 0
+            self.k_cache, self.v_cache = [k[lo:hi] for k in k_all], [v[lo:hi] for v in v_all]
+            self.length = width + skip
+            logits.append(self._forward(ids[lo:hi, skip:], positions[lo:hi, skip:], allowed[lo:hi, :, skip:]))
+            lo = hi
+        self.k_cache, self.v_cache = k_all, v_all
+        return torch.cat(logits)
 
     def decode(self, tokens, mask, positions):
         return self._forward(tokens[:, None], positions[:, None], mask.bool()[:, None, None, :])

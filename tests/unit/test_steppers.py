@@ -18,6 +18,26 @@ def _model(kv_heads: int | None = None):
     return tok, model
 
 
+def _left_padded(rows: list[list[int]]):
+    width = max(map(len, rows))
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _decode_alike(one, other, logits, mask, pos, steps: int, atol: float) -> None:
+    """Feed both steppers the same greedy tokens; their logits must agree at every step."""
+    next_pos = pos[:, -1] + 1
+    for _ in range(steps):
+        tokens = logits.argmax(-1)
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
+        logits, theirs = one.decode(tokens, mask, next_pos), other.decode(tokens, mask, next_pos)
+        assert torch.allclose(logits, theirs, atol=atol)
+        next_pos = next_pos + 1
+
+
 def test_the_folded_rope_columns_give_rotate_half_of_each_head():
     torch.manual_seed(0)
     heads, head_dim = 3, 8
@@ -33,20 +53,27 @@ def test_fast_stepper_matches_transformers_over_prefill_and_decode(kv_heads):
     tok, model = _model(kv_heads)
     assert fast_llama_supported(model)
     texts = ["Start with 12. Add 30.\n\n", "Start with 7.\n\n", "Start with 99. Subtract 45. Add 10.\n\n"]
-    rows = [tok(t).input_ids for t in texts]
-    width = max(map(len, rows))
-    ids = torch.zeros((3, width), dtype=torch.long)
-    mask = torch.zeros((3, width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, pos = _left_padded([tok(t).input_ids for t in texts])
     fast, ref = FastLlamaStepper(model), HFStepper(model)
     a, b = fast.prefill(ids, mask, pos, 5), ref.prefill(ids, mask, pos, 5)
     assert torch.allclose(a, b, atol=1e-4)
-    next_pos = pos[:, -1] + 1
-    for _ in range(5):
-        tokens = a.argmax(-1)
-        mask = torch.cat([mask, torch.ones((3, 1), dtype=mask.dtype)], dim=1)
-        a, b = fast.decode(tokens, mask, next_pos), ref.decode(tokens, mask, next_pos)
-        assert torch.allclose(a, b, atol=1e-4)
-        next_pos = next_pos + 1
+    _decode_alike(fast, ref, a, mask, pos, 5, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_a_prefill_in_chunks_by_width_equals_the_padded_one():
+    # A first step's whole prompt beside other rows' few new tokens: the chunked prefill runs
+    # the short rows in their own narrow forward, and every row's logits stay what padding gives.
+    _, model = _model()
+    torch.manual_seed(1)
+    lengths = [3, 5, 150]
+    ids, mask, pos = _left_padded([torch.randint(3, 90, (n,)).tolist() for n in lengths])
+    padded, chunked = FastLlamaStepper(model), FastLlamaStepper(model)
+    forwards = []
+    run = chunked._forward
+    chunked._forward = lambda *a: forwards.append(a[0].shape) or run(*a)
+    a = padded.prefill(ids, mask, pos, 4)
+    b = chunked.prefill(ids, mask, pos, 4, new_tokens=lengths)
+    assert forwards == [(2, 5), (1, 150)]  # the short rows ran 5 wide, not 150
+    assert torch.allclose(a, b, atol=1e-5)
+    _decode_alike(padded, chunked, a, mask, pos, 4, atol=1e-5)
