@@ -606,7 +606,7 @@ def default_config() -> AppConfig:
         base_dir=str(project_home()),  # the checkout (or install, or $ARBITRAGE_HOME) that holds models/
         pools=PoolsSpec(draft=pool("draft"), target=pool("target"), router=pool("router"), prm=pool("prm")),
         # Two pool forwards at once, one per core of the machine the pools share; rows that wait
-        # merge into bigger batches (serve bench: 16-client requests/s +14 %).
+        # merge into bigger batches (serve bench: 16-client requests/s +7-19 %).
         coordinator=CoordinatorSpec(ray_actor_options=ActorOptionsSpec(num_cpus=0), pool_calls_in_flight=2),
         # Early drafts while at most two requests run: one request leaves a core idle, and the
         # draft writes the next step on it (serve bench: overhead 0.97 against 1.06 off).
