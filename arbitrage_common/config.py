@@ -318,8 +318,8 @@ class CoordinatorSpec(DeploymentSpec):
                                                                  "merge_calls). For pools that share a few cores: "
                                                                  "rows wait for a slot and merge into bigger, "
                                                                  "cheaper batches instead of time-slicing the "
-                                                                 "cores; the pool with the most rows waiting goes "
-                                                                 "next. vLLM pools never wait for a slot (their "
+                                                                 "cores; a freed slot goes to the pool whose oldest "
+                                                                 "row waited longest. vLLM pools never wait for a slot (their "
                                                                  "engines batch continuously). None: no shared "
                                                                  "limit (pools on their own nodes or GPUs).")
     pool_calls_over_grpc: bool = Field(True, exclude_if=lambda v: v is True,

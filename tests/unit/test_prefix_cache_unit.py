@@ -7,7 +7,8 @@ import threading
 import pytest
 import torch
 
-from arbitrage_common.backends.prefix_cache import ByteLRU, PrefixState, SessionState, plan_chunks
+from arbitrage_common.backends.prefix_cache import ByteLRU, PrefixState, SessionState
+from arbitrage_common.backends.steppers import plan_chunks
 
 
 def test_lru_evicts_least_recently_used_until_the_bytes_fit():
