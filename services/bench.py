@@ -98,10 +98,12 @@ def _grpc_client(endpoint: str, app: str | None):
 
     client = Client(endpoint, app)
 
-    def call(prompt: str, policy: str) -> tuple[float, int | None]:
+    def call(prompt: str, policy: str) -> tuple[float, int | None, int]:
+        """(seconds, answer, output tokens: the kept steps' tokens, draft's and target's)."""
         started = time.perf_counter()
         reply = client.generate(build_request(prompt, policy), timeout=600)
-        return time.perf_counter() - started, (reply.answer if reply.HasField("answer") else None)
+        tokens = reply.usage.draft_tokens_kept + reply.usage.target_tokens
+        return time.perf_counter() - started, (reply.answer if reply.HasField("answer") else None), tokens
 
     return client, call
 
@@ -131,14 +133,15 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         load = [p.prompt for p in generate_problems(concurrency + 2 * total, seed + 1)]
         rounds = [load[concurrency:concurrency + total], load[concurrency + total:]]
 
-        def concurrent_wall(prompts_: list[str]) -> float:
+        def concurrent_wall(prompts_: list[str]) -> tuple[float, int]:
+            """(wall seconds, output tokens) of the prompts at ``concurrency`` clients."""
             begun = time.perf_counter()
             with ThreadPoolExecutor(concurrency) as ex:
-                list(ex.map(lambda p: call(p, policy), prompts_))
-            return time.perf_counter() - begun
+                replies = list(ex.map(lambda p: call(p, policy), prompts_))
+            return time.perf_counter() - begun, sum(r[2] for r in replies)
 
         concurrent_wall(load[:concurrency])
-        conc_wall = concurrent_wall(rounds[0])  # one round before the one-at-a-time runs, one after
+        conc_wall, conc_tokens = concurrent_wall(rounds[0])  # one round before the one-at-a-time runs, one after
         inproc = _in_process(cfg, policy)
         inproc(prompts[0], False)  # warm-up
         inproc(prompts[0], True)
@@ -158,13 +161,18 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         inproc_s, inproc_answers = [r[0] for r in rows["plain"]], [r[1] for r in rows["plain"]]
         cached_s = [r[0] for r in rows["cached"]]
 
-        conc_wall += concurrent_wall(rounds[1])
+        wall, tokens = concurrent_wall(rounds[1])
+        conc_wall, conc_tokens = conc_wall + wall, conc_tokens + tokens
         channel.close()
     finally:
         if owns_service:
             local.stop()
 
     rps1, rpsn = n / seq_wall, 2 * total / conc_wall
+    # The two sets are different problems, so their requests carry different work (steps,
+    # tokens): output tokens/s compares the same work.
+    seq_tokens = sum(r[2] for r in grpc_rows)
+    tps1, tpsn = seq_tokens / seq_wall, conc_tokens / conc_wall
     out.update({
         "in_process_ms_mean": round(1000 * statistics.mean(inproc_s), 1),
         "in_process_cached_ms_mean": round(1000 * statistics.mean(cached_s), 1),
@@ -175,6 +183,11 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         "rps_1_client": round(rps1, 3),
         f"rps_{concurrency}_clients": round(rpsn, 3),
         "throughput_scaling": round(rpsn / rps1, 3),
+        "output_tokens_per_request_1_client": round(seq_tokens / n, 1),
+        f"output_tokens_per_request_{concurrency}_clients": round(conc_tokens / (2 * total), 1),
+        "output_tokens_per_s_1_client": round(tps1, 1),
+        f"output_tokens_per_s_{concurrency}_clients": round(tpsn, 1),
+        "token_throughput_scaling": round(tpsn / tps1, 3),
         "accuracy_in_process": round(sum(a == p.answer for a, p in zip(inproc_answers, problems)) / n, 3),
         "accuracy_grpc": round(sum(r[1] == p.answer for r, p in zip(grpc_rows, problems)) / n, 3),
         "answers_agree": round(sum(r[1] == a for r, a in zip(grpc_rows, inproc_answers)) / n, 3),
