@@ -191,13 +191,16 @@ class Coordinator:
         finally:
             self._inflight -= 1
             await stream.aclose()
-            self._release(prepared)
+            self._release(prepared, stream)
 
-    def _release(self, prepared: Prepared) -> None:
-        """Fire and forget: the pools this request used drop its cached prefix (their LRU
-        evicts it anyway if this is lost). With merged calls it rides on the next call."""
-        used = {prepared.request.policy.scorer} | ({"prm"} if prepared.request.policy.runs_both else set())
-        for role in (used & {"router", "prm"}) | self._cached_generators:
+    def _release(self, prepared: Prepared, stream: LoopStream) -> None:
+        """Fire and forget: the pools this request called drop its cached prefix (their LRU
+        evicts it anyway if this is lost). With merged calls it rides on the next call. A pool
+        the request never called gets nothing: a draft-only request sends the target no
+        traffic, which would count as load to its autoscaler."""
+        called = {role for role in ("draft", "target", "router", "prm")
+                  if getattr(getattr(stream.models, role), "called", False)}
+        for role in called & ({"router", "prm"} | self._cached_generators):
             if getattr(self.pools, role) is None or self.pools.release(role, prepared.request_id):
                 continue
             task = asyncio.get_running_loop().create_task(self._release_one(role, prepared.request_id))

@@ -102,12 +102,14 @@ def _bind(handle: Any, method: str, session_id: str) -> Any:
 
 class HandleGenerator:
     """``Generator`` over a GeneratorPool deployment handle; the session id also keys the
-    pool's prefix cache."""
+    pool's prefix cache. ``called``: a call was made (the pool may hold the session)."""
 
     def __init__(self, caller: PoolCaller, session_id: str = "") -> None:
         self._call, self._session = caller, session_id or None
+        self.called = False
 
     async def generate(self, prefixes: Sequence[str], options: GenerationOptions) -> list[Generation]:
+        self.called = True
         return await self._call(list(prefixes), options, self._session)
 
     async def generate_ahead(self, prefix: str, options: GenerationOptions, plan: DraftAhead) -> list[Generation]:
@@ -123,6 +125,10 @@ class TimedGenerator:
 
     def __init__(self, inner: HandleGenerator | MergedGenerator, load: Any) -> None:
         self._inner, self._load = inner, load
+
+    @property
+    def called(self) -> bool:
+        return self._inner.called
 
     async def generate(self, prefixes: Sequence[str], options: GenerationOptions) -> list[Generation]:
         started, sample = time.monotonic(), False
@@ -144,8 +150,10 @@ class HandleScorer:
 
     def __init__(self, caller: PoolCaller, session_id: str = "") -> None:
         self._call, self._session = caller, session_id or None
+        self.called = False
 
     async def score(self, items: Sequence[ScoreItem]) -> list[float]:
+        self.called = True
         return await self._call(list(items), self._session)
 
 
@@ -155,6 +163,7 @@ class MergedGenerator:
 
     def __init__(self, merged: Coalescer, session_id: str, deadline: float | None) -> None:
         self._merged, self._session, self._deadline = merged, session_id, deadline
+        self.called = False
 
     async def generate(self, prefixes: Sequence[str], options: GenerationOptions) -> list[Generation]:
         return await self._row(list(prefixes), options, None)
@@ -164,6 +173,7 @@ class MergedGenerator:
         return await self._row([prefix], options, plan)
 
     async def _row(self, prefixes: list[str], options: GenerationOptions, plan: DraftAhead | None) -> list[Generation]:
+        self.called = True
         return await self._merged.call(self._session, ((prefixes, options, self._session or None, plan),
                                                        self._deadline))
 
@@ -173,8 +183,10 @@ class MergedScorer:
 
     def __init__(self, merged: Coalescer, session_id: str, deadline: float | None) -> None:
         self._merged, self._session, self._deadline = merged, session_id, deadline
+        self.called = False
 
     async def score(self, items: Sequence[ScoreItem]) -> list[float]:
+        self.called = True
         return await self._merged.call(self._session, ((list(items), self._session or None), self._deadline))
 
 

@@ -63,6 +63,32 @@ def test_a_pool_caches_a_requests_prefix_and_drops_it_at_the_end(serve_cluster, 
     assert after["sessions"] <= before["sessions"], (before, after)  # all three released
 
 
+def test_a_request_releases_only_the_pools_it_called(serve_cluster, stub, main_metadata):
+    """Draft-only requests send the target pool nothing, not even their end-of-request release
+    (an idle pool's autoscaler would count it as load); the draft pool still gets theirs."""
+    import time
+
+    from ray import serve
+
+    from protos.arbitrage.v1 import arbitrage_pb2 as pb
+
+    app = serve_cluster[0].name
+    draft, target = (serve.get_deployment_handle(role, app_name=app) for role in ("draft", "target"))
+    time.sleep(1.0)  # earlier tests' end-of-request releases leave as calls of their own after 0.5 s idle
+    target_calls, draft_sessions = (target.info.remote().result()["calls"],
+                                    draft.info.remote().result()["prefix_cache"]["sessions"])
+    for p in problems(3, seed=37):
+        reply = stub.Generate(pb.GenerateRequest(prompt=p.prompt, policy="draft", max_steps=3), metadata=main_metadata)
+        assert reply.usage.draft_steps >= 1 and reply.usage.target_steps == 0
+    deadline = time.monotonic() + 20
+    while (after := draft.info.remote().result()["prefix_cache"]["sessions"]) > draft_sessions \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)  # the release is fire-and-forget
+    time.sleep(1.0)  # a release-only call to the target would have left by now
+    assert after <= draft_sessions
+    assert target.info.remote().result()["calls"] == target_calls
+
+
 def test_a_merged_call_equals_each_call_alone(serve_cluster):
     """generate_rows / score_rows (the coordinator's merged calls): every row gets what its
     call alone gets, with its own options; released sessions leave the scorer's cache."""
