@@ -114,6 +114,7 @@ class HandleGenerator:
 
     async def generate_ahead(self, prefix: str, options: GenerationOptions, plan: DraftAhead) -> list[Generation]:
         """Draft lookahead: the step and the steps planned after it, in one pool call."""
+        self.called = True
         return await self._call([prefix], options, self._session, plan)
 
 

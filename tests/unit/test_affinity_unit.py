@@ -135,6 +135,28 @@ def test_every_pool_call_of_a_request_carries_its_session(session):
         assert all("session_id" not in o for o in log)
 
 
+@pytest.mark.parametrize("timed", [False, True])
+def test_a_requests_adapters_say_which_pools_it_called(timed):
+    # The coordinator releases a finished request only on the pools it called (``called``).
+    from types import SimpleNamespace
+
+    from arbitrage_common.lookahead import DraftAhead
+
+    load = SimpleNamespace(call_started=lambda t: None, call_finished=lambda *a, **k: None) if timed else None
+    models = PoolHandles(*(RecordingHandle([]) for _ in range(4)), load=load).models("s")
+    roles = ("draft", "target", "router", "prm")
+    assert [getattr(models, role).called for role in roles] == [False] * 4
+
+    async def steps():
+        await models.draft.generate_ahead("p", GenerationOptions(), DraftAhead(1, 64, 4, 64))
+        await models.router.score([object()])
+
+    asyncio.run(steps())
+    assert [getattr(models, role).called for role in roles] == [True, False, True, False]
+    asyncio.run(models.target.generate(["p"], GenerationOptions()))
+    assert models.target.called
+
+
 def test_missing_scorer_pools_stay_missing():
     models = PoolHandles(RecordingHandle([]), RecordingHandle([])).models("s")
     assert models.router is None and models.prm is None
