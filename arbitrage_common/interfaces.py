@@ -19,11 +19,17 @@ FinishReason = Literal["delimiter", "eos", "length", "context"]
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """Per-call decoding options. temperature 0 means greedy."""
+    """Per-call decoding options. temperature 0 means greedy.
+
+    ``proposal``: a guess of the output (the draft's step when the target rewrites it). A
+    backend that can verify it (the transformers one) runs it in the prefill and keeps the
+    tokens it would have generated anyway, so the output is the same, in fewer decode steps.
+    Backends that cannot ignore it."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     seed: int | None = None
+    proposal: str = ""
 
 
 def row_options(options: GenerationOptions | Sequence[GenerationOptions], n: int) -> list[GenerationOptions]:

@@ -56,7 +56,7 @@ from .errors import DeadlineExceeded, InvalidArgument, ScorerError
 from .interfaces import Generation, GenerationOptions, Generator, ScoreItem, Scorer, Source
 from .lookahead import DraftAhead, generate_ahead, well_formed
 from .policies import Policy
-from .steps import DEFAULT_PROMPT_TEMPLATE, PROBLEM_FIELD, build_prefix
+from .steps import DEFAULT_PROMPT_TEMPLATE, PROBLEM_FIELD, as_written, build_prefix
 
 T = TypeVar("T")
 _FINISH_REASONS = ("delimiter", "eos", "length", "context")
@@ -276,8 +276,11 @@ class LoopStream:
         # middle of the step still accounts for the tokens spent.
         usage.draft_tokens_discarded += draft.tokens
 
+        # The draft's step is the target's proposal: the target keeps the run of it that it would
+        # write itself (same output) and decodes only the rest.
+        proposal = as_written(draft.text, draft.finish_reason)
         if policy.runs_both:
-            target: Generation | None = await self._generate("target", prefix)
+            target: Generation | None = await self._generate("target", prefix, proposal)
             assert target is not None
             s_draft, s_target = await self._score("prm", [
                 ScoreItem(problem, history, draft.text), ScoreItem(problem, history, target.text)])
@@ -295,7 +298,7 @@ class LoopStream:
             if to_target:
                 await self._drop_speculation()  # it continued a step that is not kept
                 self._drop_ahead()
-                target = await self._generate("target", prefix)
+                target = await self._generate("target", prefix, proposal)
 
         if to_target:
             assert target is not None
@@ -414,9 +417,11 @@ class LoopStream:
         return dataclasses.replace(self.request.options,
                                    max_new_tokens=min(self.request.step_max_tokens, tokens_left))
 
-    async def _generate(self, source: Source, prefix: str) -> Generation:
+    async def _generate(self, source: Source, prefix: str, proposal: str = "") -> Generation:
         model = self.models.draft if source == "draft" else self.models.target
         options = self._options(self._tokens_left())
+        if proposal:
+            options = dataclasses.replace(options, proposal=proposal)
         gens = await self._timed(source, lambda: model.generate([prefix], options))
         return self._check(source, gens)
 

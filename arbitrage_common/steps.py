@@ -39,6 +39,12 @@ def build_prefix(prompt: str, steps: Sequence[str], template: str = DEFAULT_PROM
     return head + join_steps(steps) + STEP_DELIMITER
 
 
+def as_written(text: str, finish_reason: str) -> str:
+    """A generated step as it followed its prefix: its text, plus the delimiter if it ended
+    there (the best guess of another model's continuation of the same prefix)."""
+    return text + STEP_DELIMITER if finish_reason == "delimiter" else text
+
+
 def join_steps(steps: Sequence[str]) -> str:
     """Steps joined by the delimiter (the answer text of a request)."""
     return STEP_DELIMITER.join(steps)

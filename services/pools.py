@@ -273,8 +273,10 @@ class GeneratorPool(_Pool):
 
     def info(self) -> dict[str, Any]:
         """``_Pool.info()``, plus the prefix cache: the session cache's counters (transformers),
-        or an engine-batched pool's engine prefix cache and engine state."""
+        or an engine-batched pool's engine prefix cache and engine state; and ``speculation``:
+        proposal tokens verified and kept (transformers; None where proposals are ignored)."""
         out = super().info()
+        out["speculation"] = dict(self.backend.speculation) if getattr(self.backend, "speculation", None) else None
         if self.cached:
             out["prefix_cache"] = self.backend.prefix_cache.info()
         if self.engine_batched:

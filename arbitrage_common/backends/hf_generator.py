@@ -8,6 +8,10 @@ row, plus one draw per sampled row.
 Rows with a session key (a request id) start over the keys/values that session's last call
 left (``generator_cache``; the fast Llama path only), so a step prefills only what is new
 since the session's last step instead of the whole problem and history.
+
+A row's ``GenerationOptions.proposal`` (the draft's step, when the target rewrites it) runs
+in the prefill too: the row keeps the run of it that it would generate itself and decodes
+only the rest, so its output is the same in fewer decode steps.
 """
 from __future__ import annotations
 
@@ -23,16 +27,18 @@ from ..steps import STEP_DELIMITER
 from .checkpoints import load_or_explain
 from .generator_cache import GeneratorPrefixCache, KVSequence
 from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
+from .row_decoding import RowSampler, RowSteps
 from .steppers import FastLlamaStepper, HFStepper, KVPrefix, fast_llama_supported
 
 
 class HFStepGenerator:
     """Synchronous batched step generator; thread-safe (one forward at a time).
-    ``prefix_cache_bytes`` bounds the per-session prefix cache (0: off)."""
+    ``prefix_cache_bytes`` bounds the per-session prefix cache (0: off); ``verify_proposals``:
+    run a row's ``GenerationOptions.proposal`` as token-level speculation (off: ignore it)."""
 
     def __init__(self, model_dir: str | Path, threads: int | None = None, delimiter: str = STEP_DELIMITER,
                  fast_path: bool = True, trust_remote_code: bool = False,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, verify_proposals: bool = True):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads:
@@ -55,6 +61,8 @@ class HFStepGenerator:
         self.context = self.model.config.max_position_embeddings
         self.prefix_cache = (GeneratorPrefixCache(prefix_cache_bytes)
                              if self.stepper.supports_past and prefix_cache_bytes > 0 else None)
+        self.verify_proposals = verify_proposals
+        self.speculation = {"proposed": 0, "accepted": 0}  # proposal tokens run in prefills, and kept
         self._lock = threading.Lock()
 
     def release(self, session: str) -> bool:
@@ -97,7 +105,7 @@ class HFStepGenerator:
     def _decode(self, prefixes: Sequence[str], rows: list[GenerationOptions],
                 sessions: Sequence[str | None] | None) -> list[tuple[str, int, str]]:
         results: list[tuple[str, int, str]] = [("", 0, "length")] * len(prefixes)
-        run, run_ids, budgets = [], [], []
+        run, run_ids, budgets, proposals = [], [], [], []
         for i, prefix in enumerate(prefixes):
             ids = self.tokenizer(prefix).input_ids
             if len(ids) >= self.context:
@@ -109,6 +117,7 @@ class HFStepGenerator:
             run.append(i)
             run_ids.append(ids)
             budgets.append(budget)
+            proposals.append(self._proposal_ids(prefix, ids, rows[i].proposal, budget))
         if not run:
             return results
         keys = [sessions[i] for i in run] if sessions is not None else [None] * len(run)
@@ -116,7 +125,8 @@ class HFStepGenerator:
         epoch = cache.epoch() if cache is not None else 0
         pasts = [cache.lookup(key, ids) for key, ids in zip(keys, run_ids)] if cache is not None else None
         decoded, kept = self._decode_rows(run_ids, [rows[i] for i in run], budgets, pasts,
-                                          keep=[key is not None and key not in keys[:j] for j, key in enumerate(keys)])
+                                          keep=[key is not None and key not in keys[:j] for j, key in enumerate(keys)],
+                                          proposals=proposals)
         for i, result in zip(run, decoded):
             results[i] = result
         for key, sequence in zip(keys, kept):
@@ -124,82 +134,84 @@ class HFStepGenerator:
                 cache.keep(key, sequence, epoch)
         return results
 
+    def _proposal_ids(self, prefix: str, ids: list[int], proposal: str, budget: int) -> list[int]:
+        """The tokens of ``proposal`` after ``prefix``, as many as can be checked (one fewer than
+        the budget: the token after the last accepted one is the model's own); none if the
+        tokenizer splits the joint text differently at the seam."""
+        if not proposal or not self.verify_proposals or budget < 2:
+            return []
+        joint = self.tokenizer(prefix + proposal).input_ids
+        if joint[:len(ids)] != ids:
+            return []
+        return joint[len(ids):][:budget - 1]
+
     def _decode_rows(self, rows: list[list[int]], options: list[GenerationOptions], budgets: list[int],
                      pasts: list[KVPrefix | None] | None = None, keep: list[bool] | None = None,
+                     proposals: list[list[int]] | None = None,
                      ) -> tuple[list[tuple[str, int, str]], list[KVSequence | None]]:
         """Decode each row over its cached past (``pasts``: one ``KVPrefix`` of its leading ids
-        or None); for each row in ``keep``, return the ``KVSequence`` it leaves (else None)."""
+        or None); for each row in ``keep``, return the ``KVSequence`` it leaves (else None).
+
+        ``proposals``: per row, tokens guessed to follow it. They run in the prefill; the row
+        keeps the longest run of them that equals what it generates (greedy or sampled, with
+        its own draws), then decodes on from its own next token: the same tokens as without
+        them. The rejected ones' slots are masked from then on."""
         n = len(rows)
+        proposals = proposals if proposals is not None else [[] for _ in range(n)]
         lengths = [p.length if p is not None else 0 for p in pasts] if pasts else [0] * n
-        new_tokens = [len(row) - start for row, start in zip(rows, lengths)]
+        new_tokens = [len(row) - start + len(guess) for row, start, guess in zip(rows, lengths, proposals)]
         order = sorted(range(n), key=new_tokens.__getitem__)
         if order != list(range(n)):  # fewest new tokens first: the prefill runs rows in chunks by width
             def pick(values):
                 return [values[r] for r in order] if values is not None else None
 
-            decoded, kept = self._decode_rows(pick(rows), pick(options), pick(budgets), pick(pasts), pick(keep))
+            decoded, kept = self._decode_rows(pick(rows), pick(options), pick(budgets), pick(pasts), pick(keep),
+                                              pick(proposals))
             at = {r: i for i, r in enumerate(order)}
             return [decoded[at[r]] for r in range(n)], [kept[at[r]] for r in range(n)]
-        ids, mask = self._encode([row[start:] for row, start in zip(rows, lengths)])
+        ids, mask = self._encode([row[start:] + guess for row, start, guess in zip(rows, lengths, proposals)])
         positions = (mask.cumsum(-1) - 1).clamp(min=0) + torch.tensor(lengths)[:, None] * mask
         width = max(lengths)
         if width:  # the past region: row r's first lengths[r] slots are its past, the rest a masked gap
             mask = torch.cat([torch.arange(width)[None, :] < torch.tensor(lengths)[:, None], mask.bool()], dim=1).long()
         longest = max(budgets)
-        # Sampled rows: each row's uniforms come from its own generator, seeded from its own
-        # seed and drawn for its own budget up front, so a row samples the same tokens whatever
-        # else is in the batch; per token, one vectorised inverse-CDF pick for all of them.
-        sampled = [i for i in range(n) if options[i].temperature > 0]
-        if sampled:
-            temps = torch.tensor([[options[i].temperature] for i in sampled])
-            uniforms = torch.zeros(len(sampled), longest)
-            for j, i in enumerate(sampled):
-                seed = options[i].seed if options[i].seed is not None else 0
-                uniforms[j, : budgets[i]] = torch.rand(budgets[i], generator=torch.Generator().manual_seed(seed))
-        stepper = self.stepper
-        logits = stepper.prefill(ids, mask, positions, longest, past=pasts if width else None, new_tokens=new_tokens)
-        texts, counts, reasons = [""] * n, [0] * n, ["length"] * n
-        generated: list[list[int]] = [[] for _ in range(n)]
-        fed = 0  # generated tokens fed back (their keys/values exist) in every row
-        active = list(range(n))
+        guessed = [len(guess) for guess in proposals]
+        last = max(guessed) + 1  # logits kept per row: its last prefix token's and each guess's
+        sampler = RowSampler(options, budgets)
+        logits = self.stepper.prefill(ids, mask, positions, longest, past=pasts if width else None,
+                                      new_tokens=new_tokens, last=last)
+        steps = RowSteps(budgets, self.piece, self.eos_id, self.delimiter)
+        picked = sampler.pick(logits if last > 1 else logits[:, None], sampler.draws_for_prefill(guessed, last))
+        accepted, active = steps.accept(picked, proposals)  # accepted guesses: keys/values from the prefill
+        self.speculation["proposed"] += sum(guessed)
+        self.speculation["accepted"] += sum(accepted)
+        start = width + ids.shape[1]
+        for i in range(n):  # the rejected guesses' slots: never attended to again
+            mask[i, start - guessed[i] + accepted[i]: start] = 0
         # Rows that are done keep decoding (cheaper than re-packing the cache); their positions
         # stop at the last one the model has, so a long finished row never indexes past it.
         last_pos = self.context - 1
-        next_pos = positions[:, -1] + 1
-        for step in range(longest):
-            tokens = logits.argmax(-1)
-            if sampled:
-                cdf = torch.softmax(logits[sampled] / temps, dim=-1).cumsum(-1)
-                # the first token whose cumulative mass reaches u (scaled by the total, so float
-                # rounding never picks past the last token with mass)
-                tokens[sampled] = (cdf < uniforms[:, step: step + 1] * cdf[:, -1:]).sum(-1)
-            token_list = tokens.tolist()
-            still = []
-            for i in active:
-                tok = token_list[i]
-                generated[i].append(tok)
-                counts[i] += 1
-                if tok == self.eos_id:
-                    reasons[i] = "eos"
-                elif (text := texts[i] + self.piece[tok]).endswith(self.delimiter):
-                    texts[i], reasons[i] = text[: -len(self.delimiter)], "delimiter"
-                else:
-                    texts[i] = text
-                    if counts[i] < budgets[i]:
-                        still.append(i)
-            active = still
-            if not active:
-                break
+        next_pos = positions[:, -1] + 1 - torch.tensor(guessed) + torch.tensor(accepted)
+        fed = 0  # decode steps run: each fed every row its latest token
+        while active:
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], dim=1)
-            logits = stepper.decode(tokens, mask, next_pos.clamp(max=last_pos))
+            latest = torch.tensor([row[-1] for row in steps.generated])
+            logits = self.stepper.decode(latest, mask, next_pos.clamp(max=last_pos))
             next_pos = next_pos + 1
             fed += 1
-        kept = [self._kept(r, rows[r], lengths[r], width + ids.shape[1], generated[r][:fed])
-                if keep and keep[r] else None for r in range(n)]
-        return [(t.strip(), c, r) for t, c, r in zip(texts, counts, reasons)], kept
+            picked = sampler.pick(logits, sampler.draws_at(steps.counts))  # each row at its own index
+            active = [i for i in active if steps.take(i, picked[i])]
+        generated = steps.generated
+        kept = [self._kept(r, rows[r], lengths[r], start - guessed[r], generated[r][: accepted[r]], start,
+                           generated[r][accepted[r]: accepted[r] + fed]) if keep and keep[r] else None
+                for r in range(n)]
+        return steps.results(), kept
 
-    def _kept(self, row: int, prefix: list[int], past: int, start: int, fed: list[int]) -> KVSequence:
+    def _kept(self, row: int, prefix: list[int], past: int, end: int, accepted: list[int], start: int,
+              fed: list[int]) -> KVSequence:
         """Row ``row``'s real tokens and their keys/values: its past (slots ``[0, past)``), its
-        new prefix tokens (left-padded to end at ``start``) and the generated tokens fed back."""
-        slots = torch.cat([torch.arange(past), torch.arange(start - len(prefix) + past, start + len(fed))])
-        return KVSequence(tuple(prefix) + tuple(fed), self.stepper.export(row, slots))
+        new prefix tokens (left-padded to end at ``end``), the guesses it accepted (right after
+        them) and the generated tokens fed back (from the first decode slot, ``start``, on)."""
+        slots = torch.cat([torch.arange(past), torch.arange(end - len(prefix) + past, end + len(accepted)),
+                           torch.arange(start, start + len(fed))])
+        return KVSequence(tuple(prefix) + tuple(accepted) + tuple(fed), self.stepper.export(row, slots))

@@ -43,12 +43,13 @@ class HFStepper:
         self.cache = None
 
     def prefill(self, ids, mask, positions, max_new_tokens: int, past: Sequence[KVPrefix | None] | None = None,
-                new_tokens: Sequence[int] | None = None):
+                new_tokens: Sequence[int] | None = None, last: int = 1):
         if past is not None:
             raise ValueError("HFStepper cannot start from a cached past")
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=last)
         self.cache = out.past_key_values
-        return out.logits[:, -1, :]
+        return out.logits[:, -1, :] if last == 1 else out.logits[:, -last:, :]
 
     def decode(self, tokens, mask, positions):
         out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
@@ -147,18 +148,21 @@ class FastLlamaStepper:
         """Next-token logits of final (normed) hidden states."""
         return torch.matmul(hidden, self.lm_head_t)
 
-    def _forward(self, ids, positions, attn_mask):
-        """ids/positions [B, T]; attn_mask bool [B, 1, T, length+T]. Returns last-position logits."""
-        return self.logits(self._hidden(ids, positions, attn_mask, last_only=True))
+    def _forward(self, ids, positions, attn_mask, last: int = 1):
+        """ids/positions [B, T]; attn_mask bool [B, 1, T, length+T]. Returns the last position's
+        logits [B, V], or the last ``last`` positions' [B, last, V]."""
+        return self.logits(self._hidden(ids, positions, attn_mask, last=last))
 
     def forward_over(self, ids, positions, attn_mask, k_cache: list, v_cache: list, start: int) -> torch.Tensor:
         """The final (normed) hidden states [B, T, H] of every new position, over per-layer
         key/value buffers ``[B, KV, S, D]`` whose slots before ``start`` hold the past; the new
         keys/values are written from ``start`` on. For the prefix-cached scorers."""
         self.k_cache, self.v_cache, self.length = k_cache, v_cache, start
-        return self._hidden(ids, positions, attn_mask, last_only=False)
+        return self._hidden(ids, positions, attn_mask, last=None)
 
-    def _hidden(self, ids, positions, attn_mask, last_only: bool):
+    def _hidden(self, ids, positions, attn_mask, last: int | None):
+        """Final (normed) hidden states: of the last position ([B, H]) if ``last`` is 1, of the
+        last ``last`` positions ([B, last, H]), or of every position (None)."""
         b, t = ids.shape
         x = F.embedding(ids, self.embed)
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # [B, T, 1, D]
@@ -177,11 +181,14 @@ class FastLlamaStepper:
             gate, up = torch.matmul(self._norm(x, w_post), w_gu).chunk(2, dim=-1)
             x = x + torch.matmul(F.silu(gate) * up, w_down)
         self.length = end
-        return self._norm(x[:, -1] if last_only else x, self.final_norm)
+        if last is not None:
+            x = x[:, -1] if last == 1 else x[:, -last:]
+        return self._norm(x, self.final_norm)
 
     def prefill(self, ids, mask, positions, max_new_tokens: int, past: Sequence[KVPrefix | None] | None = None,
-                new_tokens: Sequence[int] | None = None):
-        """Run the new tokens ``ids`` [B, T] (left-padded). Without ``past``, ``mask`` is [B, T].
+                new_tokens: Sequence[int] | None = None, last: int = 1):
+        """Run the new tokens ``ids`` [B, T] (left-padded); the logits of the last position
+        ([B, V]), or of the last ``last`` positions ([B, last, V]: a proposal's verification). Without ``past``, ``mask`` is [B, T].
         With it, row ``r``'s past fills slots ``[0, P_r)`` of a zeroed region ``P = max P_r``
         wide and ``mask`` is [B, P + T] (slots ``>= P_r`` of the region are False): the
         gap is masked, so every real token sees exactly its own past.
@@ -214,16 +221,16 @@ class FastLlamaStepper:
         ends = plan_chunks([max(n, 1) for n in new_tokens], b) if new_tokens is not None else [b]
         if len(ends) == 1:
             self.length = width
-            return self._forward(ids, positions, allowed)
+            return self._forward(ids, positions, allowed, last)
         k_all, v_all, logits, lo = self.k_cache, self.v_cache, [], 0
         for hi in ends:
-            skip = t - max(new_tokens[hi - 1], 1)  # leading columns that are padding in every row here
+            skip = t - max(new_tokens[hi - 1], last)  # leading columns that are padding in every row here
             for k, v in zip(k_all, v_all):
                 k[lo:hi, :, width:width + skip] = 0
                 v[lo:hi, :, width:width + skip] = 0
             self.k_cache, self.v_cache = [k[lo:hi] for k in k_all], [v[lo:hi] for v in v_all]
             self.length = width + skip
-            logits.append(self._forward(ids[lo:hi, skip:], positions[lo:hi, skip:], allowed[lo:hi, :, skip:]))
+            logits.append(self._forward(ids[lo:hi, skip:], positions[lo:hi, skip:], allowed[lo:hi, :, skip:], last))
             lo = hi
         self.k_cache, self.v_cache = k_all, v_all
         return torch.cat(logits)

@@ -5,6 +5,7 @@ import pytest
 from serve_helpers import SLOW_APP, problems
 
 from arbitrage_common.interfaces import GenerationOptions, ScoreItem
+from arbitrage_common.steps import build_prefix
 
 
 def test_concurrent_steps_share_one_forward_pass(serve_cluster):
@@ -87,6 +88,29 @@ def test_a_request_releases_only_the_pools_it_called(serve_cluster, stub, main_m
     time.sleep(1.0)  # a release-only call to the target would have left by now
     assert after <= draft_sessions
     assert target.info.remote().result()["calls"] == target_calls
+
+
+def test_a_served_rewrite_verifies_the_draft_step(serve_cluster, stub, main_metadata):
+    """Steps routed to the target carry the draft's step to the target pool, which runs it as
+    its proposal and keeps part of it; the step equals what the target writes with none."""
+    from ray import serve
+
+    from protos.arbitrage.v1 import arbitrage_pb2 as pb
+
+    app = serve_cluster[0].name
+    target = serve.get_deployment_handle("target", app_name=app)
+    before = target.info.remote().result()["speculation"]
+    prompts = [p.prompt for p in problems(3, seed=47)]
+    replies = [stub.Generate(pb.GenerateRequest(prompt=p, policy="arbitrage", threshold=0.0, max_steps=3),
+                             metadata=main_metadata) for p in prompts]
+    rewritten = [(p, r, i) for p, r in zip(prompts, replies) for i, s in enumerate(r.steps) if s.source == pb.SOURCE_TARGET]
+    assert rewritten
+    after = target.info.remote().result()["speculation"]
+    assert after["proposed"] > before["proposed"] and after["accepted"] > before["accepted"]
+    for prompt, reply, i in rewritten:
+        prefix = build_prefix(prompt, [s.text for s in reply.steps[:i]])
+        (plain,) = target.generate.remote([prefix], GenerationOptions(max_new_tokens=64)).result()
+        assert plain.text == reply.steps[i].text
 
 
 def test_a_merged_call_equals_each_call_alone(serve_cluster):
@@ -178,7 +202,7 @@ def test_concurrent_requests_leave_the_coordinator_as_merged_calls(serve_cluster
         together = list(pool.map(ask, prompts))
     after = draft.info.remote().result()
     assert [r.text for r in together[:3]] == [r.text for r in alone]
-    draft_steps = sum(1 for r in together for s in r.steps if s.source == "draft" or s.draft_discarded)
+    draft_steps = sum(1 for r in together for s in r.steps if s.source == pb.SOURCE_DRAFT or s.draft_discarded)
     assert after["items"] - before["items"] >= draft_steps
     assert after["calls"] - before["calls"] < after["items"] - before["items"]
 

@@ -61,6 +61,18 @@ def test_arbitrage_calls_target_only_above_threshold_and_passes_history():
     assert last.candidate == "d3"
 
 
+def test_a_rewrite_gets_the_discarded_draft_step_as_its_proposal():
+    """The target's rewrite carries the draft's step as it was written (with the delimiter if
+    it ended there), and so does the oracle's target; the draft's own calls carry none."""
+    draft = ScriptedGenerator(["d0", ("d1", "length"), "d2", ("d3", "eos")])
+    router = TableScorer({"d0": 0.9, "d1": 0.9, "d2": 0.1, "d3": 0.1})
+    _, draft, target = run(make_policy("arbitrage", 0.5), draft=draft, router=router)
+    assert [o.proposal for _, o in target.calls] == ["d0\n\n", "d1"]
+    assert {o.proposal for _, o in draft.calls} == {""}
+    _, _, oracle_target = run(make_policy("oracle", 0.0), prm=TableScorer({}))
+    assert [o.proposal for _, o in oracle_target.calls] == ["d0\n\n", "d1\n\n", "d2\n\n", "d3"]
+
+
 def test_random_runs_only_the_chosen_model():
     result, draft, target = run(make_policy("random", 0.5, seed=3))
     expected = make_policy("random", 0.5, seed=3)

@@ -77,3 +77,23 @@ def test_a_prefill_in_chunks_by_width_equals_the_padded_one():
     assert forwards == [(2, 5), (1, 150)]  # the short rows ran 5 wide, not 150
     assert torch.allclose(a, b, atol=1e-5)
     _decode_alike(padded, chunked, a, mask, pos, 4, atol=1e-5)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("chunked", [False, True], ids=["padded", "chunked"])
+def test_a_prefill_keeps_the_last_positions_logits_as_transformers_computes_them(chunked):
+    # A proposal's verification: the logits of each row's last 4 positions, over narrow and wide
+    # rows alike (a chunk keeps 4 columns even when its rows are narrower).
+    _, model = _model()
+    torch.manual_seed(2)
+    lengths = [2, 3, 40]
+    ids, mask, pos = _left_padded([torch.randint(3, 90, (n,)).tolist() for n in lengths])
+    fast = FastLlamaStepper(model)
+    got = fast.prefill(ids, mask, pos, 3, new_tokens=lengths if chunked else None, last=4)
+    slow = HFStepper(model).prefill(ids, mask, pos, 3, last=4)
+    full = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    assert got.shape == slow.shape == (3, 4, full.shape[-1])
+    for row, n in enumerate(lengths):  # its real positions (a short row's first ones are padding)
+        real = min(n, 4)
+        assert torch.allclose(got[row, -real:], full[row, -real:], atol=1e-4)
+        assert torch.allclose(slow[row, -real:], full[row, -real:], atol=1e-5)
