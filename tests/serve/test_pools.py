@@ -1,6 +1,8 @@
 """The pools batch dynamically: concurrent step calls share one forward pass."""
 from __future__ import annotations
 
+import time
+
 import pytest
 from serve_helpers import SLOW_APP, problems
 
@@ -100,6 +102,7 @@ def test_a_served_rewrite_verifies_the_draft_step(serve_cluster, stub, main_meta
     app = serve_cluster[0].name
     target = serve.get_deployment_handle("target", app_name=app)
     before = target.info.remote().result()["speculation"]
+    held = _sessions(app)
     prompts = [p.prompt for p in problems(3, seed=47)]
     replies = [stub.Generate(pb.GenerateRequest(prompt=p, policy="arbitrage", threshold=0.0, max_steps=3),
                              metadata=main_metadata) for p in prompts]
@@ -111,6 +114,25 @@ def test_a_served_rewrite_verifies_the_draft_step(serve_cluster, stub, main_meta
         prefix = build_prefix(prompt, [s.text for s in reply.steps[:i]])
         (plain,) = target.generate.remote([prefix], GenerationOptions(max_new_tokens=64)).result()
         assert plain.text == reply.steps[i].text
+    deadline = time.monotonic() + 20
+    while not _released(app, held) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the end-of-request releases are fire-and-forget: let none land in the next test
+    assert _released(app, held)
+
+
+def _released(app: str, held: dict[str, int]) -> bool:
+    """No pool holds more request sessions than ``held`` (this test's requests have all left)."""
+    return all(n <= held[role] for role, n in _sessions(app).items())
+
+
+def _sessions(app: str) -> dict[str, int]:
+    """Request sessions each pool's cache holds."""
+    from ray import serve
+
+    infos = {role: serve.get_deployment_handle(role, app_name=app).info.remote().result()
+             for role in ("draft", "target", "router")}
+    return {role: (info.get("prefix_cache") or info.get("scorer_cache") or {}).get("sessions", 0)
+            for role, info in infos.items()}
 
 
 def test_a_merged_call_equals_each_call_alone(serve_cluster):
