@@ -1,8 +1,9 @@
 """``arbitrage plan profile``: the planner's inputs, measured.
 
 1. Per-pool service time against batch size: each pool's backend, in this process, on the
-   bundled (or configured) checkpoints, on prefixes of real solutions at a random step (seeded),
-   timed at batch sizes 1..max; a line ``base + per_item * b`` is fitted.
+   bundled (or configured) checkpoints, on prefixes of real solutions at a random step (seeded;
+   for the target, steps the draft writes differently, with the draft's step as the proposal,
+   as a rewrite runs), timed at batch sizes 1..max; a line ``base + per_item * b`` is fitted.
 2. With ``--grpc``: the overheads the pools do not see and the request shape, from a few
    one-at-a-time requests to the running service (the one client module): steps per request
    and target-step fraction of the policy, per-call hop and per-request overhead (measured
@@ -13,10 +14,11 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from dataclasses import replace
 
 from ..config import AppConfig
 from ..interfaces import GenerationOptions, ScoreItem
-from ..steps import build_prefix
+from ..steps import as_written, build_prefix
 from ..synthetic import generate_problems
 from .model import CALLS_PER_STEP, ServiceCurve
 from .planner import Profile
@@ -44,8 +46,36 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(runs)
 
 
+def rewrites(cfg: AppConfig, target, options: GenerationOptions, n: int, seed: int,
+             ) -> tuple[list[str], list[GenerationOptions]]:
+    """``n`` prefixes of real solutions where the draft's step differs from the target's (the
+    steps a router or PRM sends to the target), each with the draft's step as its proposal, as
+    the loop sends it: the target's service time is that of a rewrite, not of a random step."""
+    from ..backends.hf_generator import HFStepGenerator
+
+    spec = cfg.pools.draft
+    draft = HFStepGenerator(cfg.resolve_path(spec.model.path), threads=spec.model.threads,
+                            trust_remote_code=spec.model.trust_remote_code)
+    picked: list[tuple[str, GenerationOptions]] = []
+    for attempt in range(8):  # about one step in four differs on the bundled pair
+        prefixes = [build_prefix(prompt, steps, cfg.prompt.template)
+                    for prompt, steps in _inputs(4 * n, seed + 1000 * (attempt + 1))]
+        for prefix, mine, theirs in zip(prefixes, draft.generate_batch(prefixes, options),
+                                        target.generate_batch(prefixes, options)):
+            if mine.text != theirs.text:
+                picked.append((prefix, replace(options, proposal=as_written(mine.text, mine.finish_reason))))
+        if len(picked) >= n:
+            break
+    if not picked:
+        raise ValueError("plan profile: the draft and target write the same step on every sampled prefix")
+    picked = (picked * n)[:n]  # a pair that rarely differs: reuse the rewrites found
+    return [p for p, _ in picked], [o for _, o in picked]
+
+
 def profile_pools(cfg: AppConfig, batch_sizes=BATCH_SIZES, seed: int = 0, repeats: int = 3,
-                  step_tokens: int | None = None) -> tuple[dict[str, ServiceCurve], dict]:
+                  step_tokens: int | None = None, rewrites_only: bool = True) -> tuple[dict[str, ServiceCurve], dict]:
+    """Service curves per pool; ``rewrites_only``: time the target on rewrites (``rewrites``),
+    as arbitrage and RSD call it, not on every step, as the target policy does."""
     from ..backends.hf_generator import HFStepGenerator
     from ..backends.scorers import load_step_scorer
 
@@ -57,8 +87,11 @@ def profile_pools(cfg: AppConfig, batch_sizes=BATCH_SIZES, seed: int = 0, repeat
         if role in ("draft", "target"):
             gen = HFStepGenerator(path, threads=spec.model.threads, trust_remote_code=spec.model.trust_remote_code)
             prefixes = [build_prefix(prompt, steps, cfg.prompt.template) for prompt, steps in inputs]
-            run = lambda b, gen=gen, prefixes=prefixes: gen.generate_batch(prefixes[:b], options)
-            one = lambda i, gen=gen, prefixes=prefixes: gen.generate_batch([prefixes[i]], options)
+            rows = [options] * len(prefixes)
+            if role == "target" and rewrites_only:
+                prefixes, rows = rewrites(cfg, gen, options, len(inputs), seed)
+            run = lambda b, gen=gen, prefixes=prefixes, rows=rows: gen.generate_batch(prefixes[:b], rows[:b])
+            one = lambda i, gen=gen, prefixes=prefixes, rows=rows: gen.generate_batch([prefixes[i]], rows[i:i + 1])
         else:
             scorer = load_step_scorer(path, threads=spec.model.threads, annotate_history=spec.model.annotate_history,
                                       trust_remote_code=spec.model.trust_remote_code)
@@ -98,8 +131,10 @@ def measure_service(endpoint: str, app: str | None, policy: str, n: int, seed: i
 
 def build_profile(cfg: AppConfig, endpoint: str | None, app: str | None, policy: str, n: int, seed: int,
                   cores: float | None, max_steps: int | None = None) -> Profile:
-    curves, points = profile_pools(cfg, seed=seed)
-    measured: dict = {"service_ms_by_batch": points}
+    rewrites_only = CALLS_PER_STEP.get(policy, ((), None))[1] == "target"
+    curves, points = profile_pools(cfg, seed=seed, rewrites_only=rewrites_only)
+    measured: dict = {"service_ms_by_batch": points,
+                      "target_steps": "rewrites, the draft's step proposed" if rewrites_only else "every step"}
     steps: tuple[int, ...] = (cfg.limits.default_max_steps,)
     hop = overhead = 0.0
     if endpoint:

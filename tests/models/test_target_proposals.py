@@ -117,3 +117,19 @@ def test_the_general_stepper_verifies_too():
     guesses = [GenerationOptions(40, proposal=g.text[: len(g.text) // 2] + "?") for g in want]
     assert triples(slow.generate_batch(prefixes, guesses)) == triples(want)
     assert slow.speculation["accepted"] > 0
+
+
+def test_the_planner_profiles_the_target_on_rewrites(models):
+    """``plan profile`` times the target on steps the draft writes differently, each with the
+    draft's step as its proposal, as arbitrage and RSD call it."""
+    from arbitrage_common.config import default_config
+    from arbitrage_common.planning.profile import rewrites
+
+    _, plain, draft = models
+    options = GenerationOptions(max_new_tokens=64)
+    prefixes, rows = rewrites(default_config(), plain, options, 6, seed=3)
+    assert len(prefixes) == len(rows) == 6 and len(set(prefixes)) == 6
+    mine, theirs = draft.generate_batch(prefixes, options), plain.generate_batch(prefixes, options)
+    assert [r.proposal for r in rows] == [as_written(g.text, g.finish_reason) for g in mine]
+    assert all(a.text != b.text for a, b in zip(mine, theirs))
+    assert {r.max_new_tokens for r in rows} == {64}
