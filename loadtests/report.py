@@ -61,8 +61,21 @@ def summarize(recs: list[Record], duration_s: float, slo_ms: float | None, timel
         "slo_ms": slo_ms,
         "goodput": round(len(within) / len(recs), 4) if recs else None,
         "goodput_requests_per_s": round(len(within) / duration_s, 3) if duration_s > 0 else None,
+        "proposal_tokens_kept": proposal_tokens_kept(timeline),
         "pools_over_time": timeline,
     }
+
+
+def proposal_tokens_kept(timeline: list[dict]) -> dict[str, float]:
+    """Per pool that verified proposals during the run: the fraction of proposal tokens kept."""
+    totals: dict[str, list[float]] = {}
+    for row in timeline:
+        for pool, figures in row["pools"].items():
+            if figures.get("proposal_tokens"):
+                t = totals.setdefault(pool, [0.0, 0.0])
+                t[0] += figures["proposal_tokens"]["proposed"]
+                t[1] += figures["proposal_tokens"]["accepted"]
+    return {pool: round(accepted / proposed, 4) for pool, (proposed, accepted) in sorted(totals.items())}
 
 
 def _png(fig) -> str:
@@ -110,9 +123,8 @@ def _charts(recs: list[Record], timeline: list[dict]) -> list[tuple[str, str]]:
 def _table(summary: dict) -> str:
     rows = []
     for key in ("requests", "succeeded", "requests_per_s", "steps_per_request", "target_step_fraction", "accuracy",
-                "slo_ms",
-                "goodput", "goodput_requests_per_s"):
-        rows.append(f"<tr><th>{key}</th><td>{summary[key]}</td></tr>")
+                "proposal_tokens_kept", "slo_ms", "goodput", "goodput_requests_per_s"):
+        rows.append(f"<tr><th>{key}</th><td>{html.escape(str(summary[key]))}</td></tr>")
     for key in ("e2e_ms", "ttfs_ms", "time_per_step_ms"):
         d = summary[key]
         rows.append(f"<tr><th>{key}</th><td>p50 {d['p50']} · p95 {d['p95']} · p99 {d['p99']} · mean {d['mean']} "

@@ -1,6 +1,7 @@
 """The service's own Prometheus metrics, sampled during a run: per pool (deployment) the
-healthy replicas, requests queued at callers and running on replicas, and the mean batch size
-since the previous sample. Reads the Ray metrics export port(s); no Ray import."""
+healthy replicas, requests queued at callers and running on replicas, the mean batch size
+and the proposal tokens run and kept (a target verifying the draft's step) since the previous
+sample. Reads the Ray metrics export port(s); no Ray import."""
 from __future__ import annotations
 
 import re
@@ -68,7 +69,33 @@ def snapshot(samples, app: str | None) -> dict[str, dict[str, float]]:
             pools[labels["role"]]["items"] += value  # exact (Ray exports a histogram's _sum from bucket midpoints)
         elif name == "ray_arbitrage_pool_batch_size_count" and labels.get("role"):
             pools[labels["role"]]["batch_count"] += value
+        elif name == "ray_arbitrage_pool_proposal_tokens_total" and labels.get("role") and labels.get("outcome"):
+            pools[labels["role"]][labels["outcome"]] += value  # proposed / accepted
     return {dep: dict(v) for dep, v in pools.items() if dep in POOLS}
+
+
+def interval_figures(snap: dict[str, dict[str, float]], replicas: dict[str, int],
+                     previous: dict[str, dict[str, float]]) -> tuple[dict[str, dict], dict[str, dict[str, float]]]:
+    """One timeline row's pools from a snapshot (cumulative counters) and the one before it,
+    and the snapshot to keep for the next row."""
+    for dep in replicas:
+        snap.setdefault(dep, {})
+    pools = {}
+    for dep, v in snap.items():
+        before = previous.get(dep, {})
+        # Ray drops a gauge from an export interval in which it was not set: carry it forward.
+        v = {**before, **v}
+        calls = v.get("batch_count", 0) - before.get("batch_count", 0)
+        items = v.get("items", 0) - before.get("items", 0)
+        pools[dep] = {"replicas": replicas.get(dep, 0), "queued": v.get("queued", 0), "running": v.get("running", 0),
+                      "batch_size": round(items / calls, 2) if calls > 0 else None}
+        proposed = v.get("proposed", 0) - before.get("proposed", 0)
+        accepted = v.get("accepted", 0) - before.get("accepted", 0)
+        # A pool's first sample is the baseline; a replica that stopped takes its counts along.
+        if dep in previous and proposed > 0 and accepted >= 0:
+            pools[dep]["proposal_tokens"] = {"proposed": proposed, "accepted": accepted}
+        snap[dep] = v
+    return pools, {**previous, **snap}
 
 
 def scrape(urls: list[str], timeout: float = 5.0) -> list:
@@ -97,23 +124,9 @@ class Sampler(threading.Thread):
         tracker = ReplicaTracker()
         while True:
             samples = scrape(self.urls)
-            replicas = tracker.update(samples, self.app)
-            snap = snapshot(samples, self.app)
-            for dep in replicas:
-                snap.setdefault(dep, {})
-            row = {"t": round(time.monotonic() - self._t0, 2), "pools": {}}
-            for dep, v in snap.items():
-                before = previous.get(dep, {})
-                # Ray drops a gauge from an export interval in which it was not set: carry it forward.
-                v = {**before, **v}
-                calls = v.get("batch_count", 0) - before.get("batch_count", 0)
-                items = v.get("items", 0) - before.get("items", 0)
-                row["pools"][dep] = {"replicas": replicas.get(dep, 0), "queued": v.get("queued", 0),
-                                     "running": v.get("running", 0),
-                                     "batch_size": round(items / calls, 2) if calls > 0 else None}
-                snap[dep] = v
-            previous = {**previous, **snap}
-            self.timeline.append(row)
+            pools, previous = interval_figures(snapshot(samples, self.app), tracker.update(samples, self.app),
+                                               previous)
+            self.timeline.append({"t": round(time.monotonic() - self._t0, 2), "pools": pools})
             if self._stop_event.wait(self.interval_s):
                 return
 

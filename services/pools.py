@@ -191,9 +191,27 @@ class GeneratorPool(_Pool):
                                    description="Prefix-cache token hit rate of this replica (its engine's, or its "
                                                "session cache's) since start.")
             self._hit_rate.set_default_tags({"role": role})
+        # Token-level speculation (a transformers target verifying the draft's step): counts since start.
+        self._speculation_seen = dict(getattr(self.backend, "speculation", None) or {})
+        if self._speculation_seen:
+            self._proposal_tokens = Counter(
+                "arbitrage_pool_proposal_tokens_total", tag_keys=("role", "outcome"),
+                description="Tokens of the draft's step that calls ran as their proposal (outcome=proposed) "
+                            "and kept as their own (outcome=accepted).")
+            self._proposal_tokens.set_default_tags({"role": role})
 
     def _batched_method(self):
         return self._generate_batched
+
+    def _export_speculation(self) -> None:
+        """Add the proposal tokens run and kept since the last export to the counter."""
+        if not self._speculation_seen:
+            return
+        now = dict(self.backend.speculation)
+        for outcome, total in now.items():
+            if total > self._speculation_seen.get(outcome, 0):
+                self._proposal_tokens.inc(total - self._speculation_seen.get(outcome, 0), tags={"outcome": outcome})
+        self._speculation_seen = now
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         if not self.engine_batched:  # the Serve batch knobs do not apply to an engine-batched pool
@@ -315,6 +333,7 @@ class GeneratorPool(_Pool):
             return self.backend.generate_batch(prefixes, options)
 
         chains = await self._run(chain_rows, run, flat, rows, plans)
+        self._export_speculation()
         if self.cached:
             self._hit_rate.set(self.backend.prefix_cache.info()["hit_rate"])
         return [[gen for row in part for gen in row] for part in _split(chains, [len(ps) for ps in prefix_lists])]

@@ -157,6 +157,11 @@ def test_smoke_grpc_stream_zero_failures_and_report(service, tmp_path):
     stats = (out / "locust_stats.csv").read_text()
     assert "GenerateStream TTFS" in stats and "GenerateStream end" in stats and "GenerateStream step" in stats
     assert any(row["pools"].get("draft", {}).get("replicas") for row in summary["pools_over_time"])
+    # The default policy routes some steps to the target, which verifies the draft's step as its
+    # proposal: the pool's counter reaches the report (the draft pool gets no proposal).
+    assert summary["target_step_fraction"] > 0
+    assert set(summary["proposal_tokens_kept"]) == {"target"}
+    assert 0.0 < summary["proposal_tokens_kept"]["target"] < 1.0
 
 
 @pytest.mark.parametrize("transport", ["http-sse", "openai-chat"])

@@ -23,3 +23,32 @@ def test_accuracy_counts_graded_answers_and_threshold_used_is_reported(monkeypat
     assert out["accuracy"] == round(1 / 3, 4)  # p1 right, p2 wrong, p1 unanswered; unknown prompt ungraded
     assert out["threshold_used"]["n"] == 3 and out["threshold_used"]["mean"] == 0.6
     assert [r.correct for r in recs[:4]] == [True, False, False, None]
+
+
+def _target_counters(proposed: float, accepted: float) -> list:
+    from loadtests.service_metrics import parse
+
+    text = "\n".join([
+        'ray_serve_deployment_replica_healthy{application="a",deployment="target",replica="r1"} 1',
+        f'ray_arbitrage_pool_proposal_tokens_total{{role="target",outcome="proposed"}} {proposed}',
+        f'ray_arbitrage_pool_proposal_tokens_total{{role="target",outcome="accepted"}} {accepted}',
+    ])
+    return parse(text)
+
+
+def test_proposal_tokens_kept_counts_the_run_only_and_skips_a_stopped_replicas_drop():
+    from loadtests.service_metrics import ReplicaTracker, interval_figures, snapshot
+
+    tracker, previous, timeline = ReplicaTracker(), {}, []
+    # Counts since the replica started: 100/40 before the run (the baseline), then +50/+30,
+    # then a replica stopped (the sum falls), then +20/+5 over the new sum.
+    for t, (proposed, accepted) in enumerate([(100, 40), (150, 70), (60, 20), (80, 25)]):
+        samples = _target_counters(proposed, accepted)
+        pools, previous = interval_figures(snapshot(samples, "a"), tracker.update(samples, "a", now=t), previous)
+        timeline.append({"t": t, "pools": pools})
+    assert [row["pools"]["target"].get("proposal_tokens") for row in timeline] == [
+        None, {"proposed": 50, "accepted": 30}, None, {"proposed": 20, "accepted": 5}]
+    out = summarize([Record("grpc", 0.0, 100.0, "OK", steps=2, target_steps=1)], duration_s=10.0, slo_ms=None,
+                    timeline=timeline, settings={})
+    assert out["proposal_tokens_kept"] == {"target": round(35 / 70, 4)}
+    assert summarize([], 10.0, None, timeline[:1], {})["proposal_tokens_kept"] == {}
