@@ -65,7 +65,8 @@ def _loadtest(args) -> int:
     else:
         summary = run_local(settings, out, args.config, progress)
     brief = {k: summary[k] for k in ("requests", "succeeded", "failures_by_status", "requests_per_s", "e2e_ms",
-                                     "ttfs_ms", "time_per_step_ms", "target_step_fraction", "goodput")}
+                                     "ttfs_ms", "time_per_step_ms", "target_step_fraction", "proposal_tokens_kept",
+                                     "goodput")}
     print(json.dumps(brief, indent=2))
     print(f"arbitrage loadtest: report in {out / 'report.html'}, summary in {out / 'summary.json'}")
     if args.fail_on_errors and summary["failures_by_status"]:

@@ -16,7 +16,10 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 class _PoolSelf:
-    """The attributes ``_generate_batched`` uses, with a real backend."""
+    """The attributes ``_generate_batched`` uses, with a real backend; the pool's own
+    ``_export_speculation`` feeds a counter that records."""
+
+    _export_speculation = pools.GeneratorPool._export_speculation
 
     def __init__(self, backend):
         self.backend = backend
@@ -24,9 +27,15 @@ class _PoolSelf:
         self.passes: list[int] = []
         self.hit_rates: list[float] = []
         self._hit_rate = self  # the gauge: ``set`` records
+        self._speculation_seen = dict(backend.speculation)
+        self._proposal_tokens = self  # the counter: ``inc`` records
+        self.exported: dict[str, float] = {}
 
     def set(self, value: float) -> None:
         self.hit_rates.append(value)
+
+    def inc(self, value: float, tags: dict[str, str]) -> None:
+        self.exported[tags["outcome"]] = self.exported.get(tags["outcome"], 0) + value
 
     def _count(self, items: int) -> None:
         self.passes.append(items)  # rows of one forward pass
@@ -60,6 +69,25 @@ def test_calls_with_different_options_share_one_pass_and_keep_their_results():
         assert [as_triples(m) for m in merged] == [as_triples(a) for a in alone]
     assert as_triples(merged[2]) == [("", 0, "context")]
     assert (merged[3][0].tokens, merged[3][0].finish_reason) == (5, "length")
+    assert fake.exported == {}  # no call carried a proposal
+
+
+def test_the_proposal_tokens_of_each_pass_reach_the_counter():
+    """A target pass whose calls carry the draft's steps as proposals adds exactly the tokens
+    the backend ran and kept to the pool's counter, pass by pass."""
+    draft, target = HFStepGenerator(MODELS / "draft"), HFStepGenerator(MODELS / "target")
+    prefixes = [build_prefix(p.prompt, []) for p in generate_problems(4, 5)]
+    guesses = [g.text for g in draft.generate_batch(prefixes, GenerationOptions(max_new_tokens=64))]
+    fake = _PoolSelf(target)
+    totals = []
+    for _ in range(2):
+        asyncio.run(pools.GeneratorPool._generate_batched.__wrapped__(
+            fake, [[p] for p in prefixes], [GenerationOptions(max_new_tokens=64, proposal=g) for g in guesses],
+            [None] * 4, [None] * 4))
+        totals.append(dict(fake.exported))
+    assert totals[0]["proposed"] > 0 and 0 < totals[0]["accepted"] <= totals[0]["proposed"]
+    assert totals[1] == {k: 2 * v for k, v in totals[0].items()}  # the same pass again: counted again, once
+    assert fake.exported == target.speculation
 
 
 def test_context_info_and_count_tokens():
