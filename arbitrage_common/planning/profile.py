@@ -46,16 +46,14 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(runs)
 
 
-def rewrites(cfg: AppConfig, target, options: GenerationOptions, n: int, seed: int,
+def rewrites(cfg: AppConfig, target, options: GenerationOptions, n: int, seed: int, draft=None,
              ) -> tuple[list[str], list[GenerationOptions]]:
     """``n`` prefixes of real solutions where the draft's step differs from the target's (the
     steps a router or PRM sends to the target), each with the draft's step as its proposal, as
-    the loop sends it: the target's service time is that of a rewrite, not of a random step."""
-    from ..backends.hf_generator import HFStepGenerator
-
-    spec = cfg.pools.draft
-    draft = HFStepGenerator(cfg.resolve_path(spec.model.path), threads=spec.model.threads,
-                            trust_remote_code=spec.model.trust_remote_code)
+    the loop sends it: the target's service time is that of a rewrite, not of a random step.
+    ``draft``: the draft pool's generator, if loaded already (else loaded here)."""
+    if draft is None:
+        draft = _generator(cfg.pools.draft, cfg)
     picked: list[tuple[str, GenerationOptions]] = []
     for attempt in range(8):  # about one step in four differs on the bundled pair
         prefixes = [build_prefix(prompt, steps, cfg.prompt.template)
@@ -72,24 +70,31 @@ def rewrites(cfg: AppConfig, target, options: GenerationOptions, n: int, seed: i
     return [p for p, _ in picked], [o for _, o in picked]
 
 
+def _generator(spec, cfg: AppConfig):
+    """A pool's transformers generator, as configured."""
+    from ..backends.hf_generator import HFStepGenerator
+
+    return HFStepGenerator(cfg.resolve_path(spec.model.path), threads=spec.model.threads,
+                           trust_remote_code=spec.model.trust_remote_code)
+
+
 def profile_pools(cfg: AppConfig, batch_sizes=BATCH_SIZES, seed: int = 0, repeats: int = 3,
                   step_tokens: int | None = None, rewrites_only: bool = True) -> tuple[dict[str, ServiceCurve], dict]:
     """Service curves per pool; ``rewrites_only``: time the target on rewrites (``rewrites``),
     as arbitrage and RSD call it, not on every step, as the target policy does."""
-    from ..backends.hf_generator import HFStepGenerator
     from ..backends.scorers import load_step_scorer
 
     inputs = _inputs(max(batch_sizes), seed)
     options = GenerationOptions(max_new_tokens=step_tokens or cfg.limits.step_max_tokens)
-    curves, points = {}, {}
-    for role, spec in cfg.pools.configured():
+    curves, points, generators = {}, {}, {}
+    for role, spec in cfg.pools.configured():  # generators first: the draft is loaded before the target
         path = cfg.resolve_path(spec.model.path)
         if role in ("draft", "target"):
-            gen = HFStepGenerator(path, threads=spec.model.threads, trust_remote_code=spec.model.trust_remote_code)
+            gen = generators[role] = _generator(spec, cfg)
             prefixes = [build_prefix(prompt, steps, cfg.prompt.template) for prompt, steps in inputs]
             rows = [options] * len(prefixes)
             if role == "target" and rewrites_only:
-                prefixes, rows = rewrites(cfg, gen, options, len(inputs), seed)
+                prefixes, rows = rewrites(cfg, gen, options, len(inputs), seed, generators.get("draft"))
             run = lambda b, gen=gen, prefixes=prefixes, rows=rows: gen.generate_batch(prefixes[:b], rows[:b])
             one = lambda i, gen=gen, prefixes=prefixes, rows=rows: gen.generate_batch([prefixes[i]], rows[i:i + 1])
         else:
