@@ -10,10 +10,12 @@ one run (ratios, since the machine is noisy). Prints figures; asserts nothing.
   context, as the issue's first figure did); ``serving_overhead_same_work`` with the
   in-process loop whose generators and scorers keep each request's prefix cache, as the
   served pools do, so it is the cost of serving alone;
-- scaling = requests/s with ``concurrency`` clients / requests/s with one client. The
-  concurrent requests (``4 x concurrency`` per round, problems of their own, none repeated)
-  run in two rounds, one before and one after the one-at-a-time runs, so drift in the
-  machine's speed hits both;
+- scaling = requests/s with ``concurrency`` clients / requests/s with one client sending
+  back to back, over the same problems at both loads (``scaling_rounds``: two sets of ``4 x
+  concurrency`` problems, each run once at each load, in an order symmetric in time, so drift
+  in the machine's speed hits both loads alike). Each request is a fresh session, so no
+  transformers cache carries over; an engine's prefix cache (vLLM, which caches by content) is
+  emptied before each round when the bench started the service;
 - startup = seconds from the start of the command until the service answered (only when
   the bench starts the service itself).
 """
@@ -108,6 +110,23 @@ def _grpc_client(endpoint: str, app: str | None):
     return client, call
 
 
+def scaling_rounds(first: list[str], second: list[str], concurrency: int) -> list[tuple[list[str], int]]:
+    """The timed rounds of ``throughput_scaling``, in order, as (prompts, clients): each set
+    once at ``concurrency`` clients and once at one, so both loads do the same work; the
+    order (N, 1 | 1, N) is symmetric in time, so a drift in speed hits both loads alike."""
+    return [(first, concurrency), (first, 1), (second, 1), (second, concurrency)]
+
+
+def _reset_engine_caches(cfg: AppConfig, app: str | None) -> None:
+    """Empty every generator pool's engine prefix cache (a no-op on transformers pools)."""
+    from ray import serve
+
+    from arbitrage_common.config import GENERATOR_ROLES
+
+    for role in GENERATOR_ROLES:
+        serve.get_deployment_handle(role, app_name=app or cfg.name).reset_prefix_cache.remote().result()
+
+
 def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None = None, n: int = 16,
                     seed: int = 3000, policy: str | None = None, concurrency: int = 16,
                     started: float | None = None) -> dict[str, Any]:
@@ -127,52 +146,53 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         if owns_service:
             out["startup_s"] = round(time.perf_counter() - started, 2)
 
-        # Concurrent load: problems of its own, none repeated, so no prefix cache (an engine's
-        # caches by content) reuses another request's work: a warm-up wave, then two timed rounds.
-        total = max(n, 4 * concurrency)
-        load = [p.prompt for p in generate_problems(concurrency + 2 * total, seed + 1)]
-        rounds = [load[concurrency:concurrency + total], load[concurrency + total:]]
+        # Throughput: problems of their own, none repeated within a round (an engine's prefix
+        # cache reuses work by content): a warm-up wave, then the rounds of ``scaling_rounds``.
+        per_set = max(n, 4 * concurrency)
+        load = [p.prompt for p in generate_problems(concurrency + 2 * per_set, seed + 1)]
+        first, second = load[concurrency:concurrency + per_set], load[concurrency + per_set:]
+        totals = {1: [0.0, 0], concurrency: [0.0, 0]}  # clients -> [wall seconds, output tokens]
 
-        def concurrent_wall(prompts_: list[str]) -> tuple[float, int]:
-            """(wall seconds, output tokens) of the prompts at ``concurrency`` clients."""
+        def timed_round(prompts_: list[str], clients: int) -> None:
+            if owns_service:
+                _reset_engine_caches(cfg, app)
             begun = time.perf_counter()
-            with ThreadPoolExecutor(concurrency) as ex:
+            with ThreadPoolExecutor(clients) as ex:
                 replies = list(ex.map(lambda p: call(p, policy), prompts_))
-            return time.perf_counter() - begun, sum(r[2] for r in replies)
+            totals[clients][0] += time.perf_counter() - begun
+            totals[clients][1] += sum(r[2] for r in replies)
 
-        concurrent_wall(load[:concurrency])
-        conc_wall, conc_tokens = concurrent_wall(rounds[0])  # one round before the one-at-a-time runs, one after
+        with ThreadPoolExecutor(concurrency) as ex:
+            list(ex.map(lambda p: call(p, policy), load[:concurrency]))
+        rounds = scaling_rounds(first, second, concurrency)
+        for prompts_, clients in rounds[:2]:
+            timed_round(prompts_, clients)
+
+        # Serving overhead, in the middle of the rounds: one request at a time, the in-process
+        # loop and the gRPC call alternating problem by problem.
         inproc = _in_process(cfg, policy)
         inproc(prompts[0], False)  # warm-up
         inproc(prompts[0], True)
         rows: dict[str, list] = {"plain": [], "cached": [], "grpc": []}
-        seq_wall = 0.0
         for i, prompt in enumerate(prompts):
             order = ("plain", "cached", "grpc") if i % 2 == 0 else ("grpc", "cached", "plain")
             for kind in order:
-                if kind == "grpc":
-                    t = time.perf_counter()
-                    rows["grpc"].append(call(prompt, policy))
-                    seq_wall += time.perf_counter() - t
-                else:
-                    rows[kind].append(inproc(prompt, kind == "cached"))
+                rows[kind].append(call(prompt, policy) if kind == "grpc" else inproc(prompt, kind == "cached"))
         grpc_rows = rows["grpc"]
         grpc_s = [r[0] for r in grpc_rows]
         inproc_s, inproc_answers = [r[0] for r in rows["plain"]], [r[1] for r in rows["plain"]]
         cached_s = [r[0] for r in rows["cached"]]
 
-        wall, tokens = concurrent_wall(rounds[1])
-        conc_wall, conc_tokens = conc_wall + wall, conc_tokens + tokens
+        for prompts_, clients in rounds[2:]:
+            timed_round(prompts_, clients)
         channel.close()
     finally:
         if owns_service:
             local.stop()
 
-    rps1, rpsn = n / seq_wall, 2 * total / conc_wall
-    # The two sets are different problems, so their requests carry different work (steps,
-    # tokens): output tokens/s compares the same work.
-    seq_tokens = sum(r[2] for r in grpc_rows)
-    tps1, tpsn = seq_tokens / seq_wall, conc_tokens / conc_wall
+    (wall1, tokens1), (walln, tokensn) = totals[1], totals[concurrency]
+    requests = 2 * per_set
+    rps1, rpsn = requests / wall1, requests / walln
     out.update({
         "in_process_ms_mean": round(1000 * statistics.mean(inproc_s), 1),
         "in_process_cached_ms_mean": round(1000 * statistics.mean(cached_s), 1),
@@ -180,14 +200,18 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         "serving_overhead": round(statistics.mean(grpc_s) / statistics.mean(inproc_s), 3),
         "serving_overhead_median": round(statistics.median(grpc_s) / statistics.median(inproc_s), 3),
         "serving_overhead_same_work": round(statistics.mean(grpc_s) / statistics.mean(cached_s), 3),
+        "scaling_requests_per_load": requests,
         "rps_1_client": round(rps1, 3),
         f"rps_{concurrency}_clients": round(rpsn, 3),
         "throughput_scaling": round(rpsn / rps1, 3),
-        "output_tokens_per_request_1_client": round(seq_tokens / n, 1),
-        f"output_tokens_per_request_{concurrency}_clients": round(conc_tokens / (2 * total), 1),
-        "output_tokens_per_s_1_client": round(tps1, 1),
-        f"output_tokens_per_s_{concurrency}_clients": round(tpsn, 1),
-        "token_throughput_scaling": round(tpsn / tps1, 3),
+        # The same problems at both loads; sampled steps can still differ run to run, so the
+        # tokens say how much work each load's requests carried.
+        "output_tokens_per_request_1_client": round(tokens1 / requests, 1),
+        f"output_tokens_per_request_{concurrency}_clients": round(tokensn / requests, 1),
+        "output_tokens_per_s_1_client": round(tokens1 / wall1, 1),
+        f"output_tokens_per_s_{concurrency}_clients": round(tokensn / walln, 1),
+        "token_throughput_scaling": round((tokensn / walln) / (tokens1 / wall1), 3),
+        "engine_prefix_caches_reset": owns_service,
         "accuracy_in_process": round(sum(a == p.answer for a, p in zip(inproc_answers, problems)) / n, 3),
         "accuracy_grpc": round(sum(r[1] == p.answer for r, p in zip(grpc_rows, problems)) / n, 3),
         "answers_agree": round(sum(r[1] == a for r, a in zip(grpc_rows, inproc_answers)) / n, 3),

@@ -38,7 +38,9 @@ def add_serve_parsers(sub) -> None:
                        help="when starting the service: its draft and target pools on this backend, as `serve "
                             "--backend` (the in-process reference stays on transformers)")
     bench.add_argument("--app", help="Serve application name (gRPC metadata) when several apps run")
-    bench.add_argument("--n", type=positive_int, default=16, help="problems")
+    bench.add_argument("--n", type=positive_int, default=16,
+                       help="problems of the overhead comparison; throughput runs two sets of max(n, 4 x concurrency) "
+                            "problems, each at both loads")
     bench.add_argument("--seed", type=int, default=3000)
     bench.add_argument("--policy", help="policy (default: the config's)")
     bench.add_argument("--concurrency", type=positive_int, default=16)

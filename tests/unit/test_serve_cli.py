@@ -45,3 +45,19 @@ def test_missing_checkpoint_fails_before_starting_ray(tmp_path, capsys):
                    "policy: {default: draft}\n")
     assert main(["serve", "--config", str(cfg)]) == 1
     assert "/nonexistent/draft" in capsys.readouterr().err
+
+
+def test_bench_scaling_rounds_give_both_loads_the_same_problems_in_a_time_symmetric_order():
+    from collections import Counter
+
+    from services.bench import scaling_rounds
+
+    first, second = [f"a{i}" for i in range(8)], [f"b{i}" for i in range(8)]
+    rounds = scaling_rounds(first, second, 16)
+    by_load = {clients: Counter() for _, clients in rounds}
+    for prompts, clients in rounds:
+        by_load[clients].update(prompts)
+    assert set(by_load) == {1, 16}
+    assert by_load[1] == by_load[16] == Counter(first + second)  # the same work, each problem once per load
+    loads = [clients for _, clients in rounds]
+    assert loads == loads[::-1] and loads[0] == 16  # N, 1 | 1, N: mirrored in time
