@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from arbitrage_common.config import AppConfig
+from arbitrage_common.config import GENERATOR_ROLES, AppConfig
 from arbitrage_common.synthetic import extract_answer, generate_problems
 
 from .validation import RequestFields, prepare
@@ -120,8 +120,6 @@ def scaling_rounds(first: list[str], second: list[str], concurrency: int) -> lis
 def _reset_engine_caches(cfg: AppConfig, app: str | None) -> None:
     """Empty every generator pool's engine prefix cache (a no-op on transformers pools)."""
     from ray import serve
-
-    from arbitrage_common.config import GENERATOR_ROLES
 
     for role in GENERATOR_ROLES:
         serve.get_deployment_handle(role, app_name=app or cfg.name).reset_prefix_cache.remote().result()

@@ -4,6 +4,7 @@ Heavy imports (Ray, grpc, the services package) happen inside the commands.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -129,8 +130,11 @@ def _bench(args) -> int:
     started = time.perf_counter()
     from services.bench import run_serve_bench
 
-    result = run_serve_bench(_config_for(args), endpoint=args.endpoint, app=args.app, n=args.n, seed=args.seed,
-                             policy=args.policy, concurrency=args.concurrency, started=started)
+    # Ray forwards the cluster's log lines to this process's stdout; they go to stderr here,
+    # so stdout holds the figures alone (``--json`` output parses).
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run_serve_bench(_config_for(args), endpoint=args.endpoint, app=args.app, n=args.n,
+                                 seed=args.seed, policy=args.policy, concurrency=args.concurrency, started=started)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

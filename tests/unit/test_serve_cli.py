@@ -61,3 +61,19 @@ def test_bench_scaling_rounds_give_both_loads_the_same_problems_in_a_time_symmet
     assert by_load[1] == by_load[16] == Counter(first + second)  # the same work, each problem once per load
     loads = [clients for _, clients in rounds]
     assert loads == loads[::-1] and loads[0] == 16  # N, 1 | 1, N: mirrored in time
+
+
+def test_bench_json_stdout_holds_the_figures_alone(capsys, monkeypatch):
+    import json
+
+    import services.bench
+
+    def fake_bench(cfg, **kwargs):
+        print("(raylet) a log line the cluster forwards")  # what Ray prints while the bench runs
+        return {"throughput_scaling": 2.5}
+
+    monkeypatch.setattr(services.bench, "run_serve_bench", fake_bench)
+    assert main(["serve", "bench", "--endpoint", "h:9", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"throughput_scaling": 2.5}
+    assert "(raylet) a log line" in err
