@@ -11,8 +11,8 @@ one run (ratios, since the machine is noisy). Prints figures; asserts nothing.
   in-process loop whose generators and scorers keep each request's prefix cache, as the
   served pools do, so it is the cost of serving alone;
 - scaling = requests/s with ``concurrency`` clients / requests/s with one client sending
-  back to back, over the same problems at both loads (``scaling_rounds``: two sets of ``4 x
-  concurrency`` problems, each run once at each load, in an order symmetric in time, so drift
+  back to back, over the same problems at both loads (``scaling_rounds``: two sets of
+  ``max(n, 4 x concurrency)`` problems, each run once at each load, in an order symmetric in time, so drift
   in the machine's speed hits both loads alike). Each request is a fresh session, so no
   transformers cache carries over; an engine's prefix cache (vLLM, which caches by content) is
   emptied before each round when the bench started the service;
@@ -110,11 +110,12 @@ def _grpc_client(endpoint: str, app: str | None):
     return client, call
 
 
-def scaling_rounds(first: list[str], second: list[str], concurrency: int) -> list[tuple[list[str], int]]:
-    """The timed rounds of ``throughput_scaling``, in order, as (prompts, clients): each set
-    once at ``concurrency`` clients and once at one, so both loads do the same work; the
-    order (N, 1 | 1, N) is symmetric in time, so a drift in speed hits both loads alike."""
-    return [(first, concurrency), (first, 1), (second, 1), (second, concurrency)]
+def scaling_rounds(first: list[str], second: list[str], concurrency: int) -> list[tuple[str, list[str], int]]:
+    """The timed rounds of ``throughput_scaling``, in order, as (load, prompts, clients), load
+    being "many" or "one": each set once at ``concurrency`` clients and once at one, so both
+    loads do the same work; the order (N, 1 | 1, N) is symmetric in time, so a drift in speed
+    hits both loads alike."""
+    return [("many", first, concurrency), ("one", first, 1), ("one", second, 1), ("many", second, concurrency)]
 
 
 def _reset_engine_caches(cfg: AppConfig, app: str | None) -> None:
@@ -149,22 +150,22 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         per_set = max(n, 4 * concurrency)
         load = [p.prompt for p in generate_problems(concurrency + 2 * per_set, seed + 1)]
         first, second = load[concurrency:concurrency + per_set], load[concurrency + per_set:]
-        totals = {1: [0.0, 0], concurrency: [0.0, 0]}  # clients -> [wall seconds, output tokens]
+        totals = {"one": [0.0, 0], "many": [0.0, 0]}  # load -> [wall seconds, output tokens]
 
-        def timed_round(prompts_: list[str], clients: int) -> None:
+        def timed_round(load_: str, prompts_: list[str], clients: int) -> None:
             if owns_service:
                 _reset_engine_caches(cfg, app)
             begun = time.perf_counter()
             with ThreadPoolExecutor(clients) as ex:
                 replies = list(ex.map(lambda p: call(p, policy), prompts_))
-            totals[clients][0] += time.perf_counter() - begun
-            totals[clients][1] += sum(r[2] for r in replies)
+            totals[load_][0] += time.perf_counter() - begun
+            totals[load_][1] += sum(r[2] for r in replies)
 
         with ThreadPoolExecutor(concurrency) as ex:
             list(ex.map(lambda p: call(p, policy), load[:concurrency]))
         rounds = scaling_rounds(first, second, concurrency)
-        for prompts_, clients in rounds[:2]:
-            timed_round(prompts_, clients)
+        for round_ in rounds[:2]:
+            timed_round(*round_)
 
         # Serving overhead, in the middle of the rounds: one request at a time, the in-process
         # loop and the gRPC call alternating problem by problem.
@@ -181,14 +182,14 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         inproc_s, inproc_answers = [r[0] for r in rows["plain"]], [r[1] for r in rows["plain"]]
         cached_s = [r[0] for r in rows["cached"]]
 
-        for prompts_, clients in rounds[2:]:
-            timed_round(prompts_, clients)
+        for round_ in rounds[2:]:
+            timed_round(*round_)
         channel.close()
     finally:
         if owns_service:
             local.stop()
 
-    (wall1, tokens1), (walln, tokensn) = totals[1], totals[concurrency]
+    (wall1, tokens1), (walln, tokensn) = totals["one"], totals["many"]
     requests = 2 * per_set
     rps1, rpsn = requests / wall1, requests / walln
     out.update({

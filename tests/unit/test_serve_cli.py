@@ -54,13 +54,14 @@ def test_bench_scaling_rounds_give_both_loads_the_same_problems_in_a_time_symmet
 
     first, second = [f"a{i}" for i in range(8)], [f"b{i}" for i in range(8)]
     rounds = scaling_rounds(first, second, 16)
-    by_load = {clients: Counter() for _, clients in rounds}
-    for prompts, clients in rounds:
-        by_load[clients].update(prompts)
-    assert set(by_load) == {1, 16}
-    assert by_load[1] == by_load[16] == Counter(first + second)  # the same work, each problem once per load
-    loads = [clients for _, clients in rounds]
-    assert loads == loads[::-1] and loads[0] == 16  # N, 1 | 1, N: mirrored in time
+    by_load = {load: Counter() for load, _, _ in rounds}
+    for load, prompts, clients in rounds:
+        assert clients == {"one": 1, "many": 16}[load]
+        by_load[load].update(prompts)
+    assert set(by_load) == {"one", "many"}
+    assert by_load["one"] == by_load["many"] == Counter(first + second)  # the same work, each problem once per load
+    loads = [load for load, _, _ in rounds]
+    assert loads == loads[::-1] and loads[0] == "many"  # N, 1 | 1, N: mirrored in time
 
 
 def test_bench_json_stdout_holds_the_figures_alone(capsys, monkeypatch):
