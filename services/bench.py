@@ -17,16 +17,22 @@ one run (ratios, since the machine is noisy). Prints figures; asserts nothing.
   transformers cache carries over; an engine's prefix cache (vLLM, which caches by content) is
   emptied before each round when the bench started the service;
 - startup = seconds from the start of the command until the service answered (only when
-  the bench starts the service itself).
+  the bench starts the service itself);
+- where the scaling comes from (only when the bench starts the service, on Linux): the whole
+  machine's busy CPU over each load's rounds (``/proc/stat``), as cores busy and CPU ms per
+  request. ``throughput_scaling`` is the ratio of cores busy times the inverse ratio of CPU
+  per request: more cores kept busy, or less CPU per request in bigger batches.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from arbitrage_common.config import GENERATOR_ROLES, AppConfig
@@ -118,6 +124,29 @@ def scaling_rounds(first: list[str], second: list[str], concurrency: int) -> lis
     return [("many", first, concurrency), ("one", first, 1), ("one", second, 1), ("many", second, concurrency)]
 
 
+PROC_STAT = Path("/proc/stat")
+
+
+def busy_cpu_seconds(stat_text: str, ticks_per_s: int) -> float:
+    """Busy CPU seconds since boot of every core, from the text of ``/proc/stat``: user, nice,
+    system, irq and softirq; not idle, iowait or steal (a hypervisor's time, not this
+    machine's work)."""
+    for line in stat_text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+            return (user + nice + system + irq + softirq) / ticks_per_s
+    raise ValueError("/proc/stat: no aggregate 'cpu' line")
+
+
+def _machine_cpu_seconds() -> float | None:
+    """This machine's busy CPU seconds since boot, or None where there is no ``/proc/stat``."""
+    try:
+        return busy_cpu_seconds(PROC_STAT.read_text(), os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError):
+        return None
+
+
 def _reset_engine_caches(cfg: AppConfig, app: str | None) -> None:
     """Empty every generator pool's engine prefix cache (a no-op on transformers pools)."""
     from ray import serve
@@ -151,14 +180,22 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         load = [p.prompt for p in generate_problems(concurrency + 2 * per_set, seed + 1)]
         first, second = load[concurrency:concurrency + per_set], load[concurrency + per_set:]
         totals = {"one": [0.0, 0], "many": [0.0, 0]}  # load -> [wall seconds, output tokens]
+        # load -> busy CPU seconds of the machine; only for a service on this machine
+        cpu: dict[str, float] | None = {"one": 0.0, "many": 0.0} if owns_service else None
 
         def timed_round(load_: str, prompts_: list[str], clients: int) -> None:
+            nonlocal cpu
             if owns_service:
                 _reset_engine_caches(cfg, app)
-            begun = time.perf_counter()
+            cpu_begun, begun = _machine_cpu_seconds(), time.perf_counter()
             with ThreadPoolExecutor(clients) as ex:
                 replies = list(ex.map(lambda p: call(p, policy), prompts_))
             totals[load_][0] += time.perf_counter() - begun
+            cpu_ended = _machine_cpu_seconds()
+            if cpu is not None and cpu_begun is not None and cpu_ended is not None:
+                cpu[load_] += cpu_ended - cpu_begun
+            else:
+                cpu = None
             totals[load_][1] += sum(r[2] for r in replies)
 
         with ThreadPoolExecutor(concurrency) as ex:
@@ -211,8 +248,17 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         f"output_tokens_per_s_{concurrency}_clients": round(tokensn / walln, 1),
         "token_throughput_scaling": round((tokensn / walln) / (tokens1 / wall1), 3),
         "engine_prefix_caches_reset": owns_service,
+        **(_cpu_figures(cpu, wall1, walln, requests, concurrency) if cpu else {}),
         "accuracy_in_process": round(sum(a == p.answer for a, p in zip(inproc_answers, problems)) / n, 3),
         "accuracy_grpc": round(sum(r[1] == p.answer for r, p in zip(grpc_rows, problems)) / n, 3),
         "answers_agree": round(sum(r[1] == a for r, a in zip(grpc_rows, inproc_answers)) / n, 3),
     })
     return out
+
+
+def _cpu_figures(cpu: dict[str, float], wall1: float, walln: float, requests: int,
+                 concurrency: int) -> dict[str, float]:
+    return {"cores_busy_1_client": round(cpu["one"] / wall1, 3),
+            f"cores_busy_{concurrency}_clients": round(cpu["many"] / walln, 3),
+            "cpu_ms_per_request_1_client": round(1000 * cpu["one"] / requests, 1),
+            f"cpu_ms_per_request_{concurrency}_clients": round(1000 * cpu["many"] / requests, 1)}

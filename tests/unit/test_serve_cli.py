@@ -78,3 +78,17 @@ def test_bench_json_stdout_holds_the_figures_alone(capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert json.loads(out) == {"throughput_scaling": 2.5}
     assert "(raylet) a log line" in err
+
+
+def test_bench_busy_cpu_counts_work_but_not_idle_iowait_or_steal():
+    import pytest
+
+    from services.bench import busy_cpu_seconds
+
+    # user nice system idle iowait irq softirq steal guest guest_nice, in ticks of 1/100 s
+    stat = ("cpu  1000 200 300 9000 400 10 20 500 70 0\n"
+            "cpu0 500 100 150 4500 200 5 10 250 35 0\n"
+            "intr 12345 0 0\n")
+    assert busy_cpu_seconds(stat, 100) == pytest.approx(15.3)  # 1000 + 200 + 300 + 10 + 20 ticks
+    with pytest.raises(ValueError, match="cpu"):
+        busy_cpu_seconds("intr 1 2 3\n", 100)
