@@ -181,21 +181,17 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         first, second = load[concurrency:concurrency + per_set], load[concurrency + per_set:]
         totals = {"one": [0.0, 0], "many": [0.0, 0]}  # load -> [wall seconds, output tokens]
         # load -> busy CPU seconds of the machine; only for a service on this machine
-        cpu: dict[str, float] | None = {"one": 0.0, "many": 0.0} if owns_service else None
+        cpu = {"one": 0.0, "many": 0.0} if owns_service and _machine_cpu_seconds() is not None else None
 
         def timed_round(load_: str, prompts_: list[str], clients: int) -> None:
-            nonlocal cpu
             if owns_service:
                 _reset_engine_caches(cfg, app)
             cpu_begun, begun = _machine_cpu_seconds(), time.perf_counter()
             with ThreadPoolExecutor(clients) as ex:
                 replies = list(ex.map(lambda p: call(p, policy), prompts_))
             totals[load_][0] += time.perf_counter() - begun
-            cpu_ended = _machine_cpu_seconds()
-            if cpu is not None and cpu_begun is not None and cpu_ended is not None:
-                cpu[load_] += cpu_ended - cpu_begun
-            else:
-                cpu = None
+            if cpu is not None:
+                cpu[load_] += _machine_cpu_seconds() - cpu_begun
             totals[load_][1] += sum(r[2] for r in replies)
 
         with ThreadPoolExecutor(concurrency) as ex:
