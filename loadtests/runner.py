@@ -70,12 +70,18 @@ def _exit_with_parent():
     return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-class LocalService:
-    """``arbitrage serve --config CFG`` on free ports in a child process, stopped by SIGTERM
-    (also when this process dies without stopping it)."""
+def _tail(path: Path, chars: int = 4000) -> str:
+    """The end of a log, for an error raised where the log itself may be gone (a CI machine)."""
+    text = path.read_text(errors="replace")
+    return text[-chars:] if len(text) > chars else text
 
-    def __init__(self, config: str | None, log: Path, fast_metrics: bool = True):
-        self.config, self.log, self.fast_metrics = config, log, fast_metrics
+
+class LocalService:
+    """``arbitrage serve --config CFG`` on free ports in a child process (``env`` added to this
+    process's environment), stopped by SIGTERM (also when this process dies without stopping it)."""
+
+    def __init__(self, config: str | None, log: Path, fast_metrics: bool = True, env: dict[str, str] | None = None):
+        self.config, self.log, self.fast_metrics, self.extra_env = config, log, fast_metrics, env or {}
         self.grpc_port, self.http_port, self.metrics_port = _free_port(), _free_port(), _free_port()
 
     def __enter__(self) -> Self:
@@ -89,7 +95,7 @@ class LocalService:
         self.name = cfg.name
         cfg_file = self.log.with_name("service-config.yaml")
         cfg_file.write_text(yaml.safe_dump(data, sort_keys=False))
-        env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+        env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), **self.extra_env}
         if self.fast_metrics:  # pools over time at a 2 s grain (Ray's default export is every 10 s)
             env["RAY_metrics_report_interval_ms"] = "2000"
         self._log = open(self.log, "w")
@@ -100,12 +106,15 @@ class LocalService:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the local service exited ({self.proc.returncode}); see {self.log}")
+                self._log.close()
+                raise RuntimeError(f"the local service exited ({self.proc.returncode}); the end of {self.log}:\n"
+                                   f"{_tail(self.log)}")
             if "ready in" in self.log.read_text():
                 return self
             time.sleep(1)
         self.__exit__()
-        raise RuntimeError(f"the local service was not ready after {READY_TIMEOUT_S} s; see {self.log}")
+        raise RuntimeError(f"the local service was not ready after {READY_TIMEOUT_S} s; the end of {self.log}:\n"
+                           f"{_tail(self.log)}")
 
     def __exit__(self, *exc) -> None:
         if self.proc.poll() is None:

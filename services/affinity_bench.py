@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     apps = {p: c.name for p, c in cfgs.items()}
     rendered = render_serve_config(cfgs["on"])
     started = time.perf_counter()
-    ray.init(num_cpus=8, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, object_store_memory=256 * 1024**2, include_dashboard=False,
+             log_to_driver=False)
     try:
         serve.start(http_options=rendered["http_options"], grpc_options=rendered["grpc_options"])
         serve.run_many([serve.RunTarget(build_app(c), name=c.name, route_prefix=f"/{p}") for p, c in cfgs.items()])

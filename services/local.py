@@ -99,8 +99,10 @@ def start(cfg: AppConfig, address: str | None = None, num_cpus: int | None = Non
             ray.init(address=address, include_dashboard=False)
         else:
             use_cluster_env()
-            ray.init(num_cpus=num_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, include_dashboard=False,
-                     _metrics_export_port=metrics_port)
+            # "local", not None: None joins the cluster a `ray start` on this machine last
+            # recorded (or fails on its stale address), and `stop` would then shut its Serve down.
+            ray.init(address="local", num_cpus=num_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                     include_dashboard=False, _metrics_export_port=metrics_port)
     rendered = render_serve_config(cfg)
     try:
         serve.start(http_options=rendered["http_options"], grpc_options=rendered["grpc_options"])

@@ -109,7 +109,8 @@ def serve_cluster(tmp_path_factory):
     )
     rendered = render_serve_config(main)
     use_cluster_env()  # as `arbitrage serve` runs it: the proxies reach the coordinator over gRPC
-    ray.init(num_cpus=8, object_store_memory=200 * 1024**2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, object_store_memory=200 * 1024**2, include_dashboard=False,
+             log_to_driver=False)
     try:
         serve.start(http_options=rendered["http_options"], grpc_options=rendered["grpc_options"])
         serve.run(build_app(main), name=main.name, route_prefix="/")
