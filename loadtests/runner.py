@@ -72,8 +72,7 @@ def _exit_with_parent():
 
 def _tail(path: Path, chars: int = 4000) -> str:
     """The end of a log, for an error raised where the log itself may be gone (a CI machine)."""
-    text = path.read_text(errors="replace")
-    return text[-chars:] if len(text) > chars else text
+    return path.read_text(errors="replace")[-chars:]
 
 
 class LocalService:
