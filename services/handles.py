@@ -26,6 +26,7 @@ so its text may differ from a run without the fault.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -41,6 +42,23 @@ from arbitrage_common.loop import Models
 from arbitrage_common.retry import RetryPolicy
 
 NO_RETRY = RetryPolicy(retries=0)
+# Serve logs this at INFO for every handle call cancelled while its replica has not yet
+# answered. Here nearly all are by design: step pipelining cancels the early draft of each
+# step routed to the target. The rest belong to requests that ended, which the coordinator
+# counts and logs itself. So the coordinator drops the line (``quiet_expected_cancels``).
+SERVE_CANCEL_LOG = "Cancelling request that has already been assigned to a replica."
+
+
+class _ExpectedCancels(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != SERVE_CANCEL_LOG
+
+
+def quiet_expected_cancels(logger: logging.Logger | None = None) -> None:
+    """Drop Serve's line for cancelled handle calls from ``logger`` (Serve's), once per process."""
+    logger = logger or logging.getLogger("ray.serve")
+    if not any(isinstance(f, _ExpectedCancels) for f in logger.filters):
+        logger.addFilter(_ExpectedCancels())
 
 
 async def _await_cancellable(response: Any) -> Any:
@@ -216,6 +234,7 @@ class PoolHandles:
                                           for h in (draft, target, router, prm))
         self.draft, self.target, self.router, self.prm = draft, target, router, prm
         self.retry, self.on_retry = retry, on_retry
+        quiet_expected_cancels()
         self.load = load  # a LoadController told of every target call, or None
         self._rng = random.Random()  # jitter only: it never touches a request's output
         slots = CallSlots(calls_in_flight) if calls_in_flight else None
