@@ -13,7 +13,8 @@ one run (ratios, since the machine is noisy). Prints figures; asserts nothing.
 - scaling = requests/s with ``concurrency`` clients / requests/s with one client sending
   back to back, over the same problems at both loads (``scaling_rounds``: two sets of
   ``max(n, 4 x concurrency)`` problems, each run once at each load, in an order symmetric in time, so drift
-  in the machine's speed hits both loads alike). Each request is a fresh session, so no
+  in the machine's speed hits both loads alike; ``repeats`` times over fresh sets, for the
+  ratio's spread within one run: ``scaling_spread``). Each request is a fresh session, so no
   transformers cache carries over; an engine's prefix cache (vLLM, which caches by content) is
   emptied before each round when the bench started the service;
 - startup = seconds from the start of the command until the service answered (only when
@@ -124,6 +125,18 @@ def scaling_rounds(first: list[str], second: list[str], concurrency: int) -> lis
     return [("many", first, concurrency), ("one", first, 1), ("one", second, 1), ("many", second, concurrency)]
 
 
+def scaling_spread(by_repeat: list[dict[str, float]]) -> dict[str, Any]:
+    """Each repeat's ``throughput_scaling`` (its own rounds' requests/s at N clients over those
+    at one: ``{"one": seconds, "many": seconds}`` for the same requests), their mean, sample
+    standard deviation and standard error of the mean."""
+    ratios = [walls["one"] / walls["many"] for walls in by_repeat]
+    sd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
+    return {"throughput_scaling_by_repeat": [round(r, 3) for r in ratios],
+            "throughput_scaling_repeat_mean": round(statistics.mean(ratios), 3),
+            "throughput_scaling_repeat_sd": round(sd, 3),
+            "throughput_scaling_repeat_se": round(sd / len(ratios) ** 0.5, 3)}
+
+
 PROC_STAT = Path("/proc/stat")
 
 
@@ -157,8 +170,11 @@ def _reset_engine_caches(cfg: AppConfig, app: str | None) -> None:
 
 def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None = None, n: int = 16,
                     seed: int = 3000, policy: str | None = None, concurrency: int = 16,
-                    started: float | None = None) -> dict[str, Any]:
+                    started: float | None = None, repeats: int = 1) -> dict[str, Any]:
     from . import local
+
+    if repeats < 1:
+        raise ValueError(f"repeats: expected at least 1, got {repeats}")
 
     started = time.perf_counter() if started is None else started
     policy = policy or cfg.policy.default
@@ -177,28 +193,31 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         # Throughput: problems of their own, none repeated within a round (an engine's prefix
         # cache reuses work by content): a warm-up wave, then the rounds of ``scaling_rounds``.
         per_set = max(n, 4 * concurrency)
-        load = [p.prompt for p in generate_problems(concurrency + 2 * per_set, seed + 1)]
-        first, second = load[concurrency:concurrency + per_set], load[concurrency + per_set:]
+        load = [p.prompt for p in generate_problems(concurrency + 2 * per_set * repeats, seed + 1)]
+        sets = [load[concurrency + k * per_set:concurrency + (k + 1) * per_set] for k in range(2 * repeats)]
         totals = {"one": [0.0, 0], "many": [0.0, 0]}  # load -> [wall seconds, output tokens]
+        walls: list[dict[str, float]] = [{"one": 0.0, "many": 0.0} for _ in range(repeats)]
         # load -> busy CPU seconds of the machine; only for a service on this machine
         cpu = {"one": 0.0, "many": 0.0} if owns_service and _machine_cpu_seconds() is not None else None
 
-        def timed_round(load_: str, prompts_: list[str], clients: int) -> None:
+        def timed_round(repeat: int, load_: str, prompts_: list[str], clients: int) -> None:
             if owns_service:
                 _reset_engine_caches(cfg, app)
             cpu_begun, begun = _machine_cpu_seconds(), time.perf_counter()
             with ThreadPoolExecutor(clients) as ex:
                 replies = list(ex.map(lambda p: call(p, policy), prompts_))
-            totals[load_][0] += time.perf_counter() - begun
+            wall = time.perf_counter() - begun
+            totals[load_][0] += wall
+            walls[repeat][load_] += wall
             if cpu is not None:
                 cpu[load_] += _machine_cpu_seconds() - cpu_begun
             totals[load_][1] += sum(r[2] for r in replies)
 
         with ThreadPoolExecutor(concurrency) as ex:
             list(ex.map(lambda p: call(p, policy), load[:concurrency]))
-        rounds = scaling_rounds(first, second, concurrency)
-        for round_ in rounds[:2]:
-            timed_round(*round_)
+        rounds = [scaling_rounds(sets[2 * k], sets[2 * k + 1], concurrency) for k in range(repeats)]
+        for round_ in rounds[0][:2]:
+            timed_round(0, *round_)
 
         # Serving overhead, in the middle of the rounds: one request at a time, the in-process
         # loop and the gRPC call alternating problem by problem.
@@ -215,15 +234,18 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         inproc_s, inproc_answers = [r[0] for r in rows["plain"]], [r[1] for r in rows["plain"]]
         cached_s = [r[0] for r in rows["cached"]]
 
-        for round_ in rounds[2:]:
-            timed_round(*round_)
+        for round_ in rounds[0][2:]:
+            timed_round(0, *round_)
+        for k in range(1, repeats):
+            for round_ in rounds[k]:
+                timed_round(k, *round_)
         channel.close()
     finally:
         if owns_service:
             local.stop()
 
     (wall1, tokens1), (walln, tokensn) = totals["one"], totals["many"]
-    requests = 2 * per_set
+    requests = 2 * per_set * repeats
     rps1, rpsn = requests / wall1, requests / walln
     out.update({
         "in_process_ms_mean": round(1000 * statistics.mean(inproc_s), 1),
@@ -243,6 +265,7 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         "output_tokens_per_s_1_client": round(tokens1 / wall1, 1),
         f"output_tokens_per_s_{concurrency}_clients": round(tokensn / walln, 1),
         "token_throughput_scaling": round((tokensn / walln) / (tokens1 / wall1), 3),
+        **(scaling_spread(walls) if repeats > 1 else {}),
         "engine_prefix_caches_reset": owns_service,
         **(_cpu_figures(cpu, wall1, walln, requests, concurrency) if cpu else {}),
         "accuracy_in_process": round(sum(a == p.answer for a, p in zip(inproc_answers, problems)) / n, 3),

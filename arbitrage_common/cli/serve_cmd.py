@@ -45,6 +45,9 @@ def add_serve_parsers(sub) -> None:
     bench.add_argument("--seed", type=int, default=3000)
     bench.add_argument("--policy", help="policy (default: the config's)")
     bench.add_argument("--concurrency", type=positive_int, default=16)
+    bench.add_argument("--repeats", type=positive_int, default=1,
+                       help="run the throughput rounds this many times over fresh problems; above 1 it also prints "
+                            "each repeat's throughput_scaling with their mean, standard deviation and standard error")
     bench.add_argument("--json", action="store_true", help="one JSON object instead of lines")
     bench.set_defaults(func=_bench)
 
@@ -134,7 +137,8 @@ def _bench(args) -> int:
     # so stdout holds the figures alone (``--json`` output parses).
     with contextlib.redirect_stdout(sys.stderr):
         result = run_serve_bench(_config_for(args), endpoint=args.endpoint, app=args.app, n=args.n,
-                                 seed=args.seed, policy=args.policy, concurrency=args.concurrency, started=started)
+                                 seed=args.seed, policy=args.policy, concurrency=args.concurrency, started=started,
+                                 repeats=args.repeats)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -80,6 +80,37 @@ def test_bench_json_stdout_holds_the_figures_alone(capsys, monkeypatch):
     assert "(raylet) a log line" in err
 
 
+def test_bench_repeats_reach_the_bench_and_must_be_positive(capsys, monkeypatch):
+    import pytest
+
+    import services.bench
+
+    seen = {}
+
+    def fake_bench(cfg, **kwargs):
+        seen.update(kwargs)
+        return {}
+
+    monkeypatch.setattr(services.bench, "run_serve_bench", fake_bench)
+    assert main(["serve", "bench", "--endpoint", "h:9", "--repeats", "3", "--json"]) == 0
+    assert seen["repeats"] == 3
+    assert main(["serve", "bench", "--endpoint", "h:9", "--json"]) == 0
+    assert seen["repeats"] == 1
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "bench", "--endpoint", "h:9", "--repeats", "0"])
+    assert exc.value.code == 2
+    assert "--repeats" in capsys.readouterr().err
+
+
+def test_bench_scaling_spread_is_each_repeats_ratio_and_their_spread():
+    from services.bench import scaling_spread
+
+    # seconds for the same requests at each load: ratios 30/10 = 3.0 and 26/10 = 2.6
+    spread = scaling_spread([{"one": 30.0, "many": 10.0}, {"one": 26.0, "many": 10.0}])
+    assert spread == {"throughput_scaling_by_repeat": [3.0, 2.6], "throughput_scaling_repeat_mean": 2.8,
+                      "throughput_scaling_repeat_sd": 0.283, "throughput_scaling_repeat_se": 0.2}
+
+
 def test_bench_busy_cpu_counts_work_but_not_idle_iowait_or_steal():
     import pytest
 
