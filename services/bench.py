@@ -195,8 +195,8 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         per_set = max(n, 4 * concurrency)
         load = [p.prompt for p in generate_problems(concurrency + 2 * per_set * repeats, seed + 1)]
         sets = [load[concurrency + k * per_set:concurrency + (k + 1) * per_set] for k in range(2 * repeats)]
-        totals = {"one": [0.0, 0], "many": [0.0, 0]}  # load -> [wall seconds, output tokens]
-        walls: list[dict[str, float]] = [{"one": 0.0, "many": 0.0} for _ in range(repeats)]
+        tokens = {"one": 0, "many": 0}  # load -> output tokens
+        walls: list[dict[str, float]] = [{"one": 0.0, "many": 0.0} for _ in range(repeats)]  # load -> seconds
         # load -> busy CPU seconds of the machine; only for a service on this machine
         cpu = {"one": 0.0, "many": 0.0} if owns_service and _machine_cpu_seconds() is not None else None
 
@@ -206,12 +206,10 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
             cpu_begun, begun = _machine_cpu_seconds(), time.perf_counter()
             with ThreadPoolExecutor(clients) as ex:
                 replies = list(ex.map(lambda p: call(p, policy), prompts_))
-            wall = time.perf_counter() - begun
-            totals[load_][0] += wall
-            walls[repeat][load_] += wall
+            walls[repeat][load_] += time.perf_counter() - begun
             if cpu is not None:
                 cpu[load_] += _machine_cpu_seconds() - cpu_begun
-            totals[load_][1] += sum(r[2] for r in replies)
+            tokens[load_] += sum(r[2] for r in replies)
 
         with ThreadPoolExecutor(concurrency) as ex:
             list(ex.map(lambda p: call(p, policy), load[:concurrency]))
@@ -244,7 +242,8 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         if owns_service:
             local.stop()
 
-    (wall1, tokens1), (walln, tokensn) = totals["one"], totals["many"]
+    wall1, walln = (sum(w[load_] for w in walls) for load_ in ("one", "many"))
+    tokens1, tokensn = tokens["one"], tokens["many"]
     requests = 2 * per_set * repeats
     rps1, rpsn = requests / wall1, requests / walln
     out.update({

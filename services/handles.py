@@ -54,9 +54,9 @@ class _ExpectedCancels(logging.Filter):
         return record.getMessage() != SERVE_CANCEL_LOG
 
 
-def quiet_expected_cancels(logger: logging.Logger | None = None) -> None:
-    """Drop Serve's line for cancelled handle calls from ``logger`` (Serve's), once per process."""
-    logger = logger or logging.getLogger("ray.serve")
+def quiet_expected_cancels() -> None:
+    """Drop Serve's line for cancelled handle calls from Serve's logger, once per process."""
+    logger = logging.getLogger("ray.serve")
     if not any(isinstance(f, _ExpectedCancels) for f in logger.filters):
         logger.addFilter(_ExpectedCancels())
 
