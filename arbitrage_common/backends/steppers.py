@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .llama_checkpoint import LlamaCheckpoint, llama_config_supported
+
 
 @dataclass(frozen=True)
 class KVPrefix:
@@ -95,18 +97,38 @@ def _rotated_half(weight_t: torch.Tensor, heads: int, head_dim: int) -> torch.Te
 
 
 def fast_llama_supported(model) -> bool:
-    cfg = model.config
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    return (type(model).__name__ == "LlamaForCausalLM" and not getattr(cfg, "attention_bias", False)
-            and not getattr(cfg, "mlp_bias", False) and cfg.hidden_act == "silu"
-            and rope.get("rope_type", "default") == "default")
+    return type(model).__name__ == "LlamaForCausalLM" and llama_config_supported(model.config)
+
+
+def load_fast_llama(path) -> tuple[LlamaCheckpoint, FastLlamaStepper]:
+    """A checkpoint directory's weights (``LlamaCheckpoint``) and a stepper over them, checked
+    with one token through every layer, so a tensor of the wrong shape fails at load."""
+    checkpoint = LlamaCheckpoint.load(path)
+    stepper = FastLlamaStepper.from_checkpoint(checkpoint)
+    one = torch.ones((1, 1), dtype=torch.long)
+    with torch.inference_mode():
+        logits = stepper.prefill(one, one, torch.zeros_like(one), 1)
+    if logits.shape[-1] != checkpoint.config.vocab_size:
+        raise ValueError(f"lm_head gives {logits.shape[-1]} logits for a vocab_size of {checkpoint.config.vocab_size}")
+    return checkpoint, stepper
 
 
 class FastLlamaStepper:
     supports_past = True
 
     def __init__(self, model):
-        cfg = model.config
+        """Over a transformers ``LlamaForCausalLM`` (``fast_llama_supported``)."""
+        self._load(model.config, model.get_parameter)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint) -> FastLlamaStepper:
+        """Over a ``llama_checkpoint.LlamaCheckpoint``'s weights: no transformers model."""
+        stepper = cls.__new__(cls)
+        stepper._load(checkpoint.config, checkpoint.weight)
+        return stepper
+
+    def _load(self, cfg, weight) -> None:
+        """``weight(name)``: a parameter by its transformers name, e.g. ``model.norm.weight``."""
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
@@ -116,30 +138,29 @@ class FastLlamaStepper:
         freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos, self.sin = emb.cos(), emb.sin()
-        m = model.model
-        self.embed = m.embed_tokens.weight.detach()
-        self.final_norm = m.norm.weight.detach()
-        self.lm_head_t = _transposed(model.lm_head.weight)
+        self.embed = weight("model.embed_tokens.weight").detach()
+        self.final_norm = weight("model.norm.weight").detach()
+        self.lm_head_t = _transposed(weight("lm_head.weight"))
         self.layers = []
-        for layer in m.layers:
-            a, mlp = layer.self_attn, layer.mlp
+        for i in range(cfg.num_hidden_layers):
+            w = lambda name, i=i: weight(f"model.layers.{i}.{name}.weight")
             self.layers.append((
-                layer.input_layernorm.weight.detach(),
-                self._qkv_weight(a),
-                _transposed(a.o_proj.weight),
-                layer.post_attention_layernorm.weight.detach(),
-                _transposed(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                _transposed(mlp.down_proj.weight),
+                w("input_layernorm").detach(),
+                self._qkv_weight(w("self_attn.q_proj"), w("self_attn.k_proj"), w("self_attn.v_proj")),
+                _transposed(w("self_attn.o_proj")),
+                w("post_attention_layernorm").detach(),
+                _transposed(torch.cat([w("mlp.gate_proj"), w("mlp.up_proj")])),
+                _transposed(w("mlp.down_proj")),
             ))
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.length = 0
 
-    def _qkv_weight(self, attn) -> torch.Tensor:
+    def _qkv_weight(self, q, k, v) -> torch.Tensor:
         """Columns ``[q, k | rotate_half(q, k) | v]``: one matmul gives all five."""
-        qk = _transposed(torch.cat([attn.q_proj.weight, attn.k_proj.weight]))
+        qk = _transposed(torch.cat([q, k]))
         rotated = _rotated_half(qk, self.n_heads + self.n_kv, self.head_dim)
-        return torch.cat([qk, rotated, _transposed(attn.v_proj.weight)], dim=1).contiguous()
+        return torch.cat([qk, rotated, _transposed(v)], dim=1).contiguous()
 
     def _norm(self, x, w):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w

@@ -1,0 +1,115 @@
+"""A plain Llama generator loads without transformers (``backends.llama_checkpoint``) and
+generates exactly what the transformers load generates: real loads of the bundled models."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from arbitrage_common.backends.checkpoints import CheckpointError
+from arbitrage_common.backends.hf_generator import HFStepGenerator
+from arbitrage_common.backends.llama_checkpoint import LeanTokenizer, LlamaCheckpoint, lean_llama_supported
+from arbitrage_common.backends.steppers import FastLlamaStepper
+from arbitrage_common.interfaces import GenerationOptions
+from arbitrage_common.steps import build_prefix
+from arbitrage_common.synthetic import generate_problems
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "models"
+PROBLEMS = generate_problems(6, 4040)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_a_plain_llama_generator_starts_without_importing_transformers(lean):
+    code = ("import sys; from arbitrage_common.backends.hf_generator import HFStepGenerator; "
+            f"g = HFStepGenerator('models/draft', lean_load={lean}); "
+            "print(g.model is None, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == (["True", "False"] if lean else ["False", "True"])
+
+
+def test_the_lean_tokenizer_encodes_and_decodes_as_transformers_does():
+    lean, ref = LeanTokenizer.from_dir(MODELS / "draft"), AutoTokenizer.from_pretrained(MODELS / "draft")
+    texts = [build_prefix(p.prompt, p.solution_steps()[:2]) for p in PROBLEMS]
+    texts += ["", "<s>x</s><pad>", "  two  spaces\tand a tab", "é ü ß"]  # special-token text is split as text
+    for text in texts:
+        assert lean(text).input_ids == ref(text).input_ids
+        assert lean(text, add_special_tokens=False).input_ids == ref(text, add_special_tokens=False).input_ids
+    assert len(lean) == len(ref)
+    assert [lean.decode([i]) for i in range(len(ref))] == [ref.decode([i]) for i in range(len(ref))]
+    assert (lean.bos_token_id, lean.eos_token_id, lean.pad_token_id) == (ref.bos_token_id, ref.eos_token_id,
+                                                                          ref.pad_token_id)
+
+
+def test_the_stepper_over_the_checkpoint_holds_the_transformers_models_weights():
+    model = AutoModelForCausalLM.from_pretrained(MODELS / "target", dtype=torch.float32)
+    ref, lean = FastLlamaStepper(model), FastLlamaStepper.from_checkpoint(LlamaCheckpoint.load(MODELS / "target"))
+    assert torch.equal(ref.embed, lean.embed) and torch.equal(ref.lm_head_t, lean.lm_head_t)
+    assert torch.equal(ref.final_norm, lean.final_norm) and torch.equal(ref.cos, lean.cos)
+    assert len(ref.layers) == len(lean.layers) == model.config.num_hidden_layers
+    for mine, theirs in zip(lean.layers, ref.layers):
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    assert LlamaCheckpoint.load(MODELS / "target").params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("role", ["draft", "target"])
+def test_lean_and_transformers_loads_generate_the_same_steps(role):
+    lean, ref = HFStepGenerator(MODELS / role, threads=1), HFStepGenerator(MODELS / role, threads=1, lean_load=False)
+    assert lean.model is None and ref.model is not None
+    assert (lean.params, lean.context, lean.piece) == (ref.params, ref.context, ref.piece)
+    prompts = [p.prompt for p in PROBLEMS]
+    sessions = [f"s{i}" for i in range(len(prompts))]
+    steps: dict[str, list[list[str]]] = {"lean": [[] for _ in prompts], "ref": [[] for _ in prompts]}
+    for k in range(3):  # over each session's cached prefix from the second step on
+        sampled = GenerationOptions(max_new_tokens=40, temperature=0.8, seed=k)
+        for name, gen in (("lean", lean), ("ref", ref)):
+            got = gen.generate_batch([build_prefix(p, s) for p, s in zip(prompts, steps[name])],
+                                     [sampled if i % 2 else GenerationOptions(max_new_tokens=40)
+                                      for i in range(len(prompts))], sessions)
+            for s, g in zip(steps[name], got):
+                s.append(g.text)
+        assert steps["lean"] == steps["ref"]
+    assert lean.prefix_cache.info()["hits"] == ref.prefix_cache.info()["hits"] > 0
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_only_plain_llama_checkpoints_load_lean(tmp_path):
+    assert lean_llama_supported(MODELS / "draft") and lean_llama_supported(MODELS / "target")
+    changes = {
+        "config.json": [{"architectures": ["MistralForCausalLM"]}, {"auto_map": {"AutoModelForCausalLM": "x.Y"}},
+                        {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, {"attention_bias": True}],
+        "tokenizer_config.json": [{"tokenizer_class": "LlamaTokenizerFast"}, {"clean_up_tokenization_spaces": True}],
+    }
+    for name, edits in changes.items():
+        for i, edit in enumerate(edits):
+            path = _copy(MODELS / "draft", tmp_path / f"{Path(name).stem}{i}")
+            (path / name).write_text(json.dumps({**json.loads((path / name).read_text()), **edit}))
+            assert not lean_llama_supported(path), (name, edit)
+    broken = _copy(MODELS / "draft", tmp_path / "broken")
+    (broken / "config.json").write_text("{broken")
+    assert not lean_llama_supported(broken)  # the transformers path then names the problem
+    with pytest.raises(CheckpointError, match=r"config.json: corrupt JSON"):
+        HFStepGenerator(broken)
+
+
+@pytest.mark.parametrize("damage", ["missing", "shape"])
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_fails_at_load_naming_the_path(damage, tmp_path):
+    path = _copy(MODELS / "draft", tmp_path / damage)
+    weights = load_file(str(path / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    if damage == "missing":
+        del weights[name]
+    else:
+        weights[name] = weights[name][:, :-8].contiguous()
+    save_file(weights, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"{path}: failed to load"):
+        HFStepGenerator(path)
