@@ -24,7 +24,7 @@ import torch
 
 from ..interfaces import Generation, GenerationOptions, row_options
 from ..steps import STEP_DELIMITER
-from .checkpoints import load_or_explain
+from .checkpoints import load_or_explain, set_cpu_threads
 from .generator_cache import GeneratorPrefixCache, KVSequence
 from .llama_checkpoint import LeanTokenizer, lean_llama_supported
 from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
@@ -41,9 +41,7 @@ class HFStepGenerator:
                  fast_path: bool = True, trust_remote_code: bool = False,
                  prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, verify_proposals: bool = True,
                  lean_load: bool = True):
-        if threads:
-            torch.set_num_threads(threads)
-        torch.set_flush_denormal(True)  # denormals make tiny CPU models several times slower
+        set_cpu_threads(threads)
         path = Path(model_dir)
         self.delimiter = delimiter
         # A plain Llama on the fast path loads without transformers (``llama_checkpoint``: a

@@ -1,10 +1,11 @@
 """A Llama checkpoint's weights and tokenizer read straight from its files, for the fast Llama
-path of the step generators (``FastLlamaStepper`` reads weights, not modules).
+path (``FastLlamaStepper`` reads weights, not modules) of the step generators and the LM
+scorers (the LM-verifier PRM and the verifier-head router).
 
 Why: transformers' model and tokenizer classes cost a replica about 2.5 s of CPU to import
 (torch's compiler and distributed modules come with them), several times what the bundled
 models take to load, and every pool replica pays it at start and at each scale-up. Without
-them a generator replica needs torch, safetensors and tokenizers only.
+them such a replica needs torch, safetensors and tokenizers only.
 
 Only what this path can reproduce exactly is read this way (``lean_llama_supported``): a plain
 ``LlamaForCausalLM`` and a plain fast tokenizer (its ``tokenizer.json`` is the whole
@@ -96,13 +97,32 @@ def _token_id(tokenizer, token: Any) -> int | None:
     return tokenizer.token_to_id(content) if content else None
 
 
+class Encoded(dict):
+    """An encoding by key or attribute (``enc["input_ids"]``, ``enc.input_ids``), as
+    transformers' ``BatchEncoding``."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 class LeanTokenizer:
-    """The part of a transformers fast tokenizer the step generator uses, on ``tokenizers``:
-    ``tok(text).input_ids``, ``decode(ids)``, ``len(tok)`` and the special ids. Special-token
-    text in the input is split like any text when the config says ``split_special_tokens``."""
+    """The part of a transformers fast tokenizer the generators and LM scorers use, on
+    ``tokenizers``: ``tok(text or texts, add_special_tokens=, return_offsets_mapping=)``
+    (lists, no padding or tensors), ``decode(ids)``, ``len(tok)`` and the special ids.
+    Special-token text in the input is split like any text when the config says
+    ``split_special_tokens``."""
+
+    is_fast = True  # it has offsets (``fit.token_spans``)
 
     def __init__(self, tokenizer, config: Mapping[str, Any]):
         self._tok = tokenizer
+        # As transformers calls it: no padding or truncation unless asked (a saved tokenizer.json
+        # may carry the padding its trainer set, and would pad every batch to its longest text).
+        self._tok.no_padding()
+        self._tok.no_truncation()
         self._tok.encode_special_tokens = bool(config.get("split_special_tokens", False))
         self.bos_token_id, self.eos_token_id, self.pad_token_id, self.unk_token_id = (
             _token_id(tokenizer, config.get(name)) for name in ("bos_token", "eos_token", "pad_token", "unk_token"))
@@ -114,8 +134,16 @@ class LeanTokenizer:
         p = Path(path)
         return cls(Tokenizer.from_file(str(p / "tokenizer.json")), _read_json(p / "tokenizer_config.json"))
 
-    def __call__(self, text: str, add_special_tokens: bool = True) -> SimpleNamespace:
-        return SimpleNamespace(input_ids=self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True,
+                 return_offsets_mapping: bool = False) -> Encoded:
+        if isinstance(text, str):
+            encodings = [self._tok.encode(text, add_special_tokens=add_special_tokens)]
+        else:
+            encodings = self._tok.encode_batch(list(text), add_special_tokens=add_special_tokens)
+        out = Encoded(input_ids=[e.ids for e in encodings])
+        if return_offsets_mapping:
+            out["offset_mapping"] = [e.offsets for e in encodings]
+        return Encoded({k: v[0] for k, v in out.items()}) if isinstance(text, str) else out
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)

@@ -269,18 +269,27 @@ class PrefixCachedLM:
     state at its last token) of session items over cached prefixes; see the module docstring."""
 
     def __init__(self, model, tokenizer, max_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, batch_size: int = 32,
-                 lock: threading.Lock | None = None, forward_overhead_tokens: float = FORWARD_OVERHEAD_TOKENS):
+                 lock: threading.Lock | None = None, forward_overhead_tokens: float = FORWARD_OVERHEAD_TOKENS,
+                 stepper: FastLlamaStepper | None = None):
+        """``model``: the transformers model; or None with ``stepper``, a checkpoint loaded
+        without transformers (``steppers.load_fast_llama``), whose uncached path is
+        ``uncached``."""
         self.model, self.tokenizer = model, tokenizer
         self.batch_size = max(1, int(batch_size))
         self.forward_overhead_tokens = forward_overhead_tokens
         self.lock = lock
         self.store = ByteLRU(max_bytes)
+        self.caching = max_bytes > 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._layout: tuple | None = None
-        self._probed = max_bytes <= 0  # probed on the first call with sessions (0 bytes: off, never)
+        self._probed = not self.caching  # probed on the first call with sessions (0 bytes: off, never)
         self._probe_lock = threading.Lock()
         self._layer = None
         self._fast: FastLlamaStepper | None = None  # the fused Llama forward, where the model allows it (CPU)
+        if stepper is not None:
+            self._fast, self._probed = stepper, True
+            self._layout = (len(stepper.layers), stepper.n_kv, stepper.head_dim, stepper.embed.dtype)
+        self.device = model.device if model is not None else torch.device("cpu")
         self._stats_lock = threading.Lock()
         self.stats = {"hits": 0, "misses": 0, "truncated": 0, "uncached": 0, "new_tokens": 0, "cached_tokens": 0}
 
@@ -300,7 +309,7 @@ class PrefixCachedLM:
 
     @property
     def enabled(self) -> bool:
-        return self.layout is not None
+        return self.caching and self.layout is not None
 
     def release(self, session: Hashable) -> bool:
         return self.store.release(session)
@@ -364,6 +373,22 @@ class PrefixCachedLM:
             rows.append(_Row(i, session, ids, scored, prefix, None))
         return rows
 
+    @torch.inference_mode()
+    def uncached(self, texts: Sequence[str], starts: Sequence[int],
+                 with_hidden: bool = False) -> tuple[list[float], torch.Tensor | None]:
+        """The features of texts scored from scratch, nothing kept: the uncached path of a
+        checkpoint loaded without transformers (the same forward as a miss)."""
+        n = len(texts)
+        mins: list[float | None] = [None] * n
+        hidden: list[torch.Tensor | None] = [None] * n
+        rows = sorted(self._rows([(i, None, t, s) for i, (t, s) in enumerate(zip(texts, starts))]),
+                      key=lambda r: len(r.ids))
+        lo = 0
+        for hi in plan_chunks([len(r.ids) for r in rows], self.batch_size, self.forward_overhead_tokens):
+            self._forward(rows[lo:hi], with_hidden, mins, hidden)
+            lo = hi
+        return mins, (torch.stack(hidden) if with_hidden and n else None)
+
     def _run(self, rows: list[_Row], with_hidden: bool, mins: list, hidden: list) -> dict[Hashable, SessionState]:
         """Features of every row; the sessions' new states. Rows run in waves: a session's
         first miss runs before its other rows, which then look up again (the two candidates of
@@ -416,7 +441,7 @@ class PrefixCachedLM:
     def _hf_forward(self, input_ids, mask, positions, buf, p_max: int, with_hidden: bool):
         from transformers import DynamicCache
 
-        device = self.model.device
+        device = self.device
         cache = DynamicCache()
         cache.layers = [self._layer(buf[layer, 0], buf[layer, 1], p_max) for layer in range(buf.shape[0])]
         out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
@@ -440,7 +465,7 @@ class PrefixCachedLM:
         """One padded forward of the chunk's new tokens over their pasts; per row its features
         into ``mins``/``hidden`` and (its prefix, its whole text) as cached sequences."""
         n_layers, heads, head_dim, dtype = self.layout
-        device = self.model.device
+        device = self.device
         pasts = [r.past.length if r.past is not None else 0 for r in chunk]
         news = [len(r.ids) - p for r, p in zip(chunk, pasts)]
         b, p_max, n_max = len(chunk), max(pasts), max(news)

@@ -17,8 +17,8 @@ import torch
 
 from ..interfaces import ScoreItem
 from .checkpoints import CheckpointError
-from .fit import TextFit, model_context
-from .lm_verifier import load_causal_lm, read_calibration, split_candidate, step_features
+from .fit import TextFit
+from .lm_verifier import load_scoring_lm, read_calibration, split_candidate, step_features
 from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCachedLM
 
 ROUTER_HEAD_FILE = "router_head.json"
@@ -59,22 +59,26 @@ class VerifierRouterScorer:
 
     def __init__(self, model_dir: str | Path, threads: int | None = None, batch_size: int = 32,
                  device: str | None = None, trust_remote_code: bool = False,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, lean_load: bool = True):
         path = Path(model_dir)
         self.calibration = read_calibration(path)
         self.head = read_router_head(path)
-        self.tokenizer, self.model = load_causal_lm(path, threads, device, trust_remote_code)
-        if self.model.config.hidden_size != len(self.head["w"]):
+        lm = load_scoring_lm(path, threads, device, trust_remote_code, lean_load)
+        self.tokenizer, self.model = lm.tokenizer, lm.model
+        if lm.hidden_size != len(self.head["w"]):
             raise CheckpointError(f"{path / ROUTER_HEAD_FILE}: head has {len(self.head['w'])} weights, the model "
-                                  f"{self.model.config.hidden_size} hidden units")
+                                  f"{lm.hidden_size} hidden units")
         self.batch_size = batch_size
-        self.params = sum(p.numel() for p in self.model.parameters()) + len(self.head["w"]) + 2
-        self.context = model_context(self.model)
+        self.params = lm.params + len(self.head["w"]) + 2
+        self.context = lm.context
         self.fit = TextFit(self.tokenizer, self.context, annotate=False)
         self._lock = threading.Lock()
-        self.prefix_cache = PrefixCachedLM(self.model, self.tokenizer, prefix_cache_bytes, batch_size, self._lock)
+        self.prefix_cache = PrefixCachedLM(self.model, self.tokenizer, prefix_cache_bytes, batch_size, self._lock,
+                                           stepper=lm.stepper)
 
     def _features(self, texts: Sequence[str], starts: Sequence[int]):
+        if self.model is None:  # loaded without transformers: the stepper's forward, as a cache miss
+            return self.prefix_cache.uncached(texts, starts, with_hidden=True)
         return step_features(self.model, self.tokenizer, texts, starts, self.batch_size, self._lock, with_hidden=True)
 
     def score_batch(self, items: Sequence[ScoreItem], sessions: Sequence[Hashable | None] | None = None) -> list[float]:

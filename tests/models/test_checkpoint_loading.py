@@ -73,8 +73,8 @@ def _classifier_checkpoint(path: Path) -> Path:
 def test_every_backend_passes_safetensors_and_the_trust_setting(trust, recorded, tmp_path):
     kw = {} if trust is None else {"trust_remote_code": trust}
     HFStepGenerator(MODELS / "draft", lean_load=False, **kw)  # the transformers path (test_lean_loading: the other)
-    load_step_scorer(MODELS / "prm", **kw)
-    load_step_scorer(MODELS / "router", **kw)
+    load_step_scorer(MODELS / "prm", lean_load=False, **kw)
+    load_step_scorer(MODELS / "router", lean_load=False, **kw)
     load_step_scorer(_classifier_checkpoint(tmp_path / "clf"), **kw)
     want = bool(trust)
     models = recorded["AutoModelForCausalLM"] + recorded["AutoModelForSequenceClassification"]

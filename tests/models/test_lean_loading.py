@@ -1,5 +1,5 @@
-"""A plain Llama generator loads without transformers (``backends.llama_checkpoint``) and
-generates exactly what the transformers load generates: real loads of the bundled models."""
+"""A plain Llama generator or LM scorer loads without transformers (``backends.llama_checkpoint``)
+and generates or scores what the transformers load does: real loads of the bundled models."""
 import json
 import shutil
 import subprocess
@@ -14,8 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from arbitrage_common.backends.checkpoints import CheckpointError
 from arbitrage_common.backends.hf_generator import HFStepGenerator
 from arbitrage_common.backends.llama_checkpoint import LeanTokenizer, LlamaCheckpoint, lean_llama_supported
+from arbitrage_common.backends.lm_verifier import split_candidate
+from arbitrage_common.backends.scorers import load_step_scorer
 from arbitrage_common.backends.steppers import FastLlamaStepper
-from arbitrage_common.interfaces import GenerationOptions
+from arbitrage_common.interfaces import GenerationOptions, ScoreItem
 from arbitrage_common.steps import build_prefix
 from arbitrage_common.synthetic import generate_problems
 
@@ -25,21 +27,29 @@ PROBLEMS = generate_problems(6, 4040)
 
 
 @pytest.mark.parametrize("lean", [True, False])
-def test_a_plain_llama_generator_starts_without_importing_transformers(lean):
+def test_the_pools_backends_start_without_importing_transformers(lean):
     code = ("import sys; from arbitrage_common.backends.hf_generator import HFStepGenerator; "
+            "from arbitrage_common.backends.scorers import load_step_scorer; "
             f"g = HFStepGenerator('models/draft', lean_load={lean}); "
-            "print(g.model is None, 'transformers' in sys.modules)")
+            f"s = [load_step_scorer(f'models/{{m}}', lean_load={lean}) for m in ('prm', 'router')]; "
+            "print(g.model is None, all(x.model is None for x in s), 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == (["True", "False"] if lean else ["False", "True"])
+    assert out.stdout.split() == (["True", "True", "False"] if lean else ["False", "False", "True"])
 
 
-def test_the_lean_tokenizer_encodes_and_decodes_as_transformers_does():
-    lean, ref = LeanTokenizer.from_dir(MODELS / "draft"), AutoTokenizer.from_pretrained(MODELS / "draft")
+@pytest.mark.parametrize("role", ["draft", "router"])  # the router's tokenizer.json carries a padding setting
+def test_the_lean_tokenizer_encodes_and_decodes_as_transformers_does(role):
+    lean, ref = LeanTokenizer.from_dir(MODELS / role), AutoTokenizer.from_pretrained(MODELS / role)
     texts = [build_prefix(p.prompt, p.solution_steps()[:2]) for p in PROBLEMS]
     texts += ["", "<s>x</s><pad>", "  two  spaces\tand a tab", "é ü ß"]  # special-token text is split as text
     for text in texts:
         assert lean(text).input_ids == ref(text).input_ids
-        assert lean(text, add_special_tokens=False).input_ids == ref(text, add_special_tokens=False).input_ids
+        mine, theirs = (t(text, add_special_tokens=False, return_offsets_mapping=True) for t in (lean, ref))
+        assert mine["input_ids"] == theirs["input_ids"]
+        assert mine["offset_mapping"] == [tuple(o) for o in theirs["offset_mapping"]]
+    mine, theirs = lean(texts, return_offsets_mapping=True), ref(texts, return_offsets_mapping=True)
+    assert mine.input_ids == theirs["input_ids"]  # unpadded, as transformers gives them
+    assert mine.offset_mapping == [[tuple(o) for o in row] for row in theirs["offset_mapping"]]
     assert len(lean) == len(ref)
     assert [lean.decode([i]) for i in range(len(ref))] == [ref.decode([i]) for i in range(len(ref))]
     assert (lean.bos_token_id, lean.eos_token_id, lean.pad_token_id) == (ref.bos_token_id, ref.eos_token_id,
@@ -113,3 +123,31 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_fails_at_load_naming_t
     save_file(weights, str(path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=rf"{path}: failed to load"):
         HFStepGenerator(path)
+
+
+@pytest.mark.parametrize("role", ["prm", "router"])
+def test_lean_and_transformers_loads_score_alike_cached_and_not(role):
+    lean = load_step_scorer(MODELS / role, threads=1)
+    ref = load_step_scorer(MODELS / role, threads=1, lean_load=False)
+    assert lean.model is None and ref.model is not None and lean.prefix_cache.enabled
+    assert (lean.params, lean.context) == (ref.params, ref.context)
+    for k in range(3):  # the second and third steps over each session's cache
+        items = [ScoreItem(p.prompt, tuple((s, "draft") for s in p.solution_steps()[:k]), p.solution_steps()[k])
+                 for p in PROBLEMS]
+        expected = ref.score_batch(items)  # transformers' forward, no cache
+        assert lean.score_batch(items) == pytest.approx(expected, abs=1e-5)
+        assert lean.score_batch(items, [f"s{i}" for i in range(len(items))]) == pytest.approx(expected, abs=1e-5)
+    assert lean.prefix_cache.info()["hits"] > 0
+    texts, starts = zip(*(split_candidate(item) for item in items))
+    if role == "prm":  # the raw feature too: a calibrated score can saturate and hide a difference
+        assert lean.features(texts, starts) == pytest.approx(ref.features(texts, starts), abs=1e-4)
+
+
+def test_a_lean_scorer_with_its_cache_off_scores_uncached():
+    off = load_step_scorer(MODELS / "prm", threads=1, prefix_cache_mb=0)
+    ref = load_step_scorer(MODELS / "prm", threads=1, lean_load=False)
+    p = PROBLEMS[0]
+    item = ScoreItem(p.prompt, ((p.solution_steps()[0], "draft"),), p.solution_steps()[1])
+    assert not off.prefix_cache.enabled
+    assert off.score_batch([item], ["s"]) == pytest.approx(ref.score_batch([item]), abs=1e-5)
+    assert off.prefix_cache.info()["uncached"] == 1 and off.prefix_cache.info()["sessions"] == 0

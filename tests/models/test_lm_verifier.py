@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from arbitrage_common.backends.checkpoints import CheckpointError
 from arbitrage_common.backends.lm_verifier import LMVerifierScorer, split_candidate
@@ -59,11 +60,13 @@ def test_batched_features_equal_one_at_a_time(verifier):
     batched = verifier.score_batch(items)
     single = [verifier.score_batch([it])[0] for it in items]
     assert batched == pytest.approx(single, abs=1e-5)
-    # The feature is the min log-prob of the candidate's own tokens (computed here directly).
+    # The feature is the min log-prob of the candidate's own tokens (computed here directly,
+    # with transformers' model: the scorer loads without it, backends.llama_checkpoint).
     text, start = split_candidate(items[2])
-    ids = verifier.tokenizer(text, return_tensors="pt")["input_ids"]
+    ids = AutoTokenizer.from_pretrained(MODELS / "prm")(text, return_tensors="pt")["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(MODELS / "prm", dtype=torch.float32)
     with torch.inference_mode():
-        logp = torch.log_softmax(verifier.model(input_ids=ids).logits[0, :-1], -1)
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
     n = len(items[2].candidate)  # char tokenizer: one token per character
     direct = logp[-n:].gather(-1, ids[0, -n:, None]).min().item()
     assert verifier.features([text], [start])[0] == pytest.approx(direct, abs=1e-4)
