@@ -51,14 +51,32 @@ def lean_llama_supported(path: str | Path) -> bool:
     p = Path(path)
     try:
         config = _read_json(p / "config.json")
-        tokenizer = _read_json(p / "tokenizer_config.json")
-    except (OSError, ValueError):  # unreadable: the transformers path names the problem
+        return (config.get("architectures") == ["LlamaForCausalLM"] and "auto_map" not in config
+                and llama_config_supported(checkpoint_config(p)) and bool(list(p.glob("*.safetensors")))
+                and _plain_tokenizer(p))
+    except Exception:  # noqa: BLE001 - unreadable (tokenizers raises plain Exception): transformers names it
         return False
-    return (config.get("architectures") == ["LlamaForCausalLM"] and "auto_map" not in config
-            and llama_config_supported(checkpoint_config(p))
-            and (p / "tokenizer.json").is_file() and tokenizer.get("tokenizer_class") in PLAIN_TOKENIZER_CLASSES
-            and "auto_map" not in tokenizer and not tokenizer.get("clean_up_tokenization_spaces", False)
-            and bool(list(p.glob("*.safetensors"))))
+
+
+# tokenizer_config.json keys with which transformers rewrites what tokenizer.json says (the
+# post-processor, the pre-tokenizer, the special tokens), or runs the checkpoint's code.
+_TOKENIZER_REWRITES = ("add_bos_token", "add_eos_token", "add_prefix_space", "post_processor", "auto_map",
+                       "extra_special_tokens", "additional_special_tokens")
+
+
+def _plain_tokenizer(p: Path) -> bool:
+    """tokenizer.json is the whole tokenizer: a plain class, no key that rewrites it, and every
+    special token the config names already in the vocabulary (transformers would add it)."""
+    config = _read_json(p / "tokenizer_config.json")
+    if (config.get("tokenizer_class") not in PLAIN_TOKENIZER_CLASSES or config.get("clean_up_tokenization_spaces")
+            or any(key in config for key in _TOKENIZER_REWRITES) or not (p / "tokenizer.json").is_file()):
+        return False
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(p / "tokenizer.json"))
+    named = [config.get(name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")]
+    named += list((config.get("added_tokens_decoder") or {}).values())
+    return tokenizer.post_processor is not None and all(_token_id(tokenizer, t) is not None for t in named if t)
 
 
 class LlamaCheckpoint:

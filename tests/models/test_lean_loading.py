@@ -97,13 +97,24 @@ def test_only_plain_llama_checkpoints_load_lean(tmp_path):
     changes = {
         "config.json": [{"architectures": ["MistralForCausalLM"]}, {"auto_map": {"AutoModelForCausalLM": "x.Y"}},
                         {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, {"attention_bias": True}],
-        "tokenizer_config.json": [{"tokenizer_class": "LlamaTokenizerFast"}, {"clean_up_tokenization_spaces": True}],
+        "tokenizer_config.json": [{"tokenizer_class": "LlamaTokenizerFast"}, {"clean_up_tokenization_spaces": True},
+                                  {"add_bos_token": False}, {"additional_special_tokens": ["<x>"]},
+                                  {"eos_token": "<|end|>"}],  # transformers would add a token the vocab lacks
     }
     for name, edits in changes.items():
         for i, edit in enumerate(edits):
             path = _copy(MODELS / "draft", tmp_path / f"{Path(name).stem}{i}")
             (path / name).write_text(json.dumps({**json.loads((path / name).read_text()), **edit}))
             assert not lean_llama_supported(path), (name, edit)
+    no_post = _copy(MODELS / "draft", tmp_path / "no_post_processor")
+    raw = json.loads((no_post / "tokenizer.json").read_text())
+    (no_post / "tokenizer.json").write_text(json.dumps({**raw, "post_processor": None}))
+    assert not lean_llama_supported(no_post)  # transformers would write one from the config
+    bad_tokenizer = _copy(MODELS / "draft", tmp_path / "bad_tokenizer")
+    (bad_tokenizer / "tokenizer.json").write_text("{broken")
+    assert not lean_llama_supported(bad_tokenizer)
+    with pytest.raises(CheckpointError, match=rf"{bad_tokenizer}: failed to load"):
+        HFStepGenerator(bad_tokenizer)
     broken = _copy(MODELS / "draft", tmp_path / "broken")
     (broken / "config.json").write_text("{broken")
     assert not lean_llama_supported(broken)  # the transformers path then names the problem
