@@ -52,10 +52,19 @@ def lean_llama_supported(path: str | Path) -> bool:
     try:
         config = _read_json(p / "config.json")
         return (config.get("architectures") == ["LlamaForCausalLM"] and "auto_map" not in config
-                and llama_config_supported(checkpoint_config(p)) and bool(list(p.glob("*.safetensors")))
-                and _plain_tokenizer(p))
+                and llama_config_supported(checkpoint_config(p)) and bool(weight_files(p)) and _plain_tokenizer(p))
     except Exception:  # noqa: BLE001 - unreadable (tokenizers raises plain Exception): transformers names it
         return False
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files transformers would load: ``model.safetensors``, or the shards its
+    index lists (none: not a layout this path reads)."""
+    p = Path(path)
+    if (p / "model.safetensors").is_file():
+        return [p / "model.safetensors"]
+    index = _read_json(p / "model.safetensors.index.json")
+    return [p / name for name in sorted(set(index.get("weight_map", {}).values()))]
 
 
 # tokenizer_config.json keys with which transformers rewrites what tokenizer.json says (the
@@ -80,7 +89,7 @@ def _plain_tokenizer(p: Path) -> bool:
 
 
 class LlamaCheckpoint:
-    """config.json and the float32 weights of every ``*.safetensors`` shard, by parameter name.
+    """config.json and the float32 weights of its safetensors (``weight_files``), by parameter name.
     ``weight(name)``: a tied ``lm_head.weight`` is the embedding, as transformers ties it."""
 
     def __init__(self, config: SimpleNamespace, weights: Mapping[str, Any]):
@@ -92,7 +101,7 @@ class LlamaCheckpoint:
         from safetensors.torch import load_file
 
         weights: dict[str, torch.Tensor] = {}
-        for shard in sorted(Path(path).glob("*.safetensors")):
+        for shard in weight_files(path):
             weights.update({k: v.to(torch.float32) for k, v in load_file(str(shard)).items()})
         return cls(checkpoint_config(path), weights)
 

@@ -162,3 +162,24 @@ def test_a_lean_scorer_with_its_cache_off_scores_uncached():
     assert not off.prefix_cache.enabled
     assert off.score_batch([item], ["s"]) == pytest.approx(ref.score_batch([item]), abs=1e-5)
     assert off.prefix_cache.info()["uncached"] == 1 and off.prefix_cache.info()["sessions"] == 0
+
+
+def test_a_sharded_checkpoint_loads_the_shards_its_index_lists_and_nothing_beside_them(tmp_path):
+    path = _copy(MODELS / "draft", tmp_path / "sharded")
+    weights = load_file(str(path / "model.safetensors"))
+    (path / "model.safetensors").unlink()
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for shard, keys in shards.items():
+        save_file({k: weights[k] for k in keys}, str(path / shard))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    save_file({"stray": torch.zeros(1)}, str(path / "adapter_model.safetensors"))  # not the model's: never read
+    assert lean_llama_supported(path)
+    assert sorted(LlamaCheckpoint.load(path).weights) == names
+    prefixes = [build_prefix(p.prompt, []) for p in PROBLEMS]
+    options = GenerationOptions(max_new_tokens=40)
+    got = HFStepGenerator(path, threads=1).generate_batch(prefixes, options)
+    assert [g.text for g in got] == [g.text for g in HFStepGenerator(MODELS / "draft", threads=1,
+                                                                     lean_load=False).generate_batch(prefixes, options)]
