@@ -47,11 +47,13 @@ def checkpoint_config(path: str | Path) -> SimpleNamespace:
 
 
 def lean_llama_supported(path: str | Path) -> bool:
-    """A plain Llama causal LM (no remote code) with a plain fast tokenizer and safetensors."""
+    """A plain Llama causal LM (no remote code, no quantization) with a plain fast tokenizer and
+    safetensors."""
     p = Path(path)
     try:
         config = _read_json(p / "config.json")
-        return (config.get("architectures") == ["LlamaForCausalLM"] and "auto_map" not in config
+        return (config.get("architectures") == ["LlamaForCausalLM"]
+                and not any(key in config for key in ("auto_map", "quantization_config"))
                 and llama_config_supported(checkpoint_config(p)) and bool(weight_files(p)) and _plain_tokenizer(p))
     except Exception:  # noqa: BLE001 - unreadable (tokenizers raises plain Exception): transformers names it
         return False

@@ -96,7 +96,8 @@ def test_only_plain_llama_checkpoints_load_lean(tmp_path):
     assert lean_llama_supported(MODELS / "draft") and lean_llama_supported(MODELS / "target")
     changes = {
         "config.json": [{"architectures": ["MistralForCausalLM"]}, {"auto_map": {"AutoModelForCausalLM": "x.Y"}},
-                        {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, {"attention_bias": True}],
+                        {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, {"attention_bias": True},
+                        {"quantization_config": {"quant_method": "bitsandbytes"}}],
         "tokenizer_config.json": [{"tokenizer_class": "LlamaTokenizerFast"}, {"clean_up_tokenization_spaces": True},
                                   {"add_bos_token": False}, {"additional_special_tokens": ["<x>"]},
                                   {"eos_token": "<|end|>"}],  # transformers would add a token the vocab lacks
