@@ -12,6 +12,9 @@ since the session's last step instead of the whole problem and history.
 A row's ``GenerationOptions.proposal`` (the draft's step, when the target rewrites it) runs
 in the prefill too: the row keeps the run of it that it would generate itself and decodes
 only the rest, so its output is the same in fewer decode steps.
+
+A plain Llama checkpoint loads without transformers (``llama_checkpoint``): its weights go
+straight into the fast stepper, which is all the decode loop runs.
 """
 from __future__ import annotations
 
