@@ -6,9 +6,12 @@ overhead (about 2 us an op) and on streaming weights, so a layer is as few ops a
 - weights are kept transposed (``[in, out]``, contiguous) and multiplied with ``matmul``: at
   a decode's few rows, ``F.linear`` over ``[out, in]`` costs 1.2-2x as much on CPU (MKL);
 - RoPE's rotate-half is folded into the QKV weight (a sign-flipped, half-swapped copy of the
-  Q and K columns: columns are only copied and negated), so the one matmul also gives
-  rotate_half(q) and rotate_half(k), and RoPE is a multiply and an ``addcmul`` instead of
-  about a dozen ops per tensor.
+  Q and K columns after V: columns are only copied and negated), so at a decode step the one
+  matmul also gives rotate_half(q) and rotate_half(k), and RoPE is a multiply and an
+  ``addcmul`` instead of about a dozen ops per tensor. A forward of several tokens per row (a
+  prefill) is compute-bound instead: it multiplies by the Q, K, V columns only (a view, 40 %
+  fewer QKV FLOPs) and rotates with one ``cat``: 6-12 % less time for a batched prefill, and
+  the same values (to the bit on this machine's CPU).
 Its prefill can start each row over a cached past (``KVPrefix``: a request's earlier
 tokens, from ``backends.generator_cache``), so only the new tokens run.
 ``HFStepper`` is the general fallback over any transformers causal LM (no cached past).
@@ -60,6 +63,7 @@ class HFStepper:
         return out.logits[:, -1, :]
 
 
+FOLDED_ROPE_MAX_TOKENS = 1  # tokens per row up to which a forward multiplies by the rotated columns too
 FORWARD_OVERHEAD_TOKENS = 48  # one more forward costs about this many padded tokens (measured on CPU)
 
 
@@ -157,10 +161,11 @@ class FastLlamaStepper:
         self.length = 0
 
     def _qkv_weight(self, q, k, v) -> torch.Tensor:
-        """Columns ``[q, k | rotate_half(q, k) | v]``: one matmul gives all five."""
+        """Columns ``[q, k, v | rotate_half(q, k)]``: one matmul gives all five; the first three
+        alone are a view (``_hidden``'s prefill)."""
         qk = _transposed(torch.cat([q, k]))
         rotated = _rotated_half(qk, self.n_heads + self.n_kv, self.head_dim)
-        return torch.cat([qk, rotated, _transposed(v)], dim=1).contiguous()
+        return torch.cat([qk, _transposed(v), rotated], dim=1).contiguous()
 
     def _norm(self, x, w):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w
@@ -188,11 +193,18 @@ class FastLlamaStepper:
         x = F.embedding(ids, self.embed)
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # [B, T, 1, D]
         heads, d = self.n_heads + self.n_kv, self.head_dim
-        qk_dim, q_dim = heads * d, self.n_heads * d
+        qk_dim, q_dim, v_dim = heads * d, self.n_heads * d, self.n_kv * d
         start, end = self.length, self.length + t
         for i, (w_in, w_qkv, w_o, w_post, w_gu, w_down) in enumerate(self.layers):
-            qk, qk_rot, v = torch.matmul(self._norm(x, w_in), w_qkv).split([qk_dim, qk_dim, self.n_kv * d], dim=-1)
-            qk = torch.addcmul(qk.view(b, t, heads, d) * cos, qk_rot.view(b, t, heads, d), sin).transpose(1, 2)
+            h = self._norm(x, w_in)
+            if t > FOLDED_ROPE_MAX_TOKENS:  # compute-bound: skip the rotated columns, rotate the product
+                qk, v = torch.matmul(h, w_qkv[:, :qk_dim + v_dim]).split([qk_dim, v_dim], dim=-1)
+                qk = qk.view(b, t, heads, d)
+                qk_rot = torch.cat([-qk[..., d // 2:], qk[..., :d // 2]], dim=-1)
+            else:  # bound by per-op overhead: one matmul gives the rotation too
+                qk, v, qk_rot = torch.matmul(h, w_qkv).split([qk_dim, v_dim, qk_dim], dim=-1)
+                qk, qk_rot = qk.view(b, t, heads, d), qk_rot.view(b, t, heads, d)
+            qk = torch.addcmul(qk * cos, qk_rot, sin).transpose(1, 2)
             self.k_cache[i][:, :, start:end] = qk[:, self.n_heads:]
             self.v_cache[i][:, :, start:end] = v.view(b, t, self.n_kv, d).transpose(1, 2)
             o = F.scaled_dot_product_attention(qk[:, :self.n_heads], self.k_cache[i][:, :, :end],

@@ -3,6 +3,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from arbitrage_common.backends import steppers
 from arbitrage_common.backends.steppers import FastLlamaStepper, HFStepper, _rotated_half, fast_llama_supported
 from arbitrage_common.tokenizer import build_char_tokenizer
 from arbitrage_common.training.shapes import Shape
@@ -45,6 +46,24 @@ def test_the_folded_rope_columns_give_rotate_half_of_each_head():
     out = (x @ weight_t).view(5, heads, head_dim)
     expected = torch.cat([-out[..., head_dim // 2:], out[..., :head_dim // 2]], dim=-1).reshape(5, -1)
     assert torch.allclose(x @ _rotated_half(weight_t, heads, head_dim), expected, atol=1e-6)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kv_heads", [None, 2], ids=["mha", "gqa"])
+def test_a_prefill_rotating_its_product_equals_one_using_the_folded_columns(kv_heads, monkeypatch):
+    # A prefill multiplies by the Q, K, V columns and rotates the product; a decode step uses the
+    # folded rotated columns. Both must give the same logits and leave the same keys/values.
+    tok, model = _model(kv_heads)
+    ids, mask, pos = _left_padded([tok(t).input_ids for t in ["Start with 12. Add 30.\n\n", "Start with 7.\n\n"]])
+    rotating, folded = FastLlamaStepper(model), FastLlamaStepper(model)
+    a = rotating.prefill(ids, mask, pos, 3)
+    monkeypatch.setattr(steppers, "FOLDED_ROPE_MAX_TOKENS", ids.shape[1])
+    b = folded.prefill(ids, mask, pos, 3)
+    assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    width = ids.shape[1]
+    for mine, theirs in zip(rotating.k_cache + rotating.v_cache, folded.k_cache + folded.v_cache):
+        assert torch.allclose(mine[:, :, :width], theirs[:, :, :width], atol=1e-6, rtol=0)
+    _decode_alike(rotating, folded, a, mask, pos, 3, atol=1e-6)
 
 
 @torch.inference_mode()
