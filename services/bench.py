@@ -39,6 +39,7 @@ from typing import Any
 from arbitrage_common.config import GENERATOR_ROLES, AppConfig
 from arbitrage_common.synthetic import extract_answer, generate_problems
 
+from .process_cpu import cpu_by_role, process_cpu
 from .validation import RequestFields, prepare
 
 
@@ -197,18 +198,22 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         sets = [load[concurrency + k * per_set:concurrency + (k + 1) * per_set] for k in range(2 * repeats)]
         tokens = {"one": 0, "many": 0}  # load -> output tokens
         walls: list[dict[str, float]] = [{"one": 0.0, "many": 0.0} for _ in range(repeats)]  # load -> seconds
-        # load -> busy CPU seconds of the machine; only for a service on this machine
+        # load -> busy CPU seconds of the machine, and by role; only for a service on this machine
         cpu = {"one": 0.0, "many": 0.0} if owns_service and _machine_cpu_seconds() is not None else None
+        by_role: dict[str, dict[str, float]] = {"one": {}, "many": {}}
 
         def timed_round(repeat: int, load_: str, prompts_: list[str], clients: int) -> None:
             if owns_service:
                 _reset_engine_caches(cfg, app)
+            processes = process_cpu(app or cfg.name) if cpu is not None else {}
             cpu_begun, begun = _machine_cpu_seconds(), time.perf_counter()
             with ThreadPoolExecutor(clients) as ex:
                 replies = list(ex.map(lambda p: call(p, policy), prompts_))
             walls[repeat][load_] += time.perf_counter() - begun
             if cpu is not None:
                 cpu[load_] += _machine_cpu_seconds() - cpu_begun
+                for role, seconds in cpu_by_role(processes, process_cpu(app or cfg.name)).items():
+                    by_role[load_][role] = by_role[load_].get(role, 0.0) + seconds
             tokens[load_] += sum(r[2] for r in replies)
 
         with ThreadPoolExecutor(concurrency) as ex:
@@ -266,7 +271,7 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         "token_throughput_scaling": round((tokensn / walln) / (tokens1 / wall1), 3),
         **(scaling_spread(walls) if repeats > 1 else {}),
         "engine_prefix_caches_reset": owns_service,
-        **(_cpu_figures(cpu, wall1, walln, requests, concurrency) if cpu else {}),
+        **(_cpu_figures(cpu, by_role, wall1, walln, requests, concurrency) if cpu else {}),
         "accuracy_in_process": round(sum(a == p.answer for a, p in zip(inproc_answers, problems)) / n, 3),
         "accuracy_grpc": round(sum(r[1] == p.answer for r, p in zip(grpc_rows, problems)) / n, 3),
         "answers_agree": round(sum(r[1] == a for r, a in zip(grpc_rows, inproc_answers)) / n, 3),
@@ -274,9 +279,15 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
     return out
 
 
-def _cpu_figures(cpu: dict[str, float], wall1: float, walln: float, requests: int,
-                 concurrency: int) -> dict[str, float]:
+def _cpu_figures(cpu: dict[str, float], by_role: dict[str, dict[str, float]], wall1: float, walln: float,
+                 requests: int, concurrency: int) -> dict[str, Any]:
+    def per_request(spent: dict[str, float]) -> dict[str, float]:  # the costliest role first
+        return {role: round(1000 * seconds / requests, 2)
+                for role, seconds in sorted(spent.items(), key=lambda kv: -kv[1])}
+
     return {"cores_busy_1_client": round(cpu["one"] / wall1, 3),
             f"cores_busy_{concurrency}_clients": round(cpu["many"] / walln, 3),
             "cpu_ms_per_request_1_client": round(1000 * cpu["one"] / requests, 1),
-            f"cpu_ms_per_request_{concurrency}_clients": round(1000 * cpu["many"] / requests, 1)}
+            f"cpu_ms_per_request_{concurrency}_clients": round(1000 * cpu["many"] / requests, 1),
+            "cpu_ms_per_request_by_role_1_client": per_request(by_role["one"]),
+            f"cpu_ms_per_request_by_role_{concurrency}_clients": per_request(by_role["many"])}

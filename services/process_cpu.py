@@ -1,0 +1,68 @@
+"""CPU seconds of this machine's processes, by role, from ``/proc`` (Linux): each Serve
+deployment of one application (its pools and coordinator), Serve's proxy and controller,
+Ray's own processes, the caller, and the rest. ``serve bench`` prints them per request.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+PROC = Path("/proc")
+RAY_PACKAGE = f"{os.sep}ray{os.sep}"  # Ray's daemons run from its package: gcs_server, raylet, python -u .../log_monitor.py
+
+
+def role_of(cmdline: str, app: str) -> str:
+    """The role of a process by its command line: a deployment of ``app`` (its name), ``proxy``,
+    ``serve_controller``, ``ray`` (Ray's daemons, idle workers and other actors) or ``other``.
+    Ray titles a replica ``ray::ServeReplica:<app>:<deployment>``, and an actor running a
+    method ``ray::<class>.<method>``."""
+    if cmdline.startswith("ray::"):
+        name = cmdline[len("ray::"):].split(" ", 1)[0]
+        if name.startswith("ServeReplica:"):
+            _, replica_app, deployment = name.split(":", 2)
+            return deployment.split(".", 1)[0] if replica_app == app else "other"
+        if name.startswith("ProxyActor"):
+            return "proxy"
+        if name.startswith("ServeController"):
+            return "serve_controller"
+        return "ray"
+    program = cmdline.split(" ", 3)[:3]  # the executable, or python, its flags and the script
+    return "ray" if any(RAY_PACKAGE in word for word in program) else "other"
+
+
+def _cpu_seconds(stat: str, ticks_per_s: int) -> float:
+    """User plus system CPU seconds from the text of ``/proc/<pid>/stat`` (fields 14 and 15;
+    the command name in parentheses may hold spaces)."""
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / ticks_per_s
+
+
+def process_cpu(app: str) -> dict[int, tuple[str, float]]:
+    """Every readable process: pid -> (role, CPU seconds so far); this process is ``bench``.
+    Empty where there is no ``/proc``."""
+    ticks, me, out = os.sysconf("SC_CLK_TCK"), os.getpid(), {}
+    try:
+        entries = [e for e in os.listdir(PROC) if e.isdigit()]
+    except OSError:
+        return {}
+    for entry in entries:
+        try:
+            stat = (PROC / entry / "stat").read_text()
+            cmdline = (PROC / entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # it ended meanwhile, or is not ours to read
+            continue
+        pid = int(entry)
+        out[pid] = ("bench" if pid == me else role_of(cmdline, app), _cpu_seconds(stat, ticks))
+    return out
+
+
+def cpu_by_role(before: Mapping[int, tuple[str, float]], after: Mapping[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each role spent between two ``process_cpu`` snapshots (a process that began
+    in between counts from zero; one that ended is lost)."""
+    spent: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        delta = seconds - before.get(pid, (role, 0.0))[1]
+        if delta > 0:
+            spent[role] = spent.get(role, 0.0) + delta
+    return spent

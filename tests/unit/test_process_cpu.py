@@ -1,0 +1,29 @@
+"""services.process_cpu: a process's role from its command line, and CPU between snapshots."""
+from services.process_cpu import _cpu_seconds, cpu_by_role, role_of
+
+SITE = "/srv/venv/lib/python3.11/site-packages/ray"
+
+
+def test_roles_of_serve_replicas_proxy_controller_and_rays_own_processes():
+    assert role_of("ray::ServeReplica:arbitrage:draft", "arbitrage") == "draft"
+    assert role_of("ray::ServeReplica:arbitrage:coordinator.handle_request", "arbitrage") == "coordinator"
+    assert role_of("ray::ServeReplica:slow:draft", "arbitrage") == "other"  # another application's
+    assert role_of("ray::ProxyActor", "arbitrage") == "proxy"
+    assert role_of("ray::ServeController.listen_for_change", "arbitrage") == "serve_controller"
+    assert role_of("ray::IDLE", "arbitrage") == "ray"
+    assert role_of("ray::DashboardAgent", "arbitrage") == "ray"
+    assert role_of(f"{SITE}/core/src/ray/gcs/gcs_server --log_dir=/tmp/ray", "arbitrage") == "ray"
+    assert role_of(f"/srv/venv/bin/python -u {SITE}/_private/log_monitor.py --session-dir=/tmp", "arbitrage") == "ray"
+    assert role_of("/usr/bin/python3 -m pytest tests --ray-dir /x/ray/y", "arbitrage") == "other"
+    assert role_of("", "arbitrage") == "other"
+
+
+def test_cpu_seconds_read_user_plus_system_after_a_name_with_spaces_and_parentheses():
+    fields = ["S", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "250", "50", "7", "8"]
+    assert _cpu_seconds("42 (ray::ServeReplica:a (x) y) " + " ".join(fields), 100) == 3.0  # (250 + 50) / 100
+
+
+def test_cpu_by_role_sums_each_roles_processes_and_counts_a_new_one_from_zero():
+    before = {1: ("draft", 10.0), 2: ("ray", 5.0), 3: ("ray", 1.0), 9: ("target", 4.0)}
+    after = {1: ("draft", 12.5), 2: ("ray", 5.5), 3: ("ray", 1.25), 4: ("draft", 0.5), 5: ("proxy", 0.0)}
+    assert cpu_by_role(before, after) == {"draft": 3.0, "ray": 0.75}  # 9 ended: its time is lost
