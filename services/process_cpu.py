@@ -20,8 +20,8 @@ def role_of(cmdline: str, app: str) -> str:
     if cmdline.startswith("ray::"):
         name = cmdline[len("ray::"):].split(" ", 1)[0]
         if name.startswith("ServeReplica:"):
-            _, replica_app, deployment = name.split(":", 2)
-            return deployment.split(".", 1)[0] if replica_app == app else "other"
+            parts = name.split(":", 2)
+            return parts[2].split(".", 1)[0] if len(parts) == 3 and parts[1] == app else "other"
         if name.startswith("ProxyActor"):
             return "proxy"
         if name.startswith("ServeController"):

@@ -8,6 +8,7 @@ def test_roles_of_serve_replicas_proxy_controller_and_rays_own_processes():
     assert role_of("ray::ServeReplica:arbitrage:draft", "arbitrage") == "draft"
     assert role_of("ray::ServeReplica:arbitrage:coordinator.handle_request", "arbitrage") == "coordinator"
     assert role_of("ray::ServeReplica:slow:draft", "arbitrage") == "other"  # another application's
+    assert role_of("ray::ServeReplica:arbitrage", "arbitrage") == "other"  # no deployment in the title
     assert role_of("ray::ProxyActor", "arbitrage") == "proxy"
     assert role_of("ray::ServeController.listen_for_change", "arbitrage") == "serve_controller"
     assert role_of("ray::IDLE", "arbitrage") == "ray"
