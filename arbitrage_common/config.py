@@ -82,6 +82,18 @@ class EngineSpec(_Strict):
                                                        "'bitsandbytes' (None: as the checkpoint says).")
     block_size: PositiveInt | None = Field(None, description="KV block size in tokens (None: 32 on CPU, vLLM's "
                                                              "default on GPU).")
+    distributed_executor_backend: Literal["uni", "mp"] | None = Field(
+        None, description="Where the model runs: 'uni' in the engine-core process, 'mp' in worker processes of "
+                          "its own. None: 'uni' on CPU with tensor_parallel_size 1 (vLLM's CPU build would pick "
+                          "'mp', whose worker busy-polls between steps), vLLM's default elsewhere ('uni' on one "
+                          "GPU, 'mp' on several).")
+
+    @model_validator(mode="after")
+    def _uni_is_one_worker(self) -> EngineSpec:
+        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size > 1:
+            raise ValueError(f"distributed_executor_backend 'uni' runs one worker: tensor_parallel_size="
+                             f"{self.tensor_parallel_size} needs 'mp' (or None)")
+        return self
 
 
 class ModelSpec(_Strict):

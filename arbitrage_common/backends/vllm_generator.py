@@ -26,7 +26,7 @@ vLLM is imported only inside the class: importing this module needs no vllm.
 
 Process model (what a caller must do):
 
-- The engine runs in a child process (and on CPU its worker in another). A script that
+- The engine runs in a child process (its model too, unless "mp" starts workers). A script that
   builds one at top level needs ``if __name__ == "__main__":``.
 - On CPU the KV cache is sized by ``kv_cache_memory_bytes`` (default here 256 MiB when
   neither it nor ``VLLM_CPU_KVCACHE_SPACE`` (GiB) is set). Without either, vLLM reserves
@@ -235,7 +235,8 @@ class EngineDeadError(EngineRequestError):
 
 # EngineSpec (arbitrage_common.config) field -> VLLMStepGenerator keyword; the rest go to engine_kwargs.
 _SPEC_KEYWORDS = ("max_model_len", "dtype", "tensor_parallel_size", "gpu_memory_utilization",
-                  "kv_cache_memory_bytes", "max_num_seqs", "enable_prefix_caching", "enforce_eager", "block_size")
+                  "kv_cache_memory_bytes", "max_num_seqs", "enable_prefix_caching", "enforce_eager", "block_size",
+                  "distributed_executor_backend")
 
 
 def generator_kwargs(engine: dict[str, Any] | None) -> dict[str, Any]:
@@ -306,6 +307,17 @@ def _stat_logger_factory(counter: PrefixCacheCounter):
     return _Logger
 
 
+def _executor_as_given(args: dict[str, Any], on_cpu: bool) -> dict[str, Any]:
+    """``args`` with "uni" as vLLM's executor class on CPU: its CPU platform rewrites the name
+    "uni" to "mp" (an in-process ``LLM`` could not set up OpenMP), but an ``AsyncLLM`` engine
+    core is a process of its own, started after the platform set its environment."""
+    if not (on_cpu and args.get("distributed_executor_backend") == "uni"):
+        return args
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    return {**args, "distributed_executor_backend": UniProcExecutor}
+
+
 class VLLMStepGenerator:
     """An async ``Generator`` over one ``vllm.v1.engine.async_llm.AsyncLLM`` engine.
 
@@ -333,15 +345,18 @@ class VLLMStepGenerator:
         pad_heads: on CPU, serve a zero-padded equivalent copy when the head size is one
             vLLM's CPU attention lacks (``cpu_compatible_dir``). None/True: when needed;
             False: never (the engine then fails on such a model).
-        engine_kwargs: further ``AsyncEngineArgs`` fields (e.g. ``quantization``,
-            ``block_size``, ``distributed_executor_backend``).
+        distributed_executor_backend: "uni" (the model runs in the engine-core process) or "mp"
+            (in worker processes of its own). None: "uni" on CPU with one worker, where vLLM's
+            CPU build would pick "mp", whose worker spins between steps (measured in
+            docs/VLLM.md); vLLM's default elsewhere.
+        engine_kwargs: further ``AsyncEngineArgs`` fields (e.g. ``quantization``).
     """
 
     def __init__(self, model: str | Path, *, max_model_len: int = 512, dtype: str = "float32",
                  enforce_eager: bool | None = None, enable_prefix_caching: bool = True,
                  gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
                  kv_cache_memory_bytes: int | None = None, max_num_seqs: int | None = None,
-                 block_size: int | None = None,
+                 block_size: int | None = None, distributed_executor_backend: str | None = None,
                  seed: int = 0, delimiter: str = STEP_DELIMITER, trust_remote_code: bool = False,
                  log_stats: bool = False, local: bool | None = None, pad_heads: bool | None = None,
                  engine_kwargs: dict[str, Any] | None = None):
@@ -387,11 +402,15 @@ class VLLMStepGenerator:
             block_size = CPU_DEFAULT_BLOCK_SIZE
         if block_size is not None:
             args["block_size"] = block_size
+        if distributed_executor_backend is None and on_cpu and tensor_parallel_size == 1:
+            distributed_executor_backend = "uni"
+        if distributed_executor_backend is not None:
+            args["distributed_executor_backend"] = distributed_executor_backend
         args.update(engine_kwargs or {})
         self.engine_args = args
         try:
             self.engine = AsyncLLM.from_engine_args(
-                AsyncEngineArgs(**args), stat_loggers=[_stat_logger_factory(self.prefix_cache)])
+                AsyncEngineArgs(**_executor_as_given(args, on_cpu)), stat_loggers=[_stat_logger_factory(self.prefix_cache)])
         except Exception as exc:  # config/load errors come from the engine process in many types
             raise EngineStartError(f"{model_str}: vLLM engine failed to start ({type(exc).__name__}: {exc})") from exc
         # Prompts go to the engine as token ids from its own tokenizer: the context check

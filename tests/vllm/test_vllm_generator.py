@@ -97,6 +97,18 @@ def run(loop, coro):
     return loop.run_until_complete(coro)
 
 
+def _child_processes(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+
+def test_on_cpu_the_model_runs_in_the_engine_core_process(engine):
+    # vLLM's CPU build would run it in a worker process that spins between steps (docs/VLLM.md)
+    assert engine.engine_args["distributed_executor_backend"] == "uni"
+    [core] = engine.engine_pids()
+    assert _child_processes(core) == []
+
+
 def test_steps_stop_at_the_delimiter(engine, loop):
     prefixes = _prefixes(4)
     out = run(loop, engine.generate(prefixes, STEP))
@@ -247,9 +259,11 @@ def test_target_with_unsupported_head_size_runs_padded_and_matches_transformers(
 
     head_dim = json.loads((TARGET / "config.json").read_text()).get("head_dim")
     monkeypatch.setenv("ARBITRAGE_VLLM_CACHE", str(tmp_path))
-    gen = VLLMStepGenerator(TARGET)
+    gen = VLLMStepGenerator(TARGET, distributed_executor_backend="mp")  # the other executor, on the same checks
     loop = asyncio.new_event_loop()
     try:
+        [core] = gen.engine_pids()
+        assert len(_child_processes(core)) == 1  # its worker process
         if head_dim in (32, 64, 80, 96, 112, 128):
             assert gen.served_dir == str(TARGET.resolve())
         else:
