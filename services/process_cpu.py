@@ -31,17 +31,39 @@ def role_of(cmdline: str, app: str) -> str:
     return "ray" if any(RAY_PACKAGE in word for word in program) else "other"
 
 
+def _stat_fields(stat: str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (which may hold spaces), so
+    field N of proc(5) is item N - 3."""
+    return stat[stat.rindex(")") + 2:].split()
+
+
 def _cpu_seconds(stat: str, ticks_per_s: int) -> float:
-    """User plus system CPU seconds from the text of ``/proc/<pid>/stat`` (fields 14 and 15;
-    the command name in parentheses may hold spaces)."""
-    fields = stat[stat.rindex(")") + 2:].split()
+    """User plus system CPU seconds from the text of ``/proc/<pid>/stat`` (fields 14 and 15)."""
+    fields = _stat_fields(stat)
     return (int(fields[11]) + int(fields[12])) / ticks_per_s
 
 
+def inherit_roles(roles: Mapping[int, str], parents: Mapping[int, int]) -> dict[int, str]:
+    """``roles`` where each ``other`` process takes the role of its nearest ancestor that has
+    one: a replica's children (a vLLM pool's engine core and its workers) count for its pool."""
+    out = dict(roles)
+    for pid, role in roles.items():
+        seen, parent = {pid}, parents.get(pid)
+        while role == "other" and parent in roles and parent not in seen:
+            seen.add(parent)
+            role, parent = roles[parent], parents.get(parent)
+        out[pid] = role
+    return out
+
+
 def process_cpu(app: str) -> dict[int, tuple[str, float]]:
-    """Every readable process: pid -> (role, CPU seconds so far); this process is ``bench``.
-    Empty where there is no ``/proc``."""
-    ticks, me, out = os.sysconf("SC_CLK_TCK"), os.getpid(), {}
+    """Every readable process: pid -> (role, CPU seconds so far); this process is ``bench``, and
+    a process of no role of its own takes its parent's (``inherit_roles``). Empty where there
+    is no ``/proc``."""
+    ticks, me = os.sysconf("SC_CLK_TCK"), os.getpid()
+    roles: dict[int, str] = {}
+    parents: dict[int, int] = {}
+    seconds: dict[int, float] = {}
     try:
         entries = [e for e in os.listdir(PROC) if e.isdigit()]
     except OSError:
@@ -53,8 +75,9 @@ def process_cpu(app: str) -> dict[int, tuple[str, float]]:
         except OSError:  # it ended meanwhile, or is not ours to read
             continue
         pid = int(entry)
-        out[pid] = ("bench" if pid == me else role_of(cmdline, app), _cpu_seconds(stat, ticks))
-    return out
+        roles[pid] = "bench" if pid == me else role_of(cmdline, app)
+        parents[pid], seconds[pid] = int(_stat_fields(stat)[1]), _cpu_seconds(stat, ticks)
+    return {pid: (role, seconds[pid]) for pid, role in inherit_roles(roles, parents).items()}
 
 
 def cpu_by_role(before: Mapping[int, tuple[str, float]], after: Mapping[int, tuple[str, float]]) -> dict[str, float]:

@@ -1,5 +1,5 @@
 """services.process_cpu: a process's role from its command line, and CPU between snapshots."""
-from services.process_cpu import _cpu_seconds, cpu_by_role, role_of
+from services.process_cpu import _cpu_seconds, cpu_by_role, inherit_roles, role_of
 
 SITE = "/srv/venv/lib/python3.11/site-packages/ray"
 
@@ -28,3 +28,15 @@ def test_cpu_by_role_sums_each_roles_processes_and_counts_a_new_one_from_zero():
     before = {1: ("draft", 10.0), 2: ("ray", 5.0), 3: ("ray", 1.0), 9: ("target", 4.0)}
     after = {1: ("draft", 12.5), 2: ("ray", 5.5), 3: ("ray", 1.25), 4: ("draft", 0.5), 5: ("proxy", 0.0)}
     assert cpu_by_role(before, after) == {"draft": 3.0, "ray": 0.75}  # 9 ended: its time is lost
+
+
+def test_a_process_of_no_role_takes_its_nearest_ancestors():
+    roles = {1: "other", 10: "ray", 20: "draft", 21: "other", 22: "other", 30: "target", 31: "other",
+             40: "other", 50: "other", 51: "other"}
+    parents = {1: 0, 10: 1, 20: 10, 21: 20, 22: 21, 30: 10, 31: 30, 40: 1, 50: 51, 51: 50}
+    got = inherit_roles(roles, parents)
+    assert got[21] == got[22] == "draft"  # a vLLM pool's engine core and its worker
+    assert got[31] == "target"
+    assert got[40] == got[1] == "other"  # no ancestor with a role
+    assert got[50] == got[51] == "other"  # a cycle (pids reused between reads) ends
+    assert {pid: got[pid] for pid in (10, 20, 30)} == {10: "ray", 20: "draft", 30: "target"}

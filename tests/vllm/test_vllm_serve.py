@@ -140,10 +140,15 @@ def _sources(steps) -> list[str]:
 # ---- the app as configured -------------------------------------------------------------------
 
 def test_generator_pools_on_vllm_scorers_on_transformers(served, app_config):
+    from services.process_cpu import process_cpu
+
+    processes = process_cpu(app_config.name)
     for role in ("draft", "target"):
         got = info(app_config, role)
         assert got["backend"] == "vllm" and got["kind"] == "generator"
         assert got["engine"]["pids"] and got["engine"]["args"]["dtype"] == "float32"
+        assert got["engine"]["args"]["distributed_executor_backend"] == "uni"  # no spinning worker (VLLM.md)
+        assert {processes[pid][0] for pid in got["engine"]["pids"]} == {role}  # serve bench bills its pool
         assert got["engine"]["args"]["max_model_len"] == 512 and got["engine"]["args"]["enable_prefix_caching"]
         assert set(got["prefix_cache"]) == {"requests", "queries", "hits", "hit_rate"}
         handle(app_config, role).check_health.remote().result(timeout_s=30)
