@@ -22,7 +22,8 @@ one run (ratios, since the machine is noisy). Prints figures; asserts nothing.
 - where the scaling comes from (only when the bench starts the service, on Linux): the whole
   machine's busy CPU over each load's rounds (``/proc/stat``), as cores busy and CPU ms per
   request. ``throughput_scaling`` is the ratio of cores busy times the inverse ratio of CPU
-  per request: more cores kept busy, or less CPU per request in bigger batches.
+  per request: more cores kept busy, or less CPU per request in bigger batches; and how big
+  the batches were, as rows per forward pass of each pool (``pool_batches``).
 """
 from __future__ import annotations
 
@@ -169,6 +170,34 @@ def _reset_engine_caches(cfg: AppConfig, app: str | None) -> None:
         serve.get_deployment_handle(role, app_name=app or cfg.name).reset_prefix_cache.remote().result()
 
 
+PoolBatches = dict[str, tuple[int, int]]  # role -> (forward passes, rows)
+
+
+def pool_batches(cfg: AppConfig, app: str | None = None) -> PoolBatches:
+    """(forward passes, rows run) so far by each pool that batches in its one replica. Left
+    out: vLLM pools (the engine batches inside; the replica counts calls) and pools of several
+    replicas (a handle reaches only one of them)."""
+    from ray import serve
+
+    out = {}
+    for role, spec in cfg.pools.configured():
+        if spec.model.backend != "vllm" and spec.max_replicas() == 1:
+            info = serve.get_deployment_handle(role, app_name=app or cfg.name).info.remote().result()
+            out[role] = (info["batches"], info["items"])
+    return out
+
+
+def batches_between(before: PoolBatches, after: PoolBatches) -> PoolBatches:
+    """(forward passes, rows) each pool ran between two ``pool_batches``."""
+    return {role: (passes - before.get(role, (0, 0))[0], rows - before.get(role, (0, 0))[1])
+            for role, (passes, rows) in after.items()}
+
+
+def rows_per_batch(ran: PoolBatches) -> dict[str, float]:
+    """Rows per forward pass of each pool that ran any."""
+    return {role: round(rows / passes, 2) for role, (passes, rows) in ran.items() if passes > 0}
+
+
 def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None = None, n: int = 16,
                     seed: int = 3000, policy: str | None = None, concurrency: int = 16,
                     started: float | None = None, repeats: int = 1) -> dict[str, Any]:
@@ -201,11 +230,14 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         # load -> busy CPU seconds of the machine, and by role; only for a service on this machine
         cpu = {"one": 0.0, "many": 0.0} if owns_service and _machine_cpu_seconds() is not None else None
         by_role: dict[str, dict[str, float]] = {"one": {}, "many": {}}
+        # load -> role -> (forward passes, rows) over the load's rounds; only for the bench's own service
+        batches: dict[str, PoolBatches] = {"one": {}, "many": {}}
 
         def timed_round(repeat: int, load_: str, prompts_: list[str], clients: int) -> None:
             if owns_service:
                 _reset_engine_caches(cfg, app)
             processes = process_cpu(app or cfg.name) if cpu is not None else {}
+            ran_before = pool_batches(cfg, app) if owns_service else {}
             cpu_begun, begun = _machine_cpu_seconds(), time.perf_counter()
             with ThreadPoolExecutor(clients) as ex:
                 replies = list(ex.map(lambda p: call(p, policy), prompts_))
@@ -215,6 +247,10 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
                 for role, seconds in cpu_by_role(processes, process_cpu(app or cfg.name)).items():
                     by_role[load_][role] = by_role[load_].get(role, 0.0) + seconds
             tokens[load_] += sum(r[2] for r in replies)
+            if owns_service:
+                for role, (passes, rows_) in batches_between(ran_before, pool_batches(cfg, app)).items():
+                    total = batches[load_].get(role, (0, 0))
+                    batches[load_][role] = (total[0] + passes, total[1] + rows_)
 
         with ThreadPoolExecutor(concurrency) as ex:
             list(ex.map(lambda p: call(p, policy), load[:concurrency]))
@@ -272,6 +308,9 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         **(scaling_spread(walls) if repeats > 1 else {}),
         "engine_prefix_caches_reset": owns_service,
         **(_cpu_figures(cpu, by_role, wall1, walln, requests, concurrency) if cpu else {}),
+        **({"rows_per_batch_by_pool_1_client": rows_per_batch(batches["one"]),
+            f"rows_per_batch_by_pool_{concurrency}_clients": rows_per_batch(batches["many"])}
+           if owns_service else {}),
         "accuracy_in_process": round(sum(a == p.answer for a, p in zip(inproc_answers, problems)) / n, 3),
         "accuracy_grpc": round(sum(r[1] == p.answer for r, p in zip(grpc_rows, problems)) / n, 3),
         "answers_agree": round(sum(r[1] == a for r, a in zip(grpc_rows, inproc_answers)) / n, 3),

@@ -25,6 +25,24 @@ def test_concurrent_steps_share_one_forward_pass(serve_cluster):
     assert after["items"] - before["items"] == 4 and after["max_batch_items"] >= 4
 
 
+def test_serve_bench_counts_each_pools_forward_passes_and_rows(serve_cluster):
+    """``serve bench``'s rows per batch: what each pool ran between two counts."""
+    from ray import serve
+
+    from services.bench import batches_between, pool_batches, rows_per_batch
+
+    main, slow = serve_cluster
+    assert set(pool_batches(main)) == {"draft", "target", "router", "prm"}
+    before = pool_batches(slow)
+    handle = serve.get_deployment_handle("draft", app_name=slow.name)
+    calls = [handle.generate.remote([p.prompt + "\n\n"], GenerationOptions(max_new_tokens=8))
+             for p in problems(4, seed=44)]
+    assert all(len(call.result()) == 1 for call in calls)
+    ran = batches_between(before, pool_batches(slow))
+    assert ran == {"draft": (1, 4), "target": (0, 0)}  # the slow pools wait 2 s: one pass of four rows
+    assert rows_per_batch(ran) == {"draft": 4.0}
+
+
 def test_scorer_pool_scores_in_order(serve_cluster):
     from ray import serve
 

@@ -123,3 +123,14 @@ def test_bench_busy_cpu_counts_work_but_not_idle_iowait_or_steal():
     assert busy_cpu_seconds(stat, 100) == pytest.approx(15.3)  # 1000 + 200 + 300 + 10 + 20 ticks
     with pytest.raises(ValueError, match="cpu"):
         busy_cpu_seconds("intr 1 2 3\n", 100)
+
+
+def test_bench_rows_per_batch_is_each_pools_rows_over_its_forward_passes_between_two_counts():
+    from services.bench import batches_between, rows_per_batch
+
+    before = {"draft": (10, 10), "router": (4, 4), "prm": (2, 2)}
+    after = {"draft": (14, 31), "router": (7, 28), "prm": (2, 2), "target": (3, 7)}
+    ran = batches_between(before, after)
+    assert ran == {"draft": (4, 21), "router": (3, 24), "prm": (0, 0), "target": (3, 7)}
+    # the prm ran nothing and is left out; a pool first counted after `before` starts from zero
+    assert rows_per_batch(ran) == {"draft": 5.25, "router": 8.0, "target": 2.33}
