@@ -40,9 +40,17 @@ class ReplicaTracker:
     def __init__(self, ttl_s: float = REPLICA_TTL_S):
         self.ttl_s = ttl_s
         self.seen: dict[tuple[str, str], tuple[float, float]] = {}  # (deployment, replica) -> (time, value)
+        self.first_update: float | None = None
+
+    def unseen_count(self, now: float) -> int | None:
+        """What a deployment with no healthy replica on record counts as: 0 once the tracker has
+        watched for a whole health-check period, unknown (None) before, when its replicas may
+        simply not have reported yet."""
+        return 0 if self.first_update is not None and now - self.first_update >= self.ttl_s else None
 
     def update(self, samples, app: str | None, now: float | None = None) -> dict[str, int]:
         now = time.monotonic() if now is None else now
+        self.first_update = now if self.first_update is None else self.first_update
         for name, labels, value in samples:
             if name == "ray_serve_deployment_replica_healthy" and labels.get("deployment") and (
                     not app or labels.get("application") in (None, app)):
@@ -75,9 +83,11 @@ def snapshot(samples, app: str | None) -> dict[str, dict[str, float]]:
 
 
 def interval_figures(snap: dict[str, dict[str, float]], replicas: dict[str, int],
-                     previous: dict[str, dict[str, float]]) -> tuple[dict[str, dict], dict[str, dict[str, float]]]:
+                     previous: dict[str, dict[str, float]],
+                     unseen: int | None = 0) -> tuple[dict[str, dict], dict[str, dict[str, float]]]:
     """One timeline row's pools from a snapshot (cumulative counters) and the one before it,
-    and the snapshot to keep for the next row."""
+    and the snapshot to keep for the next row. ``unseen``: the replicas of a pool not in
+    ``replicas`` (see ``ReplicaTracker.unseen_count``)."""
     for dep in replicas:
         snap.setdefault(dep, {})
     pools = {}
@@ -87,7 +97,7 @@ def interval_figures(snap: dict[str, dict[str, float]], replicas: dict[str, int]
         v = {**before, **v}
         calls = v.get("batch_count", 0) - before.get("batch_count", 0)
         items = v.get("items", 0) - before.get("items", 0)
-        pools[dep] = {"replicas": replicas.get(dep, 0), "queued": v.get("queued", 0), "running": v.get("running", 0),
+        pools[dep] = {"replicas": replicas.get(dep, unseen), "queued": v.get("queued", 0), "running": v.get("running", 0),
                       "batch_size": round(items / calls, 2) if calls > 0 else None}
         proposed = v.get("proposed", 0) - before.get("proposed", 0)
         accepted = v.get("accepted", 0) - before.get("accepted", 0)
@@ -123,9 +133,9 @@ class Sampler(threading.Thread):
         previous: dict[str, dict[str, float]] = {}
         tracker = ReplicaTracker()
         while True:
-            samples = scrape(self.urls)
-            pools, previous = interval_figures(snapshot(samples, self.app), tracker.update(samples, self.app),
-                                               previous)
+            samples, now = scrape(self.urls), time.monotonic()
+            pools, previous = interval_figures(snapshot(samples, self.app), tracker.update(samples, self.app, now),
+                                               previous, tracker.unseen_count(now))
             self.timeline.append({"t": round(time.monotonic() - self._t0, 2), "pools": pools})
             if self._stop_event.wait(self.interval_s):
                 return

@@ -113,6 +113,18 @@ def test_replica_tracker_remembers_a_replica_between_health_checks_then_forgets_
     assert t.update(parse(text.splitlines()[0]), "a", now=20.0) == {"target": 1}   # r2 gone for 20 s
 
 
+def test_a_pool_not_yet_seen_is_unknown_for_one_health_check_period_then_counts_zero():
+    from loadtests.service_metrics import ReplicaTracker, interval_figures, parse
+
+    text = 'ray_serve_deployment_replica_healthy{application="a",deployment="target",replica="r1"} 1.0\n'
+    snap = {"draft": {"queued": 0.0}, "target": {"queued": 0.0}}   # both pools export other metrics
+    t = ReplicaTracker(ttl_s=15)
+    for now, draft in ((100.0, None), (114.0, None), (115.0, 0)):
+        replicas = t.update(parse(text), "a", now=now)
+        pools, _ = interval_figures({k: dict(v) for k, v in snap.items()}, replicas, {}, t.unseen_count(now))
+        assert (pools["draft"]["replicas"], pools["target"]["replicas"]) == (draft, 1), now
+
+
 def test_load_settings_reject_bad_fields():
     from loadtests.settings import LoadSettings, Mix
 
