@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from arbitrage_common.config import AppConfig
 from arbitrage_common.errors import InvalidArgument
@@ -22,6 +22,8 @@ from arbitrage_common.policies import POLICIES, make_policy
 
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_REQUEST_ID_CHARS = 128
+SEED_RANGE = (-2**63, 2**63 - 1)  # the proto's int64, whatever the transport
+GREEDY_BELOW = 1e-5  # a temperature this small samples as greedy (as vLLM does); float32 would make it 0
 
 
 @dataclass
@@ -38,6 +40,7 @@ class RequestFields:
     seed: int | None = None
     request_id: str | None = None
     timeout_s: float | None = None
+    budget_field: str = "max_new_tokens"  # what the client called the token budget (OpenAI: max_tokens)
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,9 @@ def _int_in(name: str, value: Any, default: int, limit: int) -> int:
 
 
 def _prompt(fields: RequestFields, limit: int) -> str:
-    if fields.prompt and fields.messages:
+    if fields.prompt and fields.messages is not None:
         raise InvalidArgument("prompt", "set prompt or messages, not both")
-    if fields.messages:
+    if fields.messages is not None:
         for i, (role, _) in enumerate(fields.messages):
             if role not in CHAT_ROLES:
                 raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
@@ -93,14 +96,18 @@ def prepare(fields: RequestFields, cfg: AppConfig) -> Prepared:
     seed = fields.seed
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise InvalidArgument("seed", f"must be an integer, got {seed!r}")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise InvalidArgument("seed", f"must fit in 64 bits ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got {seed}")
     policy = make_policy(name, threshold, seed)  # 'policy' / 'threshold' errors
     max_steps = _int_in("max_steps", fields.max_steps, limits.default_max_steps, limits.max_steps)
-    max_new_tokens = _int_in("max_new_tokens", fields.max_new_tokens, limits.default_max_new_tokens,
+    max_new_tokens = _int_in(fields.budget_field, fields.max_new_tokens, limits.default_max_new_tokens,
                              limits.max_new_tokens)
     temperature = 0.0 if fields.temperature is None else fields.temperature
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not math.isfinite(temperature) or temperature < 0:
         raise InvalidArgument("temperature", f"must be a finite number >= 0, got {temperature!r}")
+    if temperature < GREEDY_BELOW:
+        temperature = 0.0
     timeout = limits.request_timeout_s
     if fields.timeout_s is not None:
         t = fields.timeout_s
@@ -140,32 +147,33 @@ def fields_from_proto(req: Any) -> RequestFields:
 
 
 # -- HTTP bodies --------------------------------------------------------------------------
+# Strict types: JSON's true, "8" or 8.0 is not an integer here (gRPC could not send them either).
 class ChatMessageBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: str = Field(description="system, user or assistant")
-    content: str = Field(description="The message text; the prompt is the last user message.")
+    role: StrictStr = Field(description="system, user or assistant")
+    content: StrictStr = Field(description="The message text; the prompt is the last user message.")
 
 
 class _Extensions(BaseModel):
     """Arbitrage fields accepted by every HTTP route (OpenAI clients pass them in extra_body)."""
 
-    policy: str | None = Field(None, description=f"Routing policy: {', '.join(POLICIES)}.")
-    threshold: float | None = Field(None, description="Policy threshold (default: the policy's).")
-    max_steps: int | None = Field(None, description="Most reasoning steps.")
-    seed: int | None = Field(None, description="Sampling / random-policy seed.")
-    temperature: float | None = Field(None, description="0 = greedy.")
-    request_id: str | None = Field(None, description="Echoed in the response.")
-    timeout_s: float | None = Field(None, description="Deadline in seconds (capped by the server).")
+    policy: StrictStr | None = Field(None, description=f"Routing policy: {', '.join(POLICIES)}.")
+    threshold: StrictFloat | None = Field(None, description="Policy threshold (default: the policy's).")
+    max_steps: StrictInt | None = Field(None, description="Most reasoning steps.")
+    seed: StrictInt | None = Field(None, description="Sampling / random-policy seed (64-bit).")
+    temperature: StrictFloat | None = Field(None, description="0 = greedy.")
+    request_id: StrictStr | None = Field(None, description="Echoed in the response.")
+    timeout_s: StrictFloat | None = Field(None, description="Deadline in seconds (capped by the server).")
 
 
 class GenerateBody(_Extensions):
     """``POST /v1/generate``."""
 
     model_config = ConfigDict(extra="forbid")
-    prompt: str | None = Field(None, description="The problem text (or messages).")
+    prompt: StrictStr | None = Field(None, description="The problem text (or messages).")
     messages: list[ChatMessageBody] | None = Field(None, description="Chat form of the prompt.")
-    max_new_tokens: int | None = Field(None, description="Token budget over all kept steps.")
-    stream: bool = Field(False, description="Server-sent events: one 'step' event per decided step, then 'summary'.")
+    max_new_tokens: StrictInt | None = Field(None, description="Token budget over all kept steps.")
+    stream: StrictBool = Field(False, description="Server-sent events: one 'step' event per decided step, then 'summary'.")
 
     def fields(self) -> RequestFields:
         return RequestFields(prompt=self.prompt, messages=_messages(self.messages), policy=self.policy,
@@ -174,14 +182,36 @@ class GenerateBody(_Extensions):
                              timeout_s=self.timeout_s)
 
 
-class _OpenAIBody(_Extensions):
-    model_config = ConfigDict(extra="ignore")  # OpenAI knobs we do not implement are ignored
-    model: str | None = Field(None, description="'arbitrage-serve' (default policy) or a policy name.")
-    max_tokens: int | None = Field(None, description="Token budget over all kept steps.")
-    n: int = Field(1, description="Only 1 is supported.")
-    stream: bool = False
+# OpenAI request fields this service does not implement, and the values that ask for nothing
+# (clients send some of them by default): any other value is refused, naming the field, rather
+# than silently ignored, since each would change the output.
+UNSUPPORTED_OPENAI = {"stop": (None, [], ""), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
+                      "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "top_p": (None, 1, 1.0),
+                      "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
+                      "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
+                      "response_format": (None, {"type": "text"}),
+                      # vLLM's extensions that clients of vLLM servers send
+                      "top_k": (None, -1, 0), "min_p": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0)}
 
-    def _common(self, cfg: AppConfig, **kw: Any) -> RequestFields:
+
+class _OpenAIBody(_Extensions):
+    model_config = ConfigDict(extra="allow")  # other OpenAI knobs: see ``UNSUPPORTED_OPENAI``
+    model: StrictStr | None = Field(None, description="'arbitrage-serve' (default policy) or a policy name.")
+    max_tokens: StrictInt | None = Field(None, description="Token budget over all kept steps.")
+    max_new_tokens: StrictInt | None = Field(None, description="This API's name for max_tokens.")
+    n: StrictInt = Field(1, description="Only 1 is supported.")
+    stream: StrictBool = False
+
+    def _budget(self, *named: tuple[str, int | None]) -> tuple[str, int | None]:
+        given = [(name, value) for name, value in named if value is not None]
+        if len(given) > 1:
+            raise InvalidArgument(given[1][0], f"set one token budget, not both {given[0][0]} and {given[1][0]}")
+        return given[0] if given else (named[0][0], None)
+
+    def _common(self, cfg: AppConfig, budget: tuple[str, int | None], **kw: Any) -> RequestFields:
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED_OPENAI and value not in UNSUPPORTED_OPENAI[name]:
+                raise InvalidArgument(name, f"is not supported by this server (got {value!r})")
         if self.n != 1:
             raise InvalidArgument("n", f"only n=1 is supported, got {self.n}")
         policy = self.policy
@@ -189,16 +219,19 @@ class _OpenAIBody(_Extensions):
             if self.model not in POLICIES:
                 raise InvalidArgument("model", f"unknown model {self.model!r}; expected {cfg.served_model_name!r} "
                                                f"or a policy name ({', '.join(POLICIES)})")
-            policy = policy or self.model
+            if policy is not None and policy != self.model:
+                raise InvalidArgument("policy", f"{policy!r} conflicts with model {self.model!r}; set one of them")
+            policy = self.model
+        budget_field, budget_value = self._budget(budget, ("max_new_tokens", self.max_new_tokens))
         return RequestFields(policy=policy, threshold=self.threshold, max_steps=self.max_steps,
-                             max_new_tokens=self.max_tokens, temperature=self.temperature, seed=self.seed,
-                             request_id=self.request_id, timeout_s=self.timeout_s, **kw)
+                             max_new_tokens=budget_value, budget_field=budget_field, temperature=self.temperature,
+                             seed=self.seed, request_id=self.request_id, timeout_s=self.timeout_s, **kw)
 
 
 class CompletionBody(_OpenAIBody):
     """``POST /v1/completions`` (OpenAI-compatible)."""
 
-    prompt: str | list[str] | None = Field(None, description="The problem text (a one-element list is accepted).")
+    prompt: StrictStr | list[StrictStr] | None = Field(None, description="The problem text (a one-element list is accepted).")
 
     def fields(self, cfg: AppConfig) -> RequestFields:
         prompt = self.prompt
@@ -206,24 +239,22 @@ class CompletionBody(_OpenAIBody):
             if len(prompt) != 1:
                 raise InvalidArgument("prompt", f"only one prompt per request is supported, got {len(prompt)}")
             prompt = prompt[0]
-        return self._common(cfg, prompt=prompt)
+        return self._common(cfg, ("max_tokens", self.max_tokens), prompt=prompt)
 
 
 class ChatCompletionBody(_OpenAIBody):
     """``POST /v1/chat/completions`` (OpenAI-compatible)."""
 
     messages: list[ChatMessageBody] = Field(description="The conversation; the last user message is the problem.")
-    max_completion_tokens: int | None = Field(None, description="Alias of max_tokens.")
+    max_completion_tokens: StrictInt | None = Field(None, description="Alias of max_tokens.")
 
     def fields(self, cfg: AppConfig) -> RequestFields:
-        out = self._common(cfg, messages=_messages(self.messages) or [])
-        if out.max_new_tokens is None:
-            out.max_new_tokens = self.max_completion_tokens
-        return out
+        budget = self._budget(("max_completion_tokens", self.max_completion_tokens), ("max_tokens", self.max_tokens))
+        return self._common(cfg, budget, messages=_messages(self.messages))
 
 
 def _messages(msgs: list[ChatMessageBody] | None) -> list[tuple[str, str]] | None:
-    return [(m.role, m.content) for m in msgs] if msgs else None
+    return None if msgs is None else [(m.role, m.content) for m in msgs]
 
 
 def field_from_loc(loc: tuple[Any, ...] | list[Any], error_type: str = "") -> str:

@@ -63,7 +63,7 @@ def add_serve_parsers(sub) -> None:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--timeout", type=positive_float, help="request deadline, seconds")
     gen.add_argument("--stream", action="store_true", help="print steps as they are decided, marked by source")
-    gen.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    gen.add_argument("--json", action="store_true", help="print the whole response as JSON (with --stream: one JSON object a line, each event)")
     gen.set_defaults(func=_generate)
 
 
@@ -179,10 +179,12 @@ def _generate(args) -> int:
         try:
             if args.stream:
                 for message in client.stream(_request(args)):
-                    if message.WhichOneof("event") == "step":
+                    if args.json:  # one JSON object a line: {"step": ...} events, then {"summary": ...}
+                        print(json.dumps(to_dict(message)), flush=True)
+                    elif message.WhichOneof("event") == "step":
                         print(_step_line(message.step), flush=True)
                     else:
-                        print(json.dumps(to_dict(message.summary)) if args.json else _summary_line(message.summary))
+                        print(_summary_line(message.summary))
             else:
                 reply = client.generate(_request(args))
                 if args.json:

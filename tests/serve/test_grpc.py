@@ -2,6 +2,7 @@
 errors, deadline, overload and cancellation."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +66,19 @@ def test_stream_sends_each_step_then_a_summary(stub, main_metadata):
     assert summary.text == join_steps([s.text for s in steps])
     unary = stub.Generate(pb.GenerateRequest(prompt=prompt, policy=main_policy()), metadata=main_metadata)
     assert unary.text == summary.text
+
+
+def test_cli_stream_json_prints_each_event_as_one_json_line(app_config, stub, main_metadata, capsys):
+    from arbitrage_common.cli.main import main
+
+    prompt = problems(3)[2].prompt
+    assert main(["generate", prompt, "--stream", "--json", "--policy", main_policy(),
+                 "--endpoint", f"127.0.0.1:{app_config.grpc.port}", "--app", app_config.name]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [next(iter(e)) for e in events] == ["step"] * (len(events) - 1) + ["summary"]
+    unary = stub.Generate(pb.GenerateRequest(prompt=prompt, policy=main_policy()), metadata=main_metadata)
+    assert [e["step"]["text"] for e in events[:-1]] == [s.text for s in unary.steps]
+    assert events[-1]["summary"]["text"] == unary.text
 
 
 def test_stream_delivers_steps_before_the_end(stub, slow_metadata):

@@ -61,11 +61,23 @@ def test_threshold_and_max_steps_through_extra_body(client):
     ({"model": "gpt-4"}, "model"),
     ({"model": "arbitrage", "extra_body": {"threshold": 7}}, "threshold"),
     ({"model": "draft", "extra_body": {"max_steps": 0}}, "max_steps"),
+    ({"model": "draft", "max_tokens": 0}, "max_tokens"),
+    ({"model": "draft", "stop": ["\n"]}, "stop"),
+    ({"model": "draft", "logprobs": 2}, "logprobs"),
+    ({"model": "draft", "extra_body": {"max_steps": True}}, "max_steps"),
+    ({"model": "draft", "extra_body": {"policy": "rsd"}}, "policy"),
+    ({"model": "draft", "seed": 2**64}, "seed"),
 ])
 def test_bad_input_raises_unprocessable_entity_naming_the_param(client, kwargs, param):
     with pytest.raises(openai.UnprocessableEntityError) as info:
         client.completions.create(prompt="Start with 3.", **kwargs)
     assert info.value.body["param"] == param
+
+
+def test_an_empty_chat_is_rejected_naming_messages(client):
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.chat.completions.create(model="draft", messages=[])
+    assert info.value.body["param"] == "messages"
 
 
 def test_empty_chat_prompt_is_rejected(client):

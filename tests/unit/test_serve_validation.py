@@ -65,6 +65,11 @@ def test_timeout_is_capped_by_the_limit():
     (RequestFields(prompt=PROMPT, temperature=-1.0), "temperature"),
     (RequestFields(prompt=PROMPT, timeout_s=0), "timeout_s"),
     (RequestFields(prompt=PROMPT, request_id="r" * 200), "request_id"),
+    (RequestFields(prompt=PROMPT, seed=2**63), "seed"),
+    (RequestFields(prompt=PROMPT, seed=-2**63 - 1), "seed"),
+    (RequestFields(prompt=PROMPT, seed=10**30), "seed"),
+    (RequestFields(messages=[]), "messages"),
+    (RequestFields(prompt=PROMPT, max_new_tokens=0, budget_field="max_tokens"), "max_tokens"),
 ])
 def test_bad_input_names_the_field(fields, field):
     with pytest.raises(InvalidArgument) as info:
@@ -96,6 +101,67 @@ def test_openai_model_selects_the_policy():
         CompletionBody(model="gpt-4", prompt=PROMPT).fields(_cfg())
     with pytest.raises(InvalidArgument, match="^n:"):
         CompletionBody(prompt=PROMPT, n=2).fields(_cfg())
+
+
+def test_a_seed_at_either_end_of_64_bits_is_accepted():
+    for seed in (-2**63, 2**63 - 1):
+        assert prepare(RequestFields(prompt=PROMPT, seed=seed, temperature=0.5), _cfg()).request.options.seed == seed
+
+
+def test_a_temperature_too_small_for_float32_samples_greedily():
+    assert prepare(RequestFields(prompt=PROMPT, temperature=1e-50), _cfg()).request.options.temperature == 0.0
+    assert prepare(RequestFields(prompt=PROMPT, temperature=1e-3), _cfg()).request.options.temperature == 1e-3
+
+
+@pytest.mark.parametrize("body", [{"threshold": True}, {"max_steps": True}, {"max_steps": "8"}, {"max_steps": 8.0},
+                                  {"seed": 1.5}, {"temperature": "0.5"}, {"stream": "yes"}, {"prompt": 5}])
+def test_http_bodies_take_json_types_as_they_are(body):
+    """Pydantic's lax mode would turn true into 1 and "8" into 8: values gRPC could not send."""
+    with pytest.raises(ValidationError) as info:
+        GenerateBody(**{"prompt": PROMPT, **body})
+    assert field_from_loc(("body",) + info.value.errors()[0]["loc"], info.value.errors()[0]["type"]) == next(iter(body))
+
+
+def test_a_json_int_is_a_float_field():
+    assert GenerateBody(prompt=PROMPT, threshold=1, temperature=0, timeout_s=5).threshold == 1.0
+
+
+@pytest.mark.parametrize("body,field", [
+    (CompletionBody(prompt=PROMPT, max_tokens=0), "max_tokens"),
+    (CompletionBody(prompt=PROMPT, max_new_tokens=0), "max_new_tokens"),
+    (CompletionBody(prompt=PROMPT, max_tokens=5, max_new_tokens=5), "max_new_tokens"),
+    (ChatCompletionBody(messages=[{"role": "user", "content": PROMPT}], max_completion_tokens=0), "max_completion_tokens"),
+    (ChatCompletionBody(messages=[{"role": "user", "content": PROMPT}], max_tokens=10**9), "max_tokens"),
+    (ChatCompletionBody(messages=[{"role": "user", "content": PROMPT}], max_tokens=5, max_completion_tokens=5),
+     "max_tokens"),
+    (ChatCompletionBody(messages=[]), "messages"),
+    (CompletionBody(model="arbitrage", policy="rsd", prompt=PROMPT), "policy"),
+])
+def test_openai_errors_name_the_field_the_client_sent(body, field):
+    with pytest.raises(InvalidArgument) as info:
+        prepare(body.fields(_cfg()), _cfg())
+    assert info.value.field == field
+
+
+def test_openai_budget_reaches_the_loop_under_any_of_its_names():
+    for body in (CompletionBody(prompt=PROMPT, max_tokens=7), CompletionBody(prompt=PROMPT, max_new_tokens=7),
+                 ChatCompletionBody(messages=[{"role": "user", "content": PROMPT}], max_tokens=7)):
+        assert prepare(body.fields(_cfg()), _cfg()).request.max_new_tokens == 7
+
+
+@pytest.mark.parametrize("extra", [{"stop": ["x"]}, {"stop": "\n"}, {"logprobs": 2}, {"logprobs": True},
+                                   {"echo": True}, {"best_of": 3}, {"top_p": 0.9}, {"presence_penalty": 0.5},
+                                   {"logit_bias": {"5": 1}}, {"top_k": 5}])
+def test_openai_fields_that_would_change_the_output_are_refused_not_ignored(extra):
+    with pytest.raises(InvalidArgument) as info:
+        CompletionBody(prompt=PROMPT, **extra).fields(_cfg())
+    assert info.value.field == next(iter(extra))
+
+
+def test_openai_fields_at_their_do_nothing_values_and_unknown_fields_pass():
+    body = CompletionBody(prompt=PROMPT, stop=None, logprobs=None, echo=False, top_p=1, presence_penalty=0,
+                          user="u-1", stream_options=None)
+    assert body.fields(_cfg()).prompt == PROMPT
 
 
 def test_generate_body_forbids_unknown_fields():
