@@ -69,10 +69,11 @@ class EngineSpec(_Strict):
                                                              "on the pool (one bundle per GPU).")
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="Fraction of each GPU for weights "
                                                                                "+ KV cache (None: vLLM's default, "
-                                                                               "0.9). Engines sharing a GPU split it.")
+                                                                               "0.92). Engines sharing a GPU split it.")
     kv_cache_memory_bytes: PositiveInt | None = Field(None, description="Explicit KV cache size (None: on CPU "
                                                                         "256 MiB, on GPU from "
-                                                                        "gpu_memory_utilization).")
+                                                                        "gpu_memory_utilization). On CPU, "
+                                                                        "VLLM_CPU_KVCACHE_SPACE wins when set.")
     max_num_seqs: PositiveInt | None = Field(None, description="Most sequences per engine step (None: vLLM's "
                                                                "default).")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prefixes (the steps of one "
@@ -542,11 +543,18 @@ class GRPCSpec(_Strict):
     enable_reflection: bool = Field(True, description="Serve gRPC server reflection.")
 
 
+# AppConfig.name is the Serve application's name and the KubeRay RayService's metadata.name:
+# KubeRay requires a DNS-1035 label of at most 63 - len("-serve-svc") - 6 = 47 characters.
+MAX_APP_NAME_LEN = 47
+_DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
 class AppConfig(_Strict):
     """The whole service. ``services.app:build_app(cfg.model_dump())`` builds it."""
 
     name: str = Field("arbitrage", description="Serve application name (gRPC clients of a multi-app cluster send "
-                                               "it as 'application' metadata).")
+                                               "it as 'application' metadata) and the KubeRay RayService's "
+                                               "metadata.name: a DNS-1035 label of at most 47 characters.")
     served_model_name: str = Field("arbitrage-serve", description="Model id of the default policy on the "
                                                                   "OpenAI-compatible routes.")
     base_dir: str | None = Field(None, description="Directory relative model paths resolve against (None: the "
@@ -572,8 +580,12 @@ class AppConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not v or not v.replace("-", "").replace("_", "").isalnum():
-            raise ValueError("name must be non-empty letters, digits, '-' or '_'")
+        # `arbitrage k8s render` makes it the RayService's metadata.name, which KubeRay only accepts
+        # as a DNS-1035 label of at most 47 characters (it appends 6 for the RayCluster's name).
+        if len(v) > MAX_APP_NAME_LEN or not _DNS1035_LABEL.fullmatch(v):
+            raise ValueError(f"{v!r} is not a DNS-1035 label of at most {MAX_APP_NAME_LEN} characters (lowercase "
+                             f"letters, digits and '-', starting with a letter and ending with a letter or digit, "
+                             f"e.g. 'arbitrage-demo'): it is the KubeRay RayService's metadata.name")
         return v
 
     @model_validator(mode="after")

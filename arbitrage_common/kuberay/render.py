@@ -8,6 +8,7 @@ unchanged. Pure logic: yaml and pydantic only.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import yaml
@@ -23,6 +24,8 @@ GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 APP_LABEL = "app.kubernetes.io/name"
 AUTOSCALER_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
+# Seconds the old cluster of a NewCluster upgrade outlives the longest request it may still hold.
+DELETION_MARGIN_S = 30
 
 
 def _pin(spec, group: str) -> dict[str, Any]:
@@ -147,6 +150,14 @@ def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
     return group
 
 
+def cluster_deletion_delay_s(cfg: AppConfig) -> int:
+    """``spec.rayClusterDeletionDelaySeconds``: how long KubeRay keeps the old RayCluster after a
+    NewCluster upgrade switched the serve Service to the new one. A request that reached the old
+    cluster just before the switch may run ``limits.request_timeout_s``; KubeRay's default (60 s)
+    would cut it. So: the deadline, rounded up, plus ``DELETION_MARGIN_S``."""
+    return math.ceil(cfg.limits.request_timeout_s) + DELETION_MARGIN_S
+
+
 def render_rayservice(cfg: AppConfig) -> dict[str, Any]:
     """The RayService manifest of ``cfg`` as a dict (``yaml.safe_dump`` it)."""
     sizes = group_sizes(cfg)
@@ -161,6 +172,8 @@ def render_rayservice(cfg: AppConfig) -> dict[str, Any]:
             # A rayClusterConfig change (image, groups) starts a new cluster beside the old one and
             # switches traffic once its app is ready; a serveConfigV2-only change updates in place.
             "upgradeStrategy": {"type": "NewCluster"},
+            # The old cluster then lives on until every request it accepted has met its deadline.
+            "rayClusterDeletionDelaySeconds": cluster_deletion_delay_s(cfg),
             "serveConfigV2": serve_config_v2(cfg),
             "rayClusterConfig": {
                 "rayVersion": pinned_ray_version(),
@@ -210,7 +223,12 @@ def render_kustomize(cfg: AppConfig, overlay: str) -> dict[str, str]:
                                      "target": {"group": "ray.io", "version": "v1", "kind": "RayService",
                                                 "name": cfg.name}}]
     files[f"overlays/{overlay}/kustomization.yaml"] = dump(kustomization)
-    ha = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-          "resources": [f"../{overlay}"], "components": ["../../components/ha"]}
+    ha: dict[str, Any] = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                          "resources": [f"../{overlay}"], "components": ["../../components/ha"]}
+    if cfg.cluster.namespace:
+        # The component's Redis Service and Deployment are resources of this kustomization, not
+        # of the overlay it includes: without its own namespace they would land in kubectl's
+        # current one, where the head (redis://arbitrage-redis:6379) cannot resolve them.
+        ha["namespace"] = cfg.cluster.namespace
     files[f"overlays/{overlay}-ha/kustomization.yaml"] = dump(ha)
     return files

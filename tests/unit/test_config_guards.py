@@ -97,3 +97,38 @@ def test_prefix_cache_size_travels_to_the_replicas_and_is_refused_on_vllm():
         C.ModelSpec(path="m", prefix_cache_mb=-1)
     with pytest.raises(ValidationError, match="prefix_cache_mb: not for backend 'vllm'"):
         C.ModelSpec(path="m", backend="vllm", prefix_cache_mb=8)
+
+
+# -- the name is the RayService's metadata.name ------------------------------------------------
+@pytest.mark.parametrize("name", ["Arbitrage_Demo", "arbitrage_demo", "Arbitrage", "9lives", "-arbitrage",
+                                  "arbitrage-", "arbitrage.demo", "", "a" * 48])
+def test_a_name_kuberay_refuses_is_refused_naming_the_field(name):
+    with pytest.raises(ValidationError) as exc:
+        C.AppConfig(name=name, pools=_pools())
+    (err,) = exc.value.errors()
+    assert err["loc"] == ("name",) and "DNS-1035 label of at most 47 characters" in err["msg"]
+
+
+@pytest.mark.parametrize("name", ["arbitrage", "a", "arbitrage-qwen-math-1-5b-7b", "a" * 47, "x9-y"])
+def test_dns_1035_names_of_up_to_47_characters_are_accepted(name):
+    assert C.AppConfig(name=name, pools=_pools()).name == name
+
+
+def test_config_check_and_k8s_render_refuse_a_bad_name(tmp_path):
+    import subprocess
+    import sys
+
+    from arbitrage_common.cli.config_cmd import check_file
+
+    data = C.load_config(ROOT / "configs" / "cpu-demo.yaml").model_dump(mode="json")
+    data["name"] = "Arbitrage_Demo"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    result = check_file(bad)
+    assert not result["ok"] and any(e.startswith("name: 'Arbitrage_Demo' is not a DNS-1035 label")
+                                    for e in result["errors"]), result["errors"]
+    out = tmp_path / "k8s"
+    proc = subprocess.run([sys.executable, "-m", "arbitrage_common.cli", "k8s", "render", "--config", str(bad),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1 and "name" in proc.stderr and "DNS-1035" in proc.stderr, proc.stderr
+    assert not out.exists()

@@ -1,6 +1,7 @@
 """KubeRay rendering as pure logic: Pod packing, worker-group bounds, pinning, bad input."""
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -8,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from arbitrage_common import config as C
-from arbitrage_common.kuberay.render import cluster_app_config, render_rayservice
+from arbitrage_common.kuberay.render import DELETION_MARGIN_S, cluster_app_config, render_kustomize, render_rayservice
 from arbitrage_common.kuberay.sizing import Demand, SizingError, group_sizes, pods_needed
 from arbitrage_common.kuberay.spec import GROUP_LABEL
-from arbitrage_common.kuberay.targets import target_config
+from arbitrage_common.kuberay.targets import target_config, target_names
 from arbitrage_common.presets import ModelPathError, check_pool_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,6 +110,43 @@ def test_bundle_selectors_must_match_the_bundles():
         _pool(placement_group_bundle_label_selector=[{"a": "b"}])
     with pytest.raises(ValueError, match="2 selectors for 1 bundles"):
         _pool(placement_group_bundles=[{"CPU": 1}], placement_group_bundle_label_selector=[{"a": "b"}] * 2)
+
+
+# -- upgrades and namespaces -------------------------------------------------------------------
+@pytest.mark.parametrize("target", target_names())
+def test_the_old_cluster_outlives_every_request_it_accepted(target):
+    """NewCluster: KubeRay deletes the old cluster rayClusterDeletionDelaySeconds after switching
+    the serve Service (60 s when unset); a request that reached it just before may run the
+    whole deadline, 300 s in the GPU presets."""
+    cfg = target_config(target)
+    delay = render_rayservice(cfg)["spec"]["rayClusterDeletionDelaySeconds"]
+    assert isinstance(delay, int)
+    assert delay == math.ceil(cfg.limits.request_timeout_s) + DELETION_MARGIN_S
+    assert delay >= cfg.limits.request_timeout_s + 30
+
+
+def test_the_deletion_delay_follows_a_fractional_deadline():
+    data = target_config("cpu-demo").model_dump(mode="json")
+    data["limits"]["request_timeout_s"] = 120.2
+    cfg = C.AppConfig.model_validate(data)
+    assert render_rayservice(cfg)["spec"]["rayClusterDeletionDelaySeconds"] == 121 + DELETION_MARGIN_S
+
+
+def _kustomization(files: dict[str, str], path: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(files[path])
+
+
+def test_the_ha_overlay_puts_its_redis_in_the_configured_namespace():
+    data = target_config("llama-1b-8b").model_dump(mode="json")
+    data["cluster"]["namespace"] = "serving"
+    files = render_kustomize(C.AppConfig.model_validate(data), "llama-1b-8b")
+    assert _kustomization(files, "overlays/llama-1b-8b/kustomization.yaml")["namespace"] == "serving"
+    # the component's Redis objects are resources of the -ha kustomization, not of the overlay
+    assert _kustomization(files, "overlays/llama-1b-8b-ha/kustomization.yaml")["namespace"] == "serving"
+    plain = render_kustomize(target_config("llama-1b-8b"), "llama-1b-8b")  # unset: kubectl's namespace
+    assert "namespace" not in _kustomization(plain, "overlays/llama-1b-8b-ha/kustomization.yaml")
 
 
 # -- where model paths are checked --------------------------------------------------------------
