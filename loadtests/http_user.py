@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import time
 
+import requests
+
 from arbitrage_common.client import auth_metadata
 
 from . import records
@@ -43,21 +45,31 @@ def call_http(session, environment, settings, prompt: str) -> None:
     stream = settings.transport == "http-sse"
     with session.post(route, json=_body(settings, prompt), stream=stream, catch_response=True, headers=_AUTH,
                       timeout=settings.timeout_s, name=route + (" (sse)" if stream else "")) as resp:
-        if resp.status_code != 200:
-            rec.status = f"HTTP_{resp.status_code}"
-            resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
-        elif stream:
-            _read_sse(resp, environment, rec, started)
-        else:
-            rec.steps, rec.target_steps, rec.policy = _usage(settings, resp.json())
-            resp.success()
+        try:
+            if resp.status_code != 200:
+                rec.status = f"HTTP_{resp.status_code}"
+                resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+            elif stream:
+                _read_sse(resp, environment, rec, started)
+            else:
+                rec.steps, rec.target_steps, rec.policy = _usage(settings, resp.json())
+                resp.success()
+        except (ValueError, KeyError) as exc:  # a reply or event that does not parse (JSONDecodeError included)
+            rec.status = "BAD_REPLY"
+            resp.failure(f"BAD_REPLY: {exc!r}")
+        except requests.RequestException as exc:  # connection reset or read timeout while reading the body
+            rec.status = "STREAM_BROKEN"
+            resp.failure(f"STREAM_BROKEN: {exc!r}")
         rec.e2e_ms = _ms(started)
+        # Locust took response_time when the headers came; a streamed call's row must cover the
+        # whole call, as the gRPC end row does. request_meta is reported on __exit__.
+        resp.request_meta["response_time"] = rec.e2e_ms
     records.add(rec)
 
 
 def _read_sse(resp, environment, rec: records.Record, started: float) -> None:
     fire = environment.events.request.fire
-    event, last = None, started
+    event, last, summarized = None, started, False
     for raw in resp.iter_lines(decode_unicode=True):
         if raw.startswith("event:"):
             event = raw.split(":", 1)[1].strip()
@@ -73,9 +85,12 @@ def _read_sse(resp, environment, rec: records.Record, started: float) -> None:
         elif raw.startswith("data:") and event == "summary":
             summary = json.loads(raw.split(":", 1)[1])
             rec.target_steps, rec.policy = summary["usage"]["target_steps"], summary["policy"]
+            summarized = True
         elif raw.startswith("data:") and event == "error":
             error = json.loads(raw.split(":", 1)[1])
             rec.status = str(error.get("error", {}).get("code", "STREAM_ERROR")).upper()
+    if rec.status == "OK" and not summarized:  # the service ends every finished stream with a summary
+        rec.status = "STREAM_INCOMPLETE"
     if rec.status == "OK":
         resp.success()
     else:

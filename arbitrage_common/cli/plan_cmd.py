@@ -17,7 +17,8 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--rate", type=float, help="arrivals per second to plan for")
     p.add_argument("--slo-ms", type=float, help="p95 end-to-end latency to hold, ms")
     p.add_argument("--policy", default="arbitrage", help="arbitrage, rsd, target or draft")
-    p.add_argument("--target-fraction", type=float, help="share of steps the target writes (default: the profile's)")
+    p.add_argument("--target-fraction", type=float,
+                   help="share of steps the target writes (default: the profile's, if measured with this --policy)")
     p.add_argument("--bench", help="bench.json of `arbitrage bench`: plan RSD and Arbitrage at its matched accuracy")
     p.add_argument("--preset", help="GPUs per pool and worker-group Pods for this preset (or cpu-demo)")
     p.add_argument("--seed", type=int, default=0)
@@ -69,6 +70,27 @@ def _fraction_at_matched(bench: dict, policy: str) -> float:
     return point["target_step_fraction"]
 
 
+def _target_fraction(args, prof) -> float:
+    """``--target-fraction``, else the profile's measured one, but only if measured with this policy."""
+    from ..planning.model import CALLS_PER_STEP
+    from ..planning.planner import check_policy
+
+    check_policy(args.policy)
+    if args.target_fraction is not None:
+        return args.target_fraction
+    if CALLS_PER_STEP[args.policy][1] is None:  # draft / target: no routed calls, the fraction is moot
+        return 1.0 if args.policy == "target" else 0.0
+    fraction, measured_with = prof.measured.get("target_fraction"), prof.measured.get("policy")
+    if fraction is None:
+        raise ValueError("--target-fraction: the profile has no measured fraction; give one (0..1)")
+    if measured_with != args.policy:
+        with_what = f"policy {measured_with!r}" if measured_with else "a policy it does not record"
+        raise ValueError(f"--target-fraction: the profile's fraction {fraction:.3f} was measured with {with_what}, "
+                         f"not --policy {args.policy!r}; give --target-fraction or profile "
+                         f"with `arbitrage plan profile --policy {args.policy}`")
+    return fraction
+
+
 def _plan(args) -> int:
     if args.rate is None or args.slo_ms is None:
         raise ValueError("plan: --rate and --slo-ms are required (or run `arbitrage plan profile` / `plan check`)")
@@ -81,10 +103,7 @@ def _plan(args) -> int:
         bench = json.loads(Path(args.bench).read_text())
         runs = [("rsd", _fraction_at_matched(bench, "rsd")), ("arbitrage", _fraction_at_matched(bench, "arbitrage"))]
     else:
-        fraction = args.target_fraction if args.target_fraction is not None else prof.measured.get("target_fraction")
-        if fraction is None:
-            raise ValueError("--target-fraction: the profile has no measured fraction; give one (0..1)")
-        runs = [(args.policy, fraction)]
+        runs = [(args.policy, _target_fraction(args, prof))]
     cfg = None
     if args.preset:
         from ..kuberay.targets import target_config
@@ -102,8 +121,12 @@ def _plan(args) -> int:
     for r in results:
         print(f"{r['policy']:<10} target fraction {r['target_fraction']:.3f}: replicas {r['replicas']}  "
               f"predicted p50 {r['predicted_p50_ms']} ms, p95 {r['predicted_p95_ms']} ms")
+        cores = f", cores {r['core_load']}" if "core_load" in r else ""
+        print(f"{'':<10} load at max batch {r['load_at_max_batch']}{cores} (1 = saturated)")
         if "gpus_per_pool" in r:
-            print(f"{'':<10} GPUs {r['gpus_per_pool']} = {r['gpus_total']}; worker groups {r['worker_groups']}")
+            print(f"{'':<10} GPUs requested {r['gpus_per_pool']} = {r['gpus_requested']}; the Pods provision "
+                  f"{r['gpus_provisioned']} GPUs; worker groups {r['worker_groups']} (coordinator at its "
+                  f"configured {r['coordinator_replicas']} replicas)")
             for pool, v in r["above_config_max_replicas"].items():
                 print(f"{'':<10} warning: pools.{pool} needs {v['planned']} replicas, above its autoscaling "
                       f"max_replicas ({v['max_replicas']}): raise it, then `make k8s`")

@@ -89,12 +89,48 @@ class Workload:
         return set(always) | ({routed} if routed and self.target_fraction > 0 else set())
 
 
+def calls_per_request(w: Workload) -> dict[str, float]:
+    """Expected calls to each pool per request: mean steps x the policy's calls per step."""
+    always, routed = CALLS_PER_STEP[w.policy]
+    steps = sum(w.steps) / len(w.steps)
+    calls = dict.fromkeys(always, steps)
+    if routed and w.target_fraction > 0:
+        calls[routed] = calls.get(routed, 0.0) + steps * w.target_fraction
+    return calls
+
+
+def calls_per_s_at_max_batch(pool: Pool) -> float:
+    """The most calls per second the pool serves: every replica running full batches."""
+    ms = pool.curve.ms(pool.max_batch)
+    return math.inf if ms <= 0 else pool.replicas * pool.max_batch / ms * 1000.0
+
+
+def load_at_max_batch(pools: dict[str, Pool], w: Workload, rate: float) -> dict[str, float]:
+    """Per pool: offered calls per second over ``calls_per_s_at_max_batch``; at 1 or more its
+    queue grows without bound whatever the latencies of a finite run look like."""
+    return {name: rate * n / calls_per_s_at_max_batch(pools[name]) for name, n in calls_per_request(w).items()}
+
+
+def core_ms_per_request(pools: dict[str, Pool], w: Workload) -> float:
+    """Core time one request costs at full batches: pool work per call, hops, request overhead."""
+    per_call = {name: pools[name].curve.ms(pools[name].max_batch) / pools[name].max_batch + w.hop_ms
+                for name in calls_per_request(w)}
+    return sum(n * per_call[name] for name, n in calls_per_request(w).items()) + w.request_overhead_ms
+
+
+def core_load(pools: dict[str, Pool], w: Workload, rate: float, cores: float) -> float:
+    """Core time asked per second over the cores (a CPU machine); at 1 or more it cannot keep up."""
+    return rate * core_ms_per_request(pools, w) / 1000.0 / cores
+
+
 @dataclass
 class SimResult:
     latencies_ms: list[float]
     utilization: dict[str, float]
     mean_wait_ms: dict[str, float]
-    stable: bool
+    stable: bool                       # every load below 1
+    load_at_max_batch: dict[str, float] = field(default_factory=dict)
+    core_load: float | None = None     # None on GPUs (no ``cores``)
 
     def p(self, q: float) -> float:
         xs = sorted(self.latencies_ms)
@@ -122,7 +158,8 @@ def _request_calls(w: Workload, rng: random.Random) -> deque:
 def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int = 2000, seed: int = 0,
              cores: float | None = None, warmup: float = 0.1) -> SimResult:
     """Poisson arrivals at ``rate`` per second through the pools; latencies of the requests after
-    the warm-up share. ``stable`` is False when the backlog at the end exceeds 10% of requests."""
+    the warm-up share. ``stable`` is False when any pool's ``load_at_max_batch`` or the
+    ``core_load`` reaches 1: then the latencies only say how long this finite run took to drain."""
     if rate <= 0:
         raise ValueError(f"rate: arrivals per second must be > 0, got {rate}")
     missing = w.pools() - set(pools)
@@ -214,9 +251,9 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
     order = sorted(done)  # request ids are in arrival order
     kept = [done[i] for i in order[int(warmup * len(order)):]]
     span = max(now, 1e-9)
-    # A stable system's latency does not trend: the last quarter of arrivals fare like the second.
-    q = max(1, len(kept) // 4)
-    second, last = kept[q:2 * q] or kept, kept[-q:]
-    stable = sum(last) / len(last) <= 1.5 * sum(second) / len(second)
+    loads = load_at_max_batch(pools, w, rate)
+    cores_used = None if cores is None else core_load(pools, w, rate, cores)
+    stable = max([*loads.values(), cores_used or 0.0]) < 1.0
     return SimResult(kept, {n: busy_ms[n] / (span * pools[n].replicas) for n in pools},
-                     {n: (sum(v) / len(v) if v else 0.0) for n, v in waits.items()}, stable=stable)
+                     {n: (sum(v) / len(v) if v else 0.0) for n, v in waits.items()}, stable=stable,
+                     load_at_max_batch=loads, core_load=cores_used)

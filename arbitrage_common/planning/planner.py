@@ -7,9 +7,21 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .model import CALLS_PER_STEP, Pool, ServiceCurve, SimResult, Workload, simulate
+from .model import (
+    CALLS_PER_STEP,
+    Pool,
+    ServiceCurve,
+    SimResult,
+    Workload,
+    calls_per_request,
+    core_load,
+    core_ms_per_request,
+    load_at_max_batch,
+    simulate,
+)
 
 MAX_REPLICAS = 256
+QUEUEING_FLOOR = 0.01  # a pool's queueing under this share of the SLO is not worth a replica
 
 
 @dataclass(frozen=True)
@@ -52,12 +64,36 @@ class Profile:
                 "steps": list(self.steps), "cores": self.cores, "measured": self.measured}
 
 
+def check_policy(policy: str) -> None:
+    if policy not in CALLS_PER_STEP:
+        raise ValueError(f"--policy: the planner models {', '.join(CALLS_PER_STEP)}, got {policy!r}")
+
+
+# What the profile's ``measured.target_steps`` says the target curve was timed on (profile.py).
+TIMED_ON_REWRITES, TIMED_ON_EVERY_STEP = "rewrites, the draft's step proposed", "every step"
+
+
+def check_target_timing(profile: Profile, policy: str) -> None:
+    """Refuse a target curve timed on other calls than ``policy`` sends: arbitrage and RSD send
+    rewrites with the draft's step as the proposal, policy target writes every step unaided.
+    A profile that does not say (an assumed one) is taken as it is."""
+    timed_on = profile.measured.get("target_steps")
+    always, routed = CALLS_PER_STEP[policy]
+    needed = TIMED_ON_REWRITES if routed == "target" else TIMED_ON_EVERY_STEP if "target" in always else None
+    if timed_on is None or needed is None or timed_on == needed:
+        return
+    raise ValueError(f"--profile: its target was timed on {timed_on}, but policy {policy!r} sends the target "
+                     f"{needed}; run `arbitrage plan profile --policy {policy}` for a profile of that policy")
+
+
 def check_inputs(rate: float, slo_ms: float, target_fraction: float, profile: Profile, policy: str) -> None:
     """Reject impossible inputs, naming each."""
+    check_policy(policy)
     if rate <= 0:
         raise ValueError(f"--rate: arrivals per second must be > 0, got {rate}")
     if not 0.0 <= target_fraction <= 1.0:
         raise ValueError(f"--target-fraction: must lie in [0, 1], got {target_fraction}")
+    check_target_timing(profile, policy)
     always, _ = CALLS_PER_STEP[policy]
     one_step = sum(profile.curves[p].ms(1) + profile.hop_ms for p in always if p in profile.curves)
     if slo_ms <= one_step:
@@ -70,49 +106,98 @@ def workload(profile: Profile, policy: str, target_fraction: float) -> Workload:
                     profile.request_overhead_ms)
 
 
+def _pools(profile: Profile, w: Workload, replicas: dict[str, int]) -> dict[str, Pool]:
+    return {p: Pool(profile.curves[p], replicas.get(p, 1), profile.max_batch.get(p, 16)) for p in w.pools()}
+
+
 def predict(profile: Profile, policy: str, target_fraction: float, rate: float, replicas: dict[str, int],
             seed: int = 0, n_requests: int = 2000) -> SimResult:
     w = workload(profile, policy, target_fraction)
-    pools = {p: Pool(profile.curves[p], replicas.get(p, 1), profile.max_batch.get(p, 16)) for p in w.pools()}
-    return simulate(pools, w, rate, n_requests=n_requests, seed=seed, cores=profile.cores)
+    return simulate(_pools(profile, w, replicas), w, rate, n_requests=n_requests, seed=seed, cores=profile.cores)
+
+
+def _check_cores_carry(profile: Profile, w: Workload, rate: float) -> None:
+    """More replicas do not add cores: a rate the cores cannot carry is refused at once."""
+    if profile.cores is None:
+        return
+    pools = _pools(profile, w, {})
+    load = core_load(pools, w, rate, profile.cores)
+    if load >= 1.0:
+        per_request = core_ms_per_request(pools, w)
+        raise ValueError(f"--rate: {rate:g} req/s needs {rate * per_request / 1000.0:.2f} cores ({per_request:.0f} "
+                         f"core-ms a request at full batches), but the profile has {profile.cores:g} "
+                         f"(core load {load:.2f}); these cores carry under {profile.cores * 1000.0 / per_request:.2f}"
+                         f" req/s")
+
+
+def queued_ms_per_request(result: SimResult, calls: dict[str, float]) -> dict[str, float]:
+    """Mean ms a request spends queued at each pool: where a replica saves the most. (Not the
+    busiest pool: one with a large cost per pass looks busy at any replica count.)"""
+    return {p: result.mean_wait_ms[p] * calls.get(p, 0.0) for p in result.mean_wait_ms}
+
+
+def _too_many(profile: Profile, replicas: dict[str, int], pool: str) -> bool:
+    return replicas[pool] >= MAX_REPLICAS or (profile.cores is not None and sum(replicas.values()) > 64)
 
 
 def plan(profile: Profile, policy: str, target_fraction: float, rate: float, slo_ms: float,
          seed: int = 0) -> dict:
-    """Replicas per pool: start at one each; while the simulated p95 misses the SLO, add a
-    replica to the busiest pool."""
+    """Replicas per pool: start at one each; while a pool's load at max batch reaches 1, add a
+    replica to the most loaded one; then, while the simulated p95 misses the SLO, add a replica
+    to the pool where a request spends the most time queued."""
     check_inputs(rate, slo_ms, target_fraction, profile, policy)
     w = workload(profile, policy, target_fraction)
+    _check_cores_carry(profile, w, rate)
     replicas = dict.fromkeys(sorted(w.pools()), 1)
+    calls = calls_per_request(w)
     while True:
-        result = predict(profile, policy, target_fraction, rate, replicas, seed)
-        if result.stable and result.p(95) <= slo_ms:
-            break
-        busiest = max(replicas, key=lambda p: (result.utilization[p], result.mean_wait_ms[p]))
-        if replicas[busiest] >= MAX_REPLICAS or (profile.cores is not None and sum(replicas.values()) > 64):
-            raise ValueError(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable "
-                             f"(p95 {result.p(95):.0f} ms with {replicas})")
+        loads = load_at_max_batch(_pools(profile, w, replicas), w, rate)
+        overloaded = {p: load for p, load in loads.items() if load >= 1.0}
+        if overloaded:  # the loads are exact: no need to simulate a queue that grows without bound
+            busiest = max(overloaded, key=overloaded.get)
+            if _too_many(profile, replicas, busiest):
+                raise ValueError(f"--rate: {rate:g} req/s overloads pool {busiest} even with {replicas[busiest]} "
+                                 f"replicas (load at max batch {overloaded[busiest]:.2f})")
+        else:
+            result = predict(profile, policy, target_fraction, rate, replicas, seed)
+            if result.stable and result.p(95) <= slo_ms:
+                break
+            queued = queued_ms_per_request(result, calls)
+            busiest = max(queued, key=queued.get)
+            if queued[busiest] < QUEUEING_FLOOR * slo_ms or _too_many(profile, replicas, busiest):
+                raise ValueError(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable "
+                                 f"(p95 {result.p(95):.0f} ms with {replicas}, of which queueing "
+                                 f"{queued[busiest]:.0f} ms at most: the rest is the service time itself)")
         replicas[busiest] += 1
-    return {"policy": policy, "target_fraction": round(w.target_fraction, 4), "rate": rate, "slo_p95_ms": slo_ms,
-            "replicas": replicas, "predicted_p50_ms": round(result.p(50), 1),
-            "predicted_p95_ms": round(result.p(95), 1),
-            "utilization": {k: round(v, 3) for k, v in result.utilization.items()}}
+    out = {"policy": policy, "target_fraction": round(w.target_fraction, 4), "rate": rate, "slo_p95_ms": slo_ms,
+           "replicas": replicas, "predicted_p50_ms": round(result.p(50), 1),
+           "predicted_p95_ms": round(result.p(95), 1),
+           "utilization": {k: round(v, 3) for k, v in result.utilization.items()},
+           "load_at_max_batch": {k: round(v, 3) for k, v in result.load_at_max_batch.items()}}
+    if result.core_load is not None:
+        out["core_load"] = round(result.core_load, 3)
+    return out
 
 
 def gpus_and_pods(replicas: dict[str, int], cfg) -> dict:
-    """GPUs per pool and worker-group Pods for an AppConfig (a preset) at these replica counts."""
+    """GPUs per pool and worker-group Pods for an AppConfig (a preset) at these replica counts,
+    packed as ``arbitrage k8s render`` packs them. The coordinator's group is included at its
+    configured replica count: the planner does not size it. ``gpus_requested`` sums the replicas'
+    (maybe fractional) GPU shares; ``gpus_provisioned`` is what the Pods hold, the bill."""
     from ..kuberay.sizing import group_sizes, pods_needed, replica_bounds, replica_demand
 
-    specs = dict(cfg.pools.configured())
+    specs = {**dict(cfg.pools.configured()), "coordinator": cfg.coordinator}
+    counts = {**{p: n for p, n in replicas.items() if p in specs},
+              "coordinator": replica_bounds(cfg.coordinator).initial}
     gpus = {p: round(n * replica_demand(p, specs[p]).gpus, 3) for p, n in replicas.items() if p in specs}
     groups = {}
     for size in group_sizes(cfg):
-        demands = [replica_demand(p, specs[p]) for p in size.deployments if p in replicas
-                   for _ in range(replicas[p])]
+        demands = [replica_demand(d, specs[d]) for d in size.deployments if d in counts for _ in range(counts[d])]
         if demands:
             groups[size.name] = {"pods": pods_needed(demands, size.cpus, size.gpus), "gpus_per_pod": size.gpus,
                                  "cpus_per_pod": size.cpus}
     over = {p: {"planned": n, "max_replicas": replica_bounds(specs[p]).max} for p, n in replicas.items()
             if p in specs and n > replica_bounds(specs[p]).max}
-    return {"gpus_per_pool": gpus, "gpus_total": round(sum(gpus.values()), 3), "worker_groups": groups,
-            "above_config_max_replicas": over}
+    return {"gpus_per_pool": gpus, "gpus_requested": round(sum(gpus.values()), 3),
+            "gpus_provisioned": sum(g["pods"] * g["gpus_per_pod"] for g in groups.values()),
+            "coordinator_replicas": counts["coordinator"], "worker_groups": groups, "above_config_max_replicas": over}

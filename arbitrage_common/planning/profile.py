@@ -21,7 +21,7 @@ from ..interfaces import GenerationOptions, ScoreItem
 from ..steps import as_written, build_prefix
 from ..synthetic import generate_problems
 from .model import CALLS_PER_STEP, ServiceCurve
-from .planner import Profile
+from .planner import TIMED_ON_EVERY_STEP, TIMED_ON_REWRITES, Profile
 
 BATCH_SIZES = (1, 2, 4, 8, 16)
 
@@ -139,7 +139,7 @@ def build_profile(cfg: AppConfig, endpoint: str | None, app: str | None, policy:
     rewrites_only = CALLS_PER_STEP.get(policy, ((), None))[1] == "target"
     curves, points = profile_pools(cfg, seed=seed, rewrites_only=rewrites_only)
     measured: dict = {"service_ms_by_batch": points,
-                      "target_steps": "rewrites, the draft's step proposed" if rewrites_only else "every step"}
+                      "target_steps": TIMED_ON_REWRITES if rewrites_only else TIMED_ON_EVERY_STEP}
     steps: tuple[int, ...] = (cfg.limits.default_max_steps,)
     hop = overhead = 0.0
     if endpoint:

@@ -6,8 +6,8 @@ import statistics
 import numpy as np
 import pytest
 
-from arbitrage_common.planning.model import Pool, ServiceCurve, Workload, simulate
-from arbitrage_common.planning.planner import Profile, check_inputs, plan
+from arbitrage_common.planning.model import Pool, ServiceCurve, SimResult, Workload, simulate
+from arbitrage_common.planning.planner import Profile, check_inputs, gpus_and_pods, plan, queued_ms_per_request
 
 
 def test_service_curve_fit_recovers_a_line():
@@ -56,12 +56,70 @@ def test_target_fraction_routes_that_share_of_steps():
     assert per_req == pytest.approx(23.0, rel=0.08)
 
 
+def _gpu_like_pools(replicas: int = 1) -> dict[str, Pool]:
+    """The assumed GPU profile's shapes: full batches serve draft 260, router 381, target 82 calls/s."""
+    return {"draft": Pool(ServiceCurve(150.0, 1.5), replicas, 64), "router": Pool(ServiceCurve(20.0, 2.0), replicas, 32),
+            "target": Pool(ServiceCurve(520.0, 4.0), replicas, 64)}
+
+
+def test_an_overloaded_multi_step_workload_is_unstable_however_its_latencies_look():
+    """20 steps a request: every in-flight request slows together and a finite run drains, so the
+    latencies show no trend; the offered load at max batch does (draft: 26 x 20 / 260 = 2)."""
+    w = Workload("arbitrage", (20,), 0.3)
+    over = simulate(_gpu_like_pools(), w, rate=26.0, n_requests=600)
+    assert not over.stable
+    assert over.load_at_max_batch["draft"] == pytest.approx(26 * 20 / (64 / 246 * 1000))
+    assert over.load_at_max_batch["target"] == pytest.approx(26 * 6 / (64 / 776 * 1000))
+
+
+def test_a_comfortably_loaded_multi_step_workload_is_stable():
+    r = simulate(_gpu_like_pools(), Workload("arbitrage", (20,), 0.3), rate=5.0, n_requests=600)
+    assert r.stable and max(r.load_at_max_batch.values()) < 0.5 and r.core_load is None
+
+
+def test_cores_that_cannot_carry_the_work_make_it_unstable():
+    w = Workload("target", (1,), 1.0, hop_ms=5.0, request_overhead_ms=10.0)
+    pools = {"target": Pool(ServiceCurve(0.0, 10.0), replicas=8, max_batch=1)}  # 800 calls/s on 8 replicas
+    r = simulate(pools, w, rate=50.0, n_requests=300, cores=1.0)  # 50 x (10 + 5 + 10) ms = 1.25 cores
+    assert r.load_at_max_batch["target"] < 0.1 and r.core_load == pytest.approx(1.25) and not r.stable
+
+
+def test_plan_adds_replicas_to_the_pool_over_capacity_until_stable():
+    curves = {"draft": ServiceCurve(150.0, 1.5), "router": ServiceCurve(20.0, 2.0), "target": ServiceCurve(520.0, 4.0)}
+    prof = Profile(curves, {"draft": 64, "router": 32, "target": 64}, 3.0, 10.0, (20,), None, {})
+    out = plan(prof, "arbitrage", 0.3, rate=30.0, slo_ms=1e9)  # an SLO that any drained run meets
+    # loads at one replica: draft 2.31, router 1.58, target 2.18: the fewest replicas below 1 each
+    assert out["replicas"] == {"draft": 3, "router": 2, "target": 3}
+    assert max(out["load_at_max_batch"].values()) < 1
+
+
+def test_plan_refuses_a_rate_the_cores_cannot_carry_at_once():
+    prof = _profile(cores=2.0)
+    with pytest.raises(ValueError, match=r"--rate: 400 req/s needs [\d.]+ cores .* the profile has 2 "):
+        plan(prof, "arbitrage", 0.25, rate=400.0, slo_ms=5000)
+    assert "core_load" in plan(prof, "arbitrage", 0.25, rate=2.0, slo_ms=5000)
+
+
 def _profile(**kw) -> Profile:
     curves = {"draft": ServiceCurve(5, 1), "router": ServiceCurve(8, 0.5), "prm": ServiceCurve(8, 0.5),
               "target": ServiceCurve(40, 4)}
     base = {"curves": curves, "max_batch": dict.fromkeys(curves, 16), "hop_ms": 2.0, "request_overhead_ms": 5.0,
             "steps": (5, 6, 7), "cores": None, "measured": {}}
     return Profile(**{**base, **kw})
+
+
+def test_the_replica_goes_where_a_request_queues_longest_not_to_the_busiest_pool():
+    # the target's passes keep it busy (0.99) but a request meets it once and waits 5 ms; the
+    # draft, half as busy, is met 10 times and holds each call 30 ms
+    result = SimResult([1.0], {"target": 0.99, "draft": 0.5}, {"target": 5.0, "draft": 30.0}, stable=True)
+    queued = queued_ms_per_request(result, {"target": 1.0, "draft": 10.0})
+    assert queued == {"target": 5.0, "draft": 300.0}
+
+
+def test_plan_stops_where_the_service_time_alone_misses_the_slo():
+    prof = _profile()  # 5-7 steps of >= 13 ms each: no replica count gets p95 under 60 ms
+    with pytest.raises(ValueError, match="--slo-ms: p95 60 ms at 1 req/s is not reachable .* the rest is the service time"):
+        plan(prof, "arbitrage", 0.25, rate=1.0, slo_ms=60.0)
 
 
 def test_plan_adds_target_replicas_as_the_rate_grows_and_rsd_needs_more_at_a_higher_fraction():
@@ -79,9 +137,25 @@ def test_plan_adds_target_replicas_as_the_rate_grows_and_rsd_needs_more_at_a_hig
     ({"slo_ms": 3.0}, "--slo-ms: 3 ms is below the service time of one step"),
 ])
 def test_impossible_inputs_are_named(kw, needle):
-    args = {"rate": 1.0, "slo_ms": 1000.0, "target_fraction": 0.3, **kw}
+    args = {"rate": 1.0, "slo_ms": 1000.0, "target_fraction": 0.3, "policy": "arbitrage", **kw}
     with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
-        check_inputs(args["rate"], args["slo_ms"], args["target_fraction"], _profile(), "arbitrage")
+        check_inputs(args["rate"], args["slo_ms"], args["target_fraction"], _profile(), args["policy"])
+
+
+def test_a_policy_the_planner_does_not_model_is_named():
+    with pytest.raises(ValueError, match="--policy: the planner models draft, target, arbitrage, rsd, got 'oracle'"):
+        plan(_profile(), "oracle", 0.3, rate=1.0, slo_ms=1000.0)
+
+
+def test_a_target_timed_on_rewrites_is_refused_for_policy_target_and_the_reverse():
+    rewrites = _profile(measured={"target_steps": "rewrites, the draft's step proposed"})
+    every_step = _profile(measured={"target_steps": "every step"})
+    with pytest.raises(ValueError, match="--profile: its target was timed on rewrites.*policy 'target'"):
+        plan(rewrites, "target", 1.0, rate=1.0, slo_ms=5000.0)
+    with pytest.raises(ValueError, match="--profile: its target was timed on every step.*policy 'rsd'"):
+        plan(every_step, "rsd", 0.3, rate=1.0, slo_ms=5000.0)
+    assert plan(every_step, "target", 1.0, rate=1.0, slo_ms=5000.0)["replicas"] == {"target": 1}
+    assert plan(rewrites, "draft", 0.0, rate=1.0, slo_ms=5000.0)["replicas"] == {"draft": 1}  # no target call
 
 
 def test_percentile_matches_numpy():
@@ -188,6 +262,46 @@ def test_plan_cli_sets_rsd_beside_arbitrage_for_a_preset(tmp_path, capsys):
     assert rsd["gpus_per_pool"]["target"] == rsd["replicas"]["target"]  # one whole GPU per target replica
     assert arb["worker_groups"]["target"]["pods"] == arb["replicas"]["target"]
     assert rsd["predicted_p95_ms"] <= 20000 and arb["predicted_p95_ms"] <= 20000
+    assert max(rsd["load_at_max_batch"].values()) < 1 and max(arb["load_at_max_batch"].values()) < 1
+    assert main(["plan", "--profile", str(profile), "--rate", "20", "--slo-ms", "20000", "--bench", str(bench),
+                 "--preset", "llama-1b-8b"]) == 0
+    text = capsys.readouterr().out
+    assert "load at max batch" in text and f"the Pods provision {arb['gpus_provisioned']} GPUs" in text
     assert main(["plan", "--profile", str(profile), "--rate", "-1", "--slo-ms", "100", "--target-fraction", "0.2"]) \
         == 1
     assert "--rate: arrivals per second must be > 0" in capsys.readouterr().err
+
+
+def test_plan_cli_takes_the_profiles_fraction_only_if_measured_with_the_same_policy(tmp_path, capsys):
+    import json
+
+    from arbitrage_common.cli.main import main
+
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(_profile(measured={"policy": "rsd", "target_fraction": 0.5}).as_dict()))
+    base = ["plan", "--profile", str(path), "--rate", "1", "--slo-ms", "5000"]
+    assert main(base) == 1  # --policy arbitrage by default
+    err = capsys.readouterr().err
+    assert "measured with policy 'rsd', not --policy 'arbitrage'" in err and "--target-fraction" in err
+    assert main([*base, "--policy", "rsd", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["target_fraction"] == 0.5
+    assert main([*base, "--target-fraction", "0.2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["target_fraction"] == 0.2
+    assert main([*base, "--policy", "draft", "--json"]) == 0  # no routed calls: no fraction needed
+    capsys.readouterr()
+    assert main([*base, "--policy", "oracle"]) == 1
+    assert "--policy: the planner models" in capsys.readouterr().err
+
+
+def test_gpus_and_pods_count_the_gpus_the_pods_hold_and_the_coordinator_group():
+    from arbitrage_common.kuberay.sizing import replica_bounds
+    from arbitrage_common.kuberay.targets import target_config
+
+    cfg = target_config("llama-1b-8b")
+    out = gpus_and_pods({"draft": 3, "router": 2, "target": 6}, cfg)
+    # draft replicas take half a GPU each: 1.5 GPUs requested, held by two one-GPU Pods
+    assert out["gpus_per_pool"]["draft"] == 1.5 and out["worker_groups"]["draft"]["pods"] == 2
+    assert out["gpus_requested"] == 8.0 and out["gpus_provisioned"] == 9
+    assert out["gpus_provisioned"] == sum(g["pods"] * g["gpus_per_pod"] for g in out["worker_groups"].values())
+    assert out["coordinator_replicas"] == replica_bounds(cfg.coordinator).initial
+    assert out["worker_groups"]["coordinator"]["pods"] >= 1
