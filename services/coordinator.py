@@ -19,9 +19,10 @@ import grpc
 from grpc_health.v1 import health_pb2
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from arbitrage_common.accounting import LoopResult, Usage
 from arbitrage_common.auth import check_bearer, load_keys
 from arbitrage_common.config import AppConfig
-from arbitrage_common.errors import InvalidArgument
+from arbitrage_common.errors import DeadlineExceeded, InvalidArgument
 from arbitrage_common.loop import LoopStream, stream_loop
 from arbitrage_common.policies import POLICIES, make_policy
 from arbitrage_common.retry import RetryPolicy
@@ -40,6 +41,7 @@ _LATENCY_MS = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
 # Byte-level and character tokenizers never produce more tokens than the text has bytes
 # (plus a few special tokens), so a prompt this far below the context needs no counting.
 _SPECIAL_TOKENS_MARGIN = 8
+_MIN_DEADLINE_S = 1e-3  # what a request whose admission used up its deadline runs with: it fails at once
 WATCH_RESEND_S = 5.0
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -109,13 +111,17 @@ class Coordinator:
         A client's own gRPC deadline needs nothing here: when it passes, the proxy cancels the
         call, which cancels the loop and its pool call in flight."""
         prepared = self._under_load(prepare(fields, self.cfg), explicit=fields.threshold is not None)
-        await self._admit(prepared)
-        busiest = self.cfg.limits.step_pipelining_max_inflight
-        if prepared.request.pipeline and busiest is not None and self._inflight >= busiest:
-            # Busy: no spare capacity for early drafts, so the plain loop (same outputs).
-            prepared = dataclasses.replace(prepared, request=dataclasses.replace(prepared.request, pipeline=False))
         # Retries stop in time for the request to fail before its deadline, not at it.
         deadline = time.monotonic() + prepared.request.deadline_s if prepared.request.deadline_s else None
+        await self._admit(prepared, deadline)
+        request = prepared.request
+        if deadline is not None:  # the loop's clock starts at its first step: it gets what admission left
+            request = dataclasses.replace(request, deadline_s=max(deadline - time.monotonic(), _MIN_DEADLINE_S))
+        busiest = self.cfg.limits.step_pipelining_max_inflight
+        if request.pipeline and busiest is not None and self._inflight >= busiest:
+            # Busy: no spare capacity for early drafts, so the plain loop (same outputs).
+            request = dataclasses.replace(request, pipeline=False)
+        prepared = dataclasses.replace(prepared, request=request)
         # The request id is the session id: each pool with affinity serves all its steps on one replica.
         models = self.pools.models(prepared.request_id, deadline)
         return prepared, stream_loop(prepared.request, models)  # 'policy' if its pool is missing
@@ -133,27 +139,40 @@ class Coordinator:
         return dataclasses.replace(prepared, threshold=used, request=dataclasses.replace(prepared.request,
                                                                                          policy=policy))
 
-    async def _generator_contexts(self) -> dict[str, int]:
+    async def _generator_contexts(self, deadline: float | None) -> dict[str, int]:
         """Each generator pool's context length (asked once; {} while a pool cannot answer)."""
         if self._contexts is None:
             try:
-                infos = await asyncio.gather(*(self.pools.caller(role, "context_info")() for role in ("draft", "target")))
+                infos = await asyncio.gather(*(self.pools.caller(role, "context_info", deadline=deadline)()
+                                               for role in ("draft", "target")))
             except Exception:  # noqa: BLE001 (the loop still ends an overlong prompt cleanly)
                 return {}
             self._contexts = {role: info["context"] for role, info in zip(("draft", "target"), infos)
                               if info.get("context")}
         return self._contexts
 
-    async def _admit(self, prepared: Prepared) -> None:
+    async def _admit(self, prepared: Prepared, deadline: float | None) -> None:
         """INVALID_ARGUMENT('prompt') for a prompt that leaves no room in a generator's context,
-        counted in that model's own tokens; short prompts are let through uncounted."""
+        counted in that model's own tokens; short prompts are let through uncounted. Within the
+        request's deadline, like every other pool call it makes."""
         request = prepared.request
-        prefix = build_prefix(request.prompt, [], request.prompt_template)
-        contexts = await self._generator_contexts()
+        timeout = asyncio.timeout(None if deadline is None else deadline - time.monotonic())
+        try:
+            async with timeout:
+                await self._check_prompt_fits(build_prefix(request.prompt, [], request.prompt_template), deadline)
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            raise DeadlineExceeded(LoopResult(request.prompt, [], "deadline", Usage(), 0.0),
+                                   "deadline exceeded while checking the prompt's length") from None
+
+    async def _check_prompt_fits(self, prefix: str, deadline: float | None) -> None:
+        contexts = await self._generator_contexts(deadline)
         if not contexts or len(prefix.encode()) + _SPECIAL_TOKENS_MARGIN < min(contexts.values()):
             return
         roles = list(contexts)
-        counts = await asyncio.gather(*(self.pools.caller(role, "count_tokens")(prefix) for role in roles))
+        counts = await asyncio.gather(*(self.pools.caller(role, "count_tokens", deadline=deadline)(prefix)
+                                        for role in roles))
         for role, tokens in zip(roles, counts):
             if tokens >= contexts[role]:
                 raise InvalidArgument("prompt", f"is {tokens} tokens for the {role} model (prompt template "

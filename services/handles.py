@@ -209,12 +209,12 @@ class MergedScorer:
         return await self._merged.call(self._session, ((list(items), self._session or None), self._deadline))
 
 
-def _latest(deadlines: list[float | None]) -> float | None:
-    """A merged call retries until the latest of its rows' deadlines (each row's own wait is
-    bounded by its loop's deadline anyway); None if any row has none."""
-    if not deadlines or any(d is None for d in deadlines):
-        return None
-    return max(deadlines)  # type: ignore[type-var]
+def _earliest(deadlines: list[float | None]) -> float | None:
+    """A merged call retries until the earliest of its rows' deadlines, as each row alone would:
+    a row still waiting on a full pool when its own deadline passed would read as the client's
+    deadline (504), not as the overload it is (503, Retry-After). None if no row has one."""
+    bounded = [d for d in deadlines if d is not None]
+    return min(bounded) if bounded else None
 
 
 class PoolHandles:
@@ -250,7 +250,7 @@ class PoolHandles:
             # rows: (args, deadline) each; the pool method takes one list per argument (empty
             # lists when only piggybacked releases travel)
             columns = [[args[k] for args, _ in rows] for k in range(arity)]
-            deadline = _latest([deadline for _, deadline in rows])
+            deadline = _earliest([deadline for _, deadline in rows])
             return await self.caller(role, method, lane_key, deadline)(*columns, piggyback)
         return send
 

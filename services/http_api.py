@@ -196,8 +196,9 @@ def build_http_api(coord: Coordinator) -> FastAPI:
             raise
         except Exception as exc:  # noqa: BLE001 (every failure maps to a status)
             return error_response(coord.fail(transport, policy, exc), retry)
+        response = JSONResponse(render(stream.result, prepared))  # encoded here: counted ok only once it is
         coord.record(transport, policy, "ok", started)
-        return JSONResponse(render(stream.result, prepared))
+        return response
 
     async def guard(transport: str, prepared: Prepared, events: AsyncIterator[str],
                     started: float) -> AsyncIterator[str]:

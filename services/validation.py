@@ -24,6 +24,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 MAX_REQUEST_ID_CHARS = 128
 SEED_RANGE = (-2**63, 2**63 - 1)  # the proto's int64, whatever the transport
 GREEDY_BELOW = 1e-5  # a temperature this small samples as greedy (as vLLM does); float32 would make it 0
+MIN_SAMPLED_TEMPERATURE = 0.01  # vLLM raises any smaller one to this: both backends get the same
 
 
 @dataclass
@@ -65,13 +66,24 @@ def _int_in(name: str, value: Any, default: int, limit: int) -> int:
     return value
 
 
+def _utf8(name: str, text: str) -> None:
+    """JSON can carry a lone surrogate (\\ud800) that no UTF-8 encoder, tokenizer or reply takes;
+    gRPC refuses it on the wire."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(name, f"is not valid Unicode text (a lone surrogate at character {exc.start})") from None
+
+
 def _prompt(fields: RequestFields, limit: int) -> str:
     if fields.prompt and fields.messages is not None:
         raise InvalidArgument("prompt", "set prompt or messages, not both")
     if fields.messages is not None:
-        for i, (role, _) in enumerate(fields.messages):
+        for i, (role, content) in enumerate(fields.messages):
             if role not in CHAT_ROLES:
                 raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+            if isinstance(content, str):
+                _utf8(f"messages[{i}].content", content)
         users = [content for role, content in fields.messages if role == "user"]
         if not users:
             raise InvalidArgument("messages", "needs at least one 'user' message (the problem)")
@@ -82,6 +94,7 @@ def _prompt(fields: RequestFields, limit: int) -> str:
         raise InvalidArgument(name, "must not be empty")
     if len(prompt) > limit:
         raise InvalidArgument(name, f"is {len(prompt)} characters; the limit is {limit}")
+    _utf8(name, prompt)
     return prompt
 
 
@@ -108,6 +121,8 @@ def prepare(fields: RequestFields, cfg: AppConfig) -> Prepared:
         raise InvalidArgument("temperature", f"must be a finite number >= 0, got {temperature!r}")
     if temperature < GREEDY_BELOW:
         temperature = 0.0
+    elif temperature < MIN_SAMPLED_TEMPERATURE:
+        temperature = MIN_SAMPLED_TEMPERATURE
     timeout = limits.request_timeout_s
     if fields.timeout_s is not None:
         t = fields.timeout_s
@@ -117,6 +132,7 @@ def prepare(fields: RequestFields, cfg: AppConfig) -> Prepared:
     request_id = fields.request_id or uuid.uuid4().hex
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
+    _utf8("request_id", request_id)
     request = LoopRequest(prompt=prompt, policy=policy, max_steps=max_steps, max_new_tokens=max_new_tokens,
                           step_max_tokens=limits.step_max_tokens,
                           options=GenerationOptions(temperature=float(temperature), seed=seed),

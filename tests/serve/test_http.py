@@ -104,6 +104,16 @@ def test_bad_input_is_422_naming_the_field(client, body, field, stream):
     assert error["param"] == field and error["message"].startswith(f"{field}:") and error["code"] == "invalid_argument"
 
 
+@pytest.mark.parametrize("route", ["/v1/generate", "/v1/completions"])
+@pytest.mark.parametrize("raw,field", [(b'{"prompt": "Start with 1.\\ud800"}', "prompt"),
+                                       (b'{"prompt": "Start with 1.", "request_id": "r\\udfff"}', "request_id")])
+def test_a_lone_surrogate_in_json_is_422_naming_the_field(client, route, raw, field):
+    """Valid JSON, but no UTF-8 text: it must not reach the tokenizers or the reply's encoder."""
+    r = client.post(route, data=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == field
+
+
 @pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2"])
 def test_malformed_json_is_422(client, raw):
     r = client.post("/v1/generate", data=raw, headers={"content-type": "application/json"})

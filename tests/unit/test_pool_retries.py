@@ -123,3 +123,44 @@ def test_serve_still_logs_the_cancel_line_the_coordinator_drops():
     from services.handles import SERVE_CANCEL_LOG
 
     assert f'"{SERVE_CANCEL_LOG}"' in inspect.getsource(replica_result)
+
+
+class _AlwaysFull:
+    """A deployment handle whose pool queue is always full."""
+
+    def options(self, **kw):
+        return self
+
+    def remote(self, *args):
+        async def full():
+            raise BackPressureError(num_queued_requests=9, max_queued_requests=8)
+        return _Response(full())
+
+
+@pytest.mark.parametrize("lanes", [{"draft": 1, "target": 1}, None], ids=["merged", "alone"])
+def test_a_full_pool_fails_every_row_as_overload_before_its_deadline_merged_or_not(lanes):
+    """The first request's row leaves alone; the next two, queued behind it, leave as one merged
+    call. Its nearer-deadline row must get RESOURCE_EXHAUSTED (503, retry), as it would alone,
+    not DEADLINE_EXCEEDED for a wait on a full pool."""
+    from arbitrage_common.loop import LoopRequest, stream_loop
+    from arbitrage_common.policies import make_policy
+    from services import convert
+    from services.handles import PoolHandles
+
+    async def one(pools, rid: str, deadline_s: float, delay_s: float) -> str:
+        await asyncio.sleep(delay_s)
+        request = LoopRequest(prompt="Start with 12.", policy=make_policy("draft", None, None), deadline_s=deadline_s)
+        try:
+            async for _ in stream_loop(request, pools.models(rid, time.monotonic() + deadline_s)):
+                pass
+        except Exception as exc:  # noqa: BLE001 (the status is what is checked)
+            return convert.classify(exc).code
+        return "ok"
+
+    async def three():
+        pools = PoolHandles(_AlwaysFull(), _AlwaysFull(), retry=RetryPolicy(retries=50, base_s=0.05, cap_s=0.2),
+                            lanes=lanes)
+        return await asyncio.gather(one(pools, "first", 0.3, 0.0), one(pools, "near", 1.0, 0.01),
+                                    one(pools, "far", 1.5, 0.01))
+
+    assert asyncio.run(three()) == ["resource_exhausted"] * 3

@@ -69,6 +69,9 @@ def test_timeout_is_capped_by_the_limit():
     (RequestFields(prompt=PROMPT, seed=-2**63 - 1), "seed"),
     (RequestFields(prompt=PROMPT, seed=10**30), "seed"),
     (RequestFields(messages=[]), "messages"),
+    (RequestFields(prompt="Start with 1.\ud800"), "prompt"),
+    (RequestFields(messages=[("system", "x\udfff"), ("user", PROMPT)]), "messages[0].content"),
+    (RequestFields(prompt=PROMPT, request_id="r-\ud800"), "request_id"),
     (RequestFields(prompt=PROMPT, max_new_tokens=0, budget_field="max_tokens"), "max_tokens"),
 ])
 def test_bad_input_names_the_field(fields, field):
@@ -108,9 +111,13 @@ def test_a_seed_at_either_end_of_64_bits_is_accepted():
         assert prepare(RequestFields(prompt=PROMPT, seed=seed, temperature=0.5), _cfg()).request.options.seed == seed
 
 
-def test_a_temperature_too_small_for_float32_samples_greedily():
-    assert prepare(RequestFields(prompt=PROMPT, temperature=1e-50), _cfg()).request.options.temperature == 0.0
-    assert prepare(RequestFields(prompt=PROMPT, temperature=1e-3), _cfg()).request.options.temperature == 1e-3
+def test_a_temperature_too_small_for_float32_samples_greedily_and_one_below_vllms_floor_is_raised_to_it():
+    def temperature(t: float) -> float:
+        return prepare(RequestFields(prompt=PROMPT, temperature=t), _cfg()).request.options.temperature
+
+    assert temperature(1e-50) == 0.0
+    assert temperature(1e-3) == 0.01  # as vLLM would run it: the same on both backends
+    assert temperature(0.7) == 0.7
 
 
 @pytest.mark.parametrize("body", [{"threshold": True}, {"max_steps": True}, {"max_steps": "8"}, {"max_steps": 8.0},

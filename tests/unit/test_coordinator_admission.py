@@ -1,0 +1,73 @@
+"""The coordinator's admission (the prompt-length check on the generator pools) runs within the
+request's deadline, over fake pool handles: no Ray cluster."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from arbitrage_common.config import default_config
+from arbitrage_common.errors import DeadlineExceeded
+from arbitrage_common.interfaces import Generation
+from services import convert
+from services.coordinator import Coordinator
+from services.validation import RequestFields
+
+LONG_PROMPT = "Start with 1. " * 40  # long enough that admission counts its tokens on the pools
+
+
+class _Response:
+    def __init__(self, coro) -> None:
+        self._coro = coro
+
+    def __await__(self):
+        return self._coro.__await__()
+
+    def cancel(self) -> None:
+        pass
+
+
+class SlowCountPool:
+    """A pool handle whose ``count_tokens`` waits ``count_s`` (a busy replica); steps answer at once."""
+
+    def __init__(self, count_s: float, method: str | None = None) -> None:
+        self.count_s, self.method = count_s, method
+
+    def options(self, method_name: str | None = None, **kw):
+        return SlowCountPool(self.count_s, method_name or self.method)
+
+    def remote(self, *args):
+        async def answer():
+            if self.method == "context_info":
+                return {"context": 512}
+            if self.method == "count_tokens":
+                await asyncio.sleep(self.count_s)
+                return 100
+            if self.method == "generate_rows":
+                return [[Generation("Answer: 1", 3, "eos", 0.0)] for _ in args[0]]
+            return None
+        return _Response(answer())
+
+
+def _coordinator(count_s: float) -> Coordinator:
+    pools = [SlowCountPool(count_s) for _ in range(4)]
+    return Coordinator(default_config().model_dump(mode="json"), *pools)
+
+
+def test_a_slow_admission_fails_the_request_at_its_deadline_as_deadline_exceeded():
+    async def run():
+        await _coordinator(count_s=30.0).open_stream(RequestFields(prompt=LONG_PROMPT, policy="draft", timeout_s=0.3))
+
+    with pytest.raises(DeadlineExceeded, match="checking the prompt's length") as info:
+        asyncio.run(run())
+    assert convert.classify(info.value).http_status == 504
+
+
+def test_the_loop_gets_only_the_time_admission_left():
+    async def run():
+        prepared, stream = await _coordinator(count_s=0.2).open_stream(
+            RequestFields(prompt=LONG_PROMPT, policy="draft", timeout_s=5.0))
+        await stream.aclose()
+        return prepared.request.deadline_s
+
+    assert asyncio.run(run()) <= 5.0 - 0.2
