@@ -162,12 +162,13 @@ def _machine_cpu_seconds() -> float | None:
         return None
 
 
-def _reset_engine_caches(cfg: AppConfig, app: str | None) -> None:
-    """Empty every generator pool's engine prefix cache (a no-op on transformers pools)."""
+def _reset_engine_caches(cfg: AppConfig, app: str | None) -> bool:
+    """Empty every generator pool's engine prefix cache (a no-op on transformers pools); False
+    if an engine could not."""
     from ray import serve
 
-    for role in GENERATOR_ROLES:
-        serve.get_deployment_handle(role, app_name=app or cfg.name).reset_prefix_cache.remote().result()
+    return all(serve.get_deployment_handle(role, app_name=app or cfg.name).reset_prefix_cache.remote().result()
+               for role in GENERATOR_ROLES)
 
 
 PoolBatches = dict[str, tuple[int, int]]  # role -> (forward passes, rows)
@@ -232,10 +233,12 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         by_role: dict[str, dict[str, float]] = {"one": {}, "many": {}}
         # load -> role -> (forward passes, rows) over the load's rounds; only for the bench's own service
         batches: dict[str, PoolBatches] = {"one": {}, "many": {}}
+        caches_reset = owns_service  # every round's engine prefix caches emptied (False if one was not)
 
         def timed_round(repeat: int, load_: str, prompts_: list[str], clients: int) -> None:
+            nonlocal caches_reset
             if owns_service:
-                _reset_engine_caches(cfg, app)
+                caches_reset = _reset_engine_caches(cfg, app) and caches_reset
             processes = process_cpu(app or cfg.name) if cpu is not None else {}
             ran_before = pool_batches(cfg, app) if owns_service else {}
             cpu_begun, begun = _machine_cpu_seconds(), time.perf_counter()
@@ -306,7 +309,7 @@ def run_serve_bench(cfg: AppConfig, endpoint: str | None = None, app: str | None
         f"output_tokens_per_s_{concurrency}_clients": round(tokensn / walln, 1),
         "token_throughput_scaling": round((tokensn / walln) / (tokens1 / wall1), 3),
         **(scaling_spread(walls) if repeats > 1 else {}),
-        "engine_prefix_caches_reset": owns_service,
+        "engine_prefix_caches_reset": caches_reset,
         **(_cpu_figures(cpu, by_role, wall1, walln, requests, concurrency) if cpu else {}),
         **({"rows_per_batch_by_pool_1_client": rows_per_batch(batches["one"]),
             f"rows_per_batch_by_pool_{concurrency}_clients": rows_per_batch(batches["many"])}

@@ -307,10 +307,10 @@ class GeneratorPool(_Pool):
                              "served_dir": self.backend.served_dir, "args": dict(self.backend.engine_args)}
         return out
 
-    async def reset_prefix_cache(self) -> None:
-        """Empty the engine's prefix cache (benchmarks start cold); a no-op for transformers."""
-        if self.engine_batched:
-            await self.backend.reset_prefix_cache()
+    async def reset_prefix_cache(self) -> bool:
+        """Empty the engine's prefix cache (benchmarks start cold); a no-op for transformers.
+        False when the engine could not (a request still held its blocks)."""
+        return await self.backend.reset_prefix_cache() if self.engine_batched else True
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _generate_batched(self, prefix_lists: list[list[str]], option_list: list[GenerationOptions],

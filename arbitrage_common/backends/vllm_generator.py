@@ -56,6 +56,7 @@ every step; Skywork's PRM stays on transformers (its value head is remote code).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
@@ -191,9 +192,17 @@ def pad_head_dim(src: str | Path, dst: str | Path, new_head_dim: int) -> Path:
             shutil.copy2(f, tmp / f.name)
     (tmp / "PADDED_FROM.json").write_text(json.dumps({"source": str(src.resolve()), "head_dim": old,
                                                       "padded_head_dim": new_head_dim}, indent=2))
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
+    # Replicas on one host may pad the same checkpoint at once (same fingerprint, same bytes):
+    # the first finished copy stays, since another replica may already be loading it.
+    if not (dst / "config.json").is_file():
+        if dst.exists():  # an unfinished copy, never renamed into place
+            shutil.rmtree(dst)
+        with contextlib.suppress(OSError):  # another copy landed between the check and the rename
+            tmp.rename(dst)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if not (dst / "config.json").is_file():
+        raise OSError(f"{dst}: the padded copy of {src} did not land")
     return dst
 
 
@@ -441,8 +450,9 @@ class VLLMStepGenerator:
                               "spaces_between_special_tokens": False}
         if options.temperature > 0:
             # As the transformers backend: seed None means 0 (row_options already gave row i of
-            # a call with one options object seed + i).
-            kw.update(temperature=options.temperature, seed=options.seed or 0)
+            # a call with one options object seed + i); modulo 2**64, as torch takes a negative
+            # seed, since vLLM reads -1 as "unseeded".
+            kw.update(temperature=options.temperature, seed=(options.seed or 0) % 2**64)
         else:
             kw.update(temperature=0.0)
         return self._SamplingParams(**kw)
@@ -559,8 +569,9 @@ class VLLMStepGenerator:
         the most requests the scheduler ran in one step (> 1: requests were batched)."""
         return self.prefix_cache.snapshot()
 
-    async def reset_prefix_cache(self) -> None:
-        await self.engine.reset_prefix_cache()
+    async def reset_prefix_cache(self) -> bool:
+        """False when the engine could not empty it (a request still held blocks)."""
+        return bool(await self.engine.reset_prefix_cache())
 
     def shutdown(self) -> None:
         """Stop the engine processes (idempotent)."""

@@ -194,6 +194,20 @@ def test_seeded_sampling_is_reproducible(engine, loop):
     assert len({tuple(g.text for g in r) for r in (a, c, d)}) > 1  # the seed matters
 
 
+def test_a_seed_of_minus_one_is_a_seed_not_vllms_unseeded(engine, loop):
+    """vLLM reads seed -1 as "draw fresh randomness"; a request's seed -1 must repeat (a retried
+    step is the same step), as it does on the transformers backend."""
+    assert engine._sampling_params(GenerationOptions(temperature=1.5, seed=-1), 8).seed is not None
+    opts = GenerationOptions(max_new_tokens=32, temperature=1.5, seed=-1)
+    prefix = _prefixes(1, seed=33)
+    runs = {run(loop, engine.generate(prefix, opts))[0].text for _ in range(4)}
+    assert len(runs) == 1
+
+
+def test_an_emptied_prefix_cache_says_so(engine, loop):
+    assert run(loop, engine.reset_prefix_cache()) is True
+
+
 def test_prefix_cache_is_reused_across_steps(engine, loop):
     prefix = _prefixes(1, seed=41)[0]
     first = run(loop, engine.generate([prefix], STEP))[0]
