@@ -32,7 +32,10 @@ class Usage:
     draft already writes step k+1 as if step k were kept. ``speculative_drafts_used``
     counts such early drafts that became step k+1's draft (their tokens are then booked
     like any draft step's, kept or discarded); ``speculative_drafts_discarded`` counts
-    those thrown away (step k went to the target, or the request ended first), and
+    those thrown away (step k went to the target, or the request ended first: also one
+    still unclaimed when the deadline passed, where the plain loop would make no step k+1
+    call; one the loop had begun waiting for as step k+1's draft stays used even if the
+    deadline then cancels it, as it would the plain loop's call), and
     ``speculative_draft_tokens_discarded`` their tokens, for those that had finished when
     dropped (a call cancelled in flight reports none). These tokens are in neither
     ``draft_tokens_kept`` nor ``draft_tokens_discarded``, so ``acceptance_rate`` is that

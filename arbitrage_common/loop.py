@@ -343,14 +343,26 @@ class LoopStream:
         if spec.prefix != prefix or spec.options != options:  # cannot happen: never serve another call's draft
             await self._drop_speculation()
             return await self._generate("draft", prefix)
-        self.usage.speculative_drafts_used += 1
+        waited = False
+
+        async def wait() -> list[Generation]:
+            # From here on it is this step's draft call, as the plain loop's call would be.
+            nonlocal waited
+            waited = True
+            self.usage.speculative_drafts_used += 1
+            return await spec.task
+
         try:
-            # Booked: only the time still waited for it; the rest overlapped the scorer.
-            gens = await self._timed("draft", lambda: spec.task)
+            # Booked: only the time still waited for it; the rest overlapped the scorer. Past the
+            # deadline ``_timed`` refuses before waiting, as it refuses the plain loop's call: the
+            # request ended first, so the early draft stays in ``self._spec`` and ``_run``'s
+            # finally books it discarded (with its tokens if it had finished), never used.
+            gens = await self._timed("draft", wait)
         finally:
-            self._spec = None
-            if not spec.task.done():  # the deadline passed before or while waiting
-                await _cancel(spec.task)
+            if waited:
+                self._spec = None
+                if not spec.task.done():  # the deadline passed while waiting
+                    await _cancel(spec.task)
         return self._check("draft", gens)
 
     async def _drop_speculation(self) -> None:

@@ -11,7 +11,8 @@ Control law. The controller keeps one number, the *offset* ``o`` in ``[0, max_of
 far thresholds move toward fewer target calls. At most once per ``interval_s`` it updates:
 
 - signals: ``L``, an EWMA of target-call latency (``latency_alpha`` per sample), and ``Q``,
-  the time-weighted mean of target calls in flight since the last update;
+  the time-weighted mean of target calls in flight since the last update (their integral over
+  the window divided by the same window's length, however sparse the events);
 - error: ``e = max(L / latency_budget_ms, Q / in_flight_budget) - 1`` over the budgets that
   are set, clamped to ``[-1, 1]`` (0 = exactly on budget, 1 = twice it, -1 = idle). An
   interval after the last activity (a latency sample, a call in flight) is idle: ``e = -1``,
@@ -164,7 +165,11 @@ class LoadController:
         if self._last_activity is not None and self._last_activity >= self._window_start:
             busy = min(intervals, math.floor((self._last_activity - self._last_update) / interval) + 1)
         if busy:
-            busy_end = min(now, self._last_update + busy * interval)
+            # Q's area runs from _window_start to now; its span must cover the same time. All busy:
+            # the whole window (the grid point last_update + intervals * interval lies at or before
+            # now, and dividing by the shorter span would inflate Q). Some idle: nothing was in
+            # flight after the last activity, so the area ends within the busy intervals.
+            busy_end = now if busy == intervals else min(now, self._last_update + busy * interval)
             self._step(self._error_of(busy_end - self._window_start), busy)
         if busy < intervals:
             self._ewma = None  # idle now: the next busy window starts from its own samples

@@ -4,12 +4,19 @@ Greedy decoding makes every call a pure function of its input, so a sweep comput
 each distinct call once (at batch 1, timed) and replays it. A per-request ``Charge``
 adds up the measured seconds of every call that request made, cached or not: that
 is the request's latency as if it had run alone.
+
+A generator call's output is keyed by (prefix, max_new_tokens); its time also by the
+target's ``proposal``, which leaves the output alone but not the cost (a rewrite that
+verifies the draft's step in the prefill decodes less). So every policy of a sweep sees one
+output per step, and each is charged the time of the call it made: a routed rewrite the
+time with its proposal even when the target-only point, which sends none, ran that prefix
+first.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..interfaces import Generation, GenerationOptions, ScoreItem
 
@@ -25,14 +32,28 @@ class Charge:
 
 
 class GenerationCache:
-    """(prefix, max_new_tokens) -> Generation, from a sync backend at batch 1."""
+    """(prefix, max_new_tokens) -> Generation, from a sync backend at batch 1; its seconds
+    per (prefix, max_new_tokens, proposal), each measured by a call of its own."""
 
     def __init__(self, backend, stage: str):
         self.backend, self.stage = backend, stage
         self.entries: dict[tuple[str, int], Generation] = {}
+        self.seconds: dict[tuple[str, int, str], float] = {}
 
     def view(self, charge: Charge) -> MemoGenerator:
         return MemoGenerator(self, charge)
+
+    def lookup(self, prefix: str, options: GenerationOptions) -> Generation:
+        """The output of the first call at (prefix, max_new_tokens), with the seconds of a
+        call with this very proposal (run once, when it is the first with it)."""
+        key = (prefix, options.max_new_tokens)
+        timed = (*key, options.proposal)
+        if timed not in self.seconds:
+            gen = self.backend.generate_batch([prefix], options)[0]
+            self.seconds[timed] = gen.seconds
+            # The proposal does not change the output: the first one stands for all.
+            self.entries.setdefault(key, gen)
+        return replace(self.entries[key], seconds=self.seconds[timed])
 
 
 class MemoGenerator:
@@ -44,10 +65,7 @@ class MemoGenerator:
             raise ValueError("temperature: memoized sweeps need greedy decoding (temperature 0)")
         out = []
         for prefix in prefixes:
-            key = (prefix, options.max_new_tokens)
-            if key not in self.cache.entries:
-                self.cache.entries[key] = self.cache.backend.generate_batch([prefix], options)[0]
-            gen = self.cache.entries[key]
+            gen = self.cache.lookup(prefix, options)
             self.charge.add(self.cache.stage, gen.seconds)
             out.append(gen)
         return out

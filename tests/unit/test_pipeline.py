@@ -310,6 +310,27 @@ def test_deadline_passed_before_the_early_draft_is_awaited():
     assert [s.text for s in pipe.partial.steps] == ["d0"]
 
 
+def test_a_finished_early_draft_past_the_deadline_is_discarded_with_its_tokens():
+    # The router yields (step 1's early draft "d1" runs and finishes), then blocks past the
+    # deadline and keeps d0. The plain loop's step-1 draft call would be refused: the request
+    # ended first, so the early draft is discarded with its tokens, not counted used.
+    class SlowRouter(TableScorer):
+        async def score(self, items):
+            import time
+            await asyncio.sleep(0.01)  # the early draft finishes meanwhile
+            time.sleep(0.15)  # noqa: ASYNC251 (deliberate: past the deadline without a timeout)
+            return await super().score(items)
+
+    plain, pipe, _, pipe_models = _pair(lambda: _models(router=SlowRouter({}, 0.1)), "arbitrage", deadline_s=0.1)
+    _assert_same(plain, pipe)
+    u = pipe.partial.usage
+    assert [s.text for s in pipe.partial.steps] == ["d0"] and pipe_models.draft.cancelled_prefixes == []
+    assert [p for p, _ in pipe_models.draft.calls] == [[P], [P + "d0\n\n"]]  # the early draft ran
+    assert u.speculative_drafts_used == 0 and u.speculative_drafts_discarded == 1
+    assert u.speculative_draft_tokens_discarded == 2  # "d1" had finished
+    assert (u.draft_tokens_kept, u.draft_tokens_discarded) == (2, 0)  # as the plain loop: only d0
+
+
 def test_deadline_passed_while_the_consumer_holds_a_step():
     draft = ScriptedGenerator(DRAFT, delays={"d0": 60.0})
     models = Models(draft, ScriptedGenerator(TARGET), router=TableScorer({}, default=0.1, delay=0.001))
@@ -325,6 +346,10 @@ def test_deadline_passed_while_the_consumer_holds_a_step():
 
     partial = asyncio.run(main())
     assert [s.text for s in partial.steps] == ["d0"] and draft.cancelled_prefixes == [P + "d0\n\n"]
+    # Never waited for as step 1's draft (the deadline had passed): discarded, not used.
+    u = partial.usage
+    assert (u.speculative_drafts_used, u.speculative_drafts_discarded, u.speculative_draft_tokens_discarded) \
+        == (0, 1, 0)
 
 
 @pytest.mark.parametrize("draft_delays", [{}, {"d0": 60.0}])

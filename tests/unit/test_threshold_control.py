@@ -160,6 +160,40 @@ def test_in_flight_budget_uses_the_time_weighted_mean():
     assert _at(ctl, 3.0) == pytest.approx(0.03)
 
 
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 32), budget=st.integers(1, 32),
+       gaps=st.lists(_floats(0.01, 3.7), min_size=1, max_size=40))
+def test_q_is_the_time_weighted_mean_whenever_the_updates_fall(n, budget, gaps):
+    """``n`` calls in flight the whole time: Q is ``n`` at every update, however sparse or
+    off the interval grid the events are (the area and the span cover the same time)."""
+    ctl = LoadController(C.LoadControlSpec(enabled=True, in_flight_budget=budget))
+    ctl.observe_in_flight(n, 0.0)
+    t, updates = 0.0, 0
+    for gap in gaps:
+        t += gap
+        ctl.update(t)
+        if ctl.snapshot()["updates"] > updates:
+            updates = ctl.snapshot()["updates"]
+            assert ctl.snapshot()["error"] == pytest.approx(min(1.0, max(-1.0, n / budget - 1)))
+
+
+def test_load_on_the_in_flight_budget_holds_the_offset_with_sparse_events():
+    # 8 in flight all along against a budget of 16: error -0.5 at every update, never a raise.
+    ctl = LoadController(C.LoadControlSpec(enabled=True, in_flight_budget=16))
+    ctl.observe_in_flight(8, 0.0)
+    for t in (1.95, 2.0, 3.95, 4.0, 5.9, 7.85):
+        ctl.update(t)
+        assert ctl.snapshot()["error"] == pytest.approx(-0.5) and ctl.offset == 0.0
+    # One target call always in flight at a budget of 1: on budget, so a raised offset holds.
+    ctl = LoadController(C.LoadControlSpec(enabled=True, in_flight_budget=1, max_offset=0.3))
+    ctl.observe_in_flight(2, 0.0)          # twice the budget for 3 s: up 0.05 per interval
+    ctl.observe_in_flight(1, 3.0)
+    held = ctl.offset
+    assert held == pytest.approx(0.15)
+    for k in range(1, 40):                 # events every 0.7 s, off the 1 s grid
+        assert _at(ctl, 3.0 + 0.7 * k) == pytest.approx(held)
+
+
 def test_call_helpers_count_in_flight_and_time_calls():
     ctl = _ctl(latency_alpha=1.0)
     ctl.call_started(0.0)
