@@ -32,12 +32,13 @@ from protos.arbitrage.v1 import arbitrage_pb2 as pb
 
 from . import convert
 from .handles import PoolHandles
-from .health import PoolHealth, pools_needed
+from .health import PoolHealth, pools_needed, serving_app_name
 from .validation import Prepared, RequestFields, fields_from_proto, prepare
 
 logger = logging.getLogger("ray.serve")
 SERVICE_NAME = "arbitrage.v1.ArbitrageService"
-_LATENCY_MS = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
+# up to the longest deadline a preset allows (300 s): a p99 past the top bound reads as that bound
+_LATENCY_MS = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000]
 # Byte-level and character tokenizers never produce more tokens than the text has bytes
 # (plus a few special tokens), so a prompt this far below the context needs no counting.
 _SPECIAL_TOKENS_MARGIN = 8
@@ -83,7 +84,8 @@ class Coordinator:
                                                                        "target calls (this coordinator replica).")
         self.available = [name for name, cls in POLICIES.items()
                           if cls.scorer is None or getattr(self.pools, cls.scorer) is not None]
-        self.health = PoolHealth(self.cfg.name, pools_needed(self.cfg.policy.default), c.health_probe_s)
+        self.health = PoolHealth(serving_app_name(self.cfg.name), pools_needed(self.cfg.policy.default),
+                                 c.health_probe_s)
         self._contexts: dict[str, int] | None = None
         # Generator pools that keep a per-request prefix cache (transformers, cache not off).
         self._cached_generators = {role for role in ("draft", "target")
@@ -327,8 +329,13 @@ class Coordinator:
         """The current status, then a message at each change, until the client leaves. The
         status is also re-sent every ``WATCH_RESEND_S`` unchanged: Serve's proxy notices a
         client that left only when it writes, and until then the stream counts as a request
-        in flight that would hold a stopping replica for its whole graceful shutdown."""
-        self._check_service(request, grpc_context)
+        in flight that would hold a stopping replica for its whole graceful shutdown. An
+        unknown service name gets SERVICE_UNKNOWN on an open stream, as grpc.health.v1 says
+        (clients that watch it wait; an error would make them retry in a loop)."""
+        if request.service not in ("", SERVICE_NAME):
+            while True:
+                yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                await asyncio.sleep(WATCH_RESEND_S)
         serving = await self.health.current()
         while True:
             yield self._health_reply(serving)

@@ -39,6 +39,19 @@ def running_pools(deployments: dict, names: Iterable[str]) -> dict[str, int]:
     return out
 
 
+def serving_app_name(configured: str) -> str:
+    """The application Serve runs this replica in: readiness must look its pools up there, and
+    Serve's own name wins over the config's (``serve.run`` without ``name=``, the Serve CLI with
+    an import path, a Serve YAML that renamed the app). ``configured`` outside a replica."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return serve.get_replica_context().app_name
+    except RayServeException:
+        return configured
+
+
 class PoolHealth:
     """Polls the controller every ``period_s``; ``serving`` is None until the first answer.
     ``wait_change(old)`` returns when ``serving`` differs from ``old`` (gRPC Watch)."""

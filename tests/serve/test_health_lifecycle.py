@@ -3,7 +3,8 @@
 - gRPC Watch stays open and sends each change; Check and /healthz follow the pools (a
   killed draft replica reads NOT_SERVING / 503 until Serve replaced it); /livez stays 200;
 - an upgrade (new coordinator config) lets a request in flight finish;
-- stopping with an address (``local.stop(app_name=...)``) deletes only this app.
+- stopping with an address (``local.stop(app_name=...)``) deletes only this app;
+- Watch of an unknown service name streams SERVICE_UNKNOWN (grpc.health.v1).
 """
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ def _config(main: AppConfig, max_steps: int = 12, auth: bool = False) -> AppConf
     slow = {"batch_wait_timeout_s": 0.4}  # a few seconds per request: time to act while it runs
     env = {"runtime_env": {"env_vars": {"LIFECYCLE_API_KEYS": f"other-key,{KEY}"}}} if auth else {}
     return AppConfig(
-        name=APP,
+        # Serve runs it as APP, not under the config's name: health must follow Serve's
+        # name (a Serve YAML or `serve.run(name=...)` may rename an app).
+        name=f"{APP}-config",
         pools=PoolsSpec(draft=_pool(main.pools.draft.model.path, **slow),
                         target=_pool(main.pools.target.model.path, **slow)),
         coordinator=CoordinatorSpec(ray_actor_options=ActorOptionsSpec(num_cpus=0, **env), health_probe_s=0.5,
@@ -198,6 +201,17 @@ def test_api_key_guards_every_call_but_health(lifecycle_app, serve_cluster, stub
     assert requests.get(f"{url}/livez", timeout=10).status_code == 200
 
 
+def test_watch_of_an_unknown_service_streams_service_unknown(lifecycle_app, grpc_channel):
+    stub = health_pb2_grpc.HealthStub(grpc_channel)
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service="no.such.Service"), metadata=(("application", APP),),
+                       timeout=30)
+    try:
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        assert watch.is_active()  # open, as the spec says: the service may appear later
+    finally:
+        watch.cancel()
+
+
 def test_stop_with_an_address_deletes_only_this_app(lifecycle_app, serve_cluster, grpc_channel):
     from ray import serve
 
@@ -211,3 +225,4 @@ def test_stop_with_an_address_deletes_only_this_app(lifecycle_app, serve_cluster
     stub = health_pb2_grpc.HealthStub(grpc_channel)  # the other apps still answer
     reply = stub.Check(health_pb2.HealthCheckRequest(), metadata=(("application", SLOW_APP),), timeout=10)
     assert reply.status == SERVING
+

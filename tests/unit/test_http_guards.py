@@ -284,3 +284,9 @@ def test_a_cancelled_request_is_counted_as_cancelled():
     with pytest.raises((asyncio.CancelledError, concurrent.futures.CancelledError)):
         _generate(_client(coord))
     assert coord.records == [("http", "", "cancelled")]
+
+
+def test_retry_after_is_whole_seconds_rounded_up_and_never_zero():
+    from services.http_api import retry_after
+
+    assert [retry_after(s) for s in (0.0, 0.4, 1.0, 1.2, 2.0, 2.5)] == ["1", "1", "1", "2", "2", "3"]
