@@ -81,3 +81,16 @@ class TableScorer:
         elif self.extra < 0:
             scores = scores[: self.extra]
         return scores
+
+
+class HandleResponse:
+    """What a fake Serve handle's ``remote()`` returns: awaitable, cancellable."""
+
+    def __init__(self, coro) -> None:
+        self._coro = coro
+
+    def __await__(self):
+        return self._coro.__await__()
+
+    def cancel(self) -> None:
+        pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from fakes import HandleResponse
 
 from arbitrage_common.config import default_config
 from arbitrage_common.errors import DeadlineExceeded
@@ -14,17 +15,6 @@ from services.coordinator import Coordinator
 from services.validation import RequestFields
 
 LONG_PROMPT = "Start with 1. " * 40  # long enough that admission counts its tokens on the pools
-
-
-class _Response:
-    def __init__(self, coro) -> None:
-        self._coro = coro
-
-    def __await__(self):
-        return self._coro.__await__()
-
-    def cancel(self) -> None:
-        pass
 
 
 class SlowCountPool:
@@ -46,7 +36,7 @@ class SlowCountPool:
             if self.method == "generate_rows":
                 return [[Generation("Answer: 1", 3, "eos", 0.0)] for _ in args[0]]
             return None
-        return _Response(answer())
+        return HandleResponse(answer())
 
 
 def _coordinator(count_s: float) -> Coordinator:

@@ -5,6 +5,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from fakes import HandleResponse
 from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
@@ -27,18 +28,7 @@ class FlakyCall:
             if error is not None:
                 raise error
             return args
-        return _Response(answer())
-
-
-class _Response:
-    def __init__(self, coro) -> None:
-        self._coro = coro
-
-    def __await__(self):
-        return self._coro.__await__()
-
-    def cancel(self) -> None:
-        pass
+        return HandleResponse(answer())
 
 
 def _caller(call, retries=3, deadline=None, seen=None):
@@ -134,7 +124,7 @@ class _AlwaysFull:
     def remote(self, *args):
         async def full():
             raise BackPressureError(num_queued_requests=9, max_queued_requests=8)
-        return _Response(full())
+        return HandleResponse(full())
 
 
 @pytest.mark.parametrize("lanes", [{"draft": 1, "target": 1}, None], ids=["merged", "alone"])
