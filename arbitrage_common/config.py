@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from .autoscaling import POLICY_FUNCTION as ROWS_POLICY_FUNCTION
 from .errors import InvalidArgument
 from .kuberay.spec import ClusterSpec
 from .paths import project_home
@@ -142,14 +143,25 @@ class AutoscalingSpec(_Strict):
     min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 allows scale to zero).")
     max_replicas: PositiveInt = Field(1, description="Most replicas.")
     initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time (default min_replicas).")
-    target_ongoing_requests: PositiveFloat = Field(8.0, description="Ongoing requests per replica the autoscaler "
-                                                                    "aims for; above it, scale up.")
+    target_ongoing_requests: PositiveFloat = Field(8.0, description="Load per replica the autoscaler aims for; "
+                                                                    "above it, scale up. A model pool's load is "
+                                                                    "the rows (request steps) a replica holds, "
+                                                                    "running or queued in it (load_metric); the "
+                                                                    "coordinator's, its requests.")
     upscale_delay_s: float = Field(5.0, ge=0, description="Seconds load must stay high before scaling up.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Seconds load must stay low before scaling down.")
     look_back_period_s: PositiveFloat | None = Field(None, description="Seconds of ongoing-request history each "
                                                                        "decision averages (None: Serve's 30).")
     metrics_interval_s: PositiveFloat | None = Field(None, description="Seconds between replicas' load reports "
                                                                        "(None: Serve's 10).")
+    load_metric: Literal["rows", "calls"] | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="What target_ongoing_requests counts. 'rows': the request steps a replica holds "
+                    "(running or queued in it), whatever Serve calls carry them "
+                    "(arbitrage_common.autoscaling:rows_policy; model pools only). 'calls': Serve calls, "
+                    "Serve's default policy; with merged calls one call carries many requests' steps, so "
+                    "a pool would scale with the busy lanes, not the load. None: 'rows' for a pool whose "
+                    "calls the coordinator merges, else 'calls'. Left out of renderings while None.")
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:
@@ -215,7 +227,8 @@ class DeploymentSpec(_Strict):
             "logging_config": {"enable_access_log": self.access_log},
         }
         if self.autoscaling_config is not None:
-            opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
+            opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True,
+                                                                            exclude={"load_metric"})
         else:
             opts["num_replicas"] = self.num_replicas or 1
         return opts
@@ -290,8 +303,20 @@ class PoolSpec(DeploymentSpec):
         """Live knobs (``reconfigure``): changing them updates replicas in place."""
         return {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}
 
-    def deployment_options(self, name: str) -> dict[str, Any]:
+    def load_metric(self, merged_calls: bool) -> Literal["rows", "calls"]:
+        """What this pool's ``target_ongoing_requests`` counts (``AutoscalingSpec.load_metric``;
+        by default rows when the coordinator merges calls to it)."""
+        chosen = self.autoscaling_config.load_metric if self.autoscaling_config is not None else None
+        return chosen or ("rows" if merged_calls else "calls")
+
+    def deployment_options(self, name: str, merged_calls: bool = False) -> dict[str, Any]:
+        """``DeploymentSpec.deployment_options``, plus the batching knobs and placement; an
+        autoscaling pool that counts rows (``load_metric``) gets the rows policy
+        (``arbitrage_common.autoscaling``). ``merged_calls``: the coordinator merges calls
+        (``coordinator.merge_calls``; ``AppConfig.pool_options`` passes it)."""
         opts = {**super().deployment_options(name), "user_config": self.user_config()}
+        if self.autoscaling_config is not None and self.load_metric(merged_calls) == "rows":
+            opts["autoscaling_config"]["policy"] = {"policy_function": ROWS_POLICY_FUNCTION}
         if self.placement_group_bundles:
             opts["placement_group_bundles"] = [dict(b) for b in self.placement_group_bundles]
             if self.placement_group_strategy:
@@ -347,6 +372,13 @@ class CoordinatorSpec(DeploymentSpec):
     def _slots_need_merging(self) -> CoordinatorSpec:
         if self.pool_calls_in_flight is not None and not self.merge_calls:
             raise ValueError("pool_calls_in_flight limits merged calls: it needs merge_calls: true")
+        return self
+
+    @model_validator(mode="after")
+    def _scales_on_requests(self) -> CoordinatorSpec:
+        if self.autoscaling_config is not None and self.autoscaling_config.load_metric == "rows":
+            raise ValueError("autoscaling_config.load_metric: 'rows' counts a model pool's rows; the coordinator "
+                             "scales on its requests ('calls' or unset)")
         return self
 
 
@@ -612,6 +644,11 @@ class AppConfig(_Strict):
         if scorer is not None and getattr(self.pools, scorer) is None:
             raise ValueError(f"default policy {self.policy.default!r} needs the {scorer} pool, which is not configured")
         return self
+
+    def pool_options(self, role: Role) -> dict[str, Any]:
+        """``serve.deployment`` options of one pool as this config runs it (``build_app``, ``config
+        check``): a pool whose calls the coordinator merges autoscales on rows by default."""
+        return getattr(self.pools, role).deployment_options(role, merged_calls=self.coordinator.merge_calls)
 
     def resolve_path(self, path: str) -> str:
         """Absolute model path (relative ones against base_dir or the working directory)."""

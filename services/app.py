@@ -31,7 +31,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     for role, spec in cfg.pools.configured():
         cls = GeneratorPool if role in GENERATOR_ROLES else ScorerPool
         model = {**spec.model.model_dump(mode="json"), "path": cfg.resolve_path(spec.model.path)}
-        pool_options = spec.deployment_options(role)
+        pool_options = cfg.pool_options(role)  # merged pools autoscale on rows (arbitrage_common.autoscaling)
         if (routing := router_config(spec.session_affinity)) is not None:
             pool_options["request_router_config"] = routing
         pools[role] = serve.deployment(cls, **pool_options).bind(role=role, model=model)

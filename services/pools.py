@@ -21,6 +21,10 @@ batches concurrent requests itself (continuous batching, ``max_num_seqs``), so e
 goes straight to the async backend. Cancelling the call (a Serve ``response.cancel()``)
 aborts its engine requests; ``check_health`` raises once the engine died, so Serve
 replaces the replica; ``info()["prefix_cache"]`` reports the engine's prefix-cache counters.
+
+Every pool replica counts the rows (prefixes, items) of the step calls it holds and reports
+them to Serve's autoscaler (``record_autoscaling_stats``): a merged call carries many requests'
+steps, so pools autoscale on rows, not calls (``arbitrage_common.autoscaling``).
 """
 from __future__ import annotations
 
@@ -32,12 +36,14 @@ from typing import Any
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from arbitrage_common.autoscaling import HeldRows
 from arbitrage_common.interfaces import Generation, GenerationOptions, ScoreItem, row_options
 from arbitrage_common.lookahead import DraftAhead, chain, chain_rows
 from arbitrage_common.presets import check_pool_model
 
 _BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
-_MS_BOUNDARIES = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
+# Up to 30 s: one vLLM call may decode a 512-token step for many rows.
+_MS_BOUNDARIES = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 
 
 def _trust_remote_code(model: dict[str, Any]) -> bool:
@@ -94,6 +100,8 @@ class _Pool:
         # calls: Serve calls received (a merged call counts once); items: rows run.
         self._stats = {"calls": 0, "batches": 0, "items": 0, "max_batch_items": 0, "forward_s": 0.0}
         self._idle: asyncio.Event | None = None  # created on the replica's event loop
+        # Rows (prefixes, items) of the step calls this replica holds: its autoscaling load.
+        self._held = HeldRows()
 
     async def _wait_idle(self) -> None:
         """Hold a new call while a forward pass runs, so the calls that pile up meanwhile
@@ -127,12 +135,19 @@ class _Pool:
         if check is not None:
             await check()
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's hook for custom autoscaling metrics, called every few seconds on the
+        replica's event loop: the mean rows and step calls held since the last call
+        (``arbitrage_common.autoscaling``; the rows policy scales on them)."""
+        return self._held.sample()
+
     def info(self) -> dict[str, Any]:
-        """What this replica serves and how it has batched so far (for tests and debugging)."""
+        """What this replica serves and how it has batched so far (for tests and debugging);
+        ``held_rows`` / ``held_calls``: rows and step calls it holds now."""
         return {"role": self.role, "kind": self.kind, "model_path": self.model_path,
                 "backend": self.backend_name, "pid": os.getpid(),
                 "params": getattr(self.backend, "params", None), "prefix_cache": None, "engine": None,
-                **self._stats}
+                "held_rows": self._held.rows, "held_calls": self._held.calls, **self._stats}
 
     def __del__(self) -> None:
         # Serve calls this when it stops the replica: engine processes must not outlive it.
@@ -224,7 +239,8 @@ class GeneratorPool(_Pool):
         (draft lookahead, one prefix) the step and the steps planned after it, each run as its
         own call here (joining whatever batch forms), all in this one Serve call."""
         self._stats["calls"] += 1
-        return await self._generate_ahead(prefixes, options, session, ahead)
+        with self._held.hold(len(prefixes)):
+            return await self._generate_ahead(prefixes, options, session, ahead)
 
     async def _generate_ahead(self, prefixes: list[str], options: GenerationOptions, session: str | None,
                               ahead: DraftAhead | None) -> list[Generation]:
@@ -261,7 +277,8 @@ class GeneratorPool(_Pool):
         aheads = aheads or [None] * len(prefix_lists)
         calls = [self._generate_ahead(prefixes, options, session, ahead)
                  for prefixes, options, session, ahead in zip(prefix_lists, option_list, sessions, aheads)]
-        results = await _gather_rows(calls, EngineRequestError)
+        with self._held.hold(sum(len(prefixes) for prefixes in prefix_lists)):
+            results = await _gather_rows(calls, EngineRequestError)
         dead = next((r for r in results if isinstance(r, EngineDeadError)), None)
         if dead is not None:  # the replica's fault, not the row's: the caller retries elsewhere
             raise dead
@@ -367,7 +384,8 @@ class ScorerPool(_Pool):
 
     async def score(self, items: list[ScoreItem], session: str | None = None) -> list[float]:
         self._stats["calls"] += 1
-        return await self._score(items, session)
+        with self._held.hold(len(items)):
+            return await self._score(items, session)
 
     async def _score(self, items: list[ScoreItem], session: str | None) -> list[float]:
         if not items:
@@ -382,7 +400,8 @@ class ScorerPool(_Pool):
         self._stats["calls"] += 1
         for session in release:
             await self.release(session)
-        return await _gather_rows([self._score(items, session) for items, session in zip(item_lists, sessions)])
+        with self._held.hold(sum(len(items) for items in item_lists)):
+            return await _gather_rows([self._score(items, session) for items, session in zip(item_lists, sessions)])
 
     async def release(self, session: str) -> bool:
         """Drop a finished request's cached prefix; True if this replica held one."""

@@ -64,7 +64,7 @@ def _serve_option_problems(cfg) -> tuple[list, list]:
     class _Probe:  # stands in for the pool/coordinator classes: only the options are judged
         pass
 
-    deployments = [(f"pools.{role}", spec.deployment_options(role)) for role, spec in cfg.pools.configured()]
+    deployments = [(f"pools.{role}", cfg.pool_options(role)) for role, _ in cfg.pools.configured()]
     deployments.append(("coordinator", cfg.coordinator.deployment_options("coordinator")))
     errors = []
     for where, options in deployments:

@@ -1,7 +1,8 @@
 """Locust against a real local service (`arbitrage serve` in a child process, driven as a black
 box): the CI smoke, every transport, a service that is down, and the pools autoscaling
-independently under load (policy target scales the target pool only, policy draft the draft
-pool only, both back down after the load stops)."""
+independently under load on the rows they hold (policy target scales the target pool only, policy
+draft the draft pool only, both back down after the load stops), with merged calls and a
+target_ongoing_requests at which counting Serve calls could never scale a pool."""
 from __future__ import annotations
 
 import json
@@ -18,18 +19,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from arbitrage_common.config import default_config
+from arbitrage_common.config import LANES_PER_REPLICA, default_config
 from loadtests.runner import LocalService, run_locust
 from loadtests.service_metrics import ReplicaTracker, scrape
 from loadtests.settings import LoadSettings, Mix
 
 ROOT = Path(__file__).resolve().parents[2]
-# Fast autoscaling so a CI run shows it: scale above a quarter of an ongoing request per replica,
-# decide on 3 s of history, up after 2 s, down after 10 s. A loaded pool has one or two merged
-# calls out (call slots) with gaps between them, so its average sits near half a request on a
-# slow machine; an idle pool gets no call at all (a request releases only the pools it called).
-AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.25, "upscale_delay_s": 2,
+# Fast autoscaling so a CI run shows it: 10 rows (request steps) per replica, decided on 3 s of
+# history, up after 2 s, down after 10 s. Merged calls are on (the default): each pool has
+# LANES_PER_REPLICA x 2 = 8 lanes, at most one call out per lane, so Serve's default policy, which
+# counts calls, could ask for at most ceil(8 / 10) = 1 replica (test_counting_calls_could_not_scale);
+# LOAD_USERS closed-loop clients keep more than 10 rows in the loaded pool. An idle pool gets no
+# call at all (a request releases only the pools it called).
+AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 10, "upscale_delay_s": 2,
                "downscale_delay_s": 10, "look_back_period_s": 3, "metrics_interval_s": 1}
+LOAD_USERS = 24
 # downscale_delay_s + look-back + replica shutdown + the tracker's 15 s memory of a replica
 DOWNSCALE_GRACE_S = 90
 # Back at min_replicas means: so for this long (two health-check periods, in which a replica that
@@ -44,6 +48,9 @@ def service(tmp_path_factory):
     data = default_config().model_dump(mode="json")
     for role in ("draft", "target"):
         data["pools"][role]["autoscaling_config"] = dict(AUTOSCALING)
+    # No call slots: rows waiting for a slot wait in the coordinator, where no pool counts them (and
+    # where pools share one node's cores, as slots are for, more replicas add no cores anyway).
+    data["coordinator"].pop("pool_calls_in_flight", None)
     cfg = out / "autoscaling.yaml"
     cfg.write_text(yaml.safe_dump(data))
     # Ray's temp dir holds the address a `ray start` records, left behind when it died before
@@ -227,11 +234,22 @@ def test_a_service_that_is_down_fails_fast_with_a_clear_message(tmp_path):
     assert not (tmp_path / "summary.json").exists()
 
 
+def test_counting_calls_could_not_scale():
+    """The autoscaling below is one where Serve's default policy (desired = calls in flight /
+    target_ongoing_requests) never leaves min_replicas: one coordinator has at most one merged
+    call out per lane, so the pool's load in calls stays within min_replicas' target."""
+    coordinator = default_config().coordinator
+    assert coordinator.merge_calls and coordinator.autoscaling_config is None and coordinator.num_replicas in (None, 1)
+    lanes = LANES_PER_REPLICA * AUTOSCALING["max_replicas"]
+    assert lanes <= AUTOSCALING["target_ongoing_requests"] * AUTOSCALING["min_replicas"]
+    assert LOAD_USERS > AUTOSCALING["target_ongoing_requests"] * AUTOSCALING["min_replicas"]
+
+
 @pytest.mark.parametrize("policy,scaled,idle", [("target", "target", "draft"), ("draft", "draft", "target")])
 def test_pools_autoscale_independently(service, tmp_path, policy, scaled, idle, request):
     _wait_scaled_down(service, ("draft", "target"))  # start from min_replicas
-    summary = run_locust(_settings(service, transport="grpc", users=8, duration_s=30, mix=Mix(policy=policy,
-                                                                                              max_steps=10)),
+    summary = run_locust(_settings(service, transport="grpc", users=LOAD_USERS, duration_s=30,
+                                   mix=Mix(policy=policy, max_steps=10)),
                          tmp_path, _metrics(service), progress=False)
     timeline = summary["pools_over_time"]
     record = {"policy": policy, "during": [{"t": r["t"], **{p: r["pools"].get(p, {}).get("replicas")
