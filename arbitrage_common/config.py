@@ -542,6 +542,7 @@ class AuthSpec(_Strict):
     api_key_env: str | None = Field(None, description="Name of the environment variable that holds the API key, "
                                                       "or keys separated by commas (never the key itself). Set, "
                                                       "every route but /healthz and /livez and every gRPC call "
+                                                      "but grpc.health.v1 and reflection (grpc.enable_reflection) "
                                                       "needs 'Authorization: Bearer <key>'; the variable must be "
                                                       "set on every node (a coordinator replica without it fails "
                                                       "to start). None: no authentication.")

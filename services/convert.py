@@ -176,8 +176,19 @@ class ApiError:
         return {"error": {"message": self.message, "type": kind, "param": self.field, "code": self.code}}
 
 
+# Bad input is echoed back (a value, an unknown field's name) only this far: a reply must not grow
+# with the request (gRPC caps status details at 16 KB and would answer RESOURCE_EXHAUSTED).
+MAX_FIELD_CHARS, MAX_INVALID_MESSAGE_CHARS = 64, 400
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def invalid(field: str, message: str) -> ApiError:
-    return ApiError("invalid_argument", grpc.StatusCode.INVALID_ARGUMENT, 422, f"{field}: {message}", field)
+    field = _bounded(field, MAX_FIELD_CHARS)
+    return ApiError("invalid_argument", grpc.StatusCode.INVALID_ARGUMENT, 422,
+                    _bounded(f"{field}: {message}", MAX_INVALID_MESSAGE_CHARS), field)
 
 
 def unauthenticated(where: str = "header 'Authorization: Bearer <key>'") -> ApiError:

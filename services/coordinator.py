@@ -44,6 +44,7 @@ _LATENCY_MS = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
 _SPECIAL_TOKENS_MARGIN = 8
 _MIN_DEADLINE_S = 1e-3  # what a request whose admission used up its deadline runs with: it fails at once
 WATCH_RESEND_S = 5.0
+WATCHES_PER_SLOTS = 8  # open health Watch streams: at most one per this many request slots
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -93,6 +94,7 @@ class Coordinator:
                                    and m.prefix_cache_mb != 0}
         self._releases: set[asyncio.Task] = set()
         self._inflight = 0  # requests whose steps are being run (``steps_of``)
+        self._watches, self._max_watches = 0, max(1, c.max_ongoing_requests // WATCHES_PER_SLOTS)
         self._retries = Counter("arbitrage_pool_retries_total", description="Pool calls retried, by pool and reason "
                                                                             "(replica died, pool full).",
                                 tag_keys=("role", "reason"))
@@ -332,17 +334,27 @@ class Coordinator:
         in flight that would hold a stopping replica for its whole graceful shutdown. An
         unknown service name gets SERVICE_UNKNOWN on an open stream, as grpc.health.v1 says
         (clients that watch it wait; an error would make them retry in a loop)."""
-        if request.service not in ("", SERVICE_NAME):
+        # Health is open (no API key) and a stream holds one of the replica's request slots
+        # for as long as it lives: a share of them at most, so watches cannot starve requests.
+        if self._watches >= self._max_watches:
+            self._abort(grpc_context, convert.ApiError(
+                "resource_exhausted", grpc.StatusCode.RESOURCE_EXHAUSTED, 503,
+                f"too many open health watches on this replica ({self._max_watches}); use Check, or retry"))
+        self._watches += 1
+        try:
+            if request.service not in ("", SERVICE_NAME):
+                while True:
+                    yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                    await asyncio.sleep(WATCH_RESEND_S)
+            serving = await self.health.current()
             while True:
-                yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-                await asyncio.sleep(WATCH_RESEND_S)
-        serving = await self.health.current()
-        while True:
-            yield self._health_reply(serving)
-            try:
-                serving = await asyncio.wait_for(self.health.wait_change(serving), WATCH_RESEND_S)
-            except TimeoutError:
-                pass
+                yield self._health_reply(serving)
+                try:
+                    serving = await asyncio.wait_for(self.health.wait_change(serving), WATCH_RESEND_S)
+                except TimeoutError:
+                    pass
+        finally:
+            self._watches -= 1
 
     # -- HTTP (routes in services.http_api) ------------------------------------------------
     def __serve_build_asgi_app__(self):

@@ -75,6 +75,20 @@ def test_invalid_argument_names_the_field():
                                     "param": "max_steps", "code": "invalid_argument"}}
 
 
+def test_bad_input_echoed_back_stays_small_however_large_the_request():
+    """A 900 KB policy name, or an unknown field named with 900 KB, must not come back whole:
+    gRPC refuses status details over 16 KB (the client would read RESOURCE_EXHAUSTED)."""
+    from arbitrage_common.policies import make_policy
+
+    with pytest.raises(InvalidArgument) as info:
+        make_policy("A" * 900_000)
+    err = convert.classify(info.value)
+    assert err.field == "policy" and err.message.startswith("policy: unknown policy 'AAA")
+    assert len(err.message) < 500 and "900" in err.message  # cut, saying how long it was
+    wide = convert.invalid("x" * 900_000, "extra inputs are not permitted")
+    assert len(wide.field) < 100 and len(wide.message) < 500 and len(str(wide.json())) < 1000
+
+
 def test_invalid_argument_wrapped_by_ray_still_names_the_field():
     err = convert.classify(_task_error(InvalidArgument("options.temperature", "must be >= 0"), dual=True))
     assert (err.code, err.field, err.http_status) == ("invalid_argument", "options.temperature", 422)

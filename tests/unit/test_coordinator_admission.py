@@ -1,5 +1,5 @@
-"""The coordinator's admission (the prompt-length check on the generator pools) runs within the
-request's deadline, over fake pool handles: no Ray cluster."""
+"""The coordinator over fake pool handles, no Ray cluster: admission (the prompt-length check
+on the generator pools) runs within the request's deadline; open health watches are capped."""
 from __future__ import annotations
 
 import asyncio
@@ -61,3 +61,37 @@ def test_the_loop_gets_only_the_time_admission_left():
         return prepared.request.deadline_s
 
     assert asyncio.run(run()) <= 5.0 - 0.2
+
+
+class _GrpcContext:
+    code = details = None
+
+    def set_code(self, code) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+
+def test_open_health_watches_take_at_most_an_eighth_of_the_request_slots():
+    """Health needs no API key and a Watch stream holds a request slot while it lives: anyone
+    could otherwise hold every slot of the replica with watches."""
+    import grpc
+    from grpc_health.v1 import health_pb2
+
+    coord = _coordinator(count_s=0.0)
+    cap = coord.cfg.coordinator.max_ongoing_requests // 8
+    unknown = health_pb2.HealthCheckRequest(service="no.such.Service")  # streams without asking Serve
+
+    async def run():
+        streams = [coord.Watch(unknown, _GrpcContext()) for _ in range(cap)]
+        for stream in streams:
+            assert (await anext(stream)).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        refused = _GrpcContext()
+        with pytest.raises(Exception, match="too many open health watches"):
+            await anext(coord.Watch(unknown, refused))
+        assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await streams[0].aclose()  # a client that leaves frees its place
+        assert (await anext(coord.Watch(unknown, _GrpcContext()))).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+    asyncio.run(run())
