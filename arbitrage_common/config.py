@@ -640,10 +640,18 @@ class AppConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _ports_differ(self) -> AppConfig:
+        if self.grpc.port == self.http.port:
+            raise ValueError(f"grpc.port: {self.grpc.port} is also http.port; the gRPC and HTTP proxies each "
+                             f"bind their own port")
+        return self
+
+    @model_validator(mode="after")
     def _default_policy_runs(self) -> AppConfig:
         scorer = POLICIES[self.policy.default].scorer
         if scorer is not None and getattr(self.pools, scorer) is None:
-            raise ValueError(f"default policy {self.policy.default!r} needs the {scorer} pool, which is not configured")
+            raise ValueError(f"policy.default: policy {self.policy.default!r} needs the {scorer} pool "
+                             f"(pools.{scorer}), which is not configured")
         return self
 
     def pool_options(self, role: Role) -> dict[str, Any]:
@@ -676,12 +684,24 @@ def default_config() -> AppConfig:
     )
 
 
+def yaml_error(exc: Exception) -> str:
+    """One line for a YAML parse error: what is wrong and where (1-based line and column)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
+
+
 def load_config(path: str | Path) -> AppConfig:
     """An AppConfig from a YAML (or JSON) file. Relative model paths stay relative: they
     resolve against ``base_dir`` or the builder's working directory."""
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text())
+    text = Path(path).read_text()  # OSError (missing, a directory) names the path itself
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not YAML: {yaml_error(exc)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")  # noqa: TRY004 (a config error)
     return AppConfig.model_validate(data)

@@ -189,7 +189,7 @@ def resource_problems(cfg: AppConfig) -> tuple[list[Finding], list[Finding]]:
         fractional = num_gpus is not None and 0 < num_gpus < 1 and not spec.placement_group_bundles
         if fractional and (util is None or util > num_gpus + 1e-9):
             errors.append(Finding(f"{base}.model.engine.gpu_memory_utilization",
-                                  f"{'unset (vLLM: 0.9)' if util is None else util} exceeds the pool's "
+                                  f"{'unset (vLLM: 0.92)' if util is None else util} exceeds the pool's "
                                   f"ray_actor_options.num_gpus ({num_gpus:g}): replicas packed onto one GPU "
                                   f"would ask for more memory than it has"))
         if engine is not None and engine.max_model_len < cfg.limits.max_new_tokens + longest_prompt:

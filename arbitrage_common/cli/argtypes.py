@@ -31,6 +31,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1] (a threshold on a score or a probability)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
 def mix_list(text: str) -> tuple[str, ...]:
     """argparse type: a problem mix or a comma list of them."""
     from ..synthetic import parse_mixes

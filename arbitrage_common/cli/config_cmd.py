@@ -75,12 +75,42 @@ def _serve_option_problems(cfg) -> tuple[list, list]:
     return errors, []
 
 
-def _app_configs(data: Any) -> list[tuple[str, Any]]:
-    """(field prefix, AppConfig dict) pairs: the file itself, or each application of a Serve YAML."""
-    if isinstance(data, dict) and "applications" in data:
-        return [(f"applications[{i}].args.", app.get("args") if isinstance(app, dict) else None)
-                for i, app in enumerate(data["applications"] or [])]
+def _app_configs(data: dict) -> list[tuple[str, Any]]:
+    """(field prefix, AppConfig dict) pairs: the file itself, or each application (a mapping) of a
+    Serve YAML whose ``applications`` is a list (``_shape_problems`` reports the rest)."""
+    if "applications" in data:
+        apps = data["applications"]
+        return [(f"applications[{i}].args.", app.get("args")) for i, app in enumerate(apps)
+                if isinstance(app, dict)] if isinstance(apps, list) else []
     return [("", data)]
+
+
+def _shape_problems(data: Any) -> list:
+    """What keeps a file from holding an AppConfig at all: not a mapping (an empty file is
+    None), or a Serve YAML whose ``applications`` is not a list of mappings."""
+    from ..config import APP_IMPORT_PATH
+    from ..presets import Finding
+
+    if data is None:
+        return [Finding("(top level)", "expected a mapping (an AppConfig or a Serve YAML); the file is empty")]
+    if not isinstance(data, dict):
+        return [Finding("(top level)", "expected a mapping")]
+    if "applications" not in data:
+        return []
+    apps = data["applications"]
+    if not isinstance(apps, list):
+        got = "nothing" if apps is None else type(apps).__name__
+        return [Finding("applications", f"expected a list of applications (mappings), got {got}")]
+    if not apps:
+        return [Finding("applications", "expected a list of applications (mappings), got an empty list")]
+    out = []
+    for i, app in enumerate(apps):
+        if not isinstance(app, dict):
+            out.append(Finding(f"applications[{i}]", f"expected a mapping, got {type(app).__name__}"))
+        elif app.get("import_path") != APP_IMPORT_PATH:
+            out.append(Finding(f"applications[{i}].import_path",
+                               f"{app.get('import_path')!r} is not {APP_IMPORT_PATH!r}"))
+    return out
 
 
 def check_file(file: str | Path, paths: bool = False) -> dict:
@@ -88,29 +118,26 @@ def check_file(file: str | Path, paths: bool = False) -> dict:
     import yaml
     from pydantic import ValidationError
 
-    from ..config import APP_IMPORT_PATH, AppConfig, render_serve_config, render_serve_yaml
+    from ..config import AppConfig, render_serve_config, render_serve_yaml, yaml_error
     from ..presets import Finding, model_path_problems, resource_problems
 
     path = Path(file)
     errors: list[Finding] = []
     warnings: list[Finding] = []
     pools: dict[str, dict] = {}
+    readable = False
     try:
         data = yaml.safe_load(path.read_text())
+        readable = True
     except OSError as exc:
         errors.append(Finding("(file)", f"cannot read ({exc.strerror or exc})"))
         data = None
     except yaml.YAMLError as exc:
-        errors.append(Finding("(file)", f"not YAML ({exc})".replace("\n", " ")))
+        errors.append(Finding("(file)", f"not YAML: {yaml_error(exc)}"))
         data = None
-    if data is not None and not isinstance(data, dict):
-        errors.append(Finding("(top level)", "expected a mapping"))
-    elif isinstance(data, dict):
-        if "applications" in data:
-            for i, app in enumerate(data["applications"] or []):
-                if isinstance(app, dict) and app.get("import_path") != APP_IMPORT_PATH:
-                    errors.append(Finding(f"applications[{i}].import_path",
-                                          f"{app.get('import_path')!r} is not {APP_IMPORT_PATH!r}"))
+    if readable:
+        errors += _shape_problems(data)
+    if isinstance(data, dict):
         for prefix, raw in _app_configs(data):
             try:
                 cfg = AppConfig.model_validate(raw)

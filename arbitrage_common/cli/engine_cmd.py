@@ -204,14 +204,17 @@ def _router_eval(args) -> int:
 
 
 def _bench(args) -> int:
+    from ..evaluation.stack import check_out_dir
+
     if args.dataset:
         if args.mix != "math":
             raise ValueError("--mix: the synthetic task's mixes do not apply to --dataset")
+        check_out_dir(args.out)  # before any work: a file, or a directory of the user's, is refused
         return _dataset_bench(args)
     for flag, value in (("--data-file", args.data_file), ("--limit", args.limit)):
         if value is not None:
             raise ValueError(f"{flag}: only with --dataset")
-    if args.endpoint:
+    if args.endpoint:  # the synthetic sweep over gRPC prints its result and writes no --out
         from ..evaluation.remote import run_remote_bench
 
         for flag, value in (("--prm", args.prm), ("--router", args.router)):
@@ -222,6 +225,7 @@ def _bench(args) -> int:
         return 0
     from ..evaluation.bench import run_bench
 
+    check_out_dir(args.out)
     emit_json(run_bench(args.n, args.seed, args.out, args.models_dir, confirm_n=args.confirm_n,
                         show_progress=not args.no_progress, mix=args.mix, prm=args.prm, router=args.router))
     return 0

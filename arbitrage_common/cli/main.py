@@ -14,6 +14,39 @@ from .plan_cmd import add_plan_parser
 from .serve_cmd import add_serve_parsers
 
 ERROR_EXIT = 1
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+
+
+def _shown_default(action: argparse.Action) -> str | None:
+    """An option's default as --help shows it; None where there is none worth showing (None,
+    False, an empty list) or its help already says it (names "default", or the value in parentheses)."""
+    text, value = action.help or "", action.default
+    if (not action.option_strings or value is None or isinstance(value, bool) or value == argparse.SUPPRESS
+            or "default" in text):
+        return None
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    value = str(value)
+    return None if not value or f"({value})" in text else value
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help (see ``_shown_default``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, value = action.help or "", _shown_default(action)
+        if value is None or text == argparse.SUPPRESS:
+            return text
+        return f"{text} (default: {value.replace('%', '%%')})".lstrip()
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    """The parser and every subcommand's parser below it."""
+    yield parser
+    for action in parser._actions:  # argparse keeps the subparsers only here
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield from _parsers(child)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_k8s_parser(sub)
     add_loadtest_parser(sub)
     add_plan_parser(sub)
+    for p in _parsers(parser):  # subparsers do not inherit formatter_class
+        p.formatter_class = _DefaultsFormatter
+        for action in p._actions:
+            if action.help is None and (value := _shown_default(action)) is not None:
+                action.help = f"(default: {value.replace('%', '%%')})"  # one without help shows its default too
     return parser
 
 
@@ -36,10 +74,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+    except KeyboardInterrupt:  # Ctrl-C in a long command (`serve` handles its own while it runs)
+        print("arbitrage: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except (ValueError, RuntimeError) as exc:
         # Known failures (bad checkpoint, invalid field) print one clear line, no traceback.
         print(f"arbitrage: error: {exc}", file=sys.stderr)
         return ERROR_EXIT
+    except OSError as exc:  # a path that cannot be read or written: missing, a directory, under a file...
+        print(f"arbitrage: error: {_os_error(exc)}", file=sys.stderr)
+        return ERROR_EXIT
+
+
+def _os_error(exc: OSError) -> str:
+    """``<path>: <strerror>`` (e.g. ``runs/x.json: Is a directory``), else the exception's own text."""
+    if exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return exc.strerror or str(exc)
 
 
 if __name__ == "__main__":

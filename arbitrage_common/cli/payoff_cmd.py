@@ -2,9 +2,10 @@
 regime-map` (where Arbitrage pays off on the bundled models)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from .argtypes import mix_list, non_negative_int, positive_float, positive_int
+from .argtypes import mix_list, non_negative_int, positive_float, positive_int, unit_float
 from .output import emit_json
 
 
@@ -13,7 +14,8 @@ def add_payoff_parsers(sub) -> None:
                                         "router's target-call savings, and target GPUs saved at a load")
     an.add_argument("--data", required=True, help="router dataset (`router data`, in-process or --endpoint)")
     an.add_argument("--router", help="also score the rows with this router: what it realises of the bound")
-    an.add_argument("--rsd-threshold", type=float, default=0.5, help="the RSD operating point of the headline")
+    an.add_argument("--rsd-threshold", type=unit_float, default=0.5,
+                    help="the RSD operating point of the headline, in [0, 1]")
     an.add_argument("--profile", help="planner profile (`arbitrage plan profile`): with --rate and --slo-ms, "
                                       "plan the target pool for RSD, the bound and the router")
     an.add_argument("--rate", type=positive_float, help="arrivals per second to plan for")
@@ -37,30 +39,54 @@ def add_payoff_parsers(sub) -> None:
 
 def _analyze(args) -> int:
     from ..evaluation.analyze import analyze, plan_savings
-    from ..training.router_data import read_jsonl
+    from .plan_cmd import load_profile
 
     planning = (args.profile, args.rate, args.slo_ms)
     if any(v is not None for v in planning) and None in planning:
         raise ValueError("--profile, --rate and --slo-ms go together (the planner needs all three)")
     if args.preset and args.profile is None:
         raise ValueError("--preset: only with --profile")
-    if args.profile and not Path(args.profile).is_file():
-        raise ValueError(f"--profile: {args.profile} does not exist; run `arbitrage plan profile` first")
-    rows = read_jsonl(args.data)
+    profile = load_profile(args.profile) if args.profile else None  # before the rows: a bad one fails fast
+    rows = _read_rows(args.data)
     scores = _router_scores(args.router, rows) if args.router else None
     result = analyze(rows, rsd_threshold=args.rsd_threshold, router_scores=scores)
     result["data"] = args.data
     if args.profile:
-        from ..planning.planner import Profile
-
         cfg = None
         if args.preset:
             from ..kuberay.targets import target_config
 
             cfg = target_config(args.preset)
-        result["planned"] = plan_savings(Profile.load(args.profile), result["headline"], args.rate, args.slo_ms, cfg)
+        result["planned"] = plan_savings(profile, result["headline"], args.rate, args.slo_ms, cfg)
     emit_json(result, args.out)
     return 0
+
+
+def _read_rows(path: str) -> list[dict]:
+    """The router dataset's rows; ValueError naming --data, the file and the line that is not a
+    JSON object."""
+    from ..training.router_data import read_jsonl
+
+    try:
+        rows = read_jsonl(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--data: {path}: not JSON Lines ({_bad_line(path) or exc})") from None
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise ValueError(f"--data: {path}: row {number} is not a JSON object")  # noqa: TRY004 (user input)
+    return rows
+
+
+def _bad_line(path: str) -> str | None:
+    """Where the first line that is not JSON is, and why (the decoder only sees one line)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as exc:
+                    return f"line {number}, column {exc.colno}: {exc.msg}"
+    return None
 
 
 def _router_scores(router: str, rows: list[dict]) -> list[float]:

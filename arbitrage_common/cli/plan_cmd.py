@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from .argtypes import positive_float, positive_int
 
@@ -45,6 +46,40 @@ def add_plan_parser(sub) -> None:
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--out", default="runs/plan-check")
     check.set_defaults(func=_check)
+
+
+def existing_file(path: str, flag: str, hint: str = "") -> Path:
+    """``path`` as a Path; ValueError naming ``flag`` when it is missing or not a file."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{flag}: {path} does not exist{hint}")
+    if not p.is_file():
+        raise ValueError(f"{flag}: {path} is {'a directory' if p.is_dir() else 'not a regular file'}, not a file"
+                         f"{hint}")
+    return p
+
+
+def read_json(path: str, flag: str) -> Any:
+    """The JSON document in ``path``; ValueError naming ``flag`` and the file when it is not JSON."""
+    try:
+        return json.loads(existing_file(path, flag).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{flag}: {path}: not valid JSON ({exc})") from None
+
+
+def load_profile(path: str, flag: str = "--profile"):
+    """The planner profile in ``path``; ValueError naming ``flag`` and the file for a missing,
+    malformed or incomplete one."""
+    from ..planning.planner import Profile
+
+    existing_file(path, flag, "; run `arbitrage plan profile` first")
+    try:
+        return Profile.load(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{flag}: {path}: not valid JSON ({exc})") from None
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{flag}: {path}: not a profile of `arbitrage plan profile` "
+                         f"({type(exc).__name__}: {exc})") from None
 
 
 def _profile(args) -> int:
@@ -94,13 +129,13 @@ def _target_fraction(args, prof) -> float:
 def _plan(args) -> int:
     if args.rate is None or args.slo_ms is None:
         raise ValueError("plan: --rate and --slo-ms are required (or run `arbitrage plan profile` / `plan check`)")
-    from ..planning.planner import Profile, gpus_and_pods, plan
+    from ..planning.planner import gpus_and_pods, plan
 
-    if not Path(args.profile).is_file():
-        raise ValueError(f"--profile: {args.profile} does not exist; run `arbitrage plan profile` first")
-    prof = Profile.load(args.profile)
+    prof = load_profile(args.profile)
     if args.bench:
-        bench = json.loads(Path(args.bench).read_text())
+        bench = read_json(args.bench, "--bench")
+        if not isinstance(bench, dict):
+            raise ValueError(f"--bench: {args.bench}: expected the JSON object of bench.json")
         runs = [("rsd", _fraction_at_matched(bench, "rsd")), ("arbitrage", _fraction_at_matched(bench, "arbitrage"))]
     else:
         runs = [(args.policy, _target_fraction(args, prof))]

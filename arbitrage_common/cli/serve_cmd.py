@@ -86,6 +86,8 @@ def _config_for(args):
 
 def _serve(args) -> int:
     started = time.perf_counter()
+    if args.out and not args.render:
+        raise ValueError("-o/--out: only with --render (it names the file the rendered Serve YAML goes to)")
     cfg = _config_for(args)
     if args.render:
         from ..config import render_serve_yaml

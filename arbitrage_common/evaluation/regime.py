@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ CELLS = (
     Cell("self-verifier", "classifier", "prm", "router-classifier"),
 )
 TINY_GRID = {"draft": [None], "target": [None], "rsd": [0.5, 0.9], "arbitrage": [0.5, 0.2], "oracle": [0.0]}
+REGIME_MARKER = "regime.json"  # in every directory `regime-map` writes
 COLUMNS = ["mix", "prm", "router", "draft_accuracy", "target_accuracy", "rsd_waste", "max_latency_ratio",
            "max_ratio_accuracy", "ratio_at_target_minus_1pt", "ratio_at_midpoint", "max_target_steps_ratio",
            "oracle_max_saving", "realised_share_at_max", "realised_share_pooled", "router_spearman"]
@@ -82,22 +82,42 @@ def closest_to_paper(rows: list[dict]) -> dict | None:
 def run_regime_map(out_dir: str | Path, n: int, seed: int, mixes: tuple[str, ...], models_dir: str | Path = "models",
                    grid: dict | None = None, confirm_n: int = 0, show_progress: bool = True) -> dict:
     """Every cell whose checkpoints exist; the draft and target calls of a mix are computed once
-    and shared by its cells (memoized, greedy)."""
+    and shared by its cells (memoized, greedy). ``out_dir`` is checked before any work and only
+    this command's files in it are replaced (``stack.publish``)."""
+    from .stack import BENCH_MARKER, check_out_dir, publish, temp_dir_for
+
+    root, out = Path(models_dir), Path(out_dir)
+    check_out_dir(out, REGIME_MARKER)  # before any work: a file, or a directory of the user's, is refused
+    present = [c for c in CELLS if (root / c.prm).is_dir() and (root / c.router).is_dir()]
+    skipped = [{"prm": c.prm_kind, "router": c.router_kind, "reason": f"{root / c.router} or {root / c.prm} missing"}
+               for c in CELLS if c not in present]
+    if not present:
+        raise ValueError(f"--models-dir: {root} holds no PRM/router pair of the map ({', '.join(c.router for c in CELLS)})")
+    for mix in mixes:  # an earlier run's cell directories are replaced the same way: only bench's files
+        for cell in present:
+            check_out_dir(out / cell_dir(mix, cell), BENCH_MARKER)
+    tmp = temp_dir_for(out)
+    try:
+        summary = _run_cells(tmp, root, present, skipped, n, seed, mixes, grid, confirm_n, show_progress)
+        publish(tmp, out, REGIME_MARKER)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed or interrupted run leaves nothing behind
+    return summary
+
+
+def cell_dir(mix: str, cell: Cell) -> str:
+    return f"{mix}-{cell.prm_kind}-{cell.router_kind}"
+
+
+def _run_cells(tmp: Path, root: Path, present: list[Cell], skipped: list[dict], n: int, seed: int,
+               mixes: tuple[str, ...], grid: dict | None, confirm_n: int, show_progress: bool) -> dict:
+    """Every cell's sweep, written under ``tmp`` with the table, the plot and regime.json."""
     from ..backends.hf_generator import HFStepGenerator
     from ..backends.scorers import load_step_scorer
     from .runners import InProcessRunner, generation_caches
     from .stack import run_sweep, write_outputs
     from .tasks import SyntheticTask
 
-    root, out = Path(models_dir), Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    present = [c for c in CELLS if (root / c.prm).is_dir() and (root / c.router).is_dir()]
-    skipped = [{"prm": c.prm_kind, "router": c.router_kind, "reason": f"{root / c.router} or {root / c.prm} missing"}
-               for c in CELLS if c not in present]
-    if not present:
-        raise ValueError(f"--models-dir: {root} holds no PRM/router pair of the map ({', '.join(c.router for c in CELLS)})")
     rows = []
     generators = {role: HFStepGenerator(root / role, threads=1) for role in ("draft", "target")}
     loaded: dict[str, object] = {}  # a checkpoint two cells share (the self-verifier PRM) loads once
@@ -113,7 +133,7 @@ def run_regime_map(out_dir: str | Path, n: int, seed: int, mixes: tuple[str, ...
         for cell in present:
             backends = {**generators, **scorers[cell]}
             result, points, _ = run_sweep(task, InProcessRunner(backends, shared), grid, confirm_n, show_progress)
-            name = f"{mix}-{cell.prm_kind}-{cell.router_kind}"
+            name = cell_dir(mix, cell)
             write_outputs(points, tmp / name, result)
             rows.append({**cell_row(mix, cell, result), "dir": name})
     summary = {"n": n, "seed": seed, "mixes": list(mixes), "cells": rows, "skipped": skipped,
@@ -123,11 +143,8 @@ def run_regime_map(out_dir: str | Path, n: int, seed: int, mixes: tuple[str, ...
                              "right where the draft's is wrong (the exact step checker)"}
     _write_table(rows, tmp / "regime.csv")
     _write_plot(rows, tmp / "regime_map.png")
-    summary["files"] = ["regime.csv", "regime_map.png", "regime.json", *[r["dir"] for r in rows]]
-    (tmp / "regime.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    summary["files"] = ["regime.csv", "regime_map.png", REGIME_MARKER, *[r["dir"] for r in rows]]
+    (tmp / REGIME_MARKER).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

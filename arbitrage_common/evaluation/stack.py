@@ -3,9 +3,11 @@ the speedup curve, RSD's waste, the oracle bound and the router's Spearman, the 
 the synthetic mixes and the real datasets, in-process or against an endpoint."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,21 +114,104 @@ def _curves(points: Sequence[SweepPoint]) -> list[dict]:
 
 
 def write_outputs(points: Sequence[SweepPoint], out: Path, result: dict, answers: Sequence[dict] = ()) -> None:
-    """points.csv, the plots, answers.jsonl (datasets) and bench.json, moved into place
-    together: a failed run leaves no partial outputs."""
+    """points.csv, the plots, answers.jsonl (datasets) and bench.json, written into a temporary
+    directory and moved into ``out`` once complete (``publish``): a failed run leaves no partial
+    outputs, and only this command's own files in ``out`` are replaced."""
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_csv(points, tmp / "points.csv")
-    files = ["points.csv", *write_plots(points, tmp)]
-    if result.get("speedup", {}).get("curve"):
-        files.append(write_speedup_plot(result["speedup"], tmp))
-    if answers:
-        (tmp / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
-        files.append("answers.jsonl")
-    result["files"] = [*files, "bench.json"]
-    (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    check_out_dir(out, BENCH_MARKER)
+    tmp = temp_dir_for(out)
+    try:
+        write_csv(points, tmp / "points.csv")
+        files = ["points.csv", *write_plots(points, tmp)]
+        if result.get("speedup", {}).get("curve"):
+            files.append(write_speedup_plot(result["speedup"], tmp))
+        if answers:
+            (tmp / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+            files.append("answers.jsonl")
+        result["files"] = [*files, BENCH_MARKER]
+        (tmp / BENCH_MARKER).write_text(json.dumps(result, indent=2) + "\n")
+        publish(tmp, out, BENCH_MARKER)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when publish moved it whole
+
+
+# -- output directories: never delete what this tool did not write ------------------------
+BENCH_MARKER = "bench.json"  # in every directory `bench` writes (and every cell of `regime-map`)
+
+
+def check_out_dir(out: str | Path, marker: str = BENCH_MARKER, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output directory this command cannot write or must not touch:
+    a file, a path under a file or in a directory it may not write, or a non-empty directory
+    without ``marker`` (so not one an earlier run of this command wrote: ``--out runs`` must
+    not replace runs/). ValueError names ``flag``."""
+    out = Path(out)
+    if out.is_symlink() or out.exists():
+        if not out.is_dir():
+            raise ValueError(f"{flag}: {out} exists and is not a directory")
+        if not (out / marker).is_file() and any(out.iterdir()):
+            raise ValueError(f"{flag}: {out} is a non-empty directory without {marker}, so not an output of "
+                             f"this command: its files are left alone; name a new or empty directory, or the "
+                             f"directory of an earlier run")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ValueError(f"{flag}: {out}: permission denied")
+    for parent in out.absolute().parents:  # the nearest existing folder above it: where it is made
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag}: {out}: {parent} is not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{flag}: {out}: cannot write in {parent} (permission denied)")
+            break
+    return out
+
+
+def temp_dir_for(out: Path) -> Path:
+    """A fresh hidden directory beside ``out`` (same file system: it moves into place by renames);
+    never a fixed name, so nothing of the user's is cleared to make it."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+
+
+def own_files(directory: Path, marker: str) -> set[str]:
+    """What an earlier run wrote into ``directory``: the plain names its ``marker`` lists in
+    "files", and the marker itself."""
+    try:
+        listed = json.loads((directory / marker).read_text()).get("files") or []
+    except (OSError, ValueError, AttributeError):
+        listed = []
+    names = {n for n in listed if isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and "\\" not in n}
+    return names | {marker}
+
+
+def publish(tmp: Path, out: Path, marker: str, flag: str = "--out") -> None:
+    """Move the finished outputs in ``tmp`` into ``out``: a new directory is renamed into place
+    whole; into an existing one (empty, or an earlier run's) each file moves in, the marker last,
+    and what the earlier run wrote that this one does not goes. Any other file stays. A
+    subdirectory (a `regime-map` cell) is a bench output directory and is merged the same way."""
+    tmp, out = Path(tmp), Path(out)
+    check_out_dir(out, marker, flag)  # again: it may have changed while the run was working
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = own_files(out, marker)
+    new = sorted((p.name for p in tmp.iterdir()), key=lambda name: name == marker)
+    for name in new:
+        src, dst = tmp / name, out / name
+        if src.is_dir():
+            publish(src, dst, BENCH_MARKER, flag)
+        else:
+            os.replace(src, dst)
+    for name in sorted(old - set(new)):
+        _remove_own(out / name)
+
+
+def _remove_own(path: Path) -> None:
+    """Remove an output of an earlier run: a file, or of a directory (a cell) the files its
+    bench.json lists, then the directory if nothing else is in it."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir() and (path / BENCH_MARKER).is_file():
+        for name in own_files(path, BENCH_MARKER):
+            _remove_own(path / name)
+        with contextlib.suppress(OSError):
+            path.rmdir()

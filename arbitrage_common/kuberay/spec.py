@@ -8,9 +8,10 @@ from the pools (``sizing``). No Ray imports: a config validates anywhere.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 
 GroupName = Literal["draft", "target", "scorers", "coordinator"]
 GROUP_NAMES: tuple[GroupName, ...] = ("draft", "target", "scorers", "coordinator")
@@ -20,6 +21,22 @@ GROUP_OF: dict[str, GroupName] = {"draft": "draft", "target": "target", "router"
 # Ray node label (KubeRay copies a worker group's `labels` onto its Ray nodes and Pods). Not
 # under ray.io/: Ray reserves that prefix for its own labels.
 GROUP_LABEL = "arbitrage-serve.io/group"
+# A Kubernetes resource quantity: the pattern of `resources.limits`/`requests` in KubeRay's
+# RayService CRD (shared/schemas/ray.io_rayservices.yaml). Group 2 is the number.
+QUANTITY = re.compile(r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+                      r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+
+
+def _memory_quantity(v: str) -> str:
+    match = QUANTITY.fullmatch(v)
+    if match is None:
+        raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. '8Gi', '512Mi', '16G')")
+    if match[1] == "-" or float(match[2]) == 0:
+        raise ValueError(f"{v!r}: a Pod's memory must be more than 0")
+    return v
+
+
+MemoryQuantity = Annotated[str, AfterValidator(_memory_quantity)]
 
 
 class _Strict(BaseModel):
@@ -33,7 +50,8 @@ class GroupSpec(_Strict):
                                                           "replica of the group needs; 0 when none needs a GPU).")
     cpus: PositiveInt | None = Field(None, description="CPUs per Pod (None: 1 per replica that fits a Pod, plus "
                                                        "1 for Ray's own processes; at least 2).")
-    memory: str = Field("8Gi", description="Memory request and limit per Pod (a Kubernetes quantity).")
+    memory: MemoryQuantity = Field("8Gi", description="Memory request and limit per Pod (a Kubernetes quantity, "
+                                                       "e.g. '8Gi').")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector (rendered into the "
                                                                             "overlay, not the base).")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations (rendered into the "
@@ -47,7 +65,8 @@ class HeadSpec(_Strict):
     """The head Pod: GCS, dashboard, Serve controller and a proxy; rayStartParams num-cpus 0."""
 
     cpus: PositiveInt = Field(2, description="CPUs of the head Pod (Ray's own processes only).")
-    memory: str = Field("8Gi", description="Memory of the head Pod.")
+    memory: MemoryQuantity = Field("8Gi", description="Memory of the head Pod (a Kubernetes quantity, e.g. "
+                                                       "'8Gi').")
 
 
 class ClusterSpec(_Strict):

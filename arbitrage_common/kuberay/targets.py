@@ -5,6 +5,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from ..config import AppConfig, load_config
 from ..paths import configs_dir, project_home
 from ..presets import list_presets, preset_path
@@ -19,13 +21,18 @@ def target_names() -> list[str]:
 
 
 def target_config(name: str) -> AppConfig:
-    """The AppConfig of one target; ValueError names the unknown one and lists the known."""
+    """The AppConfig of one target; ValueError names the unknown one and lists the known, or
+    (a preset that exists but does not validate) the file and the fields at fault."""
     if name == CPU_DEMO:
         return load_config(configs_dir() / f"{CPU_DEMO}.yaml")
     try:
-        return load_config(preset_path(name))
+        path = preset_path(name)
     except ValueError:
         raise ValueError(f"--preset: unknown preset {name!r} (known: {', '.join(target_names())})") from None
+    try:  # outside the lookup's try: a preset that fails validation is not an "unknown" one
+        return load_config(path)
+    except ValidationError as exc:
+        raise ValueError(f"--preset {name}: {path}: {exc}") from None
 
 
 def render_targets(configs: dict[str, AppConfig]) -> dict[str, str]:
