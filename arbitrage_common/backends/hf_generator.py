@@ -110,14 +110,16 @@ class HFStepGenerator:
         rows = row_options(options, len(prefixes))
         if sessions is not None and len(sessions) != len(prefixes):
             raise ValueError(f"sessions: {len(sessions)} for {len(prefixes)} prefixes")
+        # Before the lock: a call waiting for it must not bring back a session released meanwhile.
+        epoch = self.prefix_cache.epoch() if self.prefix_cache is not None else 0
         with self._lock:
             start = time.perf_counter()
-            results = self._decode(prefixes, rows, sessions if self.prefix_cache is not None else None)
+            results = self._decode(prefixes, rows, sessions if self.prefix_cache is not None else None, epoch)
             seconds = time.perf_counter() - start
         return [Generation(t, n, r, seconds) for t, n, r in results]
 
     def _decode(self, prefixes: Sequence[str], rows: list[GenerationOptions],
-                sessions: Sequence[str | None] | None) -> list[tuple[str, int, str]]:
+                sessions: Sequence[str | None] | None, epoch: int = 0) -> list[tuple[str, int, str]]:
         results: list[tuple[str, int, str]] = [("", 0, "length")] * len(prefixes)
         run, run_ids, budgets, proposals = [], [], [], []
         for i, prefix in enumerate(prefixes):
@@ -136,7 +138,6 @@ class HFStepGenerator:
             return results
         keys = [sessions[i] for i in run] if sessions is not None else [None] * len(run)
         cache = self.prefix_cache if sessions is not None else None
-        epoch = cache.epoch() if cache is not None else 0
         pasts = [cache.lookup(key, ids) for key, ids in zip(keys, run_ids)] if cache is not None else None
         decoded, kept = self._decode_rows(run_ids, [rows[i] for i in run], budgets, pasts,
                                           keep=[key is not None and key not in keys[:j] for j, key in enumerate(keys)],

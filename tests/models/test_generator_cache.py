@@ -2,6 +2,9 @@
 cached generation is compared with an uncached generator's (``prefix_cache_bytes=0``), never
 with something the cache computed itself; the cache's counters show that it was used."""
 import random
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -125,6 +128,32 @@ def test_a_tiny_bound_evicts_and_changes_nothing():
             prefixes[i] = _grow([prefixes[i]], [g])[0]
     info = tiny.prefix_cache.info()
     assert info["evictions"] > 0 and info["bytes"] <= 300_000
+
+
+def test_a_call_waiting_for_the_lock_does_not_bring_a_released_session_back():
+    """A call that entered generate_batch while another batch held the lock, whose request
+    ended (released) before it got the lock, must not store the session again."""
+    gen = HFStepGenerator(MODELS / "draft", threads=1)
+    prefix = build_prefix(generate_problems(1, 507)[0].prompt, [])
+    done = threading.Event()
+    with gen._lock:  # another batch runs
+        waiting = threading.Thread(target=lambda: (gen.generate_batch([prefix], GenerationOptions(max_new_tokens=8),
+                                                                       ["x"]), done.set()))
+        waiting.start()
+        deadline = time.monotonic() + 5  # until it waits at the lock (its epoch read), or 5 s
+        while time.monotonic() < deadline and not any(
+                f.f_code.co_name == "generate_batch" and "epoch" in f.f_locals for f in _frames(waiting)):
+            time.sleep(0.01)
+        gen.release("x")  # its request ended while it waited
+    waiting.join(60)
+    assert done.is_set() and "x" not in gen.prefix_cache.store
+
+
+def _frames(thread: threading.Thread):
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
 
 
 def test_a_released_session_misses_and_the_fallback_stepper_has_no_cache():

@@ -55,6 +55,19 @@ def test_release_and_discard_free_the_bytes():
     assert len(lru) == 0 and lru.bytes == 0
 
 
+def test_a_call_older_than_a_forgotten_tombstone_does_not_put_its_session_back():
+    """Past 4096 releases during one call the oldest tombstones go: that call's put is refused
+    whatever key it is for (a miss later, never a released session back)."""
+    lru = ByteLRU(100)
+    before = lru.epoch()
+    lru.release("s")
+    for i in range(5000):
+        lru.release(f"other-{i}")
+    assert not lru.put("s", 1, 10, before)
+    assert "s" not in lru
+    assert lru.put("s", 2, 10, lru.epoch())  # a call that began after every release may
+
+
 def test_a_call_that_began_before_a_release_does_not_put_the_session_back():
     lru = ByteLRU(100)
     before = lru.epoch()
