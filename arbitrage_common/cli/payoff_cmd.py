@@ -2,7 +2,6 @@
 regime-map` (where Arbitrage pays off on the bundled models)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .argtypes import mix_list, non_negative_int, positive_float, positive_int, unit_float
@@ -63,30 +62,14 @@ def _analyze(args) -> int:
 
 
 def _read_rows(path: str) -> list[dict]:
-    """The router dataset's rows; ValueError naming --data, the file and the line that is not a
-    JSON object."""
+    """The router dataset's rows; ValueError naming --data (and, from ``read_jsonl``, the file
+    and the first line that is not a JSON object)."""
     from ..training.router_data import read_jsonl
 
     try:
-        rows = read_jsonl(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"--data: {path}: not JSON Lines ({_bad_line(path) or exc})") from None
-    for number, row in enumerate(rows, 1):
-        if not isinstance(row, dict):
-            raise ValueError(f"--data: {path}: row {number} is not a JSON object")  # noqa: TRY004 (user input)
-    return rows
-
-
-def _bad_line(path: str) -> str | None:
-    """Where the first line that is not JSON is, and why (the decoder only sees one line)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as exc:
-                    return f"line {number}, column {exc.colno}: {exc.msg}"
-    return None
+        return read_jsonl(path)
+    except ValueError as exc:
+        raise ValueError(f"--data: {exc}") from None
 
 
 def _router_scores(router: str, rows: list[dict]) -> list[float]:

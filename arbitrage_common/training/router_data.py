@@ -86,10 +86,27 @@ def write_jsonl(rows: list[dict], path: str | Path) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a router dataset; ValueError naming the file and the first line that is not a
+    JSON object."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: router dataset not found (make it with `arbitrage router data`)")
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    try:
+        lines = p.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{p}: not JSON Lines (not UTF-8 text)") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}: not JSON Lines (line {number}, column {exc.colno}: {exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{p}: line {number} is not a JSON object")  # noqa: TRY004 (user input)
+        rows.append(row)
+    return rows
 
 
 def error_structure(rows: list[dict]) -> dict | None:
