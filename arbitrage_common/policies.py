@@ -154,7 +154,7 @@ class RandomPolicy(Policy):
         super().__init__(threshold)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise InvalidArgument("seed", f"must be an integer, got {seed!r}")
-        self._rng = random.Random(seed)
+        self._rng = random.Random(0 if seed is None else seed)  # unset seed is 0, as for sampling
 
     def route_to_target(self, score: float | None = None) -> bool:
         return self._rng.random() < self.threshold

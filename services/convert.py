@@ -45,12 +45,20 @@ def _int64_or_none(value: int | None) -> int | None:
     return value if value is not None and INT64_MIN <= value <= INT64_MAX else None
 
 
+def final_answer(result: LoopResult) -> int | None:
+    """N of the final ``Answer: N`` step; None when there is none, or when the token budget cut
+    that step (``Answer: 91`` cut from ``Answer: 914`` is not an answer)."""
+    if result.steps and result.steps[-1].finish_reason == "length":
+        return None
+    return extract_answer(result.text)
+
+
 def result_json(result: LoopResult, prepared: Prepared) -> dict[str, Any]:
     u = result.usage
     return {
         "request_id": prepared.request_id,
         "text": result.text,
-        "answer": _int64_or_none(extract_answer(result.text)),
+        "answer": _int64_or_none(final_answer(result)),
         "steps": [step_json(s) for s in result.steps],
         "usage": {
             "draft_tokens_kept": u.draft_tokens_kept, "draft_tokens_discarded": u.draft_tokens_discarded,
@@ -147,6 +155,15 @@ _POOL_PATTERNS = (re.compile(r"ServeReplica:[^:\s]+:([A-Za-z0-9_-]+)"),
                   re.compile(r"deployment='([A-Za-z0-9_-]+)'"),
                   re.compile(r"Deployment\(name='([A-Za-z0-9_-]+)'"),
                   re.compile(r"^([a-z]+) pool: "))
+
+
+class PoolDown(RuntimeError):
+    """A request's deadline passed while a pool it needs had no running replica (starting,
+    restarting, or all died): the pool's fault, not the client's deadline."""
+
+    def __init__(self, pool: str) -> None:
+        self.pool = pool
+        super().__init__(f"the {pool} pool has no running replica")
 
 
 @dataclass(frozen=True)
@@ -254,7 +271,7 @@ def _any(chain: list[BaseException], types: type | tuple[type, ...]) -> BaseExce
     return next((e for e in chain if isinstance(e, types)), None)
 
 
-def _unavailable(message: str) -> ApiError:
+def unavailable(message: str) -> ApiError:
     return ApiError("unavailable", grpc.StatusCode.UNAVAILABLE, 503, message)
 
 
@@ -263,10 +280,20 @@ def new_reference() -> str:
     return secrets.token_hex(6)
 
 
+def replica_channel_lost(exc: BaseException) -> bool:
+    """A pool call over Serve's gRPC channel (``pool_calls_over_grpc``) that the replica's
+    server ended UNAVAILABLE or CANCELLED (it shut down) and Serve passed on raw: its
+    replica went away, like a ``RayActorError``. A local cancellation is ``CancelledError``."""
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                                    grpc.StatusCode.CANCELLED)
+
+
 def classify(exc: BaseException) -> ApiError:
     """Map any failure of a request to the status every transport reports.
 
     - ``InvalidArgument`` -> INVALID_ARGUMENT / 422, naming the field.
+    - ``PoolDown`` (the deadline passed while a needed pool had no running replica) ->
+      UNAVAILABLE / 503, retriable: the client's deadline was not what failed it.
     - ``DeadlineExceeded`` raised here (the request's own deadline) -> DEADLINE_EXCEEDED / 504.
     - cancellation (``asyncio.CancelledError``, Ray's ``TaskCancelledError``) -> CANCELLED / 499.
     - ``BackPressureError`` (a pool's queue is full) -> RESOURCE_EXHAUSTED / 503, retriable.
@@ -293,6 +320,9 @@ def classify(exc: BaseException) -> ApiError:
     chain = _chain(exc)
     if (bad := _any(chain, InvalidArgument)) is not None:
         return invalid(bad.field, bad.detail)
+    if isinstance(exc, PoolDown) and exc.pool in POOL_NAMES:
+        return unavailable(f"the {exc.pool} pool has no running replica (it is starting or restarting); "
+                           f"retry after Retry-After")
     if isinstance(exc, DeadlineExceeded) and len(chain) == 1:  # wrapped, it would be a pool's own timeout
         return ApiError("deadline_exceeded", grpc.StatusCode.DEADLINE_EXCEEDED, 504,
                         f"request deadline exceeded after {len(exc.partial.steps)} steps; no partial result "
@@ -305,14 +335,14 @@ def classify(exc: BaseException) -> ApiError:
         return ApiError("resource_exhausted", grpc.StatusCode.RESOURCE_EXHAUSTED, 503,
                         f"overloaded: {the_pool}'s queue is full; retry with backoff")
     if _any(chain, EngineDeadError) is not None:
-        return _unavailable(f"{the_pool}'s vLLM engine is dead; retry (Serve replaces its replica)")
+        return unavailable(f"{the_pool}'s vLLM engine is dead; retry (Serve replaces its replica)")
     if _any(chain, DeploymentUnavailableError) is not None:
-        return _unavailable(f"{the_pool} is unavailable (it failed to deploy); retry later")
+        return unavailable(f"{the_pool} is unavailable (it failed to deploy); retry later")
     if _any(chain, (RayActorError, ReplicaUnavailableError, WorkerCrashedError, NodeDiedError,
-                    LocalRayletDiedError)) is not None:
-        return _unavailable(f"{the_pool} lost a replica (it died or is unreachable); retry")
+                    LocalRayletDiedError)) is not None or any(replica_channel_lost(e) for e in chain):
+        return unavailable(f"{the_pool} lost a replica (it died or is unreachable); retry")
     if _any(chain, TimeoutError) is not None:  # raised by a backend or a Ray call; our deadline returned above
-        return _unavailable(f"{the_pool} timed out; retry")
+        return unavailable(f"{the_pool} timed out; retry")
     reference = new_reference()
     if (scorer := _any(chain, ScorerError)) is not None:
         role = scorer.role if isinstance(scorer.role, str) and re.fullmatch(r"[a-z ]{1,40}", scorer.role) else pool

@@ -117,7 +117,10 @@ class Coordinator:
         prepared = self._under_load(prepare(fields, self.cfg), explicit=fields.threshold is not None)
         # Retries stop in time for the request to fail before its deadline, not at it.
         deadline = time.monotonic() + prepared.request.deadline_s if prepared.request.deadline_s else None
-        await self._admit(prepared, deadline)
+        try:
+            await self._admit(prepared, deadline)
+        except DeadlineExceeded as exc:
+            await self._blame_pool_down(exc, prepared.policy)
         request = prepared.request
         if deadline is not None:  # the loop's clock starts at its first step: it gets what admission left
             request = dataclasses.replace(request, deadline_s=max(deadline - time.monotonic(), _MIN_DEADLINE_S))
@@ -211,10 +214,21 @@ class Coordinator:
                     first = False
                 self._steps.inc(tags={"source": step.source, "policy": policy})
                 yield step
+        except DeadlineExceeded as exc:
+            await self._blame_pool_down(exc, policy)
         finally:
             self._inflight -= 1
             await stream.aclose()
             self._release(prepared, stream)
+
+    async def _blame_pool_down(self, exc: DeadlineExceeded, policy: str) -> None:
+        """Re-raise a missed deadline, as ``PoolDown`` when a pool the policy needs has no
+        running replica: the request waited for it (Serve holds a call until a replica runs),
+        and the client should retry later rather than raise its deadline."""
+        down = await self.health.down(pools_needed(policy))
+        if down:
+            raise convert.PoolDown(down[0]) from exc
+        raise exc
 
     def _release(self, prepared: Prepared, stream: LoopStream) -> None:
         """Fire and forget: the pools this request called drop its cached prefix (their LRU

@@ -18,10 +18,9 @@ picks another replica (Serve drops a dead one from its set; the affinity router'
 rank takes the session). That is safe because a pool call is a pure function of its input:
 a greedy step depends only on the prefix, a sampled one on the prefix and the request's
 seed, and a score on its items, so a retried step is the same step; a failed call
-delivered nothing, so nothing is counted twice. Not retried: failures raised by the model code itself (a bug, a bad checkpoint) and
-backend timeouts. Where a retry is not the same step: a sampled call without a seed on a
-backend that draws fresh randomness per call (vLLM with ``seed`` unset) gets a new sample,
-so its text may differ from a run without the fault.
+delivered nothing, so nothing is counted twice (both backends take an unset seed as 0, so an
+unseeded sampled step repeats too). Not retried: failures raised by the model code itself (a
+bug, a bad checkpoint) and backend timeouts.
 """
 from __future__ import annotations
 
@@ -70,13 +69,17 @@ async def _await_cancellable(response: Any) -> Any:
 
 
 def retry_reason(exc: BaseException) -> str | None:
-    """'replica' (its replica or engine died), 'full' (pool queue full), or None (not retriable)."""
+    """'replica' (its replica or engine died, or the pool has none deployed), 'full' (pool
+    queue full), or None (not retriable)."""
     from arbitrage_common.backends.vllm_generator import EngineDeadError
 
+    from .convert import replica_channel_lost
+
     cause = getattr(exc, "cause", None)
-    if isinstance(exc, (BackPressureError, DeploymentUnavailableError)):
+    if isinstance(exc, BackPressureError):
         return "full"
-    if isinstance(exc, RayActorError) or isinstance(cause, EngineDeadError) or isinstance(exc, EngineDeadError):
+    if isinstance(exc, (RayActorError, DeploymentUnavailableError, EngineDeadError)) or \
+            isinstance(cause, EngineDeadError) or replica_channel_lost(exc):
         return "replica"
     return None
 
@@ -102,6 +105,8 @@ class PoolCaller:
                     if reason is not None:
                         try:  # so the client's message can name the pool
                             exc.pool = self.role  # type: ignore[attr-defined]
+                            if attempt < self._policy.retries:  # a deadline, not the count, stopped it
+                                exc.retries_cut_at = self._deadline  # type: ignore[attr-defined]
                         except AttributeError:
                             pass
                     raise
@@ -193,8 +198,8 @@ class MergedGenerator:
 
     async def _row(self, prefixes: list[str], options: GenerationOptions, plan: DraftAhead | None) -> list[Generation]:
         self.called = True
-        return await self._merged.call(self._session, ((prefixes, options, self._session or None, plan),
-                                                       self._deadline))
+        return await merged_row(self._merged, self._session, (prefixes, options, self._session or None, plan),
+                                self._deadline)
 
 
 class MergedScorer:
@@ -206,13 +211,27 @@ class MergedScorer:
 
     async def score(self, items: Sequence[ScoreItem]) -> list[float]:
         self.called = True
-        return await self._merged.call(self._session, ((list(items), self._session or None), self._deadline))
+        return await merged_row(self._merged, self._session, (list(items), self._session or None), self._deadline)
+
+
+async def merged_row(merged: Coalescer, session: str, args: tuple, deadline: float | None) -> Any:
+    """One request's row of a merged call. The call retries only until the earliest deadline
+    among its rows (``_earliest``); when that ends it, a row whose own deadline is later sends
+    itself again, so another request's short deadline never costs this one its retries."""
+    while True:
+        try:
+            return await merged.call(session, (args, deadline))
+        except Exception as exc:
+            cut_at = getattr(exc, "retries_cut_at", None)
+            if cut_at is None or deadline is None or deadline <= cut_at or time.monotonic() >= deadline:
+                raise
 
 
 def _earliest(deadlines: list[float | None]) -> float | None:
-    """A merged call retries until the earliest of its rows' deadlines, as each row alone would:
+    """A merged call retries until the earliest of its rows' deadlines, as that row alone would:
     a row still waiting on a full pool when its own deadline passed would read as the client's
-    deadline (504), not as the overload it is (503, Retry-After). None if no row has one."""
+    deadline (504), not as the overload it is (503, Retry-After). The rows with later deadlines
+    then send themselves again (``merged_row``). None if no row has one."""
     bounded = [d for d in deadlines if d is not None]
     return min(bounded) if bounded else None
 

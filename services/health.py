@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 
 from arbitrage_common.policies import POLICIES
 
 logger = logging.getLogger("ray.serve")
 STATUS_TIMEOUT_S = 5.0
+DOWN_PROBE_S = 1.0
 
 
 def pools_needed(policy: str) -> list[str]:
@@ -60,6 +62,8 @@ class PoolHealth:
         self.app_name, self.needed, self.period_s = app_name, needed, period_s
         self.serving: bool | None = None
         self.running: dict[str, int] = {}
+        self.replicas: dict[str, int] = {}  # every deployment of the app, as last probed
+        self._probed_at: float | None = None
         self._changed: asyncio.Condition | None = None
         self._task: asyncio.Task | None = None
 
@@ -89,7 +93,10 @@ class PoolHealth:
         try:
             status = await asyncio.wait_for(asyncio.to_thread(serve.status), STATUS_TIMEOUT_S)
             app = status.applications.get(self.app_name)
-            self.running = running_pools(app.deployments if app is not None else {}, self.needed)
+            deployments = app.deployments if app is not None else {}
+            self.replicas = running_pools(deployments, deployments)
+            self.running = running_pools(deployments, self.needed)
+            self._probed_at = time.monotonic()
         except Exception as exc:  # noqa: BLE001 (controller restarting: keep the last answer)
             logger.warning("health probe: serve.status() failed (%s); keeping the last answer", type(exc).__name__)
             if self.serving is not None:
@@ -104,6 +111,22 @@ class PoolHealth:
             if self._changed is not None:
                 async with self._changed:
                     self._changed.notify_all()
+
+    async def down(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` with no running replica, by a probe at most ``period_s`` old
+        (one is made if needed); [] when the controller cannot say."""
+        import ray
+
+        if not ray.is_initialized():  # not in a replica (a unit test): nothing to ask
+            return []
+        if self._probed_at is None or time.monotonic() - self._probed_at > self.period_s:
+            try:  # on a failure path: the client waits for this answer
+                await asyncio.wait_for(self.probe(), DOWN_PROBE_S)
+            except TimeoutError:
+                pass
+        if self._probed_at is None:
+            return []
+        return [name for name in names if self.replicas.get(name, 0) == 0]
 
     async def _poll(self) -> None:
         while True:

@@ -5,8 +5,10 @@ OpenAI-compatible ``POST /v1/completions`` and ``POST /v1/chat/completions`` (wi
 ``stream``), ``GET /v1/models``, ``GET /healthz``, ``GET /livez`` (liveness: 200 whenever
 the replica answers, no pool call). Errors use OpenAI's error shape
 ``{"error": {"message", "type", "param", "code"}}``: 422 names the field (``param``),
-503 carries Retry-After, 504 is a missed deadline. A stream that fails after it started
-ends with an error event and no summary / ``[DONE]``: nothing partial passes as success.
+503 carries Retry-After, 504 is a missed deadline. A stream's status goes out with its first
+event, so one that fails before that answers like a plain request; a stream that fails after
+it started ends with an error event and no summary / ``[DONE]``: nothing partial passes as
+success.
 
 Two ASGI middlewares run before any route: ``AuthMiddleware`` (with API keys configured,
 401 ``unauthenticated`` and ``WWW-Authenticate: Bearer`` unless the request carries
@@ -192,7 +194,17 @@ def build_http_api(coord: Coordinator) -> FastAPI:
         except Exception as exc:  # noqa: BLE001 (every failure maps to a status)  # bad input is answered before any stream starts
             return error_response(coord.fail(transport, policy, exc), retry)
         if stream_it:
-            return StreamingResponse(guard(transport, prepared, events(prepared, stream), started),
+            # The status line goes out with the first event: a request that fails before its
+            # first step (a pool down or full, no room in the context) gets its real status.
+            chunks = events(prepared, stream)
+            try:
+                first = await anext(chunks)
+            except asyncio.CancelledError as exc:
+                coord.fail(transport, policy, exc)
+                raise
+            except Exception as exc:  # noqa: BLE001 (every failure maps to a status)
+                return error_response(coord.fail(transport, policy, exc), retry)
+            return StreamingResponse(guard(transport, prepared, first, chunks, started),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             async for _ in coord.steps_of(stream, prepared):
@@ -206,9 +218,10 @@ def build_http_api(coord: Coordinator) -> FastAPI:
         coord.record(transport, policy, "ok", started)
         return response
 
-    async def guard(transport: str, prepared: Prepared, events: AsyncIterator[str],
+    async def guard(transport: str, prepared: Prepared, first: str, events: AsyncIterator[str],
                     started: float) -> AsyncIterator[str]:
         try:
+            yield first
             async for chunk in events:
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):  # the client disconnected mid-stream

@@ -1,4 +1,4 @@
-"""What Serve's proxies answer when the coordinator replica running a request dies.
+"""What Serve's proxies answer when the coordinator cannot take or finish a request.
 
 Ray Serve 2.60's proxies map a ``RayActorError`` (the replica holding the request was
 killed, lost its node, or crashed) to gRPC ``INTERNAL`` / HTTP 500 with Ray's error text.
@@ -6,10 +6,22 @@ That replica held only this request's loop: nothing was delivered, and the reque
 safe to send again (``services.handles`` says why steps are pure), so the right answer is
 ``UNAVAILABLE`` / 503 with Retry-After, which clients and load balancers retry.
 
+The proxies answer HTTP errors of their own in plain text: the coordinator's queue full
+(``BackPressureError``) and no coordinator (``DeploymentUnavailableError``) too. Those,
+and the replica's death, get the JSON every other error of the API has (OpenAI's shape,
+``services.convert.ApiError.json``), with Retry-After, so a client reads one ``error.code``.
+
+A stream (SSE) that had already started when the replica died cannot change its status;
+Serve would cut it without its last chunk. It ends instead with the error event the
+coordinator itself sends when a stream fails (``event: error``), which both the SSE clients
+and the OpenAI SDK raise on. Only streams send a response in several chunks, so a started
+response is one.
+
 ``install`` is listed among the gRPC servicer functions (``GRPC_SERVICER_FUNCTIONS``), the
 one hook Serve runs inside every proxy process: it adds no servicer and wraps the proxy's
-two status mappers. Every other failure keeps Serve's own mapping. If a Ray upgrade
-renames the mappers, it logs a warning and changes nothing (the chaos test then fails).
+two status mappers and its error-response writer. Every other failure keeps Serve's own
+mapping. If a Ray upgrade renames them, it logs a warning and changes nothing (the chaos
+test then fails).
 """
 from __future__ import annotations
 
@@ -19,19 +31,30 @@ from typing import Any
 logger = logging.getLogger("ray.serve")
 RETRY_AFTER_S = 1
 MESSAGE = "the coordinator replica serving this request stopped before it finished; retry the request"
+QUEUE_FULL = "overloaded: the coordinator's queue is full (max_queued_requests); retry with backoff"
+NOT_DEPLOYED = "the service has no coordinator deployed; retry later"
 
 
-def _replica_died(exc: BaseException) -> bool:
+def proxy_error(exc: BaseException):
+    """The API's error (``services.convert.ApiError``) for a failure the proxy answers itself,
+    or None for one Serve's own mapping keeps."""
     from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-    return isinstance(exc, RayActorError)
+    from services import convert
+
+    if isinstance(exc, RayActorError):
+        return convert.unavailable(MESSAGE)
+    if isinstance(exc, BackPressureError):
+        return convert.ApiError("resource_exhausted", convert.grpc.StatusCode.RESOURCE_EXHAUSTED, 503, QUEUE_FULL)
+    if isinstance(exc, DeploymentUnavailableError):
+        return convert.unavailable(NOT_DEPLOYED)
+    return None
 
 
 def install(servicer: Any = None, server: Any = None) -> None:
-    """Wrap the proxy's gRPC and HTTP status mappers (idempotent). Called like every servicer
-    function, with a servicer and the server, which it leaves alone."""
-    import grpc
-
+    """Wrap the proxy's status mappers and error writer (idempotent). Called like every
+    servicer function, with a servicer and the server, which it leaves alone."""
     try:
         from ray.serve._private import proxy
         from ray.serve._private.proxy_request_response import ResponseStatus
@@ -40,23 +63,37 @@ def install(servicer: Any = None, server: Any = None) -> None:
         return
     grpc_status = getattr(proxy, "get_grpc_response_status", None)
     http_status = getattr(proxy, "get_http_response_status", None)
-    if grpc_status is None or http_status is None:
+    on_exception = getattr(proxy, "send_http_response_on_exception", None)
+    if grpc_status is None or http_status is None or on_exception is None:
         logger.warning("proxy_status: Serve's status mappers moved; replica deaths stay INTERNAL")
         return
     if getattr(grpc_status, "_arbitrage_wrapped", False):
         return
+    from services import convert
 
     def grpc_mapper(exc: BaseException, *args: Any, **kwargs: Any):
-        if _replica_died(exc):
-            return ResponseStatus(code=grpc.StatusCode.UNAVAILABLE, is_error=True, message=MESSAGE)
-        return grpc_status(exc, *args, **kwargs)
+        err = proxy_error(exc)
+        if err is not None and err.code == "unavailable":
+            return ResponseStatus(code=err.grpc_code, is_error=True, message=err.message)
+        return grpc_status(exc, *args, **kwargs)  # Serve's: RESOURCE_EXHAUSTED for a full queue
 
     def http_mapper(exc: BaseException, *args: Any, **kwargs: Any):
-        if _replica_died(exc):
-            return ResponseStatus(code=503, is_error=True, message=MESSAGE,
-                                  headers=[(b"retry-after", str(RETRY_AFTER_S).encode())])
-        return http_status(exc, *args, **kwargs)
+        err = proxy_error(exc)
+        if err is None:
+            return http_status(exc, *args, **kwargs)
+        serve_headers = http_status(exc, *args, **kwargs).headers or []  # a full queue's Retry-After
+        if not any(name.lower() == b"retry-after" for name, _ in serve_headers):
+            serve_headers = [*serve_headers, (b"retry-after", str(RETRY_AFTER_S).encode())]
+        # A dict message: Serve's error writer sends it as JSON (convert_object_to_asgi_messages).
+        return ResponseStatus(code=err.http_status, is_error=True, message=err.json(), headers=serve_headers)
+
+    def http_on_exception(status: Any, response_started: bool, *args: Any, **kwargs: Any) -> list:
+        if response_started and isinstance(status.message, dict):  # ours: a started stream's last event
+            event = convert.sse(status.message, event="error").encode()
+            return [{"type": "http.response.body", "body": event, "more_body": False}]
+        return on_exception(status, response_started, *args, **kwargs)
 
     grpc_mapper._arbitrage_wrapped = True  # type: ignore[attr-defined]
     proxy.get_grpc_response_status = grpc_mapper
     proxy.get_http_response_status = http_mapper
+    proxy.send_http_response_on_exception = http_on_exception

@@ -206,3 +206,40 @@ def test_a_request_on_a_killed_coordinator_is_unavailable_not_internal(serve_clu
             assert answer.status_code == 503 and answer.headers.get("retry-after"), (answer.status_code,
                                                                                      answer.text[:300])
     _wait_until_served(SLOW_APP, stub)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "sse", "openai"])
+def test_a_stream_whose_coordinator_dies_ends_with_a_retriable_error_not_a_cut(serve_cluster, stub, http_url,
+                                                                                transport):
+    """The coordinator dies after a stream sent its first step: a gRPC stream ends UNAVAILABLE,
+    and an SSE stream (started, so its 200 stands) ends with an ``error`` event carrying
+    ``unavailable`` rather than being cut mid-body, with no summary and no ``[DONE]``."""
+    import requests
+    from serve_helpers import SLOW_APP
+
+    _wait_until_served(SLOW_APP, stub)
+    prompt = problems(1)[0].prompt
+    if transport == "grpc":
+        events = stub.GenerateStream(pb.GenerateRequest(prompt=prompt, max_steps=8),
+                                     metadata=(("application", SLOW_APP),), timeout=120)
+        assert next(events).HasField("step")
+        _kill_coordinator_of(SLOW_APP)
+        with pytest.raises(grpc.RpcError) as info:
+            list(events)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, (info.value.code(), info.value.details())
+    else:
+        route, body = (("/v1/generate", {"prompt": prompt, "max_steps": 8, "stream": True}) if transport == "sse"
+                       else ("/v1/completions", {"model": "draft", "prompt": prompt, "max_tokens": 400,
+                                                 "stream": True}))
+        with requests.post(f"{http_url}/{SLOW_APP}{route}", json=body, stream=True, timeout=120) as answer:
+            assert answer.status_code == 200, answer.text[:300]
+            lines = answer.iter_lines(decode_unicode=True)
+            first = next(line for line in lines if line.startswith("data:"))
+            _kill_coordinator_of(SLOW_APP)
+            rest = list(lines)  # raises (ChunkedEncodingError) if the proxy cut the body instead
+        events = [line for line in rest if line.startswith(("event:", "data:"))]
+        assert "[DONE]" not in first and events[-2:] == ["event: error", events[-1]], events[-4:]
+        error = json.loads(events[-1].removeprefix("data: "))["error"]
+        assert error["code"] == "unavailable", error
+        assert not any("summary" in line or "[DONE]" in line for line in events), events
+    _wait_until_served(SLOW_APP, stub)

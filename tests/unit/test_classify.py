@@ -153,9 +153,11 @@ def test_a_pool_attribute_that_is_not_a_plain_name_is_ignored():
     (GetTimeoutError("Get timed out: some object(s) not ready."), None),
     (_task_error(TimeoutError("backend timed out"), replica="prm", dual=True), "prm"),
     (_task_error(DeadlineExceeded(_partial()), replica="prm"), "prm"),  # a pool's own, not the client's
+    (grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata()), None),
 ], ids=["actor-died", "ray-actor-error", "actor-unavailable", "deployment-unavailable", "replica-unavailable",
         "worker-crashed", "node-died", "engine-dead", "engine-dead-as-cause", "engine-dead-dual",
-        "backend-timeout", "ray-get-timeout", "timeout-as-cause", "deadline-raised-in-a-pool"])
+        "backend-timeout", "ray-get-timeout", "timeout-as-cause", "deadline-raised-in-a-pool",
+        "replica-grpc-server-cancelled"])
 def test_dead_replicas_engines_and_backend_timeouts_are_unavailable(exc, pool):
     err = convert.classify(exc)
     assert (err.code, err.grpc_code, err.http_status) == ("unavailable", grpc.StatusCode.UNAVAILABLE, 503), \

@@ -3,6 +3,7 @@ on the generator pools) runs within the request's deadline; open health watches 
 from __future__ import annotations
 
 import asyncio
+from typing import ClassVar
 
 import pytest
 from fakes import HandleResponse
@@ -95,3 +96,56 @@ def test_open_health_watches_take_at_most_an_eighth_of_the_request_slots():
         assert (await anext(coord.Watch(unknown, _GrpcContext()))).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
     asyncio.run(run())
+
+
+class _StepsHang(SlowCountPool):
+    """Admission answers at once; every step call waits."""
+
+    def options(self, method_name: str | None = None, **kw):
+        return _StepsHang(0.0, method_name or self.method)
+
+    def remote(self, *args):
+        if self.method == "generate_rows":
+            self.hung.append(args)
+            return HandleResponse(asyncio.sleep(3600))
+        return super().remote(*args)
+
+    hung: ClassVar[list] = []
+
+
+class _PoolsDown:
+    """``PoolHealth.down`` as the controller would answer it: ``down`` have no running replica."""
+
+    def __init__(self, *down: str) -> None:
+        self.down_pools, self.asked = list(down), []
+
+    async def down(self, names):
+        self.asked.append(list(names))
+        return [name for name in names if name in self.down_pools]
+
+
+@pytest.mark.parametrize("where", ["admission", "loop"])
+@pytest.mark.parametrize("down", [(), ("draft",)])
+def test_a_deadline_missed_waiting_on_a_pool_with_no_replica_is_unavailable(where, down):
+    """Serve holds a call to a pool with no running replica until one runs: the request's
+    deadline then passes. With the pool down that is UNAVAILABLE (503, retry later), not the
+    client's DEADLINE_EXCEEDED with its advice to raise timeout_s."""
+    coord = _coordinator(count_s=30.0 if where == "admission" else 0.0)
+    coord.health = _PoolsDown(*down)
+    _StepsHang.hung.clear()
+    if where == "loop":
+        coord.pools.draft = _StepsHang(0.0)  # every draft step waits, as Serve holds one for a missing replica
+
+    async def run():
+        prepared, stream = await coord.open_stream(RequestFields(prompt=LONG_PROMPT, policy="draft", timeout_s=0.3))
+        async for _ in coord.steps_of(stream, prepared):
+            pass
+
+    with pytest.raises(Exception) as info:
+        asyncio.run(run())
+    err = convert.classify(info.value)
+    assert (err.code, err.http_status) == (("unavailable", 503) if down else ("deadline_exceeded", 504)), err
+    assert coord.health.asked == [["draft", "target"]]
+    assert bool(_StepsHang.hung) == (where == "loop")  # the loop's case failed in the loop
+    if down:
+        assert "draft pool has no running replica" in err.message

@@ -290,3 +290,59 @@ def test_retry_after_is_whole_seconds_rounded_up_and_never_zero():
     from services.http_api import retry_after
 
     assert [retry_after(s) for s in (0.0, 0.4, 1.0, 1.2, 2.0, 2.5)] == ["1", "1", "1", "2", "2", "3"]
+
+
+# -- a stream's status ----------------------------------------------------------------------
+class SteppingCoordinator(FakeCoordinator):
+    """Opens a stream whose loop yields ``steps`` decided steps, then raises ``fail_after``."""
+
+    def __init__(self, steps: int, fail_after: BaseException) -> None:
+        super().__init__()
+        self.steps, self.fail_after = steps, fail_after
+
+    async def open_stream(self, fields):
+        from services.validation import Prepared
+
+        self.opened.append(fields)
+        return Prepared(request=None, policy="draft", threshold=None, request_id="r1"), object()
+
+    async def steps_of(self, stream, prepared):
+        from arbitrage_common.accounting import StepRecord
+
+        for index in range(self.steps):
+            yield StepRecord(index=index, text=f"step {index}", source="draft", score=None, draft_discarded=False,
+                             discarded_draft_text=None, tokens=3, finish_reason="eos")
+        raise self.fail_after
+
+
+def _dead_pool() -> BaseException:
+    from ray.exceptions import RayActorError
+
+    return RayActorError()
+
+
+@pytest.mark.parametrize("route,body", [("/v1/generate", {"prompt": PROMPT, "stream": True}),
+                                        ("/v1/completions", {"model": "draft", "prompt": PROMPT, "stream": True})])
+def test_a_stream_that_fails_before_its_first_step_gets_the_real_status_not_200(route, body):
+    coord = SteppingCoordinator(steps=0, fail_after=_dead_pool())
+    reply = _client(coord).post(route, json=body)
+    assert reply.status_code == 503 and reply.headers["retry-after"], (reply.status_code, reply.text[:300])
+    assert reply.json()["error"]["code"] == "unavailable"
+    assert coord.records[-1][2] == "unavailable"
+
+
+def test_a_stream_that_fails_before_its_first_step_on_bad_input_is_422():
+    coord = SteppingCoordinator(steps=0, fail_after=InvalidArgument("prompt", "leaves no room in the context"))
+    reply = _client(coord).post("/v1/generate", json={"prompt": PROMPT, "stream": True})
+    assert reply.status_code == 422 and reply.json()["error"]["param"] == "prompt", reply.text[:300]
+
+
+def test_a_stream_that_fails_after_a_step_keeps_its_200_and_ends_with_an_error_event():
+    coord = SteppingCoordinator(steps=1, fail_after=_dead_pool())
+    reply = _client(coord).post("/v1/generate", json={"prompt": PROMPT, "stream": True})
+    assert reply.status_code == 200
+    events = [line for line in reply.text.splitlines() if line]
+    assert events[0] == "event: step" and json.loads(events[1].removeprefix("data: "))["text"] == "step 0"
+    assert events[2] == "event: error" and json.loads(events[3].removeprefix("data: "))["error"]["code"] == \
+        "unavailable"
+    assert len(events) == 4 and coord.records[-1][2] == "unavailable"

@@ -53,6 +53,16 @@ def test_oracle_on_advantage():
     assert make_policy("oracle").route_to_target(0.0) is False
 
 
+def test_random_policy_without_a_seed_routes_as_seed_0_every_time():
+    """An unset seed is 0 (as for sampling): the same request routes the same way each time."""
+    def routes(policy):
+        return [policy.route_to_target() for _ in range(64)]
+
+    unset = [routes(make_policy("random", 0.5)) for _ in range(3)]
+    zero = routes(make_policy("random", 0.5, seed=0))
+    assert unset[0] == unset[1] == unset[2] == zero and 0 < sum(zero) < 64
+
+
 def test_random_is_seeded_and_respects_extremes():
     p1, p2 = make_policy("random", 0.5, seed=7), make_policy("random", 0.5, seed=7)
     seq1 = [p1.route_to_target() for _ in range(50)]

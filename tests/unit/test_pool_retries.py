@@ -64,9 +64,25 @@ def test_no_retry_once_the_deadline_leaves_no_room():
     assert call.calls == 1
 
 
+def _rpc_error(code):
+    import grpc
+
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="replica shutting down")
+
+
 def test_retry_reasons():
+    import grpc
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import DeploymentUnavailableError
+
     assert retry_reason(ActorDiedError()) == "replica"
     assert retry_reason(BackPressureError(num_queued_requests=1, max_queued_requests=1)) == "full"
+    # a pool that failed to deploy is no evidence of load (the threshold controller reads "full" as load)
+    assert retry_reason(DeploymentUnavailableError(DeploymentID(name="draft", app_name="a"))) == "replica"
+    # a replica's gRPC server that shut down under the call (pool_calls_over_grpc): Serve passes it on raw
+    assert retry_reason(_rpc_error(grpc.StatusCode.CANCELLED)) == "replica"
+    assert retry_reason(_rpc_error(grpc.StatusCode.UNAVAILABLE)) == "replica"
+    assert retry_reason(_rpc_error(grpc.StatusCode.INVALID_ARGUMENT)) is None
     assert retry_reason(TimeoutError()) is None
     assert retry_reason(ValueError()) is None
 
@@ -154,3 +170,59 @@ def test_a_full_pool_fails_every_row_as_overload_before_its_deadline_merged_or_n
                                     one(pools, "far", 1.5, 0.01))
 
     assert asyncio.run(three()) == ["resource_exhausted"] * 3
+
+
+class _DiesOnSecondCall:
+    """A generator pool handle whose second ``generate_rows`` call finds its replica dead;
+    every call takes ``hold_s`` (so rows queue behind the first and merge)."""
+
+    def __init__(self, hold_s: float = 0.05) -> None:
+        self.calls: list[list[str]] = []
+        self.hold_s = hold_s
+
+    def options(self, **kw):
+        return self
+
+    def remote(self, prefix_lists, option_list, sessions, aheads, release):
+        from arbitrage_common.interfaces import Generation
+
+        self.calls.append([p[0] for p in prefix_lists])
+        dies = len(self.calls) == 2
+
+        async def answer():
+            await asyncio.sleep(self.hold_s)
+            if dies:
+                raise ActorDiedError()
+            return [[Generation(p[0] + "!", 1, "eos", 0.0)] for p in prefix_lists]
+        return HandleResponse(answer())
+
+
+@pytest.mark.parametrize("with_short_neighbour", [False, True])
+def test_a_short_deadline_in_a_merged_call_does_not_cost_its_neighbours_their_retries(with_short_neighbour):
+    """B (30 s) queues behind C's call; with A (60 ms) beside it, their merged call dies and
+    A has no time left to retry. B must still get its step, as it does alone."""
+    from arbitrage_common.interfaces import GenerationOptions
+    from services.handles import PoolHandles
+
+    async def scenario():
+        handle = _DiesOnSecondCall()
+        pools = PoolHandles(handle, handle, retry=RetryPolicy(retries=3, base_s=0.001), lanes={"draft": 1})
+        now, options = time.monotonic(), GenerationOptions()
+        first = asyncio.create_task(pools.models("C", now + 30).draft.generate(["c"], options))
+        await asyncio.sleep(0)
+        rows = {"B": asyncio.create_task(pools.models("B", now + 30).draft.generate(["b"], options))}
+        if with_short_neighbour:
+            rows["A"] = asyncio.create_task(pools.models("A", now + 0.06).draft.generate(["a"], options))
+        await first
+        outcomes = {}
+        for name, task in rows.items():
+            try:
+                outcomes[name] = (await task)[0].text
+            except ActorDiedError as exc:
+                outcomes[name] = f"{type(exc).__name__} ({exc.pool})"
+        return outcomes, handle.calls
+
+    outcomes, calls = asyncio.run(scenario())
+    assert outcomes["B"] == "b!", (outcomes, calls)
+    if with_short_neighbour:
+        assert outcomes["A"] == "ActorDiedError (draft)" and ["b", "a"] in calls, (outcomes, calls)

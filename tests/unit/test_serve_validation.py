@@ -215,6 +215,19 @@ def test_no_answer_leaves_the_optional_unset():
     assert convert.result_json(r, prepared)["answer"] is None
 
 
+def test_an_answer_step_the_token_budget_cut_gives_no_answer():
+    """``Answer: 91`` cut from ``Answer: 914`` by max_new_tokens is not an answer."""
+    r = _result()
+    r.steps[-1] = dataclasses.replace(r.steps[-1], text="Answer: 1", finish_reason="length")
+    r.finish_reason = "length"
+    prepared = prepare(RequestFields(prompt=PROMPT), _cfg())
+    assert r.text.endswith("Answer: 1")
+    assert convert.result_json(r, prepared)["answer"] is None
+    assert not convert.result_proto(r, prepared).HasField("answer")
+    openai = convert.openai_response(r, prepared, "arbitrage", chat=False)
+    assert openai["arbitrage"]["answer"] is None
+
+
 @pytest.mark.parametrize("answer,expected", [
     ("123456789012345678901234567890", None),          # 30 digits: no int64 holds it
     ("-123456789012345678901234567890", None),
