@@ -266,15 +266,16 @@ class LoopStream:
             return self._record(index, source, gen, score, None)
 
         problem = self.request.prompt.strip()
+        # Until the step is decided the draft counts as discarded, so a deadline in the
+        # middle of the step still accounts for the tokens spent (``_scored_draft`` books its
+        # draft before it scores it).
         if self.request.lookahead and not policy.runs_both:
             assert policy.scorer is not None
             draft, score = await self._scored_draft(prefix, history, problem, policy.scorer)
         else:
             draft = await self._draft(prefix)
             score = None
-        # Until the step is decided the draft counts as discarded, so a deadline in the
-        # middle of the step still accounts for the tokens spent.
-        usage.draft_tokens_discarded += draft.tokens
+            usage.draft_tokens_discarded += draft.tokens
 
         # The draft's step is the target's proposal: the target keeps the run of it that it would
         # write itself (same output) and decodes only the rest.
@@ -389,6 +390,7 @@ class LoopStream:
                     raise _DeadlinePassed  # as the plain loop's next call would
                 self._ahead.pop(0)
                 self.usage.speculative_drafts_used += 1
+                self.usage.draft_tokens_discarded += ahead.gen.tokens  # until the step is decided
                 return ahead.gen, ahead.score
             self._drop_ahead()  # cannot happen: never use a step drafted for another call
         plan = DraftAhead(self.request.lookahead, self._tokens_left(), self.request.max_steps - len(self.steps),
@@ -409,6 +411,7 @@ class LoopStream:
         # Until scored, the stash books as dropped if the scorer call fails (``_run``'s finally).
         items = [ScoreItem(problem, history, draft.text)] + [ScoreItem(problem, a.history, a.gen.text)
                                                              for a in self._ahead]
+        self.usage.draft_tokens_discarded += draft.tokens  # until the step is decided
         scores = await self._score(role, items)
         self._ahead = [dataclasses.replace(a, score=s) for a, s in zip(self._ahead, scores[1:])]
         return draft, scores[0]

@@ -238,3 +238,19 @@ def test_the_limit_reaches_requests_and_renderings():
     assert AppConfig(**rendered).limits.draft_lookahead == 2
     off = render_serve_config(_cfg())["applications"][0]["args"]
     assert "draft_lookahead" not in off.get("limits", {})
+
+
+@pytest.mark.parametrize("lookahead", [0, 1, 2])
+def test_a_deadline_while_the_router_scores_books_the_draft_as_discarded_with_or_without_lookahead(lookahead):
+    """The first step's draft is written and the router is still scoring it when the deadline
+    passes: its tokens were spent, so the partial usage books them, as the plain loop does."""
+    from arbitrage_common.loop import LoopRequest, Models, run_loop
+    from arbitrage_common.policies import make_policy
+
+    draft = ScriptedGenerator(["a b c", "d e", ("f", "eos")], tokenize=words)
+    target = ScriptedGenerator(["x", "y", "z"], tokenize=words)
+    request = LoopRequest("p", make_policy("arbitrage", 0.5), deadline_s=0.05, lookahead=lookahead)
+    with pytest.raises(DeadlineExceeded) as info:
+        asyncio.run(run_loop(request, Models(draft=draft, target=target, router=TableScorer({}, delay=0.5))))
+    usage = info.value.partial.usage
+    assert usage.draft_tokens_discarded == 3, usage  # "a b c"; steps drafted ahead book as speculative
