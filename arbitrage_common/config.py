@@ -21,13 +21,14 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    ValidationError,
     field_validator,
     model_validator,
 )
 
 from .autoscaling import POLICY_FUNCTION as ROWS_POLICY_FUNCTION
 from .errors import InvalidArgument
-from .kuberay.spec import ClusterSpec
+from .kuberay.spec import RESERVED_PORTS, ClusterSpec
 from .paths import project_home
 from .policies import POLICIES, make_policy
 from .steps import DEFAULT_PROMPT_TEMPLATE, PROBLEM_FIELD, STEP_DELIMITER
@@ -43,6 +44,10 @@ SCORER_ROLES: tuple[Role, ...] = ("router", "prm")
 # direct gRPC channel between replicas, as coordinator.pool_calls_over_grpc does for the pools
 # (serve bench, 3 runs each: overhead 1.02 against 1.07 without it). A variable already set wins.
 RAY_CLUSTER_ENV: dict[str, str] = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+
+# The shortest coordinator.health_probe_s: each probe asks the Serve controller
+# (serve.status()), from every coordinator replica; faster would keep the controller busy.
+MIN_HEALTH_PROBE_S = 0.1
 
 # Merged-call lanes per pool replica when a pool can have several (PoolSpec.merge_lanes):
 # more lanes than replicas so that hashing the lanes onto replicas leaves none without one.
@@ -172,21 +177,55 @@ class AutoscalingSpec(_Strict):
         return self
 
 
+# Ray's own resources, by the names a placement bundle gives them; `ray_actor_options` names
+# them num_cpus, num_gpus and memory instead.
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _resource_problem(name: str, amount: float, builtin_ok: bool) -> str | None:
+    """Why ``name: amount`` cannot be a Ray resource request, or None."""
+    if not math.isfinite(amount) or amount < 0:
+        return f"{name}: {amount!r} is not an amount (a number >= 0)"
+    exact = next((b for b in RAY_BUILTIN_RESOURCES if b.lower() == name.lower()), None)
+    if exact is not None and not builtin_ok:
+        return (f"{name}: Ray's own resource; use num_cpus, num_gpus or memory (resources holds custom ones, "
+                f"e.g. {{'pool_target': 1}})")
+    if exact is not None and name != exact:
+        return (f"{name}: not Ray's {exact!r} (resource names are case-sensitive: Ray would wait for a custom "
+                f"resource {name!r} that no node offers)")
+    return None
+
+
 class ActorOptionsSpec(_Strict):
     """Ray Serve ``ray_actor_options`` of every replica of a deployment."""
 
     num_cpus: float | None = Field(None, ge=0, description="CPUs reserved per replica (Ray's default is 1; use 0 "
                                                            "or fractions when many deployments share few cores).")
     num_gpus: float | None = Field(None, ge=0, description="GPUs reserved per replica (fractions share one GPU).")
-    memory: int | None = Field(None, ge=0, description="Heap memory reserved per replica, bytes.")
+    memory: int | None = Field(None, ge=0, description="Heap memory reserved per replica, bytes (on KubeRay it "
+                                                       "must fit the worker group's Pod memory, cluster.<group>."
+                                                       "memory).")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom resources, e.g. "
-                                                                         "{'pool_target': 1} to pin to a worker group.")
+                                                                         "{'pool_target': 1} to pin to a worker "
+                                                                         "group (`arbitrage k8s render` makes the "
+                                                                         "group's Pods offer them). Not CPU, GPU or "
+                                                                         "memory: num_cpus, num_gpus, memory.")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100'.")
     label_selector: dict[str, str] = Field(default_factory=dict, description="Ray node labels a replica's node "
                                                                              "must carry, e.g. {'arbitrage-serve.io/"
                                                                              "group': 'target'} (the KubeRay "
-                                                                             "rendering pins every pool this way).")
+                                                                             "rendering pins every pool this way, "
+                                                                             "merging the group's label into "
+                                                                             "these).")
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env (env_vars, ...).")
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if (problem := _resource_problem(name, amount, builtin_ok=False)) is not None:
+                raise ValueError(problem)
+        return v
 
     def to_ray(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True, exclude_defaults=True)
@@ -202,13 +241,20 @@ class DeploymentSpec(_Strict):
                                                 description="Resources of each replica.")
     max_ongoing_requests: PositiveInt = Field(16, description="Requests one replica works on at once; the router "
                                                               "queues the rest.")
-    max_queued_requests: int = Field(-1, ge=-1, description="Requests queued at callers beyond the ongoing ones "
-                                                            "before new ones are rejected (RESOURCE_EXHAUSTED / "
-                                                            "503); -1: unbounded.")
+    max_queued_requests: int = Field(-1, description="Requests queued at callers beyond the ongoing ones "
+                                                     "before new ones are rejected (RESOURCE_EXHAUSTED / "
+                                                     "503); -1: unbounded, else at least 1 (Ray Serve refuses 0).")
     graceful_shutdown_timeout_s: float = Field(10.0, ge=0, description="Seconds a stopping replica may finish "
                                                                        "its requests.")
     access_log: bool = Field(True, description="Log every call to this deployment (Serve access log). Pools get "
                                                "one call per step, so they default to off.")
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue_bound(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError(f"{v}: must be -1 (no limit) or at least 1 (Ray Serve refuses {v})")
+        return v
 
     @model_validator(mode="after")
     def _replicas(self) -> DeploymentSpec:
@@ -267,7 +313,17 @@ class PoolSpec(DeploymentSpec):
         None, description="How the bundles spread over nodes (None: Ray's PACK).")
     placement_group_bundle_label_selector: list[dict[str, str]] | None = Field(
         None, description="Ray node labels each bundle's node must carry (one selector for all bundles, or one "
-                          "per bundle); how a pool with bundles is pinned to a worker group.")
+                          "per bundle); how a pool with bundles is pinned to a worker group (the KubeRay rendering "
+                          "merges the group's label into each).")
+
+    @field_validator("placement_group_bundles")
+    @classmethod
+    def _bundle_resources(cls, v: list[dict[str, float]] | None) -> list[dict[str, float]] | None:
+        for i, bundle in enumerate(v or ()):
+            for name, amount in bundle.items():
+                if (problem := _resource_problem(name, amount, builtin_ok=True)) is not None:
+                    raise ValueError(f"bundle {i}: {problem}")
+        return v
 
     @model_validator(mode="after")
     def _placement(self) -> PoolSpec:
@@ -342,8 +398,10 @@ class CoordinatorSpec(DeploymentSpec):
                                                    "died or its pool was full (within the request's deadline).")
     retry_backoff_s: float = Field(0.05, gt=0, description="First retry backoff; it doubles per retry (full "
                                                           "jitter), capped at 1 s.")
-    health_probe_s: float = Field(2.0, gt=0, description="How often each coordinator replica probes the pools "
-                                                         "for gRPC Check/Watch and /healthz.")
+    health_probe_s: float = Field(2.0, ge=MIN_HEALTH_PROBE_S, description="How often each coordinator replica "
+                                                                          "probes the pools for gRPC Check/Watch "
+                                                                          "and /healthz, seconds (at least 0.1: "
+                                                                          "each probe asks the Serve controller).")
     merge_calls: bool = Field(True, exclude_if=lambda v: v is True,
                               description="Merge the step calls that concurrent requests make to one pool into one "
                                           "Serve call per lane (arbitrage_common.coalesce): under load a handle "
@@ -566,14 +624,31 @@ class AuthSpec(_Strict):
         return v
 
 
+def _not_a_ray_port(port: int) -> int:
+    """A proxy port must differ from the ports Ray itself binds on every node of a rendered
+    KubeRay cluster (``kuberay.spec.RESERVED_PORTS``): the head's GCS, dashboard and client
+    server, and every Pod's metrics export port."""
+    if port in RESERVED_PORTS:
+        fixed = ", ".join(f"{name} {p}" for p, name in sorted(RESERVED_PORTS.items()))
+        raise ValueError(f"{port} is Ray's {RESERVED_PORTS[port]} port on the cluster this config renders to "
+                         f"(`arbitrage k8s render`; Ray's fixed ports: {fixed}); choose another")
+    return port
+
+
 class HTTPSpec(_Strict):
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 in containers).")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port (FastAPI ingress, OpenAI-compatible routes).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port (FastAPI ingress, OpenAI-compatible routes); "
+                                                        "not one of Ray's (6379, 8080, 8265, 10001).")
+
+    _port = field_validator("port")(_not_a_ray_port)
 
 
 class GRPCSpec(_Strict):
-    port: int = Field(9000, ge=1, le=65535, description="gRPC port (ArbitrageService, health, reflection).")
+    port: int = Field(9000, ge=1, le=65535, description="gRPC port (ArbitrageService, health, reflection); not one "
+                                                        "of Ray's (6379, 8080, 8265, 10001).")
     enable_reflection: bool = Field(True, description="Serve gRPC server reflection.")
+
+    _port = field_validator("port")(_not_a_ray_port)
 
 
 # AppConfig.name is the Serve application's name and the KubeRay RayService's metadata.name:
@@ -692,9 +767,48 @@ def yaml_error(exc: Exception) -> str:
     return " ".join(f"{problem}{where}".split())
 
 
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def validation_problems(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted field, message) of every error of a pydantic ValidationError, each message on one
+    line. A whole-config validator's error has no location: its message starts with the field
+    it blames (``"grpc.port: ..."``), which becomes the field."""
+    out = []
+    for err in exc.errors():
+        msg = " ".join(err["msg"].removeprefix("Value error, ").split())
+        field = prefix + _loc(err["loc"]) if err["loc"] else ""
+        if not field:
+            named = re.match(r"([\w.\[\]]+): (.*)", msg, re.DOTALL)
+            field, msg = (prefix + named[1], named[2]) if named else (prefix.rstrip(".") or "(top level)", msg)
+        out.append((field, msg))
+    return out
+
+
+class ConfigError(ValueError):
+    """A config file that does not validate: one line per problem, ``<file>: <field>: <message>``
+    (what ``arbitrage config check`` prints), instead of pydantic's multi-line dump."""
+
+    def __init__(self, file: str | Path, problems: list[tuple[str, str]]):
+        self.file = str(file)
+        self.problems = list(problems)
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        return [f"{self.file}: {field}: {message}" for field, message in self.problems]
+
+    def __reduce__(self):
+        return (type(self), (self.file, self.problems))
+
+
 def load_config(path: str | Path) -> AppConfig:
     """An AppConfig from a YAML (or JSON) file. Relative model paths stay relative: they
-    resolve against ``base_dir`` or the builder's working directory."""
+    resolve against ``base_dir`` or the builder's working directory. A file that does not
+    validate raises ``ConfigError`` naming the file and each field at fault."""
     import yaml
 
     text = Path(path).read_text()  # OSError (missing, a directory) names the path itself
@@ -704,7 +818,10 @@ def load_config(path: str | Path) -> AppConfig:
         raise ValueError(f"{path}: not YAML: {yaml_error(exc)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")  # noqa: TRY004 (a config error)
-    return AppConfig.model_validate(data)
+    try:
+        return AppConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(path, validation_problems(exc)) from None
 
 
 def render_serve_config(cfg: AppConfig) -> dict[str, Any]:

@@ -41,7 +41,13 @@ from arbitrage_common.interfaces import Generation, GenerationOptions, ScoreItem
 from arbitrage_common.lookahead import DraftAhead, chain, chain_rows
 from arbitrage_common.presets import check_pool_model
 
-_BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
+# Rows of one forward pass (arbitrage_pool_batch_size): up to max_batch_size calls, each with
+# several rows on scorer pools (a router call scores 1 + draft_lookahead items, up to 9), so
+# 1 .. 4096 covers max_batch_size 64 x 9 = 576 of the presets and pools up to 455 calls a batch.
+BATCH_ROWS_BOUNDARIES = [2**i for i in range(13)]
+BATCH_ROWS_DESCRIPTION = ("Rows in one batched forward pass: prefixes generated (generator pools) or items "
+                          "scored (scorer pools; a call can carry several, e.g. a router call 1 + "
+                          "draft_lookahead), over all the calls batched into it.")
 # Up to 30 s: one vLLM call may decode a 512-token step for many rows.
 _MS_BOUNDARIES = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 
@@ -89,8 +95,8 @@ class _Pool:
         self.model_path = model["path"]
         self.backend_name = model.get("backend", "transformers")
         tags = ("role",)
-        self._batch_size = Histogram("arbitrage_pool_batch_size", description="Calls merged into one forward pass.",
-                                     boundaries=_BATCH_BOUNDARIES, tag_keys=tags)
+        self._batch_size = Histogram("arbitrage_pool_batch_size", description=BATCH_ROWS_DESCRIPTION,
+                                     boundaries=BATCH_ROWS_BOUNDARIES, tag_keys=tags)
         self._batch_ms = Histogram("arbitrage_pool_batch_ms", description="Wall ms of one batched forward pass.",
                                    boundaries=_MS_BOUNDARIES, tag_keys=tags)
         self._items = Counter("arbitrage_pool_items_total", description="Prefixes generated or items scored.",

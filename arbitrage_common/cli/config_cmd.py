@@ -3,7 +3,6 @@ configs/*.yaml, rendered Serve YAMLs) without loading any weights."""
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,25 +30,13 @@ def default_files() -> list[Path]:
     return list_presets(PRESETS_DIR) + sorted((REPO_ROOT / "configs").glob("*.yaml"))
 
 
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
 def _validation_problems(exc, prefix: str = "") -> list:
+    """Every error of a ValidationError as a Finding (``config.validation_problems``: the same
+    lines ``load_config``'s ConfigError carries)."""
+    from ..config import validation_problems
     from ..presets import Finding
 
-    out = []
-    for err in exc.errors():
-        msg = err["msg"].removeprefix("Value error, ")
-        field = prefix + _loc(err["loc"]) if err["loc"] else ""
-        if not field:  # a whole-config validator: its message starts with the field it blames
-            named = re.match(r"([\w.\[\]]+): (.*)", msg, re.DOTALL)
-            field, msg = (prefix + named[1], named[2]) if named else (prefix.rstrip(".") or "(top level)", msg)
-        out.append(Finding(field, msg))
-    return out
+    return [Finding(field, message) for field, message in validation_problems(exc, prefix)]
 
 
 def _serve_option_problems(cfg) -> tuple[list, list]:
@@ -71,7 +58,8 @@ def _serve_option_problems(cfg) -> tuple[list, list]:
         try:
             serve.deployment(_Probe, **options)
         except Exception as exc:  # noqa: BLE001 (Ray raises ValueError, TypeError, RayServeException...)
-            errors.append(Finding(where, f"Ray Serve refuses the deployment options: {exc}"))
+            # one line: Ray's messages (pydantic's among them) can span several
+            errors.append(Finding(where, f"Ray Serve refuses the deployment options: {' '.join(str(exc).split())}"))
     return errors, []
 
 
@@ -160,6 +148,12 @@ def check_file(file: str | Path, paths: bool = False) -> dict:
             pools.update(_pool_summary(cfg))
     return {"file": str(path), "ok": not errors, "errors": [str(p) for p in errors],
             "warnings": [str(p) for p in warnings], "pools": pools}
+
+
+def config_check_errors(files) -> list[str]:
+    """``<file>: <field>: <message>`` for every error ``arbitrage config check`` finds in ``files``
+    (no path checks): what `arbitrage k8s render` refuses to render."""
+    return [f"{r['file']}: {e}" for r in (check_file(f) for f in files) for e in r["errors"]]
 
 
 def _pool_summary(cfg) -> dict[str, dict]:

@@ -23,15 +23,24 @@ def add_k8s_parser(sub) -> None:
 
 def _render(args) -> int:
     from ..config import load_config
-    from ..kuberay.targets import default_out, drift, render_targets, target_config, target_names, write_files
+    from ..kuberay.targets import default_out, drift, render_targets, target_names, target_path, write_files
+    from .config_cmd import config_check_errors
 
     if args.config:
         if args.preset:
             raise ValueError("--config and --preset: name one kind of target")
-        configs = {args.name or Path(args.config).stem: load_config(args.config)}
+        paths = {args.name or Path(args.config).stem: Path(args.config)}
     else:
-        configs = {name: target_config(name) for name in (args.preset or target_names())}
-    files = render_targets(configs)  # every error surfaces here, before a file is written
+        paths = {name: target_path(name) for name in (args.preset or target_names())}
+    configs = {name: load_config(path) for name, path in paths.items()}  # ConfigError: file, field, message
+    # Then everything else `arbitrage config check` refuses (Ray Serve's own option checks, the
+    # GPU rules): a manifest of a config that check fails would never come up on the cluster.
+    problems = config_check_errors(paths.values())
+    if problems:
+        for line in problems:  # `<file>: <field>: <message>`, the lines `config check` prints
+            print(f"arbitrage: error: {line}", file=sys.stderr)
+        return 1
+    files = render_targets(configs)  # every rendering error surfaces here, before a file is written
     out = Path(args.out) if args.out else default_out()
     if args.check:
         stale = drift(files, out)

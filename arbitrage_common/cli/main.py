@@ -78,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         print("arbitrage: interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT
     except (ValueError, RuntimeError) as exc:
-        # Known failures (bad checkpoint, invalid field) print one clear line, no traceback.
-        print(f"arbitrage: error: {exc}", file=sys.stderr)
+        # Known failures (bad checkpoint, invalid field) print one clear line, no traceback; a
+        # config that does not validate one per problem (`<file>: <field>: <message>`).
+        from ..config import ConfigError
+
+        for line in exc.lines() if isinstance(exc, ConfigError) else [str(exc)]:
+            print(f"arbitrage: error: {line}", file=sys.stderr)
         return ERROR_EXIT
     except OSError as exc:  # a path that cannot be read or written: missing, a directory, under a file...
         print(f"arbitrage: error: {_os_error(exc)}", file=sys.stderr)

@@ -8,18 +8,21 @@ unchanged. Pure logic: yaml and pydantic only.
 """
 from __future__ import annotations
 
+import json
 import math
+import re
 from typing import Any
 
 import yaml
 
 from ..config import RAY_CLUSTER_ENV, AppConfig, render_serve_config
-from .sizing import GroupSize, group_sizes
-from .spec import GROUP_LABEL, GROUP_OF
+from .sizing import GroupSize, SizingError, group_sizes
+from .spec import GROUP_LABEL, GROUP_OF, METRICS_PORT, RAY_IMAGE_PORTS, RAY_LABEL_PREFIX
 
-RAY_IMAGE_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
 SERVE_PORT_NAMES = ("serve", "serve-grpc")  # KubeRay 1.6+ puts every serve / serve-* port on the serve Service
-METRICS_PORT = 8080
+# Custom resource names the rendering passes to `ray start --resources='<json>'` (inside single
+# quotes on KubeRay's shell command line): no quote may end them early.
+_RESOURCE_NAME = re.compile(r"[A-Za-z0-9_.:/-]+")
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 APP_LABEL = "app.kubernetes.io/name"
@@ -28,20 +31,63 @@ AUTOSCALER_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
 DELETION_MARGIN_S = 30
 
 
-def _pin(spec, group: str) -> dict[str, Any]:
-    """The fields that pin one deployment spec to its group (bundled pools pin every bundle)."""
-    selector = {GROUP_LABEL: group}
-    if getattr(spec, "placement_group_bundles", None):
-        return {"placement_group_bundle_label_selector": [selector]}
-    return {"ray_actor_options": {**spec.ray_actor_options.model_dump(mode="json"), "label_selector": selector}}
+def _where(role: str) -> str:
+    return "coordinator" if role == "coordinator" else f"pools.{role}"
+
+
+def _selector_problem(selector: dict[str, str], group: str, offered: dict[str, str]) -> str | None:
+    """Why a replica (or bundle) selecting ``selector`` could never land on a Pod of ``group``,
+    whose Ray nodes carry ``offered`` (the group label and ``cluster.<group>.labels``), or None.
+    Ray's own labels (``ray.io/...``) are Ray's to set and pass unchecked."""
+    for key, value in selector.items():
+        if key == GROUP_LABEL:
+            if value != group:
+                return (f"{key}: {value!r} conflicts with the rendering, which pins this deployment to its worker "
+                        f"group with {GROUP_LABEL}: {group!r} (leave the key out)")
+        elif key.startswith(RAY_LABEL_PREFIX):
+            continue
+        elif key not in offered:
+            return (f"{key}: no Pod of worker group {group!r} carries this Ray node label (declare it in "
+                    f"cluster.{group}.labels)")
+        elif not value.startswith(("!", "in(")) and value != offered[key]:
+            return (f"{key}: {value!r}, but worker group {group!r} carries {key}: {offered[key]!r} "
+                    f"(cluster.{group}.labels)")
+    return None
+
+
+def _pin(spec, role: str, offered: dict[str, str]) -> dict[str, Any]:
+    """The fields that pin one deployment spec to its group (bundled pools pin every bundle):
+    the user's own selectors, each merged with the group label. Raises SizingError (a
+    ValueError) naming the field for a selector no Pod of the group matches."""
+    group = GROUP_OF[role]
+    pin = {GROUP_LABEL: group}
+    bundles = getattr(spec, "placement_group_bundles", None)
+    if bundles:
+        field = f"{_where(role)}.placement_group_bundle_label_selector"
+        selectors = spec.placement_group_bundle_label_selector or [{}]
+        for i, selector in enumerate(selectors):
+            if (problem := _selector_problem(selector, group, offered)) is not None:
+                raise SizingError(f"{field}[{i}]: {problem}")
+        # one merged selector per selector given (1: all bundles alike), group label last: it wins
+        return {"placement_group_bundle_label_selector": [{**selector, **pin} for selector in selectors]}
+    options = spec.ray_actor_options
+    if (problem := _selector_problem(options.label_selector, group, offered)) is not None:
+        raise SizingError(f"{_where(role)}.ray_actor_options.label_selector: {problem}")
+    return {"ray_actor_options": {**options.model_dump(mode="json"),
+                                  "label_selector": {**options.label_selector, **pin}}}
+
+
+def _group_labels(cfg: AppConfig, group: str) -> dict[str, str]:
+    """The Ray node labels of a group's Pods (KubeRay's group ``labels``)."""
+    return {GROUP_LABEL: group, **cfg.cluster.group(group).labels}
 
 
 def cluster_app_config(cfg: AppConfig) -> AppConfig:
     """``cfg`` as it is served on its KubeRay cluster (see the module docstring)."""
     data = cfg.model_dump(mode="json")
     for role, spec in cfg.pools.configured():
-        data["pools"][role].update(_pin(spec, GROUP_OF[role]))
-    data["coordinator"].update(_pin(cfg.coordinator, GROUP_OF["coordinator"]))
+        data["pools"][role].update(_pin(spec, role, _group_labels(cfg, GROUP_OF[role])))
+    data["coordinator"].update(_pin(cfg.coordinator, "coordinator", _group_labels(cfg, GROUP_OF["coordinator"])))
     data["http"]["host"] = "0.0.0.0"
     data["model_path_check"] = "replicas"
     if cfg.cluster.base_dir is not None:
@@ -127,8 +173,24 @@ def _head(cfg: AppConfig) -> dict[str, Any]:
     }
 
 
+def ray_start_resources(resources: dict[str, int]) -> str:
+    """``rayStartParams`` ``resources``: the JSON object in single quotes, the form KubeRay
+    writes itself (it lands on the ``ray start`` shell command line) and that both KubeRay and
+    the Ray autoscaler parse (they strip the outer quotes; the values must be whole numbers)."""
+    return "'" + json.dumps(dict(sorted(resources.items()))) + "'"
+
+
 def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
     shape = cfg.cluster.group(size.name)
+    start_params = {"metrics-export-port": str(METRICS_PORT)}
+    if size.resources:
+        # The custom resources the group's pools ask for (ray_actor_options.resources, bundle
+        # keys): without them on the group's nodes such replicas could never be placed.
+        bad = next((r for r in size.resources if not _RESOURCE_NAME.fullmatch(r)), None)
+        if bad is not None:
+            raise SizingError(f"{bad!r}: a custom resource of worker group {size.name!r} that the rendering cannot "
+                              f"pass to `ray start --resources` (letters, digits, '_', '.', ':', '/', '-' only)")
+        start_params["resources"] = ray_start_resources(size.resources)
     pod_spec: dict[str, Any] = {"containers": [_container("ray-worker", cfg.cluster.image,
                                                           _resources(size.cpus, shape.memory, size.gpus),
                                                           _serve_ports(cfg), auth_secret_env(cfg))]}
@@ -140,8 +202,8 @@ def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
         "minReplicas": size.min_pods,
         "maxReplicas": size.max_pods,
         # Ray node labels (KubeRay 1.5+): the deployments of this group select them.
-        "labels": {GROUP_LABEL: size.name},
-        "rayStartParams": {"metrics-export-port": str(METRICS_PORT)},
+        "labels": _group_labels(cfg, size.name),
+        "rayStartParams": start_params,
         "template": {"metadata": {"labels": {APP_LABEL: "arbitrage-serve", GROUP_LABEL: size.name}},
                      "spec": pod_spec},
     }

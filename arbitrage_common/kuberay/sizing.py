@@ -1,21 +1,27 @@
 """Worker-group sizes from the pools: what one replica needs, how replicas pack into Pods,
 and the ``minReplicas`` / ``replicas`` / ``maxReplicas`` of each group.
 
-A Pod offers ``cpus`` CPUs and ``gpus`` whole GPU devices. A replica needing a fraction of a
-GPU must fit on one device (Ray never splits a fraction across devices); one needing ``n >= 1``
-GPUs takes ``n`` whole devices. A replica with placement bundles packs all of them into one
-Pod (PACK / STRICT_PACK: a tensor-parallel engine's ranks on one node). Replicas are packed
-first-fit decreasing, so the Pod counts are what Ray's scheduler can really place.
+A Pod offers ``cpus`` CPUs, ``gpus`` whole GPU devices and its ``memory`` (KubeRay passes the
+container's memory limit to ``ray start --memory``). A replica needing a fraction of a GPU must
+fit on one device (Ray never splits a fraction across devices); one needing ``n >= 1`` GPUs
+takes ``n`` whole devices. A replica with placement bundles packs all of them into one Pod
+(PACK / STRICT_PACK: a tensor-parallel engine's ranks on one node). Replicas are packed
+first-fit decreasing, so the Pod counts are what Ray's scheduler can really place. Custom
+resources a replica asks for (``ray_actor_options.resources``, or a bundle's own keys) are
+offered by its group's Pods (``GroupSize.resources``), enough for every replica that fits a
+Pod, so they pin without ever being what limits the packing.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-from .spec import GROUP_NAMES, GROUP_OF, ClusterSpec, GroupName
+from .spec import GROUP_NAMES, GROUP_OF, ClusterSpec, GroupName, quantity_bytes
 
 RAY_DEFAULT_REPLICA_CPUS = 1.0  # Serve's default num_cpus per replica
 _EPS = 1e-9
+# Bundle keys Ray accounts for itself; any other key is a custom resource.
+_BUILTIN_BUNDLE_KEYS = ("CPU", "GPU", "memory", "object_store_memory")
 
 
 class SizingError(ValueError):
@@ -30,6 +36,10 @@ class Demand:
     cpus: float
     gpus: float
     source: str  # the config field the GPUs come from, for error messages
+    memory: float = 0.0  # bytes (Ray's memory resource)
+    memory_source: str = "ray_actor_options.memory"
+    resources: dict[str, float] = field(default_factory=dict)  # custom resources
+    resources_source: str = "ray_actor_options.resources"
 
 
 @dataclass(frozen=True)
@@ -43,7 +53,8 @@ class Bounds:
 
 @dataclass(frozen=True)
 class GroupSize:
-    """One worker group: its Pod shape and Pod counts."""
+    """One worker group: its Pod shape and Pod counts, and the custom resources each Pod
+    offers (``rayStartParams`` ``resources``; whole numbers, as the Ray autoscaler reads them)."""
 
     name: GroupName
     deployments: tuple[str, ...]
@@ -52,15 +63,17 @@ class GroupSize:
     min_pods: int
     initial_pods: int
     max_pods: int
+    resources: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
 class _Pod:
     cpus: float
     devices: list[float] = field(default_factory=list)  # free fraction of each GPU
+    memory: float = math.inf  # free bytes
 
     def place(self, d: Demand) -> bool:
-        if d.cpus > self.cpus + _EPS:
+        if d.cpus > self.cpus + _EPS or d.memory > self.memory * (1 + _EPS):
             return False
         if 0 < d.gpus < 1:
             fits = [i for i, free in enumerate(self.devices) if free + _EPS >= d.gpus]
@@ -76,6 +89,7 @@ class _Pod:
             for i in whole[:need]:
                 self.devices[i] = 0.0
         self.cpus -= d.cpus
+        self.memory -= d.memory
         return True
 
 
@@ -87,11 +101,19 @@ def replica_demand(deployment: str, spec) -> Demand:
         if strategy not in ("PACK", "STRICT_PACK"):
             raise SizingError(f"pools.{deployment}.placement_group_strategy: {strategy} spreads a replica over "
                               f"Pods; the renderer sizes PACK and STRICT_PACK replicas (one Pod each)")
+        custom: dict[str, float] = {}
+        for bundle in bundles:
+            for name, amount in bundle.items():
+                if name not in _BUILTIN_BUNDLE_KEYS:
+                    custom[name] = custom.get(name, 0.0) + amount
         return Demand(deployment, sum(b.get("CPU", 0.0) for b in bundles), sum(b.get("GPU", 0.0) for b in bundles),
-                      "placement_group_bundles")
+                      "placement_group_bundles", memory=float(sum(b.get("memory", 0.0) for b in bundles)),
+                      memory_source="placement_group_bundles", resources=custom,
+                      resources_source="placement_group_bundles")
     opts = spec.ray_actor_options
     cpus = RAY_DEFAULT_REPLICA_CPUS if opts.num_cpus is None else opts.num_cpus
-    return Demand(deployment, cpus, opts.num_gpus or 0.0, "ray_actor_options.num_gpus")
+    return Demand(deployment, cpus, opts.num_gpus or 0.0, "ray_actor_options.num_gpus",
+                  memory=float(opts.memory or 0), resources=dict(opts.resources))
 
 
 def gpus_per_replica(spec) -> float:
@@ -107,16 +129,25 @@ def replica_bounds(spec) -> Bounds:
     return Bounds(auto.min_replicas, initial, auto.max_replicas)
 
 
-def pods_needed(demands: list[Demand], cpus: int, gpus: int) -> int:
-    """Pods of (cpus, gpus) that hold every replica in ``demands`` (first-fit decreasing)."""
+def pods_needed(demands: list[Demand], cpus: int, gpus: int, memory: float = math.inf) -> int:
+    """Pods of (cpus, gpus, memory bytes) that hold every replica in ``demands`` (first-fit
+    decreasing)."""
     pods: list[_Pod] = []
-    for d in sorted(demands, key=lambda d: (d.gpus, d.cpus), reverse=True):
+    for d in sorted(demands, key=lambda d: (d.gpus, d.cpus, d.memory), reverse=True):
         if not any(p.place(d) for p in pods):
-            pod = _Pod(float(cpus), [1.0] * gpus)
+            pod = _Pod(float(cpus), [1.0] * gpus, memory)
             if not pod.place(d):  # checked by _check_fits; kept as a guard
                 raise SizingError(f"{d.deployment}: one replica does not fit an empty Pod")
             pods.append(pod)
     return len(pods)
+
+
+def _per_pod(d: Demand, cpus: int, gpus: int, memory: float, most: int) -> int:
+    """How many replicas like ``d`` one empty Pod holds, at most ``most``."""
+    pod, n = _Pod(float(cpus), [1.0] * gpus, memory), 0
+    while n < most and pod.place(d):
+        n += 1
+    return n
 
 
 def _default_gpus(demands: list[Demand]) -> int:
@@ -133,7 +164,11 @@ def _default_cpus(demands: list[Demand], gpus: int) -> int:
     return max(2, 1 + math.ceil(max((d.cpus * per_pod(d) for d in demands), default=0)))
 
 
-def _check_fits(d: Demand, group: GroupName, cpus: int, gpus: int) -> None:
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def _check_fits(d: Demand, group: GroupName, cpus: int, gpus: int, memory: float, memory_text: str) -> None:
     where = "coordinator" if d.deployment == "coordinator" else f"pools.{d.deployment}"
     if math.ceil(d.gpus - _EPS) > gpus:
         raise SizingError(f"{where}: one replica needs {d.gpus:g} GPU(s) ({d.source}), but worker group "
@@ -141,6 +176,24 @@ def _check_fits(d: Demand, group: GroupName, cpus: int, gpus: int) -> None:
     if d.cpus > cpus + _EPS:
         raise SizingError(f"{where}: one replica needs {d.cpus:g} CPU(s), but worker group {group!r} offers "
                           f"{cpus} CPU(s) per Pod (cluster.{group}.cpus)")
+    if d.memory > memory * (1 + _EPS):
+        raise SizingError(f"{where}.{d.memory_source}: one replica needs {d.memory:.0f} bytes ({_gib(d.memory)}) "
+                          f"of memory, but worker group {group!r} offers {memory_text} ({_gib(memory)}) per Pod "
+                          f"(cluster.{group}.memory)")
+
+
+def _group_resources(demands: dict[str, Demand], bounds: dict[str, Bounds], cpus: int, gpus: int,
+                     memory: float) -> dict[str, int]:
+    """Custom resources one Pod of a group offers: for each name, what every replica that can
+    share one Pod asks for together (each deployment's replicas per Pod, at most its
+    max_replicas), rounded up to a whole number."""
+    total: dict[str, float] = {}
+    for name, d in demands.items():
+        n = _per_pod(d, cpus, gpus, memory, bounds[name].max)
+        for resource, amount in d.resources.items():
+            if amount > 0:
+                total[resource] = total.get(resource, 0.0) + n * amount
+    return {resource: max(1, math.ceil(amount - _EPS)) for resource, amount in sorted(total.items())}
 
 
 def group_sizes(cfg) -> list[GroupSize]:
@@ -161,10 +214,13 @@ def group_sizes(cfg) -> list[GroupSize]:
                               "group has no GPUs")
         gpus = _default_gpus(list(demands.values())) if shape.gpus is None else shape.gpus
         cpus = _default_cpus(list(demands.values()), gpus) if shape.cpus is None else shape.cpus
+        memory = quantity_bytes(shape.memory)
         for d in demands.values():
-            _check_fits(d, group, cpus, gpus)
+            _check_fits(d, group, cpus, gpus, memory, shape.memory)
         bounds = {name: replica_bounds(specs[name]) for name in members}
-        pods = [pods_needed([demands[n] for n in members for _ in range(getattr(bounds[n], attr))], cpus, gpus)
+        pods = [pods_needed([demands[n] for n in members for _ in range(getattr(bounds[n], attr))], cpus, gpus,
+                            memory)
                 for attr in ("min", "initial", "max")]
-        out.append(GroupSize(group, tuple(members), cpus, gpus, *pods))
+        out.append(GroupSize(group, tuple(members), cpus, gpus, *pods,
+                             resources=_group_resources(demands, bounds, cpus, gpus, memory)))
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator
 
 GroupName = Literal["draft", "target", "scorers", "coordinator"]
 GROUP_NAMES: tuple[GroupName, ...] = ("draft", "target", "scorers", "coordinator")
@@ -25,18 +25,63 @@ GROUP_LABEL = "arbitrage-serve.io/group"
 # RayService CRD (shared/schemas/ray.io_rayservices.yaml). Group 2 is the number.
 QUANTITY = re.compile(r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
                       r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+_SUFFIX_FACTOR = {"": 1.0, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+                  "E": 1e18, "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50,
+                  "Ei": 2.0**60}
+# The least memory a Pod of this project may have: a Ray node (raylet, object store, a worker)
+# does not start in less. Catches '100' (100 bytes) and '1m' (a thousandth of a byte), which the
+# quantity pattern accepts.
+MIN_POD_MEMORY = "64Mi"
+# The Ray head's fixed ports on a rendered cluster (KubeRay's defaults) and every Pod's metrics
+# port (rayStartParams metrics-export-port): the Serve proxies' ports must differ from them.
+RAY_IMAGE_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
+METRICS_PORT = 8080
+RESERVED_PORTS: dict[int, str] = {**{p: n for n, p in RAY_IMAGE_PORTS.items()}, METRICS_PORT: "metrics"}
+# A Kubernetes namespace name: a DNS-1123 label.
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+# Ray node label keys and values (a Kubernetes label's syntax); Ray reserves the ray.io/ prefix.
+_LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+RAY_LABEL_PREFIX = "ray.io/"
 
 
-def _memory_quantity(v: str) -> str:
+def quantity_bytes(v: str) -> float:
+    """The number a Kubernetes quantity stands for (``'8Gi'`` -> 8 * 2**30); ValueError when
+    ``v`` is not one."""
     match = QUANTITY.fullmatch(v)
     if match is None:
         raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. '8Gi', '512Mi', '16G')")
-    if match[1] == "-" or float(match[2]) == 0:
-        raise ValueError(f"{v!r}: a Pod's memory must be more than 0")
+    number = float(v[:match.end(2)])
+    suffix = v[match.end(2):]
+    if len(suffix) > 1 and suffix[0] in ("e", "E"):  # an exponent; a lone 'E' is exa
+        return number * 10.0 ** float(suffix[1:])
+    return number * _SUFFIX_FACTOR[suffix]
+
+
+def _memory_quantity(v: str) -> str:
+    amount = quantity_bytes(v)
+    if amount < quantity_bytes(MIN_POD_MEMORY):
+        raise ValueError(f"{v!r} is {amount:g} bytes; a Pod needs at least {MIN_POD_MEMORY} (e.g. '8Gi', "
+                         f"'512Mi': a plain number means bytes, a trailing 'm' thousandths)")
+    return v
+
+
+def _node_labels(v: dict[str, str]) -> dict[str, str]:
+    for key, value in v.items():
+        if not _LABEL_KEY.fullmatch(key) or len(key.rpartition("/")[2]) > 63:
+            raise ValueError(f"{key!r} is not a label key (an optional DNS prefix and '/', then up to 63 "
+                             f"letters, digits, '-', '_', '.')")
+        if key == GROUP_LABEL or key.startswith(RAY_LABEL_PREFIX):
+            raise ValueError(f"{key!r}: the rendering sets {GROUP_LABEL} itself, and Ray reserves "
+                             f"{RAY_LABEL_PREFIX}")
+        if not isinstance(value, str) or not _LABEL_VALUE.fullmatch(value):
+            raise ValueError(f"{key}: {value!r} is not a label value (up to 63 letters, digits, '-', '_', '.')")
     return v
 
 
 MemoryQuantity = Annotated[str, AfterValidator(_memory_quantity)]
+NodeLabels = Annotated[dict[str, str], AfterValidator(_node_labels)]
 
 
 class _Strict(BaseModel):
@@ -59,6 +104,27 @@ class GroupSpec(_Strict):
                                                                                 "tolerate nvidia.com/gpu.")
     idle_timeout_s: PositiveInt | None = Field(None, description="Seconds an idle Pod of this group lives before "
                                                                  "the autoscaler removes it (None: the cluster's).")
+    labels: NodeLabels = Field(
+        default_factory=dict, exclude_if=lambda v: not v,
+        description=f"Ray node labels of this group's Pods besides {GROUP_LABEL} (the group's `labels`), for a "
+                    "pool's own label_selector to select, e.g. {'zone': 'a'} beside node_selector "
+                    f"{{'topology.kubernetes.io/zone': 'a'}}. Not {GROUP_LABEL}, nothing under {RAY_LABEL_PREFIX}. "
+                    "Left out of renderings while empty.")
+
+
+class CoordinatorGroupSpec(GroupSpec):
+    """The coordinator's worker group: CPU only (the coordinator holds no model)."""
+
+    gpus: NonNegativeInt | None = Field(None, description="nvidia.com/gpu per Pod: 0 or None (the coordinator "
+                                                          "holds no model, so its group never takes a GPU node).")
+
+    @field_validator("gpus")
+    @classmethod
+    def _cpu_only(cls, v: int | None) -> int | None:
+        if v:
+            raise ValueError(f"{v}: the coordinator group is CPU only (the coordinator holds no model); leave it "
+                             f"unset or 0")
+        return v
 
 
 class HeadSpec(_Strict):
@@ -74,7 +140,8 @@ class ClusterSpec(_Strict):
 
     image: str = Field("arbitrage-serve:0.1.0-gpu", description="Container image of every Pod (k8s/Dockerfile; "
                                                                 "the same image on head and workers).")
-    namespace: str | None = Field(None, description="metadata.namespace of the manifests (None: kubectl's).")
+    namespace: str | None = Field(None, description="metadata.namespace of the manifests (None: kubectl's): a "
+                                                    "DNS-1123 label of at most 63 characters.")
     base_dir: str | None = Field(None, description="base_dir of the served config on the cluster (None: the "
                                                    "config's own). '${ARBITRAGE_HOME}' means the bundle the "
                                                    "image carries; the pool replicas resolve it on their node.")
@@ -88,8 +155,16 @@ class ClusterSpec(_Strict):
     draft: GroupSpec = Field(default_factory=GroupSpec, description="Worker group of the draft pool.")
     target: GroupSpec = Field(default_factory=GroupSpec, description="Worker group of the target pool.")
     scorers: GroupSpec = Field(default_factory=GroupSpec, description="Worker group of the router and PRM pools.")
-    coordinator: GroupSpec = Field(default_factory=GroupSpec, description="Worker group of the coordinator "
-                                                                          "(CPU only).")
+    coordinator: CoordinatorGroupSpec = Field(default_factory=CoordinatorGroupSpec,
+                                              description="Worker group of the coordinator (CPU only: gpus 0).")
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) > 63 or not _DNS1123_LABEL.fullmatch(v)):
+            raise ValueError(f"{v!r} is not a Kubernetes namespace (a DNS-1123 label of at most 63 characters: "
+                             f"lowercase letters, digits and '-', starting and ending with a letter or digit)")
+        return v
 
     def group(self, name: GroupName) -> GroupSpec:
         return getattr(self, name)

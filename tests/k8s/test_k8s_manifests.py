@@ -186,6 +186,33 @@ def test_core_validation_can_fail():
         _validate_core(_pod(template))
 
 
+def test_a_config_pinned_by_custom_resources_and_labels_renders_a_valid_rayservice(tmp_path):
+    """configs/gpu-example.yaml pins its pools with custom resources; a user label selector with
+    the group's labels beside it: the groups offer both, and the result is still a RayService the
+    CRD takes, that kustomize builds, whose serveConfigV2 Ray Serve parses."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _get_custom_resources
+    from ray.serve.schema import ServeDeploySchema
+
+    data = AppConfig.model_validate(yaml.safe_load((ROOT / "configs" / "gpu-example.yaml").read_text())).model_dump(
+        mode="json")
+    data["cluster"]["draft"]["labels"] = {"zone": "a"}
+    data["pools"]["draft"]["ray_actor_options"]["label_selector"] = {"zone": "a"}
+    (manifest,) = [d for d in built_elsewhere(tmp_path, AppConfig.model_validate(data), "gpu-example", "gpu-example")
+                   if d["kind"] == "RayService"]
+    errors = sorted(crd_validator().iter_errors(manifest), key=lambda e: list(e.path))
+    assert not errors, [f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors[:5]]
+    assert not unknown_fields(manifest, crd_schema())
+    groups = {g["groupName"]: g for g in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    offered = {name: _get_custom_resources({}, g["rayStartParams"], name) for name, g in groups.items()}
+    assert offered == {"draft": {"pool_draft": 4}, "target": {"pool_target": 1}, "scorers": {"pool_scorer": 8},
+                       "coordinator": {}}
+    assert groups["draft"]["labels"] == {"arbitrage-serve.io/group": "draft", "zone": "a"}
+    serve = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    draft = serve.applications[0].args["pools"]["draft"]["ray_actor_options"]
+    assert draft["label_selector"] == {"zone": "a", "arbitrage-serve.io/group": "draft"}
+    assert draft["resources"] == {"pool_draft": 1.0}
+
+
 @pytest.mark.parametrize("target", target_names())
 def test_serve_config_is_ray_serves_schema_and_the_cluster_config(target):
     from ray.serve.schema import ServeDeploySchema

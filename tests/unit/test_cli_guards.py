@@ -241,8 +241,9 @@ def test_pod_memory_must_be_a_kubernetes_quantity(tmp_path, capsys, group):
     assert f"cluster.{group}.memory" in _err(capsys) and not (tmp_path / "k8s").exists()
 
 
-@pytest.mark.parametrize("value,ok", [("8Gi", True), ("512Mi", True), ("1.5G", True), ("1e9", True),
-                                      ("8GB", False), ("8gi", False), ("0", False), ("-1Gi", False)])
+@pytest.mark.parametrize("value,ok", [("8Gi", True), ("512Mi", True), ("1.5G", True), ("1e9", True), ("64Mi", True),
+                                      ("8GB", False), ("8gi", False), ("0", False), ("-1Gi", False),
+                                      ("100", False), ("1m", False), ("1e3", False), ("63Mi", False)])
 def test_memory_quantities(value, ok):
     from arbitrage_common.kuberay.spec import GroupSpec
 
@@ -312,3 +313,83 @@ def test_help_shows_defaults_but_not_empty_ones():
     assert "(default: None)" not in every and "(default: False)" not in every and "(default: [])" not in every
     bench = next(t for t in texts if t.startswith("usage: arbitrage bench"))
     assert "(default: 200)" in bench and "(default: runs/bench)" in bench and "(default: 2000)" in bench
+
+
+# -- 10. k8s render refuses what config check fails ----------------------------------------------
+@pytest.mark.parametrize("edit", [
+    # a fractional vLLM draft asking for more of its GPU than its share (the GPU rule of config check)
+    lambda d: d["pools"]["draft"]["model"]["engine"].update(gpu_memory_utilization=0.9),
+    # options Ray Serve itself refuses: the actor does not fit its first bundle
+    lambda d: d["pools"]["target"].update(placement_group_bundles=[{"GPU": 1}]),
+], ids=["gpu-utilization", "serve-options"])
+def test_k8s_render_refuses_a_config_that_config_check_fails(tmp_path, capsys, edit):
+    path = _preset(tmp_path, edit)
+    assert main(["config", "check", str(path)]) == 1
+    checked = [line for line in _err(capsys).splitlines() if line.startswith(f"{path}: ")]
+    assert checked
+    out = tmp_path / "k8s"
+    assert main(["k8s", "render", "--config", str(path), "--out", str(out)]) == 1
+    rendered = _err(capsys).splitlines()
+    assert rendered == [f"arbitrage: error: {line}" for line in checked]  # the same lines, one per problem
+    assert not out.exists()
+    assert main(["k8s", "render", "--config", str(path), "--out", str(out), "--check"]) == 1
+    assert _err(capsys).splitlines() == rendered
+
+
+def test_k8s_render_still_renders_every_bundled_target(tmp_path, capsys):
+    assert main(["k8s", "render", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "base" / "llama-1b-8b" / "rayservice.yaml").is_file()
+
+
+# -- 11. an invalid config is one line per problem, naming the file and the field, everywhere -----
+def _two_bad_fields(d):
+    d["pools"]["draft"]["max_batch_size"] = "sixteen"
+    d["limits"]["max_steps"] = 0
+
+
+@pytest.mark.parametrize("argv", [["serve", "--config"], ["serve", "--render", "--config"],
+                                  ["k8s", "render", "--config"], ["plan", "profile", "--config"]])
+def test_an_invalid_config_is_one_line_per_problem_naming_file_and_field(tmp_path, capsys, monkeypatch, argv):
+    import services.local
+
+    def start(*args, **kw):
+        raise RuntimeError("the service was started")
+
+    monkeypatch.setattr(services.local, "start", start)
+    path = _preset(tmp_path, _two_bad_fields)
+    assert main([*argv, str(path)]) == 1
+    lines = _err(capsys).splitlines()
+    assert lines == [(f"arbitrage: error: {path}: pools.draft.max_batch_size: Input should be a valid integer, "
+                      f"unable to parse string as an integer"),
+                     f"arbitrage: error: {path}: limits.max_steps: Input should be greater than 0"], lines
+    # the lines `config check` prints for the same file
+    assert main(["config", "check", str(path)]) == 1
+    assert [f"arbitrage: error: {line}" for line in _err(capsys).splitlines() if line.startswith(str(path))] == lines
+
+
+def test_load_config_raises_one_line_per_problem(tmp_path):
+    path = _preset(tmp_path, _two_bad_fields)
+    with pytest.raises(C.ConfigError) as exc:
+        C.load_config(path)
+    assert isinstance(exc.value, ValueError) and exc.value.file == str(path)
+    assert [field for field, _ in exc.value.problems] == ["pools.draft.max_batch_size", "limits.max_steps"]
+    assert str(exc.value).splitlines() == exc.value.lines() and "errors.pydantic.dev" not in str(exc.value)
+
+
+def test_a_ray_serve_refusal_is_one_line(monkeypatch):
+    """Ray's own messages (a pydantic dump among them) can span several lines; config check and
+    k8s render print each problem on one."""
+    from ray import serve
+
+    from arbitrage_common.cli.config_cmd import _serve_option_problems
+
+    def refuse(cls, **options):
+        raise ValueError("1 validation error for DeploymentConfig\nmax_queued_requests\n  "
+                         "max_queued_requests must be -1 (no limit) or a positive integer.")
+
+    monkeypatch.setattr(serve, "deployment", refuse)
+    errors, _ = _serve_option_problems(C.load_config(PRESET))
+    assert [f.field for f in errors] == ["pools.draft", "pools.target", "pools.router", "pools.prm", "coordinator"]
+    assert all(f.message == "Ray Serve refuses the deployment options: 1 validation error for DeploymentConfig "
+                            "max_queued_requests max_queued_requests must be -1 (no limit) or a positive integer."
+               for f in errors), errors

@@ -132,3 +132,104 @@ def test_config_check_and_k8s_render_refuse_a_bad_name(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1 and "name" in proc.stderr and "DNS-1035" in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+# -- values Ray or KubeRay would refuse later, refused here naming the field ----------------
+def _cpu_demo() -> dict:
+    return C.load_config(ROOT / "configs" / "cpu-demo.yaml").model_dump(mode="json")
+
+
+def _field_errors(data: dict) -> list[tuple[str, str]]:
+    with pytest.raises(ValidationError) as exc:
+        C.AppConfig.model_validate(data)
+    return C.validation_problems(exc.value)
+
+
+@pytest.mark.parametrize("where", ["pools.draft", "coordinator"])
+@pytest.mark.parametrize("queued", [0, -2])
+def test_a_queue_bound_ray_serve_refuses_is_refused_naming_the_field(where, queued):
+    data = _cpu_demo()
+    section = data["coordinator"] if where == "coordinator" else data["pools"]["draft"]
+    section["max_queued_requests"] = queued
+    (field, message), = _field_errors(data)
+    assert field == f"{where}.max_queued_requests" and "-1 (no limit) or at least 1" in message
+
+
+@pytest.mark.parametrize("queued", [-1, 1, 256])
+def test_unbounded_and_positive_queue_bounds_are_accepted(queued):
+    data = _cpu_demo()
+    data["pools"]["draft"]["max_queued_requests"] = queued
+    assert C.AppConfig.model_validate(data).pools.draft.deployment_options("draft")["max_queued_requests"] == queued
+
+
+@pytest.mark.parametrize("section", ["http", "grpc"])
+@pytest.mark.parametrize("port,name", [(8080, "metrics"), (8265, "dashboard"), (6379, "gcs-server"),
+                                       (10001, "client")])
+def test_a_proxy_port_on_one_of_rays_fixed_ports_is_refused(section, port, name):
+    data = _cpu_demo()
+    data[section]["port"] = port
+    (field, message), = _field_errors(data)
+    assert field == f"{section}.port" and f"{port} is Ray's {name} port" in message
+
+
+@pytest.mark.parametrize("namespace", ["Bad_NS", "serving.prod", "-serving", "serving-", "a" * 64, ""])
+def test_the_namespace_must_be_a_dns_1123_label(namespace):
+    data = _cpu_demo()
+    data["cluster"]["namespace"] = namespace
+    (field, message), = _field_errors(data)
+    assert field == "cluster.namespace" and "DNS-1123 label" in message
+
+
+@pytest.mark.parametrize("namespace", ["serving", "a", "9serving", "team-a-1", "a" * 63])
+def test_dns_1123_namespaces_are_accepted(namespace):
+    data = _cpu_demo()
+    data["cluster"]["namespace"] = namespace
+    assert C.AppConfig.model_validate(data).cluster.namespace == namespace
+
+
+@pytest.mark.parametrize("group", ["head", "draft", "coordinator"])
+@pytest.mark.parametrize("memory", ["100", "1m", "1e3", "63Mi", "0.05Gi"])
+def test_pod_memory_below_the_floor_is_refused_naming_the_field(group, memory):
+    data = _cpu_demo()
+    data["cluster"][group]["memory"] = memory
+    (field, message), = _field_errors(data)
+    assert field == f"cluster.{group}.memory" and "at least 64Mi" in message
+
+
+@pytest.mark.parametrize("gpus", [1, 4])
+def test_the_coordinator_group_takes_no_gpus(gpus):
+    data = _cpu_demo()
+    data["cluster"]["coordinator"]["gpus"] = gpus
+    (field, message), = _field_errors(data)
+    assert field == "cluster.coordinator.gpus" and "CPU only" in message
+    data["cluster"]["coordinator"]["gpus"] = 0
+    assert C.AppConfig.model_validate(data).cluster.coordinator.gpus == 0
+
+
+@pytest.mark.parametrize("probe", [0.0, 1e-9, 0.05])
+def test_a_health_probe_faster_than_the_floor_is_refused(probe):
+    data = _cpu_demo()
+    data["coordinator"]["health_probe_s"] = probe
+    (field, _), = _field_errors(data)
+    assert field == "coordinator.health_probe_s"
+    data["coordinator"]["health_probe_s"] = C.MIN_HEALTH_PROBE_S
+    assert C.AppConfig.model_validate(data).coordinator.health_probe_s == 0.1
+
+
+@pytest.mark.parametrize("resources,text", [({"CPU": 1}, "use num_cpus"), ({"gpu": 1}, "use num_cpus"),
+                                            ({"pool_draft": -1}, "not an amount")])
+def test_actor_resources_hold_custom_resources_only(resources, text):
+    data = _cpu_demo()
+    data["pools"]["draft"]["ray_actor_options"]["resources"] = resources
+    (field, message), = _field_errors(data)
+    assert field == "pools.draft.ray_actor_options.resources" and text in message
+
+
+def test_bundle_keys_that_miscase_rays_own_resources_are_refused():
+    data = _cpu_demo()
+    data["pools"]["target"]["ray_actor_options"] = {"num_cpus": 0}
+    data["pools"]["target"]["placement_group_bundles"] = [{"cpu": 1, "gpu": 1}]
+    (field, message), = _field_errors(data)
+    assert field == "pools.target.placement_group_bundles" and "cpu: not Ray's 'CPU'" in message
+    data["pools"]["target"]["placement_group_bundles"] = [{"CPU": 1, "pool_target": 1}]
+    assert C.AppConfig.model_validate(data).pools.target.placement_group_bundles == [{"CPU": 1, "pool_target": 1}]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from arbitrage_common import config as C
 from arbitrage_common.kuberay.render import DELETION_MARGIN_S, cluster_app_config, render_kustomize, render_rayservice
@@ -206,3 +207,162 @@ def test_render_writes_and_checks(tmp_path):
     (tmp_path / "base" / "cpu-demo" / "rayservice.yaml").write_text("edited\n")
     proc = _cli("--preset", "cpu-demo", "--out", str(tmp_path), "--check")
     assert proc.returncode == 1 and "rayservice.yaml differs" in proc.stderr
+
+
+# -- custom resources and memory --------------------------------------------------------------
+def _groups(cfg: C.AppConfig) -> dict[str, dict]:
+    return {g["groupName"]: g for g in render_rayservice(cfg)["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+
+
+def _offered(group: dict) -> dict[str, int]:
+    """A group's custom resources as the Ray autoscaler reads them from rayStartParams."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _get_custom_resources
+
+    return _get_custom_resources(group.get("resources", {}), group["rayStartParams"], group["groupName"])
+
+
+def test_a_pool_pinned_by_a_custom_resource_gets_it_from_its_group():
+    """configs/gpu-example.yaml pins each pool with ray_actor_options.resources (as PRESETS.md
+    recommends): every group must offer its pools' resource, or no replica could ever land."""
+    cfg = C.load_config(ROOT / "configs" / "gpu-example.yaml")
+    groups = _groups(cfg)
+    sizes = {g.name: g for g in group_sizes(cfg)}
+    for role, resource in (("draft", "pool_draft"), ("target", "pool_target"), ("router", "pool_scorer"),
+                           ("prm", "pool_scorer")):
+        group = "scorers" if role in ("router", "prm") else role
+        offered = _offered(groups[group])
+        assert set(offered) == {resource}, (group, groups[group]["rayStartParams"])
+        assert offered == sizes[group].resources
+    assert _offered(groups["coordinator"]) == {}  # asks for none, offers none
+    # enough for every replica a Pod holds: 4 quarter-GPU drafts on the draft group's one GPU
+    assert _offered(groups["draft"]) == {"pool_draft": 4}
+    assert _offered(groups["target"]) == {"pool_target": 1}  # one whole-GPU target per 1-GPU Pod
+    assert _offered(groups["scorers"]) == {"pool_scorer": 8}  # 4 routers + 4 PRMs at a quarter GPU each
+
+
+def test_the_offered_amount_is_a_whole_number_covering_fractional_asks():
+    data = target_config("cpu-demo").model_dump(mode="json")
+    data["pools"]["draft"]["ray_actor_options"].update(num_cpus=0.5, resources={"pool_draft": 0.3})
+    data["cluster"]["draft"]["cpus"] = 1  # 2 replicas of 0.5 CPU per Pod: 0.6 -> 1
+    group = _groups(C.AppConfig.model_validate(data))["draft"]
+    assert group["rayStartParams"]["resources"] == "'{\"pool_draft\": 1}'"
+    assert _offered(group) == {"pool_draft": 1}
+
+
+def test_bundle_custom_resources_are_offered_too():
+    data = target_config("qwen-math-1.5b-7b").model_dump(mode="json")
+    data["pools"]["target"]["placement_group_bundles"] = [{"CPU": 1, "GPU": 1, "tp_rank": 1}, {"GPU": 1, "tp_rank": 1}]
+    assert _offered(_groups(C.AppConfig.model_validate(data))["target"]) == {"tp_rank": 2}
+
+
+def test_groups_without_custom_resources_render_as_before():
+    for group in _groups(target_config("llama-1b-8b")).values():
+        assert group["rayStartParams"] == {"metrics-export-port": "8080"}
+
+
+def test_a_replica_asking_more_memory_than_its_pod_is_refused_naming_the_field():
+    data = target_config("cpu-demo").model_dump(mode="json")
+    data["pools"]["target"]["ray_actor_options"]["memory"] = 8 * 2**30  # the target Pod has 2Gi
+    with pytest.raises(SizingError) as exc:
+        render_rayservice(C.AppConfig.model_validate(data))
+    assert str(exc.value).startswith("pools.target.ray_actor_options.memory: one replica needs 8589934592 bytes")
+    assert "offers 2Gi" in str(exc.value) and "(cluster.target.memory)" in str(exc.value)
+    data["cluster"]["target"]["memory"] = "8Gi"  # exactly enough
+    assert _groups(C.AppConfig.model_validate(data))["target"]["maxReplicas"] == 2
+
+
+def test_memory_packs_replicas_like_cpus_do():
+    three_gib = Demand("draft", 0.0, 0.0, "ray_actor_options.num_gpus", memory=3 * 2**30)
+    assert pods_needed([three_gib] * 4, 8, 0, 4 * 2**30) == 4  # one 3 GiB replica per 4 GiB Pod
+    assert pods_needed([three_gib] * 4, 8, 0, 6 * 2**30) == 2
+    assert pods_needed([three_gib] * 4, 8, 0) == 1  # no memory asked of the Pod: CPUs alone
+
+
+def test_bundle_memory_is_checked_against_the_pod():
+    data = target_config("qwen-math-1.5b-7b").model_dump(mode="json")
+    data["pools"]["target"]["placement_group_bundles"][0]["memory"] = 200 * 2**30  # the target Pod has 96Gi
+    with pytest.raises(SizingError, match=r"pools.target.placement_group_bundles: one replica needs "):
+        render_rayservice(C.AppConfig.model_validate(data))
+
+
+# -- the user's own label selectors ------------------------------------------------------------
+def _with_zone(data: dict, group: str) -> dict:
+    data["cluster"][group]["labels"] = {"zone": "a"}
+    return data
+
+
+def test_a_users_label_selector_is_merged_with_the_group_label():
+    data = _with_zone(target_config("cpu-demo").model_dump(mode="json"), "draft")
+    data["pools"]["draft"]["ray_actor_options"]["label_selector"] = {"zone": "a", "ray.io/accelerator-type": "H100"}
+    cfg = C.AppConfig.model_validate(data)
+    pinned = cluster_app_config(cfg)
+    assert pinned.pools.draft.ray_actor_options.label_selector == \
+        {"zone": "a", "ray.io/accelerator-type": "H100", GROUP_LABEL: "draft"}
+    assert _groups(cfg)["draft"]["labels"] == {GROUP_LABEL: "draft", "zone": "a"}  # what the selector needs
+    assert _groups(cfg)["target"]["labels"] == {GROUP_LABEL: "target"}
+
+
+def test_a_selector_on_rays_own_labels_is_kept_beside_the_group_label():
+    """Nothing but the selector itself: the rendering used to replace it with the group label."""
+    data = target_config("qwen-math-1.5b-7b").model_dump(mode="json")
+    data["pools"]["draft"]["ray_actor_options"]["label_selector"] = {"ray.io/accelerator-type": "H100"}
+    data["pools"]["target"]["placement_group_bundle_label_selector"] = [{"ray.io/accelerator-type": "H100"},
+                                                                      {"ray.io/accelerator-type": "A100"}]
+    pinned = cluster_app_config(C.AppConfig.model_validate(data))
+    assert pinned.pools.draft.ray_actor_options.label_selector == \
+        {"ray.io/accelerator-type": "H100", GROUP_LABEL: "draft"}
+    assert pinned.pools.target.placement_group_bundle_label_selector == \
+        [{"ray.io/accelerator-type": "H100", GROUP_LABEL: "target"},
+         {"ray.io/accelerator-type": "A100", GROUP_LABEL: "target"}]
+
+
+def test_bundle_selectors_are_merged_per_bundle():
+    data = _with_zone(target_config("qwen-math-1.5b-7b").model_dump(mode="json"), "target")
+    data["pools"]["target"]["placement_group_bundle_label_selector"] = [{"zone": "a"}, {"ray.io/market-type": "spot"}]
+    pinned = cluster_app_config(C.AppConfig.model_validate(data))
+    assert pinned.pools.target.placement_group_bundle_label_selector == \
+        [{"zone": "a", GROUP_LABEL: "target"}, {"ray.io/market-type": "spot", GROUP_LABEL: "target"}]
+    data["pools"]["target"]["placement_group_bundle_label_selector"] = [{"zone": "a"}]  # one for all bundles
+    pinned = cluster_app_config(C.AppConfig.model_validate(data))
+    assert pinned.pools.target.placement_group_bundle_label_selector == [{"zone": "a", GROUP_LABEL: "target"}]
+
+
+@pytest.mark.parametrize("selector,field,text", [
+    ({GROUP_LABEL: "target"}, "pools.draft.ray_actor_options.label_selector",
+     f"{GROUP_LABEL}: 'target' conflicts with the rendering"),
+    ({"zone": "b"}, "pools.draft.ray_actor_options.label_selector", "zone: 'b', but worker group 'draft' carries"),
+    ({"rack": "r1"}, "pools.draft.ray_actor_options.label_selector", "rack: no Pod of worker group 'draft'"),
+])
+def test_a_selector_no_pod_of_the_group_matches_is_refused(selector, field, text):
+    data = _with_zone(target_config("cpu-demo").model_dump(mode="json"), "draft")
+    data["pools"]["draft"]["ray_actor_options"]["label_selector"] = selector
+    with pytest.raises(SizingError) as exc:
+        render_rayservice(C.AppConfig.model_validate(data))
+    assert str(exc.value).startswith(f"{field}: ") and text in str(exc.value)
+
+
+def test_a_bundle_selector_on_the_group_key_is_refused_naming_the_bundle():
+    data = target_config("qwen-math-1.5b-7b").model_dump(mode="json")
+    data["pools"]["target"]["placement_group_bundle_label_selector"] = [{}, {GROUP_LABEL: "draft"}]
+    with pytest.raises(SizingError, match=r"^pools.target.placement_group_bundle_label_selector\[1\]: "):
+        render_rayservice(C.AppConfig.model_validate(data))
+
+
+def test_the_same_group_label_a_user_wrote_is_kept():
+    data = target_config("cpu-demo").model_dump(mode="json")
+    data["coordinator"]["ray_actor_options"]["label_selector"] = {GROUP_LABEL: "coordinator"}
+    assert cluster_app_config(C.AppConfig.model_validate(data)).coordinator.ray_actor_options.label_selector == \
+        {GROUP_LABEL: "coordinator"}
+
+
+@pytest.mark.parametrize("labels,text", [({GROUP_LABEL: "x"}, "sets arbitrage-serve.io/group itself"),
+                                         ({"ray.io/zone": "a"}, "Ray reserves ray.io/"),
+                                         ({"zone": "a b"}, "not a label value"),
+                                         ({"bad key!": "a"}, "not a label key")])
+def test_group_labels_are_ray_node_labels_of_the_users_own(labels, text):
+    data = target_config("cpu-demo").model_dump(mode="json")
+    data["cluster"]["draft"]["labels"] = labels
+    with pytest.raises(ValidationError) as exc:
+        C.AppConfig.model_validate(data)
+    (field, message), = C.validation_problems(exc.value)
+    assert field == "cluster.draft.labels" and text in message
