@@ -824,9 +824,51 @@ def load_config(path: str | Path) -> AppConfig:
         raise ConfigError(path, validation_problems(exc)) from None
 
 
+# What a rendered application's args hold for each pool's live knobs (PoolSpec.user_config): the
+# real values ride in its ``deployments`` entries. Serve versions a deployment's code by a hash of
+# the application's args, so a knob kept in args would restart every replica of every deployment
+# when it changed; as a deployment's ``user_config`` it is applied in place (``reconfigure``).
+LIVE_KNOBS_IN_ARGS: dict[str, Any] = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
+
+
+def serve_application(cfg: AppConfig) -> dict[str, Any]:
+    """The Serve YAML's application of this config: ``args`` = the config, less the pools' live
+    knobs, which are each pool deployment's ``user_config`` (``LIVE_KNOBS_IN_ARGS``)."""
+    args = cfg.model_dump(mode="json")
+    for role, _ in cfg.pools.configured():
+        args["pools"][role].update(LIVE_KNOBS_IN_ARGS)
+    return {
+        "name": cfg.name,
+        "route_prefix": "/",
+        "import_path": APP_IMPORT_PATH,
+        "args": args,
+        "deployments": [{"name": role, "user_config": spec.user_config()} for role, spec in cfg.pools.configured()],
+    }
+
+
+def application_args(app: dict[str, Any]) -> Any:
+    """The config (a dict, unvalidated) a Serve YAML application runs: its ``args`` with each
+    pool's live knobs from its deployment's ``user_config`` (the inverse of ``serve_application``)."""
+    args = app.get("args")
+    if not isinstance(args, dict) or not isinstance(args.get("pools"), dict):
+        return args
+    pools = {role: dict(pool) if isinstance(pool, dict) else pool for role, pool in args["pools"].items()}
+    for deployment in app.get("deployments") or ():
+        knobs = deployment.get("user_config") if isinstance(deployment, dict) else None
+        if isinstance(knobs, dict) and isinstance(pools.get(deployment.get("name")), dict):
+            pools[deployment["name"]].update(knobs)
+    return {**args, "pools": pools}
+
+
+def application_config(app: dict[str, Any]) -> AppConfig:
+    """``application_args``, validated."""
+    return AppConfig.model_validate(application_args(app))
+
+
 def render_serve_config(cfg: AppConfig) -> dict[str, Any]:
     """The Serve YAML (``serve run``/``serve deploy``, KubeRay ``serveConfigV2``) as a dict.
-    Its single application builds from ``args`` = this config, so nothing is said twice."""
+    Its single application builds from ``args`` = this config, so nothing is said twice; the
+    pools' batching knobs are deployment overrides, changed in place (``serve_application``)."""
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.http.host, "port": cfg.http.port},
@@ -835,12 +877,7 @@ def render_serve_config(cfg: AppConfig) -> dict[str, Any]:
             "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS),
             "enable_reflection": cfg.grpc.enable_reflection,
         },
-        "applications": [{
-            "name": cfg.name,
-            "route_prefix": "/",
-            "import_path": APP_IMPORT_PATH,
-            "args": cfg.model_dump(mode="json"),
-        }],
+        "applications": [serve_application(cfg)],
     }
 
 
@@ -848,5 +885,7 @@ def render_serve_yaml(cfg: AppConfig) -> str:
     import yaml
 
     header = ("# Rendered from an AppConfig; do not edit by hand. Regenerate with\n"
-              "#   arbitrage serve --config configs/local-cpu.yaml --render -o configs/serve-local-cpu.yaml\n")
+              "#   arbitrage serve --config configs/local-cpu.yaml --render -o configs/serve-local-cpu.yaml\n"
+              "# The pools' max_batch_size and batch_wait_timeout_s are in `deployments` (user_config: Serve\n"
+              "# changes them in place); args hold stand-ins for them, so a change restarts no replica.\n")
     return header + yaml.safe_dump(render_serve_config(cfg), sort_keys=False, default_flow_style=False)

@@ -65,10 +65,13 @@ def _serve_option_problems(cfg) -> tuple[list, list]:
 
 def _app_configs(data: dict) -> list[tuple[str, Any]]:
     """(field prefix, AppConfig dict) pairs: the file itself, or each application (a mapping) of a
-    Serve YAML whose ``applications`` is a list (``_shape_problems`` reports the rest)."""
+    Serve YAML whose ``applications`` is a list (``_shape_problems`` reports the rest), with its
+    deployments' live knobs put back into its args."""
+    from ..config import application_args
+
     if "applications" in data:
         apps = data["applications"]
-        return [(f"applications[{i}].args.", app.get("args")) for i, app in enumerate(apps)
+        return [(f"applications[{i}].args.", application_args(app)) for i, app in enumerate(apps)
                 if isinstance(app, dict)] if isinstance(apps, list) else []
     return [("", data)]
 
@@ -106,7 +109,7 @@ def check_file(file: str | Path, paths: bool = False) -> dict:
     import yaml
     from pydantic import ValidationError
 
-    from ..config import AppConfig, render_serve_config, render_serve_yaml, yaml_error
+    from ..config import AppConfig, application_config, render_serve_config, render_serve_yaml, yaml_error
     from ..presets import Finding, model_path_problems, resource_problems
 
     path = Path(file)
@@ -133,7 +136,7 @@ def check_file(file: str | Path, paths: bool = False) -> dict:
                 errors += _validation_problems(exc, prefix)
                 continue
             rendered = yaml.safe_load(render_serve_yaml(cfg))
-            if AppConfig.model_validate(rendered["applications"][0]["args"]) != cfg:
+            if application_config(rendered["applications"][0]) != cfg:
                 errors.append(Finding(prefix + "(rendering)", "the Serve YAML's args do not round-trip"))
             if prefix and {k: v for k, v in data.items() if k != "applications"} != \
                     {k: v for k, v in render_serve_config(cfg).items() if k != "applications"}:

@@ -149,6 +149,7 @@ class LocalRayCluster:
                 continue
             node = nodes.get(a.node_id) if a.node_id else None
             out.append({"deployment": a.class_name.split(":", 2)[2], "state": a.state, "node_id": a.node_id,
+                        "actor_id": a.actor_id,
                         "head": bool(node and node.is_head_node),
                         "labels": dict(node.labels) if node else {}})
         return out

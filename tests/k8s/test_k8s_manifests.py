@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from arbitrage_common.config import AppConfig
+from arbitrage_common.config import AppConfig, application_config
 from arbitrage_common.kuberay.render import cluster_app_config, pinned_ray_version, render_kustomize
 from arbitrage_common.kuberay.targets import drift, render_targets, target_config, target_names, write_files
 
@@ -221,8 +221,7 @@ def test_serve_config_is_ray_serves_schema_and_the_cluster_config(target):
     serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(serve_config)
     assert serve_config["grpc_options"]["grpc_servicer_functions"]
-    args = AppConfig.model_validate(serve_config["applications"][0]["args"])
-    assert args == cluster_app_config(target_config(target))
+    assert application_config(serve_config["applications"][0]) == cluster_app_config(target_config(target))
 
 
 def test_ports_and_versions():

@@ -99,6 +99,37 @@ def test_grpc_and_http_answer_through_the_cluster(cluster, serve_config):
     assert [s["text"] for s in http_reply["steps"]] == [s.text for s in reply.steps]
 
 
+def test_a_batching_knob_changes_in_place_and_restarts_no_replica(cluster: LocalRayCluster, serve_config):
+    """A new max_batch_size for the draft pool, applied as KubeRay applies a serveConfigV2 change:
+    every replica keeps running (same actors), the draft pool's deployment takes the new value,
+    and requests still succeed. Were the knob in the app's args, its code version would change
+    and every replica of every deployment would restart."""
+    app = _app(serve_config)
+    before = {r["actor_id"] for r in cluster.replicas(app) if r["state"] == "ALIVE"}
+    changed = copy.deepcopy(serve_config)
+    draft = next(d for d in changed["applications"][0]["deployments"] if d["name"] == "draft")
+    new_size = draft["user_config"]["max_batch_size"] - 3
+    draft["user_config"]["max_batch_size"] = new_size
+    assert changed["applications"][0]["args"] == serve_config["applications"][0]["args"]
+    cluster.deploy(yaml.safe_dump(changed, sort_keys=False))
+
+    def applied():
+        deployments = cluster.serve_status()["applications"][app]["deployments"]
+        config = deployments["draft"]["deployment_config"]
+        return config.get("user_config", {}).get("max_batch_size") == new_size and \
+            all(d["status"] == "HEALTHY" for d in deployments.values())
+    _wait_for(applied, 120, f"the draft pool's max_batch_size {new_size}")
+    after = {r["actor_id"] for r in cluster.replicas(app) if r["state"] == "ALIVE"}
+    assert after == before, f"replicas restarted: gone {before - after}, new {after - before}"
+    from arbitrage_common.client import Client, build_request
+
+    with Client(f"127.0.0.1:{serve_config['grpc_options']['port']}", app) as client:
+        assert client.generate(build_request(PROMPT, policy="arbitrage"), timeout=120).text
+    cluster.deploy(yaml.safe_dump(serve_config, sort_keys=False))  # as rendered, for the tests below
+    _wait_for(lambda: cluster.serve_status()["applications"][app]["deployments"]["draft"]["deployment_config"]
+              .get("user_config", {}).get("max_batch_size") == new_size + 3, 120, "the rendered max_batch_size")
+
+
 def test_scaling_a_pool_lands_only_in_its_group(cluster: LocalRayCluster, rayservice, serve_config):
     """Raise the target pool's min_replicas: the new replica waits for a target-group Pod even
     though another group's Pod has a free CPU; once the autoscaler's Pod (started here) joins,

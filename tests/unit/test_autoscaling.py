@@ -167,7 +167,7 @@ def test_every_rendering_autoscales_merged_pools_on_rows(name):
     autoscaling pool with the rows policy, whose import path resolves; the coordinator keeps
     Serve's default."""
     serve_config = yaml.safe_load(serve_config_v2(target_config(name)))
-    cfg = C.AppConfig.model_validate(serve_config["applications"][0]["args"])
+    cfg = C.application_config(serve_config["applications"][0])
     assert cfg.coordinator.merge_calls
     autoscaled = {role: opts for role, opts in _options(cfg).items() if "autoscaling_config" in opts}
     assert autoscaled

@@ -77,7 +77,16 @@ def test_rendering_round_trips_through_args():
     rendered = C.render_serve_config(cfg)
     app = rendered["applications"][0]
     assert app["import_path"] == "services.app:build_app"
-    assert C.AppConfig.model_validate(app["args"]) == cfg
+    assert C.application_config(app) == cfg
+    # The pools' batching knobs are deployment overrides, changed in place: the args (whose hash is
+    # the code version of every deployment) do not change with them.
+    data = cfg.model_dump(mode="json")
+    data["pools"]["draft"]["max_batch_size"], data["pools"]["target"]["batch_wait_timeout_s"] = 7, 0.25
+    faster = C.AppConfig.model_validate(data)
+    moved = C.render_serve_config(faster)["applications"][0]
+    assert moved["args"] == app["args"] and moved["deployments"] != app["deployments"]
+    assert C.application_config(moved) == faster
+    assert {d["name"]: d["user_config"]["max_batch_size"] for d in moved["deployments"]}["draft"] == 7
     assert rendered["grpc_options"]["port"] == 9000 and rendered["http_options"]["port"] == 8000
     assert "protos.arbitrage.v1.arbitrage_pb2_grpc.add_ArbitrageServiceServicer_to_server" in \
         rendered["grpc_options"]["grpc_servicer_functions"]

@@ -40,7 +40,7 @@ def test_the_default_drain_covers_the_longest_bundled_deadline():
 @pytest.mark.parametrize("path", BUNDLED, ids=[p.name for p in BUNDLED])
 def test_every_bundled_config_validates(path):
     if path.name.startswith("serve-"):  # a rendered Serve config: its app's args are the AppConfig
-        data = C.AppConfig.model_validate(yaml.safe_load(path.read_text())["applications"][0]["args"])
+        data = C.application_config(yaml.safe_load(path.read_text())["applications"][0])
     else:
         data = C.load_config(path)
     assert data.coordinator.graceful_shutdown_timeout_s >= data.limits.request_timeout_s

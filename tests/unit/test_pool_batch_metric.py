@@ -25,7 +25,8 @@ def _configs() -> list[C.AppConfig]:
     out = [C.default_config()]
     for path in BUNDLED:
         data = yaml.safe_load(path.read_text())
-        out.append(C.AppConfig.model_validate(data["applications"][0]["args"] if "applications" in data else data))
+        out.append(C.application_config(data["applications"][0]) if "applications" in data
+                   else C.AppConfig.model_validate(data))
     return out
 
 

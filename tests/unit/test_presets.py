@@ -26,7 +26,7 @@ def test_the_three_paper_regimes_are_shipped():
 def test_preset_validates_and_renders(path):
     cfg = C.load_config(path)
     rendered = yaml.safe_load(C.render_serve_yaml(cfg))
-    assert C.AppConfig.model_validate(rendered["applications"][0]["args"]) == cfg
+    assert C.application_config(rendered["applications"][0]) == cfg
     assert cfg.base_dir == "/models"
     for role in C.GENERATOR_ROLES:
         spec = getattr(cfg.pools, role)
