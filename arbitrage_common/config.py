@@ -388,6 +388,11 @@ class CoordinatorSpec(DeploymentSpec):
 
     max_ongoing_requests: PositiveInt = Field(64, description="Requests one coordinator replica runs at once (each "
                                                               "is a step loop awaiting the pools).")
+    # Bounded by default: an unbounded queue answers overload with ever longer waits, which
+    # timeout_s does not cover (its clock starts when a replica takes the request), never 503.
+    max_queued_requests: int = Field(512, description="Requests each Serve proxy queues for the coordinator "
+                                                      "beyond the ongoing ones before it answers RESOURCE_EXHAUSTED "
+                                                      "/ 503 with Retry-After; -1: unbounded, else at least 1.")
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After seconds advised on overload (503).")
     graceful_shutdown_timeout_s: float = Field(300.0, ge=0, description="Seconds a stopping coordinator replica "
                                                                         "may finish its requests; at least "

@@ -233,3 +233,12 @@ def test_bundle_keys_that_miscase_rays_own_resources_are_refused():
     assert field == "pools.target.placement_group_bundles" and "cpu: not Ray's 'CPU'" in message
     data["pools"]["target"]["placement_group_bundles"] = [{"CPU": 1, "pool_target": 1}]
     assert C.AppConfig.model_validate(data).pools.target.placement_group_bundles == [{"CPU": 1, "pool_target": 1}]
+
+
+def test_the_coordinators_queue_is_bounded_by_default_so_overload_is_answered():
+    """Unbounded, overload would only lengthen the proxies' queue (timeout_s starts when a
+    coordinator replica takes a request), never answer RESOURCE_EXHAUSTED / 503."""
+    options = C.default_config().coordinator.deployment_options("coordinator")
+    assert options["max_queued_requests"] >= 1
+    assert C.default_config().pools.draft.deployment_options("draft")["max_queued_requests"] == -1  # the pools'
+    # callers are the coordinator's merged calls, which retry a full pool themselves
