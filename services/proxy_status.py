@@ -69,12 +69,19 @@ def install(servicer: Any = None, server: Any = None) -> None:
         return
     if getattr(grpc_status, "_arbitrage_wrapped", False):
         return
+    import grpc
+    from ray.serve.exceptions import gRPCStatusError
+
     from services import convert
 
     def grpc_mapper(exc: BaseException, *args: Any, **kwargs: Any):
         err = proxy_error(exc)
         if err is not None and err.code == "unavailable":
             return ResponseStatus(code=err.grpc_code, is_error=True, message=err.message)
+        if isinstance(exc, gRPCStatusError) and exc.grpc_code not in (None, grpc.StatusCode.INTERNAL):
+            # The coordinator's own answer (a stream it aborted: bad input, overload, a missed
+            # deadline), which it counted and logged; Serve would log a traceback at ERROR for each.
+            return ResponseStatus(code=exc.grpc_code, is_error=True, message=exc.grpc_details or "")
         return grpc_status(exc, *args, **kwargs)  # Serve's: RESOURCE_EXHAUSTED for a full queue
 
     def http_mapper(exc: BaseException, *args: Any, **kwargs: Any):

@@ -67,3 +67,18 @@ def test_other_failures_keep_serves_own_answers():
 ])
 def test_grpc_answers_are_retriable_codes(exc, code):
     assert proxy.get_grpc_response_status(exc, None, "req-1").code == code
+
+
+def test_a_grpc_status_the_coordinator_set_passes_through_without_a_traceback(caplog):
+    """A stream the coordinator aborted (bad input, overload) reaches the proxy as a
+    gRPCStatusError: its code and details pass as they are, and the proxy logs no traceback
+    (the coordinator counted and logged it); INTERNAL keeps Serve's own handling."""
+    from ray.serve.exceptions import gRPCStatusError
+
+    exc = gRPCStatusError(ValueError("bad"), code=grpc.StatusCode.INVALID_ARGUMENT, details="threshold: must be in [0, 1]")
+    with caplog.at_level("DEBUG", logger="ray.serve"):
+        status = proxy.get_grpc_response_status(exc, None, "req-1")
+    assert (status.code, status.message) == (grpc.StatusCode.INVALID_ARGUMENT, "threshold: must be in [0, 1]")
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+    internal = gRPCStatusError(ValueError("bug"), code=grpc.StatusCode.INTERNAL, details="internal error; reference r")
+    assert proxy.get_grpc_response_status(internal, None, "req-1").code == grpc.StatusCode.INTERNAL
