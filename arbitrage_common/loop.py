@@ -285,7 +285,9 @@ class LoopStream:
             assert target is not None
             s_draft, s_target = await self._score("prm", [
                 ScoreItem(problem, history, draft.text), ScoreItem(problem, history, target.text)])
-            score, draft_score = s_target - s_draft, s_draft
+            # The same step is no advantage, exactly: in a batch the two identical items can score
+            # a few 1e-8 apart, which would let other requests' rows flip this step's source.
+            score, draft_score = (0.0 if target.text == draft.text else s_target - s_draft), s_draft
             to_target = policy.route_to_target(score)
         else:
             assert policy.scorer is not None

@@ -347,3 +347,20 @@ def test_prompt_that_does_not_fit_is_invalid_argument():
     with pytest.raises(InvalidArgument) as err:
         run(make_policy("draft"), draft=draft)
     assert err.value.field == "prompt" and "draft" in str(err.value)
+
+
+def test_oracle_scores_a_target_step_identical_to_the_draft_as_exactly_no_advantage():
+    """In a batch, two identical items can score a few 1e-8 apart (padding, other rows): the
+    same step is still no advantage, or other requests' rows would flip its source."""
+    class NoisyPRM:
+        calls = 0
+
+        async def score(self, items):
+            NoisyPRM.calls += 1
+            return [0.5 + 1e-8 * i for i in range(len(items))]  # the later item a hair higher
+
+    same = ["s0", "s1", ("s2", "eos")]
+    req = LoopRequest(prompt="Start with 3.", policy=make_policy("oracle"))
+    result = asyncio.run(run_loop(req, Models(ScriptedGenerator(same), ScriptedGenerator(same), NoisyPRM(), None)))
+    assert [s.source for s in result.steps] == ["draft"] * 3 and [s.score for s in result.steps] == [0.0] * 3
+    assert result.usage.draft_tokens_kept == sum(len(s.text) for s in result.steps) and NoisyPRM.calls == 3
