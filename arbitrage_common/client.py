@@ -69,11 +69,28 @@ def source_name(step) -> str:
 
 
 def to_dict(message) -> dict:
-    """A reply (or stream event) as JSON-ready dict, field names as in the proto."""
-    from google.protobuf import json_format
-
-    return json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)
+    """A reply (or stream event) as the HTTP API's JSON has it: the proto's field names, numbers
+    as numbers (protobuf's JSON writes an int64 as a string), a step's ``source`` as
+    ``"draft"`` / ``"target"``, an unset optional field as None, and of a oneof only the member
+    that is set (a stream event is ``{"step": ...}`` or ``{"summary": ...}``)."""
+    out: dict = {}
+    for field in message.DESCRIPTOR.fields:
+        name, value = field.name, getattr(message, field.name)
+        oneof = field.containing_oneof  # a proto3 `optional` is a oneof of its own, named "_<field>"
+        if oneof is not None and oneof.name != f"_{name}" and not message.HasField(name):
+            continue
+        if field.is_repeated:
+            out[name] = [to_dict(v) if field.message_type is not None else v for v in value]
+        elif field.has_presence and not message.HasField(name):
+            out[name] = None
+        elif field.message_type is not None:
+            out[name] = to_dict(value)
+        elif field.enum_type is not None:  # Source: SOURCE_DRAFT -> "draft"
+            out[name] = field.enum_type.values_by_number[value].name.removeprefix(
+                f"{field.enum_type.name.upper()}_").lower()
+        else:
+            out[name] = value
+    return out
 
 
 @dataclass

@@ -380,7 +380,8 @@ class Coordinator:
     def list_models(self) -> dict[str, Any]:
         """OpenAI ``/v1/models``: the default (served_model_name) and one id per runnable policy."""
         default = {"id": self.cfg.served_model_name, "object": "model", "created": 0, "owned_by": "arbitrage-serve",
-                   "policy": self.cfg.policy.default, "threshold": self.cfg.policy.threshold}
+                   "policy": self.cfg.policy.default,
+                   "threshold": make_policy(self.cfg.policy.default, self.cfg.policy.threshold).threshold}
         per_policy = [{"id": name, "object": "model", "created": 0, "owned_by": "arbitrage-serve", "policy": name,
                        **{k: v for k, v in POLICIES[name].describe().items() if k != "name"}}
                       for name in self.available]

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from arbitrage_common.auth import check_bearer, load_keys
 
@@ -173,6 +174,21 @@ def build_http_api(coord: Coordinator) -> FastAPI:
     api.add_middleware(BodyLimitMiddleware, limit=coord.cfg.limits.max_body_bytes, on_reject=rejected)
     api.add_middleware(AuthMiddleware, keys=tuple(keys), on_reject=rejected)
 
+    @api.exception_handler(StarletteHTTPException)
+    async def _no_route(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """404 / 405 (and any other HTTPException) in the API's error shape, not FastAPI's."""
+        path = route_path(request.scope)[:80]
+        if exc.status_code == 404:
+            code, message = "not_found", f"no route {request.method} {path}"
+        elif exc.status_code == 405:
+            code, message = "method_not_allowed", f"{request.method} is not allowed on {path}"
+            if allowed := (exc.headers or {}).get("Allow"):
+                message += f"; use {allowed}"
+        else:
+            code, message = "invalid_request", str(exc.detail)[:200]
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                       "code": code}}, status_code=exc.status_code, headers=exc.headers)
+
     @api.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
@@ -275,6 +291,14 @@ def build_http_api(coord: Coordinator) -> FastAPI:
     @api.get("/v1/models")
     async def models() -> dict[str, Any]:
         return coord.list_models()
+
+    @api.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> dict[str, Any]:
+        """One entry of /v1/models (the OpenAI SDK's ``models.retrieve``)."""
+        found = next((m for m in coord.list_models()["data"] if m["id"] == model_id), None)
+        if found is None:
+            raise StarletteHTTPException(404)
+        return found
 
     @api.post("/v1/generate")
     async def generate(body: GenerateBody):

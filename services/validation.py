@@ -20,11 +20,12 @@ from arbitrage_common.interfaces import GenerationOptions
 from arbitrage_common.loop import LoopRequest
 from arbitrage_common.policies import POLICIES, make_policy
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
 MAX_REQUEST_ID_CHARS = 128
 SEED_RANGE = (-2**63, 2**63 - 1)  # the proto's int64, whatever the transport
 GREEDY_BELOW = 1e-5  # a temperature this small samples as greedy (as vLLM does); float32 would make it 0
 MIN_SAMPLED_TEMPERATURE = 0.01  # vLLM raises any smaller one to this: both backends get the same
+MAX_TEMPERATURE = 2.0  # OpenAI's bound; beyond it a step is noise (1e308 overflows float32 to a uniform draw)
 
 
 @dataclass
@@ -117,8 +118,8 @@ def prepare(fields: RequestFields, cfg: AppConfig) -> Prepared:
                              limits.max_new_tokens)
     temperature = 0.0 if fields.temperature is None else fields.temperature
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature < 0:
-        raise InvalidArgument("temperature", f"must be a finite number >= 0, got {temperature!r}")
+            or not math.isfinite(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+        raise InvalidArgument("temperature", f"must be a number in [0, {MAX_TEMPERATURE:g}], got {temperature!r}")
     if temperature < GREEDY_BELOW:
         temperature = 0.0
     elif temperature < MIN_SAMPLED_TEMPERATURE:
@@ -166,8 +167,10 @@ def fields_from_proto(req: Any) -> RequestFields:
 # Strict types: JSON's true, "8" or 8.0 is not an integer here (gRPC could not send them either).
 class ChatMessageBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: StrictStr = Field(description="system, user or assistant")
-    content: StrictStr = Field(description="The message text; the prompt is the last user message.")
+    role: StrictStr = Field(description="system (or developer), user or assistant")
+    content: StrictStr | list[Any] = Field(description="The message text, or a list of text parts "
+                                                       "({\"type\": \"text\", \"text\": ...}, joined by a "
+                                                       "newline); the prompt is the last user message.")
 
 
 class _Extensions(BaseModel):
@@ -270,7 +273,23 @@ class ChatCompletionBody(_OpenAIBody):
 
 
 def _messages(msgs: list[ChatMessageBody] | None) -> list[tuple[str, str]] | None:
-    return None if msgs is None else [(m.role, m.content) for m in msgs]
+    return None if msgs is None else [(m.role, _text_of(i, m.content)) for i, m in enumerate(msgs)]
+
+
+def _text_of(i: int, content: str | list[Any]) -> str:
+    """A message's text: the string, or its text parts joined by a newline (as vLLM joins them);
+    other parts (images, audio, files) are refused, naming the part."""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise InvalidArgument(f"messages[{i}].content[{j}]",
+                                  f"only text parts ({{\"type\": \"text\", \"text\": \"...\"}}) are supported, "
+                                  f"got {str(kind)[:40]!r}")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def field_from_loc(loc: tuple[Any, ...] | list[Any], error_type: str = "") -> str:

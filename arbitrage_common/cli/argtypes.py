@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 
-def _int_at_least(minimum: int, wording: str):
+def _int_at_least(minimum: int, wording: str, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -12,6 +12,8 @@ def _int_at_least(minimum: int, wording: str):
             raise argparse.ArgumentTypeError(f"expected {wording}, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
 
     return parse
@@ -19,6 +21,9 @@ def _int_at_least(minimum: int, wording: str):
 
 positive_int = _int_at_least(1, "a positive integer")
 non_negative_int = _int_at_least(0, "an integer >= 0")
+# The API's fields (protos/arbitrage/v1): int32 step and token limits, an int64 seed.
+positive_int32 = _int_at_least(1, "a positive integer", 2**31 - 1)
+int64 = _int_at_least(-(2**63), "an integer", 2**63 - 1)
 
 
 def positive_float(text: str) -> float:

@@ -11,9 +11,10 @@ import sys
 import threading
 import time
 
-from .argtypes import positive_float, positive_int
+from .argtypes import int64, positive_float, positive_int, positive_int32
 
 DEFAULT_ENDPOINT = "127.0.0.1:9000"  # arbitrage_common.client.DEFAULT_ENDPOINT (not imported: keeps --help light)
+CLIENT_DEADLINE_MARGIN_S = 2.0  # generate --timeout: how much longer than timeout_s the client waits
 
 
 def add_serve_parsers(sub) -> None:
@@ -57,11 +58,13 @@ def add_serve_parsers(sub) -> None:
     gen.add_argument("--app", help="Serve application name (gRPC metadata) when several apps run")
     gen.add_argument("--policy", help="draft, target, rsd, arbitrage, oracle, random (default: the server's)")
     gen.add_argument("--threshold", type=float)
-    gen.add_argument("--max-steps", type=int)
-    gen.add_argument("--max-new-tokens", type=int)
+    gen.add_argument("--max-steps", type=positive_int32)
+    gen.add_argument("--max-new-tokens", type=positive_int32)
     gen.add_argument("--temperature", type=float)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--timeout", type=positive_float, help="request deadline, seconds")
+    gen.add_argument("--seed", type=int64)
+    gen.add_argument("--timeout", type=positive_float,
+                     help="request deadline, seconds: the server's timeout_s, and the client waits at most "
+                          f"{CLIENT_DEADLINE_MARGIN_S:g} s longer")
     gen.add_argument("--stream", action="store_true", help="print steps as they are decided, marked by source")
     gen.add_argument("--json", action="store_true", help="print the whole response as JSON (with --stream: one JSON object a line, each event)")
     gen.set_defaults(func=_generate)
@@ -177,10 +180,13 @@ def _summary_line(r) -> str:
 def _generate(args) -> int:
     from ..client import Client, ServiceError, to_dict
 
+    # The client's own deadline also bounds time queued before a coordinator takes the request,
+    # which timeout_s does not count; the margin lets the server's answer (with its steps count) come first.
+    deadline = args.timeout + CLIENT_DEADLINE_MARGIN_S if args.timeout else None
     with Client(args.endpoint, args.app) as client:
         try:
             if args.stream:
-                for message in client.stream(_request(args)):
+                for message in client.stream(_request(args), timeout=deadline):
                     if args.json:  # one JSON object a line: {"step": ...} events, then {"summary": ...}
                         print(json.dumps(to_dict(message)), flush=True)
                     elif message.WhichOneof("event") == "step":
@@ -188,7 +194,7 @@ def _generate(args) -> int:
                     else:
                         print(_summary_line(message.summary))
             else:
-                reply = client.generate(_request(args))
+                reply = client.generate(_request(args), timeout=deadline)
                 if args.json:
                     print(json.dumps(to_dict(reply), indent=2))
                 else:

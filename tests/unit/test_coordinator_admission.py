@@ -149,3 +149,12 @@ def test_a_deadline_missed_waiting_on_a_pool_with_no_replica_is_unavailable(wher
     assert bool(_StepsHang.hung) == (where == "loop")  # the loop's case failed in the loop
     if down:
         assert "draft pool has no running replica" in err.message
+
+
+def test_models_list_reports_the_threshold_requests_run_with():
+    """The served model's entry shows the threshold a request without one gets (the policy's
+    default when the config sets none), not null."""
+    coord = _coordinator(count_s=0.0)
+    default = coord.list_models()["data"][0]
+    assert coord.cfg.policy.threshold is None and default["policy"] == "arbitrage"
+    assert default["threshold"] == 0.5  # ArbitragePolicy.default_threshold

@@ -346,3 +346,40 @@ def test_a_stream_that_fails_after_a_step_keeps_its_200_and_ends_with_an_error_e
     assert events[2] == "event: error" and json.loads(events[3].removeprefix("data: "))["error"]["code"] == \
         "unavailable"
     assert len(events) == 4 and coord.records[-1][2] == "unavailable"
+
+
+# -- routes that do not exist, and OpenAI's chat forms ----------------------------------------
+@pytest.mark.parametrize(("method", "path", "status", "code"), [
+    ("get", "/v1/generate", 405, "method_not_allowed"), ("get", "/v1/nope", 404, "not_found"),
+    ("get", "/v1/models/no-such-model", 404, "not_found"), ("post", "/v1/models", 405, "method_not_allowed"),
+])
+def test_unknown_routes_and_methods_answer_in_the_apis_error_shape(method, path, status, code):
+    reply = getattr(_client(FakeCoordinator()), method)(path)
+    assert reply.status_code == status
+    error = reply.json()["error"]
+    assert error["code"] == code and error["type"] == "invalid_request_error" and path in error["message"], error
+    if status == 405:
+        assert reply.headers["allow"] and reply.headers["allow"] in error["message"]
+
+
+def test_models_retrieve_finds_one_model():
+    coord = FakeCoordinator()
+    coord.list_models = lambda: {"object": "list", "data": [{"id": "arbitrage", "object": "model"}]}
+    assert _client(coord).get("/v1/models/arbitrage").json() == {"id": "arbitrage", "object": "model"}
+
+
+def test_chat_takes_the_developer_role_and_text_parts():
+    coord = FakeCoordinator()
+    body = {"model": "arbitrage", "messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Start with 12."}, {"type": "text", "text": "Add 3."}]}]}
+    reply = _client(coord).post("/v1/chat/completions", json=body)
+    assert reply.json()["error"]["param"] == "policy"  # the fake's own refusal: the body got through
+    assert coord.opened[0].messages == [("developer", "Be brief."), ("user", "Start with 12.\nAdd 3.")]
+
+
+def test_chat_refuses_a_part_that_is_not_text_naming_it():
+    body = {"model": "arbitrage", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Start with 12."}, {"type": "image_url", "image_url": {"url": "http://x"}}]}]}
+    reply = _client(FakeCoordinator()).post("/v1/chat/completions", json=body)
+    assert reply.status_code == 422 and reply.json()["error"]["param"] == "messages[0].content[1]", reply.text

@@ -63,6 +63,8 @@ def test_timeout_is_capped_by_the_limit():
     (RequestFields(prompt=PROMPT, max_steps=11), "max_steps"),
     (RequestFields(prompt=PROMPT, max_new_tokens=0), "max_new_tokens"),
     (RequestFields(prompt=PROMPT, temperature=-1.0), "temperature"),
+    (RequestFields(prompt=PROMPT, temperature=2.5), "temperature"),  # above OpenAI's 2
+    (RequestFields(prompt=PROMPT, temperature=1e308), "temperature"),  # float32 inf: a uniform draw
     (RequestFields(prompt=PROMPT, timeout_s=0), "timeout_s"),
     (RequestFields(prompt=PROMPT, request_id="r" * 200), "request_id"),
     (RequestFields(prompt=PROMPT, seed=2**63), "seed"),
@@ -265,3 +267,18 @@ def test_loop_result_round_trips_through_the_proto():
         [(s.index, s.source, s.score, s.tokens, s.draft_discarded) for s in original.steps]
     assert back.usage.acceptance_rate == pytest.approx(original.usage.acceptance_rate)
     assert back.usage.steps_by_source == original.usage.steps_by_source
+
+
+@pytest.mark.parametrize("answered", [True, False])
+def test_the_grpc_clients_json_is_the_http_apis_json(answered):
+    """``arbitrage generate --json`` (client.to_dict of the gRPC reply) prints what /v1/generate
+    returns: int answer, "draft"/"target", unset optionals as null."""
+    from arbitrage_common.client import to_dict
+
+    r = _result()
+    if not answered:
+        r.steps.pop()
+    prepared = prepare(RequestFields(prompt=PROMPT, request_id="r1"), _cfg())
+    assert to_dict(convert.result_proto(r, prepared)) == convert.result_json(r, prepared)
+    event = to_dict(pb.GenerateStreamResponse(step=convert.step_proto(r.steps[0])))
+    assert event == {"step": convert.step_json(r.steps[0])}
