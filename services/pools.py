@@ -31,8 +31,10 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
@@ -73,13 +75,32 @@ def _load_generator(model: dict[str, Any]):
     raise ValueError(f"model.backend: unsupported generator backend {backend!r}")
 
 
+def replica_device(device: str | None, gpu_ids: Callable[[], Sequence[Any]] | None = None) -> str:
+    """Where a transformers model of this replica runs: ``model.device`` when it names one,
+    else (None / 'auto') 'cuda' only when Ray assigned the replica GPUs (``ray.get_gpu_ids()``,
+    from its ``num_gpus``), else 'cpu'. torch's own view is not enough: Ray 2.60 no longer
+    hides the GPUs from an actor that asked for none (``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO``
+    defaults to off), so a scorer pool given no GPU would land on GPU 0, unaccounted.
+    ``gpu_ids``: the call that lists them (default ``ray.get_gpu_ids``; tests inject one).
+    Outside a Ray worker (no ``gpu_ids`` and Ray not initialized: a script building a pool by
+    hand) nothing was assigned, and 'auto' is kept for the backend's own choice."""
+    if device not in (None, "auto"):
+        return device
+    if gpu_ids is None:
+        if not ray.is_initialized():
+            return "auto"
+        gpu_ids = ray.get_gpu_ids
+    return "cuda" if list(gpu_ids()) else "cpu"
+
+
 def _load_scorer(model: dict[str, Any]):
     backend = model.get("backend", "transformers")
     if backend == "transformers":
         from arbitrage_common.backends.scorers import load_step_scorer
 
         return load_step_scorer(model["path"], threads=model.get("threads"),
-                                annotate_history=model.get("annotate_history"), device=model.get("device"),
+                                annotate_history=model.get("annotate_history"),
+                                device=replica_device(model.get("device")),
                                 trust_remote_code=_trust_remote_code(model), prefix_cache_mb=model.get("prefix_cache_mb"))
     raise ValueError(f"model.backend: unsupported scorer backend {backend!r}")
 

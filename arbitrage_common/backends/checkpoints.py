@@ -53,8 +53,13 @@ def set_cpu_threads(threads: int | None) -> None:
 
 
 def pick_device(device: str | None) -> str:
-    """'cuda' for 'auto' when a GPU is visible to this process (Ray sets CUDA_VISIBLE_DEVICES
-    from the replica's num_gpus), else 'cpu'; an explicit device is kept."""
+    """'cuda' for None/'auto' when torch sees a GPU, else 'cpu'; an explicit device is kept.
+
+    "Sees" is not "was given": Ray 2.60 no longer hides the GPUs from an actor that asked for
+    none (``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO`` defaults to off), so inside a replica 'auto'
+    here would put a 0-GPU pool on GPU 0, unaccounted. Serve pools therefore decide from the
+    GPUs Ray assigned the replica (``services.pools.replica_device``) and pass 'cuda' or 'cpu'
+    down; 'auto' is for scripts and training, where torch's view is the whole story."""
     import torch
 
     if device in (None, "auto"):

@@ -152,7 +152,7 @@ class ValueHeadPRMScorer:
         problem = value_head_problem(path)  # before any weights: a missing head names the path
         if problem:
             raise CheckpointError(f"{path}: {problem}")
-        self.device = torch.device(pick_device(device))  # None/"auto": the replica's GPU if it has one
+        self.device = torch.device(pick_device(device))  # None/"auto": torch's GPU if it sees one (pools pass one)
         # The checkpoint's dtype (bf16 for Skywork) on an accelerator; float32 on the CPU, where
         # bf16 matmuls are slow. The one-row head always runs in float32 (cheap, and exact).
         dtype = torch.float32 if self.device.type == "cpu" else "auto"

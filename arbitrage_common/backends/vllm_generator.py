@@ -229,8 +229,39 @@ def cpu_compatible_dir(model_dir: str | Path, cache_dir: str | Path | None = Non
     return dst
 
 
+# Seeds vLLM can hold: its GPU model runner (Model Runner V2, vLLM 0.32's default where Triton
+# exists) keeps request seeds in an int64 tensor, so a seed of 2**63 or more raises
+# OverflowError inside execute_model and kills the engine core with every request on it.
+ENGINE_SEED_MASK = 2**63 - 1
+
+
+def engine_seed(seed: int | None) -> int:
+    """The seed a sampled request gives vLLM: the client's seed (None: 0, as the transformers
+    backend; ``row_options`` already gave row i of a one-options call seed + i) reduced to its
+    low 63 bits, so in [0, 2**63). Never negative: vLLM reads -1 as "unseeded", and a request's
+    seed must repeat. Seeds equal in their low 63 bits sample alike (e.g. -1 and 2**63 - 1)."""
+    return (seed or 0) & ENGINE_SEED_MASK
+
+
 class EngineStartError(RuntimeError):
     """The engine did not start (bad config, out of memory, unsupported model); names the model."""
+
+
+# vLLM's own message for most start failures is "Engine core initialization failed. See root
+# cause above.": say where "above" is and what it usually says.
+ENGINE_START_HINT = (
+    "the root cause is logged just before this error by vLLM's engine-core process: in a Serve replica, in the "
+    "replica's Ray worker log (Ray dashboard, or `ray logs`), elsewhere on this process's stderr. Usual causes: "
+    "the KV cache cannot hold max_model_len tokens in gpu_memory_utilization of the GPU's memory less the weights "
+    "(lower max_model_len or raise gpu_memory_utilization); other tenants on a shared GPU (at start vLLM needs "
+    "gpu_memory_utilization of the GPU's total memory free: give the pool its own GPU or lower it); on CPU, "
+    "kv_cache_memory_bytes / VLLM_CPU_KVCACHE_SPACE")
+
+
+def engine_start_message(model: str, exc: BaseException) -> str:
+    """The ``EngineStartError`` message for an engine that failed to start: the model, vLLM's
+    error, and where its cause is logged with the usual causes (``ENGINE_START_HINT``)."""
+    return f"{model}: vLLM engine failed to start ({type(exc).__name__}: {exc}); {ENGINE_START_HINT}"
 
 
 class EngineRequestError(RuntimeError):
@@ -421,7 +452,7 @@ class VLLMStepGenerator:
             self.engine = AsyncLLM.from_engine_args(
                 AsyncEngineArgs(**_executor_as_given(args, on_cpu)), stat_loggers=[_stat_logger_factory(self.prefix_cache)])
         except Exception as exc:  # config/load errors come from the engine process in many types
-            raise EngineStartError(f"{model_str}: vLLM engine failed to start ({type(exc).__name__}: {exc})") from exc
+            raise EngineStartError(engine_start_message(model_str, exc)) from exc
         # Prompts go to the engine as token ids from its own tokenizer: the context check
         # here counts exactly what the engine will see.
         self.tokenizer = self.engine.tokenizer
@@ -449,10 +480,7 @@ class VLLMStepGenerator:
                               "output_kind": self._final_only, "skip_special_tokens": False,
                               "spaces_between_special_tokens": False}
         if options.temperature > 0:
-            # As the transformers backend: seed None means 0 (row_options already gave row i of
-            # a call with one options object seed + i); modulo 2**64, as torch takes a negative
-            # seed, since vLLM reads -1 as "unseeded".
-            kw.update(temperature=options.temperature, seed=(options.seed or 0) % 2**64)
+            kw.update(temperature=options.temperature, seed=engine_seed(options.seed))
         else:
             kw.update(temperature=0.0)
         return self._SamplingParams(**kw)

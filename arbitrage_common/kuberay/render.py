@@ -29,6 +29,15 @@ APP_LABEL = "app.kubernetes.io/name"
 AUTOSCALER_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
 # Seconds the old cluster of a NewCluster upgrade outlives the longest request it may still hold.
 DELETION_MARGIN_S = 30
+# /dev/shm of a worker Pod that runs GPUs or a vLLM engine: a container's own is Docker's 64 MiB,
+# too small for NCCL's shared-memory transport between a tensor-parallel engine's ranks, vLLM's
+# shared-memory message queues and Ray's object store (which falls back to /tmp, slowly, when
+# /dev/shm is smaller than the store). No sizeLimit: a memory emptyDir's pages are charged to
+# the container's memory limit, so the Pod's `memory` already bounds it, and Kubernetes sizes
+# the tmpfs to that limit (SizeMemoryBackedVolumes); a smaller sizeLimit would only evict the
+# Pod (kubelet's emptyDir check) when NCCL or the object store grew past it, saving no memory.
+SHM_VOLUME = {"name": "dshm", "emptyDir": {"medium": "Memory"}}
+SHM_MOUNT = {"name": "dshm", "mountPath": "/dev/shm"}
 
 
 def _where(role: str) -> str:
@@ -180,6 +189,16 @@ def ray_start_resources(resources: dict[str, int]) -> str:
     return "'" + json.dumps(dict(sorted(resources.items()))) + "'"
 
 
+def needs_shm(cfg: AppConfig, size: GroupSize) -> bool:
+    """Whether a worker group's Pods get a memory-backed /dev/shm (``SHM_VOLUME``): every group
+    with GPUs, and any group with a vLLM pool (a tensor-parallel engine's ranks, vLLM's
+    multiprocess executor)."""
+    if size.gpus:
+        return True
+    pools = dict(cfg.pools.configured())
+    return any(pools[name].model.backend == "vllm" for name in size.deployments if name in pools)
+
+
 def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
     shape = cfg.cluster.group(size.name)
     start_params = {"metrics-export-port": str(METRICS_PORT)}
@@ -196,6 +215,9 @@ def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
                                                           _serve_ports(cfg), auth_secret_env(cfg))]}
     if size.gpus:
         pod_spec["tolerations"] = [dict(GPU_TOLERATION)]
+    if needs_shm(cfg, size):
+        pod_spec["containers"][0]["volumeMounts"] = [dict(SHM_MOUNT)]
+        pod_spec["volumes"] = [{"name": SHM_VOLUME["name"], "emptyDir": dict(SHM_VOLUME["emptyDir"])}]
     group: dict[str, Any] = {
         "groupName": size.name,
         "replicas": size.initial_pods,

@@ -366,3 +366,49 @@ def test_group_labels_are_ray_node_labels_of_the_users_own(labels, text):
         C.AppConfig.model_validate(data)
     (field, message), = C.validation_problems(exc.value)
     assert field == "cluster.draft.labels" and text in message
+
+
+# -- /dev/shm ---------------------------------------------------------------------------------
+def _shm(group: dict) -> tuple[list, list]:
+    spec = group["template"]["spec"]
+    return spec.get("volumes", []), spec["containers"][0].get("volumeMounts", [])
+
+
+def test_gpu_groups_mount_a_memory_backed_dev_shm():
+    """A tensor-parallel engine's ranks (NCCL), vLLM's queues and Ray's object store need more
+    than a container's 64 MiB /dev/shm: every GPU group gets a memory emptyDir there."""
+    groups = _groups(target_config("qwen-math-1.5b-7b"))
+    for name in ("draft", "target", "scorers"):
+        volumes, mounts = _shm(groups[name])
+        assert volumes == [{"name": "dshm", "emptyDir": {"medium": "Memory"}}], name  # no sizeLimit: see render.py
+        assert mounts == [{"name": "dshm", "mountPath": "/dev/shm"}], name
+    assert groups["target"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert _shm(groups["coordinator"]) == ([], [])  # CPU only, no engine
+    head = render_rayservice(target_config("qwen-math-1.5b-7b"))["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert "volumes" not in head["template"]["spec"]
+
+
+def test_cpu_groups_mount_dev_shm_only_for_a_vllm_engine():
+    """vLLM's multiprocess executor passes each step through shared-memory queues."""
+    assert all(_shm(g) == ([], []) for g in _groups(target_config("cpu-demo")).values())
+    data = target_config("cpu-demo").model_dump(mode="json")
+    data["pools"]["target"]["model"].update(backend="vllm", engine={"distributed_executor_backend": "mp"})
+    groups = _groups(C.AppConfig.model_validate(data))
+    assert _shm(groups["target"])[1] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+    assert _shm(groups["draft"]) == ([], [])
+
+
+def test_the_dev_shm_volume_validates_against_the_crd():
+    crd_file = ROOT.parent / "shared" / "schemas" / "ray.io_rayservices.yaml"
+    if not crd_file.is_file():
+        pytest.skip(f"KubeRay's RayService CRD is not at {crd_file}")
+    jsonschema = pytest.importorskip("jsonschema")
+    import yaml
+
+    crd = yaml.safe_load(crd_file.read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    manifest = render_rayservice(target_config("qwen-math-1.5b-7b"))
+    assert not [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(manifest)]
+    pod = schema["properties"]["spec"]["properties"]["rayClusterConfig"]["properties"]["workerGroupSpecs"]["items"][
+        "properties"]["template"]["properties"]["spec"]["properties"]
+    assert "medium" in pod["volumes"]["items"]["properties"]["emptyDir"]["properties"]  # declared, not pruned

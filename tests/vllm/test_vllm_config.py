@@ -97,6 +97,9 @@ def test_serve_without_vllm_fails_at_once_naming_the_install_step(tmp_path, monk
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('No module named vllm (shadowed by the test)')\n")
     monkeypatch.setenv("PYTHONPATH", str(shadow.parent))  # the import check runs in a child process
+    import services.local
+
+    monkeypatch.setattr(services.local, "torch_sees_gpu", lambda: False)  # the CPU wording, on any host
 
     import ray
 

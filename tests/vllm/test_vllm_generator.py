@@ -196,12 +196,19 @@ def test_seeded_sampling_is_reproducible(engine, loop):
 
 def test_a_seed_of_minus_one_is_a_seed_not_vllms_unseeded(engine, loop):
     """vLLM reads seed -1 as "draw fresh randomness"; a request's seed -1 must repeat (a retried
-    step is the same step), as it does on the transformers backend."""
-    assert engine._sampling_params(GenerationOptions(temperature=1.5, seed=-1), 8).seed is not None
+    step is the same step), as it does on the transformers backend. It reaches vLLM as its low
+    63 bits (2**63 - 1): vLLM's GPU model runner keeps seeds in int64, where 2**64 - 1 overflows
+    and kills the engine core."""
+    assert engine._sampling_params(GenerationOptions(temperature=1.5, seed=-1), 8).seed == 2**63 - 1
+    for seed in (-2**63, -1, 2**63 - 1, 2**64 - 1):
+        assert 0 <= engine._sampling_params(GenerationOptions(temperature=1.5, seed=seed), 8).seed < 2**63
     opts = GenerationOptions(max_new_tokens=32, temperature=1.5, seed=-1)
     prefix = _prefixes(1, seed=33)
     runs = {run(loop, engine.generate(prefix, opts))[0].text for _ in range(4)}
     assert len(runs) == 1
+    # equal low 63 bits: the same seed to vLLM, the same step
+    alike = GenerationOptions(max_new_tokens=32, temperature=1.5, seed=2**63 - 1)
+    assert run(loop, engine.generate(prefix, alike))[0].text in runs
 
 
 def test_an_emptied_prefix_cache_says_so(engine, loop):

@@ -1,0 +1,51 @@
+"""Where a scorer pool's transformers model runs inside a Serve replica: on the GPU only when
+Ray assigned the replica one. Ray 2.60 no longer hides the GPUs from a 0-GPU actor, so torch's
+own view would put such a pool on GPU 0, unaccounted. Ray's call is faked: no cluster."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def pools():
+    return pytest.importorskip("services.pools")
+
+
+@pytest.mark.parametrize("device,gpu_ids,want", [
+    (None, [], "cpu"), ("auto", [], "cpu"),          # no GPU assigned: CPU, whatever torch sees
+    (None, [0], "cuda"), ("auto", ["1"], "cuda"),    # num_gpus > 0 (whole or fraction)
+    ("cpu", [0], "cpu"), ("cuda", [], "cuda"),       # an explicit device is kept
+])
+def test_replica_device_follows_the_gpus_ray_assigned(pools, device, gpu_ids, want):
+    assert pools.replica_device(device, lambda: gpu_ids) == want
+
+
+def test_auto_is_never_asked_of_ray_for_an_explicit_device(pools):
+    def never():
+        raise AssertionError("ray.get_gpu_ids called for an explicit device")
+
+    assert pools.replica_device("cpu", never) == "cpu"
+
+
+def test_outside_a_ray_worker_the_backend_keeps_its_own_choice(pools, monkeypatch):
+    monkeypatch.setattr(pools.ray, "is_initialized", lambda: False)
+    assert pools.replica_device(None) == "auto"
+
+
+@pytest.mark.parametrize("gpu_ids,want", [([], "cpu"), ([0], "cuda")])
+def test_a_scorer_pool_passes_the_replicas_device_down(pools, monkeypatch, gpu_ids, want):
+    from arbitrage_common.backends import scorers
+
+    seen = []
+    monkeypatch.setattr(scorers, "load_step_scorer", lambda path, **kw: seen.append(kw["device"]))
+    monkeypatch.setattr(pools.ray, "is_initialized", lambda: True)  # as in a replica
+    monkeypatch.setattr(pools.ray, "get_gpu_ids", lambda: gpu_ids)
+    try:
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # GPUs visible to the process
+    except ImportError:
+        pass
+    pools._load_scorer({"path": "/m"})
+    pools._load_scorer({"path": "/m", "device": "auto"})
+    assert seen == [want, want]
