@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Remakes every bundled checkpoint, in dependency order, on CPU (about 2 h on 2 cores).
-# Each step is resumable: rerun the script after an interruption and it continues.
+# Each step is resumable: rerun the script after an interruption and it continues (a step
+# rerun with other arguments is refused, naming them; remove <out>/ckpt to start it fresh).
+# `router data` writes runs/<name>.meta.json beside each dataset: how it was made.
 # Seeds are fixed; results match up to float nondeterminism across thread counts.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -15,7 +15,7 @@ def add_router_parser(sub) -> None:
     data.add_argument("--out", required=True, help="JSONL dataset to write")
     data.add_argument("--n", type=positive_int, default=3000, help="training problems")
     data.add_argument("--seed", type=non_negative_int, default=0)
-    data.add_argument("--models-dir", default="models")
+    data.add_argument("--models-dir", help="bundled checkpoints (default: $ARBITRAGE_HOME/models, else the installed bundle)")
     data.add_argument("--label-margin", type=float, default=0.0,
                       help="class 1 when PRM(t) - PRM(d) > this (0: the paper's label; `router train` can relabel)")
     data.add_argument("--mix", type=mix_list, default=("math",),
@@ -36,28 +36,34 @@ def add_router_parser(sub) -> None:
                        help="classifier: a one-logit sequence classifier fine-tuned from --init; verifier-head: "
                             "--init is an LM-verifier PRM, kept frozen, plus a logistic head fitted to the labels")
     train.add_argument("--data", required=True)
-    train.add_argument("--init", default="models/prm", help="start from these weights (PRM) or an LM")
-    train.add_argument("--out", required=True)
-    train.add_argument("--steps", type=positive_int, default=400)
+    train.add_argument("--init", help="start from these weights (PRM) or an LM (default: the bundled prm)")
+    train.add_argument("--out", required=True, help="checkpoint directory (classifier: resumes from <out>/ckpt "
+                                                    "only with the same arguments and rows)")
+    # Flags of one kind only default to None, so a flag given to the other kind is refused
+    # (`_kind_flags`), never silently ignored.
+    train.add_argument("--steps", type=positive_int, help="classifier: training steps (default: 400)")
     train.add_argument("--seed", type=non_negative_int, default=0)
-    train.add_argument("--lr", type=positive_float, default=3e-4)
+    train.add_argument("--lr", type=positive_float, help="classifier: peak learning rate (default: 0.0003)")
     train.add_argument("--threads", type=positive_int, default=1)
-    train.add_argument("--annotate", action=argparse.BooleanOptionalAction, default=True,
-                       help="'Model 0:'/'Model 1:' history annotations")
+    train.add_argument("--annotate", action=argparse.BooleanOptionalAction,
+                       help="classifier: 'Model 0:'/'Model 1:' history annotations (default: on; a verifier head "
+                            "reads history unannotated)")
     train.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
                        help="downsample the majority class")
-    train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                       help="classifier: where to train ('auto': the GPU when one is visible)")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                       help="classifier: where to train (default: auto, the GPU when one is visible; a verifier "
+                            "head fits on the CPU)")
     train.add_argument("--label-margin", type=float, default=0.0,
                        help="relabel: class 1 when PRM(t) - PRM(d) > this (0: the paper's 1[advantage > 0])")
-    train.add_argument("--l2", type=positive_float, default=1e-3, help="verifier-head: L2 penalty of the head")
-    train.add_argument("--ablation-steps", type=non_negative_int, default=0,
-                       help="also train the 4 ablation variants for this many steps and record the table")
+    train.add_argument("--l2", type=positive_float, help="verifier-head: L2 penalty of the head (default: 0.001)")
+    train.add_argument("--ablation-steps", type=non_negative_int,
+                       help="classifier: also train the 4 ablation variants for this many steps (in <out>/ckpt/ablation) "
+                            "and record the table (default: 0, none)")
     train.set_defaults(func=_router_train)
 
     ev = router.add_parser("eval", help="Spearman of a router vs the oracle advantage on held-out steps")
     ev.add_argument("--data", required=True)
-    ev.add_argument("--router", default="models/router")
+    ev.add_argument("--router", help="router checkpoint (default: the bundled router)")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_router_eval)
 
@@ -67,7 +73,7 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--n", type=positive_int, default=200, help="held-out problems")
     bench.add_argument("--seed", type=non_negative_int, default=2000)
     bench.add_argument("--out", default="runs/bench", help="directory for points.csv, PNG plots, bench.json")
-    bench.add_argument("--models-dir", default="models")
+    bench.add_argument("--models-dir", help="bundled checkpoints (default: $ARBITRAGE_HOME/models, else the installed bundle)")
     bench.add_argument("--mix", choices=sorted(MIXES), default="math",
                        help="synthetic problem mix: math (a hard final step in ~20%% of problems) or olympiad "
                             "(every problem has one)")
@@ -119,13 +125,16 @@ def _router_data(args) -> int:
     from ..backends.scorers import load_step_scorer
     from ..training.router_data import collect_router_rows
 
-    root = args.models_dir
+    root = _models_dir(args)
+    prm_dir = args.prm or f"{root}/prm"
     draft, target = HFStepGenerator(f"{root}/draft"), HFStepGenerator(f"{root}/target")
-    prm = load_step_scorer(args.prm or f"{root}/prm")
+    prm = load_step_scorer(prm_dir)
     with tqdm(desc="router data", unit="row") as bar:
         rows = collect_router_rows(draft, target, prm, args.n, args.seed, label_margin=args.label_margin,
                                    progress=lambda total: bar.update(total - bar.n), mixes=args.mix)
-    return _write_rows(rows, args.out, mix=",".join(args.mix), prm=args.prm or f"{root}/prm")
+    made = {"n": args.n, "seed": args.seed, "mix": list(args.mix), "label_margin": args.label_margin,
+            "labelling_prm": prm_dir, "draft": f"{root}/draft", "target": f"{root}/target"}
+    return _write_rows(rows, args.out, made, _data_command(args), mix=",".join(args.mix), prm=prm_dir)
 
 
 def _router_data_remote(args) -> int:
@@ -146,15 +155,48 @@ def _router_data_remote(args) -> int:
     with tqdm(desc="router data", unit="row") as bar:
         rows = collect_remote_rows(args.endpoint, problems, app=args.app, max_steps=args.max_steps,
                                    label_margin=args.label_margin, progress=lambda total: bar.update(total - bar.n))
-    return _write_rows(rows, args.out, problems=len(problems), endpoint=args.endpoint)
+    made = {"n": len(problems), "endpoint": args.endpoint, "app": args.app, "max_steps": args.max_steps,
+            "label_margin": args.label_margin, "labelling_prm": "the service's PRM (policy oracle over --endpoint)"}
+    made.update({"dataset": args.dataset, "data_file": args.data_file, "limit": args.limit} if args.dataset
+                else {"seed": args.seed, "mix": list(args.mix)})
+    return _write_rows(rows, args.out, made, _data_command(args), problems=len(problems), endpoint=args.endpoint)
 
 
-def _write_rows(rows: list[dict], out: str, **extra) -> int:
-    from ..training.router_data import write_jsonl
+def _models_dir(args) -> str:
+    """--models-dir, else the bundled models (``paths.models_dir()``: $ARBITRAGE_HOME, then the
+    checkout or the install), wherever the command runs from."""
+    from ..paths import models_dir
+
+    return args.models_dir or str(models_dir())
+
+
+def _data_command(args) -> str:
+    """The `router data` command line that makes this dataset again (the flags given, in order)."""
+    import shlex
+
+    argv = ["arbitrage", "router", "data"]
+    if not args.dataset:  # a benchmark file's problems: --n, --seed and --mix do not apply
+        argv += ["--n", str(args.n), "--seed", str(args.seed), "--mix", ",".join(args.mix)]
+    argv += ["--label-margin", str(args.label_margin)]
+    for flag, value in (("--models-dir", args.models_dir), ("--prm", args.prm), ("--endpoint", args.endpoint),
+                        ("--app", args.app), ("--dataset", args.dataset), ("--data-file", args.data_file),
+                        ("--limit", args.limit)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.endpoint:
+        argv += ["--max-steps", str(args.max_steps)]
+    return shlex.join([*argv, "--out", args.out])
+
+
+def _write_rows(rows: list[dict], out: str, made: dict, command: str, **extra) -> int:
+    """The rows, then their sidecar (``<out minus .jsonl>.meta.json``: how they were made)."""
+    from ..training.router_data import write_data_meta, write_jsonl
 
     write_jsonl(rows, out)
     pos = sum(r["label"] for r in rows)
-    summary = {"rows": len(rows), "positive": pos, "negative": len(rows) - pos, **extra, "out": out}
+    side = write_data_meta(out, {"command": command, **made, "rows": len(rows), "positive": pos})
+    summary = {"rows": len(rows), "positive": pos, "negative": len(rows) - pos, **extra, "out": out,
+               "meta": str(side)}
     if rows and all(r.get("prm_draft") is not None for r in rows):
         from ..evaluation.analyze import analyze
 
@@ -164,41 +206,70 @@ def _write_rows(rows: list[dict], out: str, **extra) -> int:
     return 0
 
 
+# Flags of one --kind only, and the default each takes there.
+CLASSIFIER_ONLY = {"--steps": ("steps", 400), "--lr": ("lr", 3e-4), "--device": ("device", "auto"),
+                   "--ablation-steps": ("ablation_steps", 0), "--annotate": ("annotate", True)}
+VERIFIER_HEAD_ONLY = {"--l2": ("l2", 1e-3)}
+
+
+def _kind_flags(args) -> None:
+    """Refuse a flag the chosen --kind does not use (ValueError naming it); fill in the defaults
+    of those it does. --no-annotate is what a verifier head does anyway, so it passes."""
+    given, other = (CLASSIFIER_ONLY, VERIFIER_HEAD_ONLY) if args.kind == "classifier" else \
+        (VERIFIER_HEAD_ONLY, CLASSIFIER_ONLY)
+    for flag, (name, _) in other.items():
+        value = getattr(args, name)
+        if value is not None and not (flag == "--annotate" and value is False):
+            shown = "--no-annotate" if value is False else flag
+            raise ValueError(f"{shown}: does not apply to --kind {args.kind} (only to --kind "
+                             f"{'verifier-head' if args.kind == 'classifier' else 'classifier'})")
+    for name, default in given.values():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def _router_train(args) -> int:
+    _kind_flags(args)
+    init = args.init or str(_bundled("prm"))
     if args.kind == "verifier-head":
         from ..training.verifier_router import train_verifier_router
 
-        out = train_verifier_router(args.data, args.init, args.out, seed=args.seed, balance=args.balance, l2=args.l2,
+        out = train_verifier_router(args.data, init, args.out, seed=args.seed, balance=args.balance, l2=args.l2,
                                     threads=args.threads, label_margin=args.label_margin)
         emit_json({"saved": str(out)})
         return 0
     from ..training.router import run_ablation, train_router
 
     table = None
-    if args.ablation_steps:
-        table = run_ablation(args.data, args.init, "runs/router-ablation", args.ablation_steps, args.seed, args.lr,
-                             args.threads, args.device, args.label_margin)
-    out = train_router(args.data, args.init, args.out, annotate=args.annotate, balance=args.balance, steps=args.steps,
+    if args.ablation_steps:  # under this run's ckpt/: its own resume states, removed with it
+        table = run_ablation(args.data, init, str(Path(args.out) / "ckpt" / "ablation"), args.ablation_steps,
+                             args.seed, args.lr, args.threads, args.device, args.label_margin)
+    out = train_router(args.data, init, args.out, annotate=args.annotate, balance=args.balance, steps=args.steps,
                        seed=args.seed, lr=args.lr, threads=args.threads, ablation=table, device=args.device,
                        label_margin=args.label_margin)
     emit_json({"saved": str(out), "ablation": table})
     return 0
 
 
+def _bundled(name: str) -> Path:
+    from ..paths import models_dir
+
+    return models_dir() / name
+
+
 def _router_eval(args) -> int:
     from ..backends.scorers import load_step_scorer
-    from ..evaluation.metrics import spearman
-    from ..training.router import score_rows, split_by_problem
+    from ..evaluation.payoff import spearman_note
+    from ..training.router import held_out_spearman, split_by_problem
     from ..training.router_data import error_structure, read_jsonl
 
-    scorer = load_step_scorer(args.router)  # any router kind, with the annotations it was trained with
+    router = args.router or str(_bundled("router"))
+    scorer = load_step_scorer(router)  # any router kind, with the annotations it was trained with
     _, held = split_by_problem(read_jsonl(args.data))
-    scores = score_rows(scorer, held)
-    from ..evaluation.payoff import spearman_note
-
-    rho = round(spearman(scores, [r["advantage"] for r in held]), 4)
-    emit_json({"router": args.router, "held_out_steps": len(held), "annotate_history": scorer.annotate_history,
-               **spearman_note(rho),
+    # Ranks the router's logits, as every router card does (the probabilities tie where the sigmoid saturates).
+    rho = round(held_out_spearman(scorer, held), 4)
+    emit_json({"router": router, "held_out_steps": len(held), "annotate_history": scorer.annotate_history,
+               **spearman_note(rho), "ranks": "router logits",
                "error_structure": error_structure(held)})
     return 0
 
@@ -226,7 +297,7 @@ def _bench(args) -> int:
     from ..evaluation.bench import run_bench
 
     check_out_dir(args.out)
-    emit_json(run_bench(args.n, args.seed, args.out, args.models_dir, confirm_n=args.confirm_n,
+    emit_json(run_bench(args.n, args.seed, args.out, _models_dir(args), confirm_n=args.confirm_n,
                         show_progress=not args.no_progress, mix=args.mix, prm=args.prm, router=args.router))
     return 0
 
@@ -242,7 +313,7 @@ def _dataset_bench(args) -> int:
         return 0
     from ..evaluation.bench import load_backends
 
-    backends = load_backends(args.models_dir, prm=args.prm, router=args.router)
+    backends = load_backends(_models_dir(args), prm=args.prm, router=args.router)
     emit_json(db.run_dataset_bench(problems, args.out, backends, dataset=args.dataset,
                                    source=source, confirm_n=args.confirm_n, show_progress=not args.no_progress))
     return 0

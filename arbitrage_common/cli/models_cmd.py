@@ -10,10 +10,11 @@ def add_models_parser(sub) -> None:
     models = sub.add_parser("models", help="bundled model checks").add_subparsers(dest="models_cmd", required=True)
     ev = models.add_parser("eval", help="quality and cost of the bundled draft, target and PRM")
     ev.add_argument("--n", type=positive_int, default=200, help="problems to evaluate")
-    ev.add_argument("--seed", type=non_negative_int, default=1000, help="eval problem seed (training never uses integer seeds)")
+    ev.add_argument("--seed", type=non_negative_int, default=1000, help="eval problem seed (training streams are keyed by strings, yet a small problem can "
+                         "recur in them: docs/TASK.md)")
     ev.add_argument("--mix", choices=sorted(MIXES), default="math", help="synthetic problem mix")
     ev.add_argument("--prm", help="PRM checkpoint (default: <models-dir>/prm)")
-    ev.add_argument("--models-dir", default="models")
+    ev.add_argument("--models-dir", help="bundled checkpoints (default: $ARBITRAGE_HOME/models, else the installed bundle)")
     ev.add_argument("--no-prm", action="store_true", help="skip the PRM AUROC")
     ev.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
     ev.add_argument("--out", help="also write the JSON here (only when the run succeeds)")
@@ -25,7 +26,8 @@ def add_train_parser(sub) -> None:
     lm = train.add_parser("lm", help="train the draft, target or PRM-body LM (resumable)")
     lm.add_argument("--role", choices=["draft", "target", "prm"], required=True,
                     help="shape preset (prm: the independent PRM's body, before `train prm`)")
-    lm.add_argument("--out", required=True, help="checkpoint directory; resumes from <out>/ckpt")
+    lm.add_argument("--out", required=True, help="checkpoint directory; resumes from <out>/ckpt only with the same "
+                                                 "--role, --seed, --lr, --steps and --batch-size")
     lm.add_argument("--steps", type=positive_int, required=True)
     lm.add_argument("--seed", type=non_negative_int, default=0)
     lm.add_argument("--lr", type=positive_float, default=2e-3)
@@ -35,7 +37,8 @@ def add_train_parser(sub) -> None:
     lm.add_argument("--export-every", type=positive_int, help="write HF snapshots every N steps (for choosing --stop-after)")
     lm.set_defaults(func=_train_lm)
     prm = train.add_parser("prm", help="train the PRM on checker labels of draft and target steps (resumable)")
-    prm.add_argument("--out", required=True)
+    prm.add_argument("--out", required=True, help="checkpoint directory; resumes from <out>/ckpt (its labeled steps "
+                                                  "too) only with the same arguments")
     prm.add_argument("--init", required=True, help="LM checkpoint to start from")
     prm.add_argument("--draft", required=True, help="draft LM that writes training steps")
     prm.add_argument("--target", required=True, help="target LM that writes training steps")
@@ -49,7 +52,8 @@ def add_train_parser(sub) -> None:
     prm.set_defaults(func=_train_prm)
     ver = train.add_parser("verifier", help="make the LM-verifier PRM: a causal LM plus a logistic calibration of "
                                             "its min token log-prob on checker labels (the bundled PRM)")
-    ver.add_argument("--out", required=True)
+    ver.add_argument("--out", required=True, help="checkpoint directory; reuses the labeled steps in <out>/ckpt "
+                                                  "only for the same --draft, --target, --problems and --seed")
     ver.add_argument("--lm", required=True, help="causal LM checkpoint that verifies (copied into --out)")
     ver.add_argument("--draft", required=True, help="draft LM that writes labeled steps")
     ver.add_argument("--target", required=True, help="target LM that writes labeled steps")
@@ -63,9 +67,10 @@ def add_train_parser(sub) -> None:
 
 def _models_eval(args) -> int:
     from ..evaluation.models_eval import evaluate_models
+    from ..paths import models_dir
 
-    emit_json(evaluate_models(args.n, args.seed, args.models_dir, with_prm=not args.no_prm, mix=args.mix, prm=args.prm),
-              args.out)
+    root = args.models_dir or str(models_dir())  # wherever the command runs from ($ARBITRAGE_HOME first)
+    emit_json(evaluate_models(args.n, args.seed, root, with_prm=not args.no_prm, mix=args.mix, prm=args.prm), args.out)
     return 0
 
 

@@ -27,7 +27,7 @@ def add_payoff_parsers(sub) -> None:
     rm.add_argument("--n", type=positive_int, default=150, help="problems per mix")
     rm.add_argument("--seed", type=non_negative_int, default=3000)
     rm.add_argument("--mix", type=mix_list, default=("math", "olympiad"), help="comma list of mixes")
-    rm.add_argument("--models-dir", default="models")
+    rm.add_argument("--models-dir", help="bundled checkpoints (default: $ARBITRAGE_HOME/models, else the installed bundle)")
     rm.add_argument("--grid", choices=["full", "tiny"], default="full", help="tiny: 7 points per cell (CI)")
     rm.add_argument("--confirm-n", type=non_negative_int, default=0,
                     help="problems of a wall-clock confirmation per cell (0: none)")
@@ -83,8 +83,9 @@ def _router_scores(router: str, rows: list[dict]) -> list[float]:
 
 def _regime_map(args) -> int:
     from ..evaluation.regime import TINY_GRID, run_regime_map
+    from ..paths import models_dir
 
-    summary = run_regime_map(args.out, args.n, args.seed, args.mix, args.models_dir,
+    summary = run_regime_map(args.out, args.n, args.seed, args.mix, args.models_dir or str(models_dir()),
                              grid=TINY_GRID if args.grid == "tiny" else None, confirm_n=args.confirm_n,
                              show_progress=not args.no_progress)
     emit_json(summary)

@@ -40,7 +40,8 @@ def train_lm(role: str, out_dir: str, steps: int, seed: int = 0, lr: float = 2e-
              shape: Shape | None = None, stop_after: int | None = None, export_every: int | None = None) -> Path:
     """Train ``steps`` steps of a cosine schedule; ``stop_after`` ends early at that step of the
     same schedule (reproducible early stopping); ``export_every`` writes HF snapshots to
-    ``<out>/ckpt/snapshots/step-N`` for picking a stopping point."""
+    ``<out>/ckpt/snapshots/step-N`` for picking a stopping point. Resumes from ``<out>/ckpt``
+    only with the same role, seed, lr, steps and batch size (ValueError naming the flags)."""
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(threads)
@@ -51,7 +52,10 @@ def train_lm(role: str, out_dir: str, steps: int, seed: int = 0, lr: float = 2e-
     tokenizer = build_char_tokenizer()
     model = LlamaForCausalLM(shape.llama_config(len(tokenizer)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    state = ResumableState(out)
+    # What defines the run; a resume must match (--stop-after, --threads, --export-every may change:
+    # --stop-after moves the stop along the same schedule, which --steps sets).
+    state = ResumableState(out, {"--role": role, "--seed": seed, "--lr": lr, "--steps": steps,
+                                 "--batch-size": batch_size, "shape": shape.as_dict()})
     start, elapsed = state.load(model, optimizer)
     clock = Stopwatch(elapsed)
     model.train()

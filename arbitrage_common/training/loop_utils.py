@@ -24,17 +24,44 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 50, floor: float = 0
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-class ResumableState:
-    """Model + optimizer + step + elapsed time in ``<out>/ckpt/state.pt``, written atomically."""
+def run_path(path: str | Path) -> str:
+    """A path argument as a run records it: absolute, so a resume from another directory that
+    names the same file compares equal."""
+    return str(Path(path).resolve())
 
-    def __init__(self, out_dir: Path):
+
+def check_run_args(what: Path, saved: dict | None, current: dict, fresh: Path) -> None:
+    """ValueError unless ``saved`` (the arguments ``what`` was made with, keyed by flag) equals
+    ``current``: each differing flag named, and how to start fresh (remove ``fresh``)."""
+    how = f"rerun with the flags it was made with, or remove {fresh} to start fresh"
+    if saved is None:
+        raise ValueError(f"{what}: made before runs recorded their arguments, so resuming it cannot be checked; "
+                         f"remove {fresh} to start fresh")
+    current = json.loads(json.dumps(current))  # tuples as lists, as the saved copy reads back
+    diffs = [f"{flag} {json.dumps(current.get(flag))} (it was made with {json.dumps(saved.get(flag))})"
+             for flag in sorted(set(saved) | set(current)) if saved.get(flag) != current.get(flag)]
+    if any(d.startswith(("--steps ", "--ablation-steps ")) for d in diffs):  # the LR schedule's length
+        how = "the step count sets the cosine LR schedule, so a resume cannot change it; " + how
+    if diffs:
+        raise ValueError(f"{what}: cannot resume with different arguments: {'; '.join(diffs)}; {how}")
+
+
+class ResumableState:
+    """Model + optimizer + step + elapsed time in ``<out>/ckpt/state.pt``, written atomically,
+    with ``run_args``: the arguments that define the run (keyed by CLI flag). A resume with
+    different ones is refused (``check_run_args``): the card would record arguments the weights
+    were not trained with."""
+
+    def __init__(self, out_dir: Path, run_args: dict | None = None):
         self.path = out_dir / "ckpt" / "state.pt"
         self.log_path = out_dir / "ckpt" / "log.jsonl"
+        self.run_args = json.loads(json.dumps(run_args or {}))
 
     def load(self, model, optimizer) -> tuple[int, float]:
         if not self.path.exists():
             return 0, 0.0
         state = torch.load(self.path, map_location="cpu", weights_only=False)
+        check_run_args(self.path, state.get("run_args"), self.run_args, self.path.parent)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -44,7 +71,8 @@ class ResumableState:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "step": step, "elapsed_s": elapsed_s, "torch_rng": torch.get_rng_state()}, tmp)
+                    "step": step, "elapsed_s": elapsed_s, "torch_rng": torch.get_rng_state(),
+                    "run_args": self.run_args}, tmp)
         os.replace(tmp, self.path)
 
     def log(self, **row) -> None:
@@ -74,10 +102,20 @@ class Stopwatch:
         return self.already + time.perf_counter() - self.start
 
 
-def write_model_card(out_dir: Path, title: str, meta: dict, remake: str) -> None:
-    """README.md (human) and training_meta.json (machine) beside the weights."""
+def write_model_card(out_dir: Path, title: str, meta: dict, remake: str, data_remake: str | None = None,
+                     data: str | None = None) -> None:
+    """README.md (human) and training_meta.json (machine) beside the weights. ``data_remake``:
+    the command that made the training data ``data`` (a router dataset's sidecar), shown first."""
     (out_dir / "training_meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    lines = [f"# {title}", "", "Made by this project on CPU; safetensors only.", "",
-             "## Remake", "", "```", remake, "```", "", "## Facts", ""]
+    lines = [f"# {title}", "", "Made by this project on CPU; safetensors only.", "", "## Remake", ""]
+    if data_remake:
+        lines += [f"The training data (`{data}`) first:" if data else "The training data first:",
+                  "", "```", data_remake, "```", "", "Then:", ""]
+    elif data:
+        from .router_data import data_meta_path
+
+        side = data_meta_path(data).name
+        lines += [f"The training data `{data}` has no record of how it was made (no `{side}` beside it).", ""]
+    lines += ["```", remake, "```", "", "## Facts", ""]
     lines += [f"- **{k}**: `{json.dumps(v) if isinstance(v, (dict, list)) else v}`" for k, v in meta.items()]
     (out_dir / "README.md").write_text("\n".join(lines) + "\n")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ..interfaces import ScoreItem
 from ..steps import format_scorer_input
-from .loop_utils import write_model_card
-from .router_data import DEFAULT_LABEL_MARGIN, read_jsonl, relabel
+from .loop_utils import run_path, write_model_card
+from .router_data import DEFAULT_LABEL_MARGIN, data_made_by, read_jsonl, relabel
 
 HELD_OUT_FRACTION = 0.15
 
@@ -25,6 +25,42 @@ def score_rows(scorer, rows: Sequence[dict], batch: int = 64) -> list[float]:
     return [s for lo in range(0, len(rows), batch) for s in scorer.score_batch([router_item(r) for r in rows[lo: lo + batch]])]
 
 
+def rank_rows(scorer, rows: Sequence[dict], batch: int = 64) -> list[float]:
+    """What a router's held-out Spearman ranks (`router eval` and every router card): each
+    row's router *logit*. The probabilities tie where the sigmoid saturates (a verifier-head
+    router gives exactly 1.0 to a third of the held-out steps), and ties change the Spearman."""
+    import torch
+
+    from ..backends.hf_scorer import HFStepScorer
+    from ..backends.lm_verifier import LMVerifierScorer, split_candidate
+    from ..backends.verifier_router import VerifierRouterScorer, router_logits, verifier_logit
+
+    out: list[float] = []
+    for lo in range(0, len(rows), batch):
+        items = [router_item(r) for r in rows[lo: lo + batch]]
+        if isinstance(scorer, VerifierRouterScorer):
+            texts, starts = zip(*(split_candidate(scorer.fit(item)) for item in items))
+            mins, hidden = scorer._features(texts, starts)  # what score_batch feeds its sigmoid
+            out += router_logits(verifier_logit(mins, scorer.calibration), hidden, scorer.head).tolist()
+        elif isinstance(scorer, LMVerifierScorer):
+            texts, starts = zip(*(split_candidate(scorer.fit(item)) for item in items))
+            out += verifier_logit(scorer.features(texts, starts), scorer.calibration).tolist()
+        elif isinstance(scorer, HFStepScorer):
+            batch_in = scorer.tokenizer(scorer.texts(items), return_tensors="pt", padding=True).to(scorer.device)
+            with torch.inference_mode(), scorer._lock:
+                out += scorer.model(**batch_in).logits[:, 0].float().tolist()
+        else:  # another kind: its probabilities (the same order, ties included)
+            out += [float(s) for s in scorer.score_batch(items)]
+    return out
+
+
+def held_out_spearman(scorer, held_rows: Sequence[dict]) -> float:
+    """Spearman of ``rank_rows`` against the oracle's advantage: the card's and `router eval`'s figure."""
+    from ..evaluation.metrics import spearman
+
+    return spearman(rank_rows(scorer, held_rows), [r["advantage"] for r in held_rows])
+
+
 def router_text(row: dict, annotate: bool) -> str:
     return format_scorer_input(router_item(row), annotate)
 
@@ -34,6 +70,17 @@ def split_by_problem(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
     n = 1 + max(r["problem_id"] for r in rows)
     cut = int(n * (1 - HELD_OUT_FRACTION))
     return [r for r in rows if r["problem_id"] < cut], [r for r in rows if r["problem_id"] >= cut]
+
+
+def split_for_training(rows: Sequence[dict], data: str) -> tuple[list[dict], list[dict]]:
+    """``split_by_problem``, refusing a dataset too small to train on and evaluate: ValueError naming --data."""
+    if not rows:
+        raise ValueError(f"--data {data}: no rows")
+    train, held = split_by_problem(rows)
+    if not train or not held:
+        raise ValueError(f"--data {data}: too few problems to hold {HELD_OUT_FRACTION:.0%} of them out "
+                         f"({1 + max(r['problem_id'] for r in rows)}); make it with a larger `router data --n`")
+    return train, held
 
 
 def balance_classes(rows: Sequence[dict], seed: int) -> list[dict]:
@@ -46,10 +93,12 @@ def balance_classes(rows: Sequence[dict], seed: int) -> list[dict]:
 
 
 def spearman_on(model, tokenizer, rows: Sequence[dict], annotate: bool) -> float:
+    """Held-out Spearman of an in-memory classifier router, ranking logits (as ``rank_rows``)."""
     from ..evaluation.metrics import spearman
-    from .classifier import predict
+    from .classifier import predict_logits
 
-    return spearman(predict(model, tokenizer, [router_text(r, annotate) for r in rows]), [r["advantage"] for r in rows])
+    return spearman(predict_logits(model, tokenizer, [router_text(r, annotate) for r in rows]),
+                    [r["advantage"] for r in rows])
 
 
 def is_classifier_prm(init: str | Path) -> bool:
@@ -76,15 +125,22 @@ def start_from_rsd_ranking(model, init: str) -> bool:
 
 
 def fit_router(rows: Sequence[dict], init: str, out: Path, annotate: bool, balance: bool, steps: int,
-               seed: int, lr: float, threads: int, device: str | None = None):
+               seed: int, lr: float, threads: int, device: str | None = None, run_args: dict | None = None,
+               steps_flag: str = "--steps"):
+    """``run_args``: the caller's flags that define the run (a resume must match them)."""
     from .classifier import load_scoring_model, train_scoring_model
 
     train = balance_classes(rows, seed) if balance else list(rows)
-    tokenizer, model = load_scoring_model(init)
+    if not train:
+        raise ValueError("--balance: the training rows are all of one class, so balancing leaves none "
+                         "(another --label-margin, or --no-balance)" if rows else "--data: no training rows")
+    tokenizer, model = load_scoring_model(init, seed)
     start_from_rsd_ranking(model, init)
     seconds = train_scoring_model(model, tokenizer, [router_text(r, annotate) for r in train],
                                   [r["label"] for r in train], out, steps=steps, seed=seed, lr=lr, threads=threads,
-                                  device=device)
+                                  device=device, run_args={"--init": run_path(init), "--annotate": annotate,
+                                                           "--balance": balance, **(run_args or {})},
+                                  steps_flag=steps_flag)
     return tokenizer, model, seconds, len(train)
 
 
@@ -92,29 +148,35 @@ def train_router(data: str, init: str, out_dir: str, annotate: bool = True, bala
                  steps: int = 400, seed: int = 0, lr: float = 3e-4, threads: int = 1,
                  ablation: list[dict] | None = None, device: str | None = None,
                  label_margin: float = DEFAULT_LABEL_MARGIN) -> Path:
+    from ..backends.scorers import load_step_scorer
+
     rows = relabel(read_jsonl(data), label_margin)
-    train_rows, held_rows = split_by_problem(rows)
+    train_rows, held_rows = split_for_training(rows, data)
     out = Path(out_dir)
     tokenizer, model, seconds, n_train = fit_router(train_rows, init, out, annotate, balance, steps, seed, lr, threads,
-                                                device)
-    rho = spearman_on(model, tokenizer, held_rows, annotate)
+                                                    device, {"--data": run_path(data), "--label-margin": label_margin})
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    # The saved checkpoint as `router eval` loads it: the card's figure is the one that command prints.
+    rho = held_out_spearman(load_step_scorer(out, threads=threads, annotate_history=annotate, device=device),
+                            held_rows)
+    made_by = data_made_by(data)
     meta = {"role": "router", "architecture": type(model).__name__, "init": init,
             "head": "1 logit, sigmoid = P(PRM(target) - PRM(draft) > label margin)", "label_margin": label_margin,
             "params": sum(p.numel() for p in model.parameters()), "seed": seed, "data": data,
-            "annotate_history": annotate, "balance_classes": balance, "train_rows": n_train,
+            "data_made_by": made_by, "annotate_history": annotate, "balance_classes": balance, "train_rows": n_train,
             "held_out_rows": len(held_rows), "positive_rate_raw": round(sum(r["label"] for r in train_rows) / len(train_rows), 4),
             "steps": steps, "lr_peak": lr, "threads": threads, "train_time_s": round(seconds, 1),
             "head_init": "the PRM's score head negated (starts as RSD's ranking)" if is_classifier_prm(init)
             else "new",
-            "held_out_spearman_vs_oracle_advantage": round(rho, 4)}
+            "held_out_spearman_vs_oracle_advantage": round(rho, 4),
+            "held_out_spearman_ranks": "router logits (as arbitrage router eval ranks them)"}
     if ablation:
         meta["ablation"] = ablation
     flags = ("" if annotate else " --no-annotate") + ("" if balance else " --no-balance")
     write_model_card(out, "Bundled Arbitrage router", meta,
-                     f"arbitrage router train --data {data} --init {init} --steps {steps} --seed {seed} "
-                     f"--lr {lr} --label-margin {label_margin}{flags} --out {out_dir}")
+                     f"arbitrage router train --kind classifier --data {data} --init {init} --steps {steps} --seed {seed} "
+                     f"--lr {lr} --label-margin {label_margin}{flags} --out {out_dir}", data_remake=made_by, data=data)
     return out
 
 
@@ -122,13 +184,14 @@ def run_ablation(data: str, init: str, work_dir: str, steps: int, seed: int = 0,
                  threads: int = 1, device: str | None = None, label_margin: float = DEFAULT_LABEL_MARGIN) -> list[dict]:
     """Spearman on held-out steps for annotations on/off x downsampling on/off."""
     rows = relabel(read_jsonl(data), label_margin)
-    train_rows, held_rows = split_by_problem(rows)
+    train_rows, held_rows = split_for_training(rows, data)
     table = []
     for annotate in (True, False):
         for balance in (True, False):
             out = Path(work_dir) / f"annotate-{int(annotate)}-balance-{int(balance)}"
             tokenizer, model, _, n = fit_router(train_rows, init, out, annotate, balance, steps, seed, lr, threads,
-                                             device)
+                                                device, {"--data": run_path(data), "--label-margin": label_margin},
+                                                steps_flag="--ablation-steps")
             table.append({"annotate_history": annotate, "balance_classes": balance, "train_rows": n,
                           "spearman": round(spearman_on(model, tokenizer, held_rows, annotate), 4)})
     return table

@@ -85,6 +85,38 @@ def write_jsonl(rows: list[dict], path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def data_meta_path(path: str | Path) -> Path:
+    """The sidecar that says how a router dataset was made: ``rows.jsonl`` -> ``rows.meta.json``."""
+    path = Path(path)
+    stem = path.name.removesuffix(".jsonl")
+    return path.with_name(stem + ".meta.json")
+
+
+def write_data_meta(path: str | Path, meta: dict) -> Path:
+    """Write ``meta`` (``command`` first: the one line that remakes the data) beside the dataset."""
+    side = data_meta_path(path)
+    tmp = side.with_name(side.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, side)
+    return side
+
+
+def read_data_meta(path: str | Path) -> dict | None:
+    """The sidecar of a router dataset, or None (none, or not a JSON object)."""
+    side = data_meta_path(path)
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def data_made_by(path: str | Path) -> str | None:
+    """The command that made a router dataset, from its sidecar (None: not recorded)."""
+    meta = read_data_meta(path)
+    return meta.get("command") if meta else None
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """The rows of a router dataset; ValueError naming the file and the first line that is not a
     JSON object."""

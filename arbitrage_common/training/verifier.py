@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..backends.lm_verifier import FEATURE, VERIFIER_FILE, load_causal_lm, min_logprob_features
+from ..backends.lm_verifier import FEATURE, VERIFIER_FILE, LMVerifierScorer, load_causal_lm, min_logprob_features
 from ..steps import STEP_DELIMITER
 from .loop_utils import write_model_card
-from .prm import TEMPERATURES, load_or_collect_prm_data, split_prm_rows
+from .prm import TEMPERATURES, check_labeled_rows, load_or_collect_prm_data, split_for_training
 
 FLOOR = -30.0  # log-probs below this carry no more information; keeps the fit well-conditioned
 
@@ -45,8 +45,11 @@ def make_verifier(out_dir: str, lm: str, draft: str, target: str, n_problems: in
     from ..evaluation.metrics import auroc
 
     out = Path(out_dir)
-    train_rows, held_rows = split_prm_rows(load_or_collect_prm_data(out, draft, target, n_problems, seed), seed)
+    rows = load_or_collect_prm_data(out, draft, target, n_problems, seed)
+    train_rows, held_rows = split_for_training(rows, seed, n_problems)
     train_rows, held_rows = train_rows[:fit_rows], held_rows[:eval_rows]
+    check_labeled_rows(train_rows, "--fit-rows", "calibration")
+    check_labeled_rows(held_rows, "--eval-rows", "held-out")
     tokenizer, model = load_causal_lm(lm, threads, device="cpu")
     started = time.perf_counter()
 
@@ -57,14 +60,18 @@ def make_verifier(out_dir: str, lm: str, draft: str, target: str, n_problems: in
     a, b = fit_logistic(feats(train_rows), [r["label"] for r in train_rows])
     held_x = feats(held_rows)
     seconds = time.perf_counter() - started
-    by_subset = defaultdict(list)
-    for r, x in zip(held_rows, held_x):
-        by_subset[f"{r['writer']}@T{r['temperature']}"].append((x, r["label"]))
-    subsets = {k: round(auroc([x for x, _ in v], [y for _, y in v]), 4) for k, v in sorted(by_subset.items())
-               if 0 < sum(y for _, y in v) < len(v)}
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     (out / VERIFIER_FILE).write_text(json.dumps({"feature": FEATURE, "a": a, "b": b, "floor": FLOOR}, indent=2) + "\n")
+    # The card's AUROC is the saved scorer's: its P(correct) from the calibration read back (a
+    # negative slope, or the 0.0 it gives below logit -60, ranks differently from the raw feature).
+    saved = LMVerifierScorer(out, threads=threads, device="cpu")
+    held_p = [saved.probability(x) for x in held_x]
+    by_subset = defaultdict(list)
+    for r, p in zip(held_rows, held_p):
+        by_subset[f"{r['writer']}@T{r['temperature']}"].append((p, r["label"]))
+    subsets = {k: round(auroc([p for p, _ in v], [y for _, y in v]), 4) for k, v in sorted(by_subset.items())
+               if 0 < sum(y for _, y in v) < len(v)}
     meta = {"role": "prm", "kind": "lm_verifier", "architecture": type(model).__name__, "init": lm,
             "score": f"sigmoid(a * max({FEATURE}, floor) + b) over the candidate step's tokens",
             "calibration": {"a": round(a, 4), "b": round(b, 4), "floor": FLOOR, "fit_rows": len(train_rows)},
@@ -72,7 +79,8 @@ def make_verifier(out_dir: str, lm: str, draft: str, target: str, n_problems: in
             "data": {"problems": n_problems, "stream": f"random.Random('prm-data-{seed}')",
                      "writers": ["draft", "target"], "temperatures": list(TEMPERATURES)},
             "annotate_history": False, "threads": threads, "calibrate_time_s": round(seconds, 1),
-            "held_out_rows": len(held_rows), "held_out_auroc": round(auroc(held_x, [r["label"] for r in held_rows]), 4),
+            "held_out_rows": len(held_rows), "held_out_auroc": round(auroc(held_p, [r["label"] for r in held_rows]), 4),
+            "held_out_auroc_of": "the saved scorer's P(step correct)",
             "held_out_auroc_by_writer": subsets}
     write_model_card(out, "Bundled PRM (an LM verifier)", meta,
                      f"arbitrage train verifier --lm {lm} --draft {draft} --target {target} "

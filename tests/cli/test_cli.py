@@ -1,5 +1,6 @@
 """The `arbitrage` command line on the bundled models: small N, real models, no timing asserts."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +10,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def arbitrage(*args, cwd=ROOT):
+def arbitrage(*args, cwd=ROOT, env=None):
     return subprocess.run([sys.executable, "-m", "arbitrage_common.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=900, check=False)
+                          capture_output=True, text=True, timeout=900, check=False,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_models_eval_prints_every_field(tmp_path):
@@ -74,3 +76,21 @@ def test_bench_small_n_writes_all_outputs(tmp_path):
     for name in ("points.csv", "accuracy_vs_acceptance.png", "accuracy_vs_target_fraction.png",
                  "accuracy_vs_latency.png", "bench.json"):
         assert (out / name).is_file()
+
+
+@pytest.mark.parametrize("args,model", [
+    (["models", "eval", "--n", "1"], "draft"),
+    (["bench", "--n", "1", "--no-progress"], "draft"),
+    (["router", "data", "--n", "1"], "draft"),
+    (["router", "eval", "--data", "rows.jsonl"], "router"),
+    (["regime-map", "--n", "1", "--grid", "tiny", "--no-progress"], ""),
+])
+def test_model_defaults_follow_arbitrage_home_not_the_cwd(tmp_path, args, model):
+    """Like `serve` and `config`, the CLI's default checkpoints are ``paths.models_dir()``: with
+    ARBITRAGE_HOME set they come from there, even where the cwd has a models/ folder."""
+    home = tmp_path / "home"
+    if "--data" not in args:
+        args = [*args, "--out", str(tmp_path / "out")]
+    proc = arbitrage(*args, env={"ARBITRAGE_HOME": str(home)})  # cwd: the checkout, which has models/
+    assert proc.returncode == 1, proc.stderr
+    assert str(home / "models" / model) in proc.stderr and "Traceback" not in proc.stderr

@@ -1,4 +1,8 @@
 """Every bundled checkpoint loads from models/ and does its job on the synthetic task."""
+import json
+import re
+import shlex
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -41,11 +45,47 @@ def test_scorer_checkpoint_returns_probabilities(role):
         assert scores[0] > scores[1]
 
 
+CHECKPOINTS = ("draft", "target", "prm", "router", "prm-independent", "router-independent", "router-classifier")
+
+
 def test_every_checkpoint_has_a_model_card_and_only_safetensors():
-    for role in ("draft", "target", "prm", "router"):
+    assert {d.name for d in MODELS.iterdir() if d.is_dir()} == set(CHECKPOINTS)
+    for role in CHECKPOINTS:
         d = MODELS / role
         assert (d / "README.md").is_file() and (d / "training_meta.json").is_file()
+        json.loads((d / "training_meta.json").read_text())
         assert list(d.glob("*.safetensors")) and not list(d.glob("*.bin"))
+
+
+def _card_commands(role: str) -> list[str]:
+    """The `arbitrage ...` lines of a card's code blocks."""
+    blocks = re.findall(r"```\n(.*?)```", (MODELS / role / "README.md").read_text(), re.DOTALL)
+    return [line for block in blocks for line in block.splitlines() if line.startswith("arbitrage ")]
+
+
+@pytest.mark.parametrize("role", CHECKPOINTS)
+def test_every_card_gives_commands_that_parse(role, monkeypatch):
+    """Each card's remake command (and a router's data command: runs/ is not in git) is one the
+    CLI accepts, ending in this checkpoint's directory."""
+    from arbitrage_common.cli.main import build_parser
+
+    monkeypatch.chdir(MODELS.parent)  # the cards' paths are relative to the checkout
+    commands = _card_commands(role)
+    assert commands, f"{role}: no remake command"
+    for command in commands:
+        build_parser().parse_args(shlex.split(command)[1:])
+    assert commands[-1].endswith(f"--out models/{role}")
+    if role.startswith("router"):
+        data = json.loads((MODELS / role / "training_meta.json").read_text())["data"]
+        made = [c for c in commands if c.startswith("arbitrage router data ")]
+        assert len(made) == 1 and made[0].endswith(f"--out {data}"), made
+
+
+def test_the_installed_bundle_carries_every_checkpoint():
+    """pyproject's data-files: a non-editable install (the image) has every bundled model."""
+    files = tomllib.loads((MODELS.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    for role in CHECKPOINTS:
+        assert files.get(f"share/arbitrage-serve/models/{role}") == [f"models/{role}/*"], role
 
 
 def test_models_stay_within_the_size_budget():
