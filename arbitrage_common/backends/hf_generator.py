@@ -2,8 +2,13 @@
 
 No ``generate()``: one prefill, then a greedy/sampled decode loop over the KV cache,
 stopping each row at the step delimiter, EOS or its own token budget (its options, capped
-by the context). Per-token Python work is a table lookup and a suffix check per active
-row, plus one draw per sampled row.
+by the context). A row's text is the decode of its generated tokens together, as vLLM's
+incremental detokenizer gives it (``detokenize``: byte-level BPE splits characters over
+tokens), and the delimiter is looked for in that text. EOS is any id vLLM stops on: the
+tokenizer's and the generation config's ``eos_token_id`` (``stop_token_ids``). Per-token
+Python work per active row is one detokenizer step (a table lookup for tokenizers whose
+tokens decode on their own, as the bundled models') and a delimiter search, plus one draw
+per sampled row.
 
 Rows with a session key (a request id) start over the keys/values that session's last call
 left (``generator_cache``; the fast Llama path only), so a step prefills only what is new
@@ -18,6 +23,7 @@ straight into the fast stepper, which is all the decode loop runs.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Sequence
@@ -28,11 +34,28 @@ import torch
 from ..interfaces import Generation, GenerationOptions, row_options
 from ..steps import STEP_DELIMITER
 from .checkpoints import load_or_explain, set_cpu_threads
+from .detokenize import Detokenizer
 from .generator_cache import GeneratorPrefixCache, KVSequence
 from .llama_checkpoint import LeanTokenizer, lean_llama_supported
 from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from .row_decoding import RowSampler, RowSteps
 from .steppers import FastLlamaStepper, HFStepper, KVPrefix, fast_llama_supported, load_fast_llama
+
+
+def stop_token_ids(path: str | Path, tokenizer) -> frozenset[int]:
+    """The ids that end a row (finish ``"eos"``), as vLLM stops on them: the tokenizer's
+    ``eos_token_id`` and every id of the generation config's ``eos_token_id`` (an int or a
+    list, e.g. Llama 3.1's ``<|eot_id|>`` and ``<|eom_id|>``). Without a
+    ``generation_config.json``, config.json's ``eos_token_id``, as transformers and vLLM fall
+    back to it."""
+    ids = {tokenizer.eos_token_id}
+    for name in ("generation_config.json", "config.json"):
+        file = Path(path) / name
+        if file.is_file():
+            value = json.loads(file.read_text()).get("eos_token_id")
+            ids.update(value if isinstance(value, list) else [value])
+            break
+    return frozenset(i for i in ids if i is not None)
 
 
 class HFStepGenerator:
@@ -57,9 +80,9 @@ class HFStepGenerator:
         else:
             self._load_transformers(path, fast_path, trust_remote_code)
         self.eos_id = self.tokenizer.eos_token_id
+        self.eos_ids = load_or_explain(path, lambda p: stop_token_ids(p, self.tokenizer))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
-        # id -> text table: the decode loop never calls the tokenizer.
-        self.piece = [self.tokenizer.decode([i]) for i in range(len(self.tokenizer))]
+        self.detokenizer = Detokenizer(self.tokenizer)  # how a row's tokens become text, decided once
         self.prefix_cache = (GeneratorPrefixCache(prefix_cache_bytes)
                              if self.stepper.supports_past and prefix_cache_bytes > 0 else None)
         self.verify_proposals = verify_proposals
@@ -195,7 +218,7 @@ class HFStepGenerator:
         sampler = RowSampler(options, budgets)
         logits = self.stepper.prefill(ids, mask, positions, longest, past=pasts if width else None,
                                       new_tokens=new_tokens, last=last)
-        steps = RowSteps(budgets, self.piece, self.eos_id, self.delimiter)
+        steps = RowSteps(budgets, self.detokenizer.rows(rows), self.eos_ids, self.delimiter)
         picked = sampler.pick(logits if last > 1 else logits[:, None], sampler.draws_for_prefill(guessed, last))
         accepted, active = steps.accept(picked, proposals)  # accepted guesses: keys/values from the prefill
         self.speculation["proposed"] += sum(guessed)

@@ -140,7 +140,8 @@ class Encoded(dict):
 class LeanTokenizer:
     """The part of a transformers fast tokenizer the generators and LM scorers use, on
     ``tokenizers``: ``tok(text or texts, add_special_tokens=, return_offsets_mapping=)``
-    (lists, no padding or tensors), ``decode(ids)``, ``len(tok)`` and the special ids.
+    (lists, no padding or tensors), ``decode(ids)``, ``len(tok)``, the special ids and
+    ``backend_tokenizer``.
     Special-token text in the input is split like any text when the config says
     ``split_special_tokens``."""
 
@@ -176,6 +177,12 @@ class LeanTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def backend_tokenizer(self):
+        """The ``tokenizers.Tokenizer`` (as transformers' fast tokenizers name it): the decode
+        loop's incremental detokenizer (``backends.detokenize``) runs on it."""
+        return self._tok
 
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)

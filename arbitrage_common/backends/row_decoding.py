@@ -3,7 +3,7 @@ draws, and which of its proposed tokens it keeps. Torch only (no model), so a ro
 never depends on the other rows of its batch."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
@@ -55,12 +55,23 @@ class RowSampler:
 
 
 class RowSteps:
-    """Each row's generated tokens, text, count and finish reason; a row stops at end-of-
-    sequence, at the step delimiter (not kept in its text) or at its own budget."""
+    """Each row's generated tokens, text, count and finish reason; a row stops at an end-of-
+    sequence id, at the step delimiter (not kept in its text) or at its own budget.
 
-    def __init__(self, budgets: Sequence[int], pieces: Sequence[str], eos_id: int | None, delimiter: str) -> None:
+    ``texts``: per row, a function from its next token to the text that token completes (a
+    ``detokenize.Detokenizer``'s rows), so a row's text is the decode of its tokens together.
+    The delimiter is looked for in that decoded text, where each token's text joins what came
+    before (it may arrive split over tokens, or with more text in the same token): the row
+    ends at the token whose text completes it, and its text is what precedes it, as vLLM's
+    stop strings do. An EOS token (any of ``eos_ids``) ends the row and adds no text."""
+
+    def __init__(self, budgets: Sequence[int], texts: Sequence[Callable[[int], str | None]],
+                 eos_ids: Collection[int], delimiter: str) -> None:
         n = len(budgets)
-        self.budgets, self.pieces, self.eos_id, self.delimiter = budgets, pieces, eos_id, delimiter
+        if len(texts) != n:
+            raise ValueError(f"texts: {len(texts)} for {n} rows")
+        self.budgets, self.row_text, self.eos_ids, self.delimiter = budgets, texts, eos_ids, delimiter
+        self._reach = max(len(delimiter) - 1, 0)
         self.texts, self.counts, self.reasons = [""] * n, [0] * n, ["length"] * n
         self.generated: list[list[int]] = [[] for _ in range(n)]
 
@@ -68,13 +79,17 @@ class RowSteps:
         """Append row ``i``'s next token; True while the row goes on."""
         self.generated[i].append(tok)
         self.counts[i] += 1
-        if tok == self.eos_id:
+        if tok in self.eos_ids:
             self.reasons[i] = "eos"
             return False
-        if (text := self.texts[i] + self.pieces[tok]).endswith(self.delimiter):
-            self.texts[i], self.reasons[i] = text[: -len(self.delimiter)], "delimiter"
-            return False
-        self.texts[i] = text
+        if new := self.row_text[i](tok):
+            text = self.texts[i] + new
+            # only where the new text can complete it: the new text and len(delimiter) - 1 chars before
+            if self.delimiter in text[-len(new) - self._reach:]:
+                at = text.index(self.delimiter, max(0, len(text) - len(new) - self._reach))
+                self.texts[i], self.reasons[i] = text[:at], "delimiter"
+                return False
+            self.texts[i] = text
         return self.counts[i] < self.budgets[i]
 
     def accept(self, picked: list[list[int]], proposals: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:

@@ -474,8 +474,8 @@ class VLLMStepGenerator:
         return list(self.tokenizer.encode(prefix, add_special_tokens=True))
 
     def _sampling_params(self, options: GenerationOptions, max_tokens: int):
-        # Special tokens decode as text, as in the transformers backend's piece table (an EOS
-        # that ends the step is never decoded).
+        # Special tokens decode as text, as in the transformers backend's detokenizer
+        # (``backends.detokenize``; an EOS that ends the step is never decoded).
         kw: dict[str, Any] = {"max_tokens": max_tokens, "stop": [self.delimiter],
                               "output_kind": self._final_only, "skip_special_tokens": False,
                               "spaces_between_special_tokens": False}

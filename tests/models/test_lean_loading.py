@@ -71,7 +71,8 @@ def test_the_stepper_over_the_checkpoint_holds_the_transformers_models_weights()
 def test_lean_and_transformers_loads_generate_the_same_steps(role):
     lean, ref = HFStepGenerator(MODELS / role, threads=1), HFStepGenerator(MODELS / role, threads=1, lean_load=False)
     assert lean.model is None and ref.model is not None
-    assert (lean.params, lean.context, lean.piece) == (ref.params, ref.context, ref.piece)
+    assert (lean.params, lean.context, lean.eos_ids) == (ref.params, ref.context, ref.eos_ids)
+    assert (lean.detokenizer.mode, lean.detokenizer.pieces) == (ref.detokenizer.mode, ref.detokenizer.pieces)
     prompts = [p.prompt for p in PROBLEMS]
     sessions = [f"s{i}" for i in range(len(prompts))]
     steps: dict[str, list[list[str]]] = {"lean": [[] for _ in prompts], "ref": [[] for _ in prompts]}
