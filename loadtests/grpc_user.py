@@ -2,7 +2,8 @@
 user that calls Generate or GenerateStream through the project's one client module.
 
 A stream fires three kinds of entries: ``GenerateStream TTFS`` (time to the first step),
-``GenerateStream step`` (each gap between steps) and ``GenerateStream end`` (the whole call)."""
+``GenerateStream step`` (each gap between steps) and ``GenerateStream end`` (the whole call). A
+stream that ends OK without its summary is cut short: ``STREAM_INCOMPLETE``, a failure."""
 from __future__ import annotations
 
 import time
@@ -51,7 +52,7 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
     def _timed(self, stream, name: str, request):
         started, t0 = time.perf_counter(), records.since_start()
         rec = records.Record(self.transport, t0, 0.0, "OK", policy=request.policy)
-        last = started
+        last, summarized = started, False
         try:
             for event in stream:
                 if event.WhichOneof("event") == "step":
@@ -66,7 +67,8 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
                         self.fire(request_type="grpc", name=f"{name} step", response_time=gap, response_length=0)
                     last = now
                     rec.steps += 1
-                else:
+                elif event.WhichOneof("event") == "summary":
+                    summarized = True
                     rec.target_steps = event.summary.usage.target_steps
                     rec.policy = event.summary.policy
                     records.grade(rec, request.prompt, event.summary)
@@ -78,7 +80,13 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
             records.add(rec)
             raise
         rec.e2e_ms = _ms(started)
-        self.fire(request_type="grpc", name=f"{name} end", response_time=rec.e2e_ms, response_length=0)
+        if not summarized:  # the service ends every finished stream with its summary: this one is cut short
+            rec.status = "STREAM_INCOMPLETE"
+            self.fire(request_type="grpc", name=f"{name} end", response_time=rec.e2e_ms, response_length=0,
+                      exception=RuntimeError(f"STREAM_INCOMPLETE: the stream ended OK after {rec.steps} step(s) "
+                                             f"without its summary"))
+        else:
+            self.fire(request_type="grpc", name=f"{name} end", response_time=rec.e2e_ms, response_length=0)
         records.add(rec)
 
 

@@ -7,6 +7,7 @@ import json
 import time
 
 import requests
+from urllib3.exceptions import ReadTimeoutError
 
 from arbitrage_common.client import auth_metadata
 
@@ -22,6 +23,27 @@ def _ms(since: float) -> float:
     return (time.perf_counter() - since) * 1000.0
 
 
+def transport_status(error: BaseException | None) -> str:
+    """The status of a call that got no HTTP reply: ``TIMEOUT`` (connect or read timeout) or
+    ``CONNECTION_ERROR`` (refused, reset, dropped)."""
+    if isinstance(error, requests.Timeout):
+        return "TIMEOUT"
+    # a read timeout while the body is read comes wrapped in a ConnectionError
+    if isinstance(error, requests.ConnectionError) and any(isinstance(a, ReadTimeoutError) for a in error.args):
+        return "TIMEOUT"
+    return "CONNECTION_ERROR"
+
+
+def error_status(status_code: int, text: str) -> str:
+    """A non-200 reply's status: the API's ``error.code`` uppercased (``RESOURCE_EXHAUSTED`` and
+    ``UNAVAILABLE`` are both 503), else ``HTTP_<status>``."""
+    try:
+        code = json.loads(text).get("error", {}).get("code")
+    except (ValueError, AttributeError):
+        code = None
+    return str(code).upper() if isinstance(code, str) and code else f"HTTP_{status_code}"
+
+
 def _body(settings, prompt: str) -> dict:
     mix = settings.mix
     extra = {k: v for k, v in (("policy", mix.policy), ("threshold", mix.threshold), ("max_steps", mix.max_steps),
@@ -33,9 +55,16 @@ def _body(settings, prompt: str) -> dict:
     return {"prompt": prompt, "stream": settings.transport == "http-sse", **extra}
 
 
-def _usage(settings, reply: dict) -> tuple[int, int, str | None]:
-    body = reply.get("arbitrage", reply) if settings.transport.startswith("openai") else reply
-    return len(body.get("steps", [])), body.get("usage", {}).get("target_steps", 0), body.get("policy")
+def _result(settings, reply: dict) -> dict:
+    """The service's result in a reply (the OpenAI routes carry it under ``arbitrage``)."""
+    return reply.get("arbitrage", reply) if settings.transport.startswith("openai") else reply
+
+
+def _fill(rec: records.Record, prompt: str, result: dict) -> None:
+    """Steps, target steps, policy, threshold and correctness from a finished result's JSON."""
+    rec.steps, rec.target_steps = len(result.get("steps", [])), result.get("usage", {}).get("target_steps", 0)
+    rec.policy = result.get("policy", rec.policy)
+    records.grade_json(rec, prompt, result)
 
 
 def call_http(session, environment, settings, prompt: str) -> None:
@@ -44,15 +73,21 @@ def call_http(session, environment, settings, prompt: str) -> None:
     rec = records.Record(settings.transport, t0, 0.0, "OK", policy=settings.mix.policy)
     stream = settings.transport == "http-sse"
     with session.post(route, json=_body(settings, prompt), stream=stream, catch_response=True, headers=_AUTH,
-                      timeout=settings.timeout_s, name=route + (" (sse)" if stream else "")) as resp:
+                      timeout=settings.client_timeout_s, name=route + (" (sse)" if stream else "")) as resp:
         try:
-            if resp.status_code != 200:
-                rec.status = f"HTTP_{resp.status_code}"
-                resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+            # locust's session turns a call that got no reply (timeout, refused or dropped
+            # connection) into a response of status 0 carrying the exception in ``error``
+            if not resp.status_code:
+                error = getattr(resp, "error", None)
+                rec.status = transport_status(error)
+                resp.failure(f"{rec.status}: {error!r}")
+            elif resp.status_code != 200:
+                rec.status = error_status(resp.status_code, resp.text)
+                resp.failure(f"{rec.status} (HTTP {resp.status_code}): {resp.text[:200]}")
             elif stream:
-                _read_sse(resp, environment, rec, started)
+                _read_sse(resp, environment, rec, started, prompt)
             else:
-                rec.steps, rec.target_steps, rec.policy = _usage(settings, resp.json())
+                _fill(rec, prompt, _result(settings, resp.json()))
                 resp.success()
         except (ValueError, KeyError) as exc:  # a reply or event that does not parse (JSONDecodeError included)
             rec.status = "BAD_REPLY"
@@ -67,7 +102,7 @@ def call_http(session, environment, settings, prompt: str) -> None:
     records.add(rec)
 
 
-def _read_sse(resp, environment, rec: records.Record, started: float) -> None:
+def _read_sse(resp, environment, rec: records.Record, started: float, prompt: str = "") -> None:
     fire = environment.events.request.fire
     event, last, summarized = None, started, False
     for raw in resp.iter_lines(decode_unicode=True):
@@ -85,6 +120,7 @@ def _read_sse(resp, environment, rec: records.Record, started: float) -> None:
         elif raw.startswith("data:") and event == "summary":
             summary = json.loads(raw.split(":", 1)[1])
             rec.target_steps, rec.policy = summary["usage"]["target_steps"], summary["policy"]
+            records.grade_json(rec, prompt, summary)
             summarized = True
         elif raw.startswith("data:") and event == "error":
             error = json.loads(raw.split(":", 1)[1])

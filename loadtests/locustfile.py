@@ -88,7 +88,7 @@ class OpenLoopUser(_Caller, HttpUser):
                 records.add(records.Record(SETTINGS.transport, records.since_start(), 0.0, "DROPPED"))
                 continue
             pool.spawn(self.one_request)
-        pool.join(timeout=SETTINGS.timeout_s)
+        pool.join(timeout=SETTINGS.client_timeout_s)
         self.environment.runner.quit()
 
 

@@ -14,15 +14,25 @@ from .settings import LoadSettings, Mix
 CAPACITY_USERS = 16
 
 
+def initial_replicas(cfg) -> dict[str, int]:
+    """The replicas each configured pool starts with (what the service started here runs): the
+    planner's predictions are for that deployment, not one replica a pool."""
+    from arbitrage_common.kuberay.sizing import replica_bounds
+
+    return {role: replica_bounds(spec).initial for role, spec in cfg.pools.configured()}
+
+
 def run_plan_check(config: str | None, policy: str, fractions: list[float], duration_s: float, seed: int,
                    out: Path) -> dict:
     from arbitrage_common.config import default_config, load_config
-    from arbitrage_common.planning.planner import predict
+    from arbitrage_common.planning.planner import calibrate, check_policy, predict
     from arbitrage_common.planning.profile import build_profile
 
+    check_policy(policy)  # before the service starts and the models load
     if not fractions or any(not 0 < f < 1 for f in fractions):
         raise ValueError(f"--fractions: shares of capacity in (0, 1), got {fractions}")
     cfg = load_config(config) if config else default_config()
+    replicas = initial_replicas(cfg)
     out.mkdir(parents=True, exist_ok=True)
     # Ray's default metrics export: a 2 s export and a scraper cost this 2-core machine ~2x p95.
     with LocalService(config, out / "service.log", fast_metrics=False) as svc:
@@ -34,15 +44,15 @@ def run_plan_check(config: str | None, policy: str, fractions: list[float], dura
                          out / "capacity", [], False)
         capacity = sat["requests_per_s"]
         fraction_target = sat["target_step_fraction"] or 0.0
-        # Calibration: at capacity the cores are saturated, so one request costs cores / capacity
-        # of CPU; the profile's (in-process) times are scaled to match.
-        k = (profile.cores * 1000.0 / capacity) / profile.cpu_ms_per_request(policy, fraction_target)
-        calibrated = profile.scaled(k)
+        # Calibration: at capacity the cores are saturated, so the profile's (in-process) times are
+        # scaled until the model's core load (full-batch cost per request) is 1 at that rate.
+        calibrated = calibrate(profile, policy, fraction_target, capacity)
+        k = calibrated.measured["scaled_by"]
         rows = []
         for i, share in enumerate(fractions):
             rate = round(share * capacity, 3)
-            sim = predict(calibrated, policy, fraction_target, rate, {}, seed=seed + i)
-            raw = predict(profile, policy, fraction_target, rate, {}, seed=seed + i)
+            sim = predict(calibrated, policy, fraction_target, rate, replicas, seed=seed + i)
+            raw = predict(profile, policy, fraction_target, rate, replicas, seed=seed + i)
             run = run_locust(replace(base, rate=rate, duration_s=duration_s, mix=Mix(policy=policy, seed=seed + i)),
                              out / f"rate-{share:g}", [], False)
             measured = run["e2e_ms"]["p95"]
@@ -54,6 +64,7 @@ def run_plan_check(config: str | None, policy: str, fractions: list[float], dura
                          "p95_error": round(sim.p(95) / measured - 1, 3) if measured else None})
     (out / "profile-calibrated.json").write_text(json.dumps(calibrated.as_dict(), indent=2))
     table = {"policy": policy, "capacity_rps": capacity, "capacity_users": CAPACITY_USERS, "calibration_k": round(k, 3),
-             "target_step_fraction": fraction_target, "profile": str(out / "profile.json"), "rows": rows}
+             "target_step_fraction": fraction_target, "replicas": replicas, "profile": str(out / "profile.json"),
+             "rows": rows}
     (out / "plan_check.json").write_text(json.dumps(table, indent=2) + "\n")
     return table

@@ -42,6 +42,15 @@ def grade(record: Record, prompt: str, reply) -> None:
         record.correct = reply.HasField("answer") and reply.answer == EXPECTED[prompt]
 
 
+def grade_json(record: Record, prompt: str, result: dict) -> None:
+    """``grade`` for a result in JSON (the HTTP transports): ``threshold`` and ``answer`` when set."""
+    if result.get("threshold") is not None:
+        record.threshold = result["threshold"]
+    if prompt in EXPECTED:
+        answer = result.get("answer")
+        record.correct = answer is not None and answer == EXPECTED[prompt]
+
+
 def add(record: Record) -> None:
     _RECORDS.append(record)
 

@@ -33,6 +33,13 @@ def _dist(values: list[float]) -> dict[str, float | None]:
     return out
 
 
+def records_window_s(recs: list[Record]) -> float:
+    """Seconds from the first request's start to the last one's end (0 for no records)."""
+    if not recs:
+        return 0.0
+    return max(r.start_s + r.e2e_ms / 1000.0 for r in recs) - min(r.start_s for r in recs)
+
+
 def summarize(recs: list[Record], duration_s: float, slo_ms: float | None, timeline: list[dict],
               settings: dict) -> dict:
     ok = [r for r in recs if r.ok]
@@ -55,7 +62,8 @@ def summarize(recs: list[Record], duration_s: float, slo_ms: float | None, timel
                                 else "end-to-end / steps (unary calls)",
         "steps_per_request": round(steps / len(ok), 2) if ok else None,
         "target_step_fraction": round(sum(r.target_steps for r in ok) / steps, 4) if steps else None,
-        # Of the answered requests the gRPC transports graded (failures are counted above, apart).
+        # Of the answered requests whose reply carried the problem's answer (or none: wrong);
+        # failures are counted above, apart.
         "accuracy": round(sum(bool(r.correct) for r in graded) / len(graded), 4) if graded else None,
         "threshold_used": _dist([r.threshold for r in ok if r.threshold is not None]),
         "slo_ms": slo_ms,

@@ -3,6 +3,7 @@ the embedded default started here (``arbitrage serve`` in a child process, a bla
 the service's metrics sampled during the run and the report written at the end."""
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ from typing import Self
 from arbitrage_common.client import Client
 
 from . import records as records_mod
-from .report import summarize, write_report
+from .report import records_window_s, summarize, write_report
 from .service_metrics import Sampler
 from .settings import ENV, LoadSettings
 
@@ -139,8 +140,8 @@ def run_locust(settings: LoadSettings, out: Path, metrics_urls: list[str], progr
     rate_mode = settings.rate is not None
     cmd = [shutil.which("locust") or str(Path(sys.executable).with_name("locust")), "-f", str(LOCUSTFILE),
            "--headless", "--csv", str(out / "locust"), "--csv-full-history", "--host", settings.host_http,
-           "-t", f"{int(settings.duration_s + (settings.timeout_s if rate_mode else 0))}s",
-           "--stop-timeout", str(int(settings.timeout_s)), "--loglevel", "WARNING"]
+           "-t", f"{math.ceil(settings.duration_s + (settings.client_timeout_s if rate_mode else 0))}s",
+           "--stop-timeout", str(math.ceil(settings.client_timeout_s)), "--loglevel", "WARNING"]
     cmd += ["-u", "1", "-r", "1"] if rate_mode else ["-u", str(settings.users), "-r", str(settings.spawn_rate)]
     if not progress:
         cmd.append("--only-summary")
@@ -152,7 +153,7 @@ def run_locust(settings: LoadSettings, out: Path, metrics_urls: list[str], progr
     try:
         proc = subprocess.run(cmd, env={**os.environ, ENV: settings.to_env()}, cwd=LOCUSTFILE.parent.parent,
                               stdout=None if progress else log, stderr=subprocess.STDOUT if not progress else None,
-                              timeout=settings.duration_s + 2 * settings.timeout_s + 120, check=False)
+                              timeout=settings.duration_s + 2 * settings.client_timeout_s + 120, check=False)
     finally:
         log.close()
         timeline = sampler.stop() if sampler else []
@@ -162,9 +163,12 @@ def run_locust(settings: LoadSettings, out: Path, metrics_urls: list[str], progr
     recs = records_mod.read(rec_file)
     if not recs:
         raise RuntimeError(f"locust sent no request in {duration:.0f} s: nothing to report (see {out / 'locust.log'})")
-    active = min(duration, settings.duration_s) if rate_mode else duration
+    # Open loop: the arrivals' window. Closed loop: the records' own window, first start to last
+    # end (the locust process's wall time also holds its start-up and the stop drain).
+    active = min(duration, settings.duration_s) if rate_mode else (records_window_s(recs) or duration)
     summary = summarize(recs, active, settings.slo_ms, timeline, _settings_dict(settings))
     summary["locust_exit_code"] = proc.returncode
+    summary["locust_wall_s"] = round(duration, 2)
     write_report(out, recs, summary)
     return summary
 

@@ -3,6 +3,7 @@ process as JSON in ``ARBITRAGE_LOAD`` (locust owns the command line). Pure logic
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
@@ -72,10 +73,19 @@ class LoadSettings:
             raise ValueError(f"--transport: expected one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
         if self.shape not in ("steady", "ramp", "spike"):
             raise ValueError(f"--shape: expected steady, ramp or spike, got {self.shape!r}")
-        if self.rate is not None and self.rate <= 0:
-            raise ValueError(f"--rate: arrivals per second must be > 0, got {self.rate}")
-        if self.users <= 0 or self.duration_s <= 0:
-            raise ValueError("--users and --duration must be > 0")
+        for flag, value in (("--rate", self.rate), ("--duration", self.duration_s), ("--timeout", self.timeout_s),
+                            ("--spawn-rate", self.spawn_rate), ("--slo-ms", self.slo_ms)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{flag}: must be a finite number > 0, got {value}")
+        if self.users <= 0:
+            raise ValueError(f"--users: must be > 0, got {self.users}")
+
+    @property
+    def client_timeout_s(self) -> float:
+        """How long the client waits for a reply: a margin over the deadline it sends the service
+        (``timeout_s``), so the service answers a missed deadline itself (gRPC DEADLINE_EXCEEDED
+        is the client's own; HTTP 504 ``deadline_exceeded``) rather than the client giving up first."""
+        return self.timeout_s + max(5.0, 0.1 * self.timeout_s)
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -92,6 +102,8 @@ class LoadSettings:
 
 def poisson_arrivals(rate: float, duration_s: float, seed: int) -> list[float]:
     """Arrival times (seconds from start) of a Poisson process: exponential gaps, seeded."""
+    if not (math.isfinite(rate) and rate > 0 and math.isfinite(duration_s) and duration_s > 0):
+        raise ValueError(f"poisson arrivals: rate and duration must be finite and > 0, got {rate} and {duration_s}")
     rng = random.Random(seed)
     out, t = [], 0.0
     while True:

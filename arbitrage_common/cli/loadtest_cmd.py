@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..synthetic.problems import MIXES
-from .argtypes import positive_float, positive_int
+from .argtypes import finite_float, finite_positive_float, positive_int, unit_float
 
 
 def add_loadtest_parser(sub) -> None:
@@ -23,17 +23,17 @@ def add_loadtest_parser(sub) -> None:
     load = p.add_argument_group("load")
     load.add_argument("--transport", default="grpc", help="grpc, grpc-stream, http, http-sse, openai, openai-chat")
     load.add_argument("--users", type=positive_int, default=4, help="closed loop: concurrent users (peak)")
-    load.add_argument("--spawn-rate", type=positive_float, default=4.0, help="users started per second")
+    load.add_argument("--spawn-rate", type=finite_positive_float, default=4.0, help="users started per second")
     load.add_argument("--shape", default="steady", help="closed loop: steady, ramp or spike")
-    load.add_argument("--rate", type=positive_float, help="open loop: Poisson arrivals per second (replaces --users)")
+    load.add_argument("--rate", type=finite_positive_float, help="open loop: Poisson arrivals per second (replaces --users)")
     load.add_argument("--max-in-flight", type=positive_int, default=256, help="open loop: more are dropped, counted")
-    load.add_argument("--duration", type=positive_float, default=60.0, help="seconds of load")
-    load.add_argument("--timeout", type=positive_float, default=120.0, help="per-request deadline, seconds")
-    load.add_argument("--slo-ms", type=positive_float, help="goodput: share of requests done within this many ms")
+    load.add_argument("--duration", type=finite_positive_float, default=60.0, help="seconds of load")
+    load.add_argument("--timeout", type=finite_positive_float, default=120.0, help="per-request deadline, seconds")
+    load.add_argument("--slo-ms", type=finite_positive_float, help="goodput: share of requests done within this many ms")
     mix = p.add_argument_group("request mix")
     mix.add_argument("--policy", help="policy of every request (default: the server's)")
-    mix.add_argument("--threshold", type=float)
-    mix.add_argument("--hard-prob", type=float, default=0.2, help="share of problems with a hard step (0..1)")
+    mix.add_argument("--threshold", type=finite_float, help="policy threshold (default: the policy's)")
+    mix.add_argument("--hard-prob", type=unit_float, default=0.2, help="share of problems with a hard step (0..1)")
     mix.add_argument("--mix", dest="problem_mix", choices=sorted(MIXES),
                      help="a named problem mix instead of --hard-prob (olympiad: every problem has a hard step)")
     mix.add_argument("--max-steps", type=positive_int)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .argtypes import positive_float, positive_int
+from .argtypes import finite_positive_float, positive_int, unit_float
 
 DEFAULT_PROFILE = "runs/plan/profile.json"
 
@@ -15,12 +15,14 @@ DEFAULT_PROFILE = "runs/plan/profile.json"
 def add_plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="capacity planner: replicas / GPUs / Pods per pool for a rate and a p95 SLO")
     p.add_argument("--profile", default=DEFAULT_PROFILE, help=f"from `arbitrage plan profile` ({DEFAULT_PROFILE})")
-    p.add_argument("--rate", type=float, help="arrivals per second to plan for")
-    p.add_argument("--slo-ms", type=float, help="p95 end-to-end latency to hold, ms")
-    p.add_argument("--policy", default="arbitrage", help="arbitrage, rsd, target or draft")
-    p.add_argument("--target-fraction", type=float,
-                   help="share of steps the target writes (default: the profile's, if measured with this --policy)")
-    p.add_argument("--bench", help="bench.json of `arbitrage bench`: plan RSD and Arbitrage at its matched accuracy")
+    p.add_argument("--rate", type=finite_positive_float, help="arrivals per second to plan for")
+    p.add_argument("--slo-ms", type=finite_positive_float, help="p95 end-to-end latency to hold, ms")
+    p.add_argument("--policy", help="arbitrage (default), rsd, target or draft; not with --bench")
+    p.add_argument("--target-fraction", type=unit_float,
+                   help="share of steps the target writes, arbitrage and rsd only (default: the profile's, if "
+                        "measured with this --policy); not with --bench")
+    p.add_argument("--bench", help="bench.json of `arbitrage bench`: plan RSD and Arbitrage at its matched accuracy "
+                                   "(their target fractions; no --policy or --target-fraction)")
     p.add_argument("--preset", help="GPUs per pool and worker-group Pods for this preset (or cpu-demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
@@ -34,7 +36,7 @@ def add_plan_parser(sub) -> None:
     prof.add_argument("--policy", default="arbitrage")
     prof.add_argument("--n", type=positive_int, default=20, help="requests for the calibration")
     prof.add_argument("--seed", type=int, default=0)
-    prof.add_argument("--cores", type=positive_float, help="CPU cores the pools share (a CPU machine; omit on GPUs)")
+    prof.add_argument("--cores", type=finite_positive_float, help="CPU cores the pools share (a CPU machine; omit on GPUs)")
     prof.add_argument("--out", default=DEFAULT_PROFILE)
     prof.set_defaults(func=_profile)
     check = plan_sub.add_parser("check", help="predicted vs measured p95 at 30/60/85%% of measured capacity "
@@ -42,7 +44,7 @@ def add_plan_parser(sub) -> None:
     check.add_argument("--config", help="AppConfig of the service started here (default: the embedded default)")
     check.add_argument("--policy", default="arbitrage")
     check.add_argument("--fractions", default="0.3,0.6,0.85", help="shares of the measured capacity")
-    check.add_argument("--duration", type=positive_float, default=60.0, help="seconds of load per rate")
+    check.add_argument("--duration", type=finite_positive_float, default=60.0, help="seconds of load per rate")
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--out", default="runs/plan-check")
     check.set_defaults(func=_check)
@@ -83,9 +85,11 @@ def load_profile(path: str, flag: str = "--profile"):
 
 
 def _profile(args) -> int:
-
     from ..config import default_config, load_config
+    from ..planning.planner import check_policy
     from ..planning.profile import build_profile
+
+    check_policy(args.policy)  # before any model loads
 
     cfg = load_config(args.config) if args.config else default_config()
     cores = args.cores if args.cores else None
@@ -105,25 +109,31 @@ def _fraction_at_matched(bench: dict, policy: str) -> float:
     return point["target_step_fraction"]
 
 
-def _target_fraction(args, prof) -> float:
-    """``--target-fraction``, else the profile's measured one, but only if measured with this policy."""
-    from ..planning.model import CALLS_PER_STEP
+def _target_fraction(args, prof, policy: str) -> tuple[float, str]:
+    """The target fraction to plan ``policy`` at, and where it came from: ``--target-fraction``,
+    else the policy itself (draft: 0, target: 1), else the profile's measured one, but only if
+    measured with this policy."""
     from ..planning.planner import check_policy
 
-    check_policy(args.policy)
+    check_policy(policy)
+    fixed = {"draft": (0.0, "never calls the target"), "target": (1.0, "writes every step with the target")}
+    if policy in fixed:
+        value, why = fixed[policy]
+        if args.target_fraction is not None and args.target_fraction != value:
+            raise ValueError(f"--target-fraction: policy {policy!r} {why} (its fraction is {value:g}), got "
+                             f"{args.target_fraction:g}; leave --target-fraction out")
+        return value, f"policy {policy!r}, which {why}"
     if args.target_fraction is not None:
-        return args.target_fraction
-    if CALLS_PER_STEP[args.policy][1] is None:  # draft / target: no routed calls, the fraction is moot
-        return 1.0 if args.policy == "target" else 0.0
+        return args.target_fraction, "--target-fraction"
     fraction, measured_with = prof.measured.get("target_fraction"), prof.measured.get("policy")
     if fraction is None:
         raise ValueError("--target-fraction: the profile has no measured fraction; give one (0..1)")
-    if measured_with != args.policy:
+    if measured_with != policy:
         with_what = f"policy {measured_with!r}" if measured_with else "a policy it does not record"
         raise ValueError(f"--target-fraction: the profile's fraction {fraction:.3f} was measured with {with_what}, "
-                         f"not --policy {args.policy!r}; give --target-fraction or profile "
-                         f"with `arbitrage plan profile --policy {args.policy}`")
-    return fraction
+                         f"not --policy {policy!r}; give --target-fraction or profile "
+                         f"with `arbitrage plan profile --policy {policy}`")
+    return fraction, f"the profile (measured with policy {policy!r})"
 
 
 def _plan(args) -> int:
@@ -131,31 +141,43 @@ def _plan(args) -> int:
         raise ValueError("plan: --rate and --slo-ms are required (or run `arbitrage plan profile` / `plan check`)")
     from ..planning.planner import gpus_and_pods, plan
 
+    if args.bench and (args.policy is not None or args.target_fraction is not None):
+        given = " and ".join(f for f, v in (("--policy", args.policy), ("--target-fraction", args.target_fraction))
+                             if v is not None)
+        raise ValueError(f"--bench: it plans rsd and arbitrage at the bench's matched-accuracy target fractions; "
+                         f"leave out {given}, or leave out --bench to plan one policy")
     prof = load_profile(args.profile)
     if args.bench:
         bench = read_json(args.bench, "--bench")
         if not isinstance(bench, dict):
             raise ValueError(f"--bench: {args.bench}: expected the JSON object of bench.json")
-        runs = [("rsd", _fraction_at_matched(bench, "rsd")), ("arbitrage", _fraction_at_matched(bench, "arbitrage"))]
+        source = f"--bench {args.bench} (matched accuracy)"
+        runs = [("rsd", _fraction_at_matched(bench, "rsd"), source),
+                ("arbitrage", _fraction_at_matched(bench, "arbitrage"), source)]
     else:
-        runs = [(args.policy, _target_fraction(args, prof))]
+        policy = args.policy or "arbitrage"
+        runs = [(policy, *_target_fraction(args, prof, policy))]
     cfg = None
     if args.preset:
         from ..kuberay.targets import target_config
 
         cfg = target_config(args.preset)
     results = []
-    for policy, fraction in runs:
+    for policy, fraction, source in runs:
         r = plan(prof, policy, fraction, args.rate, args.slo_ms, args.seed)
+        r["target_fraction_source"] = source
+        r["profile"] = args.profile
         if cfg is not None:
             r.update(gpus_and_pods(r["replicas"], cfg))
         results.append(r)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
+    print(f"plan for {args.rate:g} req/s at a p95 SLO of {args.slo_ms:g} ms, profile {args.profile}")
     for r in results:
-        print(f"{r['policy']:<10} target fraction {r['target_fraction']:.3f}: replicas {r['replicas']}  "
-              f"predicted p50 {r['predicted_p50_ms']} ms, p95 {r['predicted_p95_ms']} ms")
+        print(f"{r['policy']:<10} target fraction {r['target_fraction']:.3f} (from {r['target_fraction_source']}): "
+              f"replicas {r['replicas']}  predicted p50 {r['predicted_p50_ms']} ms, p95 {r['predicted_p95_ms']} ms "
+              f"(no-load p95 {r['no_load_p95_ms']} ms)")
         cores = f", cores {r['core_load']}" if "core_load" in r else ""
         print(f"{'':<10} load at max batch {r['load_at_max_batch']}{cores} (1 = saturated)")
         if "gpus_per_pool" in r:
@@ -168,12 +190,24 @@ def _plan(args) -> int:
     return 0
 
 
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(f) for f in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--fractions: a comma list of shares of capacity in (0, 1), got {text!r}") from None
+
+
 def _check(args) -> int:
+    from ..planning.planner import check_policy
+
+    check_policy(args.policy)  # before the service starts and the models load
+    fractions = _fractions(args.fractions)
+    if not fractions or any(not 0 < f < 1 for f in fractions):
+        raise ValueError(f"--fractions: shares of capacity in (0, 1), got {args.fractions}")
     try:
         from loadtests.plan_check import run_plan_check
     except ImportError as exc:
         raise RuntimeError(f"plan check needs locust: pip install -e '.[load]' ({exc})") from None
-    fractions = [float(f) for f in args.fractions.split(",")]
     table = run_plan_check(args.config, args.policy, fractions, args.duration, args.seed, Path(args.out))
     print(json.dumps(table, indent=2))
     return 0

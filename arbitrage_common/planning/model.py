@@ -131,12 +131,21 @@ class SimResult:
     stable: bool                       # every load below 1
     load_at_max_batch: dict[str, float] = field(default_factory=dict)
     core_load: float | None = None     # None on GPUs (no ``cores``)
+    # Per kept request (as ``latencies_ms``): the ms more replicas could take off it, its waits in
+    # the pools' queues plus what batching with others added to its passes (``ms(b) - ms(1)``).
+    removable_ms: list[float] = field(default_factory=list)
 
     def p(self, q: float) -> float:
         xs = sorted(self.latencies_ms)
         pos = (len(xs) - 1) * q / 100.0
         lo = int(pos)
         return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
+
+    def tail_removable_ms(self, q: float = 95) -> float:
+        """The mean ``removable_ms`` of the requests at or above the ``q``-th percentile latency."""
+        cut = self.p(q)
+        tail = [r for lat, r in zip(self.latencies_ms, self.removable_ms) if lat >= cut]
+        return sum(tail) / len(tail) if tail else 0.0
 
 
 @dataclass
@@ -187,6 +196,7 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
     waits: dict[str, list[float]] = {name: [] for name in pools}
     done: dict[int, float] = {}
     reqs: dict[int, _Req] = {}
+    removable = dict.fromkeys(range(n_requests), 0.0)
     now = 0.0
 
     def speed() -> float:
@@ -197,8 +207,10 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
             while q and idle[name] > 0:
                 b = min(pools[name].max_batch, len(q))
                 calls = [q.popleft() for _ in range(b)]
-                for _, enq in calls:
+                batching = pools[name].curve.ms(b) - pools[name].curve.ms(1)
+                for rid, enq in calls:
                     waits[name].append(now - enq)
+                    removable[rid] += now - enq + batching
                 idle[name] -= 1
                 busy.append([pools[name].curve.sample_ms(b, rng), "batch", (name, calls), now])
 
@@ -249,11 +261,12 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
         if len(done) >= n_requests:
             break
     order = sorted(done)  # request ids are in arrival order
-    kept = [done[i] for i in order[int(warmup * len(order)):]]
+    kept_ids = order[int(warmup * len(order)):]
+    kept = [done[i] for i in kept_ids]
     span = max(now, 1e-9)
     loads = load_at_max_batch(pools, w, rate)
     cores_used = None if cores is None else core_load(pools, w, rate, cores)
     stable = max([*loads.values(), cores_used or 0.0]) < 1.0
     return SimResult(kept, {n: busy_ms[n] / (span * pools[n].replicas) for n in pools},
                      {n: (sum(v) / len(v) if v else 0.0) for n, v in waits.items()}, stable=stable,
-                     load_at_max_batch=loads, core_load=cores_used)
+                     load_at_max_batch=loads, core_load=cores_used, removable_ms=[removable[i] for i in kept_ids])

@@ -4,6 +4,7 @@ side by side at matched accuracy (the business case: fewer target GPUs)."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from .model import (
 )
 
 MAX_REPLICAS = 256
-QUEUEING_FLOOR = 0.01  # a pool's queueing under this share of the SLO is not worth a replica
+# The no-load p95 (the floor no replica count goes under) is simulated at a rate this share of
+# one request per its own service time: requests almost never meet.
+NO_LOAD_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class Profile:
         always, routed = CALLS_PER_STEP[policy]
         steps = sum(self.steps) / len(self.steps)
         per_step = sum(self.curves[p].ms(1) + self.hop_ms for p in always)
-        if routed:
+        if routed and target_fraction > 0:
             per_step += target_fraction * (self.curves[routed].ms(1) + self.hop_ms)
         return steps * per_step + self.request_overhead_ms
 
@@ -89,10 +92,17 @@ def check_target_timing(profile: Profile, policy: str) -> None:
 def check_inputs(rate: float, slo_ms: float, target_fraction: float, profile: Profile, policy: str) -> None:
     """Reject impossible inputs, naming each."""
     check_policy(policy)
-    if rate <= 0:
-        raise ValueError(f"--rate: arrivals per second must be > 0, got {rate}")
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"--rate: arrivals per second must be > 0 and finite, got {rate}")
+    if not (math.isfinite(slo_ms) and slo_ms > 0):
+        raise ValueError(f"--slo-ms: the p95 to hold must be > 0 ms and finite, got {slo_ms}")
     if not 0.0 <= target_fraction <= 1.0:
         raise ValueError(f"--target-fraction: must lie in [0, 1], got {target_fraction}")
+    missing = sorted(workload(profile, policy, target_fraction).pools() - set(profile.curves))
+    if missing:
+        raise ValueError(f"--profile: it has no service curve for pool(s) {', '.join(missing)}, which policy "
+                         f"{policy!r} calls (planned by --policy {policy}, or by --bench beside arbitrage); profile a "
+                         f"config that serves {' and '.join(missing)} (`arbitrage plan profile --config ...`)")
     check_target_timing(profile, policy)
     always, _ = CALLS_PER_STEP[policy]
     one_step = sum(profile.curves[p].ms(1) + profile.hop_ms for p in always if p in profile.curves)
@@ -140,14 +150,29 @@ def _too_many(profile: Profile, replicas: dict[str, int], pool: str) -> bool:
     return replicas[pool] >= MAX_REPLICAS or (profile.cores is not None and sum(replicas.values()) > 64)
 
 
+def no_load_p95(profile: Profile, policy: str, target_fraction: float, seed: int = 0) -> tuple[float, float]:
+    """The p95 with no load, and the rate it was simulated at: requests so far apart that they
+    almost never meet, so every call is served at batch 1 with no queueing. No replica count
+    goes under it: it is the service time of the requests themselves."""
+    per_request_ms = max(profile.cpu_ms_per_request(policy, 1.0 if policy == "target" else target_fraction), 1e-3)
+    rate = NO_LOAD_SHARE * 1000.0 / per_request_ms
+    return predict(profile, policy, target_fraction, rate, {}, seed).p(95), rate
+
+
 def plan(profile: Profile, policy: str, target_fraction: float, rate: float, slo_ms: float,
          seed: int = 0) -> dict:
     """Replicas per pool: start at one each; while a pool's load at max batch reaches 1, add a
-    replica to the most loaded one; then, while the simulated p95 misses the SLO, add a replica
-    to the pool where a request spends the most time queued."""
+    replica to the most loaded one; then, while the simulated p95 misses the SLO by no more than
+    a request's queueing (the part more replicas can remove), add a replica to the pool where a
+    request spends the most time queued. An SLO under the no-load p95 is refused up front."""
     check_inputs(rate, slo_ms, target_fraction, profile, policy)
     w = workload(profile, policy, target_fraction)
     _check_cores_carry(profile, w, rate)
+    floor, floor_rate = no_load_p95(profile, policy, target_fraction, seed)
+    if floor > slo_ms:
+        raise ValueError(f"--slo-ms: p95 {slo_ms:g} ms is not reachable at any replica count: with no load (a "
+                         f"simulation at {floor_rate:.3g} req/s) the p95 is already {floor:.0f} ms, the service "
+                         f"time of the requests themselves; ask for {math.ceil(floor):.0f} ms or more")
     replicas = dict.fromkeys(sorted(w.pools()), 1)
     calls = calls_per_request(w)
     while True:
@@ -164,19 +189,42 @@ def plan(profile: Profile, policy: str, target_fraction: float, rate: float, slo
                 break
             queued = queued_ms_per_request(result, calls)
             busiest = max(queued, key=queued.get)
-            if queued[busiest] < QUEUEING_FLOOR * slo_ms or _too_many(profile, replicas, busiest):
-                raise ValueError(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable "
-                                 f"(p95 {result.p(95):.0f} ms with {replicas}, of which queueing "
-                                 f"{queued[busiest]:.0f} ms at most: the rest is the service time itself)")
+            # What more replicas can take off the slowest requests: their queueing and what batching
+            # added to their passes. Less than the miss: the rest is service time at this load.
+            removable, over = result.tail_removable_ms(95), result.p(95) - slo_ms
+            if removable < over:
+                raise ValueError(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable (p95 "
+                                 f"{result.p(95):.0f} ms with {replicas}, of which queueing and batching "
+                                 f"{removable:.0f} ms, less than the {over:.0f} ms over the SLO: the rest is the "
+                                 f"service time itself under this load; the no-load p95 is {floor:.0f} ms)")
+            if _too_many(profile, replicas, busiest):
+                most = "64 replicas in all on the profile's cores" if profile.cores is not None else \
+                    f"{MAX_REPLICAS} replicas a pool"
+                raise ValueError(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable within {most} "
+                                 f"(p95 {result.p(95):.0f} ms with {replicas}; the no-load p95 is {floor:.0f} ms)")
         replicas[busiest] += 1
     out = {"policy": policy, "target_fraction": round(w.target_fraction, 4), "rate": rate, "slo_p95_ms": slo_ms,
            "replicas": replicas, "predicted_p50_ms": round(result.p(50), 1),
-           "predicted_p95_ms": round(result.p(95), 1),
+           "predicted_p95_ms": round(result.p(95), 1), "no_load_p95_ms": round(floor, 1),
            "utilization": {k: round(v, 3) for k, v in result.utilization.items()},
            "load_at_max_batch": {k: round(v, 3) for k, v in result.load_at_max_batch.items()}}
     if result.core_load is not None:
         out["core_load"] = round(result.core_load, 3)
     return out
+
+
+def calibrate(profile: Profile, policy: str, target_fraction: float, capacity_rps: float) -> Profile:
+    """``profile`` with every time scaled so that the model saturates the cores at the measured
+    capacity: ``core_load`` (full-batch cost per request, hops and overhead, over the cores) is 1
+    at ``capacity_rps``. The capacity is measured with the cores busy, so that is what a request
+    costs inside the running service; ``scaled_by`` records the factor."""
+    if profile.cores is None:
+        raise ValueError("calibrate: the profile has no cores (a GPU profile); calibration is against a CPU machine")
+    if not (math.isfinite(capacity_rps) and capacity_rps > 0):
+        raise ValueError(f"calibrate: the measured capacity must be a finite number > 0 req/s, got {capacity_rps}")
+    w = workload(profile, policy, target_fraction)
+    per_request = core_ms_per_request(_pools(profile, w, {}), w)
+    return profile.scaled(profile.cores * 1000.0 / capacity_rps / per_request)
 
 
 def gpus_and_pods(replicas: dict[str, int], cfg) -> dict:

@@ -113,3 +113,92 @@ def test_a_stream_that_ends_without_its_summary_is_a_failure(monkeypatch):
 def test_an_error_event_keeps_its_code(monkeypatch):
     rec, call = _call(monkeypatch, _Body(_events(STEP, ("error", {"error": {"code": "unavailable"}}))))
     assert rec.status == "UNAVAILABLE" and call["exception"] is not None
+
+
+class _NoReply(_CaughtResponse):
+    """What locust's session returns for a call that got no HTTP reply (a timeout, a refused or
+    dropped connection): status 0 with the exception in ``error`` (``ResponseContextManager(e)``)."""
+
+    def __init__(self, error: Exception, fire, name: str):
+        super().__init__(_Body(b""), fire, name)
+        self.status_code, self.error = 0, error
+
+
+def _unary(monkeypatch, make, transport: str = "http", prompt: str = "prompt") -> tuple[records.Record, dict, dict]:
+    """One non-streamed ``call_http``; the record, the call's locust event and the post's kwargs."""
+    fired: list[dict] = []
+    sent: dict = {}
+
+    def post(route, **kw):
+        sent.update(kw)
+        return make(lambda **e: fired.append(e), kw["name"])
+
+    added: list[records.Record] = []
+    monkeypatch.setattr(records, "add", added.append)
+    settings = LoadSettings(transport=transport, mix=Mix(policy="arbitrage"), timeout_s=30.0)
+    http_user.call_http(SimpleNamespace(post=post), SimpleNamespace(events=SimpleNamespace(request=SimpleNamespace(
+        fire=lambda **e: fired.append(e)))), settings, prompt)
+    (rec,) = added
+    (call,) = fired
+    return rec, call, sent
+
+
+def _reply(status: int, body: bytes):
+    def make(fire, name):
+        resp = _CaughtResponse(_Body(body), fire, name)
+        resp.status_code = status
+        return resp
+    return make
+
+
+@pytest.mark.parametrize("error,status", [
+    (requests.exceptions.ReadTimeout("read timed out"), "TIMEOUT"),
+    (requests.exceptions.ConnectTimeout("connect timed out"), "TIMEOUT"),
+    (requests.exceptions.ConnectionError(__import__("urllib3").exceptions.ReadTimeoutError(None, "/", "timed out")),
+     "TIMEOUT"),
+    (requests.exceptions.ConnectionError("connection refused"), "CONNECTION_ERROR"),
+    (requests.exceptions.ChunkedEncodingError("connection dropped"), "CONNECTION_ERROR"),
+])
+def test_a_call_that_got_no_reply_is_named_for_what_happened_not_http_0(monkeypatch, error, status):
+    rec, call, _ = _unary(monkeypatch, lambda fire, name: _NoReply(error, fire, name))
+    assert rec.status == status
+    assert status in str(call["exception"])
+
+
+@pytest.mark.parametrize("body,status", [
+    (b'{"error": {"message": "full", "type": "rate_limit", "param": null, "code": "resource_exhausted"}}',
+     "RESOURCE_EXHAUSTED"),
+    (b'{"error": {"message": "no replica", "type": "server_error", "param": null, "code": "unavailable"}}',
+     "UNAVAILABLE"),
+    (b"<html>bad gateway</html>", "HTTP_503"),
+    (b'{"detail": "x"}', "HTTP_503"),
+])
+def test_an_error_reply_keeps_the_apis_code_so_overload_and_dead_replicas_differ(monkeypatch, body, status):
+    rec, call, _ = _unary(monkeypatch, _reply(503, body))
+    assert rec.status == status and status in str(call["exception"])
+
+
+def test_the_client_waits_longer_than_the_deadline_it_sends_the_service(monkeypatch):
+    ok = json.dumps({"steps": [{"text": "a"}], "usage": {"target_steps": 0}, "policy": "arbitrage"}).encode()
+    _, _, sent = _unary(monkeypatch, _reply(200, ok))
+    assert sent["json"]["timeout_s"] == 30.0 and sent["timeout"] > 30.0
+
+
+@pytest.mark.parametrize("transport", ["http", "openai"])
+def test_http_replies_are_graded_and_report_the_threshold(monkeypatch, transport):
+    monkeypatch.setattr(records, "EXPECTED", {"p1": 7})
+    result = {"steps": [{"text": "a"}, {"text": "b"}], "usage": {"target_steps": 1}, "policy": "arbitrage",
+              "answer": 7, "threshold": 0.4}
+    body = {"choices": [], "arbitrage": result} if transport == "openai" else result
+    rec, _, _ = _unary(monkeypatch, _reply(200, json.dumps(body).encode()), transport, prompt="p1")
+    assert (rec.status, rec.steps, rec.target_steps, rec.correct, rec.threshold) == ("OK", 2, 1, True, 0.4)
+    wrong = {**result, "answer": 8}
+    rec, _, _ = _unary(monkeypatch, _reply(200, json.dumps(wrong).encode()), "http", prompt="p1")
+    assert rec.correct is False
+
+
+def test_a_streamed_summary_is_graded(monkeypatch):
+    monkeypatch.setattr(records, "EXPECTED", {"prompt": 3})
+    summary = ("summary", {"usage": {"target_steps": 1}, "policy": "arbitrage", "answer": 3, "threshold": 0.5})
+    rec, _ = _call(monkeypatch, _Body(_events(STEP, summary)))
+    assert rec.status == "OK" and rec.correct is True and rec.threshold == 0.5

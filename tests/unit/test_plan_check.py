@@ -1,0 +1,66 @@
+"""``plan check``'s predictions and calibration, with the service, the profiling and the locust
+runs faked: what it predicts for, and what the calibrated profile says of the capacity."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from arbitrage_common.planning.model import Pool, ServiceCurve, Workload, core_load
+from arbitrage_common.planning.planner import Profile
+
+
+class _Service:
+    name = "app"
+
+    def __init__(self, *a, **kw):
+        self.endpoints = {"host_grpc": "127.0.0.1:1", "host_http": "http://127.0.0.1:2", "app": "app"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _profile() -> Profile:
+    curves = {"draft": ServiceCurve(5, 1), "router": ServiceCurve(8, 0.5), "prm": ServiceCurve(8, 0.5),
+              "target": ServiceCurve(40, 4)}
+    return Profile(curves, dict.fromkeys(curves, 16), 2.0, 5.0, (5, 6, 7), 2.0, {})
+
+
+def test_plan_check_predicts_the_configured_replicas_and_saturates_the_cores_at_the_measured_capacity(
+        monkeypatch, tmp_path):
+    from arbitrage_common import config
+    from arbitrage_common.planning import planner, profile
+    from loadtests import plan_check
+
+    data = config.default_config().model_dump(mode="json")
+    data["pools"]["draft"]["num_replicas"] = 2
+    monkeypatch.setattr(config, "load_config", lambda path: config.AppConfig.model_validate(data))
+    monkeypatch.setattr(plan_check, "LocalService", _Service)
+    monkeypatch.setattr(profile, "build_profile", lambda *a, **kw: _profile())
+    capacity = 6.0
+
+    def fake_locust(settings, out, urls, progress):
+        if settings.rate is None:
+            return {"requests_per_s": capacity, "target_step_fraction": 0.25}
+        return {"requests": 10, "failures_by_status": {}, "e2e_ms": {"p50": 100.0, "p95": 200.0}}
+
+    monkeypatch.setattr(plan_check, "run_locust", fake_locust)
+    seen = []
+    real_predict = planner.predict
+
+    def predict(prof, policy, fraction, rate, replicas, **kw):
+        seen.append(dict(replicas))
+        return real_predict(prof, policy, fraction, rate, replicas, n_requests=200, **kw)
+
+    monkeypatch.setattr(planner, "predict", predict)
+    table = plan_check.run_plan_check("cfg.yaml", "arbitrage", [0.5], 10.0, 0, tmp_path)
+    assert seen and all(r == {"draft": 2, "target": 1, "router": 1, "prm": 1} for r in seen)
+    calibrated = Profile.load(tmp_path / "profile-calibrated.json")
+    w = Workload("arbitrage", calibrated.steps, 0.25, calibrated.hop_ms, calibrated.request_overhead_ms)
+    pools = {p: Pool(calibrated.curves[p], 1, calibrated.max_batch[p]) for p in w.pools()}
+    assert core_load(pools, w, capacity, calibrated.cores) == pytest.approx(1.0)
+    assert table["calibration_k"] == round(calibrated.measured["scaled_by"], 3)
+    assert json.loads((tmp_path / "plan_check.json").read_text())["replicas"]["draft"] == 2
