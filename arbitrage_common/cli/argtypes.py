@@ -27,47 +27,26 @@ positive_int32 = _int_at_least(1, "a positive integer", 2**31 - 1)
 int64 = _int_at_least(-(2**63), "an integer", 2**63 - 1)
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+def _float_where(accepts, wording: str):
+    """An argparse float type that takes the numbers ``accepts`` holds true for."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"must {wording}, got {text}")
+        return value
+
+    return parse
 
 
-def finite_positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (a rate, a duration, an SLO): not nan, not inf."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """argparse type: any finite number (not nan, not inf)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def unit_float(text: str) -> float:
-    """argparse type: a number in [0, 1] (a threshold on a score or a probability)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
-    return value
+positive_float = _float_where(lambda v: v > 0, "be > 0")
+# A rate, a duration, an SLO: not nan, not inf.
+finite_positive_float = _float_where(lambda v: math.isfinite(v) and v > 0, "be a finite number > 0")
+finite_float = _float_where(math.isfinite, "be a finite number")
+# A threshold on a score, or a probability.
+unit_float = _float_where(lambda v: 0.0 <= v <= 1.0, "lie in [0, 1]")
 
 
 def mix_list(text: str) -> tuple[str, ...]:
