@@ -80,13 +80,11 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
             records.add(rec)
             raise
         rec.e2e_ms = _ms(started)
+        cut = None
         if not summarized:  # the service ends every finished stream with its summary: this one is cut short
             rec.status = "STREAM_INCOMPLETE"
-            self.fire(request_type="grpc", name=f"{name} end", response_time=rec.e2e_ms, response_length=0,
-                      exception=RuntimeError(f"STREAM_INCOMPLETE: the stream ended OK after {rec.steps} step(s) "
-                                             f"without its summary"))
-        else:
-            self.fire(request_type="grpc", name=f"{name} end", response_time=rec.e2e_ms, response_length=0)
+            cut = RuntimeError(f"STREAM_INCOMPLETE: the stream ended OK after {rec.steps} step(s) without its summary")
+        self.fire(request_type="grpc", name=f"{name} end", response_time=rec.e2e_ms, response_length=0, exception=cut)
         records.add(rec)
 
 

@@ -40,6 +40,8 @@ from arbitrage_common.lookahead import DraftAhead
 from arbitrage_common.loop import Models
 from arbitrage_common.retry import RetryPolicy
 
+from .convert import replica_channel_lost
+
 NO_RETRY = RetryPolicy(retries=0)
 # Serve logs this at INFO for every handle call cancelled while its replica has not yet
 # answered. Here nearly all are by design: step pipelining cancels the early draft of each
@@ -72,8 +74,6 @@ def retry_reason(exc: BaseException) -> str | None:
     """'replica' (its replica or engine died, or the pool has none deployed), 'full' (pool
     queue full), or None (not retriable)."""
     from arbitrage_common.backends.vllm_generator import EngineDeadError
-
-    from .convert import replica_channel_lost
 
     cause = getattr(exc, "cause", None)
     if isinstance(exc, BackPressureError):
