@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
-RAY_ENV := RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled}
+# Ray 2.60 turns token auth on for a new local cluster; `make run` keeps it (Serve's replicas and
+# Ray's own servers listen on every interface). Only the tests' throwaway clusters opt out.
+TEST_RAY_ENV := RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled}
 # constraints-cpu.txt pins torch's CPU build (2.13.0+cpu). This machine's pip finds it in a local
 # wheel folder; elsewhere PyPI has only the CUDA build, so pip stops with "No matching
 # distribution" until told where the CPU build is: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -39,11 +41,11 @@ install-vllm: $(VLLM_STAMP)
 
 # The embedded default: local Ray, bundled models, gRPC :9000, HTTP :8000 (Ctrl-C stops it).
 run: install
-	$(RAY_ENV) $(VENV)/bin/arbitrage serve
+	$(VENV)/bin/arbitrage serve
 
 # The same with the draft and target pools on vLLM engines (router and PRM on transformers).
 run-vllm: install-vllm
-	$(RAY_ENV) $(VLLM_VENV)/bin/arbitrage serve --backend vllm
+	$(VLLM_VENV)/bin/arbitrage serve --backend vllm
 
 eval: install
 	$(VENV)/bin/arbitrage models eval --n 300 --seed 1000 --json
@@ -59,22 +61,22 @@ k8s: install
 # locust against the embedded default (started and stopped here), 60 s, report in runs/loadtest
 # (docs/LOADTEST.md); plan-check: the capacity planner's p95 against measured runs.
 loadtest: install
-	$(RAY_ENV) $(VENV)/bin/arbitrage loadtest --duration 60 --users 8 --transport grpc-stream --slo-ms 5000 --out runs/loadtest
+	$(VENV)/bin/arbitrage loadtest --duration 60 --users 8 --transport grpc-stream --slo-ms 5000 --out runs/loadtest
 
 plan-check: install
-	$(RAY_ENV) $(VENV)/bin/arbitrage plan check --duration 60 --out runs/plan-check
+	$(VENV)/bin/arbitrage plan check --duration 60 --out runs/plan-check
 
 # Both suites, one after the other (never two Ray clusters at once): everything but
 # tests/vllm in .venv, then tests/vllm (real vLLM engines) in .venv-vllm.
 test: install install-vllm
-	$(RAY_ENV) $(PY) -m pytest -q --ignore=tests/vllm
-	$(RAY_ENV) $(VLLM_PY) -m pytest -q tests/vllm
+	$(TEST_RAY_ENV) $(PY) -m pytest -q --ignore=tests/vllm
+	$(TEST_RAY_ENV) $(VLLM_PY) -m pytest -q tests/vllm
 
 test-main: install
-	$(RAY_ENV) $(PY) -m pytest -q --ignore=tests/vllm
+	$(TEST_RAY_ENV) $(PY) -m pytest -q --ignore=tests/vllm
 
 test-vllm: install-vllm
-	$(RAY_ENV) $(VLLM_PY) -m pytest -q tests/vllm
+	$(TEST_RAY_ENV) $(VLLM_PY) -m pytest -q tests/vllm
 
 clean-venv:
 	rm -rf $(VENV)
