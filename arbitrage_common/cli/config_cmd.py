@@ -104,12 +104,16 @@ def _shape_problems(data: Any) -> list:
     return out
 
 
-def check_file(file: str | Path, paths: bool = False) -> dict:
-    """Every problem of one config file: {"file", "ok", "errors", "warnings", "pools"}."""
+def check_file(file: str | Path, paths: bool = False, cluster: bool | None = None) -> dict:
+    """Every problem of one config file: {"file", "ok", "errors", "warnings", "pools"}.
+    ``cluster``: also what `arbitrage k8s render` refuses (``kuberay.render.cluster_problems``:
+    Pod fit, label selectors); None: when an AppConfig file has a ``cluster:`` section (a Serve
+    YAML's args always carry one, and `serve deploy` never renders them)."""
     import yaml
     from pydantic import ValidationError
 
     from ..config import AppConfig, application_config, render_serve_config, render_serve_yaml, yaml_error
+    from ..kuberay.render import cluster_problems
     from ..presets import Finding, model_path_problems, resource_problems
 
     path = Path(file)
@@ -146,6 +150,8 @@ def check_file(file: str | Path, paths: bool = False) -> dict:
             res_errors, res_warnings = resource_problems(cfg)
             errors += [Finding(prefix + p.field, p.message) for p in serve_errors + res_errors]
             warnings += [Finding(prefix + p.field, p.message) for p in serve_warnings + res_warnings]
+            if cluster or (cluster is None and not prefix and "cluster" in raw):
+                errors += [Finding(prefix + field, message) for field, message in cluster_problems(cfg)]
             if paths:
                 errors += [Finding(prefix + p.field, p.message) for p in model_path_problems(cfg)]
             pools.update(_pool_summary(cfg))
@@ -155,8 +161,9 @@ def check_file(file: str | Path, paths: bool = False) -> dict:
 
 def config_check_errors(files) -> list[str]:
     """``<file>: <field>: <message>`` for every error ``arbitrage config check`` finds in ``files``
-    (no path checks): what `arbitrage k8s render` refuses to render."""
-    return [f"{r['file']}: {e}" for r in (check_file(f) for f in files) for e in r["errors"]]
+    (no path checks), with the cluster checks whether or not a file has a ``cluster:`` section:
+    what `arbitrage k8s render` refuses to render."""
+    return [f"{r['file']}: {e}" for r in (check_file(f, cluster=True) for f in files) for e in r["errors"]]
 
 
 def _pool_summary(cfg) -> dict[str, dict]:

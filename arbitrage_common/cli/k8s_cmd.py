@@ -1,5 +1,7 @@
 """`arbitrage k8s render`: the KubeRay manifests (RayService, kustomize base and overlays)
-from the configs; `--check` fails when the files on disk differ from the rendering."""
+from the configs; `--check` fails when the files on disk differ from the rendering.
+`arbitrage k8s scale-patch`: the `kubectl patch` that carries a config's worker-group bounds to
+the running RayCluster (KubeRay does not: ``kuberay.scale``)."""
 from __future__ import annotations
 
 import sys
@@ -19,6 +21,12 @@ def add_k8s_parser(sub) -> None:
     render.add_argument("--check", action="store_true", help="write nothing; exit 1 when a rendered file is "
                                                              "missing or differs on disk")
     render.set_defaults(func=_render)
+    scale = k8s_sub.add_parser("scale-patch", help="print the kubectl commands that set the running RayCluster's "
+                                                   "worker-group minReplicas/maxReplicas to the rendering's "
+                                                   "(`kubectl apply` does not: docs/KUBERAY.md §6)")
+    scale.add_argument("name", nargs="?", help="cpu-demo or a preset name")
+    scale.add_argument("--config", help="this AppConfig file instead of a named target")
+    scale.set_defaults(func=_scale_patch)
 
 
 def _render(args) -> int:
@@ -34,13 +42,13 @@ def _render(args) -> int:
         paths = {name: target_path(name) for name in (args.preset or target_names())}
     configs = {name: load_config(path) for name, path in paths.items()}  # ConfigError: file, field, message
     # Then everything else `arbitrage config check` refuses (Ray Serve's own option checks, the
-    # GPU rules): a manifest of a config that check fails would never come up on the cluster.
+    # GPU rules, the cluster fit): a manifest of a config that check fails would never come up.
     problems = config_check_errors(paths.values())
     if problems:
         for line in problems:  # `<file>: <field>: <message>`, the lines `config check` prints
             print(f"arbitrage: error: {line}", file=sys.stderr)
         return 1
-    files = render_targets(configs)  # every rendering error surfaces here, before a file is written
+    files = render_targets(configs, paths)  # any rendering error surfaces here, before a file is written
     out = Path(args.out) if args.out else default_out()
     if args.check:
         stale = drift(files, out)
@@ -54,6 +62,32 @@ def _render(args) -> int:
     for path in write_files(files, out):
         print(path)
     _print_sizes(configs)
+    # KubeRay leaves the groups' bounds out of its RayCluster hash: applying a change of them
+    # alone never reaches a running cluster.
+    print("Pods min-max above: `kubectl apply` never changes them on a running RayCluster (KubeRay leaves them out "
+          "of its hash); `arbitrage k8s scale-patch <name>` prints the kubectl patch that does (docs/KUBERAY.md §6).")
+    return 0
+
+
+def _scale_patch(args) -> int:
+    from ..config import load_config
+    from ..kuberay.scale import scale_patch_commands
+    from ..kuberay.targets import target_path
+    from .config_cmd import config_check_errors
+
+    if (args.name is None) == (args.config is None):
+        raise ValueError("k8s scale-patch: name one target (cpu-demo or a preset) or --config FILE")
+    path = Path(args.config) if args.config else target_path(args.name)
+    cfg = load_config(path)
+    problems = config_check_errors([path])  # what `k8s render` refuses: no patch for a config it would not render
+    if problems:
+        for line in problems:
+            print(f"arbitrage: error: {line}", file=sys.stderr)
+        return 1
+    lines = scale_patch_commands(cfg)
+    print(f"# {cfg.name}: set the active RayCluster's worker-group bounds to the rendering's")
+    for line in lines:
+        print(line)
     return 0
 
 

@@ -16,8 +16,18 @@ from typing import Any
 import yaml
 
 from ..config import RAY_CLUSTER_ENV, AppConfig, render_serve_config
-from .sizing import GroupSize, SizingError, group_sizes
-from .spec import GROUP_LABEL, GROUP_OF, METRICS_PORT, RAY_IMAGE_PORTS, RAY_LABEL_PREFIX
+from .sizing import GroupSize, SizingError, group_sizes, replica_demand
+from .spec import (
+    GROUP_LABEL,
+    GROUP_OF,
+    METRICS_PORT,
+    RAY_IMAGE_PORTS,
+    RAY_LABEL_PREFIX,
+    SHM_MOUNT_PATH,
+    SHM_VOLUME_NAME,
+    GroupSpec,
+    HeadSpec,
+)
 
 SERVE_PORT_NAMES = ("serve", "serve-grpc")  # KubeRay 1.6+ puts every serve / serve-* port on the serve Service
 # Custom resource names the rendering passes to `ray start --resources='<json>'` (inside single
@@ -36,8 +46,13 @@ DELETION_MARGIN_S = 30
 # the container's memory limit, so the Pod's `memory` already bounds it, and Kubernetes sizes
 # the tmpfs to that limit (SizeMemoryBackedVolumes); a smaller sizeLimit would only evict the
 # Pod (kubelet's emptyDir check) when NCCL or the object store grew past it, saving no memory.
-SHM_VOLUME = {"name": "dshm", "emptyDir": {"medium": "Memory"}}
-SHM_MOUNT = {"name": "dshm", "mountPath": "/dev/shm"}
+SHM_VOLUME = {"name": SHM_VOLUME_NAME, "emptyDir": {"medium": "Memory"}}
+SHM_MOUNT = {"name": SHM_VOLUME_NAME, "mountPath": SHM_MOUNT_PATH}
+# Ray token authentication (KubeRay 1.5+, Ray 2.52+): KubeRay generates a Secret per RayCluster
+# and gives every Ray container the token; the dashboard, job API and Ray Client then want it.
+TOKEN_AUTH = {"mode": "token"}
+# A config field at the start of an error message (`pools.target.ray_actor_options.memory: ...`).
+_FIELD = re.compile(r"[\w.\[\]]+")
 
 
 def _where(role: str) -> str:
@@ -70,6 +85,15 @@ def _pin(spec, role: str, offered: dict[str, str]) -> dict[str, Any]:
     ValueError) naming the field for a selector no Pod of the group matches."""
     group = GROUP_OF[role]
     pin = {GROUP_LABEL: group}
+    if (accelerator := spec.ray_actor_options.accelerator_type) is not None:
+        # Ray turns it into the custom resource `accelerator_type:<type>`, which no group's
+        # rayStartParams offer: the autoscaler would never launch a Pod for such a replica.
+        raise SizingError(
+            f"{_where(role)}.ray_actor_options.accelerator_type: {accelerator!r} becomes Ray's custom resource "
+            f"'accelerator_type:{accelerator}', which no worker group offers, so the autoscaler never "
+            f"adds a Pod for such a replica; select the GPU by a Ray node label instead: declare it on the group "
+            f"(cluster.{group}.labels, e.g. {{gpu: h100}}, beside a node_selector on the GPU product) and select it "
+            f"(ray_actor_options.label_selector, or placement_group_bundle_label_selector, e.g. {{gpu: h100}})")
     bundles = getattr(spec, "placement_group_bundles", None)
     if bundles:
         field = f"{_where(role)}.placement_group_bundle_label_selector"
@@ -164,6 +188,21 @@ def _container(name: str, image: str, resources: dict, ports: dict[str, int],
     return container
 
 
+def _add_pod_options(pod_spec: dict[str, Any], cfg: AppConfig, shape: GroupSpec | HeadSpec) -> dict[str, Any]:
+    """``pod_spec`` with the config's own volumes and mounts (``shape``: the head or a group),
+    after any the rendering set, and the cluster's serviceAccountName and imagePullSecrets."""
+    if shape.volumes:
+        pod_spec["volumes"] = pod_spec.get("volumes", []) + [dict(v) for v in shape.volumes]
+    if shape.volume_mounts:
+        container = pod_spec["containers"][0]
+        container["volumeMounts"] = container.get("volumeMounts", []) + [dict(m) for m in shape.volume_mounts]
+    if cfg.cluster.service_account_name:
+        pod_spec["serviceAccountName"] = cfg.cluster.service_account_name
+    if cfg.cluster.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in cfg.cluster.image_pull_secrets]
+    return pod_spec
+
+
 def _serve_ports(cfg: AppConfig) -> dict[str, int]:
     return {"serve": cfg.http.port, "serve-grpc": cfg.grpc.port, "metrics": METRICS_PORT}
 
@@ -176,9 +215,10 @@ def _head(cfg: AppConfig) -> dict[str, Any]:
         "rayStartParams": {"num-cpus": "0", "num-gpus": "0", "dashboard-host": "0.0.0.0",
                            "metrics-export-port": str(METRICS_PORT)},
         "template": {"metadata": {"labels": {APP_LABEL: "arbitrage-serve"}},
-                     "spec": {"containers": [_container("ray-head", cfg.cluster.image,
-                                                        _resources(head.cpus, head.memory, 0), ports,
-                                                        auth_secret_env(cfg))]}},
+                     "spec": _add_pod_options({"containers": [_container("ray-head", cfg.cluster.image,
+                                                                         _resources(head.cpus, head.memory, 0),
+                                                                         ports, auth_secret_env(cfg))]},
+                                              cfg, head)},
     }
 
 
@@ -199,6 +239,16 @@ def needs_shm(cfg: AppConfig, size: GroupSize) -> bool:
     return any(pools[name].model.backend == "vllm" for name in size.deployments if name in pools)
 
 
+def _resource_field(cfg: AppConfig, size: GroupSize, resource: str) -> str:
+    """The config field that asks ``size``'s group for the custom resource ``resource``."""
+    specs = {**dict(cfg.pools.configured()), "coordinator": cfg.coordinator}
+    for name in size.deployments:
+        demand = replica_demand(name, specs[name])
+        if resource in demand.resources:
+            return f"{_where(name)}.{demand.resources_source}"
+    return f"cluster.{size.name}"
+
+
 def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
     shape = cfg.cluster.group(size.name)
     start_params = {"metrics-export-port": str(METRICS_PORT)}
@@ -207,8 +257,9 @@ def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
         # keys): without them on the group's nodes such replicas could never be placed.
         bad = next((r for r in size.resources if not _RESOURCE_NAME.fullmatch(r)), None)
         if bad is not None:
-            raise SizingError(f"{bad!r}: a custom resource of worker group {size.name!r} that the rendering cannot "
-                              f"pass to `ray start --resources` (letters, digits, '_', '.', ':', '/', '-' only)")
+            raise SizingError(f"{_resource_field(cfg, size, bad)}: {bad!r} is a custom resource of worker group "
+                              f"{size.name!r} that the rendering cannot pass to `ray start --resources` (letters, "
+                              f"digits, '_', '.', ':', '/', '-' only)")
         start_params["resources"] = ray_start_resources(size.resources)
     pod_spec: dict[str, Any] = {"containers": [_container("ray-worker", cfg.cluster.image,
                                                           _resources(size.cpus, shape.memory, size.gpus),
@@ -218,6 +269,7 @@ def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
     if needs_shm(cfg, size):
         pod_spec["containers"][0]["volumeMounts"] = [dict(SHM_MOUNT)]
         pod_spec["volumes"] = [{"name": SHM_VOLUME["name"], "emptyDir": dict(SHM_VOLUME["emptyDir"])}]
+    _add_pod_options(pod_spec, cfg, shape)
     group: dict[str, Any] = {
         "groupName": size.name,
         "replicas": size.initial_pods,
@@ -261,6 +313,7 @@ def render_rayservice(cfg: AppConfig) -> dict[str, Any]:
             "serveConfigV2": serve_config_v2(cfg),
             "rayClusterConfig": {
                 "rayVersion": pinned_ray_version(),
+                **({"authOptions": dict(TOKEN_AUTH)} if cluster.ray_token_auth else {}),
                 "enableInTreeAutoscaling": True,
                 "autoscalerOptions": {"version": "v2", "upscalingMode": cluster.upscaling_mode,
                                       "idleTimeoutSeconds": cluster.idle_timeout_s,
@@ -273,9 +326,27 @@ def render_rayservice(cfg: AppConfig) -> dict[str, Any]:
     }
 
 
+def cluster_problems(cfg: AppConfig) -> list[tuple[str, str]]:
+    """(field, message) of what keeps ``cfg`` from rendering (``render_rayservice``'s refusal: a
+    replica its group's Pod cannot hold, a selector no Pod matches, ...); empty when it renders.
+    `arbitrage config check` reports it as one of its own lines."""
+    try:
+        render_rayservice(cfg)
+    except ValueError as exc:  # SizingError: the message starts with the field
+        field, sep, message = str(exc).partition(": ")
+        return [(field, message)] if sep and _FIELD.fullmatch(field) else [("cluster", str(exc))]
+    return []
+
+
 def _overlay_patch(cfg: AppConfig) -> list[dict[str, Any]]:
-    """JSON 6902 ops that add each group's nodeSelector and tolerations (the overlay knobs)."""
+    """JSON 6902 ops that add the head's and each group's nodeSelector and tolerations (the
+    overlay knobs)."""
     ops = []
+    head, head_base = cfg.cluster.head, "/spec/rayClusterConfig/headGroupSpec/template/spec"
+    if head.node_selector:
+        ops.append({"op": "add", "path": f"{head_base}/nodeSelector", "value": dict(head.node_selector)})
+    if head.tolerations:
+        ops.append({"op": "add", "path": f"{head_base}/tolerations", "value": list(head.tolerations)})
     for i, size in enumerate(group_sizes(cfg)):
         shape = cfg.cluster.group(size.name)
         base = f"/spec/rayClusterConfig/workerGroupSpecs/{i}/template/spec"

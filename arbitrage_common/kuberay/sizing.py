@@ -137,7 +137,8 @@ def pods_needed(demands: list[Demand], cpus: int, gpus: int, memory: float = mat
         if not any(p.place(d) for p in pods):
             pod = _Pod(float(cpus), [1.0] * gpus, memory)
             if not pod.place(d):  # checked by _check_fits; kept as a guard
-                raise SizingError(f"{d.deployment}: one replica does not fit an empty Pod")
+                where = "coordinator" if d.deployment == "coordinator" else f"pools.{d.deployment}"
+                raise SizingError(f"{where}: one replica does not fit an empty Pod")
             pods.append(pod)
     return len(pods)
 
@@ -196,6 +197,18 @@ def _group_resources(demands: dict[str, Demand], bounds: dict[str, Bounds], cpus
     return {resource: max(1, math.ceil(amount - _EPS)) for resource, amount in sorted(total.items())}
 
 
+def _one_pod_per_required_coordinator(pods: list[int], bounds: Bounds) -> list[int]:
+    """(min, initial, max) Pods of the coordinator group, each at least the coordinator's
+    ``min_replicas``: every request passes through a coordinator, so its required replicas get
+    a Pod each (first-fit would pack them onto one, and one node drain would take every request
+    path down). Serve spreads them over those Pods by itself: without
+    RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY its scheduler places replicas with
+    ``default_scheduling_strategy="SPREAD"`` (ray/serve/_private/deployment_scheduler.py,
+    ``_schedule_with_spread_strategy``; Ray 2.60), a soft spread over the nodes that fit."""
+    least = bounds.min
+    return [max(pods[0], least), max(pods[1], least), max(pods[2], least)]
+
+
 def group_sizes(cfg) -> list[GroupSize]:
     """The worker groups of ``cfg`` (an AppConfig), in GROUP_NAMES order; groups with no
     deployment are left out. Raises SizingError for a replica no Pod of its group can hold."""
@@ -221,6 +234,8 @@ def group_sizes(cfg) -> list[GroupSize]:
         pods = [pods_needed([demands[n] for n in members for _ in range(getattr(bounds[n], attr))], cpus, gpus,
                             memory)
                 for attr in ("min", "initial", "max")]
+        if group == "coordinator":
+            pods = _one_pod_per_required_coordinator(pods, bounds["coordinator"])
         out.append(GroupSize(group, tuple(members), cpus, gpus, *pods,
                              resources=_group_resources(demands, bounds, cpus, gpus, memory)))
     return out

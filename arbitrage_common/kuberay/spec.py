@@ -11,7 +11,16 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationInfo,
+    field_validator,
+)
 
 GroupName = Literal["draft", "target", "scorers", "coordinator"]
 GROUP_NAMES: tuple[GroupName, ...] = ("draft", "target", "scorers", "coordinator")
@@ -44,6 +53,15 @@ _LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a
                         r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 RAY_LABEL_PREFIX = "ray.io/"
+# The volume the rendering mounts at /dev/shm on GPU and vLLM groups (render.SHM_VOLUME): a
+# config's own volumes and mounts may use neither.
+SHM_VOLUME_NAME = "dshm"
+SHM_MOUNT_PATH = "/dev/shm"
+# The fields of a Kubernetes VolumeMount (core/v1): an unknown one would be pruned silently.
+_VOLUME_MOUNT_KEYS = ("name", "mountPath", "readOnly", "subPath", "subPathExpr", "mountPropagation",
+                      "recursiveReadOnly")
+# A Kubernetes object name (ServiceAccount, Secret): a DNS-1123 subdomain.
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 def quantity_bytes(v: str) -> float:
@@ -80,8 +98,73 @@ def _node_labels(v: dict[str, str]) -> dict[str, str]:
     return v
 
 
+def _volume(v: dict[str, Any]) -> dict[str, Any]:
+    """A Kubernetes Volume: a ``name`` (a DNS-1123 label) and exactly one source (a mapping)."""
+    name = v.get("name")
+    if not isinstance(name, str) or len(name) > 63 or not _DNS1123_LABEL.fullmatch(name):
+        raise ValueError(f"name: {name!r} is not a volume name (a DNS-1123 label: lowercase letters, digits, '-')")
+    if name == SHM_VOLUME_NAME:
+        raise ValueError(f"name: {name!r} is the rendering's own /dev/shm volume; pick another name")
+    sources = [k for k in v if k != "name"]
+    if len(sources) != 1 or not isinstance(v[sources[0]], dict):
+        raise ValueError(f"a Kubernetes Volume is a name and one source mapping, e.g. {{'name': 'models', "
+                         f"'persistentVolumeClaim': {{'claimName': 'models', 'readOnly': true}}}}; got {sorted(v)}")
+    return v
+
+
+def _volume_mount(v: dict[str, Any]) -> dict[str, Any]:
+    """A Kubernetes VolumeMount: ``name`` and an absolute ``mountPath``, VolumeMount fields only."""
+    unknown = sorted(set(v) - set(_VOLUME_MOUNT_KEYS))
+    if unknown:
+        raise ValueError(f"{unknown}: not VolumeMount fields (known: {', '.join(_VOLUME_MOUNT_KEYS)})")
+    if not isinstance(v.get("name"), str) or not isinstance(v.get("mountPath"), str):
+        raise ValueError("a VolumeMount needs name (a volume of the same Pod) and mountPath (a string)")  # noqa: TRY004
+    if not v["mountPath"].startswith("/"):
+        raise ValueError(f"mountPath: {v['mountPath']!r} is not an absolute path")
+    if v["mountPath"].rstrip("/") == SHM_MOUNT_PATH or v["name"] == SHM_VOLUME_NAME:
+        raise ValueError(f"{SHM_MOUNT_PATH} ({SHM_VOLUME_NAME}) is the rendering's own (GPU and vLLM groups)")
+    return v
+
+
+def _unique_volumes(v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    names = [volume["name"] for volume in v]
+    if len(set(names)) != len(names):
+        raise ValueError(f"volume names repeat: {names}")
+    return v
+
+
+def _mounts_of_declared_volumes(mounts: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
+    """Every mount names a volume of the same spec (``volumes``, declared before ``volume_mounts``)."""
+    if "volumes" not in info.data:  # volumes failed its own validation, which says why
+        return mounts
+    declared = [volume["name"] for volume in info.data["volumes"]]
+    for i, mount in enumerate(mounts):
+        if mount["name"] not in declared:
+            raise ValueError(f"entry {i} mounts volume {mount['name']!r}, which volumes (beside it) does not "
+                             f"declare (declared: {declared or 'none'})")
+    paths = [mount["mountPath"] for mount in mounts]
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"mount paths repeat: {paths}")
+    return mounts
+
+
+def _object_name(v: str | None) -> str | None:
+    if v is not None and (len(v) > 253 or not _DNS1123_SUBDOMAIN.fullmatch(v)):
+        raise ValueError(f"{v!r} is not a Kubernetes object name (a DNS-1123 subdomain: lowercase letters, digits, "
+                         f"'-' and '.')")
+    return v
+
+
 MemoryQuantity = Annotated[str, AfterValidator(_memory_quantity)]
 NodeLabels = Annotated[dict[str, str], AfterValidator(_node_labels)]
+Volumes = Annotated[list[Annotated[dict[str, Any], AfterValidator(_volume)]], AfterValidator(_unique_volumes)]
+VolumeMounts = list[Annotated[dict[str, Any], AfterValidator(_volume_mount)]]
+ObjectName = Annotated[str, AfterValidator(_object_name)]
+_VOLUMES_DOC = ("Kubernetes Volumes of this group's Pods (each a name and one source, e.g. {'name': 'models', "
+                "'persistentVolumeClaim': {'claimName': 'models', 'readOnly': true}}), rendered into the base. "
+                "Not 'dshm' (the rendering's /dev/shm). Left out of renderings while empty.")
+_MOUNTS_DOC = ("VolumeMounts of the Ray container (name: one of volumes; mountPath absolute; not /dev/shm), e.g. "
+               "{'name': 'models', 'mountPath': '/models', 'readOnly': true}. Left out of renderings while empty.")
 
 
 class _Strict(BaseModel):
@@ -110,6 +193,10 @@ class GroupSpec(_Strict):
                     "pool's own label_selector to select, e.g. {'zone': 'a'} beside node_selector "
                     f"{{'topology.kubernetes.io/zone': 'a'}}. Not {GROUP_LABEL}, nothing under {RAY_LABEL_PREFIX}. "
                     "Left out of renderings while empty.")
+    volumes: Volumes = Field(default_factory=list, exclude_if=lambda v: not v, description=_VOLUMES_DOC)
+    volume_mounts: VolumeMounts = Field(default_factory=list, exclude_if=lambda v: not v, description=_MOUNTS_DOC)
+
+    _mounts = field_validator("volume_mounts")(_mounts_of_declared_volumes)
 
 
 class CoordinatorGroupSpec(GroupSpec):
@@ -133,6 +220,15 @@ class HeadSpec(_Strict):
     cpus: PositiveInt = Field(2, description="CPUs of the head Pod (Ray's own processes only).")
     memory: MemoryQuantity = Field("8Gi", description="Memory of the head Pod (a Kubernetes quantity, e.g. "
                                                        "'8Gi').")
+    node_selector: dict[str, str] = Field(default_factory=dict, exclude_if=lambda v: not v,
+                                          description="Head Pod nodeSelector (rendered into the overlay).")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, exclude_if=lambda v: not v,
+                                              description="Head Pod tolerations (rendered into the overlay).")
+    volumes: Volumes = Field(default_factory=list, exclude_if=lambda v: not v,
+                             description=_VOLUMES_DOC.replace("this group's Pods", "the head Pod"))
+    volume_mounts: VolumeMounts = Field(default_factory=list, exclude_if=lambda v: not v, description=_MOUNTS_DOC)
+
+    _mounts = field_validator("volume_mounts")(_mounts_of_declared_volumes)
 
 
 class ClusterSpec(_Strict):
@@ -151,6 +247,18 @@ class ClusterSpec(_Strict):
     idle_timeout_s: PositiveInt = Field(300, description="Seconds an idle worker Pod lives before it is removed "
                                                          "(above the pools' downscale delays, so a Pod is not "
                                                          "torn down between bursts).")
+    ray_token_auth: bool = Field(True, exclude_if=lambda v: v is True,
+                                 description="Ray token authentication (KubeRay authOptions mode: token): the "
+                                             "dashboard, job API, Ray Client and Ray's internal RPCs want the "
+                                             "token in the Secret KubeRay generates per RayCluster. The Serve "
+                                             "routes are unaffected (they use auth). False: no authOptions.")
+    service_account_name: ObjectName | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="serviceAccountName of every Pod (None: KubeRay's). It must exist in the namespace; KubeRay "
+                    "binds its autoscaler Role to the head's.")
+    image_pull_secrets: list[ObjectName] = Field(default_factory=list, exclude_if=lambda v: not v,
+                                                 description="Names of the Secrets every Pod pulls cluster.image "
+                                                             "with (imagePullSecrets).")
     head: HeadSpec = Field(default_factory=HeadSpec, description="The head Pod.")
     draft: GroupSpec = Field(default_factory=GroupSpec, description="Worker group of the draft pool.")
     target: GroupSpec = Field(default_factory=GroupSpec, description="Worker group of the target pool.")

@@ -35,14 +35,17 @@ def target_config(name: str) -> AppConfig:
     return load_config(target_path(name))
 
 
-def render_targets(configs: dict[str, AppConfig]) -> dict[str, str]:
-    """Every file of every target (relative to k8s/). Raises before anything is written."""
+def render_targets(configs: dict[str, AppConfig], sources: dict[str, Path] | None = None) -> dict[str, str]:
+    """Every file of every target (relative to k8s/). Raises before anything is written, naming
+    the target's config file (``sources``: name -> file; default ``target_path``) first, as
+    `arbitrage config check` does: ``<file>: <field>: <message>``."""
     files: dict[str, str] = {}
     for name, cfg in configs.items():
         try:
             files.update(render_kustomize(cfg, name))
         except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
+            source = sources[name] if sources else target_path(name)
+            raise ValueError(f"{source}: {exc}") from None
     return files
 
 

@@ -242,8 +242,10 @@ def gpus_and_pods(replicas: dict[str, int], cfg) -> dict:
     for size in group_sizes(cfg):
         demands = [replica_demand(d, specs[d]) for d in size.deployments if d in counts for _ in range(counts[d])]
         if demands:
-            groups[size.name] = {"pods": pods_needed(demands, size.cpus, size.gpus), "gpus_per_pod": size.gpus,
-                                 "cpus_per_pod": size.cpus}
+            pods = pods_needed(demands, size.cpus, size.gpus)
+            if size.name == "coordinator":  # a Pod per required coordinator replica, as render sizes the group
+                pods = max(pods, replica_bounds(cfg.coordinator).min)
+            groups[size.name] = {"pods": pods, "gpus_per_pod": size.gpus, "cpus_per_pod": size.cpus}
     over = {p: {"planned": n, "max_replicas": replica_bounds(specs[p]).max} for p, n in replicas.items()
             if p in specs and n > replica_bounds(specs[p]).max}
     return {"gpus_per_pool": gpus, "gpus_requested": round(sum(gpus.values()), 3),

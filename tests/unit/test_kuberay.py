@@ -59,7 +59,8 @@ def test_group_bounds_follow_the_pools_autoscaling_and_gpus_per_replica():
     assert (sizes["scorers"].min_pods, sizes["scorers"].initial_pods, sizes["scorers"].max_pods) == (1, 1, 2)
     assert sizes["scorers"].deployments == ("router", "prm")
     assert (sizes["coordinator"].gpus, sizes["coordinator"].cpus) == (0, 2)
-    assert sizes["coordinator"].min_pods == sizes["coordinator"].max_pods == 2  # 3 fixed replicas, 2 CPUs a Pod
+    # 3 fixed replicas would pack into 2 Pods of 2 CPUs; each required coordinator gets its own
+    assert sizes["coordinator"].min_pods == sizes["coordinator"].max_pods == 3
 
 
 def test_bigger_pods_mean_fewer_of_them():

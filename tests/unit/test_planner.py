@@ -345,7 +345,7 @@ def test_plan_cli_takes_the_profiles_fraction_only_if_measured_with_the_same_pol
 
 
 def test_gpus_and_pods_count_the_gpus_the_pods_hold_and_the_coordinator_group():
-    from arbitrage_common.kuberay.sizing import replica_bounds
+    from arbitrage_common.kuberay.sizing import group_sizes, replica_bounds
     from arbitrage_common.kuberay.targets import target_config
 
     cfg = target_config("llama-1b-8b")
@@ -356,3 +356,7 @@ def test_gpus_and_pods_count_the_gpus_the_pods_hold_and_the_coordinator_group():
     assert out["gpus_provisioned"] == sum(g["pods"] * g["gpus_per_pod"] for g in out["worker_groups"].values())
     assert out["coordinator_replicas"] == replica_bounds(cfg.coordinator).initial
     assert out["worker_groups"]["coordinator"]["pods"] >= 1
+    # the coordinator's required replicas each get a Pod, as `k8s render` sizes the group
+    sizes = {size.name: size for size in group_sizes(cfg)}
+    assert replica_bounds(cfg.coordinator).min >= 2
+    assert out["worker_groups"]["coordinator"]["pods"] == sizes["coordinator"].initial_pods

@@ -1,0 +1,276 @@
+"""The KubeRay rendering's cluster options and its checks: worker-group bounds a running
+RayCluster needs patched (`k8s scale-patch`), Ray token auth, the Pods' volumes, mounts, service
+account, pull secrets and head scheduling, one coordinator Pod per required replica, and
+`config check` refusing what `k8s render` refuses, in the same lines."""
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from arbitrage_common import config as C
+from arbitrage_common.cli.main import main
+from arbitrage_common.kuberay.render import cluster_problems, render_kustomize, render_rayservice
+from arbitrage_common.kuberay.scale import group_bounds_patch, scale_patch_commands
+from arbitrage_common.kuberay.targets import render_targets, target_config, target_path
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESET = ROOT / "configs" / "presets" / "llama-1b-8b.yaml"
+MODELS_PVC = {"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
+MODELS_MOUNT = {"name": "models", "mountPath": "/models", "readOnly": True}
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def _write(tmp_path: Path, edit, source: Path = PRESET, name: str = "edited.yaml") -> Path:
+    data = yaml.safe_load(source.read_text())
+    edit(data)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _edited(edit, target: str = "llama-1b-8b") -> C.AppConfig:
+    data = target_config(target).model_dump(mode="json")
+    edit(data)
+    return C.AppConfig.model_validate(data)
+
+
+def _cluster(cfg: C.AppConfig) -> dict:
+    return render_rayservice(cfg)["spec"]["rayClusterConfig"]
+
+
+def _groups(cfg: C.AppConfig) -> dict[str, dict]:
+    return {g["groupName"]: g for g in _cluster(cfg)["workerGroupSpecs"]}
+
+
+# -- 1. worker-group bounds: `k8s scale-patch` ----------------------------------------------
+def _apply(ops: list[dict], doc: dict) -> dict:
+    """A minimal JSON-patch applier (test and replace on existing paths: what the patch uses)."""
+    doc = json.loads(json.dumps(doc))
+    for op in ops:
+        *parents, last = op["path"].strip("/").split("/")
+        node = doc
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        key = int(last) if isinstance(node, list) else last
+        if op["op"] == "test":
+            assert node[key] == op["value"], f"test failed at {op['path']}"
+        else:
+            assert op["op"] == "replace" and key in node
+            node[key] = op["value"]
+    return doc
+
+
+def test_the_scale_patch_sets_every_groups_bounds_to_the_rendering():
+    cfg = _edited(lambda d: d["pools"]["target"]["autoscaling_config"].update(min_replicas=2, max_replicas=10))
+    running = {"spec": _cluster(target_config("llama-1b-8b"))}  # the RayCluster as first created
+    patched = _apply(group_bounds_patch(cfg), running)["spec"]["workerGroupSpecs"]
+    assert [(g["groupName"], g["minReplicas"], g["maxReplicas"]) for g in patched] == \
+        [(g["groupName"], g["minReplicas"], g["maxReplicas"]) for g in _cluster(cfg)["workerGroupSpecs"]]
+    assert _groups(cfg)["target"]["maxReplicas"] == 10 != running["spec"]["workerGroupSpecs"][1]["maxReplicas"]
+
+
+def test_the_scale_patch_fails_whole_when_a_group_is_not_where_it_expects():
+    running = {"spec": _cluster(target_config("llama-1b-8b"))}
+    running["spec"]["workerGroupSpecs"].reverse()
+    with pytest.raises(AssertionError, match="test failed"):
+        _apply(group_bounds_patch(target_config("llama-1b-8b")), running)
+
+
+def test_the_scale_patch_commands_find_the_active_cluster_in_the_namespace():
+    cfg = _edited(lambda d: d["cluster"].update(namespace="serving"))
+    find, patch = scale_patch_commands(cfg)
+    assert find == ("CLUSTER=$(kubectl get rayservice arbitrage-llama-1b-8b -n serving -o "
+                    "jsonpath='{.status.activeServiceStatus.rayClusterName}')")
+    words = shlex.split(patch)
+    assert words[:6] == ["kubectl", "patch", "raycluster", "$CLUSTER", "-n", "serving"]
+    assert words[6:9] == ["--type", "json", "-p"] and json.loads(words[9]) == group_bounds_patch(cfg)
+
+
+def test_the_scale_patch_command_prints_the_patch(capsys, tmp_path):
+    assert main(["k8s", "scale-patch", "llama-1b-8b"]) == 0
+    out = capsys.readouterr().out
+    assert "kubectl patch raycluster" in out and "/spec/workerGroupSpecs/3/minReplicas" in out
+    assert main(["k8s", "scale-patch"]) == 1
+    assert "name one target" in _err(capsys)
+    bad = _write(tmp_path, lambda d: d["pools"]["target"]["ray_actor_options"].update(accelerator_type="H100"))
+    assert main(["k8s", "scale-patch", "--config", str(bad)]) == 1
+    assert f"arbitrage: error: {bad}: pools.target.ray_actor_options.accelerator_type: " in _err(capsys)
+
+
+def test_render_reminds_that_apply_leaves_the_bounds_of_a_running_cluster(tmp_path, capsys):
+    assert main(["k8s", "render", "--preset", "cpu-demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "coordinator  Pods 1-1" in out and "arbitrage k8s scale-patch <name>" in out
+
+
+# -- 2. Ray token auth -----------------------------------------------------------------------
+def test_ray_token_auth_is_on_by_default_and_can_be_turned_off():
+    assert _cluster(target_config("cpu-demo"))["authOptions"] == {"mode": "token"}
+    off = _edited(lambda d: d["cluster"].update(ray_token_auth=False), "cpu-demo")
+    assert "authOptions" not in _cluster(off)
+
+
+def test_the_auth_switch_leaves_the_serve_config_alone():
+    """The cluster section rides in serveConfigV2's args: a default switch must not show there
+    (a changed args hash restarts every replica)."""
+    cfg = target_config("cpu-demo")
+    assert "ray_token_auth" not in cfg.model_dump(mode="json")["cluster"]
+    off = _edited(lambda d: d["cluster"].update(ray_token_auth=False), "cpu-demo")
+    assert off.model_dump(mode="json")["cluster"]["ray_token_auth"] is False
+
+
+# -- 3. volumes, mounts, service account, pull secrets, head scheduling ----------------------
+def _with_models_volume(d: dict) -> None:
+    for group in ("draft", "target"):
+        d["cluster"][group].update(volumes=[MODELS_PVC], volume_mounts=[MODELS_MOUNT])
+    d["cluster"].update(service_account_name="arbitrage", image_pull_secrets=["registry"])
+    d["cluster"]["head"].update(node_selector={"pool": "system"},
+                                tolerations=[{"key": "system", "operator": "Exists", "effect": "NoSchedule"}])
+
+
+def test_a_models_volume_is_mounted_beside_dev_shm_on_the_groups_that_ask():
+    groups = _groups(_edited(_with_models_volume))
+    target = groups["target"]["template"]["spec"]
+    assert target["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory"}}, MODELS_PVC]
+    assert target["containers"][0]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}, MODELS_MOUNT]
+    assert "volumes" not in groups["coordinator"]["template"]["spec"]
+
+
+def test_the_service_account_and_pull_secrets_go_on_every_pod():
+    cluster = _cluster(_edited(_with_models_volume))
+    for spec in [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"]
+                                                                  for g in cluster["workerGroupSpecs"]]:
+        assert spec["serviceAccountName"] == "arbitrage"
+        assert spec["imagePullSecrets"] == [{"name": "registry"}]
+
+
+def test_the_heads_scheduling_knobs_go_into_the_overlay():
+    files = render_kustomize(_edited(_with_models_volume), "x")
+    ops = yaml.safe_load(files["overlays/x/scheduling.yaml"])
+    head = "/spec/rayClusterConfig/headGroupSpec/template/spec"
+    assert {"op": "add", "path": f"{head}/nodeSelector", "value": {"pool": "system"}} in ops
+    assert {"op": "add", "path": f"{head}/tolerations",
+            "value": [{"key": "system", "operator": "Exists", "effect": "NoSchedule"}]} in ops
+
+
+def test_the_new_fields_stay_out_of_the_serve_config_while_unset():
+    assert target_config("llama-1b-8b").model_dump(mode="json")["cluster"]["head"] == {"cpus": 4, "memory": "16Gi"}
+    dumped = target_config("llama-1b-8b").model_dump(mode="json")["cluster"]
+    assert not {"service_account_name", "image_pull_secrets"} & set(dumped)
+    assert not {"volumes", "volume_mounts"} & set(dumped["target"])
+
+
+@pytest.mark.parametrize("group,value,field,text", [
+    ("target", {"volumes": [{"name": "models"}]}, "cluster.target.volumes[0]", "one source mapping"),
+    ("target", {"volumes": [{"name": "Models", "emptyDir": {}}]}, "cluster.target.volumes[0]", "DNS-1123"),
+    ("target", {"volumes": [{"name": "dshm", "emptyDir": {}}]}, "cluster.target.volumes[0]", "/dev/shm"),
+    ("target", {"volumes": [MODELS_PVC, MODELS_PVC]}, "cluster.target.volumes", "repeat"),
+    ("draft", {"volume_mounts": [MODELS_MOUNT]}, "cluster.draft.volume_mounts", "mounts volume 'models'"),
+    ("draft", {"volumes": [MODELS_PVC], "volume_mounts": [{"name": "models", "mount_path": "/m"}]},
+     "cluster.draft.volume_mounts[0]", "not VolumeMount fields"),
+    ("draft", {"volumes": [MODELS_PVC], "volume_mounts": [{"name": "models", "mountPath": "models"}]},
+     "cluster.draft.volume_mounts[0]", "absolute"),
+    ("head", {"volumes": [MODELS_PVC], "volume_mounts": [{"name": "models", "mountPath": "/dev/shm"}]},
+     "cluster.head.volume_mounts[0]", "/dev/shm"),
+])
+def test_a_bad_volume_or_mount_is_refused_naming_the_field(group, value, field, text):
+    data = target_config("llama-1b-8b").model_dump(mode="json")
+    data["cluster"][group].update(value)
+    with pytest.raises(ValidationError) as exc:
+        C.AppConfig.model_validate(data)
+    problems = C.validation_problems(exc.value)
+    assert [f for f, _ in problems] == [field] and text in problems[0][1], problems
+
+
+@pytest.mark.parametrize("value", [{"service_account_name": "Not_A_Name"}, {"image_pull_secrets": ["a b"]}])
+def test_object_names_are_kubernetes_names(value):
+    data = target_config("cpu-demo").model_dump(mode="json")
+    data["cluster"].update(value)
+    with pytest.raises(ValidationError, match="DNS-1123 subdomain"):
+        C.AppConfig.model_validate(data)
+
+
+# -- 4. one coordinator Pod per required coordinator replica --------------------------------
+@pytest.mark.parametrize("target", ["llama-1b-8b", "llama-8b-awq-8b", "qwen-math-1.5b-7b"])
+def test_every_required_coordinator_gets_its_own_pod(target):
+    cfg = target_config(target)
+    coordinator = _groups(cfg)["coordinator"]
+    required = cfg.coordinator.autoscaling_config.min_replicas
+    assert required == 2 and cfg.cluster.coordinator.cpus >= 2  # one Pod could hold both: packing would
+    assert coordinator["minReplicas"] >= required and coordinator["replicas"] >= required
+    assert coordinator["maxReplicas"] >= coordinator["minReplicas"]
+
+
+def test_pools_keep_their_first_fit_packing():
+    # two draft replicas of half a GPU each share one Pod: only the coordinator is spread
+    cfg = _edited(lambda d: d["pools"]["draft"]["autoscaling_config"].update(min_replicas=2))
+    assert _groups(cfg)["draft"]["minReplicas"] == 1
+
+
+# -- 5. accelerator_type ---------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["pools.target", "coordinator"])
+def test_accelerator_type_is_refused_pointing_to_label_selectors(where):
+    def edit(d):
+        section = d["coordinator"] if where == "coordinator" else d["pools"]["target"]
+        section["ray_actor_options"]["accelerator_type"] = "H100"
+    ((field, message),) = cluster_problems(_edited(edit))
+    assert field == f"{where}.ray_actor_options.accelerator_type"
+    assert "accelerator_type:H100" in message and "labels" in message and "label_selector" in message
+
+
+def test_config_check_and_render_refuse_accelerator_type_in_the_same_line(tmp_path, capsys):
+    path = _write(tmp_path, lambda d: d["pools"]["target"]["ray_actor_options"].update(accelerator_type="H100"))
+    assert main(["config", "check", str(path)]) == 1
+    checked = [line for line in _err(capsys).splitlines() if line.startswith(f"{path}: ")]
+    assert len(checked) == 1 and checked[0].startswith(f"{path}: pools.target.ray_actor_options.accelerator_type: ")
+    assert main(["k8s", "render", "--config", str(path), "--out", str(tmp_path / "k8s")]) == 1
+    assert _err(capsys).splitlines() == [f"arbitrage: error: {checked[0]}"]
+    assert not (tmp_path / "k8s").exists()
+
+
+# -- 6. config check runs the cluster checks; render's lines name the file ------------------
+@pytest.mark.parametrize("edit,field", [
+    (lambda d: (d["pools"]["target"]["ray_actor_options"].update(memory=2**31),
+                d["cluster"]["target"].update(memory="1Gi")), "pools.target.ray_actor_options.memory"),
+    (lambda d: d["pools"]["draft"]["ray_actor_options"].update(label_selector={"zone": "a"}),
+     "pools.draft.ray_actor_options.label_selector"),
+], ids=["memory-fit", "undeclared-label"])
+def test_config_check_refuses_what_render_refuses_in_the_same_lines(tmp_path, capsys, edit, field):
+    path = _write(tmp_path, edit)
+    assert main(["config", "check", str(path)]) == 1
+    checked = [line for line in _err(capsys).splitlines() if line.startswith(f"{path}: ")]
+    assert [line.split(": ")[1] for line in checked] == [field]
+    assert main(["k8s", "render", "--config", str(path), "--out", str(tmp_path / "k8s")]) == 1
+    assert _err(capsys).splitlines() == [f"arbitrage: error: {line}" for line in checked]
+
+
+def test_config_check_skips_the_cluster_checks_of_a_config_without_a_cluster_section(tmp_path, capsys):
+    """A local config (no `cluster:`) keeps what only a KubeRay cluster refuses; `k8s render
+    --config` of it still runs them, naming the file."""
+    local = ROOT / "configs" / "local-cpu.yaml"
+    assert "cluster" not in yaml.safe_load(local.read_text())
+    path = _write(tmp_path, lambda d: d["pools"]["target"]["ray_actor_options"].update(accelerator_type="CPU-X"),
+                  source=local)
+    assert main(["config", "check", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["k8s", "render", "--config", str(path), "--out", str(tmp_path / "k8s")]) == 1
+    assert _err(capsys).startswith(f"arbitrage: error: {path}: pools.target.ray_actor_options.accelerator_type: ")
+
+
+def test_a_rendering_error_names_the_config_file_first():
+    bad = _edited(lambda d: d["pools"]["target"]["ray_actor_options"].update(accelerator_type="H100"))
+    with pytest.raises(ValueError, match=r"^/x/bad\.yaml: pools\.target\.ray_actor_options\.accelerator_type: "):
+        render_targets({"bad": bad}, {"bad": Path("/x/bad.yaml")})
+    with pytest.raises(ValueError) as exc:
+        render_targets({"llama-1b-8b": bad})
+    assert str(exc.value).startswith(f"{target_path('llama-1b-8b')}: pools.target.")
