@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 DEFAULT_ENDPOINT = "127.0.0.1:9000"
-API_KEY_ENV = "ARBITRAGE_API_KEY"  # the key a client sends when the service has one (auth.api_key_env)
+# The key a client sends when the service has keys. Not the server's variable (auth.api_key_env,
+# e.g. ARBITRAGE_API_KEYS, a comma list): a client holds one key.
+API_KEY_ENV = "ARBITRAGE_API_KEY"
 RETRIABLE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 _OPTIONAL_FIELDS = ("threshold", "max_steps", "max_new_tokens", "timeout_s", "request_id")
 
@@ -22,7 +24,8 @@ class ServiceError(RuntimeError):
 
     def __init__(self, endpoint: str, code: str, details: str):
         self.code, self.details = code, details
-        super().__init__(f"{endpoint}: {code}: {details}")
+        hint = f" (set ${API_KEY_ENV} to one of the service's API keys)" if code == "UNAUTHENTICATED" else ""
+        super().__init__(f"{endpoint}: {code}: {details}{hint}")
 
     @property
     def retriable(self) -> bool:

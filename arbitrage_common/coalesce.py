@@ -8,7 +8,7 @@ merges concurrent calls into one forward pass anyway. So each lane lets at most
 together as the next merged call when one returns. An idle lane sends a row at once: merging
 never adds a wait.
 
-Lanes keep affinity: a session (the request id) always maps to the same lane, and a merged
+Lanes keep affinity: a session (the server's id for one request) always maps to the same lane, and a merged
 call is routed by its lane's key, so every step of a request still reaches the same replica
 (and its prefix cache). Each row gets its own result, or its own exception; a failure of the
 merged call itself reaches every row in it. A row whose caller stops waiting (cancelled,

@@ -32,7 +32,7 @@ from .kuberay.spec import RESERVED_PORTS, ClusterSpec
 from .paths import project_home
 from .policies import POLICIES, make_policy
 from .steps import DEFAULT_PROMPT_TEMPLATE, PROBLEM_FIELD, STEP_DELIMITER
-from .threshold_control import ADJUSTABLE_POLICIES
+from .threshold_control import ADJUSTABLE_POLICIES, FEWER_TARGET_CALLS
 
 Backend = Literal["transformers", "vllm"]
 Role = Literal["draft", "target", "router", "prm"]
@@ -63,7 +63,9 @@ GRPC_SERVICER_FUNCTIONS = [
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No .inf / .nan: no field means "unbounded" by infinity, and a non-finite interval or
+    # budget would silently switch a mechanism off.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class EngineSpec(_Strict):
@@ -109,9 +111,11 @@ class ModelSpec(_Strict):
     path: str = Field(description="Hugging Face checkpoint directory (safetensors). A relative path resolves "
                                   "against AppConfig.base_dir, or the working directory of the process that "
                                   "builds the application.")
-    backend: Backend = Field("transformers", description="Inference engine: 'transformers' (batched KV-cache "
-                                                         "decode on CPU or GPU) or 'vllm' (generator pools only: "
-                                                         "an AsyncLLM engine per replica).")
+    backend: Backend = Field("transformers", description="Inference engine: 'transformers' (in the replica's "
+                                                         "process; its generator decodes on the CPU only, its "
+                                                         "scorers run where model.device says) or 'vllm' "
+                                                         "(generator pools only: an AsyncLLM engine per replica; "
+                                                         "the way to generate on GPUs).")
     threads: PositiveInt | None = Field(1, description="torch intra-op threads per replica (None: torch's "
                                                        "default, one per core). Keep 1 on small CPU machines.")
     annotate_history: bool | None = Field(None, description="Scorers only: prefix history steps with 'Model 0: '/"
@@ -142,6 +146,11 @@ class ModelSpec(_Strict):
         return self
 
 
+# Ray Serve's AutoscalingConfig defaults (Ray 2.60), for the fields left None.
+SERVE_LOOK_BACK_PERIOD_S = 30.0
+SERVE_METRICS_INTERVAL_S = 10.0
+
+
 class AutoscalingSpec(_Strict):
     """The common subset of Ray Serve's ``autoscaling_config``."""
 
@@ -156,7 +165,8 @@ class AutoscalingSpec(_Strict):
     upscale_delay_s: float = Field(5.0, ge=0, description="Seconds load must stay high before scaling up.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Seconds load must stay low before scaling down.")
     look_back_period_s: PositiveFloat | None = Field(None, description="Seconds of ongoing-request history each "
-                                                                       "decision averages (None: Serve's 30).")
+                                                                       "decision averages (None: Serve's 30); "
+                                                                       "must exceed metrics_interval_s.")
     metrics_interval_s: PositiveFloat | None = Field(None, description="Seconds between replicas' load reports "
                                                                        "(None: Serve's 10).")
     load_metric: Literal["rows", "calls"] | None = Field(
@@ -174,6 +184,14 @@ class AutoscalingSpec(_Strict):
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
             raise ValueError("initial_replicas must lie in [min_replicas, max_replicas]")
+        look_back = self.look_back_period_s or SERVE_LOOK_BACK_PERIOD_S
+        interval = self.metrics_interval_s or SERVE_METRICS_INTERVAL_S
+        if look_back <= interval:
+            unset = " (Serve's default)"
+            raise ValueError(f"look_back_period_s: {look_back:g}{'' if self.look_back_period_s else unset} must be "
+                             f"greater than metrics_interval_s, {interval:g}{'' if self.metrics_interval_s else unset}"
+                             f": a decision would average at most one load report (Ray Serve warns, and will "
+                             f"refuse it)")
         return self
 
 
@@ -210,7 +228,11 @@ class ActorOptionsSpec(_Strict):
                                                                          "group (`arbitrage k8s render` makes the "
                                                                          "group's Pods offer them). Not CPU, GPU or "
                                                                          "memory: num_cpus, num_gpus, memory.")
-    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100'.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100', on a cluster you "
+                                                           "start yourself. `arbitrage k8s render` refuses it (no "
+                                                           "worker group offers the resource Ray makes of it): "
+                                                           "select the GPU there by a Ray node label, "
+                                                           "cluster.<group>.labels + label_selector.")
     label_selector: dict[str, str] = Field(default_factory=dict, description="Ray node labels a replica's node "
                                                                              "must carry, e.g. {'arbitrage-serve.io/"
                                                                              "group': 'target'} (the KubeRay "
@@ -303,7 +325,8 @@ class PoolSpec(DeploymentSpec):
         return self
 
     session_affinity: bool = Field(True, description="Send every step of one request to the same replica (a "
-                                                     "session-affine request router keyed by the request id), so "
+                                                     "session-affine request router keyed by the server's session "
+                                                     "id for each request), so "
                                                      "the engine's prefix cache is reused. Off: Ray Serve's default "
                                                      "power-of-two-choices router.")
     placement_group_bundles: list[dict[str, float]] | None = Field(
@@ -507,13 +530,36 @@ class LoadControlSpec(_Strict):
                 raise ValueError(f"threshold_limits.{name}: must be in [0, 1], got {limit!r}")
         return self
 
+    def limit_problem(self, default_policy: str, threshold: float | None) -> str | None:
+        """Why a ``threshold_limits`` entry leaves the controller no room to move (it lies at or
+        past the base threshold, on the side of more target calls), or None. The base is
+        ``threshold`` (policy.threshold) for ``default_policy``, else the policy's default."""
+        for name, limit in self.threshold_limits.items():
+            base = threshold if name == default_policy and threshold is not None else POLICIES[name].default_threshold
+            direction = FEWER_TARGET_CALLS[name]
+            if base is not None and (limit - base) * direction <= 0:
+                side, moves = ("above", "raises") if direction > 0 else ("below", "lowers")
+                return (f"policy.load_control.threshold_limits.{name}: {limit:g} must lie {side} {name}'s base "
+                        f"threshold {base:g} (policy.threshold for the default policy, else the policy's "
+                        f"default): the controller {moves} {name}'s threshold under load, up to this limit, so "
+                        f"it could never move")
+        return None
+
 
 class PolicySpec(_Strict):
-    """Defaults for requests that do not name a policy or threshold."""
+    """Defaults for requests that do not name a policy or threshold, and which ones they may name."""
 
     default: str = Field("arbitrage", description=f"Default policy, one of {', '.join(POLICIES)}.")
     threshold: float | None = Field(None, description="Default threshold of the default policy (None: the "
                                                       "policy's own default).")
+    allowed: list[str] | None = Field(None, exclude_if=lambda v: v is None,
+                                      description="Policies a client may name (None: all). oracle and target "
+                                                  "run the target on every step: leave them out to keep clients "
+                                                  "off them. Must include the default.")
+    threshold_override: bool = Field(True, exclude_if=lambda v: v is True,
+                                     description="Clients may set a request's threshold (threshold 0 sends every "
+                                                 "step to the target, and an explicit threshold is exempt from "
+                                                 "load control). false: refused naming 'threshold'.")
     load_control: LoadControlSpec = Field(default_factory=LoadControlSpec, exclude_if=lambda v: v == LoadControlSpec(),
                                           description="Load-aware thresholds (off; left out of renderings "
                                                       "while default).")
@@ -524,6 +570,12 @@ class PolicySpec(_Strict):
             make_policy(self.default, self.threshold)
         except InvalidArgument as exc:
             raise ValueError(str(exc)) from None
+        if self.allowed is not None:
+            unknown = [name for name in self.allowed if name not in POLICIES]
+            if unknown:
+                raise ValueError(f"allowed: unknown policy {unknown[0]!r}; expected names from {', '.join(POLICIES)}")
+            if self.default not in self.allowed:
+                raise ValueError(f"allowed: must include the default policy {self.default!r}")
         return self
 
 
@@ -732,6 +784,13 @@ class AppConfig(_Strict):
         if scorer is not None and getattr(self.pools, scorer) is None:
             raise ValueError(f"policy.default: policy {self.policy.default!r} needs the {scorer} pool "
                              f"(pools.{scorer}), which is not configured")
+        return self
+
+    @model_validator(mode="after")
+    def _load_control_can_move(self) -> AppConfig:
+        problem = self.policy.load_control.limit_problem(self.policy.default, self.policy.threshold)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
     def pool_options(self, role: Role) -> dict[str, Any]:

@@ -161,6 +161,20 @@ def check_model_paths(cfg: AppConfig) -> None:
 
 
 # -- resources -------------------------------------------------------------------------------
+def _idle_generator_gpus(role: str, spec: PoolSpec) -> Finding | None:
+    """A transformers generator pool that reserves GPUs: its generator has no device code and
+    decodes on the CPU, so the GPUs would sit idle, held from the pools that could use them."""
+    bundles = sum(b.get("GPU", 0) for b in spec.placement_group_bundles or [])
+    num_gpus = spec.ray_actor_options.num_gpus or 0
+    if not (num_gpus > 0 or bundles > 0):
+        return None
+    field, gpus = ((f"pools.{role}.ray_actor_options.num_gpus", num_gpus) if num_gpus > 0
+                   else (f"pools.{role}.placement_group_bundles", bundles))
+    return Finding(field, f"reserves {gpus:g} GPU(s) per replica, but model.backend is 'transformers', whose "
+                          f"generator decodes on the CPU only: the GPUs would sit idle. Use model.backend 'vllm' "
+                          f"to generate on GPUs, or reserve none")
+
+
 def resource_problems(cfg: AppConfig) -> tuple[list[Finding], list[Finding]]:
     """(errors, warnings) about GPU settings that are wrong whatever the cluster looks like.
 
@@ -172,6 +186,10 @@ def resource_problems(cfg: AppConfig) -> tuple[list[Finding], list[Finding]]:
     longest_prompt = int(cfg.limits.max_prompt_chars * PROMPT_TOKENS_PER_CHAR)
     for role, spec in cfg.pools.configured():
         engine = spec.model.engine
+        if spec.model.backend == "transformers" and role not in SCORER_ROLES:
+            idle = _idle_generator_gpus(role, spec)
+            if idle:
+                warnings.append(idle)
         if spec.model.backend != "vllm":
             continue
         base = f"pools.{role}"

@@ -2,10 +2,12 @@
 
 A ``LoadController`` lives in one coordinator replica. It is told about every target-pool
 call that replica makes (wall latency; target calls in flight, counted by the replica
-itself) and, at admission, turns a request's base threshold into the one the request runs
-with (``threshold_for``). Pure logic: no Ray, no clock; every method takes ``now`` (seconds,
-``time.monotonic()`` in the service, anything monotone in tests). Not thread-safe: one
-instance per replica, used from its event loop.
+itself), about every controlled request that ends (its duration), and, from the replica's
+health probe, whether the target pool can still add replicas; at admission it turns a
+request's base threshold into the one the request runs with (``threshold_for``). Pure
+logic: no Ray, no clock; every method takes ``now`` (seconds, ``time.monotonic()`` in the
+service, anything monotone in tests). Not thread-safe: one instance per replica, used from
+its event loop.
 
 Control law. The controller keeps one number, the *offset* ``o`` in ``[0, max_offset]``: how
 far thresholds move toward fewer target calls. At most once per ``interval_s`` it updates:
@@ -17,17 +19,29 @@ far thresholds move toward fewer target calls. At most once per ``interval_s`` i
   are set, clamped to ``[-1, 1]`` (0 = exactly on budget, 1 = twice it, -1 = idle). An
   interval after the last activity (a latency sample, a call in flight) is idle: ``e = -1``,
   and ``L`` is forgotten (with nothing in flight no sample would ever correct it);
+- capacity first: while the target pool can still add replicas (``can_scale``: fewer running
+  than its autoscaling ``max_replicas``, or an upscale under way) every interval counts as
+  idle: the offset only falls. Its autoscaler scales on the load the pool sees; cutting that
+  load would make it remove replicas, raise latency and so the offset again, until the pool
+  sat at a fraction of its size with a high offset. The controller sheds only the load a
+  pool at full size cannot carry;
 - deadband: ``|e| <= deadband``: ``o`` holds (the equilibrium: load on budget);
-- ``e > deadband``: ``o += gain * e``; ``e < -deadband``: ``o -= decay * -e``;
+- ``e > deadband``: ``o += s * gain * e``; ``e < -deadband``: ``o -= s * decay * -e``;
   then ``o`` is clamped to ``[0, max_offset]``. When ``k`` whole intervals passed since the
   last update, each counts (the offset integrates the error over time): those up to the last
-  activity with the measured error, the rest as idle.
+  activity with the measured error, the rest as idle;
+- ``s = min(1, REFERENCE_REQUEST_S / D)`` with ``D`` an EWMA of how long controlled requests
+  last (1 until one has ended). A request keeps the threshold it was admitted with, so a
+  change of the offset reaches the target's load over about one request's duration: the
+  loop's delay is ``D``. Scaling the gain by ``1 / D`` keeps ``gain x delay`` where it is
+  stable; requests up to ``REFERENCE_REQUEST_S`` long see ``gain`` and ``decay`` unscaled.
 
 It is an integral controller on a monotone plant (a larger offset sends fewer calls to the
-target, so its latency and queue fall), so it settles where load is within the deadband of
-the budget, with no steady-state error and no oscillation while ``gain`` is small against
-the loop's delay (EWMA lag plus a target call, in intervals). ``decay`` below ``gain`` backs
-off more slowly than it raises: load that returns does not meet a threshold already reset.
+target, so its latency and queue fall). With that delay scaling it settles where load is
+within the deadband of the budget, with no steady-state error, for requests of any length
+(tested in closed loop with simulated requests of 0, 30 and 60 s); noisy latency moves it
+within a narrow band. ``decay`` below ``gain`` backs off more slowly than it raises: load
+that returns does not meet a threshold already reset.
 
 Per policy (``FEWER_TARGET_CALLS``): arbitrage routes when router score > threshold, so the
 threshold used is ``min(base + o, limit)`` (limit 1 unless ``threshold_limits`` says lower);
@@ -53,6 +67,11 @@ if TYPE_CHECKING:
 FEWER_TARGET_CALLS: dict[str, int] = {"arbitrage": +1, "rsd": -1}
 ADJUSTABLE_POLICIES: tuple[str, ...] = tuple(FEWER_TARGET_CALLS)
 _DIGITS = 6  # thresholds reported as 0.65, not 0.6500000000000001
+# Requests up to this long get the full gain and decay; longer ones scale both by
+# REFERENCE_REQUEST_S / duration (the loop's delay is a request's duration). 10 s: in closed
+# loop the unscaled defaults settle up to about 10 s and cycle from about 20 s.
+REFERENCE_REQUEST_S = 10.0
+_DURATION_ALPHA = 0.2  # EWMA weight of each ended request's duration
 
 
 class LoadController:
@@ -71,6 +90,8 @@ class LoadController:
         self._in_flight_area = 0.0
         self._window_start = 0.0
         self._updates = 0
+        self._can_scale = False               # the target pool can still add replicas (health probe)
+        self._request_s: float | None = None  # EWMA of controlled requests' durations, s
 
     # -- what the coordinator reads --------------------------------------------------------
     @property
@@ -86,10 +107,26 @@ class LoadController:
     def in_flight(self) -> int | None:
         return self._in_flight
 
+    @property
+    def can_scale(self) -> bool:
+        """The target pool can still add replicas (as last told): the offset only falls."""
+        return self._can_scale
+
+    @property
+    def request_s_ewma(self) -> float | None:
+        return self._request_s
+
+    def gain_scale(self) -> float:
+        """``min(1, REFERENCE_REQUEST_S / D)``: what gain and decay are multiplied by."""
+        if self._request_s is None or self._request_s <= REFERENCE_REQUEST_S:
+            return 1.0
+        return REFERENCE_REQUEST_S / self._request_s
+
     def snapshot(self) -> dict[str, float | int | None]:
         """The controller's state, for logs and metrics."""
         return {"offset": self._offset, "error": self._error, "latency_ewma_ms": self._ewma,
-                "in_flight": self._in_flight, "updates": self._updates}
+                "in_flight": self._in_flight, "updates": self._updates, "request_s": self._request_s,
+                "can_scale": int(self._can_scale)}
 
     def applies(self, policy_name: str, explicit: bool = False) -> bool:
         """Whether ``threshold_for`` may move this request's threshold."""
@@ -134,6 +171,16 @@ class LoadController:
             self._last_activity = now
         self._in_flight = max(0, int(in_flight))
 
+    def observe_request(self, seconds: float, now: float) -> None:
+        """A request whose threshold the controller set ended after ``seconds`` (admission to
+        end, whatever the outcome). A negative or non-finite value is ignored."""
+        self.update(now)
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
+                or not math.isfinite(seconds) or seconds < 0:
+            return
+        self._request_s = float(seconds) if self._request_s is None \
+            else (1 - _DURATION_ALPHA) * self._request_s + _DURATION_ALPHA * seconds
+
     def call_started(self, now: float) -> None:
         """Convenience: a target call starts (the in-flight count goes up by one)."""
         self.observe_in_flight((self._in_flight or 0) + 1, now)
@@ -146,9 +193,13 @@ class LoadController:
             self.observe_latency((now - started) * 1000.0, now)
 
     # -- the law -----------------------------------------------------------------------------
-    def update(self, now: float) -> float:
+    def update(self, now: float, can_scale: bool | None = None) -> float:
         """Apply the law if ``interval_s`` has passed since the last update; the offset after.
-        Every other method calls this first, so a caller rarely needs to."""
+        Every other method calls this first; the coordinator also calls it from its health
+        probe (so the offset falls after traffic stops) with ``can_scale``: whether the target
+        pool can still add replicas (None: as last told; False until told)."""
+        if can_scale is not None:
+            self._can_scale = bool(can_scale)
         if self._last_update is None:  # the first call opens the first window
             self._last_update = self._window_start = self._in_flight_since = now
             return self._offset
@@ -180,11 +231,15 @@ class LoadController:
         return self._offset
 
     def _step(self, error: float, intervals: int) -> None:
-        self._error, band = error, self.spec.deadband
+        """``intervals`` intervals at ``error`` (reported as measured; acted on as idle while
+        the target pool can still add replicas)."""
+        self._error, band, scale = error, self.spec.deadband, self.gain_scale()
+        if self._can_scale:
+            error = -1.0
         if error > band:
-            self._offset += self.spec.gain * error * intervals
+            self._offset += scale * self.spec.gain * error * intervals
         elif error < -band:
-            self._offset -= self.spec.decay * -error * intervals
+            self._offset -= scale * self.spec.decay * -error * intervals
         self._offset = min(self.spec.max_offset, max(0.0, self._offset))
 
     def _account_in_flight(self, now: float) -> None:

@@ -5,7 +5,7 @@ the rendered Serve YAML and of a KubeRay ``serveConfigV2``. Deployment classes c
 decorator: options come from the config here, one ``serve.deployment(cls, **options)``
 per pool, the generator class bound twice (draft, target) and the scorer class twice
 (router, PRM). A pool with ``session_affinity`` gets the session-affine request router
-(``services.affinity``); the coordinator passes each request's id as the session id.
+(``services.affinity``); the coordinator passes each request's server-made session id (``Prepared.session_id``).
 """
 from __future__ import annotations
 

@@ -16,8 +16,9 @@ from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import grpc
+import ray
 from grpc_health.v1 import health_pb2
-from ray.serve.metrics import Counter, Gauge, Histogram
+from ray.serve.metrics import Counter, Histogram
 
 from arbitrage_common.accounting import LoopResult, Usage
 from arbitrage_common.auth import check_bearer, load_keys
@@ -33,6 +34,7 @@ from protos.arbitrage.v1 import arbitrage_pb2 as pb
 from . import convert
 from .handles import PoolHandles
 from .health import PoolHealth, pools_needed, serving_app_name
+from .load_metrics import LoadGauges
 from .validation import Prepared, RequestFields, fields_from_proto, prepare
 
 logger = logging.getLogger("ray.serve")
@@ -53,6 +55,18 @@ class _GrpcAbort(Exception):
     """Raised after setting the gRPC status on the context: Serve returns that status."""
 
 
+class _QuietGrpcAborts(logging.Filter):
+    """Drops Serve's "Request failed." traceback for a ``_GrpcAbort``: a stream can end with a
+    status only by raising (the proxy copies the context's status only alongside a message),
+    and ``log_outcome`` has already logged the request's one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], _GrpcAbort))
+
+
+_QUIET_GRPC_ABORTS = _QuietGrpcAborts()
+
+
 class _Refused(Exception):
     """A gRPC call refused before validation; carries its ApiError."""
 
@@ -61,6 +75,22 @@ class _Refused(Exception):
 
 
 _UNAUTHENTICATED = convert.unauthenticated("metadata 'authorization: Bearer <key>'")
+# A client's own mistake (or its cancel) is routine: INFO. Trouble on the server's side is a
+# WARNING; only a bug is an ERROR, logged with its traceback.
+_LOG_LEVELS = {"internal": logging.ERROR, "unavailable": logging.WARNING, "resource_exhausted": logging.WARNING,
+               "deadline_exceeded": logging.WARNING}
+_LOGGED_ID_CHARS = 64  # a request_id is logged before validation too: bounded, escaped (%r)
+
+
+def log_outcome(err: convert.ApiError, transport: str, policy: str, request_id: str | None,
+                exc: BaseException | None = None) -> None:
+    """The one log line of a request that did not succeed. Serve's access log cannot tell:
+    it reads a failed unary gRPC call as OK (its status travels in the context)."""
+    rid = request_id[:_LOGGED_ID_CHARS] if isinstance(request_id, str) and request_id else None
+    level = _LOG_LEVELS.get(err.code, logging.INFO)
+    logger.log(level, "request failed: status=%s policy=%s transport=%s request_id=%r: %s", err.code, policy,
+               transport, rid, err.message.replace("\n", " "),
+               exc_info=exc if level >= logging.ERROR and exc is not None else None)
 
 
 class Coordinator:
@@ -69,6 +99,8 @@ class Coordinator:
     def __init__(self, config: dict[str, Any], draft: Any, target: Any, router: Any | None = None,
                  prm: Any | None = None) -> None:
         self.cfg = AppConfig.model_validate(config)
+        if _QUIET_GRPC_ABORTS not in logger.filters:  # Serve's replica logs on this same logger
+            logger.addFilter(_QUIET_GRPC_ABORTS)
         self.api_keys = load_keys(self.cfg.auth)  # a missing key variable fails the replica at start
         c, load_control = self.cfg.coordinator, self.cfg.policy.load_control
         self.load = LoadController(load_control) if load_control.enabled else None
@@ -81,12 +113,17 @@ class Coordinator:
                                  on_retry=self._count_retry, load=self.load, lanes=lanes,
                                  over_grpc=c.pool_calls_over_grpc, calls_in_flight=c.pool_calls_in_flight,
                                  slot_roles=slotted)
-        self._offset = Gauge("arbitrage_threshold_offset", description="Load-aware threshold offset toward fewer "
-                                                                       "target calls (this coordinator replica).")
+        self._load_gauges = LoadGauges() if self.load is not None else None
+        target_scaling = self.cfg.pools.target.autoscaling_config
+        self._target_max_replicas = target_scaling.max_replicas if target_scaling is not None else None
+        allowed = self.cfg.policy.allowed
         self.available = [name for name, cls in POLICIES.items()
-                          if cls.scorer is None or getattr(self.pools, cls.scorer) is not None]
+                          if (cls.scorer is None or getattr(self.pools, cls.scorer) is not None)
+                          and (allowed is None or name in allowed)]
+        scale_to_zero = [role for role, spec in self.cfg.pools.configured()
+                         if spec.autoscaling_config is not None and spec.autoscaling_config.min_replicas == 0]
         self.health = PoolHealth(serving_app_name(self.cfg.name), pools_needed(self.cfg.policy.default),
-                                 c.health_probe_s)
+                                 c.health_probe_s, scale_to_zero=scale_to_zero, on_probe=self._refresh_load)
         self._contexts: dict[str, int] | None = None
         # Generator pools that keep a per-request prefix cache (transformers, cache not off).
         self._cached_generators = {role for role in ("draft", "target")
@@ -111,10 +148,18 @@ class Coordinator:
 
     # -- shared core ---------------------------------------------------------------------
     async def open_stream(self, fields: RequestFields) -> tuple[Prepared, LoopStream]:
-        """Validate, admit (the prompt fits every generator's context) and bind the pools.
+        """``prepare_request``, then ``start_stream``."""
+        return await self.start_stream(self.prepare_request(fields))
+
+    def prepare_request(self, fields: RequestFields) -> Prepared:
+        """Validate (``InvalidArgument`` names the field) and set the threshold. Separate from
+        ``start_stream`` so a failure from here on is labelled with the request's real policy."""
+        return self._under_load(prepare(fields, self.cfg), explicit=fields.threshold is not None)
+
+    async def start_stream(self, prepared: Prepared) -> tuple[Prepared, LoopStream]:
+        """Admit (the prompt fits every generator's context) and bind the pools.
         A client's own gRPC deadline needs nothing here: when it passes, the proxy cancels the
         call, which cancels the loop and its pool call in flight."""
-        prepared = self._under_load(prepare(fields, self.cfg), explicit=fields.threshold is not None)
         # Retries stop in time for the request to fail before its deadline, not at it.
         deadline = time.monotonic() + prepared.request.deadline_s if prepared.request.deadline_s else None
         try:
@@ -129,8 +174,9 @@ class Coordinator:
             # Busy: no spare capacity for early drafts, so the plain loop (same outputs).
             request = dataclasses.replace(request, pipeline=False)
         prepared = dataclasses.replace(prepared, request=request)
-        # The request id is the session id: each pool with affinity serves all its steps on one replica.
-        models = self.pools.models(prepared.request_id, deadline)
+        # The server's session id, never the client's request_id (clients may reuse one): each pool
+        # with affinity serves all the request's steps on one replica, and keys its cache by it.
+        models = self.pools.models(prepared.session_id, deadline)
         return prepared, stream_loop(prepared.request, models)  # 'policy' if its pool is missing
 
     def _under_load(self, prepared: Prepared, explicit: bool) -> Prepared:
@@ -138,13 +184,30 @@ class Coordinator:
         client left the threshold to the server); the response reports the one used."""
         if self.load is None:
             return prepared
+        if ray.is_initialized():  # in a replica: the health probe's loop refreshes the controller (_refresh_load)
+            self.health.start()
         used = self.load.threshold_for(prepared.policy, prepared.threshold, time.monotonic(), explicit=explicit)
-        self._offset.set(self.load.offset)
+        self._load_gauges.export(self.load.snapshot())
         if used == prepared.threshold:
             return prepared
         policy = make_policy(prepared.policy, used, prepared.request.options.seed)
         return dataclasses.replace(prepared, threshold=used, request=dataclasses.replace(prepared.request,
                                                                                          policy=policy))
+
+    def _refresh_load(self) -> None:
+        """After every health probe: the controller updates without waiting for a request (its
+        offset falls once traffic stops), told whether the target pool can still add replicas
+        (then it only lowers the offset: the autoscaler adds capacity first); gauges follow."""
+        if self.load is None:
+            return
+        can_scale = self.health.can_add_replicas("target", self._target_max_replicas)
+        self.load.update(time.monotonic(), can_scale=can_scale)
+        self._load_gauges.export(self.load.snapshot())
+
+    def _request_ended(self, policy: str, seconds: float) -> None:
+        """A request of a controlled policy lasted ``seconds``: the controller's loop delay."""
+        if self.load is not None and self.load.applies(policy):
+            self.load.observe_request(seconds, time.monotonic())
 
     async def _generator_contexts(self, deadline: float | None) -> dict[str, int]:
         """Each generator pool's context length (asked once; {} while a pool cannot answer)."""
@@ -159,21 +222,23 @@ class Coordinator:
         return self._contexts
 
     async def _admit(self, prepared: Prepared, deadline: float | None) -> None:
-        """INVALID_ARGUMENT('prompt') for a prompt that leaves no room in a generator's context,
-        counted in that model's own tokens; short prompts are let through uncounted. Within the
-        request's deadline, like every other pool call it makes."""
+        """INVALID_ARGUMENT naming the prompt's field (``prompt``, ``messages[i].content``) for a
+        prompt that leaves no room in a generator's context, counted in that model's own tokens;
+        short prompts are let through uncounted. Within the request's deadline, like every other
+        pool call it makes."""
         request = prepared.request
         timeout = asyncio.timeout(None if deadline is None else deadline - time.monotonic())
         try:
             async with timeout:
-                await self._check_prompt_fits(build_prefix(request.prompt, [], request.prompt_template), deadline)
+                await self._check_prompt_fits(build_prefix(request.prompt, [], request.prompt_template), deadline,
+                                              prepared.prompt_field)
         except TimeoutError:
             if not timeout.expired():
                 raise
             raise DeadlineExceeded(LoopResult(request.prompt, [], "deadline", Usage(), 0.0),
                                    "deadline exceeded while checking the prompt's length") from None
 
-    async def _check_prompt_fits(self, prefix: str, deadline: float | None) -> None:
+    async def _check_prompt_fits(self, prefix: str, deadline: float | None, field: str) -> None:
         contexts = await self._generator_contexts(deadline)
         if not contexts or len(prefix.encode()) + _SPECIAL_TOKENS_MARGIN < min(contexts.values()):
             return
@@ -182,13 +247,14 @@ class Coordinator:
                                         for role in roles))
         for role, tokens in zip(roles, counts):
             if tokens >= contexts[role]:
-                raise InvalidArgument("prompt", f"is {tokens} tokens for the {role} model (prompt template "
-                                                f"included); its context holds {contexts[role]}")
+                raise InvalidArgument(field, f"is {tokens} tokens for the {role} model (prompt template "
+                                             f"included); its context holds {contexts[role]}")
 
-    def policy_label(self, raw: str | None) -> str:
-        """A bounded metrics label: a known policy name, else 'invalid' (clients cannot mint labels)."""
-        name = raw or self.cfg.policy.default
-        return name if name in POLICIES else "invalid"
+    @staticmethod
+    def policy_label(policy: str | None) -> str:
+        """A bounded metrics label: a known policy name, else 'none' (a request refused before
+        its policy was known, or that named an unknown one: clients cannot mint labels)."""
+        return policy if isinstance(policy, str) and policy in POLICIES else "none"
 
     def authorized(self, header: str | None) -> bool:
         return not self.api_keys or check_bearer(header, self.api_keys)
@@ -218,6 +284,7 @@ class Coordinator:
             await self._blame_pool_down(exc, policy)
         finally:
             self._inflight -= 1
+            self._request_ended(policy, time.perf_counter() - started)
             await stream.aclose()
             self._release(prepared, stream)
 
@@ -238,9 +305,9 @@ class Coordinator:
         called = {role for role in ("draft", "target", "router", "prm")
                   if getattr(getattr(stream.models, role), "called", False)}
         for role in called & ({"router", "prm"} | self._cached_generators):
-            if getattr(self.pools, role) is None or self.pools.release(role, prepared.request_id):
+            if getattr(self.pools, role) is None or self.pools.release(role, prepared.session_id):
                 continue
-            task = asyncio.get_running_loop().create_task(self._release_one(role, prepared.request_id))
+            task = asyncio.get_running_loop().create_task(self._release_one(role, prepared.session_id))
             self._releases.add(task)
             task.add_done_callback(self._releases.discard)
 
@@ -250,21 +317,21 @@ class Coordinator:
         except Exception as exc:  # noqa: BLE001 (best effort: the LRU bounds the cache anyway)
             logger.debug("release of %s on %s failed: %s", session, role, type(exc).__name__)
 
-    def fail(self, transport: str, policy: str, exc: BaseException) -> convert.ApiError:
-        err = convert.classify(exc)
+    def fail(self, transport: str, policy: str | None, exc: BaseException,
+             request_id: str | None = None) -> convert.ApiError:
+        """The status of a failed request, counted and logged once."""
+        return self.reject(transport, policy, convert.classify(exc), request_id, exc)
+
+    def reject(self, transport: str, policy: str | None, err: convert.ApiError, request_id: str | None = None,
+               exc: BaseException | None = None) -> convert.ApiError:
+        """Count and log one request that did not succeed (``policy``: the validated one, else
+        what the client named; only known names become labels)."""
         self.record(transport, policy, err.code)
-        if err.code == "internal":  # the client sees only the reference; the log has the traceback
-            logger.error("request failed (reference %s)", err.reference, exc_info=exc)
-        elif err.code == "unavailable":
-            logger.warning("request failed: %s (%s)", err.message, type(exc).__name__)
+        log_outcome(err, transport, self.policy_label(policy), request_id, exc)
         return err
 
-    def _refused(self, exc: _Refused, policy: str) -> convert.ApiError:
-        self.record("grpc", policy, exc.err.code)
-        return exc.err
-
-    def cancelled(self, transport: str, policy: str) -> None:
-        self.record(transport, policy, "cancelled")
+    def cancelled(self, transport: str, policy: str | None, request_id: str | None = None) -> None:
+        self.fail(transport, policy, asyncio.CancelledError(), request_id)
 
     # -- gRPC: arbitrage.v1.ArbitrageService -------------------------------------------
     def _grpc_fields(self, request: pb.GenerateRequest, grpc_context: Any) -> RequestFields:
@@ -278,19 +345,26 @@ class Coordinator:
             raise _Refused(convert.payload_too_large(limit, request.ByteSize(), field="request"))
         return fields_from_proto(request)
 
+    def _grpc_failed(self, exc: Exception, policy: str | None, request_id: str | None) -> convert.ApiError:
+        """Refused before reading the request (auth, size): labelled 'none', as HTTP's middleware does."""
+        if isinstance(exc, _Refused):
+            return self.reject("grpc", None, exc.err, request_id)
+        return self.fail("grpc", policy, exc, request_id)
+
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateResponse:
-        started, policy = time.perf_counter(), request.policy
+        started, policy, request_id = time.perf_counter(), request.policy, request.request_id
         try:
-            prepared, stream = await self.open_stream(self._grpc_fields(request, grpc_context))
-            policy = prepared.policy
+            prepared = self.prepare_request(self._grpc_fields(request, grpc_context))
+            policy, request_id = prepared.policy, prepared.request_id
+            prepared, stream = await self.start_stream(prepared)
             async for _ in self.steps_of(stream, prepared):
                 pass
             response = convert.result_proto(stream.result, prepared)
         except asyncio.CancelledError:
-            self.cancelled("grpc", policy)
+            self.cancelled("grpc", policy, request_id)
             raise
         except Exception as exc:  # noqa: BLE001 (every failure maps to a status)
-            err = self._refused(exc, policy) if isinstance(exc, _Refused) else self.fail("grpc", policy, exc)
+            err = self._grpc_failed(exc, policy, request_id)
             if grpc_context is None:
                 raise _GrpcAbort(err.message) from None
             # Unary: the status travels with the (empty, never delivered) reply; no traceback logged.
@@ -302,19 +376,19 @@ class Coordinator:
 
     async def GenerateStream(self, request: pb.GenerateRequest,
                              grpc_context: Any = None) -> AsyncIterator[pb.GenerateStreamResponse]:
-        started, policy = time.perf_counter(), request.policy
+        started, policy, request_id = time.perf_counter(), request.policy, request.request_id
         try:
-            prepared, stream = await self.open_stream(self._grpc_fields(request, grpc_context))
-            policy = prepared.policy
+            prepared = self.prepare_request(self._grpc_fields(request, grpc_context))
+            policy, request_id = prepared.policy, prepared.request_id
+            prepared, stream = await self.start_stream(prepared)
             async for step in self.steps_of(stream, prepared):
                 yield pb.GenerateStreamResponse(step=convert.step_proto(step))
             summary = convert.result_proto(stream.result, prepared)
         except (asyncio.CancelledError, GeneratorExit):
-            self.cancelled("grpc", policy)
+            self.cancelled("grpc", policy, request_id)
             raise
         except Exception as exc:  # noqa: BLE001 (every failure maps to a status)
-            err = self._refused(exc, policy) if isinstance(exc, _Refused) else self.fail("grpc", policy, exc)
-            self._abort(grpc_context, err)
+            self._abort(grpc_context, self._grpc_failed(exc, policy, request_id))
         self.record("grpc", policy, "ok", started)
         yield pb.GenerateStreamResponse(summary=summary)
 
@@ -337,7 +411,7 @@ class Coordinator:
         return health_pb2.HealthCheckResponse(status=_SERVING if serving else _NOT_SERVING)
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None):
-        """SERVING while every pool the default policy needs has a running replica."""
+        """SERVING while every pool the default policy needs serves (``services.health``)."""
         self._check_service(request, grpc_context)
         return self._health_reply(await self.health.current())
 
@@ -378,11 +452,21 @@ class Coordinator:
         return build_http_api(self)
 
     def list_models(self) -> dict[str, Any]:
-        """OpenAI ``/v1/models``: the default (served_model_name) and one id per runnable policy."""
+        """OpenAI ``/v1/models``: the default (served_model_name) and one id per runnable policy,
+        each with the ``threshold`` a request of it that sets none starts from (the configured
+        ``policy.threshold`` for the default policy) and, with load control on, the
+        ``effective_threshold`` such a request would run with now."""
         default = {"id": self.cfg.served_model_name, "object": "model", "created": 0, "owned_by": "arbitrage-serve",
-                   "policy": self.cfg.policy.default,
-                   "threshold": make_policy(self.cfg.policy.default, self.cfg.policy.threshold).threshold}
+                   "policy": self.cfg.policy.default, **self._thresholds(self.cfg.policy.default)}
         per_policy = [{"id": name, "object": "model", "created": 0, "owned_by": "arbitrage-serve", "policy": name,
-                       **{k: v for k, v in POLICIES[name].describe().items() if k != "name"}}
+                       **{k: v for k, v in POLICIES[name].describe().items() if k != "name"},
+                       **self._thresholds(name)}
                       for name in self.available]
         return {"object": "list", "data": [default, *per_policy]}
+
+    def _thresholds(self, name: str) -> dict[str, float | None]:
+        """Base threshold of policy ``name`` (as ``prepare`` sets it), and the effective one."""
+        base = make_policy(name, self.cfg.policy.threshold if name == self.cfg.policy.default else None).threshold
+        if self.load is None:
+            return {"threshold": base}
+        return {"threshold": base, "effective_threshold": self.load.threshold_for(name, base, time.monotonic())}

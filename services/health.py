@@ -1,8 +1,14 @@
-"""Readiness of one coordinator replica: do the pools its default policy needs each have a
-running replica? Asked of the Serve controller (``serve.status()``), which knows each
-replica's state, so a pool that is still loading (a vLLM engine takes about a minute on
-CPU) or whose replicas all died reads as not serving, while a busy pool still reads as
-serving (a probe call would queue behind its work and time out).
+"""Readiness of one coordinator replica: can the pools its default policy needs each serve?
+Asked of the Serve controller (``serve.status()``), which knows each replica's state, so a
+pool that is still loading (a vLLM engine takes about a minute on CPU) or whose replicas
+all died reads as not serving, while a busy pool still reads as serving (a probe call would
+queue behind its work and time out). A pool whose autoscaling allows zero replicas
+(``min_replicas: 0``) and that the autoscaler scaled to zero still serves: its next call
+starts a replica, and a load balancer that stopped sending would never wake it. Only its
+replicas failing (``UNHEALTHY``, ``DEPLOY_FAILED``) makes it not serving.
+
+The same probe tells the load controller whether the target pool can still add replicas
+(``can_add_replicas``), through ``on_probe``.
 
 When the controller cannot be asked (it is restarting after a crash), the last answer
 stands: traffic flows without the controller, and so should readiness.
@@ -12,13 +18,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from arbitrage_common.policies import POLICIES
 
 logger = logging.getLogger("ray.serve")
 STATUS_TIMEOUT_S = 5.0
 DOWN_PROBE_S = 1.0
+# Serve's DeploymentStatus values for a deployment whose replicas fail to start or died.
+FAILED_STATUSES = frozenset({"UNHEALTHY", "DEPLOY_FAILED"})
 
 
 def pools_needed(policy: str) -> list[str]:
@@ -41,6 +49,28 @@ def running_pools(deployments: dict, names: Iterable[str]) -> dict[str, int]:
     return out
 
 
+def deployment_statuses(deployments: dict) -> dict[str, str]:
+    """Serve's status name per deployment ('HEALTHY', 'UPSCALING', 'UNHEALTHY', ...)."""
+    return {name: str(getattr(d.status, "value", d.status)) for name, d in deployments.items()}
+
+
+def pool_serving(running: int, status: str | None, scales_to_zero: bool) -> bool:
+    """A pool serves with a running replica, or, allowed zero replicas, at zero with none
+    failed (its next call cold-starts one). Unlisted (``status`` None): not serving."""
+    if running > 0:
+        return True
+    return scales_to_zero and status is not None and status not in FAILED_STATUSES
+
+
+def can_add_replicas(running: int, status: str | None, max_replicas: int | None) -> bool:
+    """Whether an autoscaling pool can still grow: fewer running replicas than its
+    ``max_replicas``, or an upscale under way, and not failing. A pool of fixed size
+    (``max_replicas`` None) or one the controller does not list cannot."""
+    if max_replicas is None or status is None or status in FAILED_STATUSES:
+        return False
+    return running < max_replicas or status == "UPSCALING"
+
+
 def serving_app_name(configured: str) -> str:
     """The application Serve runs this replica in: readiness must look its pools up there, and
     Serve's own name wins over the config's (``serve.run`` without ``name=``, the Serve CLI with
@@ -56,13 +86,18 @@ def serving_app_name(configured: str) -> str:
 
 class PoolHealth:
     """Polls the controller every ``period_s``; ``serving`` is None until the first answer.
-    ``wait_change(old)`` returns when ``serving`` differs from ``old`` (gRPC Watch)."""
+    ``wait_change(old)`` returns when ``serving`` differs from ``old`` (gRPC Watch).
+    ``scale_to_zero``: the pools whose autoscaling allows zero replicas. ``on_probe`` is
+    called after every probe, answered or not (the load controller's refresh)."""
 
-    def __init__(self, app_name: str, needed: list[str], period_s: float) -> None:
+    def __init__(self, app_name: str, needed: list[str], period_s: float, *, scale_to_zero: Iterable[str] = (),
+                 on_probe: Callable[[], None] | None = None) -> None:
         self.app_name, self.needed, self.period_s = app_name, needed, period_s
+        self.scale_to_zero, self.on_probe = frozenset(scale_to_zero), on_probe
         self.serving: bool | None = None
         self.running: dict[str, int] = {}
         self.replicas: dict[str, int] = {}  # every deployment of the app, as last probed
+        self.statuses: dict[str, str] = {}  # every deployment's Serve status, as last probed
         self._probed_at: float | None = None
         self._changed: asyncio.Condition | None = None
         self._task: asyncio.Task | None = None
@@ -90,19 +125,41 @@ class PoolHealth:
     async def probe(self) -> None:
         from ray import serve
 
+        answered = False
         try:
             status = await asyncio.wait_for(asyncio.to_thread(serve.status), STATUS_TIMEOUT_S)
             app = status.applications.get(self.app_name)
             deployments = app.deployments if app is not None else {}
             self.replicas = running_pools(deployments, deployments)
             self.running = running_pools(deployments, self.needed)
-            self._probed_at = time.monotonic()
+            self.statuses = deployment_statuses(deployments)
+            self._probed_at, answered = time.monotonic(), True
         except Exception as exc:  # noqa: BLE001 (controller restarting: keep the last answer)
             logger.warning("health probe: serve.status() failed (%s); keeping the last answer", type(exc).__name__)
-            if self.serving is not None:
-                return
-            self.running = dict.fromkeys(self.needed, 0)
-        serving = all(n > 0 for n in self.running.values())
+            if self.serving is None:
+                self.running = dict.fromkeys(self.needed, 0)
+        if answered or self.serving is None:
+            await self._set_serving(self.serving_now())
+        self._probed()
+
+    def serving_now(self) -> bool:
+        """Readiness from the last probe: every needed pool serves (``pool_serving``)."""
+        return all(pool_serving(n, self.statuses.get(name), name in self.scale_to_zero)
+                   for name, n in self.running.items())
+
+    def can_add_replicas(self, name: str, max_replicas: int | None) -> bool:
+        """``can_add_replicas`` of deployment ``name`` by the last probe (False before one)."""
+        return can_add_replicas(self.replicas.get(name, 0), self.statuses.get(name), max_replicas)
+
+    def _probed(self) -> None:
+        if self.on_probe is None:
+            return
+        try:
+            self.on_probe()
+        except Exception:  # a bug there must not stop readiness polling
+            logger.exception("health probe: on_probe failed")
+
+    async def _set_serving(self, serving: bool) -> None:
         if serving != self.serving:
             if self.serving is not None:
                 logger.warning("readiness: %s (running replicas %s)", "SERVING" if serving else "NOT_SERVING",

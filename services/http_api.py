@@ -2,13 +2,15 @@
 
 Routes: ``POST /v1/generate`` (JSON, or server-sent events with ``stream: true``),
 OpenAI-compatible ``POST /v1/completions`` and ``POST /v1/chat/completions`` (with
-``stream``), ``GET /v1/models``, ``GET /healthz``, ``GET /livez`` (liveness: 200 whenever
-the replica answers, no pool call). Errors use OpenAI's error shape
-``{"error": {"message", "type", "param", "code"}}``: 422 names the field (``param``),
-503 carries Retry-After, 504 is a missed deadline. A stream's status goes out with its first
-event, so one that fails before that answers like a plain request; a stream that fails after
-it started ends with an error event and no summary / ``[DONE]``: nothing partial passes as
-success.
+``stream``), ``GET`` (or ``HEAD``) ``/v1/models``, ``/v1/models/{id}``, ``/healthz``,
+``/livez`` (liveness: 200 whenever the replica answers, no pool call). Errors use OpenAI's
+error shape ``{"error": {"message", "type", "param", "code"}}``: 422 names the field
+(``param``; ``body`` for a body that is not JSON or not sent as ``application/json``),
+503 carries Retry-After, 504 is a missed deadline. Every refusal, the middlewares' and
+FastAPI's own included, is counted and logged once (``Coordinator.reject``). A stream's
+status goes out with its first event, so one that fails before that answers like a plain
+request; a stream that fails after it started ends with an error event and no summary /
+``[DONE]``: nothing partial passes as success.
 
 Two ASGI middlewares run before any route: ``AuthMiddleware`` (with API keys configured,
 401 ``unauthenticated`` and ``WWW-Authenticate: Bearer`` unless the request carries
@@ -19,11 +21,13 @@ by Content-Length up front or counted as a chunked body arrives).
 from __future__ import annotations
 
 import asyncio
+import email.message
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -48,7 +52,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-OnReject = Callable[[str, str], None]  # (path, status code) of a request answered by a middleware
+OnReject = Callable[[str, convert.ApiError], None]  # (path, error) of a request answered by a middleware
 
 
 def retry_after(seconds: float) -> str:
@@ -95,9 +99,10 @@ class AuthMiddleware:
         if check_bearer(_header(scope, b"authorization"), self.keys):
             await self.app(scope, receive, send)
             return
+        err = convert.unauthenticated()
         if self.on_reject is not None:
-            self.on_reject(route_path(scope), "unauthenticated")
-        response = error_response(convert.unauthenticated(), headers={"WWW-Authenticate": "Bearer"})
+            self.on_reject(route_path(scope), err)
+        response = error_response(err, headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
 
 
@@ -114,9 +119,10 @@ class BodyLimitMiddleware:
         self.app, self.limit, self.on_reject = app, limit, on_reject
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send, size: int | None) -> None:
+        err = convert.payload_too_large(self.limit, size)
         if self.on_reject is not None:
-            self.on_reject(route_path(scope), "payload_too_large")
-        response = error_response(convert.payload_too_large(self.limit, size), headers={"Connection": "close"})
+            self.on_reject(route_path(scope), err)
+        response = error_response(err, headers={"Connection": "close"})
         await response(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -167,69 +173,94 @@ def build_http_api(coord: Coordinator) -> FastAPI:
     if keys is None:  # fail closed: keys configured are always checked, whoever loads them
         keys = load_keys(coord.cfg.auth)
 
-    def rejected(path: str, status: str) -> None:
-        coord.record(transport_of(path), "", status)
+    def rejected(path: str, err: convert.ApiError) -> None:
+        coord.reject(transport_of(path), None, err)  # the body is unread: no policy to label with
 
     # The last added runs first: authentication, then the body limit, then the routes.
     api.add_middleware(BodyLimitMiddleware, limit=coord.cfg.limits.max_body_bytes, on_reject=rejected)
     api.add_middleware(AuthMiddleware, keys=tuple(keys), on_reject=rejected)
 
+    def refuse(request: Request, status: int, code: str, message: str, field: str | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
+        """An HTTP-only refusal (no such route, method or model) in OpenAI's error shape, counted and logged."""
+        grpc_code = grpc.StatusCode.NOT_FOUND if status == 404 else grpc.StatusCode.UNIMPLEMENTED
+        coord.reject(transport_of(route_path(request.scope)), None,
+                     convert.ApiError(code, grpc_code, status, message, field))
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": field,
+                                       "code": code}}, status_code=status, headers=headers)
+
     @api.exception_handler(StarletteHTTPException)
     async def _no_route(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        """404 / 405 (and any other HTTPException) in the API's error shape, not FastAPI's."""
-        path = route_path(request.scope)[:80]
+        """404 / 405 (and any other HTTPException) in the API's error shape, not FastAPI's; a
+        body FastAPI could not parse (its 400) is bad input like any other: 422 naming ``body``."""
+        path = route_path(request.scope)
+        if exc.status_code == 400 and isinstance(exc.__cause__, _BodyTooLarge):
+            return JSONResponse({}, status_code=413)  # never sent: the body limit answers and counts it
+        if exc.status_code == 400:
+            return error_response(coord.reject(transport_of(path), None, unreadable_body(exc.__cause__)))
+        shown = path[:80]
         if exc.status_code == 404:
-            code, message = "not_found", f"no route {request.method} {path}"
+            code, message = "not_found", f"no route {request.method} {shown}"
         elif exc.status_code == 405:
-            code, message = "method_not_allowed", f"{request.method} is not allowed on {path}"
+            code, message = "method_not_allowed", f"{request.method} is not allowed on {shown}"
             if allowed := (exc.headers or {}).get("Allow"):
                 message += f"; use {allowed}"
         else:
             code, message = "invalid_request", str(exc.detail)[:200]
-        return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                       "code": code}}, status_code=exc.status_code, headers=exc.headers)
+        return refuse(request, exc.status_code, code, message, headers=exc.headers)
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": ""}
-        field = field_from_loc(first.get("loc", ("body",)), first.get("type", ""))
-        message = "malformed JSON" if first.get("type") == "json_invalid" else first.get("msg", "invalid")
-        return error_response(convert.invalid(field, message))
+        loc = tuple(first.get("loc", ("body",)))
+        content_type = request.headers.get("content-type")
+        if loc[:1] == ("body",) and not is_json_content_type(content_type):  # FastAPI left the body unparsed
+            got = repr(content_type[:100]) if content_type else "none"
+            err = convert.invalid("body", f"Content-Type must be application/json, got {got}")
+        else:
+            field = field_from_loc(loc, first.get("type", ""))
+            err = convert.invalid(field, "malformed JSON" if first.get("type") == "json_invalid"
+                                  else first.get("msg", "invalid"))
+        path = route_path(request.scope)
+        policy, request_id = named_in(exc.body, path)
+        return error_response(coord.reject(transport_of(path), policy, err, request_id))
 
-    async def run(transport: str, get_fields: Callable[[], RequestFields], stream_it: bool,
-                  events: Callable[[Prepared, LoopStream], AsyncIterator[str]],
+    async def run(transport: str, body: GenerateBody | CompletionBody | ChatCompletionBody,
+                  get_fields: Callable[[], RequestFields], events: Callable[[Prepared, LoopStream], AsyncIterator[str]],
                   render: Callable[[Any, Prepared], dict[str, Any]]):
-        started, policy = time.perf_counter(), ""
+        # Until the request is validated, failures are labelled with what the client named.
+        started, policy, request_id = time.perf_counter(), body.named_policy(), body.request_id
         try:
-            prepared, stream = await coord.open_stream(get_fields())
-            policy = prepared.policy
+            prepared = coord.prepare_request(get_fields())
+            policy, request_id = prepared.policy, prepared.request_id
+            prepared, stream = await coord.start_stream(prepared)
         except asyncio.CancelledError as exc:  # the client left (counted, then Serve's cancellation goes on)
-            coord.fail(transport, policy, exc)
+            coord.fail(transport, policy, exc, request_id)
             raise
         except Exception as exc:  # noqa: BLE001 (every failure maps to a status)  # bad input is answered before any stream starts
-            return error_response(coord.fail(transport, policy, exc), retry)
-        if stream_it:
+            return error_response(coord.fail(transport, policy, exc, request_id), retry)
+        if body.stream:
             # The status line goes out with the first event: a request that fails before its
             # first step (a pool down or full, no room in the context) gets its real status.
             chunks = events(prepared, stream)
             try:
                 first = await anext(chunks)
             except asyncio.CancelledError as exc:
-                coord.fail(transport, policy, exc)
+                coord.fail(transport, policy, exc, request_id)
                 raise
             except Exception as exc:  # noqa: BLE001 (every failure maps to a status)
-                return error_response(coord.fail(transport, policy, exc), retry)
+                return error_response(coord.fail(transport, policy, exc, request_id), retry)
             return StreamingResponse(guard(transport, prepared, first, chunks, started),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             async for _ in coord.steps_of(stream, prepared):
                 pass
         except asyncio.CancelledError as exc:
-            coord.fail(transport, policy, exc)
+            coord.fail(transport, policy, exc, request_id)
             raise
         except Exception as exc:  # noqa: BLE001 (every failure maps to a status)
-            return error_response(coord.fail(transport, policy, exc), retry)
+            return error_response(coord.fail(transport, policy, exc, request_id), retry)
         response = JSONResponse(render(stream.result, prepared))  # encoded here: counted ok only once it is
         coord.record(transport, policy, "ok", started)
         return response
@@ -241,10 +272,10 @@ def build_http_api(coord: Coordinator) -> FastAPI:
             async for chunk in events:
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):  # the client disconnected mid-stream
-            coord.fail(transport, prepared.policy, asyncio.CancelledError())
+            coord.fail(transport, prepared.policy, asyncio.CancelledError(), prepared.request_id)
             raise
         except Exception as exc:  # noqa: BLE001 (every failure maps to a status)
-            err = coord.fail(transport, prepared.policy, exc)
+            err = coord.fail(transport, prepared.policy, exc, prepared.request_id)
             yield convert.sse(err.json(), event="error" if transport == "http" else None)
             return
         coord.record(transport, prepared.policy, "ok", started)
@@ -269,18 +300,20 @@ def build_http_api(coord: Coordinator) -> FastAPI:
 
     async def openai(body: CompletionBody | ChatCompletionBody, chat: bool):
         model = body.model or coord.cfg.served_model_name
-        return await run("openai", lambda: body.fields(coord.cfg), body.stream, openai_events(model, chat),
+        return await run("openai", body, lambda: body.fields(coord.cfg), openai_events(model, chat),
                          lambda result, prepared: convert.openai_response(result, prepared, model, chat))
 
-    @api.get("/livez")
+    # GET and HEAD: load balancers and uptime checks probe with HEAD.
+    @api.api_route("/livez", methods=["GET", "HEAD"])
     async def livez() -> dict[str, str]:
         """Liveness: the replica's event loop answers. No pool call, no API key."""
         return {"status": "alive"}
 
-    @api.get("/healthz")
+    @api.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
-        """Readiness: 200 while every pool the default policy needs has a running replica,
-        else 503 with Retry-After and the running replicas per pool. No API key."""
+        """Readiness: 200 while every pool the default policy needs serves (a running replica,
+        or scaled to zero by its autoscaler: the next request starts one), else 503 with
+        Retry-After and the running replicas per pool. No API key."""
         serving = await coord.health.current()
         body = {"status": "ok" if serving else "not_serving", "policies": coord.available,
                 "running_replicas": dict(coord.health.running)}
@@ -288,21 +321,25 @@ def build_http_api(coord: Coordinator) -> FastAPI:
             return body
         return JSONResponse(body, status_code=503, headers={"Retry-After": retry_after(retry)})
 
-    @api.get("/v1/models")
+    @api.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models() -> dict[str, Any]:
         return coord.list_models()
 
-    @api.get("/v1/models/{model_id}")
-    async def model(model_id: str) -> dict[str, Any]:
-        """One entry of /v1/models (the OpenAI SDK's ``models.retrieve``)."""
-        found = next((m for m in coord.list_models()["data"] if m["id"] == model_id), None)
+    @api.api_route("/v1/models/{model_id}", methods=["GET", "HEAD"])
+    async def model(model_id: str, request: Request):
+        """One entry of /v1/models (the OpenAI SDK's ``models.retrieve``); 404 ``model_not_found``
+        in OpenAI's shape for an id it does not list."""
+        listed = coord.list_models()["data"]
+        found = next((m for m in listed if m["id"] == model_id), None)
         if found is None:
-            raise StarletteHTTPException(404)
+            expected = ", ".join(repr(m["id"]) for m in listed)
+            return refuse(request, 404, "model_not_found",
+                          f"model {model_id[:64]!r} does not exist; expected one of {expected}", field="model")
         return found
 
     @api.post("/v1/generate")
     async def generate(body: GenerateBody):
-        return await run("http", body.fields, body.stream, generate_events, convert.result_json)
+        return await run("http", body, body.fields, generate_events, convert.result_json)
 
     @api.post("/v1/completions")
     async def completions(body: CompletionBody):
@@ -313,3 +350,36 @@ def build_http_api(coord: Coordinator) -> FastAPI:
         return await openai(body, chat=True)
 
     return api
+
+
+def is_json_content_type(value: str | None) -> bool:
+    """application/json (with any parameters) or application/*+json: what FastAPI parses as JSON."""
+    if not value:
+        return False
+    message = email.message.Message()
+    message["content-type"] = value
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def unreadable_body(cause: BaseException | None) -> convert.ApiError:
+    """422 naming ``body`` for a body that is not JSON text (FastAPI's generic 400 says not why)."""
+    if isinstance(cause, UnicodeDecodeError):
+        detail = f"is not UTF-8 JSON text (invalid byte at position {cause.start})"
+    elif isinstance(cause, RecursionError):
+        detail = "is JSON nested too deeply to parse"
+    else:
+        detail = "could not be parsed as JSON"
+    return convert.invalid("body", detail)
+
+
+def named_in(body: Any, path: str) -> tuple[str | None, str | None]:
+    """(policy, request_id) as a raw JSON body that failed validation names them (the OpenAI
+    routes name a policy by ``model`` too): for its metrics label and log line."""
+    if not isinstance(body, dict):
+        return None, None
+    policy = body.get("policy")
+    if policy is None and path in OPENAI_PATHS:
+        policy = body.get("model")
+    request_id = body.get("request_id")
+    return (policy if isinstance(policy, str) else None), (request_id if isinstance(request_id, str) else None)

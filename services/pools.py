@@ -36,9 +36,10 @@ from typing import Any
 
 import ray
 from ray import serve
-from ray.serve.metrics import Counter, Gauge, Histogram
+from ray.serve.metrics import Counter, Histogram
 
 from arbitrage_common.autoscaling import HeldRows
+from arbitrage_common.counter_deltas import CounterDeltas
 from arbitrage_common.interfaces import Generation, GenerationOptions, ScoreItem, row_options
 from arbitrage_common.lookahead import DraftAhead, chain, chain_rows
 from arbitrage_common.presets import check_pool_model
@@ -229,13 +230,22 @@ class GeneratorPool(_Pool):
         # A session prefix cache of its own (transformers); vLLM's engine caches by content.
         self.cached = not self.engine_batched and getattr(self.backend, "prefix_cache", None) is not None
         if self.engine_batched or self.cached:
-            self._hit_rate = Gauge("arbitrage_pool_prefix_cache_hit_rate", tag_keys=("role",),
-                                   description="Prefix-cache token hit rate of this replica (its engine's, or its "
-                                               "session cache's) since start.")
-            self._hit_rate.set_default_tags({"role": role})
+            # Counters, not a since-start ratio: rate(hits) / rate(queries) over a window shows a
+            # regression at once, where a ratio since start barely moves after hours of uptime.
+            self._prefix_tokens = {
+                "hits": Counter("arbitrage_pool_prefix_cache_hit_tokens_total", tag_keys=("role",),
+                                description="Prefix tokens found in this replica's prefix cache (its engine's, "
+                                            "or its session cache's)."),
+                "queries": Counter("arbitrage_pool_prefix_cache_query_tokens_total", tag_keys=("role",),
+                                   description="Prefix tokens looked up in this replica's prefix cache."),
+            }
+            for counter in self._prefix_tokens.values():
+                counter.set_default_tags({"role": role})
+            self._prefix_seen = CounterDeltas()
         # Token-level speculation (a transformers target verifying the draft's step): counts since start.
-        self._speculation_seen = dict(getattr(self.backend, "speculation", None) or {})
-        if self._speculation_seen:
+        speculation = getattr(self.backend, "speculation", None)
+        self._speculation_seen = CounterDeltas(speculation) if speculation else None
+        if self._speculation_seen is not None:
             self._proposal_tokens = Counter(
                 "arbitrage_pool_proposal_tokens_total", tag_keys=("role", "outcome"),
                 description="Tokens of the draft's step that calls ran as their proposal (outcome=proposed) "
@@ -247,13 +257,16 @@ class GeneratorPool(_Pool):
 
     def _export_speculation(self) -> None:
         """Add the proposal tokens run and kept since the last export to the counter."""
-        if not self._speculation_seen:
+        if self._speculation_seen is None:
             return
-        now = dict(self.backend.speculation)
-        for outcome, total in now.items():
-            if total > self._speculation_seen.get(outcome, 0):
-                self._proposal_tokens.inc(total - self._speculation_seen.get(outcome, 0), tags={"outcome": outcome})
-        self._speculation_seen = now
+        for outcome, grown in self._speculation_seen.since_last(self.backend.speculation).items():
+            self._proposal_tokens.inc(grown, tags={"outcome": outcome})
+
+    def _export_prefix_cache(self, hits: int, queries: int) -> None:
+        """Add the prefix-cache tokens looked up and reused since the last export (``hits`` and
+        ``queries``: the cache's totals since start) to the counters."""
+        for name, grown in self._prefix_seen.since_last({"hits": hits, "queries": queries}).items():
+            self._prefix_tokens[name].inc(grown)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         if not self.engine_batched:  # the Serve batch knobs do not apply to an engine-batched pool
@@ -327,7 +340,8 @@ class GeneratorPool(_Pool):
             seconds = time.perf_counter() - started
             self._stats["forward_s"] += seconds
             self._batch_ms.observe(seconds * 1000.0)
-            self._hit_rate.set(self.backend.stats()["prefix_cache_hit_rate"])
+            engine = self.backend.stats()
+            self._export_prefix_cache(engine["prefix_cache_hits"], engine["prefix_cache_queries"])
 
     async def release(self, session: str) -> bool:
         """Drop a finished request's cached prefix; True if this replica held one."""
@@ -379,7 +393,8 @@ class GeneratorPool(_Pool):
         chains = await self._run(chain_rows, run, flat, rows, plans)
         self._export_speculation()
         if self.cached:
-            self._hit_rate.set(self.backend.prefix_cache.info()["hit_rate"])
+            cache = self.backend.prefix_cache.info()
+            self._export_prefix_cache(cache["hits"], cache["queries"])
         return [[gen for row in part for gen in row] for part in _split(chains, [len(ps) for ps in prefix_lists])]
 
     async def context_info(self) -> dict[str, int | None]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 from arbitrage_common.config import AppConfig
 from arbitrage_common.errors import InvalidArgument
@@ -45,14 +45,26 @@ class RequestFields:
     budget_field: str = "max_new_tokens"  # what the client called the token budget (OpenAI: max_tokens)
 
 
+def new_session_id() -> str:
+    """A key no other request holds: the client's request_id need not be unique."""
+    return uuid.uuid4().hex
+
+
 @dataclass(frozen=True)
 class Prepared:
-    """A validated request: the loop request plus what the response echoes."""
+    """A validated request: the loop request plus what the response echoes.
+
+    ``request_id`` is the client's (echoed, logged); ``session_id`` is the server's own key
+    for the pools (replica affinity, merge lane, prefix cache, its release), so two requests
+    that send one request_id never share a session. ``prompt_field`` names the field the
+    prompt came from (``prompt`` or ``messages[i].content``), for errors found later."""
 
     request: LoopRequest
     policy: str
     threshold: float | None
     request_id: str
+    session_id: str = field(default_factory=new_session_id)
+    prompt_field: str = "prompt"
 
 
 def _int_in(name: str, value: Any, default: int, limit: int) -> int:
@@ -76,7 +88,8 @@ def _utf8(name: str, text: str) -> None:
         raise InvalidArgument(name, f"is not valid Unicode text (a lone surrogate at character {exc.start})") from None
 
 
-def _prompt(fields: RequestFields, limit: int) -> str:
+def _prompt(fields: RequestFields, limit: int) -> tuple[str, str]:
+    """The problem text and the field it came from (chat: the last user message's content)."""
     if fields.prompt and fields.messages is not None:
         raise InvalidArgument("prompt", "set prompt or messages, not both")
     if fields.messages is not None:
@@ -85,10 +98,10 @@ def _prompt(fields: RequestFields, limit: int) -> str:
                 raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
             if isinstance(content, str):
                 _utf8(f"messages[{i}].content", content)
-        users = [content for role, content in fields.messages if role == "user"]
+        users = [i for i, (role, _) in enumerate(fields.messages) if role == "user"]
         if not users:
             raise InvalidArgument("messages", "needs at least one 'user' message (the problem)")
-        prompt, name = users[-1], "messages"
+        prompt, name = fields.messages[users[-1]][1], f"messages[{users[-1]}].content"
     else:
         prompt, name = fields.prompt or "", "prompt"
     if not isinstance(prompt, str) or not prompt.strip():
@@ -96,14 +109,27 @@ def _prompt(fields: RequestFields, limit: int) -> str:
     if len(prompt) > limit:
         raise InvalidArgument(name, f"is {len(prompt)} characters; the limit is {limit}")
     _utf8(name, prompt)
-    return prompt
+    return prompt, name
+
+
+def _allowed_policy(fields: RequestFields, cfg: AppConfig) -> str:
+    """The policy the request runs with; one the operator did not allow is refused, and so is
+    an explicit threshold where ``policy.threshold_override`` is off."""
+    name = fields.policy or cfg.policy.default
+    allowed = cfg.policy.allowed
+    if fields.policy is not None and allowed is not None and name in POLICIES and name not in allowed:
+        raise InvalidArgument("policy", f"{name!r} is not allowed on this server; allowed: {', '.join(allowed)}")
+    if fields.threshold is not None and not cfg.policy.threshold_override:
+        raise InvalidArgument("threshold", "is set by the server here (policy.threshold_override is off); "
+                                           "leave it unset")
+    return name
 
 
 def prepare(fields: RequestFields, cfg: AppConfig) -> Prepared:
     """Apply defaults and limits; raise ``InvalidArgument`` naming the first bad field."""
     limits = cfg.limits
-    prompt = _prompt(fields, limits.max_prompt_chars)
-    name = fields.policy or cfg.policy.default
+    prompt, prompt_field = _prompt(fields, limits.max_prompt_chars)
+    name = _allowed_policy(fields, cfg)
     threshold = fields.threshold
     if threshold is None and name == cfg.policy.default:
         threshold = cfg.policy.threshold
@@ -139,7 +165,8 @@ def prepare(fields: RequestFields, cfg: AppConfig) -> Prepared:
                           options=GenerationOptions(temperature=float(temperature), seed=seed),
                           deadline_s=timeout, prompt_template=cfg.prompt.template,
                           pipeline=limits.step_pipelining, lookahead=limits.draft_lookahead)
-    return Prepared(request=request, policy=name, threshold=policy.threshold, request_id=request_id)
+    return Prepared(request=request, policy=name, threshold=policy.threshold, request_id=request_id,
+                    prompt_field=prompt_field)
 
 
 # -- gRPC ---------------------------------------------------------------------------------
@@ -181,8 +208,13 @@ class _Extensions(BaseModel):
     max_steps: StrictInt | None = Field(None, description="Most reasoning steps.")
     seed: StrictInt | None = Field(None, description="Sampling / random-policy seed (64-bit).")
     temperature: StrictFloat | None = Field(None, description="0 = greedy.")
-    request_id: StrictStr | None = Field(None, description="Echoed in the response.")
+    request_id: StrictStr | None = Field(None, description="Echoed in the response and logged (the server keys "
+                                                           "its caches by its own id).")
     timeout_s: StrictFloat | None = Field(None, description="Deadline in seconds (capped by the server).")
+
+    def named_policy(self) -> str | None:
+        """The policy the client named (before validation): for metrics labels."""
+        return self.policy
 
 
 class GenerateBody(_Extensions):
@@ -208,9 +240,19 @@ UNSUPPORTED_OPENAI = {"stop": (None, [], ""), "logprobs": (None, False, 0), "top
                       "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "top_p": (None, 1, 1.0),
                       "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
                       "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
-                      "response_format": (None, {"type": "text"}),
+                      "tool_choice": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+                      "reasoning_effort": (None,), "modalities": (None, ["text"]), "audio": (None,),
+                      "prediction": (None,),
                       # vLLM's extensions that clients of vLLM servers send
-                      "top_k": (None, -1, 0), "min_p": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0)}
+                      "top_k": (None, -1, 0), "min_p": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
+                      "stop_token_ids": (None, []), "min_tokens": (None, 0), "ignore_eos": (None, False),
+                      "bad_words": (None, []), "guided_json": (None,), "guided_choice": (None,),
+                      "guided_regex": (None,), "guided_grammar": (None,), "structured_outputs": (None,)}
+
+
+def _is_default(value: Any, defaults: tuple[Any, ...]) -> bool:
+    """``value`` is one of ``defaults`` as JSON means it (``True`` is not 1, nor ``0`` False)."""
+    return any(type(value) is type(d) and value == d or value is d for d in defaults)
 
 
 class _OpenAIBody(_Extensions):
@@ -218,8 +260,22 @@ class _OpenAIBody(_Extensions):
     model: StrictStr | None = Field(None, description="'arbitrage-serve' (default policy) or a policy name.")
     max_tokens: StrictInt | None = Field(None, description="Token budget over all kept steps.")
     max_new_tokens: StrictInt | None = Field(None, description="This API's name for max_tokens.")
-    n: StrictInt = Field(1, description="Only 1 is supported.")
-    stream: StrictBool = False
+    max_completion_tokens: StrictInt | None = Field(None, description="Alias of max_tokens (set one).")
+    n: StrictInt = Field(1, description="Only 1 is supported (null: 1).")
+    stream: StrictBool = Field(False, description="Server-sent events (null: false).")
+
+    @field_validator("n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: Any) -> Any:
+        """OpenAI types ``n`` and ``stream`` nullable; null asks for the default."""
+        return cls.model_fields[info.field_name].default if value is None else value
+
+    def named_policy(self) -> str | None:
+        """The policy the client named: ``policy``, else ``model`` when it is a policy name."""
+        return self.policy or (self.model if self.model in POLICIES else None)
+
+    def _openai_budget(self) -> tuple[str, int | None]:
+        return self._budget(("max_completion_tokens", self.max_completion_tokens), ("max_tokens", self.max_tokens))
 
     def _budget(self, *named: tuple[str, int | None]) -> tuple[str, int | None]:
         given = [(name, value) for name, value in named if value is not None]
@@ -229,8 +285,8 @@ class _OpenAIBody(_Extensions):
 
     def _common(self, cfg: AppConfig, budget: tuple[str, int | None], **kw: Any) -> RequestFields:
         for name, value in (self.model_extra or {}).items():
-            if name in UNSUPPORTED_OPENAI and value not in UNSUPPORTED_OPENAI[name]:
-                raise InvalidArgument(name, f"is not supported by this server (got {value!r})")
+            if name in UNSUPPORTED_OPENAI and not _is_default(value, UNSUPPORTED_OPENAI[name]):
+                raise InvalidArgument(name, f"is not supported by this server (got {str(value)[:80]!r})")
         if self.n != 1:
             raise InvalidArgument("n", f"only n=1 is supported, got {self.n}")
         policy = self.policy
@@ -240,6 +296,9 @@ class _OpenAIBody(_Extensions):
                                                f"or a policy name ({', '.join(POLICIES)})")
             if policy is not None and policy != self.model:
                 raise InvalidArgument("policy", f"{policy!r} conflicts with model {self.model!r}; set one of them")
+            if cfg.policy.allowed is not None and self.model not in cfg.policy.allowed:
+                raise InvalidArgument("model", f"{self.model!r} is not allowed on this server; allowed: "
+                                               f"{cfg.served_model_name!r} or {', '.join(cfg.policy.allowed)}")
             policy = self.model
         budget_field, budget_value = self._budget(budget, ("max_new_tokens", self.max_new_tokens))
         return RequestFields(policy=policy, threshold=self.threshold, max_steps=self.max_steps,
@@ -258,18 +317,16 @@ class CompletionBody(_OpenAIBody):
             if len(prompt) != 1:
                 raise InvalidArgument("prompt", f"only one prompt per request is supported, got {len(prompt)}")
             prompt = prompt[0]
-        return self._common(cfg, ("max_tokens", self.max_tokens), prompt=prompt)
+        return self._common(cfg, self._openai_budget(), prompt=prompt)
 
 
 class ChatCompletionBody(_OpenAIBody):
     """``POST /v1/chat/completions`` (OpenAI-compatible)."""
 
     messages: list[ChatMessageBody] = Field(description="The conversation; the last user message is the problem.")
-    max_completion_tokens: StrictInt | None = Field(None, description="Alias of max_tokens.")
 
     def fields(self, cfg: AppConfig) -> RequestFields:
-        budget = self._budget(("max_completion_tokens", self.max_completion_tokens), ("max_tokens", self.max_tokens))
-        return self._common(cfg, budget, messages=_messages(self.messages))
+        return self._common(cfg, self._openai_budget(), messages=_messages(self.messages))
 
 
 def _messages(msgs: list[ChatMessageBody] | None) -> list[tuple[str, str]] | None:

@@ -22,7 +22,8 @@ def add_router_parser(sub) -> None:
                       help="problem mix: math, olympiad, or a comma list (problems alternate)")
     data.add_argument("--prm", type=existing_path, help="PRM checkpoint that labels the steps (default: <models-dir>/prm)")
     data.add_argument("--endpoint", help="HOST:PORT of a running service (e.g. a GPU preset): collect over gRPC "
-                                         "with policy oracle at threshold 0 instead of the bundled models in-process")
+                                         "with policy oracle at threshold 0 instead of the bundled models in-process "
+                                         "(API key from $ARBITRAGE_API_KEY)")
     data.add_argument("--app", help="with --endpoint: Serve application name (gRPC metadata)")
     data.add_argument("--dataset", type=dataset_name, help="with --endpoint: problems of this benchmark's file "
                                                            "(a training split: never the one you bench on)")
@@ -82,7 +83,8 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--confirm-n", type=positive_int, default=None, help="problems in the wall-clock confirmation")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--no-progress", action="store_true")
-    bench.add_argument("--endpoint", help="HOST:PORT of a running service: sweep over gRPC instead of in-process")
+    bench.add_argument("--endpoint", help="HOST:PORT of a running service: sweep over gRPC instead of in-process "
+                                          "(API key from $ARBITRAGE_API_KEY)")
     bench.add_argument("--app", help="Serve application name (gRPC metadata) when several apps run")
     bench.add_argument("--dataset", type=dataset_name,
                        help="sweep real math problems instead of the synthetic task: math500, olympiadbench, gsm8k "

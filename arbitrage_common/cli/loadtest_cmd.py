@@ -14,8 +14,8 @@ def add_loadtest_parser(sub) -> None:
     p = sub.add_parser("loadtest", help="locust load test: requests/s, latency percentiles, TTFS, time per step, "
                                         "goodput, pools over time (loadtests/)")
     where = p.add_argument_group("service (default: start the embedded default here)")
-    where.add_argument("--grpc", help="HOST:PORT of a running service's gRPC API")
-    where.add_argument("--http", help="base URL of a running service's HTTP API")
+    where.add_argument("--grpc", help="HOST:PORT of a running service's gRPC API (API key from $ARBITRAGE_API_KEY)")
+    where.add_argument("--http", help="base URL of a running service's HTTP API (API key from $ARBITRAGE_API_KEY)")
     where.add_argument("--app", help="Serve application name (gRPC metadata) when several apps run")
     where.add_argument("--config", help="AppConfig of the service started here (default: the embedded default)")
     where.add_argument("--metrics", action="append", default=[], metavar="URL",

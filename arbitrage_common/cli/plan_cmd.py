@@ -28,10 +28,12 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_plan)
     plan_sub = p.add_subparsers(dest="plan_cmd")
-    prof = plan_sub.add_parser("profile", help="measure per-pool service time vs batch size (and, with --grpc, "
-                                               "overheads and steps per request from a running service)")
+    prof = plan_sub.add_parser("profile", help="measure per-pool service time vs batch size, in this process with "
+                                               "the transformers backend (no vllm pools), and, with --grpc, overheads "
+                                               "and steps per request from a running service")
     prof.add_argument("--config", help="AppConfig whose checkpoints are profiled (default: the embedded default)")
-    prof.add_argument("--grpc", help="HOST:PORT of the running service to calibrate overheads against")
+    prof.add_argument("--grpc", help="HOST:PORT of the running service to measure steps per request and "
+                                     "overheads against (it times no pool; API key from $ARBITRAGE_API_KEY)")
     prof.add_argument("--app", help="Serve application name (gRPC metadata)")
     prof.add_argument("--policy", default="arbitrage")
     prof.add_argument("--n", type=positive_int, default=20, help="requests for the calibration")
@@ -87,11 +89,12 @@ def load_profile(path: str, flag: str = "--profile"):
 def _profile(args) -> int:
     from ..config import default_config, load_config
     from ..planning.planner import check_policy
-    from ..planning.profile import build_profile
+    from ..planning.profile import build_profile, check_profilable
 
     check_policy(args.policy)  # before any model loads
 
     cfg = load_config(args.config) if args.config else default_config()
+    check_profilable(cfg)  # a vLLM pool cannot be timed here: refused before any model loads
     cores = args.cores if args.cores else None
     prof = build_profile(cfg, args.grpc, args.app, args.policy, args.n, args.seed, cores)
     out = Path(args.out)

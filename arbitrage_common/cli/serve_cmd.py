@@ -35,7 +35,8 @@ def add_serve_parsers(sub) -> None:
     bench = serve_sub.add_parser("bench", help="serving overhead, throughput at N clients / 1, startup seconds")
     bench.add_argument("--config", help="AppConfig YAML (models of the in-process reference, and of the "
                                         "service when it is started here)")
-    bench.add_argument("--endpoint", help="bench a running service at HOST:PORT (gRPC) instead of starting one")
+    bench.add_argument("--endpoint", help="bench a running service at HOST:PORT (gRPC) instead of starting one; "
+                                          "its API key, if it has one, from $ARBITRAGE_API_KEY")
     bench.add_argument("--backend", choices=("transformers", "vllm"),
                        help="when starting the service: its draft and target pools on this backend, as `serve "
                             "--backend` (the in-process reference stays on transformers)")
@@ -52,9 +53,12 @@ def add_serve_parsers(sub) -> None:
     bench.add_argument("--json", action="store_true", help="one JSON object instead of lines")
     bench.set_defaults(func=_bench)
 
-    gen = sub.add_parser("generate", help="ask a running service (gRPC)")
+    gen = sub.add_parser("generate", help="ask a running service (gRPC; API key from $ARBITRAGE_API_KEY)",
+                         description="Ask a running service over gRPC. A service with API keys needs one: "
+                                     "export ARBITRAGE_API_KEY=<key> (sent as 'authorization: Bearer <key>').")
     gen.add_argument("prompt")
-    gen.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"HOST:PORT of the gRPC API ({DEFAULT_ENDPOINT})")
+    gen.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"HOST:PORT of the gRPC API ({DEFAULT_ENDPOINT}); "
+                                                                  "API key from $ARBITRAGE_API_KEY")
     gen.add_argument("--app", help="Serve application name (gRPC metadata) when several apps run")
     gen.add_argument("--policy", help="draft, target, rsd, arbitrage, oracle, random (default: the server's)")
     gen.add_argument("--threshold", type=float)

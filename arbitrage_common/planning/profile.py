@@ -1,13 +1,16 @@
 """``arbitrage plan profile``: the planner's inputs, measured.
 
-1. Per-pool service time against batch size: each pool's backend, in this process, on the
-   bundled (or configured) checkpoints, on prefixes of real solutions at a random step (seeded;
-   for the target, steps the draft writes differently, with the draft's step as the proposal,
-   as a rewrite runs), timed at batch sizes 1..max; a line ``base + per_item * b`` is fitted.
+1. Per-pool service time against batch size: each pool's transformers backend, in this
+   process, on the bundled (or configured) checkpoints, on prefixes of real solutions at a
+   random step (seeded; for the target, steps the draft writes differently, with the draft's
+   step as the proposal, as a rewrite runs), timed at batch sizes 1..max; a line
+   ``base + per_item * b`` is fitted. The transformers generator runs on the CPU, so a config
+   with a vLLM pool is refused (``check_profilable``): its curve would be CPU timings of another
+   engine.
 2. With ``--grpc``: the overheads the pools do not see and the request shape, from a few
    one-at-a-time requests to the running service (the one client module): steps per request
    and target-step fraction of the policy, per-call hop and per-request overhead (measured
-   latency minus the pools' stage times the service reports).
+   latency minus the pools' stage times the service reports). It times no pool.
 A benchmark tool: it loads models, so it is never imported by the serving path."""
 from __future__ import annotations
 
@@ -70,6 +73,22 @@ def rewrites(cfg: AppConfig, target, options: GenerationOptions, n: int, seed: i
     return [p for p, _ in picked], [o for _, o in picked]
 
 
+def check_profilable(cfg: AppConfig) -> None:
+    """ValueError naming ``pools.<role>.model.backend`` of every pool this command cannot time:
+    it loads each pool's transformers backend here, and the transformers generator has no
+    device code (CPU only), so a vLLM pool would get CPU timings of another engine."""
+    fields = [f"pools.{role}.model.backend is {spec.model.backend!r}" for role, spec in cfg.pools.configured()
+              if spec.model.backend != "transformers"]
+    if fields:
+        raise ValueError(
+            f"{', '.join(fields)}: `plan profile` times each pool with the transformers backend in this "
+            f"process (its generator runs on the CPU), so it cannot time a vLLM engine nor a generator on a GPU; --grpc "
+            f"measures only steps per request, the target-step fraction and the hop and per-request overheads of "
+            f"the running service, no pool's service time. Profile a config whose pools use backend "
+            f"'transformers', or write the vLLM pools' curves (base_ms, per_item_ms) into a profile by hand, as "
+            f"docs/examples/gpu-profile-llama-1b-8b.assumed.json does")
+
+
 def _generator(spec, cfg: AppConfig):
     """A pool's transformers generator, as configured."""
     from ..backends.hf_generator import HFStepGenerator
@@ -83,6 +102,8 @@ def profile_pools(cfg: AppConfig, batch_sizes=BATCH_SIZES, seed: int = 0, repeat
     """Service curves per pool; ``rewrites_only``: time the target on rewrites (``rewrites``),
     as arbitrage and RSD call it, not on every step, as the target policy does."""
     from ..backends.scorers import load_step_scorer
+
+    check_profilable(cfg)  # before any model loads
 
     inputs = _inputs(max(batch_sizes), seed)
     options = GenerationOptions(max_new_tokens=step_tokens or cfg.limits.step_max_tokens)

@@ -213,6 +213,44 @@ def test_a_config_pinned_by_custom_resources_and_labels_renders_a_valid_rayservi
     assert draft["resources"] == {"pool_draft": 1.0}
 
 
+def test_volumes_service_account_pull_secrets_and_head_scheduling_render_what_the_crd_takes(tmp_path):
+    """The config's own Pod options (a models PVC on the GPU groups, a ServiceAccount, pull
+    secrets, the head's nodeSelector and tolerations): a RayService the CRD takes, whose Pod
+    templates Kubernetes' own schema takes, built with its overlay."""
+    data = target_config("llama-1b-8b").model_dump(mode="json")
+    pvc = {"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
+    mount = {"name": "models", "mountPath": "/models", "readOnly": True}
+    for group in ("draft", "target", "scorers"):
+        data["cluster"][group].update(volumes=[pvc], volume_mounts=[mount])
+    data["cluster"].update(service_account_name="arbitrage", image_pull_secrets=["registry"])
+    data["cluster"]["head"].update(node_selector={"pool": "system"},
+                                   tolerations=[{"key": "system", "operator": "Exists", "effect": "NoSchedule"}])
+    (manifest,) = [d for d in built_elsewhere(tmp_path, AppConfig.model_validate(data), "x", "x")
+                   if d["kind"] == "RayService"]
+    errors = sorted(crd_validator().iter_errors(manifest), key=lambda e: list(e.path))
+    assert not errors, [f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors[:5]]
+    assert not unknown_fields(manifest, crd_schema())
+    cluster = manifest["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]
+    assert head["spec"]["nodeSelector"] == {"pool": "system"} and head["spec"]["serviceAccountName"] == "arbitrage"
+    for template in [head] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        _validate_core(_pod(template))
+    target = next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == "target")["template"]["spec"]
+    assert pvc in target["volumes"] and mount in target["containers"][0]["volumeMounts"]
+
+
+@pytest.mark.parametrize("target", target_names())
+def test_every_cluster_has_ray_token_auth_and_a_pod_per_required_coordinator(target):
+    manifest = yaml.safe_load((K8S / "base" / target / "rayservice.yaml").read_text())
+    cluster = manifest["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token"}  # the dashboard and job API want KubeRay's token
+    coordinator = next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == "coordinator")
+    cfg = target_config(target)
+    auto = cfg.coordinator.autoscaling_config
+    required = auto.min_replicas if auto is not None else (cfg.coordinator.num_replicas or 1)
+    assert coordinator["minReplicas"] >= required
+
+
 @pytest.mark.parametrize("target", target_names())
 def test_serve_config_is_ray_serves_schema_and_the_cluster_config(target):
     from ray.serve.schema import ServeDeploySchema
@@ -394,5 +432,7 @@ def test_dashboard_queries_cover_what_an_operator_watches():
     metrics = dashboard_metrics()
     for needed in ("ray_arbitrage_requests_total", "ray_arbitrage_request_ms_bucket",
                    "ray_arbitrage_first_step_ms_bucket", "ray_arbitrage_steps_total",
-                   "ray_arbitrage_pool_batch_size_bucket", "ray_arbitrage_pool_prefix_cache_hit_rate"):
+                   "ray_arbitrage_pool_batch_size_bucket", "ray_arbitrage_pool_prefix_cache_hit_tokens_total",
+                   "ray_arbitrage_pool_prefix_cache_query_tokens_total", "ray_serve_num_http_error_requests_total",
+                   "ray_serve_num_grpc_error_requests_total"):
         assert needed in metrics, needed

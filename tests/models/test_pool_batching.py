@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from arbitrage_common.backends.hf_generator import HFStepGenerator
+from arbitrage_common.counter_deltas import CounterDeltas
 from arbitrage_common.interfaces import GenerationOptions
 from arbitrage_common.steps import build_prefix
 from arbitrage_common.synthetic import generate_problems
@@ -15,24 +16,32 @@ pools = pytest.importorskip("services.pools")
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
+class _Recorder:
+    """A counter: ``inc`` records."""
+
+    def __init__(self) -> None:
+        self.added: list[float] = []
+
+    def inc(self, value: float) -> None:
+        self.added.append(value)
+
+
 class _PoolSelf:
     """The attributes ``_generate_batched`` uses, with a real backend; the pool's own
-    ``_export_speculation`` feeds a counter that records."""
+    ``_export_speculation`` and ``_export_prefix_cache`` feed counters that record."""
 
     _export_speculation = pools.GeneratorPool._export_speculation
+    _export_prefix_cache = pools.GeneratorPool._export_prefix_cache
 
     def __init__(self, backend):
         self.backend = backend
         self.cached = backend.prefix_cache is not None
         self.passes: list[int] = []
-        self.hit_rates: list[float] = []
-        self._hit_rate = self  # the gauge: ``set`` records
-        self._speculation_seen = dict(backend.speculation)
+        self._prefix_seen = CounterDeltas()
+        self._prefix_tokens = {name: _Recorder() for name in ("hits", "queries")}  # the counters
+        self._speculation_seen = CounterDeltas(backend.speculation)
         self._proposal_tokens = self  # the counter: ``inc`` records
         self.exported: dict[str, float] = {}
-
-    def set(self, value: float) -> None:
-        self.hit_rates.append(value)
 
     def inc(self, value: float, tags: dict[str, str]) -> None:
         self.exported[tags["outcome"]] = self.exported.get(tags["outcome"], 0) + value
@@ -62,7 +71,11 @@ def test_calls_with_different_options_share_one_pass_and_keep_their_results():
     # the second pass reuses something on every row with a session (both of "b"'s rows share
     # the prompt template's tokens)
     assert backend.prefix_cache.info()["requests"] == 10 and backend.prefix_cache.info()["misses"] == 5
-    assert fake.hit_rates[0] == 0.0 and 0.0 < fake.hit_rates[1] < 1.0  # the gauge follows the cache
+    # the counters hold the cache's token totals: nothing reused by the first pass, some by the second
+    tokens = {name: counter.added for name, counter in fake._prefix_tokens.items()}
+    assert tokens == {"hits": [backend.prefix_cache.info()["hits"]],
+                      "queries": [backend.prefix_cache.info()["queries"] // 2] * 2}
+    assert 0 < tokens["hits"][0] < tokens["queries"][1]
     alone = [HFStepGenerator(MODELS / "draft", prefix_cache_bytes=0).generate_batch(p, o) for p, o in calls]
     as_triples = lambda gens: [(g.text, g.tokens, g.finish_reason) for g in gens]
     for merged in passes:

@@ -90,7 +90,7 @@ BAD = [
     ({"prompt": "Start with 1.", "max_steps": "many"}, "max_steps"),
     ({"prompt": "Start with 1.", "threshold": "high"}, "threshold"),
     ({"prompt": "Start with 1.", "bogus": 1}, "bogus"),
-    ({"messages": [{"role": "user", "content": ""}]}, "messages"),
+    ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
 ]
 

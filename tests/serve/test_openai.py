@@ -83,4 +83,4 @@ def test_an_empty_chat_is_rejected_naming_messages(client):
 def test_empty_chat_prompt_is_rejected(client):
     with pytest.raises(openai.UnprocessableEntityError) as info:
         client.chat.completions.create(model="draft", messages=[{"role": "user", "content": " "}])
-    assert info.value.body["param"] == "messages"
+    assert info.value.body["param"] == "messages[0].content"

@@ -17,6 +17,7 @@ from arbitrage_common.auth import AuthConfigError
 from arbitrage_common.config import AppConfig, AuthSpec, LimitsSpec, ModelSpec, PoolSpec, PoolsSpec
 from arbitrage_common.errors import InvalidArgument
 from services import convert
+from services.coordinator import Coordinator
 from services.http_api import BodyLimitMiddleware, build_http_api, route_path
 
 LIMIT = 2048
@@ -36,8 +37,9 @@ class FakeHealth:
 
 
 class FakeCoordinator:
-    """What services.http_api uses of a Coordinator. ``open_stream`` records the fields it
-    got (so a test sees the body reached the route) and refuses them as bad input."""
+    """What services.http_api uses of a Coordinator. ``prepare_request`` records the fields it
+    got (so a test sees the body reached the route) and refuses them as bad input. ``records``
+    holds (transport, policy label, status) as the real coordinator labels them."""
 
     def __init__(self, auth: AuthSpec | None = None, api_keys=None, limit: int = LIMIT, fail_with=None):
         pool = PoolSpec(model=ModelSpec(path="m"))
@@ -51,15 +53,17 @@ class FakeCoordinator:
         self.records: list[tuple[str, str, str]] = []
         self.fail_with = fail_with
 
-    def record(self, transport: str, policy: str, status: str, started: float | None = None) -> None:
-        self.records.append((transport, policy, status))
+    def record(self, transport: str, policy: str | None, status: str, started: float | None = None) -> None:
+        self.records.append((transport, Coordinator.policy_label(policy), status))
 
-    def fail(self, transport: str, policy: str, exc: BaseException) -> convert.ApiError:
-        err = convert.classify(exc)
+    def reject(self, transport, policy, err, request_id=None, exc=None) -> convert.ApiError:
         self.record(transport, policy, err.code)
         return err
 
-    async def open_stream(self, fields):
+    def fail(self, transport: str, policy: str | None, exc: BaseException, request_id=None) -> convert.ApiError:
+        return self.reject(transport, policy, convert.classify(exc), request_id, exc)
+
+    def prepare_request(self, fields):
         self.opened.append(fields)
         if self.fail_with is not None:
             raise self.fail_with
@@ -136,7 +140,7 @@ def test_unauthenticated_requests_are_counted_by_transport(secured):
     coord, client = secured
     client.post("/v1/completions", json={"prompt": PROMPT})
     client.post("/v1/generate", json={"prompt": PROMPT})
-    assert coord.records == [("openai", "", "unauthenticated"), ("http", "", "unauthenticated")]
+    assert coord.records == [("openai", "none", "unauthenticated"), ("http", "none", "unauthenticated")]
 
 
 def test_without_keys_nothing_is_checked():
@@ -168,7 +172,7 @@ def test_a_body_over_the_limit_by_content_length_is_refused_unread():
     r = _generate(_client(coord), prompt="x" * (LIMIT + 10))
     _assert_413(r)
     assert "is 2" in r.json()["error"]["message"]  # the declared size is named
-    assert coord.opened == [] and coord.records == [("http", "", "payload_too_large")]
+    assert coord.opened == [] and coord.records == [("http", "none", "payload_too_large")]
 
 
 def test_a_body_at_the_limit_passes():
@@ -193,6 +197,7 @@ def test_a_chunked_body_without_content_length_is_counted():
     assert "content-length" not in {k.lower() for k in r.request.headers}
     _assert_413(r)
     assert coord.opened == []
+    assert coord.records == [("http", "none", "payload_too_large")]  # once: FastAPI's own 400 is not counted
     small = json.dumps({"prompt": PROMPT}).encode()
     r = client.post("/v1/generate", content=chunks(small), headers={"content-type": "application/json"})
     assert r.status_code == 422 and coord.opened[0].prompt == PROMPT
@@ -201,7 +206,7 @@ def test_a_chunked_body_without_content_length_is_counted():
 def test_the_auth_check_runs_before_the_body_limit(secured):
     coord, client = secured
     assert _generate(client, prompt="x" * (LIMIT + 10)).status_code == 401
-    assert coord.records == [("http", "", "unauthenticated")]
+    assert coord.records == [("http", "none", "unauthenticated")]
 
 
 def _run_asgi(app, chunks: list[bytes], headers: list[tuple[bytes, bytes]] | None = None):
@@ -283,7 +288,7 @@ def test_a_cancelled_request_is_counted_as_cancelled():
     # The cancellation goes on, up to Serve (TestClient's portal reports it as its own kind).
     with pytest.raises((asyncio.CancelledError, concurrent.futures.CancelledError)):
         _generate(_client(coord))
-    assert coord.records == [("http", "", "cancelled")]
+    assert coord.records == [("http", "none", "cancelled")]
 
 
 def test_retry_after_is_whole_seconds_rounded_up_and_never_zero():
@@ -300,11 +305,14 @@ class SteppingCoordinator(FakeCoordinator):
         super().__init__()
         self.steps, self.fail_after = steps, fail_after
 
-    async def open_stream(self, fields):
+    def prepare_request(self, fields):
         from services.validation import Prepared
 
         self.opened.append(fields)
-        return Prepared(request=None, policy="draft", threshold=None, request_id="r1"), object()
+        return Prepared(request=None, policy="draft", threshold=None, request_id="r1")
+
+    async def start_stream(self, prepared):
+        return prepared, object()
 
     async def steps_of(self, stream, prepared):
         from arbitrage_common.accounting import StepRecord
@@ -351,7 +359,7 @@ def test_a_stream_that_fails_after_a_step_keeps_its_200_and_ends_with_an_error_e
 # -- routes that do not exist, and OpenAI's chat forms ----------------------------------------
 @pytest.mark.parametrize(("method", "path", "status", "code"), [
     ("get", "/v1/generate", 405, "method_not_allowed"), ("get", "/v1/nope", 404, "not_found"),
-    ("get", "/v1/models/no-such-model", 404, "not_found"), ("post", "/v1/models", 405, "method_not_allowed"),
+    ("post", "/v1/models", 405, "method_not_allowed"),
 ])
 def test_unknown_routes_and_methods_answer_in_the_apis_error_shape(method, path, status, code):
     reply = getattr(_client(FakeCoordinator()), method)(path)

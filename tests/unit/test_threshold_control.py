@@ -1,6 +1,8 @@
 """Load-aware thresholds (arbitrage_common.threshold_control): the control law with time passed in."""
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -8,7 +10,12 @@ from pydantic import ValidationError
 
 from arbitrage_common import config as C
 from arbitrage_common.policies import POLICY_NAMES, make_policy
-from arbitrage_common.threshold_control import ADJUSTABLE_POLICIES, FEWER_TARGET_CALLS, LoadController
+from arbitrage_common.threshold_control import (
+    ADJUSTABLE_POLICIES,
+    FEWER_TARGET_CALLS,
+    REFERENCE_REQUEST_S,
+    LoadController,
+)
 
 BUDGET = 400.0
 
@@ -366,3 +373,182 @@ def test_the_documented_example_config_is_valid():
     data["policy"] = example["policy"]
     lc = C.AppConfig.model_validate(data).policy.load_control
     assert lc.enabled and lc.latency_budget_ms == 400 and lc.threshold_limits == {"arbitrage": 0.9}
+
+
+# -- the target pool's autoscaler first (can_scale) ------------------------------------------
+
+
+def test_while_the_target_pool_can_add_replicas_the_offset_only_falls():
+    ctl = _ctl()
+    t = _drive(ctl, 2 * BUDGET, 0.0, 4.0)
+    raised = ctl.offset
+    assert raised == pytest.approx(0.2)
+    ctl.update(t, can_scale=True)            # the pool can grow: overload no longer raises it
+    t = _drive(ctl, 2 * BUDGET, t, 5.0)
+    assert ctl.offset == pytest.approx(raised - 5 * 0.02)  # each interval counted as idle
+    assert ctl.snapshot()["error"] == pytest.approx(1.0) and ctl.snapshot()["can_scale"] == 1  # measured error kept
+    t = _drive(ctl, 2 * BUDGET, t, 60.0)
+    assert ctl.offset == 0.0
+    ctl.update(t, can_scale=False)           # at its max: the controller sheds load again
+    _drive(ctl, 2 * BUDGET, t, 2.0)
+    assert ctl.offset == pytest.approx(0.1) and not ctl.can_scale
+
+
+def _autoscaled_pool(demand: float, seconds: float = 600.0, max_replicas: int = 8):
+    """The controller beside a target pool that autoscales on rows (Serve's rule: desired =
+    ceil(rows / target_ongoing_requests), up after 5 s, down after 60 s). Demand: ``demand``
+    rows/s at threshold 0.5, uniform router scores (threshold t sends demand * (1 - t) / 0.5);
+    each replica serves 160 rows/s, latency 200 ms / (1 - utilisation); rows held = rate x
+    latency (Little). ``can_scale`` as the coordinator computes it from ``serve.status()``.
+    Returns (time, replicas, offset, latency ms) every 0.1 s."""
+    ctl = LoadController(C.LoadControlSpec(enabled=True, latency_budget_ms=300.0, max_offset=0.3))
+    replicas, wanted, since, t, history = 4, None, 0.0, 0.0, []
+    for i in range(round(seconds / 0.1)):
+        t = round(t + 0.1, 6)
+        upscaling = wanted is not None and wanted > replicas
+        ctl.update(t, can_scale=replicas < max_replicas or upscaling)
+        rate = demand * (1 - ctl.threshold_for("arbitrage", 0.5, t)) / 0.5
+        latency = 0.2 / (1 - min(0.98, rate / (replicas * 160.0)))
+        ctl.observe_latency(latency * 1000, t)
+        if i % 10 == 0:  # one autoscaling decision a second
+            desired = max(1, min(max_replicas, math.ceil(rate * latency / 16.0)))
+            if desired == replicas:
+                wanted = None
+            elif wanted is None or (desired > replicas) != (wanted > replicas):
+                wanted, since = desired, t
+            elif t - since >= (5.0 if desired > replicas else 60.0):
+                replicas, wanted = desired, None
+        history.append((t, replicas, ctl.offset, latency * 1000))
+    return history
+
+
+def test_the_offset_stays_zero_while_the_autoscaler_can_still_add_replicas():
+    """Before the fix the controller cut the rows the autoscaler scales on, the pool shrank,
+    latency rose and the offset rose with it: 2 of 8 replicas at offset 0.3. Now the pool grows
+    to what its load needs and the threshold stays at its base."""
+    history = _autoscaled_pool(demand=400.0)
+    assert all(offset == 0.0 for _, replicas, offset, _ in history if replicas < 8)
+    assert history[-1][1] == 8 and history[-1][2] == 0.0
+
+
+def test_the_offset_sheds_only_load_that_the_pool_at_its_max_cannot_carry():
+    history = _autoscaled_pool(demand=800.0)
+    assert all(offset == 0.0 for t, replicas, offset, _ in history if t < 30 and replicas < 8)
+    first_raise = next(t for t, _, offset, _ in history if offset > 0)
+    assert next(t for t, replicas, _, _ in history if replicas == 8) <= first_raise
+    tail = history[-1000:]   # settled: the pool at its max, latency held on the budget
+    assert {replicas for _, replicas, _, _ in tail} == {8}
+    assert all(0.85 * 300 <= latency <= 1.15 * 300 for *_, latency in tail)
+    assert 0.1 < tail[-1][2] < 0.3
+
+
+# -- long requests: the loop's delay is a request's duration ---------------------------------
+
+
+def _requests_closed_loop(duration_s: float, seconds: float) -> list[tuple[float, float, float]]:
+    """The fake pool of the closed-loop test, with requests as the coordinator runs them: one
+    admitted every 0.1 s with the threshold of that moment, which acts on the target's load for
+    ``duration_s`` (0: only the moment it is admitted); at its end the coordinator reports its
+    duration. Returns (time, offset, latency ms) every 0.1 s."""
+    ctl, t, active, total, history = _ctl(max_offset=0.4), 0.0, [], 0.0, []
+    for _ in range(round(seconds / 0.1)):
+        t = round(t + 0.1, 6)
+        threshold = ctl.threshold_for("arbitrage", 0.5, t)
+        active.append((t, threshold))
+        total += threshold
+        utilisation = 10.0 * (1.0 - total / len(active)) / 4.0
+        latency = min(5000.0, 100.0 / max(0.02, 1.0 - utilisation))
+        while active and active[0][0] <= t - duration_s + 1e-9:
+            admitted, ended = active.pop(0)
+            total -= ended
+            ctl.observe_request(t - admitted, t)
+        ctl.observe_latency(latency, t)
+        history.append((t, ctl.offset, latency))
+    return history
+
+
+@pytest.mark.parametrize("duration_s", [0.0, 30.0, 60.0])
+def test_requests_of_any_length_settle_on_the_budget_without_cycling(duration_s):
+    """Unscaled, requests of 30 s made the offset cycle between 0.07 and 0.40 (a 55 s period):
+    a threshold fixed at admission acts for a whole request. Gain and decay scaled by
+    REFERENCE_REQUEST_S / duration keep the loop stable."""
+    seconds = max(180.0, 10 * duration_s)
+    tail = _requests_closed_loop(duration_s, seconds)[-round(seconds / 3 / 0.1):]
+    offsets = [offset for _, offset, _ in tail]
+    assert max(offsets) - min(offsets) < 0.02 and 0.1 < offsets[-1] < 0.3
+    assert all(0.85 * BUDGET <= latency <= 1.15 * BUDGET for *_, latency in tail)
+
+
+def test_gain_and_decay_scale_with_request_duration_beyond_the_reference():
+    ctl = _ctl()
+    assert ctl.gain_scale() == 1.0 and ctl.request_s_ewma is None
+    ctl.observe_request(REFERENCE_REQUEST_S, 0.0)
+    assert ctl.gain_scale() == 1.0               # up to the reference: as before
+    for bad in (float("nan"), float("inf"), -1.0, True):
+        ctl.observe_request(bad, 0.0)
+    assert ctl.request_s_ewma == REFERENCE_REQUEST_S
+    slow = _ctl()
+    slow.observe_request(4 * REFERENCE_REQUEST_S, 0.0)
+    assert slow.gain_scale() == pytest.approx(0.25)
+    _drive(slow, 2 * BUDGET, 0.0, 4.0)
+    assert slow.offset == pytest.approx(4 * 0.05 * 0.25)
+
+
+# -- config: what the controller could never act on ------------------------------------------
+
+
+def _validate(load_control: dict | None = None, policy: dict | None = None, target: dict | None = None):
+    data = C.default_config().model_dump(mode="json")
+    if load_control is not None:
+        data["policy"]["load_control"] = load_control
+    data["policy"].update(policy or {})
+    data["pools"]["target"].update(target or {})
+    return C.AppConfig.model_validate(data)
+
+
+def _problems(**kw) -> list[tuple[str, str]]:
+    with pytest.raises(ValidationError) as info:
+        _validate(**kw)
+    return C.validation_problems(info.value)
+
+
+@pytest.mark.parametrize("field", ["interval_s", "latency_budget_ms", "in_flight_budget", "gain"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_numbers_are_refused_naming_the_field(field, value):
+    (where, message), = _problems(load_control={"enabled": True, "latency_budget_ms": 300, field: value})
+    assert where == f"policy.load_control.{field}" and "finite" in message
+
+
+def test_non_finite_numbers_are_refused_everywhere_in_the_config():
+    (where, _), = _problems(target={"autoscaling_config": {"max_replicas": 2, "upscale_delay_s": float("inf")}})
+    assert where == "pools.target.autoscaling_config.upscale_delay_s"
+
+
+@pytest.mark.parametrize(("policy", "limits", "name"), [
+    ({"threshold": 0.5}, {"arbitrage": 0.4}, "arbitrage"),     # a ceiling below the base
+    ({"threshold": 0.5}, {"arbitrage": 0.5}, "arbitrage"),     # at it: no room either
+    ({}, {"rsd": 0.9}, "rsd"),                                  # rsd's own default base, 0.5
+    ({"default": "rsd", "threshold": 0.2}, {"rsd": 0.3}, "rsd"),  # a floor above the configured base
+])
+def test_a_threshold_limit_that_leaves_the_controller_no_room_is_refused(policy, limits, name):
+    (where, message), = _problems(load_control={"enabled": True, "latency_budget_ms": 300,
+                                                "threshold_limits": limits}, policy=policy)
+    assert where == f"policy.load_control.threshold_limits.{name}" and "could never move" in message
+
+
+def test_threshold_limits_past_the_base_are_accepted():
+    cfg = _validate(load_control={"enabled": True, "latency_budget_ms": 300,
+                                  "threshold_limits": {"arbitrage": 0.9, "rsd": 0.1}}, policy={"threshold": 0.6})
+    assert cfg.policy.load_control.threshold_limits == {"arbitrage": 0.9, "rsd": 0.1}
+
+
+@pytest.mark.parametrize(("scaling", "text"), [
+    ({"look_back_period_s": 5}, "look_back_period_s: 5 must be greater than metrics_interval_s, 10 (Serve's default)"),
+    ({"look_back_period_s": 10, "metrics_interval_s": 10}, "look_back_period_s: 10 must be greater"),
+    ({"metrics_interval_s": 40}, "look_back_period_s: 30 (Serve's default) must be greater"),
+])
+def test_a_look_back_period_not_above_the_metrics_interval_is_refused(scaling, text):
+    (where, message), = _problems(target={"autoscaling_config": {"max_replicas": 2, **scaling}})
+    assert where == "pools.target.autoscaling_config" and message.startswith(text)
+    ok = _validate(target={"autoscaling_config": {"max_replicas": 2, "look_back_period_s": 11}})
+    assert ok.pools.target.autoscaling_config.look_back_period_s == 11

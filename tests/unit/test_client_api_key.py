@@ -1,0 +1,41 @@
+"""The client's API key variable ($ARBITRAGE_API_KEY, not the server's ARBITRAGE_API_KEYS) is
+named where a user meets it: the UNAUTHENTICATED error, and the help of every command that
+calls a running service."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from arbitrage_common.cli.main import build_parser
+from arbitrage_common.client import API_KEY_ENV, ServiceError, auth_metadata
+
+
+def test_the_client_reads_its_own_variable(monkeypatch):
+    monkeypatch.setenv("ARBITRAGE_API_KEY", "k-1")
+    assert API_KEY_ENV == "ARBITRAGE_API_KEY"
+    assert auth_metadata() == (("authorization", "Bearer k-1"),)
+
+
+def test_an_unauthenticated_error_says_which_variable_to_set():
+    err = ServiceError("127.0.0.1:9000", "UNAUTHENTICATED", "missing or invalid API key")
+    assert "$ARBITRAGE_API_KEY" in str(err) and not err.retriable
+    assert "ARBITRAGE_API_KEY" not in str(ServiceError("h:1", "UNAVAILABLE", "pool down"))
+
+
+def _subcommand(argv: list[str]) -> argparse.ArgumentParser:
+    parser = build_parser()
+    for name in argv:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return parser
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["generate"], "--endpoint"), (["serve", "bench"], "--endpoint"), (["loadtest"], "--grpc"),
+    (["loadtest"], "--http"), (["plan", "profile"], "--grpc"), (["router", "data"], "--endpoint"),
+    (["bench"], "--endpoint"),
+])
+def test_commands_that_call_a_service_name_the_key_variable(argv, flag):
+    action = next(a for a in _subcommand(argv)._actions if flag in a.option_strings)
+    assert "$ARBITRAGE_API_KEY" in action.help, action.help

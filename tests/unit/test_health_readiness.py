@@ -1,0 +1,132 @@
+"""Readiness (services.health) from fake ``serve.status()`` answers, no Ray cluster: a pool
+scaled to zero by its autoscaler still serves; one whose replicas failed does not; the probe
+also says whether the target pool can still add replicas, and tells the load controller."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from ray.serve._private.common import DeploymentStatus, DeploymentStatusTrigger, ReplicaState
+from ray.serve.schema import DeploymentStatusOverview
+
+from services.health import PoolHealth, can_add_replicas, pool_serving
+
+NEEDED = ["draft", "target", "router"]
+
+
+def _deployment(status: str, running: int = 0, starting: int = 0) -> DeploymentStatusOverview:
+    states = {ReplicaState.RUNNING: running, ReplicaState.STARTING: starting}
+    return DeploymentStatusOverview(status=DeploymentStatus(status), status_trigger=DeploymentStatusTrigger.AUTOSCALING,
+                                    replica_states={k: v for k, v in states.items() if v}, message="")
+
+
+class _Status:
+    """What ``serve.status()`` returns, for one application called 'arbitrage'."""
+
+    def __init__(self, **deployments: DeploymentStatusOverview) -> None:
+        app = type("App", (), {"deployments": deployments})()
+        self.applications = {"arbitrage": app}
+
+
+def _probe(monkeypatch, answers: list, scale_to_zero=()) -> tuple[PoolHealth, list[bool | None]]:
+    """Probe once per answer (a ``_Status`` or an exception ``serve.status()`` raises); the
+    readiness after each, and how often ``on_probe`` ran."""
+    from ray import serve
+
+    pending = list(answers)
+
+    def status():
+        answer = pending.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(serve, "status", status)
+    probed: list[bool | None] = []
+    health = PoolHealth("arbitrage", NEEDED, 2.0, scale_to_zero=scale_to_zero,
+                        on_probe=lambda: probed.append(health.serving))
+
+    async def run():
+        for _ in answers:
+            await health.probe()
+
+    asyncio.run(run())
+    return health, probed
+
+
+@pytest.mark.parametrize(("running", "status", "scales_to_zero", "serving"), [
+    (1, "HEALTHY", False, True),
+    (2, "UNHEALTHY", False, True),      # one replica still runs: it serves
+    (0, "HEALTHY", False, False),       # min_replicas >= 1 and none running: down
+    (0, "HEALTHY", True, True),         # scaled to zero: the next call starts one
+    (0, "UPSCALING", True, True),       # cold-starting
+    (0, "DOWNSCALING", True, True),     # on its way to zero
+    (0, "UNHEALTHY", True, False),      # its replicas died
+    (0, "DEPLOY_FAILED", True, False),  # they never came up
+    (0, None, True, False),             # not listed by the controller
+])
+def test_pool_serving(running, status, scales_to_zero, serving):
+    assert pool_serving(running, status, scales_to_zero) is serving
+
+
+def test_a_pool_the_autoscaler_scaled_to_zero_keeps_the_replica_serving(monkeypatch):
+    """Before: any pool at zero replicas made /healthz 503 and gRPC health NOT_SERVING, so a
+    load balancer stopped sending and a min_replicas 0 pool never woke."""
+    zero = _Status(draft=_deployment("HEALTHY", 1), target=_deployment("HEALTHY", 0), router=_deployment("HEALTHY", 1))
+    health, _ = _probe(monkeypatch, [zero], scale_to_zero={"target"})
+    assert health.serving is True and health.running["target"] == 0
+    health, _ = _probe(monkeypatch, [zero])  # the same pool with min_replicas >= 1: down
+    assert health.serving is False
+
+
+def test_a_scale_to_zero_pool_whose_replicas_failed_is_not_serving(monkeypatch):
+    answers = [_Status(draft=_deployment("HEALTHY", 1), target=_deployment("UPSCALING", 0, starting=1),
+                       router=_deployment("HEALTHY", 1)),
+               _Status(draft=_deployment("HEALTHY", 1), target=_deployment("DEPLOY_FAILED", 0),
+                       router=_deployment("HEALTHY", 1))]
+    health, probed = _probe(monkeypatch, answers, scale_to_zero={"target"})
+    assert probed == [True, False] and health.serving is False
+
+
+def test_on_probe_runs_after_every_probe_even_when_the_controller_cannot_answer(monkeypatch):
+    ok = _Status(draft=_deployment("HEALTHY", 1), target=_deployment("HEALTHY", 2), router=_deployment("HEALTHY", 1))
+    health, probed = _probe(monkeypatch, [ok, RuntimeError("controller restarting"), ok])
+    assert probed == [True, True, True]  # the last answer stands while the controller restarts
+    assert health.statuses["target"] == "HEALTHY" and health.replicas["target"] == 2
+
+
+def test_a_failing_on_probe_does_not_stop_readiness(monkeypatch):
+    from ray import serve
+
+    ok = _Status(draft=_deployment("HEALTHY", 1), target=_deployment("HEALTHY", 1), router=_deployment("HEALTHY", 1))
+    monkeypatch.setattr(serve, "status", lambda: ok)
+
+    def broken() -> None:
+        raise ValueError("a bug in the refresh")
+
+    health = PoolHealth("arbitrage", NEEDED, 2.0, on_probe=broken)
+    asyncio.run(health.probe())
+    assert health.serving is True
+
+
+@pytest.mark.parametrize(("running", "status", "max_replicas", "can"), [
+    (3, "HEALTHY", 8, True),        # below its max: the autoscaler can add replicas
+    (8, "HEALTHY", 8, False),       # at its max
+    (8, "UPSCALING", 8, True),      # an upscale under way
+    (1, "HEALTHY", None, False),    # fixed size (num_replicas)
+    (3, "UNHEALTHY", 8, False),     # replicas failing: no capacity is coming
+    (0, "DEPLOY_FAILED", 8, False),
+    (0, None, 8, False),            # not listed (or no probe yet)
+])
+def test_can_add_replicas(running, status, max_replicas, can):
+    assert can_add_replicas(running, status, max_replicas) is can
+
+
+def test_the_probe_tells_whether_the_target_pool_can_grow(monkeypatch):
+    answers = [_Status(draft=_deployment("HEALTHY", 1), target=_deployment("HEALTHY", 3), router=_deployment("HEALTHY", 1)),
+               _Status(draft=_deployment("HEALTHY", 1), target=_deployment("HEALTHY", 4), router=_deployment("HEALTHY", 1))]
+    health, _ = _probe(monkeypatch, answers[:1])
+    assert health.can_add_replicas("target", 4) and not health.can_add_replicas("target", None)
+    health, _ = _probe(monkeypatch, answers)
+    assert not health.can_add_replicas("target", 4)
+    assert not PoolHealth("arbitrage", NEEDED, 2.0).can_add_replicas("target", 4)  # before any probe

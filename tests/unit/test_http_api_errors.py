@@ -1,0 +1,143 @@
+"""The HTTP API's refusals on the real Coordinator over fake pools (no Ray): bodies that are
+not JSON, unknown models, HEAD on the read-only routes, and that every refusal is counted
+once with a bounded policy label (the policy the client named when it is a known one, else
+'none'; the request's own policy once it is validated)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from fake_pools import coordinator, count_records
+from fastapi.testclient import TestClient
+
+from services.http_api import build_http_api, is_json_content_type
+
+PROMPT = "Start with 2. Add 3."
+
+
+@pytest.fixture
+def api():
+    coord = coordinator()
+    return coord, count_records(coord), TestClient(build_http_api(coord))
+
+
+def _error(reply) -> dict:
+    return reply.json()["error"]
+
+
+# -- bodies that are not JSON ---------------------------------------------------------------
+@pytest.mark.parametrize("content_type,shown", [("text/plain", "'text/plain'"),
+                                                ("application/x-www-form-urlencoded",
+                                                 "'application/x-www-form-urlencoded'"),
+                                                (None, "none")])
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/completions", "/v1/chat/completions"])
+def test_json_sent_without_a_json_content_type_is_422_naming_the_content_type(api, path, content_type, shown):
+    _, records, client = api
+    body = {"prompt": PROMPT, "messages": [{"role": "user", "content": PROMPT}]}
+    if path == "/v1/generate":
+        body.pop("messages")
+    headers = {"content-type": content_type} if content_type else {}
+    reply = client.post(path, content=json.dumps(body).encode(), headers=headers)
+    if content_type is None:  # httpx sends no Content-Type for raw content
+        assert "content-type" not in {k.lower() for k in reply.request.headers}
+    assert reply.status_code == 422, reply.text
+    assert _error(reply) == {"message": f"body: Content-Type must be application/json, got {shown}",
+                             "type": "invalid_request_error", "param": "body", "code": "invalid_argument"}
+    assert records == [("openai" if path != "/v1/generate" else "http", "none", "invalid_argument")]
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8",
+                                          "Application/JSON", "application/vnd.api+json"])
+def test_json_content_types_with_parameters_or_a_json_suffix_are_accepted(api, content_type):
+    _, records, client = api
+    reply = client.post("/v1/generate", content=json.dumps({"prompt": PROMPT, "policy": "draft"}).encode(),
+                        headers={"content-type": content_type})
+    assert reply.status_code == 200, reply.text
+    assert records == [("http", "draft", "ok")]
+
+
+def test_is_json_content_type():
+    assert is_json_content_type("application/json;charset=UTF-8")
+    assert is_json_content_type("application/problem+json")
+    assert not is_json_content_type("application/jsonx")
+    assert not is_json_content_type("text/json")
+    assert not is_json_content_type("")
+    assert not is_json_content_type(None)
+
+
+@pytest.mark.parametrize("raw,message", [
+    ('{"prompt": "caf\xe9"}'.encode("latin-1"), "body: is not UTF-8 JSON text (invalid byte at position 15)"),
+    (b'{"prompt": "x", "max_steps": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     "body: is JSON nested too deeply to parse"),
+])
+def test_a_body_that_is_not_json_text_is_422_naming_body_not_400(api, raw, message):
+    _, records, client = api
+    reply = client.post("/v1/generate", content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 422, reply.text
+    assert _error(reply) == {"message": message, "type": "invalid_request_error", "param": "body",
+                             "code": "invalid_argument"}
+    assert records == [("http", "none", "invalid_argument")]
+
+
+def test_malformed_json_stays_422_naming_body(api):
+    _, records, client = api
+    reply = client.post("/v1/generate", content=b'{"prompt": "x",', headers={"content-type": "application/json"})
+    assert reply.status_code == 422 and _error(reply)["param"] == "body"
+    assert records == [("http", "none", "invalid_argument")]
+
+
+# -- models and HEAD ------------------------------------------------------------------------
+def test_an_unknown_model_is_404_model_not_found_in_openais_shape(api):
+    _, records, client = api
+    reply = client.get("/v1/models/nope")
+    assert reply.status_code == 404
+    error = _error(reply)
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "model", "model_not_found")
+    assert error["message"].startswith("model 'nope' does not exist; expected one of 'arbitrage-serve', ")
+    assert "'draft'" in error["message"]
+    assert records == [("http", "none", "model_not_found")]
+    assert client.get("/v1/models/draft").json()["id"] == "draft"
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/livez", "/v1/models", "/v1/models/draft"])
+def test_head_is_answered_on_the_read_only_routes(api, path):
+    _, records, client = api
+    reply = client.head(path)
+    assert reply.status_code == 200 and reply.content == b""
+    assert records == []
+
+
+# -- every refusal is counted once, with a bounded label -------------------------------------
+@pytest.mark.parametrize("path,body,label", [
+    ("/v1/generate", {"prompt": 5}, "none"),  # schema error, no policy named
+    ("/v1/generate", {"prompt": 5, "policy": "rsd"}, "rsd"),  # schema error, a known policy named
+    ("/v1/generate", {"prompt": PROMPT, "bogus": 1, "policy": "not-a-policy"}, "none"),
+    ("/v1/chat/completions", {"model": "oracle", "messages": "hi"}, "oracle"),  # the model names the policy
+    ("/v1/generate", {"prompt": "", "policy": "target"}, "target"),  # refused in validation
+    ("/v1/generate", {"prompt": ""}, "none"),  # never the default policy: none was chosen
+    ("/v1/completions", {"model": "arbitrage-serve", "prompt": PROMPT, "n": 2}, "none"),
+    ("/v1/completions", {"model": "draft", "prompt": PROMPT, "n": 2}, "draft"),
+])
+def test_a_refused_request_is_counted_once_labelled_with_the_policy_it_named(api, path, body, label):
+    _, records, client = api
+    reply = client.post(path, json=body)
+    assert reply.status_code == 422, reply.text
+    assert records == [("openai" if path != "/v1/generate" else "http", label, "invalid_argument")]
+
+
+@pytest.mark.parametrize("method,path,status", [("get", "/v1/generate", "method_not_allowed"),
+                                                ("get", "/nope", "not_found")])
+def test_unknown_routes_and_methods_are_counted(api, method, path, status):
+    _, records, client = api
+    getattr(client, method)(path)
+    assert records == [("http", "none", status)]
+
+
+def test_a_pool_down_after_validation_is_labelled_with_the_requests_policy(api):
+    from ray.exceptions import RayActorError
+
+    coord, records, client = api
+    coord.pool_record.fail["draft"] = RayActorError()
+    reply = client.post("/v1/generate", json={"prompt": PROMPT})  # no policy named: the default runs
+    assert reply.status_code == 503
+    assert records == [("http", coord.cfg.policy.default, "unavailable")]
