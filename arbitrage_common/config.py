@@ -738,9 +738,10 @@ class AppConfig(_Strict):
     auth: AuthSpec = Field(default_factory=AuthSpec, description="API key authentication (off by default).")
     http: HTTPSpec = Field(default_factory=HTTPSpec, description="HTTP proxy options.")
     grpc: GRPCSpec = Field(default_factory=GRPCSpec, description="gRPC proxy options.")
-    cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="KubeRay layout: image, worker-group "
-                                                                          "Pod shapes and scheduling knobs "
-                                                                          "(`arbitrage k8s render`).")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec, exclude_if=lambda v: v == ClusterSpec(),
+                                 description="KubeRay layout: image, worker-group Pod shapes and scheduling knobs "
+                                             "(`arbitrage k8s render`). The app never reads it: left out of "
+                                             "renderings while default, and of the RayService's serveConfigV2.")
 
     @field_validator("name")
     @classmethod
@@ -788,6 +789,8 @@ class AppConfig(_Strict):
 
     @model_validator(mode="after")
     def _load_control_can_move(self) -> AppConfig:
+        if not self.policy.load_control.enabled:  # limits of a controller that is off bind nothing
+            return self
         problem = self.policy.load_control.limit_problem(self.policy.default, self.policy.threshold)
         if problem is not None:
             raise ValueError(problem)

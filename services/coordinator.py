@@ -58,10 +58,16 @@ class _GrpcAbort(Exception):
 class _QuietGrpcAborts(logging.Filter):
     """Drops Serve's "Request failed." traceback for a ``_GrpcAbort``: a stream can end with a
     status only by raising (the proxy copies the context's status only alongside a message),
-    and ``log_outcome`` has already logged the request's one line."""
+    and ``log_outcome`` has already logged the request's one line. Serve logs it wrapped (a
+    ``gRPCStatusError`` carrying the status set, raised from the abort)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], _GrpcAbort))
+        exc = record.exc_info[1] if record.exc_info else None
+        for _ in range(4):  # the abort itself, or the wrapper(s) around it
+            if exc is None or isinstance(exc, _GrpcAbort):
+                return exc is None
+            exc = getattr(exc, "original_exception", None) or exc.__cause__
+        return True
 
 
 _QUIET_GRPC_ABORTS = _QuietGrpcAborts()
@@ -82,6 +88,12 @@ _LOG_LEVELS = {"internal": logging.ERROR, "unavailable": logging.WARNING, "resou
 _LOGGED_ID_CHARS = 64  # a request_id is logged before validation too: bounded, escaped (%r)
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped: messages quote client input (a path, a field),
+    which must not forge log lines or send terminal escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def log_outcome(err: convert.ApiError, transport: str, policy: str, request_id: str | None,
                 exc: BaseException | None = None) -> None:
     """The one log line of a request that did not succeed. Serve's access log cannot tell:
@@ -89,7 +101,7 @@ def log_outcome(err: convert.ApiError, transport: str, policy: str, request_id: 
     rid = request_id[:_LOGGED_ID_CHARS] if isinstance(request_id, str) and request_id else None
     level = _LOG_LEVELS.get(err.code, logging.INFO)
     logger.log(level, "request failed: status=%s policy=%s transport=%s request_id=%r: %s", err.code, policy,
-               transport, rid, err.message.replace("\n", " "),
+               transport, rid, printable(err.message),
                exc_info=exc if level >= logging.ERROR and exc is not None else None)
 
 
@@ -154,7 +166,8 @@ class Coordinator:
     def prepare_request(self, fields: RequestFields) -> Prepared:
         """Validate (``InvalidArgument`` names the field) and set the threshold. Separate from
         ``start_stream`` so a failure from here on is labelled with the request's real policy."""
-        return self._under_load(prepare(fields, self.cfg), explicit=fields.threshold is not None)
+        prepared = prepare(fields, self.cfg)
+        return self._under_load(prepared, explicit=prepared.threshold_explicit)
 
     async def start_stream(self, prepared: Prepared) -> tuple[Prepared, LoopStream]:
         """Admit (the prompt fits every generator's context) and bind the pools.
@@ -204,9 +217,10 @@ class Coordinator:
         self.load.update(time.monotonic(), can_scale=can_scale)
         self._load_gauges.export(self.load.snapshot())
 
-    def _request_ended(self, policy: str, seconds: float) -> None:
-        """A request of a controlled policy lasted ``seconds``: the controller's loop delay."""
-        if self.load is not None and self.load.applies(policy):
+    def _request_ended(self, prepared: Prepared, seconds: float) -> None:
+        """A request whose threshold the controller set lasted ``seconds``: the controller's loop
+        delay (a client's own threshold is not controlled, so its duration does not count)."""
+        if self.load is not None and self.load.applies(prepared.policy, explicit=prepared.threshold_explicit):
             self.load.observe_request(seconds, time.monotonic())
 
     async def _generator_contexts(self, deadline: float | None) -> dict[str, int]:
@@ -284,7 +298,7 @@ class Coordinator:
             await self._blame_pool_down(exc, policy)
         finally:
             self._inflight -= 1
-            self._request_ended(policy, time.perf_counter() - started)
+            self._request_ended(prepared, time.perf_counter() - started)
             await stream.aclose()
             self._release(prepared, stream)
 

@@ -49,6 +49,13 @@ def running_pools(deployments: dict, names: Iterable[str]) -> dict[str, int]:
     return out
 
 
+def placed_replicas(deployments: dict) -> dict[str, int]:
+    """Replicas per deployment that run or are coming up (every state but STOPPING): a replica
+    restarting after a crash, or waiting for a node, already holds one of ``max_replicas``."""
+    return {name: sum(int(n) for state, n in status.replica_states.items() if state != "STOPPING")
+            for name, status in deployments.items()}
+
+
 def deployment_statuses(deployments: dict) -> dict[str, str]:
     """Serve's status name per deployment ('HEALTHY', 'UPSCALING', 'UNHEALTHY', ...)."""
     return {name: str(getattr(d.status, "value", d.status)) for name, d in deployments.items()}
@@ -56,19 +63,20 @@ def deployment_statuses(deployments: dict) -> dict[str, str]:
 
 def pool_serving(running: int, status: str | None, scales_to_zero: bool) -> bool:
     """A pool serves with a running replica, or, allowed zero replicas, at zero with none
-    failed (its next call cold-starts one). Unlisted (``status`` None): not serving."""
+    failed (its next call cold-starts one) and not mid-deploy (``UPDATING``: its first replica
+    may take minutes to load). Unlisted (``status`` None): not serving."""
     if running > 0:
         return True
-    return scales_to_zero and status is not None and status not in FAILED_STATUSES
+    return scales_to_zero and status is not None and status not in FAILED_STATUSES | {"UPDATING"}
 
 
-def can_add_replicas(running: int, status: str | None, max_replicas: int | None) -> bool:
-    """Whether an autoscaling pool can still grow: fewer running replicas than its
-    ``max_replicas``, or an upscale under way, and not failing. A pool of fixed size
-    (``max_replicas`` None) or one the controller does not list cannot."""
+def can_add_replicas(placed: int, status: str | None, max_replicas: int | None) -> bool:
+    """Whether an autoscaling pool can still grow: fewer replicas placed (``placed_replicas``)
+    than its ``max_replicas``, and not failing. A pool of fixed size (``max_replicas`` None),
+    one at its max with a replica restarting, or one the controller does not list cannot."""
     if max_replicas is None or status is None or status in FAILED_STATUSES:
         return False
-    return running < max_replicas or status == "UPSCALING"
+    return placed < max_replicas
 
 
 def serving_app_name(configured: str) -> str:
@@ -97,6 +105,7 @@ class PoolHealth:
         self.serving: bool | None = None
         self.running: dict[str, int] = {}
         self.replicas: dict[str, int] = {}  # every deployment of the app, as last probed
+        self.placed: dict[str, int] = {}  # replicas running or coming up, by deployment
         self.statuses: dict[str, str] = {}  # every deployment's Serve status, as last probed
         self._probed_at: float | None = None
         self._changed: asyncio.Condition | None = None
@@ -133,6 +142,7 @@ class PoolHealth:
             self.replicas = running_pools(deployments, deployments)
             self.running = running_pools(deployments, self.needed)
             self.statuses = deployment_statuses(deployments)
+            self.placed = placed_replicas(deployments)
             self._probed_at, answered = time.monotonic(), True
         except Exception as exc:  # noqa: BLE001 (controller restarting: keep the last answer)
             logger.warning("health probe: serve.status() failed (%s); keeping the last answer", type(exc).__name__)
@@ -149,7 +159,7 @@ class PoolHealth:
 
     def can_add_replicas(self, name: str, max_replicas: int | None) -> bool:
         """``can_add_replicas`` of deployment ``name`` by the last probe (False before one)."""
-        return can_add_replicas(self.replicas.get(name, 0), self.statuses.get(name), max_replicas)
+        return can_add_replicas(self.placed.get(name, 0), self.statuses.get(name), max_replicas)
 
     def _probed(self) -> None:
         if self.on_probe is None:

@@ -65,6 +65,7 @@ class Prepared:
     request_id: str
     session_id: str = field(default_factory=new_session_id)
     prompt_field: str = "prompt"
+    threshold_explicit: bool = False  # the client set the threshold (load control leaves it)
 
 
 def _int_in(name: str, value: Any, default: int, limit: int) -> int:
@@ -166,7 +167,7 @@ def prepare(fields: RequestFields, cfg: AppConfig) -> Prepared:
                           deadline_s=timeout, prompt_template=cfg.prompt.template,
                           pipeline=limits.step_pipelining, lookahead=limits.draft_lookahead)
     return Prepared(request=request, policy=name, threshold=policy.threshold, request_id=request_id,
-                    prompt_field=prompt_field)
+                    prompt_field=prompt_field, threshold_explicit=fields.threshold is not None)
 
 
 # -- gRPC ---------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 ``cluster_app_config`` is the one transform from a config to what runs on the cluster: every
 deployment pinned to its worker group by a Ray node label, HTTP on 0.0.0.0, ``base_dir`` as
-the cluster sees it, and model paths checked on the replicas' nodes (the head Pod holds no
-weights). The RayService's ``serveConfigV2`` is ``render_serve_config`` of that config,
+the cluster sees it, model paths checked on the replicas' nodes (the head Pod holds no
+weights), and no ``cluster`` section (the Pods' shape is the RayCluster's, not the app's). The RayService's ``serveConfigV2`` is ``render_serve_config`` of that config,
 unchanged. Pure logic: yaml and pydantic only.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ..config import RAY_CLUSTER_ENV, AppConfig, render_serve_config
 from .sizing import GroupSize, SizingError, group_sizes, replica_demand
 from .spec import (
     GROUP_LABEL,
+    GROUP_NAMES,
     GROUP_OF,
     METRICS_PORT,
     RAY_IMAGE_PORTS,
@@ -125,6 +126,10 @@ def cluster_app_config(cfg: AppConfig) -> AppConfig:
     data["model_path_check"] = "replicas"
     if cfg.cluster.base_dir is not None:
         data["base_dir"] = cfg.cluster.base_dir
+    # The app never reads its cluster section (the pins above carry what it needs): left out, a
+    # change to Pod options (tolerations, volumes, ...) leaves the app's args, and so every
+    # replica, alone.
+    data.pop("cluster", None)
     return AppConfig.model_validate(data)
 
 
@@ -294,9 +299,24 @@ def cluster_deletion_delay_s(cfg: AppConfig) -> int:
     return math.ceil(cfg.limits.request_timeout_s) + DELETION_MARGIN_S
 
 
+_POD_OPTIONS = ("node_selector", "tolerations", "labels", "volumes", "volume_mounts")
+
+
+def _refuse_options_of_absent_groups(cfg: AppConfig, sizes: list[GroupSize]) -> None:
+    """Pod options on a group no deployment of ``cfg`` runs in would be dropped without a word."""
+    present = {size.name for size in sizes}
+    for name in GROUP_NAMES:
+        if name not in present:
+            given = [option for option in _POD_OPTIONS if getattr(cfg.cluster.group(name), option)]
+            if given:
+                raise SizingError(f"cluster.{name}.{given[0]}: set on a group no pool of this config runs in "
+                                  f"(it renders no Pods); remove it")
+
+
 def render_rayservice(cfg: AppConfig) -> dict[str, Any]:
     """The RayService manifest of ``cfg`` as a dict (``yaml.safe_dump`` it)."""
     sizes = group_sizes(cfg)
+    _refuse_options_of_absent_groups(cfg, sizes)
     cluster = cfg.cluster
     metadata: dict[str, Any] = {"name": cfg.name, "labels": {APP_LABEL: "arbitrage-serve",
                                                              "app.kubernetes.io/instance": cfg.name}}

@@ -57,6 +57,10 @@ RAY_LABEL_PREFIX = "ray.io/"
 # config's own volumes and mounts may use neither.
 SHM_VOLUME_NAME = "dshm"
 SHM_MOUNT_PATH = "/dev/shm"
+# Volumes KubeRay adds itself (ray-operator/controllers/ray/common/pod.go: shared-mem at /dev/shm
+# in every Ray container without one, ray-logs at /tmp/ray on the head). It skips creating a
+# volume whose name is taken but still mounts it: a config's volume of that name would land there.
+RESERVED_VOLUMES = {SHM_VOLUME_NAME: SHM_MOUNT_PATH, "shared-mem": SHM_MOUNT_PATH, "ray-logs": "/tmp/ray"}
 # The fields of a Kubernetes VolumeMount (core/v1): an unknown one would be pruned silently.
 _VOLUME_MOUNT_KEYS = ("name", "mountPath", "readOnly", "subPath", "subPathExpr", "mountPropagation",
                       "recursiveReadOnly")
@@ -103,8 +107,9 @@ def _volume(v: dict[str, Any]) -> dict[str, Any]:
     name = v.get("name")
     if not isinstance(name, str) or len(name) > 63 or not _DNS1123_LABEL.fullmatch(name):
         raise ValueError(f"name: {name!r} is not a volume name (a DNS-1123 label: lowercase letters, digits, '-')")
-    if name == SHM_VOLUME_NAME:
-        raise ValueError(f"name: {name!r} is the rendering's own /dev/shm volume; pick another name")
+    if name in RESERVED_VOLUMES:
+        raise ValueError(f"name: {name!r} is KubeRay's or the rendering's own volume (at {RESERVED_VOLUMES[name]}); "
+                         f"pick another name")
     sources = [k for k in v if k != "name"]
     if len(sources) != 1 or not isinstance(v[sources[0]], dict):
         raise ValueError(f"a Kubernetes Volume is a name and one source mapping, e.g. {{'name': 'models', "
@@ -121,8 +126,9 @@ def _volume_mount(v: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("a VolumeMount needs name (a volume of the same Pod) and mountPath (a string)")  # noqa: TRY004
     if not v["mountPath"].startswith("/"):
         raise ValueError(f"mountPath: {v['mountPath']!r} is not an absolute path")
-    if v["mountPath"].rstrip("/") == SHM_MOUNT_PATH or v["name"] == SHM_VOLUME_NAME:
-        raise ValueError(f"{SHM_MOUNT_PATH} ({SHM_VOLUME_NAME}) is the rendering's own (GPU and vLLM groups)")
+    if v["mountPath"].rstrip("/") in RESERVED_VOLUMES.values() or v["name"] in RESERVED_VOLUMES:
+        raise ValueError(f"{v['mountPath']} ({v['name']}): {', '.join(sorted(set(RESERVED_VOLUMES.values())))} and "
+                         f"the volumes {', '.join(RESERVED_VOLUMES)} are KubeRay's or the rendering's own")
     return v
 
 

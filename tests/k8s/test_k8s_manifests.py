@@ -195,7 +195,7 @@ def test_a_config_pinned_by_custom_resources_and_labels_renders_a_valid_rayservi
 
     data = AppConfig.model_validate(yaml.safe_load((ROOT / "configs" / "gpu-example.yaml").read_text())).model_dump(
         mode="json")
-    data["cluster"]["draft"]["labels"] = {"zone": "a"}
+    data.setdefault("cluster", {}).setdefault("draft", {})["labels"] = {"zone": "a"}  # (a default cluster is left out)
     data["pools"]["draft"]["ray_actor_options"]["label_selector"] = {"zone": "a"}
     (manifest,) = [d for d in built_elsewhere(tmp_path, AppConfig.model_validate(data), "gpu-example", "gpu-example")
                    if d["kind"] == "RayService"]

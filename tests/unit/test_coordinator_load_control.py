@@ -134,11 +134,14 @@ def test_a_request_times_its_target_calls_and_reports_its_duration():
     assert coord.load.request_s_ewma is not None and coord.load.request_s_ewma >= 0
 
 
-def test_only_requests_of_controlled_policies_set_the_loop_delay():
+def test_only_requests_whose_threshold_the_controller_set_count_toward_the_loop_delay():
     coord = _coordinator(_on())
-    coord._request_ended("draft", 99.0)
+    coord._request_ended(coord.prepare_request(RequestFields(prompt="x", policy="draft")), 99.0)
     assert coord.load.request_s_ewma is None
-    coord._request_ended("arbitrage", 42.0)
+    # a client's own threshold is not controlled: its (long) request must not slow the loop
+    coord._request_ended(coord.prepare_request(RequestFields(prompt="x", policy="arbitrage", threshold=0.0)), 99.0)
+    assert coord.load.request_s_ewma is None
+    coord._request_ended(coord.prepare_request(RequestFields(prompt="x", policy="arbitrage")), 42.0)
     assert coord.load.request_s_ewma == 42.0
 
 

@@ -10,6 +10,7 @@ import grpc
 import pytest
 from fake_pools import coordinator, count_records
 from fastapi.testclient import TestClient
+from ray.serve.exceptions import gRPCStatusError
 
 from protos.arbitrage.v1 import arbitrage_pb2 as pb
 from services.coordinator import _GrpcAbort
@@ -167,11 +168,22 @@ def test_serves_request_failed_traceback_for_a_stream_abort_is_dropped_but_other
     coord = coordinator()
     serve_logger = logging.getLogger("ray.serve")
     _stream(coord, pb.GenerateRequest(prompt=""))  # invalid: the stream ends with _GrpcAbort
-    for exc in (_GrpcAbort("prompt: must not be empty"), RuntimeError("a bug")):
+    abort = _GrpcAbort("prompt: must not be empty")
+    # Serve's replica logs the abort wrapped, raised from it (replica.py _raise_user_exception)
+    wrapped = gRPCStatusError(original_exception=abort, code=grpc.StatusCode.INVALID_ARGUMENT, details=str(abort))
+    for exc, cause in ((abort, None), (wrapped, abort), (RuntimeError("a bug"), None)):
         try:
-            raise exc
+            raise exc from cause
         except Exception:  # as Serve's replica does
             serve_logger.exception("Request failed.")
     serve_failed = [r for r in logged if r.getMessage() == "Request failed."]
     assert [type(r.exc_info[1]) for r in serve_failed] == [RuntimeError]
     assert len(_failures(logged)) == 1
+
+
+def test_client_text_in_a_logged_message_cannot_forge_lines_or_send_escapes(logged):
+    coord = coordinator()
+    with TestClient(build_http_api(coord)) as http:
+        http.get("/v1/nope%0DINFO%20forged%1B[31m")
+    (line,) = [r.getMessage() for r in _failures(logged)]
+    assert "\r" not in line and "\x1b" not in line and "\\r" in line and "\\x1b" in line

@@ -14,8 +14,8 @@ from services.health import PoolHealth, can_add_replicas, pool_serving
 NEEDED = ["draft", "target", "router"]
 
 
-def _deployment(status: str, running: int = 0, starting: int = 0) -> DeploymentStatusOverview:
-    states = {ReplicaState.RUNNING: running, ReplicaState.STARTING: starting}
+def _deployment(status: str, running: int = 0, starting: int = 0, stopping: int = 0) -> DeploymentStatusOverview:
+    states = {ReplicaState.RUNNING: running, ReplicaState.STARTING: starting, ReplicaState.STOPPING: stopping}
     return DeploymentStatusOverview(status=DeploymentStatus(status), status_trigger=DeploymentStatusTrigger.AUTOSCALING,
                                     replica_states={k: v for k, v in states.items() if v}, message="")
 
@@ -60,6 +60,7 @@ def _probe(monkeypatch, answers: list, scale_to_zero=()) -> tuple[PoolHealth, li
     (0, "HEALTHY", False, False),       # min_replicas >= 1 and none running: down
     (0, "HEALTHY", True, True),         # scaled to zero: the next call starts one
     (0, "UPSCALING", True, True),       # cold-starting
+    (0, "UPDATING", True, False),       # deploying: its first replica may take minutes to load
     (0, "DOWNSCALING", True, True),     # on its way to zero
     (0, "UNHEALTHY", True, False),      # its replicas died
     (0, "DEPLOY_FAILED", True, False),  # they never came up
@@ -109,17 +110,28 @@ def test_a_failing_on_probe_does_not_stop_readiness(monkeypatch):
     assert health.serving is True
 
 
-@pytest.mark.parametrize(("running", "status", "max_replicas", "can"), [
+@pytest.mark.parametrize(("placed", "status", "max_replicas", "can"), [
     (3, "HEALTHY", 8, True),        # below its max: the autoscaler can add replicas
     (8, "HEALTHY", 8, False),       # at its max
-    (8, "UPSCALING", 8, True),      # an upscale under way
+    (6, "UPSCALING", 8, True),      # an upscale under way, room for more
+    (8, "UPSCALING", 8, False),     # every replica up to the max placed, some still starting
     (1, "HEALTHY", None, False),    # fixed size (num_replicas)
     (3, "UNHEALTHY", 8, False),     # replicas failing: no capacity is coming
     (0, "DEPLOY_FAILED", 8, False),
     (0, None, 8, False),            # not listed (or no probe yet)
 ])
-def test_can_add_replicas(running, status, max_replicas, can):
-    assert can_add_replicas(running, status, max_replicas) is can
+def test_can_add_replicas(placed, status, max_replicas, can):
+    assert can_add_replicas(placed, status, max_replicas) is can
+
+
+def test_a_replica_restarting_at_the_max_leaves_no_room_to_grow(monkeypatch):
+    """A target pool at max_replicas that loses a replica (restarting: STARTING) cannot add
+    capacity: the controller must keep shedding load, not stand down."""
+    restarting = _Status(draft=_deployment("HEALTHY", 1), target=_deployment("UPSCALING", 3, starting=1, stopping=1),
+                         router=_deployment("HEALTHY", 1))
+    health, _ = _probe(monkeypatch, [restarting])
+    assert health.placed["target"] == 4 and health.replicas["target"] == 3
+    assert not health.can_add_replicas("target", 4) and health.can_add_replicas("target", 5)
 
 
 def test_the_probe_tells_whether_the_target_pool_can_grow(monkeypatch):

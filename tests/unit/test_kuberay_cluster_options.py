@@ -182,6 +182,12 @@ def test_the_new_fields_stay_out_of_the_serve_config_while_unset():
      "cluster.draft.volume_mounts[0]", "absolute"),
     ("head", {"volumes": [MODELS_PVC], "volume_mounts": [{"name": "models", "mountPath": "/dev/shm"}]},
      "cluster.head.volume_mounts[0]", "/dev/shm"),
+    # KubeRay's own: it would mount a volume of these names at /dev/shm or Ray's log path
+    ("coordinator", {"volumes": [{"name": "shared-mem", "persistentVolumeClaim": {"claimName": "x"}}]},
+     "cluster.coordinator.volumes[0]", "/dev/shm"),
+    ("head", {"volumes": [{"name": "ray-logs", "emptyDir": {}}]}, "cluster.head.volumes[0]", "/tmp/ray"),
+    ("head", {"volumes": [MODELS_PVC], "volume_mounts": [{"name": "models", "mountPath": "/tmp/ray/"}]},
+     "cluster.head.volume_mounts[0]", "/tmp/ray"),
 ])
 def test_a_bad_volume_or_mount_is_refused_naming_the_field(group, value, field, text):
     data = target_config("llama-1b-8b").model_dump(mode="json")
@@ -274,3 +280,26 @@ def test_a_rendering_error_names_the_config_file_first():
     with pytest.raises(ValueError) as exc:
         render_targets({"llama-1b-8b": bad})
     assert str(exc.value).startswith(f"{target_path('llama-1b-8b')}: pools.target.")
+
+
+def test_pod_options_on_a_group_no_pool_runs_in_are_refused_not_dropped():
+    data = target_config("cpu-demo").model_dump(mode="json")
+    data["pools"]["router"] = data["pools"]["prm"] = None  # no scorer pools: no 'scorers' group
+    data["policy"] = {"default": "draft"}
+    data["cluster"].setdefault("scorers", {})["node_selector"] = {"pool": "scorers"}
+    problems = cluster_problems(C.AppConfig.model_validate(data))
+    assert problems == [("cluster.scorers.node_selector", problems[0][1])] and "no pool" in problems[0][1]
+
+
+def test_pod_options_stay_out_of_the_apps_args_so_changing_them_restarts_no_replica():
+    """serveConfigV2's args are every deployment's code version: a cluster section there made a
+    tolerations or volume change replace every replica."""
+    from arbitrage_common.kuberay.render import serve_config_v2
+
+    data = target_config("llama-1b-8b").model_dump(mode="json")
+    before = serve_config_v2(C.AppConfig.model_validate(data))
+    data["cluster"]["target"].update(tolerations=[{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                                     volumes=[MODELS_PVC], volume_mounts=[MODELS_MOUNT])
+    data["cluster"]["head"]["node_selector"] = {"pool": "system"}
+    assert serve_config_v2(C.AppConfig.model_validate(data)) == before
+    assert "cluster" not in yaml.safe_load(before)["applications"][0]["args"]

@@ -536,6 +536,11 @@ def test_a_threshold_limit_that_leaves_the_controller_no_room_is_refused(policy,
     assert where == f"policy.load_control.threshold_limits.{name}" and "could never move" in message
 
 
+def test_the_limits_of_a_controller_that_is_off_are_not_checked():
+    cfg = _validate(load_control={"enabled": False, "threshold_limits": {"arbitrage": 0.4}}, policy={"threshold": 0.5})
+    assert not cfg.policy.load_control.enabled
+
+
 def test_threshold_limits_past_the_base_are_accepted():
     cfg = _validate(load_control={"enabled": True, "latency_budget_ms": 300,
                                   "threshold_limits": {"arbitrage": 0.9, "rsd": 0.1}}, policy={"threshold": 0.6})
