@@ -16,8 +16,9 @@ from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import grpc
-import ray
 from grpc_health.v1 import health_pb2
+from ray import serve
+from ray.serve.exceptions import RayServeException
 from ray.serve.metrics import Counter, Histogram
 
 from arbitrage_common.accounting import LoopResult, Usage
@@ -86,6 +87,16 @@ _UNAUTHENTICATED = convert.unauthenticated("metadata 'authorization: Bearer <key
 _LOG_LEVELS = {"internal": logging.ERROR, "unavailable": logging.WARNING, "resource_exhausted": logging.WARNING,
                "deadline_exceeded": logging.WARNING}
 _LOGGED_ID_CHARS = 64  # a request_id is logged before validation too: bounded, escaped (%r)
+
+
+def _in_replica() -> bool:
+    """Whether this runs in a Serve replica (on its event loop), not in a test or a script
+    that merely has Ray initialized."""
+    try:
+        serve.get_replica_context()
+    except RayServeException:
+        return False
+    return True
 
 
 def printable(text: str) -> str:
@@ -197,7 +208,7 @@ class Coordinator:
         client left the threshold to the server); the response reports the one used."""
         if self.load is None:
             return prepared
-        if ray.is_initialized():  # in a replica: the health probe's loop refreshes the controller (_refresh_load)
+        if _in_replica():  # the health probe's loop refreshes the controller (_refresh_load)
             self.health.start()
         used = self.load.threshold_for(prepared.policy, prepared.threshold, time.monotonic(), explicit=explicit)
         self._load_gauges.export(self.load.snapshot())

@@ -259,3 +259,14 @@ def test_models_list_without_a_configured_threshold_shows_the_policy_default():
     models = {m["id"]: m for m in _coordinator(None, threshold=None).list_models()["data"]}
     assert models["arbitrage"]["threshold"] == 0.5 == models[default_config().served_model_name]["threshold"]
 
+
+
+def test_admission_outside_a_replica_starts_no_health_probe_even_with_ray_initialized(monkeypatch):
+    """A process with Ray initialized (a test session after the serve tests, a script) is not a
+    replica: admission must not start the probe loop (there may be no event loop at all)."""
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    coord = _coordinator(_on())
+    prepared = coord.prepare_request(RequestFields(prompt="x", policy="arbitrage"))
+    assert prepared.policy == "arbitrage" and coord.health._task is None
