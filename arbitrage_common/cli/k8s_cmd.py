@@ -29,6 +29,13 @@ def add_k8s_parser(sub) -> None:
     scale.set_defaults(func=_scale_patch)
 
 
+def _refused(problems: list[str]) -> bool:
+    """Print ``<file>: <field>: <message>`` lines (those `config check` prints); True if any."""
+    for line in problems:
+        print(f"arbitrage: error: {line}", file=sys.stderr)
+    return bool(problems)
+
+
 def _render(args) -> int:
     from ..config import load_config
     from ..kuberay.targets import default_out, drift, render_targets, target_names, target_path, write_files
@@ -43,10 +50,7 @@ def _render(args) -> int:
     configs = {name: load_config(path) for name, path in paths.items()}  # ConfigError: file, field, message
     # Then everything else `arbitrage config check` refuses (Ray Serve's own option checks, the
     # GPU rules, the cluster fit): a manifest of a config that check fails would never come up.
-    problems = config_check_errors(paths.values())
-    if problems:
-        for line in problems:  # `<file>: <field>: <message>`, the lines `config check` prints
-            print(f"arbitrage: error: {line}", file=sys.stderr)
+    if _refused(config_check_errors(paths.values())):
         return 1
     files = render_targets(configs, paths)  # any rendering error surfaces here, before a file is written
     out = Path(args.out) if args.out else default_out()
@@ -79,10 +83,7 @@ def _scale_patch(args) -> int:
         raise ValueError("k8s scale-patch: name one target (cpu-demo or a preset) or --config FILE")
     path = Path(args.config) if args.config else target_path(args.name)
     cfg = load_config(path)
-    problems = config_check_errors([path])  # what `k8s render` refuses: no patch for a config it would not render
-    if problems:
-        for line in problems:
-            print(f"arbitrage: error: {line}", file=sys.stderr)
+    if _refused(config_check_errors([path])):  # no patch for a config `k8s render` would refuse
         return 1
     lines = scale_patch_commands(cfg)
     print(f"# {cfg.name}: set the active RayCluster's worker-group bounds to the rendering's")

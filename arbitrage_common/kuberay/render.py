@@ -3,8 +3,9 @@
 ``cluster_app_config`` is the one transform from a config to what runs on the cluster: every
 deployment pinned to its worker group by a Ray node label, HTTP on 0.0.0.0, ``base_dir`` as
 the cluster sees it, model paths checked on the replicas' nodes (the head Pod holds no
-weights), and no ``cluster`` section (the Pods' shape is the RayCluster's, not the app's). The RayService's ``serveConfigV2`` is ``render_serve_config`` of that config,
-unchanged. Pure logic: yaml and pydantic only.
+weights), and no ``cluster`` section (the Pods' shape is the RayCluster's, not the app's).
+The RayService's ``serveConfigV2`` is ``render_serve_config`` of that config, unchanged. Pure
+logic: yaml and pydantic only.
 """
 from __future__ import annotations
 

@@ -197,16 +197,15 @@ def _group_resources(demands: dict[str, Demand], bounds: dict[str, Bounds], cpus
     return {resource: max(1, math.ceil(amount - _EPS)) for resource, amount in sorted(total.items())}
 
 
-def _one_pod_per_required_coordinator(pods: list[int], bounds: Bounds) -> list[int]:
-    """(min, initial, max) Pods of the coordinator group, each at least the coordinator's
+def coordinator_pods(pods: int, coordinator) -> int:
+    """Pods of the coordinator group (first-fit found ``pods``), at least the coordinator's
     ``min_replicas``: every request passes through a coordinator, so its required replicas get
     a Pod each (first-fit would pack them onto one, and one node drain would take every request
     path down). Serve spreads them over those Pods by itself: without
     RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY its scheduler places replicas with
     ``default_scheduling_strategy="SPREAD"`` (ray/serve/_private/deployment_scheduler.py,
     ``_schedule_with_spread_strategy``; Ray 2.60), a soft spread over the nodes that fit."""
-    least = bounds.min
-    return [max(pods[0], least), max(pods[1], least), max(pods[2], least)]
+    return max(pods, replica_bounds(coordinator).min)
 
 
 def group_sizes(cfg) -> list[GroupSize]:
@@ -235,7 +234,7 @@ def group_sizes(cfg) -> list[GroupSize]:
                             memory)
                 for attr in ("min", "initial", "max")]
         if group == "coordinator":
-            pods = _one_pod_per_required_coordinator(pods, bounds["coordinator"])
+            pods = [coordinator_pods(n, cfg.coordinator) for n in pods]
         out.append(GroupSize(group, tuple(members), cpus, gpus, *pods,
                              resources=_group_resources(demands, bounds, cpus, gpus, memory)))
     return out

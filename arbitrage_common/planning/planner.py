@@ -232,7 +232,7 @@ def gpus_and_pods(replicas: dict[str, int], cfg) -> dict:
     packed as ``arbitrage k8s render`` packs them. The coordinator's group is included at its
     configured replica count: the planner does not size it. ``gpus_requested`` sums the replicas'
     (maybe fractional) GPU shares; ``gpus_provisioned`` is what the Pods hold, the bill."""
-    from ..kuberay.sizing import group_sizes, pods_needed, replica_bounds, replica_demand
+    from ..kuberay.sizing import coordinator_pods, group_sizes, pods_needed, replica_bounds, replica_demand
 
     specs = {**dict(cfg.pools.configured()), "coordinator": cfg.coordinator}
     counts = {**{p: n for p, n in replicas.items() if p in specs},
@@ -243,8 +243,8 @@ def gpus_and_pods(replicas: dict[str, int], cfg) -> dict:
         demands = [replica_demand(d, specs[d]) for d in size.deployments if d in counts for _ in range(counts[d])]
         if demands:
             pods = pods_needed(demands, size.cpus, size.gpus)
-            if size.name == "coordinator":  # a Pod per required coordinator replica, as render sizes the group
-                pods = max(pods, replica_bounds(cfg.coordinator).min)
+            if size.name == "coordinator":  # as render sizes the group
+                pods = coordinator_pods(pods, cfg.coordinator)
             groups[size.name] = {"pods": pods, "gpus_per_pod": size.gpus, "cpus_per_pod": size.cpus}
     over = {p: {"planned": n, "max_replicas": replica_bounds(specs[p]).max} for p, n in replicas.items()
             if p in specs and n > replica_bounds(specs[p]).max}
