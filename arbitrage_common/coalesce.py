@@ -105,14 +105,25 @@ class Coalescer:
             raise ValueError("lanes, max_in_flight and max_rows must be >= 1")
         self._send = send
         self.slots = slots
-        self._lanes = [_Lane(f"{key_prefix}-{i}") for i in range(lanes)]
+        self._key_prefix = key_prefix
+        self._lanes: list[_Lane] = []
+        self.set_lanes(lanes)
         self.max_in_flight, self.max_rows, self.flush_s = max_in_flight, max_rows, flush_s
         self._tasks: set[asyncio.Task] = set()
         self.calls = 0  # merged calls sent (rows / calls is the merge factor)
         self.rows = 0
 
+    def set_lanes(self, lanes: int) -> None:
+        """Map sessions over ``lanes`` lanes from now on (the pool's replica bounds changed). A
+        lane left out still sends what it holds; a session that moves lane may reach another
+        replica, whose cache misses and recomputes the same result."""
+        if lanes < 1:
+            raise ValueError("lanes must be >= 1")
+        self._lanes += [_Lane(f"{self._key_prefix}-{i}") for i in range(len(self._lanes), lanes)]
+        self.lanes = lanes
+
     def lane(self, session: str) -> _Lane:
-        return self._lanes[lane_index(session, len(self._lanes))]
+        return self._lanes[lane_index(session, self.lanes)]
 
     async def call(self, session: str, payload: Any) -> Any:
         lane = self.lane(session)

@@ -38,6 +38,7 @@ Backend = Literal["transformers", "vllm"]
 Role = Literal["draft", "target", "router", "prm"]
 GENERATOR_ROLES: tuple[Role, ...] = ("draft", "target")
 SCORER_ROLES: tuple[Role, ...] = ("router", "prm")
+COORDINATOR = "coordinator"  # the coordinator's deployment name
 # Environment of every Ray node of a cluster this project starts: a local one inherits the
 # starting process's (services.local), a RayService's Pods get it as container env
 # (arbitrage_common.kuberay.render). The Serve proxies then call the coordinator over Serve's
@@ -294,12 +295,18 @@ class DeploymentSpec(_Strict):
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
             "logging_config": {"enable_access_log": self.access_log},
         }
+        return {**opts, **self.scaling_options()}
+
+    def scaling(self) -> dict[str, Any]:
+        """This deployment's replica fields as the config holds them (``AppConfig.with_scaling``)."""
+        return self.model_dump(mode="json", include=set(LIVE_SCALING_IN_ARGS), exclude_none=True)
+
+    def scaling_options(self) -> dict[str, Any]:
+        """The replica options of ``deployment_options``: Serve changes them in place."""
         if self.autoscaling_config is not None:
-            opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True,
-                                                                            exclude={"load_metric"})
-        else:
-            opts["num_replicas"] = self.num_replicas or 1
-        return opts
+            return {"autoscaling_config": self.autoscaling_config.model_dump(exclude_none=True,
+                                                                             exclude={"load_metric"})}
+        return {"num_replicas": self.num_replicas or 1}
 
 
 class PoolSpec(DeploymentSpec):
@@ -378,6 +385,14 @@ class PoolSpec(DeploymentSpec):
         replicas = self.max_replicas()
         return 1 if replicas <= 1 else LANES_PER_REPLICA * replicas
 
+    def scaling_options(self, merged_calls: bool = False) -> dict[str, Any]:
+        """``DeploymentSpec.scaling_options``; an autoscaling pool that counts rows
+        (``load_metric``) gets the rows policy (``arbitrage_common.autoscaling``)."""
+        opts = super().scaling_options()
+        if self.autoscaling_config is not None and self.load_metric(merged_calls) == "rows":
+            opts["autoscaling_config"]["policy"] = {"policy_function": ROWS_POLICY_FUNCTION}
+        return opts
+
     def user_config(self) -> dict[str, Any]:
         """Live knobs (``reconfigure``): changing them updates replicas in place."""
         return {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}
@@ -389,13 +404,11 @@ class PoolSpec(DeploymentSpec):
         return chosen or ("rows" if merged_calls else "calls")
 
     def deployment_options(self, name: str, merged_calls: bool = False) -> dict[str, Any]:
-        """``DeploymentSpec.deployment_options``, plus the batching knobs and placement; an
-        autoscaling pool that counts rows (``load_metric``) gets the rows policy
-        (``arbitrage_common.autoscaling``). ``merged_calls``: the coordinator merges calls
+        """``DeploymentSpec.deployment_options``, plus the batching knobs, placement and the
+        rows policy (``scaling_options``). ``merged_calls``: the coordinator merges calls
         (``coordinator.merge_calls``; ``AppConfig.pool_options`` passes it)."""
-        opts = {**super().deployment_options(name), "user_config": self.user_config()}
-        if self.autoscaling_config is not None and self.load_metric(merged_calls) == "rows":
-            opts["autoscaling_config"]["policy"] = {"policy_function": ROWS_POLICY_FUNCTION}
+        opts = {**super().deployment_options(name), "user_config": self.user_config(),
+                **self.scaling_options(merged_calls)}
         if self.placement_group_bundles:
             opts["placement_group_bundles"] = [dict(b) for b in self.placement_group_bundles]
             if self.placement_group_strategy:
@@ -801,6 +814,27 @@ class AppConfig(_Strict):
         check``): a pool whose calls the coordinator merges autoscales on rows by default."""
         return getattr(self.pools, role).deployment_options(role, merged_calls=self.coordinator.merge_calls)
 
+    def scaling(self) -> dict[str, dict[str, Any]]:
+        """Every deployment's replica fields (``DeploymentSpec.scaling``), by deployment name:
+        the coordinator's ``user_config`` (``COORDINATOR_SCALING_KEY``), so it follows a change of
+        the pools' bounds in place (its merge lanes, scale-to-zero readiness, load control)."""
+        specs = [*self.pools.configured(), (COORDINATOR, self.coordinator)]
+        return {name: fields for name, spec in specs if (fields := spec.scaling())}
+
+    def with_scaling(self, scaling: Any) -> AppConfig:
+        """This config with the replica fields of ``scaling`` (``AppConfig.scaling``'s shape: a
+        named deployment's unnamed fields are unset; unnamed deployments keep theirs), validated
+        (a misspelt field is named)."""
+        data = self.model_dump(mode="json")
+        if not isinstance(scaling, dict):
+            raise ValueError(f"{COORDINATOR_SCALING_KEY}: expected a mapping of deployment names")  # noqa: TRY004 (a config error)
+        for name, fields in scaling.items():
+            section = data["coordinator"] if name == COORDINATOR else data["pools"].get(name)
+            if not isinstance(section, dict) or not isinstance(fields, dict):
+                raise ValueError(f"{COORDINATOR_SCALING_KEY}.{name}: not a configured deployment, or not a mapping")  # noqa: TRY004
+            section.update({**LIVE_SCALING_IN_ARGS, **fields})
+        return AppConfig.model_validate(data)
+
     def resolve_path(self, path: str) -> str:
         """Absolute model path (relative ones against base_dir or the working directory)."""
         p = Path(os.path.expandvars(path)).expanduser()
@@ -896,35 +930,58 @@ def load_config(path: str | Path) -> AppConfig:
 # the application's args, so a knob kept in args would restart every replica of every deployment
 # when it changed; as a deployment's ``user_config`` it is applied in place (``reconfigure``).
 LIVE_KNOBS_IN_ARGS: dict[str, Any] = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
+# The same for every deployment's replica fields (Serve resizes in place): the real ones are the
+# deployments' options, and the coordinator's user_config (AppConfig.scaling) for the app's code.
+LIVE_SCALING_IN_ARGS: dict[str, Any] = {"num_replicas": None, "autoscaling_config": None}
+COORDINATOR_SCALING_KEY = "scaling"
 
 
 def serve_application(cfg: AppConfig) -> dict[str, Any]:
-    """The Serve YAML's application of this config: ``args`` = the config, less the pools' live
-    knobs, which are each pool deployment's ``user_config`` (``LIVE_KNOBS_IN_ARGS``)."""
+    """The Serve YAML's application of this config: ``args`` = the config, less what Serve
+    changes in place (``LIVE_KNOBS_IN_ARGS``, ``LIVE_SCALING_IN_ARGS``): those are each
+    deployment's options, and the coordinator's ``user_config`` holds every replica field."""
     args = cfg.model_dump(mode="json")
-    for role, _ in cfg.pools.configured():
-        args["pools"][role].update(LIVE_KNOBS_IN_ARGS)
-    return {
-        "name": cfg.name,
-        "route_prefix": "/",
-        "import_path": APP_IMPORT_PATH,
-        "args": args,
-        "deployments": [{"name": role, "user_config": spec.user_config()} for role, spec in cfg.pools.configured()],
-    }
+    deployments = []
+    for role, spec in cfg.pools.configured():
+        args["pools"][role].update({**LIVE_KNOBS_IN_ARGS, **LIVE_SCALING_IN_ARGS})
+        deployments.append({"name": role, **spec.scaling_options(cfg.coordinator.merge_calls),
+                            "user_config": spec.user_config()})
+    args["coordinator"].update(LIVE_SCALING_IN_ARGS)
+    deployments.append({"name": COORDINATOR, **cfg.coordinator.scaling_options(),
+                        "user_config": coordinator_user_config(cfg)})
+    return {"name": cfg.name, "route_prefix": "/", "import_path": APP_IMPORT_PATH, "args": args,
+            "deployments": deployments}
+
+
+def coordinator_user_config(cfg: AppConfig) -> dict[str, Any]:
+    """The coordinator deployment's ``user_config`` (its ``reconfigure``)."""
+    return {COORDINATOR_SCALING_KEY: cfg.scaling()}
 
 
 def application_args(app: dict[str, Any]) -> Any:
     """The config (a dict, unvalidated) a Serve YAML application runs: its ``args`` with each
-    pool's live knobs from its deployment's ``user_config`` (the inverse of ``serve_application``)."""
+    pool's live knobs from its deployment's ``user_config``, and every deployment's replica
+    fields from the coordinator's (the inverse of ``serve_application``)."""
     args = app.get("args")
     if not isinstance(args, dict) or not isinstance(args.get("pools"), dict):
         return args
     pools = {role: dict(pool) if isinstance(pool, dict) else pool for role, pool in args["pools"].items()}
+    coordinator = dict(args["coordinator"]) if isinstance(args.get("coordinator"), dict) else args.get("coordinator")
     for deployment in app.get("deployments") or ():
         knobs = deployment.get("user_config") if isinstance(deployment, dict) else None
-        if isinstance(knobs, dict) and isinstance(pools.get(deployment.get("name")), dict):
+        if not isinstance(knobs, dict):
+            continue
+        if isinstance(pools.get(deployment.get("name")), dict):
             pools[deployment["name"]].update(knobs)
-    return {**args, "pools": pools}
+        elif deployment.get("name") == COORDINATOR and isinstance(knobs.get(COORDINATOR_SCALING_KEY), dict):
+            for name, fields in knobs[COORDINATOR_SCALING_KEY].items():
+                section = coordinator if name == COORDINATOR else pools.get(name)
+                if isinstance(section, dict) and isinstance(fields, dict):
+                    section.update({**LIVE_SCALING_IN_ARGS, **fields})
+    out = {**args, "pools": pools}
+    if coordinator is not None:
+        out["coordinator"] = coordinator
+    return out
 
 
 def application_config(app: dict[str, Any]) -> AppConfig:
@@ -953,6 +1010,7 @@ def render_serve_yaml(cfg: AppConfig) -> str:
 
     header = ("# Rendered from an AppConfig; do not edit by hand. Regenerate with\n"
               "#   arbitrage serve --config configs/local-cpu.yaml --render -o configs/serve-local-cpu.yaml\n"
-              "# The pools' max_batch_size and batch_wait_timeout_s are in `deployments` (user_config: Serve\n"
-              "# changes them in place); args hold stand-ins for them, so a change restarts no replica.\n")
+              "# Replica counts and autoscaling bounds, and the pools' max_batch_size and batch_wait_timeout_s,\n"
+              "# are in `deployments` (Serve changes them in place; the coordinator's user_config repeats the\n"
+              "# replica fields for its lanes); args hold stand-ins for them, so a change restarts no replica.\n")
     return header + yaml.safe_dump(render_serve_config(cfg), sort_keys=False, default_flow_style=False)

@@ -15,7 +15,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
-from arbitrage_common.config import GENERATOR_ROLES, AppConfig
+from arbitrage_common.config import COORDINATOR, GENERATOR_ROLES, AppConfig, coordinator_user_config
 from arbitrage_common.presets import check_model_paths
 
 from .affinity import router_config
@@ -35,7 +35,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         if (routing := router_config(spec.session_affinity)) is not None:
             pool_options["request_router_config"] = routing
         pools[role] = serve.deployment(cls, **pool_options).bind(role=role, model=model)
-    options = cfg.coordinator.deployment_options("coordinator")
+    options = {**cfg.coordinator.deployment_options(COORDINATOR), "user_config": coordinator_user_config(cfg)}
     options["backpressure_config"] = BackpressureConfig(status_code=503, retry_after_s=cfg.coordinator.retry_after_s)
     ingress = serve.ingress()(Coordinator)  # FastAPI app: Coordinator.__serve_build_asgi_app__
     return serve.deployment(ingress, **options).bind(cfg.model_dump(mode="json"), **pools)

@@ -23,7 +23,7 @@ from ray.serve.metrics import Counter, Histogram
 
 from arbitrage_common.accounting import LoopResult, Usage
 from arbitrage_common.auth import check_bearer, load_keys
-from arbitrage_common.config import AppConfig
+from arbitrage_common.config import COORDINATOR_SCALING_KEY, AppConfig
 from arbitrage_common.errors import DeadlineExceeded, InvalidArgument
 from arbitrage_common.loop import LoopStream, stream_loop
 from arbitrage_common.policies import POLICIES, make_policy
@@ -121,7 +121,9 @@ class Coordinator:
 
     def __init__(self, config: dict[str, Any], draft: Any, target: Any, router: Any | None = None,
                  prm: Any | None = None) -> None:
-        self.cfg = AppConfig.model_validate(config)
+        # The app's args; under a Serve YAML their replica fields are stand-ins, and the real ones
+        # come with the user_config (``reconfigure``), which Serve changes in place.
+        self._args = self.cfg = AppConfig.model_validate(config)
         if _QUIET_GRPC_ABORTS not in logger.filters:  # Serve's replica logs on this same logger
             logger.addFilter(_QUIET_GRPC_ABORTS)
         self.api_keys = load_keys(self.cfg.auth)  # a missing key variable fails the replica at start
@@ -137,16 +139,13 @@ class Coordinator:
                                  over_grpc=c.pool_calls_over_grpc, calls_in_flight=c.pool_calls_in_flight,
                                  slot_roles=slotted)
         self._load_gauges = LoadGauges() if self.load is not None else None
-        target_scaling = self.cfg.pools.target.autoscaling_config
-        self._target_max_replicas = target_scaling.max_replicas if target_scaling is not None else None
         allowed = self.cfg.policy.allowed
         self.available = [name for name, cls in POLICIES.items()
                           if (cls.scorer is None or getattr(self.pools, cls.scorer) is not None)
                           and (allowed is None or name in allowed)]
-        scale_to_zero = [role for role, spec in self.cfg.pools.configured()
-                         if spec.autoscaling_config is not None and spec.autoscaling_config.min_replicas == 0]
         self.health = PoolHealth(serving_app_name(self.cfg.name), pools_needed(self.cfg.policy.default),
-                                 c.health_probe_s, scale_to_zero=scale_to_zero, on_probe=self._refresh_load)
+                                 c.health_probe_s, on_probe=self._refresh_load)
+        self._apply_scaling(self.cfg)
         self._contexts: dict[str, int] | None = None
         # Generator pools that keep a per-request prefix cache (transformers, cache not off).
         self._cached_generators = {role for role in ("draft", "target")
@@ -168,6 +167,25 @@ class Coordinator:
         self._first_step = Histogram("arbitrage_first_step_ms", description="Ms from the start of a request's step "
                                                                             "loop to its first decided step (TTFS).",
                                      boundaries=_LATENCY_MS, tag_keys=("policy",))
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's in-place update (``coordinator_user_config``): every deployment's replica
+        fields. A bad one fails the update, naming the field."""
+        scaling = user_config.get(COORDINATOR_SCALING_KEY) if isinstance(user_config, dict) else None
+        if scaling is not None:
+            self._apply_scaling(self._args.with_scaling(scaling))
+
+    def _apply_scaling(self, cfg: AppConfig) -> None:
+        """What follows the pools' replica bounds: merge lanes (``PoolSpec.merge_lanes``), the
+        pools readiness lets scale to zero, and the target bound the load controller waits on."""
+        if self.cfg.coordinator.merge_calls:
+            self.pools.set_lanes({role: spec.merge_lanes() for role, spec in cfg.pools.configured()})
+        self.health.scale_to_zero = frozenset(
+            role for role, spec in cfg.pools.configured()
+            if spec.autoscaling_config is not None and spec.autoscaling_config.min_replicas == 0)
+        target_scaling = cfg.pools.target.autoscaling_config
+        self._target_max_replicas = target_scaling.max_replicas if target_scaling is not None else None
+        self.cfg = cfg
 
     # -- shared core ---------------------------------------------------------------------
     async def open_stream(self, fields: RequestFields) -> tuple[Prepared, LoopStream]:

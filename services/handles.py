@@ -262,6 +262,12 @@ class PoolHandles:
                             slots=slots if slot_roles is None or role in slot_roles else None)
             for role, n in (lanes or {}).items() if getattr(self, role) is not None}
 
+    def set_lanes(self, lanes: dict[str, int]) -> None:
+        """New lane counts of merged pools (``Coalescer.set_lanes``); others are ignored."""
+        for role, n in lanes.items():
+            if role in self.merged:
+                self.merged[role].set_lanes(n)
+
     def _merged_send(self, role: str):
         method, arity = ("generate_rows", 4) if role in ("draft", "target") else ("score_rows", 2)
 

@@ -63,17 +63,36 @@ def _serve_option_problems(cfg) -> tuple[list, list]:
     return errors, []
 
 
-def _app_configs(data: dict) -> list[tuple[str, Any]]:
-    """(field prefix, AppConfig dict) pairs: the file itself, or each application (a mapping) of a
-    Serve YAML whose ``applications`` is a list (``_shape_problems`` reports the rest), with its
-    deployments' live knobs put back into its args."""
+def _app_configs(data: dict) -> list[tuple[str, Any, dict | None]]:
+    """(field prefix, AppConfig dict, Serve application or None) triples: the file itself, or
+    each application (a mapping) of a Serve YAML whose ``applications`` is a list
+    (``_shape_problems`` reports the rest), with its deployments' live knobs put back into its args."""
     from ..config import application_args
 
     if "applications" in data:
         apps = data["applications"]
-        return [(f"applications[{i}].args.", application_args(app)) for i, app in enumerate(apps)
+        return [(f"applications[{i}].args.", application_args(app), app) for i, app in enumerate(apps)
                 if isinstance(app, dict)] if isinstance(apps, list) else []
-    return [("", data)]
+    return [("", data, None)]
+
+
+def _deployment_drift(app: dict, cfg: Any) -> list:
+    """A Serve YAML edited by hand: deployments whose replica options (what Serve runs) differ
+    from the coordinator's ``user_config`` scaling (what it sizes its lanes by), or that are missing."""
+    from ..config import LIVE_SCALING_IN_ARGS, serve_application
+    from ..presets import Finding
+
+    given = {d.get("name"): d for d in app.get("deployments") or () if isinstance(d, dict)}
+    out = []
+    for rendered in serve_application(cfg)["deployments"]:
+        name = rendered["name"]
+        ours = {k: rendered.get(k) for k in LIVE_SCALING_IN_ARGS}
+        theirs = {k: given.get(name, {}).get(k) for k in LIVE_SCALING_IN_ARGS}
+        if ours != theirs:
+            out.append(Finding(f"deployments[{name}]", "num_replicas / autoscaling_config differ from the "
+                                                       "coordinator's user_config.scaling (it sizes its merge "
+                                                       "lanes by that); render again from the AppConfig"))
+    return out
 
 
 def _shape_problems(data: Any) -> list:
@@ -133,7 +152,7 @@ def check_file(file: str | Path, paths: bool = False, cluster: bool | None = Non
     if readable:
         errors += _shape_problems(data)
     if isinstance(data, dict):
-        for prefix, raw in _app_configs(data):
+        for prefix, raw, app in _app_configs(data):
             try:
                 cfg = AppConfig.model_validate(raw)
             except ValidationError as exc:
@@ -146,6 +165,9 @@ def check_file(file: str | Path, paths: bool = False, cluster: bool | None = Non
                     {k: v for k, v in render_serve_config(cfg).items() if k != "applications"}:
                 warnings.append(Finding("(serve options)", "http/grpc options differ from the rendering of the "
                                                            "args (regenerate: arbitrage serve --config ... --render)"))
+            if app is not None:
+                warnings += [Finding(prefix.removesuffix("args.") + p.field, p.message)
+                             for p in _deployment_drift(app, cfg)]
             serve_errors, serve_warnings = _serve_option_problems(cfg)
             res_errors, res_warnings = resource_problems(cfg)
             errors += [Finding(prefix + p.field, p.message) for p in serve_errors + res_errors]

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from rehearsal import LocalRayCluster, start_cluster, worker_groups
 
+from arbitrage_common.config import AppConfig, application_config, render_serve_config
 from arbitrage_common.kuberay.spec import GROUP_LABEL, GROUP_OF
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,15 +132,19 @@ def test_a_batching_knob_changes_in_place_and_restarts_no_replica(cluster: Local
 
 
 def test_scaling_a_pool_lands_only_in_its_group(cluster: LocalRayCluster, rayservice, serve_config):
-    """Raise the target pool's min_replicas: the new replica waits for a target-group Pod even
-    though another group's Pod has a free CPU; once the autoscaler's Pod (started here) joins,
-    it runs there."""
+    """Raise the target pool's min_replicas in the AppConfig and render again, as an operator
+    does: the args do not change, so no replica restarts and the coordinator learns the new
+    bounds in place (its user_config). The new replica waits for a target-group Pod even though
+    another group's Pod has a free CPU; once the autoscaler's Pod (started here) joins, it runs
+    there."""
     app = _app(serve_config)
     target_group = next(g for g in worker_groups(rayservice) if g.name == "target")
     assert target_group.max_pods >= 2, "cpu-demo's target group must be able to grow for this test"
-    scaled = copy.deepcopy(serve_config)
-    pools = scaled["applications"][0]["args"]["pools"]
-    pools["target"]["autoscaling_config"]["min_replicas"] = 2
+    before = {r["actor_id"] for r in cluster.replicas(app) if r["state"] == "ALIVE"}
+    data = application_config(serve_config["applications"][0]).model_dump(mode="json")
+    data["pools"]["target"]["autoscaling_config"]["min_replicas"] = 2
+    scaled = render_serve_config(AppConfig.model_validate(data))
+    assert scaled["applications"][0]["args"] == serve_config["applications"][0]["args"]
     cluster.deploy(yaml.safe_dump(scaled, sort_keys=False))
 
     def pending_target():
@@ -162,6 +167,12 @@ def test_scaling_a_pool_lands_only_in_its_group(cluster: LocalRayCluster, rayser
     assert len({r["node_id"] for r in reps}) == 2  # one replica per one-CPU Pod
     others = [r for r in cluster.replicas(app) if r["state"] == "ALIVE" and r["deployment"] != "target"]
     assert all(_group_of(r) == GROUP_OF[r["deployment"]] for r in others), others
+    after = {r["actor_id"] for r in cluster.replicas(app) if r["state"] == "ALIVE"}
+    assert before < after, f"replicas restarted: gone {before - after}"
+    coordinator = cluster.serve_status()["applications"][app]["deployments"]["coordinator"]
+    assert coordinator["status"] == "HEALTHY"  # its reconfigure took the new bounds
+    assert coordinator["deployment_config"]["user_config"]["scaling"]["target"]["autoscaling_config"][
+        "min_replicas"] == 2
 
 
 def test_dashboard_metrics_are_exported(cluster, serve_config):

@@ -214,10 +214,15 @@ def test_load_metric_chooses_the_policy():
     assert policy(app("rows", merge=False)) == {"policy_function": A.POLICY_FUNCTION}
     assert "autoscaling_config" not in app().pool_options("target")  # fixed replicas: no autoscaler
     # Unset, it is left out of renderings (they stay as they were); set, it round-trips.
-    assert "load_metric" not in C.render_serve_config(app())["applications"][0]["args"]["pools"]["draft"][
-        "autoscaling_config"]
-    rendered = C.render_serve_config(app("calls"))["applications"][0]["args"]
-    assert C.AppConfig.model_validate(rendered).pools.draft.autoscaling_config.load_metric == "calls"
+    # (The replica fields ride in the coordinator's user_config: AppConfig.scaling.)
+    def scaling(cfg):
+        (coordinator,) = [d for d in C.render_serve_config(cfg)["applications"][0]["deployments"]
+                          if d["name"] == C.COORDINATOR]
+        return coordinator["user_config"]["scaling"]["draft"]["autoscaling_config"]
+
+    assert "load_metric" not in scaling(app()) and scaling(app("calls"))["load_metric"] == "calls"
+    rendered = C.render_serve_config(app("calls"))["applications"][0]
+    assert C.application_config(rendered).pools.draft.autoscaling_config.load_metric == "calls"
     with pytest.raises(ValidationError, match="load_metric"):
         C.CoordinatorSpec(autoscaling_config={**auto, "load_metric": "rows"})
     with pytest.raises(ValidationError, match="load_metric"):

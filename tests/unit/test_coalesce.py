@@ -290,3 +290,29 @@ def test_a_slot_comes_back_after_a_failed_call_and_after_its_rows_were_cancelled
 def test_call_slots_need_a_positive_limit():
     with pytest.raises(ValueError, match="limit"):
         CallSlots(0)
+
+
+def test_set_lanes_remaps_sessions_and_a_lane_left_out_still_sends_what_it_holds():
+    async def main():
+        pool = FakePool()
+        pool.gate.clear()
+        merged = Coalescer(pool.send, lanes=4, key_prefix="draft-lane")
+        session = next(f"req-{i}" for i in range(100) if lane_index(f"req-{i}", 4) == 3)
+        first = asyncio.create_task(merged.call(session, 1))
+        await settle()
+        queued = asyncio.create_task(merged.call(session, 2))  # lane 3 is busy: this row waits there
+        await settle()
+        merged.set_lanes(2)  # lane 3 is out of the mapping now
+        moved = asyncio.create_task(merged.call(session, 3))
+        await settle()
+        pool.gate.set()
+        return await asyncio.gather(first, queued, moved), pool.calls, merged
+
+    results, calls, merged = run(main())
+    assert results == [10, 20, 30]
+    session_lane = lane_index(next(f"req-{i}" for i in range(100) if lane_index(f"req-{i}", 4) == 3), 2)
+    assert [(key, rows) for key, rows, _ in calls] == [
+        ("draft-lane-3", [1]), (f"draft-lane-{session_lane}", [3]), ("draft-lane-3", [2])]
+    assert merged.lanes == 2
+    with pytest.raises(ValueError):
+        merged.set_lanes(0)

@@ -86,7 +86,22 @@ def test_rendering_round_trips_through_args():
     moved = C.render_serve_config(faster)["applications"][0]
     assert moved["args"] == app["args"] and moved["deployments"] != app["deployments"]
     assert C.application_config(moved) == faster
-    assert {d["name"]: d["user_config"]["max_batch_size"] for d in moved["deployments"]}["draft"] == 7
+    assert {d["name"]: d["user_config"].get("max_batch_size") for d in moved["deployments"]}["draft"] == 7
+    # So are every deployment's replica fields: Serve resizes in place, and the coordinator's
+    # user_config (its reconfigure) carries them for its lanes.
+    data = cfg.model_dump(mode="json")
+    data["pools"]["target"]["autoscaling_config"]["max_replicas"] += 3
+    data["coordinator"]["autoscaling_config"] = None
+    data["coordinator"]["num_replicas"] = 3
+    scaled = C.AppConfig.model_validate(data)
+    moved = C.render_serve_config(scaled)["applications"][0]
+    assert moved["args"] == app["args"] and C.application_config(moved) == scaled
+    by_name = {d["name"]: d for d in moved["deployments"]}
+    assert by_name["target"]["autoscaling_config"]["max_replicas"] == \
+        cfg.pools.target.autoscaling_config.max_replicas + 3
+    assert by_name["coordinator"]["num_replicas"] == 3 and "autoscaling_config" not in by_name["coordinator"]
+    assert by_name["coordinator"]["user_config"]["scaling"]["target"]["autoscaling_config"]["max_replicas"] == \
+        by_name["target"]["autoscaling_config"]["max_replicas"]
     assert rendered["grpc_options"]["port"] == 9000 and rendered["http_options"]["port"] == 8000
     assert "protos.arbitrage.v1.arbitrage_pb2_grpc.add_ArbitrageServiceServicer_to_server" in \
         rendered["grpc_options"]["grpc_servicer_functions"]

@@ -1,0 +1,78 @@
+"""A Serve YAML's replica fields change in place: the app's args hold stand-ins, and the
+coordinator learns the real ones from its user_config (``reconfigure``), then after every
+change: merge lanes per pool, the pools readiness lets scale to zero, and the target bound the
+load controller waits on. Real Coordinator over fake pools, no Ray."""
+from __future__ import annotations
+
+import pytest
+from fake_pools import FakePool, PoolRecord
+from pydantic import ValidationError
+
+from arbitrage_common import config as C
+from services.coordinator import Coordinator
+
+
+def _config(target_max: int, draft_replicas: int) -> C.AppConfig:
+    data = C.default_config().model_dump(mode="json")
+    data["pools"]["target"]["autoscaling_config"] = {"min_replicas": 0, "max_replicas": target_max}
+    data["pools"]["draft"]["num_replicas"] = draft_replicas
+    return C.AppConfig.model_validate(data)
+
+
+def _coordinator_user_config(app: dict) -> dict:
+    (deployment,) = [d for d in app["deployments"] if d["name"] == "coordinator"]
+    return deployment["user_config"]
+
+
+def _lanes(coord: Coordinator) -> dict[str, int]:
+    return {role: merged.lanes for role, merged in coord.pools.merged.items()}
+
+
+def test_the_coordinator_takes_its_replica_bounds_from_user_config_and_follows_a_change():
+    app = C.serve_application(_config(target_max=3, draft_replicas=2))
+    record = PoolRecord()
+    coord = Coordinator(app["args"], *(FakePool(role, record) for role in ("draft", "target", "router", "prm")))
+    # The args alone: stand-ins (one replica each).
+    assert _lanes(coord) == {"draft": 1, "target": 1, "router": 1, "prm": 1}
+    assert coord.health.scale_to_zero == frozenset() and coord._target_max_replicas is None
+
+    coord.reconfigure(_coordinator_user_config(app))  # what Serve does before the first request
+    assert _lanes(coord) == {"draft": 8, "target": 12, "router": 1, "prm": 1}  # 4 lanes per replica
+    assert coord.health.scale_to_zero == {"target"} and coord._target_max_replicas == 3
+    assert coord.cfg.pools.target.autoscaling_config.max_replicas == 3
+
+    changed = C.serve_application(_config(target_max=1, draft_replicas=1))
+    assert changed["args"] == app["args"]  # so Serve restarts no replica
+    coord.reconfigure(_coordinator_user_config(changed))
+    assert _lanes(coord) == {"draft": 1, "target": 1, "router": 1, "prm": 1}
+    assert coord._target_max_replicas == 1 and coord.cfg.pools.draft.num_replicas == 1
+
+
+@pytest.mark.parametrize(("scaling", "named"), [
+    ({"target": {"num_replica": 2}}, "pools.target.num_replica"),
+    ({"target": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}}, "min_replicas"),
+    ({"tagret": {"num_replicas": 2}}, "scaling.tagret"),
+])
+def test_a_bad_scaling_user_config_fails_the_update_naming_the_field(scaling, named):
+    record = PoolRecord()
+    coord = Coordinator(C.default_config().model_dump(mode="json"),
+                        *(FakePool(role, record) for role in ("draft", "target", "router", "prm")))
+    with pytest.raises((ValidationError, ValueError), match=named):
+        coord.reconfigure({"scaling": scaling})
+    assert _lanes(coord) == {"draft": 1, "target": 1, "router": 1, "prm": 1}  # unchanged
+
+
+def test_config_check_warns_when_a_hand_edited_serve_yaml_resizes_a_pool_behind_the_coordinators_back(tmp_path):
+    import yaml
+
+    from arbitrage_common.cli.config_cmd import check_file
+
+    rendered = C.render_serve_config(_config(target_max=3, draft_replicas=2))
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(rendered))
+    assert check_file(tmp_path / "ok.yaml")["warnings"] == []
+    for deployment in rendered["applications"][0]["deployments"]:
+        if deployment["name"] == "draft":
+            deployment["num_replicas"] = 5  # Serve would run 5; the coordinator's lanes assume 2
+    (tmp_path / "edited.yaml").write_text(yaml.safe_dump(rendered))
+    result = check_file(tmp_path / "edited.yaml")
+    assert result["ok"] and [w.split(":")[0] for w in result["warnings"]] == ["applications[0].deployments[draft]"]
