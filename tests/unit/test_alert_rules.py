@@ -1,0 +1,341 @@
+"""The alert rules (k8s/monitoring/alerts.yaml, a Prometheus Operator PrometheusRule): the file
+is one kube-prometheus-stack loads, every rule is complete and its PromQL parses
+(promql-parser, the dev extra); every metric an alert reads is one this code exports
+(services/) or one of Ray Serve's, checked against the installed ray, with the labels it
+carries and the status / reason values the code sets; the error ratio excludes what the
+dashboard's does, the overload alert counts the same 503 refusals on every source; the
+thresholds fit what they compare with; descriptions point at doc sections that exist. Pure
+file checks: no cluster, no network."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import grpc
+import promql_parser
+import yaml
+from test_dashboard_metrics import (
+    PROXY_ANSWERS,
+    RAY_SERVE_METRICS,
+    _api_error_codes,
+    _exported_by_services,
+    _ingress_tag_keys,
+    _panel,
+    _prometheus_names,
+    _ray_serve_source_metrics,
+    _selects,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+MONITORING = ROOT / "k8s" / "monitoring"
+ALERTS = MONITORING / "alerts.yaml"
+SEVERITIES = {"warning", "critical"}
+# Ray Serve's metrics the alerts read beyond the dashboard's ones.
+ALERT_RAY_SERVE_METRICS = {**RAY_SERVE_METRICS, "serve_autoscaling_desired_replicas": "Gauge"}
+# Labels the Prometheus Operator puts on every series of a PodMonitor's targets (the
+# podmonitor's relabelings add theirs, read below).
+TARGET_LABELS = {"namespace", "pod", "container", "endpoint", "job", "instance"}
+_OPS = {"MatchOp.Equal": "=", "MatchOp.NotEqual": "!=", "MatchOp.Re": "=~", "MatchOp.NotRe": "!~"}
+_COMPARISONS = {">", "<", ">=", "<=", "==", "!="}
+
+
+# -- reading the rules -------------------------------------------------------------------------
+def _doc() -> dict:
+    return yaml.safe_load(ALERTS.read_text())
+
+
+def _rules() -> list[dict]:
+    return [rule for group in _doc()["spec"]["groups"] for rule in group["rules"]]
+
+
+def _rule(name: str) -> dict:
+    (rule,) = [r for r in _rules() if r["alert"] == name]
+    return rule
+
+
+def _nodes(expr) -> list:
+    found: list = []
+    promql_parser.walk(expr, found.append)
+    return found
+
+
+def _selectors(expr) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """(metric, [(label, op, value)]) of every vector selector, in the order they appear."""
+    return [(n.name, [(m.name, _OPS[str(m.op)], m.value) for m in n.matchers.matchers])
+            for n in _nodes(expr) if isinstance(n, promql_parser.VectorSelector)]
+
+
+def _threshold(rule: dict) -> tuple[str, float]:
+    """The comparison at the top of a rule's expr and the number it compares with."""
+    expr = promql_parser.parse(rule["expr"])
+    assert isinstance(expr, promql_parser.BinaryExpr) and str(expr.op) in _COMPARISONS, rule["alert"]
+    assert isinstance(expr.rhs, promql_parser.NumberLiteral), rule["alert"]
+    return str(expr.op), expr.rhs.val
+
+
+# -- what the code exports -----------------------------------------------------------------------
+def _serve_tags() -> set[str]:
+    """The labels Serve adds to every metric a replica exports (ray.serve.metrics)."""
+    from ray.serve.metrics import APPLICATION_TAG, DEPLOYMENT_TAG, REPLICA_TAG
+
+    return {DEPLOYMENT_TAG, REPLICA_TAG, APPLICATION_TAG}
+
+
+def _literal_tags(node: ast.expr | None, assigned: dict[str, ast.expr]) -> set[str]:
+    """The string literals a ``tag_keys=`` argument can hold (a tuple, a name assigned one in the
+    same function, either branch of a conditional)."""
+    if node is None:
+        return set()
+    if isinstance(node, ast.Name):
+        return _literal_tags(assigned[node.id], assigned)
+    if isinstance(node, ast.IfExp):
+        return _literal_tags(node.body, assigned) | _literal_tags(node.orelse, assigned)
+    return set(ast.literal_eval(node))
+
+
+def _metric_calls(path: Path, prefix: str) -> dict[str, set[str]]:
+    """Metric name -> tag keys of every ``Counter`` / ``Gauge`` / ``Histogram`` call in ``path``
+    whose first argument is a string starting with ``prefix``."""
+    found: dict[str, set[str]] = {}
+    for func in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        assigned = {t.id: n.value for n in ast.walk(func) if isinstance(n, ast.Assign)
+                    for t in n.targets if isinstance(t, ast.Name)}
+        for call in ast.walk(func):
+            kind = getattr(call, "func", None)
+            kind = getattr(kind, "attr", getattr(kind, "id", None))
+            if kind in ("Counter", "Gauge", "Histogram") and call.args and isinstance(call.args[0], ast.Constant) \
+                    and str(call.args[0].value).startswith(prefix):
+                tags = next((k.value for k in call.keywords if k.arg == "tag_keys"), None)
+                for name in _prometheus_names(kind, call.args[0].value):
+                    found[name] = _literal_tags(tags, assigned)
+    return found
+
+
+def _ours() -> dict[str, set[str]]:
+    """Prometheus name -> labels of every metric services/ exports (the load controller's gauges,
+    built in a loop, from their table)."""
+    from services.load_metrics import LOAD_GAUGES
+
+    tags: dict[str, set[str]] = {}
+    for path in (ROOT / "services").glob("*.py"):
+        tags.update(_metric_calls(path, "arbitrage_"))
+    tags.update({f"ray_{name}": set() for name, _ in LOAD_GAUGES.values()})
+    return {name: keys | _serve_tags() for name, keys in tags.items()}
+
+
+def _ray_serve() -> dict[str, set[str]]:
+    """Prometheus name -> labels of the Ray Serve metrics the alerts may read: the proxies'
+    from Ray's own class, the others from the installed ray's source (those a replica
+    registers, in replica.py, also get Serve's replica labels)."""
+    import ray
+
+    by_name = _ingress_tag_keys()
+    for path in (Path(ray.__file__).parent / "serve" / "_private").glob("*.py"):
+        wanted = [n for n in ALERT_RAY_SERVE_METRICS if n not in by_name and f'"{n}"' in path.read_text()]
+        if wanted:
+            calls = _metric_calls(path, "serve_")
+            extra = _serve_tags() if path.name == "replica.py" else set()
+            by_name.update({n: calls[f"ray_{n}"] | extra for n in wanted if f"ray_{n}" in calls})
+    return {prom: by_name[name] for name, kind in ALERT_RAY_SERVE_METRICS.items() if name in by_name
+            for prom in _prometheus_names(kind, name)}
+
+
+def _target_labels() -> set[str]:
+    monitor = yaml.safe_load((MONITORING / "podmonitor.yaml").read_text())
+    relabeled = {r["targetLabel"] for e in monitor["spec"]["podMetricsEndpoints"] for r in e.get("relabelings", [])}
+    return TARGET_LABELS | relabeled
+
+
+def _retry_reasons() -> set[str]:
+    """What ``services.handles.retry_reason`` returns (the ``reason`` label of pool retries)."""
+    tree = ast.parse((ROOT / "services" / "handles.py").read_text())
+    (func,) = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "retry_reason"]
+    return {n.value.value for n in ast.walk(func) if isinstance(n, ast.Return)
+            and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)}
+
+
+# -- the file ----------------------------------------------------------------------------------
+def test_the_file_is_a_prometheus_rule_that_kustomize_applies_and_the_stack_selects():
+    doc = _doc()
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["kind"] == "PrometheusRule"
+    assert doc["spec"]["groups"] and all(g["name"] and g["rules"] for g in doc["spec"]["groups"])
+    monitor = yaml.safe_load((MONITORING / "podmonitor.yaml").read_text())
+    assert doc["metadata"]["labels"]["release"] == monitor["metadata"]["labels"]["release"]
+    assert "alerts.yaml" in yaml.safe_load((MONITORING / "kustomization.yaml").read_text())["resources"]
+
+
+def test_every_rule_is_a_complete_alert_with_a_unique_name():
+    rules = _rules()
+    names = [r.get("alert") for r in rules]
+    assert len(rules) >= 7 and all(names) and len(set(names)) == len(names), names
+    for rule in rules:
+        assert re.fullmatch(r"\d+[smh]", rule.get("for", "")), rule["alert"]
+        assert rule["labels"]["severity"] in SEVERITIES, rule["alert"]
+        notes = rule["annotations"]
+        assert notes.get("summary", "").strip() and notes.get("description", "").strip(), rule["alert"]
+        assert not re.search(r"https?://", " ".join(notes.values())), f"{rule['alert']}: a URL"
+
+
+def test_every_expr_parses_as_promql_and_filters_with_a_comparison():
+    """An alert fires for each series its expr returns: a comparison (no ``bool``) must filter them."""
+    for rule in _rules():
+        expr = promql_parser.parse(rule["expr"])  # ValueError where the PromQL does not parse
+        assert any(isinstance(n, promql_parser.BinaryExpr) and str(n.op) in _COMPARISONS
+                   and not (n.modifier and n.modifier.return_bool) for n in _nodes(expr)), rule["alert"]
+
+
+def test_the_severities():
+    severity = {r["alert"]: r["labels"]["severity"] for r in _rules()}
+    assert severity["ArbitrageNoHealthyReplica"] == "critical"
+    assert severity["ArbitrageThresholdOffsetAtMax"] == severity["ArbitragePoolReplicaRetries"] == "warning"
+
+
+# -- every name exists, with its labels and values --------------------------------------------------
+def test_every_metric_an_alert_reads_is_exported_by_services_or_by_ray_serve():
+    known = _ours() | _ray_serve()
+    assert _exported_by_services() <= set(known)  # the scan finds what the dashboard test's does
+    assert {"ray_arbitrage_requests_total", "ray_arbitrage_threshold_offset",
+            "ray_serve_num_http_requests_total", "ray_serve_autoscaling_desired_replicas"} <= set(known)
+    for rule in _rules():
+        for metric, _ in _selectors(promql_parser.parse(rule["expr"])):
+            assert metric in known, f"{rule['alert']}: {metric} is exported by nothing"
+
+
+def test_the_listed_ray_serve_metrics_exist_in_the_installed_ray_with_that_kind():
+    found = _ray_serve_source_metrics()
+    for name, kind in ALERT_RAY_SERVE_METRICS.items():
+        assert kind in found.get(name, set()), f"{name}: not a {kind} in the installed ray's Serve ({found.get(name)})"
+
+
+def test_every_label_an_alert_matches_or_groups_by_is_one_the_metric_carries():
+    known, target = _ours() | _ray_serve(), _target_labels()
+    checked = 0
+    for rule in _rules():
+        expr = promql_parser.parse(rule["expr"])
+        for metric, matchers in _selectors(expr):
+            for label, _, _ in matchers:
+                checked += 1
+                assert label in known[metric], f"{rule['alert']}: {metric} has no label {label!r}"
+        for node in _nodes(expr):
+            if isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+                labels, under = set(node.modifier.labels), _selectors(node)
+            elif isinstance(node, promql_parser.BinaryExpr) and node.modifier and node.modifier.matching:
+                labels, under = set(node.modifier.matching.labels), _selectors(node)
+            else:
+                continue
+            for metric, _ in under:
+                checked += 1
+                carried = known[metric] | target | ({"le"} if metric.endswith("_bucket") else set())
+                assert labels <= carried, f"{rule['alert']}: {metric} has no {sorted(labels - carried)}"
+    assert checked >= 30
+
+
+def test_the_status_and_reason_values_matched_are_ones_the_code_sets():
+    statuses = set(_api_error_codes()) | {"ok"}
+    grpc_codes = {c.name for c in grpc.StatusCode}
+    http = {str(h) for _, h in [*_api_error_codes().values(), *PROXY_ANSWERS]}
+    checked = 0
+    for rule in _rules():
+        for metric, matchers in _selectors(promql_parser.parse(rule["expr"])):
+            for label, op, value in matchers:
+                if label == "status" or (label == "status_code" and "grpc" in metric) or label == "reason":
+                    assert re.fullmatch(r"\w+(\|\w+)*", value), f"{rule['alert']}: {label}{op}{value!r}: a plain list"
+                    real = {"status": statuses, "status_code": grpc_codes, "reason": _retry_reasons()}[label]
+                    assert set(value.split("|")) <= real, f"{rule['alert']}: {label} {sorted(set(value.split('|')) - real)}"
+                elif label == "status_code":  # HTTP: each alternative matches a status the service answers
+                    for alternative in value.split("|"):
+                        assert any(re.fullmatch(alternative, h) for h in http), f"{rule['alert']}: {alternative!r}"
+                else:
+                    continue
+                checked += 1
+    assert checked >= 7
+
+
+# -- what the alerts count ---------------------------------------------------------------------------
+def _without_application(selectors):
+    return sorted((metric, sorted(m for m in matchers if m[0] != "application")) for metric, matchers in selectors)
+
+
+def test_the_server_error_ratio_leaves_out_what_the_dashboards_error_ratio_does():
+    """The same selectors, source by source, as the panel (whose statuses
+    test_dashboard_metrics.py checks), less the dashboard's application variable."""
+    panel = [s for t in _panel("Error ratio")["targets"]
+             for s in _selectors(promql_parser.parse(t["expr"].replace("$__rate_interval", "5m")))]
+    alert = _selectors(promql_parser.parse(_rule("ArbitrageServerErrorRatioHigh")["expr"]))
+    assert _without_application(alert) == _without_application(panel)
+
+
+def test_the_overload_alert_counts_the_same_503_refusals_on_every_source():
+    codes = _api_error_codes()
+    refused = {status for status, (_, http) in codes.items() if http == 503}
+    assert refused == {"resource_exhausted", "unavailable"}
+    answers = [*codes.values(), *PROXY_ANSWERS, ("OK", 200), ("INVALID_ARGUMENT", 422)]
+    examples = {  # metric -> [(labels of one series, counted as refused?)]
+        "ray_arbitrage_requests_total": [({"status": s}, s in refused) for s in [*codes, "ok"]],
+        "ray_serve_num_http_requests_total": [({"route": "/v1/generate", "status_code": str(h)}, h == 503)
+                                              for _, h in answers],
+        "ray_serve_num_grpc_requests_total": [({"method": "/arbitrage.v1.ArbitrageService/Generate",
+                                                "status_code": g}, h == 503) for g, h in answers],
+    }
+    selectors = _selectors(promql_parser.parse(_rule("ArbitrageOverloaded")["expr"]))
+    assert {m for m, _ in selectors} == set(examples)
+    for metric, series in examples.items():
+        (num, den) = [matchers for m, matchers in selectors if m == metric]
+        for labels, is_refused in series:
+            assert _selects(den, labels), (metric, labels)
+            assert _selects(num, labels) is is_refused, (metric, labels)
+
+
+def test_the_latency_slo_lies_inside_the_histograms_buckets_and_the_summary_names_it():
+    """Above the last finite bucket bound histogram_quantile cannot go: the alert would never fire."""
+    rule = _rule("ArbitrageLatencyP95High")
+    tree = ast.parse((ROOT / "services" / "coordinator.py").read_text())
+    (bounds,) = [ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                 and any(getattr(t, "id", None) == "_LATENCY_MS" for t in n.targets)]
+    op, slo = _threshold(rule)
+    assert op == ">" and bounds[0] <= slo < bounds[-1], (slo, bounds)
+    assert [m for m, _ in _selectors(promql_parser.parse(rule["expr"]))] == ["ray_arbitrage_request_ms_bucket"]
+    assert f"{slo:.0f} ms" in rule["annotations"]["summary"]
+
+
+def test_the_offset_alert_fires_at_the_configs_default_max_offset():
+    """Ray exports the offset, not its maximum: the threshold is the default max_offset."""
+    from arbitrage_common.config import LoadControlSpec
+    from services.load_metrics import LOAD_GAUGES
+
+    rule = _rule("ArbitrageThresholdOffsetAtMax")
+    assert _threshold(rule) == (">=", LoadControlSpec.model_fields["max_offset"].default)
+    assert [m for m, _ in _selectors(promql_parser.parse(rule["expr"]))] == [f"ray_{LOAD_GAUGES['offset'][0]}"]
+
+
+def test_the_no_healthy_replica_alert_spares_a_pool_scaled_to_zero():
+    expr = promql_parser.parse(_rule("ArbitrageNoHealthyReplica")["expr"])
+    assert isinstance(expr, promql_parser.BinaryExpr) and str(expr.op) == "unless"
+    assert [m for m, _ in _selectors(expr.lhs)] == ["ray_serve_deployment_replica_healthy"]
+    assert [m for m, _ in _selectors(expr.rhs)] == ["ray_serve_autoscaling_target_replicas"]
+    assert str(expr.rhs.op) == "==" and expr.rhs.rhs.val == 0
+
+
+# -- docs -----------------------------------------------------------------------------------------
+def test_descriptions_point_at_doc_sections_that_exist():
+    kuberay = (ROOT / "docs" / "KUBERAY.md").read_text()
+    serving = (ROOT / "docs" / "SERVING.md").read_text()
+    sections = dict(re.findall(r"^## (\d+)\. (.+)$", kuberay, re.MULTILINE))
+    headings = set(re.findall(r"^#+ (.+)$", serving, re.MULTILINE))
+    for rule in _rules():
+        text = " ".join(rule["annotations"].values())
+        assert "docs/KUBERAY.md §" in text or "docs/SERVING.md" in text, f"{rule['alert']}: no doc reference"
+        for number, title in re.findall(r"§(\d+) \(([^)]+)\)", text):
+            assert sections.get(number) == title, f"{rule['alert']}: KUBERAY.md has no '## {number}. {title}'"
+        for title in re.findall(r'docs/SERVING\.md "([^"]+)"', text):
+            assert title in headings, f"{rule['alert']}: SERVING.md has no heading {title!r}"
+
+
+def test_the_kuberay_doc_lists_every_alert():
+    kuberay = (ROOT / "docs" / "KUBERAY.md").read_text()
+    metrics = kuberay[kuberay.index("## 9. Metrics"):kuberay.index("## 10.")]
+    for rule in _rules():
+        assert f"`{rule['alert']}`" in metrics, rule["alert"]
