@@ -126,7 +126,7 @@ class LoadController:
         """The controller's state, for logs and metrics."""
         return {"offset": self._offset, "error": self._error, "latency_ewma_ms": self._ewma,
                 "in_flight": self._in_flight, "updates": self._updates, "request_s": self._request_s,
-                "can_scale": int(self._can_scale)}
+                "can_scale": int(self._can_scale), "max_offset": self.spec.max_offset}
 
     def applies(self, policy_name: str, explicit: bool = False) -> bool:
         """Whether ``threshold_for`` may move this request's threshold."""

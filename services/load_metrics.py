@@ -20,6 +20,8 @@ LOAD_GAUGES: dict[str, tuple[str, str]] = {
     "in_flight": ("arbitrage_load_control_target_in_flight", "Target calls this replica has in flight."),
     "request_s": ("arbitrage_load_control_request_s",
                   "EWMA of controlled requests' duration, s (the loop delay that scales gain and decay)."),
+    "max_offset": ("arbitrage_threshold_offset_max",
+                   "Most the offset may reach (policy.load_control.max_offset); at it, no room is left."),
     "can_scale": ("arbitrage_load_control_target_can_scale",
                   "1 while the target pool can still add replicas (the offset then only falls), else 0."),
 }

@@ -301,14 +301,34 @@ def test_the_latency_slo_lies_inside_the_histograms_buckets_and_the_summary_name
     assert f"{slo:.0f} ms" in rule["annotations"]["summary"]
 
 
-def test_the_offset_alert_fires_at_the_configs_default_max_offset():
-    """Ray exports the offset, not its maximum: the threshold is the default max_offset."""
+def test_the_offset_alert_fires_at_each_replicas_own_max_offset():
+    """The coordinator exports its max_offset beside the offset (so a config's own bound
+    counts, not the default): the rule fires when the offset reaches it, and the controller
+    clamps the offset to exactly that value."""
     from arbitrage_common.config import LoadControlSpec
-    from services.load_metrics import LOAD_GAUGES
+    from arbitrage_common.threshold_control import LoadController
+    from services.load_metrics import LOAD_GAUGES, LoadGauges
 
     rule = _rule("ArbitrageThresholdOffsetAtMax")
-    assert _threshold(rule) == (">=", LoadControlSpec.model_fields["max_offset"].default)
-    assert [m for m, _ in _selectors(promql_parser.parse(rule["expr"]))] == [f"ray_{LOAD_GAUGES['offset'][0]}"]
+    assert _threshold(rule) == (">=", 0.0)
+    assert [m for m, _ in _selectors(promql_parser.parse(rule["expr"]))] == \
+        [f"ray_{LOAD_GAUGES['offset'][0]}", f"ray_{LOAD_GAUGES['max_offset'][0]}"]
+    controller = LoadController(LoadControlSpec(enabled=True, max_offset=0.12, latency_budget_ms=1.0))
+    for second in range(1, 400):  # target calls far over budget: the offset climbs to its bound
+        controller.observe_latency(1000.0, float(second))
+        controller.update(float(second), can_scale=False)
+    values: dict[str, float] = {}
+
+    class Gauge:
+        def __init__(self, name: str, description: str) -> None:
+            self.name = name
+
+        def set(self, value: float) -> None:
+            values[self.name] = value
+
+    LoadGauges(Gauge).export(controller.snapshot())
+    assert values[LOAD_GAUGES["offset"][0]] - values[LOAD_GAUGES["max_offset"][0]] >= 0
+    assert values[LOAD_GAUGES["max_offset"][0]] == 0.12
 
 
 def test_the_no_healthy_replica_alert_spares_a_pool_scaled_to_zero():

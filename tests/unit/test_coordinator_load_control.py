@@ -232,9 +232,10 @@ def test_load_gauges_follow_the_arbitrage_naming_and_carry_no_labels():
     assert all(g.name.startswith("arbitrage_") for g in gauges.gauges.values())
     assert gauges.gauges["offset"].name == "arbitrage_threshold_offset"
     gauges.export({"offset": 0.1, "error": None, "latency_ewma_ms": None, "in_flight": 3, "request_s": 12.5,
-                   "can_scale": 0})
+                   "can_scale": 0, "max_offset": 0.3})
     assert {k: g.value for k, g in gauges.gauges.items()} == {
-        "offset": 0.1, "error": 0.0, "latency_ewma_ms": 0.0, "in_flight": 3.0, "request_s": 12.5, "can_scale": 0.0}
+        "offset": 0.1, "error": 0.0, "latency_ewma_ms": 0.0, "in_flight": 3.0, "request_s": 12.5, "can_scale": 0.0,
+        "max_offset": 0.3}
     assert set(LOAD_GAUGES) <= set(LoadController(default_config().policy.load_control).snapshot())
 
 
