@@ -289,6 +289,29 @@ def test_the_overload_alert_counts_the_same_503_refusals_on_every_source():
             assert _selects(num, labels) is is_refused, (metric, labels)
 
 
+def test_the_abandoned_alert_counts_client_cancels_on_every_source_and_the_error_ratio_does_not():
+    codes = _api_error_codes()
+    assert codes["cancelled"] == ("CANCELLED", 499)  # what Serve's proxies count for a cancel, too
+    answers = [*codes.values(), *PROXY_ANSWERS, ("OK", 200)]
+    examples = {  # metric -> [(labels of one series, counted as abandoned?)]
+        "ray_arbitrage_requests_total": [({"status": s}, s == "cancelled") for s in [*codes, "ok"]],
+        "ray_serve_num_http_requests_total": [({"route": "/v1/chat/completions", "status_code": str(h)}, h == 499)
+                                              for _, h in answers],
+        "ray_serve_num_grpc_requests_total": [({"method": "/arbitrage.v1.ArbitrageService/GenerateStream",
+                                                "status_code": g}, g == "CANCELLED") for g, _ in answers],
+    }
+    abandoned = _selectors(promql_parser.parse(_rule("ArbitrageRequestsAbandoned")["expr"]))
+    errors = _selectors(promql_parser.parse(_rule("ArbitrageServerErrorRatioHigh")["expr"]))
+    assert {m for m, _ in abandoned} == set(examples)
+    for metric, series in examples.items():
+        (num, den) = [matchers for m, matchers in abandoned if m == metric]
+        (error_num, _) = [matchers for m, matchers in errors if m == metric]
+        for labels, is_abandoned in series:
+            assert _selects(den, labels), (metric, labels)
+            assert _selects(num, labels) is is_abandoned, (metric, labels)
+            assert not (is_abandoned and _selects(error_num, labels)), (metric, labels)
+
+
 def test_the_latency_slo_lies_inside_the_histograms_buckets_and_the_summary_names_it():
     """Above the last finite bucket bound histogram_quantile cannot go: the alert would never fire."""
     rule = _rule("ArbitrageLatencyP95High")
