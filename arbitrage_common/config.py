@@ -295,7 +295,7 @@ class DeploymentSpec(_Strict):
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
             "logging_config": {"enable_access_log": self.access_log},
         }
-        return {**opts, **self.scaling_options()}
+        return {**opts, **DeploymentSpec.scaling_options(self)}  # a pool's own adds its autoscaling policy
 
     def scaling(self) -> dict[str, Any]:
         """This deployment's replica fields as the config holds them (``AppConfig.with_scaling``)."""
@@ -822,17 +822,9 @@ class AppConfig(_Strict):
         return {name: fields for name, spec in specs if (fields := spec.scaling())}
 
     def with_scaling(self, scaling: Any) -> AppConfig:
-        """This config with the replica fields of ``scaling`` (``AppConfig.scaling``'s shape: a
-        named deployment's unnamed fields are unset; unnamed deployments keep theirs), validated
-        (a misspelt field is named)."""
+        """This config with the replica fields of ``scaling`` (``merge_scaling``), validated."""
         data = self.model_dump(mode="json")
-        if not isinstance(scaling, dict):
-            raise ValueError(f"{COORDINATOR_SCALING_KEY}: expected a mapping of deployment names")  # noqa: TRY004 (a config error)
-        for name, fields in scaling.items():
-            section = data["coordinator"] if name == COORDINATOR else data["pools"].get(name)
-            if not isinstance(section, dict) or not isinstance(fields, dict):
-                raise ValueError(f"{COORDINATOR_SCALING_KEY}.{name}: not a configured deployment, or not a mapping")  # noqa: TRY004
-            section.update({**LIVE_SCALING_IN_ARGS, **fields})
+        merge_scaling(data, scaling)
         return AppConfig.model_validate(data)
 
     def resolve_path(self, path: str) -> str:
@@ -953,6 +945,27 @@ def serve_application(cfg: AppConfig) -> dict[str, Any]:
             "deployments": deployments}
 
 
+def merge_scaling(data: dict[str, Any], scaling: Any) -> None:
+    """Put ``scaling`` (``AppConfig.scaling``'s shape: deployment name -> replica fields) into
+    ``data``, an AppConfig as a dict, in place: a named deployment's unnamed replica fields are
+    unset, unnamed deployments keep theirs. ValueError names an entry that is not replica
+    fields of a configured deployment (the coordinator's user_config holds nothing else)."""
+    where = f"deployments[{COORDINATOR}].user_config.{COORDINATOR_SCALING_KEY}"
+    if not isinstance(scaling, dict):
+        raise ValueError(f"{where}: expected a mapping of deployment names to replica fields")  # noqa: TRY004
+    pools = data.get("pools") if isinstance(data.get("pools"), dict) else {}
+    for name, fields in scaling.items():
+        section = data.setdefault(COORDINATOR, {}) if name == COORDINATOR else pools.get(name)
+        if not isinstance(section, dict):
+            raise ValueError(f"{where}.{name}: not a configured deployment")  # noqa: TRY004
+        if not isinstance(fields, dict):
+            raise ValueError(f"{where}.{name}: expected a mapping of replica fields")  # noqa: TRY004
+        if unknown := sorted(set(fields) - set(LIVE_SCALING_IN_ARGS)):
+            raise ValueError(f"{where}.{name}: {', '.join(map(str, unknown))}: not a replica field (only "
+                             f"{', '.join(LIVE_SCALING_IN_ARGS)}; the rest is the app's args)")
+        section.update({**LIVE_SCALING_IN_ARGS, **fields})
+
+
 def coordinator_user_config(cfg: AppConfig) -> dict[str, Any]:
     """The coordinator deployment's ``user_config`` (its ``reconfigure``)."""
     return {COORDINATOR_SCALING_KEY: cfg.scaling()}
@@ -961,26 +974,26 @@ def coordinator_user_config(cfg: AppConfig) -> dict[str, Any]:
 def application_args(app: dict[str, Any]) -> Any:
     """The config (a dict, unvalidated) a Serve YAML application runs: its ``args`` with each
     pool's live knobs from its deployment's ``user_config``, and every deployment's replica
-    fields from the coordinator's (the inverse of ``serve_application``)."""
+    fields from the coordinator's (the inverse of ``serve_application``; ``merge_scaling``'s
+    ValueError where those are not replica fields)."""
     args = app.get("args")
     if not isinstance(args, dict) or not isinstance(args.get("pools"), dict):
         return args
-    pools = {role: dict(pool) if isinstance(pool, dict) else pool for role, pool in args["pools"].items()}
-    coordinator = dict(args["coordinator"]) if isinstance(args.get("coordinator"), dict) else args.get("coordinator")
+    out = {**args, "pools": {role: dict(pool) if isinstance(pool, dict) else pool
+                             for role, pool in args["pools"].items()}}
+    if isinstance(args.get(COORDINATOR), dict):
+        out[COORDINATOR] = dict(args[COORDINATOR])
+    scaling = None
     for deployment in app.get("deployments") or ():
         knobs = deployment.get("user_config") if isinstance(deployment, dict) else None
         if not isinstance(knobs, dict):
             continue
-        if isinstance(pools.get(deployment.get("name")), dict):
-            pools[deployment["name"]].update(knobs)
-        elif deployment.get("name") == COORDINATOR and isinstance(knobs.get(COORDINATOR_SCALING_KEY), dict):
-            for name, fields in knobs[COORDINATOR_SCALING_KEY].items():
-                section = coordinator if name == COORDINATOR else pools.get(name)
-                if isinstance(section, dict) and isinstance(fields, dict):
-                    section.update({**LIVE_SCALING_IN_ARGS, **fields})
-    out = {**args, "pools": pools}
-    if coordinator is not None:
-        out["coordinator"] = coordinator
+        if isinstance(out["pools"].get(deployment.get("name")), dict):
+            out["pools"][deployment["name"]].update(knobs)
+        elif deployment.get("name") == COORDINATOR and COORDINATOR_SCALING_KEY in knobs:
+            scaling = knobs[COORDINATOR_SCALING_KEY]
+    if scaling is not None:
+        merge_scaling(out, scaling)
     return out
 
 
@@ -1012,5 +1025,6 @@ def render_serve_yaml(cfg: AppConfig) -> str:
               "#   arbitrage serve --config configs/local-cpu.yaml --render -o configs/serve-local-cpu.yaml\n"
               "# Replica counts and autoscaling bounds, and the pools' max_batch_size and batch_wait_timeout_s,\n"
               "# are in `deployments` (Serve changes them in place; the coordinator's user_config repeats the\n"
-              "# replica fields for its lanes); args hold stand-ins for them, so a change restarts no replica.\n")
+              "# replica fields for its lanes); args hold stand-ins for them, so a change restarts no replica\n"
+              "# (but switching a deployment between num_replicas and autoscaling_config restarts them all).\n")
     return header + yaml.safe_dump(render_serve_config(cfg), sort_keys=False, default_flow_style=False)

@@ -168,12 +168,19 @@ class Coordinator:
                                                                             "loop to its first decided step (TTFS).",
                                      boundaries=_LATENCY_MS, tag_keys=("policy",))
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
+    async def reconfigure(self, user_config: Any) -> None:
         """Serve's in-place update (``coordinator_user_config``): every deployment's replica
-        fields. A bad one fails the update, naming the field."""
-        scaling = user_config.get(COORDINATOR_SCALING_KEY) if isinstance(user_config, dict) else None
-        if scaling is not None:
-            self._apply_scaling(self._args.with_scaling(scaling))
+        fields (none: the args'). On the event loop, so no step picks a lane meanwhile. A bad
+        one is logged and the last good one kept: failing here would stop this replica, and
+        with it maybe the only way in (``arbitrage config check`` refuses it beforehand)."""
+        scaling = user_config.get(COORDINATOR_SCALING_KEY, {}) if isinstance(user_config, dict) else user_config
+        try:
+            cfg = self._args.with_scaling(scaling)
+        except ValueError as exc:  # pydantic's ValidationError is one
+            logger.error("reconfigure: user_config.%s refused, the last one kept: %s", COORDINATOR_SCALING_KEY,
+                         printable(" ".join(str(exc).split())))
+            return
+        self._apply_scaling(cfg)
 
     def _apply_scaling(self, cfg: AppConfig) -> None:
         """What follows the pools' replica bounds: merge lanes (``PoolSpec.merge_lanes``), the

@@ -66,23 +66,34 @@ def _serve_option_problems(cfg) -> tuple[list, list]:
 def _app_configs(data: dict) -> list[tuple[str, Any, dict | None]]:
     """(field prefix, AppConfig dict, Serve application or None) triples: the file itself, or
     each application (a mapping) of a Serve YAML whose ``applications`` is a list
-    (``_shape_problems`` reports the rest), with its deployments' live knobs put back into its args."""
+    (``_shape_problems`` reports the rest), with its deployments' live knobs put back into its
+    args; where those cannot be (``merge_scaling``), the AppConfig dict is the ValueError."""
     from ..config import application_args
 
-    if "applications" in data:
-        apps = data["applications"]
-        return [(f"applications[{i}].args.", application_args(app), app) for i, app in enumerate(apps)
-                if isinstance(app, dict)] if isinstance(apps, list) else []
-    return [("", data, None)]
+    if "applications" not in data:
+        return [("", data, None)]
+    apps = data["applications"]
+    out = []
+    for i, app in enumerate(apps if isinstance(apps, list) else ()):
+        if isinstance(app, dict):
+            try:
+                out.append((f"applications[{i}].args.", application_args(app), app))
+            except ValueError as exc:
+                out.append((f"applications[{i}].args.", exc, app))
+    return out
 
 
 def _deployment_drift(app: dict, cfg: Any) -> list:
     """A Serve YAML edited by hand: deployments whose replica options (what Serve runs) differ
-    from the coordinator's ``user_config`` scaling (what it sizes its lanes by), or that are missing."""
-    from ..config import LIVE_SCALING_IN_ARGS, serve_application
+    from the coordinator's ``user_config`` scaling (what it sizes its lanes by), or that are
+    missing. One rendered before the scaling moved out of the args gets one warning instead."""
+    from ..config import COORDINATOR, COORDINATOR_SCALING_KEY, LIVE_SCALING_IN_ARGS, serve_application
     from ..presets import Finding
 
     given = {d.get("name"): d for d in app.get("deployments") or () if isinstance(d, dict)}
+    if COORDINATOR_SCALING_KEY not in ((given.get(COORDINATOR) or {}).get("user_config") or {}):
+        return [Finding("deployments", "no coordinator user_config.scaling: an older rendering, whose replica "
+                                       "counts in args restart every replica when changed; render again")]
     out = []
     for rendered in serve_application(cfg)["deployments"]:
         name = rendered["name"]
@@ -153,6 +164,10 @@ def check_file(file: str | Path, paths: bool = False, cluster: bool | None = Non
         errors += _shape_problems(data)
     if isinstance(data, dict):
         for prefix, raw, app in _app_configs(data):
+            if isinstance(raw, ValueError):  # "<field>: <message>" (merge_scaling)
+                field, _, message = str(raw).partition(": ")
+                errors.append(Finding(prefix.removesuffix("args.") + field, message))
+                continue
             try:
                 cfg = AppConfig.model_validate(raw)
             except ValidationError as exc:
