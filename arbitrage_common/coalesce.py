@@ -11,8 +11,8 @@ never adds a wait.
 Lanes keep affinity: a session (the server's id for one request) always maps to the same lane, and a merged
 call is routed by its lane's key, so every step of a request still reaches the same replica
 (and its prefix cache); only a change of the lane count (``set_lanes``: the pool's bounds
-changed) moves sessions, whose next step then misses once. Each row gets its own result, or its own exception; a failure of the
-merged call itself reaches every row in it. A row whose caller stops waiting (cancelled,
+changed) moves sessions, whose next step then misses once. Each row gets its own result, or
+its own exception; a failure of the merged call itself reaches every row in it. A row whose caller stops waiting (cancelled,
 deadline) is dropped if still queued; a merged call whose rows were all dropped is cancelled.
 
 Context: a merged call belongs to no single caller, so it runs in a fresh ``contextvars``
