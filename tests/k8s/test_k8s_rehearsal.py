@@ -182,25 +182,30 @@ def test_dashboard_metrics_are_exported(cluster, serve_config):
     looked up or reused a prefix) and the proposal counter (a step routed to the target; the
     load tests check it is exported), which the pools' source must declare; and the proxies'
     error counters (an error response), which tests/unit/test_dashboard_metrics.py checks
-    against Ray's source."""
+    against Ray's source; and the load controller's gauges, exported only with
+    policy.load_control on (tests/unit/test_coordinator_load_control.py checks them)."""
     from test_k8s_manifests import dashboard_metrics  # one parser of the dashboard's queries
+
+    from services.load_metrics import LOAD_GAUGES
 
     wanted = dashboard_metrics()
     on_event = {"ray_arbitrage_pool_prefix_cache_hit_tokens_total", "ray_arbitrage_pool_prefix_cache_query_tokens_total",
                 "ray_arbitrage_pool_proposal_tokens_total"}
     on_error = {"ray_serve_num_http_error_requests_total", "ray_serve_num_grpc_error_requests_total"}
+    load_control_on = serve_config["applications"][0]["args"]["policy"].get("load_control", {}).get("enabled")
+    switched_off = set() if load_control_on else {f"ray_{name}" for name, _ in LOAD_GAUGES.values()}
 
     def exported():
         text = cluster.metrics_text()
         names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
-        missing = {m for m in wanted - on_event - on_error if m not in names}
+        missing = {m for m in wanted - on_event - on_error - switched_off if m not in names}
         return None if missing else names
     try:
         _wait_for(exported, 90, "the dashboard's metrics on the nodes' metrics ports")
     except AssertionError:
         text = cluster.metrics_text()
         names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
-        raise AssertionError(f"not exported: {sorted(m for m in wanted - on_event - on_error if m not in names)}; "
+        raise AssertionError(f"not exported: {sorted(m for m in wanted - on_event - on_error - switched_off if m not in names)}; "
                              f"exported arbitrage/serve metrics: "
                              f"{sorted(n for n in names if 'arbitrage' in n or 'serve' in n)}") from None
     pools_source = (ROOT / "services" / "pools.py").read_text()

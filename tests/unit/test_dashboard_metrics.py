@@ -62,7 +62,9 @@ def _exported_by_services() -> set[str]:
     for path in (ROOT / "services").glob("*.py"):
         for kind, name in pattern.findall(path.read_text()):
             names |= _prometheus_names(kind, name)
-    return names
+    from services.load_metrics import LOAD_GAUGES  # the load controller's gauges, built from their table
+
+    return names | {f"ray_{name}" for name, _ in LOAD_GAUGES.values()}
 
 
 def _ray_serve_source_metrics() -> dict[str, set[str]]:
