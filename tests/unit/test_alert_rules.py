@@ -265,7 +265,8 @@ def test_the_server_error_ratio_leaves_out_what_the_dashboards_error_ratio_does(
     panel = [s for t in _panel("Error ratio")["targets"]
              for s in _selectors(promql_parser.parse(t["expr"].replace("$__rate_interval", "5m")))]
     alert = _selectors(promql_parser.parse(_rule("ArbitrageServerErrorRatioHigh")["expr"]))
-    assert _without_application(alert) == _without_application(panel)
+    unique = [s for i, s in enumerate(alert) if s not in alert[:i]]  # (a guard repeats its denominator)
+    assert _without_application(unique) == _without_application(panel)
 
 
 def test_the_overload_alert_counts_the_same_503_refusals_on_every_source():
@@ -283,7 +284,8 @@ def test_the_overload_alert_counts_the_same_503_refusals_on_every_source():
     selectors = _selectors(promql_parser.parse(_rule("ArbitrageOverloaded")["expr"]))
     assert {m for m, _ in selectors} == set(examples)
     for metric, series in examples.items():
-        (num, den) = [matchers for m, matchers in selectors if m == metric]
+        (num, den, guard) = [matchers for m, matchers in selectors if m == metric]
+        assert guard == den
         for labels, is_refused in series:
             assert _selects(den, labels), (metric, labels)
             assert _selects(num, labels) is is_refused, (metric, labels)
@@ -304,12 +306,34 @@ def test_the_abandoned_alert_counts_client_cancels_on_every_source_and_the_error
     errors = _selectors(promql_parser.parse(_rule("ArbitrageServerErrorRatioHigh")["expr"]))
     assert {m for m, _ in abandoned} == set(examples)
     for metric, series in examples.items():
-        (num, den) = [matchers for m, matchers in abandoned if m == metric]
-        (error_num, _) = [matchers for m, matchers in errors if m == metric]
+        (num, den, guard) = [matchers for m, matchers in abandoned if m == metric]
+        (error_num, _, _) = [matchers for m, matchers in errors if m == metric]
+        assert guard == den
         for labels, is_abandoned in series:
             assert _selects(den, labels), (metric, labels)
             assert _selects(num, labels) is is_abandoned, (metric, labels)
             assert not (is_abandoned and _selects(error_num, labels)), (metric, labels)
+
+
+RATIO_ALERTS = ("ArbitrageServerErrorRatioHigh", "ArbitrageOverloaded", "ArbitrageRequestsAbandoned")
+MIN_REQUESTS_PER_S = 0.1  # below it (6 a minute) one failed request would be a ratio of 20 % or more
+
+
+def test_every_ratio_is_guarded_by_a_minimum_of_its_own_traffic():
+    """A ratio alert fires only where its source carried at least 6 requests a minute: at less,
+    one failure in the window is a ratio of 20 % and would page. Each source is guarded by its
+    own denominator, so a dead coordinator (no coordinator traffic) still fires on the proxies'."""
+    for name in RATIO_ALERTS:
+        guards = [n for n in _nodes(promql_parser.parse(_rule(name)["expr"]))
+                  if isinstance(n, promql_parser.BinaryExpr) and str(n.op) == "and"]
+        assert len(guards) == 3, name  # coordinator, HTTP proxy, gRPC proxy
+        for guard in guards:
+            ratio, floor = guard.lhs, guard.rhs
+            assert isinstance(ratio, promql_parser.BinaryExpr) and str(ratio.op) == "/", name
+            assert isinstance(floor, promql_parser.BinaryExpr) and str(floor.op) == ">=", name
+            assert isinstance(floor.rhs, promql_parser.NumberLiteral) and floor.rhs.val == MIN_REQUESTS_PER_S, name
+            assert _selectors(floor.lhs) == _selectors(ratio.rhs), name
+            assert sorted(guard.modifier.matching.labels) == ["application", "namespace"], name
 
 
 def test_the_latency_slo_lies_inside_the_histograms_buckets_and_the_summary_names_it():
