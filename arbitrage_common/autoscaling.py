@@ -17,6 +17,12 @@ counts rows (request steps):
   start, a replica without the hook) it is Serve's own call-count policy. Serve wraps it with
   the bounds, the up/downscale delays and the scaling factors of the pool's config.
 
+The coordinator autoscales on its requests, Serve's own count, less its open health ``Watch``
+streams (``requests_policy``): a watch is a request to Serve for as long as the client keeps it
+open, and idle watchers would otherwise hold coordinator replicas up (measured: four watches
+on a coordinator with ``target_ongoing_requests: 2`` kept a second replica running with no
+traffic). Each coordinator replica reports its mean open watches (``WATCHES_METRIC``).
+
 Pure logic: no Ray import. Serve pickles this module by value into its controller, so
 ``rows_policy`` only uses the standard library and this module's own names.
 """
@@ -32,6 +38,27 @@ ROWS_METRIC = "arbitrage_rows"
 CALLS_METRIC = "arbitrage_calls"
 # ``autoscaling_config.policy.policy_function`` of a pool that autoscales on rows.
 POLICY_FUNCTION = "arbitrage_common.autoscaling:rows_policy"
+# The coordinator's: its open health watches (``Coordinator.record_autoscaling_stats``) are no load.
+WATCHES_METRIC = "arbitrage_health_watches"
+REQUESTS_POLICY_FUNCTION = "arbitrage_common.autoscaling:requests_policy"
+
+
+def _target(ctx: Any) -> float:
+    """The deployment's ``target_ongoing_requests`` (a method on newer Serve configs)."""
+    config = ctx.config
+    getter = getattr(config, "get_target_ongoing_requests", None)
+    return float(getter() if getter is not None else config.target_ongoing_requests)
+
+
+def requests_policy(ctx: Any) -> tuple[float, dict[str, Any]]:
+    """Desired coordinator replicas: Serve's request count (running and queued) less the open
+    health watches the replicas report, over the target per replica; Serve's default policy
+    while none reported. Serve applies bounds, delays and factors to the result."""
+    if ctx.current_num_replicas == 0:
+        return ctx.target_num_replicas, {}  # Serve's own answer; its cold-start path scales up from 0
+    requests = float(ctx.total_num_requests or 0.0)
+    watches = float(sum(((ctx.aggregated_metrics or {}).get(WATCHES_METRIC) or {}).values()))
+    return max(requests - watches, 0.0) / _target(ctx), {}
 
 
 def rows_policy(ctx: Any) -> tuple[float, dict[str, Any]]:
@@ -42,9 +69,7 @@ def rows_policy(ctx: Any) -> tuple[float, dict[str, Any]]:
     min/max replicas, delays and factors to the result (a float: it rounds up)."""
     if ctx.current_num_replicas == 0:
         return ctx.target_num_replicas, {}  # Serve's own answer; its cold-start path scales up from 0
-    config = ctx.config
-    getter = getattr(config, "get_target_ongoing_requests", None)
-    target = float(getter() if getter is not None else config.target_ongoing_requests)
+    target = _target(ctx)
     calls = float(ctx.total_num_requests or 0.0)  # Serve's count: calls running and queued at handles
     metrics = ctx.aggregated_metrics or {}
     held = metrics.get(ROWS_METRIC) or {}

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from .autoscaling import POLICY_FUNCTION as ROWS_POLICY_FUNCTION
+from .autoscaling import REQUESTS_POLICY_FUNCTION
 from .errors import InvalidArgument
 from .kuberay.spec import RESERVED_PORTS, ClusterSpec
 from .paths import project_home
@@ -295,7 +296,7 @@ class DeploymentSpec(_Strict):
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
             "logging_config": {"enable_access_log": self.access_log},
         }
-        return {**opts, **DeploymentSpec.scaling_options(self)}  # a pool's own adds its autoscaling policy
+        return {**opts, **self.scaling_options()}  # (a pool's deployment_options passes merged_calls)
 
     def scaling(self) -> dict[str, Any]:
         """This deployment's replica fields as the config holds them (``AppConfig.with_scaling``)."""
@@ -472,6 +473,14 @@ class CoordinatorSpec(DeploymentSpec):
         if self.pool_calls_in_flight is not None and not self.merge_calls:
             raise ValueError("pool_calls_in_flight limits merged calls: it needs merge_calls: true")
         return self
+
+    def scaling_options(self) -> dict[str, Any]:
+        """``DeploymentSpec.scaling_options``; autoscaling, the requests policy: Serve's count
+        less the open health watches (``arbitrage_common.autoscaling.requests_policy``)."""
+        opts = super().scaling_options()
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"]["policy"] = {"policy_function": REQUESTS_POLICY_FUNCTION}
+        return opts
 
     @model_validator(mode="after")
     def _scales_on_requests(self) -> CoordinatorSpec:

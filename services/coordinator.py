@@ -23,6 +23,7 @@ from ray.serve.metrics import Counter, Histogram
 
 from arbitrage_common.accounting import LoopResult, Usage
 from arbitrage_common.auth import check_bearer, load_keys
+from arbitrage_common.autoscaling import WATCHES_METRIC
 from arbitrage_common.config import COORDINATOR_SCALING_KEY, AppConfig
 from arbitrage_common.errors import DeadlineExceeded, InvalidArgument
 from arbitrage_common.loop import LoopStream, stream_loop
@@ -493,6 +494,13 @@ class Coordinator:
                     pass
         finally:
             self._watches -= 1
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's hook for custom autoscaling metrics: the health watches open now, which
+        the coordinator's policy takes off Serve's request count
+        (``arbitrage_common.autoscaling.requests_policy``). Serve samples it beside its own
+        count of ongoing requests, a count at that moment too."""
+        return {WATCHES_METRIC: float(self._watches)}
 
     # -- HTTP (routes in services.http_api) ------------------------------------------------
     def __serve_build_asgi_app__(self):

@@ -96,6 +96,43 @@ def test_through_serves_wrapper_rows_scale_where_calls_cannot():
     assert rows == math.ceil(16 * 40 / 64) and calls == 1
 
 
+def test_coordinator_replicas_count_requests_less_open_health_watches():
+    # 4 requests running or queued, 3 of them watches on two replicas: 1 request of load.
+    watches = {A.WATCHES_METRIC: {"c1": 2.0, "c2": 1.0}}
+    assert A.requests_policy(_ctx(target=2, replicas=2, calls=4, metrics=watches)) == (0.5, {})
+    # Watches alone ask for nothing (Serve then holds min_replicas); no report yet: Serve's count.
+    assert A.requests_policy(_ctx(target=2, replicas=2, calls=3, metrics=watches))[0] == 0.0
+    assert A.requests_policy(_ctx(target=2, replicas=1, calls=4, metrics={}))[0] == pytest.approx(2.0)
+    assert A.requests_policy(SimpleNamespace(**{**vars(_ctx(target=2, calls=4)), "aggregated_metrics": None}))[0] \
+        == pytest.approx(2.0)
+    ctx = _ctx(target=2, replicas=0, calls=5)
+    ctx.target_num_replicas = 0
+    assert A.requests_policy(ctx) == (0, {})  # Serve's cold start scales up from zero
+
+
+def test_through_serves_wrapper_idle_watches_hold_no_coordinator_replica():
+    """What the live probe measured (docs/SERVING.md, "Autoscaling on rows"): four idle Watch
+    streams on a coordinator with target 2 asked Serve's default policy for 2 replicas; the
+    requests policy asks for the minimum."""
+    from ray.serve._private.common import DeploymentID, ReplicaID
+    from ray.serve.autoscaling_policy import _apply_autoscaling_config, replica_queue_length_autoscaling_policy
+    from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+    config = AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=0,
+                               policy={"policy_function": A.REQUESTS_POLICY_FUNCTION})
+    dep = DeploymentID(name="coordinator", app_name="arbitrage")
+    replica = ReplicaID(unique_id="c1", deployment_id=dep)
+    ctx = AutoscalingContext(
+        deployment_id=dep, deployment_name="coordinator", app_name="arbitrage", current_num_replicas=1,
+        target_num_replicas=1, running_replicas=[replica], total_num_requests=4.0, total_queued_requests=0.0,
+        aggregated_metrics={A.WATCHES_METRIC: {replica: 4.0}}, raw_metrics={}, capacity_adjusted_min_replicas=1,
+        capacity_adjusted_max_replicas=2, policy_state={}, last_scale_up_time=None, last_scale_down_time=None,
+        current_time=0.0, config=config)
+    ours, _ = _apply_autoscaling_config(config.policy.get_policy())(ctx)
+    serves, _ = _apply_autoscaling_config(replica_queue_length_autoscaling_policy)(ctx)
+    assert ours == 1 and serves == 2
+
+
 def test_held_rows_are_time_means_between_samples():
     now = [0.0]
     held = A.HeldRows(clock=lambda: now[0])
@@ -164,8 +201,8 @@ def _options(cfg: C.AppConfig) -> dict:
 @pytest.mark.parametrize("name", target_names())
 def test_every_rendering_autoscales_merged_pools_on_rows(name):
     """The RayService's serveConfigV2 (and so the Serve YAML: the same args) builds every
-    autoscaling pool with the rows policy, whose import path resolves; the coordinator keeps
-    Serve's default."""
+    autoscaling pool with the rows policy, whose import path resolves; an autoscaling
+    coordinator with the requests policy (its open health watches are no load)."""
     serve_config = yaml.safe_load(serve_config_v2(target_config(name)))
     cfg = C.application_config(serve_config["applications"][0])
     assert cfg.coordinator.merge_calls
@@ -177,7 +214,12 @@ def test_every_rendering_autoscales_merged_pools_on_rows(name):
     module, _, function = A.POLICY_FUNCTION.partition(":")
     assert getattr(importlib.import_module(module), function) is A.rows_policy
     coordinator = cfg.coordinator.deployment_options("coordinator")
-    assert "policy" not in coordinator.get("autoscaling_config", {})
+    if "autoscaling_config" in coordinator:  # the coordinator: requests less its health watches
+        assert coordinator["autoscaling_config"]["policy"] == {"policy_function": A.REQUESTS_POLICY_FUNCTION}
+        (rendered,) = [d for d in serve_config["applications"][0]["deployments"] if d["name"] == "coordinator"]
+        assert rendered["autoscaling_config"]["policy"] == {"policy_function": A.REQUESTS_POLICY_FUNCTION}
+    module, _, function = A.REQUESTS_POLICY_FUNCTION.partition(":")
+    assert getattr(importlib.import_module(module), function) is A.requests_policy
 
 
 def test_ray_serve_accepts_the_options():

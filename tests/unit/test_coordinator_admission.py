@@ -98,6 +98,33 @@ def test_open_health_watches_take_at_most_an_eighth_of_the_request_slots():
     asyncio.run(run())
 
 
+def test_open_health_watches_are_reported_to_the_autoscaler_as_no_load():
+    """The coordinator's autoscaling hook reports the watches open now (Serve samples it beside
+    its count of ongoing requests), which its policy takes off that count
+    (arbitrage_common.autoscaling.requests_policy)."""
+    from grpc_health.v1 import health_pb2
+
+    from arbitrage_common.autoscaling import WATCHES_METRIC
+
+    coord = _coordinator(count_s=0.0)
+    unknown = health_pb2.HealthCheckRequest(service="no.such.Service")
+
+    async def run():
+        seen = [await coord.record_autoscaling_stats()]
+        streams = [coord.Watch(unknown, _GrpcContext()) for _ in range(3)]
+        for stream in streams:
+            await anext(stream)
+        seen.append(await coord.record_autoscaling_stats())
+        await streams[0].aclose()
+        seen.append(await coord.record_autoscaling_stats())
+        for stream in streams[1:]:
+            await stream.aclose()
+        seen.append(await coord.record_autoscaling_stats())
+        return seen
+
+    assert asyncio.run(run()) == [{WATCHES_METRIC: n} for n in (0.0, 3.0, 2.0, 0.0)]
+
+
 class _StepsHang(SlowCountPool):
     """Admission answers at once; every step call waits."""
 
