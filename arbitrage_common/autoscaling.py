@@ -21,10 +21,11 @@ The coordinator autoscales on its requests, Serve's own count, less its open hea
 streams (``requests_policy``): a watch is a request to Serve for as long as the client keeps it
 open, and idle watchers would otherwise hold coordinator replicas up (measured: four watches
 on a coordinator with ``target_ongoing_requests: 2`` kept a second replica running with no
-traffic). Each coordinator replica reports its mean open watches (``WATCHES_METRIC``).
+traffic). Each coordinator replica reports the watches open when Serve samples its load
+(``WATCHES_METRIC``), as Serve counts its ongoing requests at that moment.
 
 Pure logic: no Ray import. Serve pickles this module by value into its controller, so
-``rows_policy`` only uses the standard library and this module's own names.
+the policies only use the standard library and this module's own names.
 """
 from __future__ import annotations
 
