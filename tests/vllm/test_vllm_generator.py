@@ -98,8 +98,15 @@ def run(loop, coro):
 
 
 def _child_processes(pid: int) -> list[int]:
-    tasks = Path(f"/proc/{pid}/task")
-    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+    """The child processes of ``pid``, over all its threads (a thread that ends while they are
+    read has none left to count)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return children
 
 
 def test_on_cpu_the_model_runs_in_the_engine_core_process(engine):
