@@ -29,11 +29,13 @@ ROOT = Path(__file__).resolve().parents[2]
 # history, up after 2 s, down after 10 s. Merged calls are on (the default): each pool has
 # LANES_PER_REPLICA x 2 = 8 lanes, at most one call out per lane, so Serve's default policy, which
 # counts calls, could ask for at most ceil(8 / 10) = 1 replica (test_counting_calls_could_not_scale);
-# LOAD_USERS closed-loop clients keep more than 10 rows in the loaded pool. An idle pool gets no
-# call at all (a request releases only the pools it called).
+# LOAD_USERS closed-loop clients, all started at once, keep well over 10 rows in the loaded pool
+# (measured, from the policy's inputs: 15-20 rows in the draft or target pool at 40 clients; at 24
+# the draft pool held 9-11, and its scale-up came late or not at all). An idle pool gets no call
+# at all (a request releases only the pools it called).
 AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 10, "upscale_delay_s": 2,
                "downscale_delay_s": 10, "look_back_period_s": 3, "metrics_interval_s": 1}
-LOAD_USERS = 24
+LOAD_USERS = 40
 # downscale_delay_s + look-back + replica shutdown + the tracker's 15 s memory of a replica
 DOWNSCALE_GRACE_S = 90
 # Back at min_replicas means: so for this long (two health-check periods, in which a replica that
@@ -248,7 +250,7 @@ def test_counting_calls_could_not_scale():
 @pytest.mark.parametrize("policy,scaled,idle", [("target", "target", "draft"), ("draft", "draft", "target")])
 def test_pools_autoscale_independently(service, tmp_path, policy, scaled, idle, request):
     _wait_scaled_down(service, ("draft", "target"))  # start from min_replicas
-    summary = run_locust(_settings(service, transport="grpc", users=LOAD_USERS, duration_s=30,
+    summary = run_locust(_settings(service, transport="grpc", users=LOAD_USERS, duration_s=30, spawn_rate=LOAD_USERS,
                                    mix=Mix(policy=policy, max_steps=10)),
                          tmp_path, _metrics(service), progress=False)
     timeline = summary["pools_over_time"]
