@@ -158,11 +158,12 @@ _POOL_PATTERNS = (re.compile(r"ServeReplica:[^:\s]+:([A-Za-z0-9_-]+)"),
 
 
 class PoolDown(RuntimeError):
-    """A request's deadline passed while a pool it needs had no running replica (starting,
-    restarting, or all died): the pool's fault, not the client's deadline."""
+    """A pool a request needs has no running replica: its deadline passed while one was
+    starting or restarting, or (``failed``) Serve reports the pool failing, so the call was not
+    sent to wait for one. The pool's fault, not the client's deadline."""
 
-    def __init__(self, pool: str) -> None:
-        self.pool = pool
+    def __init__(self, pool: str, failed: bool = False) -> None:
+        self.pool, self.failed = pool, failed
         super().__init__(f"the {pool} pool has no running replica")
 
 
@@ -292,8 +293,9 @@ def classify(exc: BaseException) -> ApiError:
     """Map any failure of a request to the status every transport reports.
 
     - ``InvalidArgument`` -> INVALID_ARGUMENT / 422, naming the field.
-    - ``PoolDown`` (the deadline passed while a needed pool had no running replica) ->
-      UNAVAILABLE / 503, retriable: the client's deadline was not what failed it.
+    - ``PoolDown`` (a needed pool had no running replica: the deadline passed waiting for one,
+      or Serve reports the pool failing) -> UNAVAILABLE / 503, retriable: the client's deadline
+      was not what failed it.
     - ``DeadlineExceeded`` raised here (the request's own deadline) -> DEADLINE_EXCEEDED / 504.
     - cancellation (``asyncio.CancelledError``, Ray's ``TaskCancelledError``) -> CANCELLED / 499.
     - ``BackPressureError`` (a pool's queue is full) -> RESOURCE_EXHAUSTED / 503, retriable.
@@ -320,9 +322,10 @@ def classify(exc: BaseException) -> ApiError:
     chain = _chain(exc)
     if (bad := _any(chain, InvalidArgument)) is not None:
         return invalid(bad.field, bad.detail)
-    if isinstance(exc, PoolDown) and exc.pool in POOL_NAMES:
-        return unavailable(f"the {exc.pool} pool has no running replica (it is starting or restarting); "
-                           f"retry after Retry-After")
+    if isinstance(down := _any(chain, PoolDown), PoolDown) and down.pool in POOL_NAMES:
+        why = ("its replicas died or cannot start, e.g. no node for them yet" if down.failed
+               else "it is starting or restarting")
+        return unavailable(f"the {down.pool} pool has no running replica ({why}); retry after Retry-After")
     if isinstance(exc, DeadlineExceeded) and len(chain) == 1:  # wrapped, it would be a pool's own timeout
         return ApiError("deadline_exceeded", grpc.StatusCode.DEADLINE_EXCEEDED, 504,
                         f"request deadline exceeded after {len(exc.partial.steps)} steps; no partial result "

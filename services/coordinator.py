@@ -138,14 +138,14 @@ class Coordinator:
                                  retry=RetryPolicy(retries=c.pool_retries, base_s=c.retry_backoff_s),
                                  on_retry=self._count_retry, load=self.load, lanes=lanes,
                                  over_grpc=c.pool_calls_over_grpc, calls_in_flight=c.pool_calls_in_flight,
-                                 slot_roles=slotted)
+                                 slot_roles=slotted, pool_failed=lambda role: self.health.failed(role))
         self._load_gauges = LoadGauges() if self.load is not None else None
         allowed = self.cfg.policy.allowed
         self.available = [name for name, cls in POLICIES.items()
                           if (cls.scorer is None or getattr(self.pools, cls.scorer) is not None)
                           and (allowed is None or name in allowed)]
         self.health = PoolHealth(serving_app_name(self.cfg.name), pools_needed(self.cfg.policy.default),
-                                 c.health_probe_s, on_probe=self._refresh_load)
+                                 c.health_probe_s, on_probe=self._after_probe)
         self._apply_scaling(self.cfg)
         self._contexts: dict[str, int] | None = None
         # Generator pools that keep a per-request prefix cache (transformers, cache not off).
@@ -212,6 +212,8 @@ class Coordinator:
         call, which cancels the loop and its pool call in flight."""
         # Retries stop in time for the request to fail before its deadline, not at it.
         deadline = time.monotonic() + prepared.request.deadline_s if prepared.request.deadline_s else None
+        if _in_replica():  # the probes keep PoolHealth.failed current: calls to a failing pool fail fast
+            self.health.start()
         try:
             await self._admit(prepared, deadline)
         except DeadlineExceeded as exc:
@@ -243,6 +245,11 @@ class Coordinator:
         policy = make_policy(prepared.policy, used, prepared.request.options.seed)
         return dataclasses.replace(prepared, threshold=used, request=dataclasses.replace(prepared.request,
                                                                                          policy=policy))
+
+    def _after_probe(self) -> None:
+        assert self.pools.fail_fast is not None
+        self.pools.fail_fast.end_calls_to_failed()  # they wait for a replica that may be minutes away
+        self._refresh_load()
 
     def _refresh_load(self) -> None:
         """After every health probe: the controller updates without waiting for a request (its

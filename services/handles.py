@@ -40,7 +40,7 @@ from arbitrage_common.lookahead import DraftAhead
 from arbitrage_common.loop import Models
 from arbitrage_common.retry import RetryPolicy
 
-from .convert import replica_channel_lost
+from .convert import PoolDown, replica_channel_lost
 
 NO_RETRY = RetryPolicy(retries=0)
 # Serve logs this at INFO for every handle call cancelled while its replica has not yet
@@ -84,20 +84,61 @@ def retry_reason(exc: BaseException) -> str | None:
     return None
 
 
+class FailFast:
+    """Ends pool calls that would wait for a replica that may be minutes away. ``failed(role)``
+    (``PoolHealth.failed``): the pool has no running replica and Serve reports it failing. A
+    call to such a pool is not sent, and ``end_calls_to_failed`` (after each health probe) ends
+    the calls already waiting on one: each raises ``PoolDown`` instead of holding its request
+    until the deadline."""
+
+    def __init__(self, failed: Callable[[str], bool]) -> None:
+        self.failed = failed
+        self._waiting: dict[str, dict[asyncio.Task, list[bool]]] = {}  # role -> task -> [ended]
+
+    def end_calls_to_failed(self) -> None:
+        for role, calls in self._waiting.items():
+            if calls and self.failed(role):
+                for task, ended in list(calls.items()):
+                    ended[0] = True
+                    task.cancel()
+
+    async def call(self, role: str, response: Any) -> Any:
+        """``response`` awaited, or ``PoolDown`` once its pool is found failing."""
+        task, ended = asyncio.current_task(), [False]
+        calls = self._waiting.setdefault(role, {})
+        assert task is not None
+        calls[task] = ended
+        try:
+            return await _await_cancellable(response)
+        except asyncio.CancelledError:
+            if not ended[0]:
+                raise
+            task.uncancel()  # ours, not the caller's: the task goes on to handle PoolDown
+            raise PoolDown(role, failed=True) from None
+        finally:
+            calls.pop(task, None)
+
+
 class PoolCaller:
-    """Calls one bound pool method with retries under a deadline (``time.monotonic``)."""
+    """Calls one bound pool method with retries under a deadline (``time.monotonic``); with a
+    ``fail_fast``, a call to a failing pool ends at once with ``PoolDown``."""
 
     def __init__(self, call: Any, role: str, policy: RetryPolicy, deadline: float | None,
-                 on_retry: Callable[[str, str], None] | None, rng: random.Random) -> None:
+                 on_retry: Callable[[str, str], None] | None, rng: random.Random,
+                 fail_fast: FailFast | None = None) -> None:
         self._call, self.role, self._policy, self._deadline = call, role, policy, deadline
-        self._on_retry, self._rng = on_retry, rng
+        self._on_retry, self._rng, self._fail_fast = on_retry, rng, fail_fast
 
     async def __call__(self, *args: Any) -> Any:
         attempt = 0
         while True:
             try:
-                return await _await_cancellable(self._call.remote(*args))
-            except Exception as exc:
+                if self._fail_fast is None:
+                    return await _await_cancellable(self._call.remote(*args))
+                if self._fail_fast.failed(self.role):
+                    raise PoolDown(self.role, failed=True)
+                return await self._fail_fast.call(self.role, self._call.remote(*args))
+            except Exception as exc:  # PoolDown is not retriable (retry_reason): it goes on up
                 reason = retry_reason(exc)
                 remaining = None if self._deadline is None else self._deadline - time.monotonic()
                 delay = None if reason is None else self._policy.next_delay(attempt, remaining, self._rng)
@@ -242,17 +283,20 @@ class PoolHandles:
     on merged calls for those pools (``arbitrage_common.coalesce``); ``calls_in_flight``
     caps their merged calls out at once with one ``CallSlots`` shared by the pools in
     ``slot_roles`` (None: all of them); ``over_grpc`` sends the calls over Serve's direct gRPC
-    channel between replicas (``_by_reference=False``)."""
+    channel between replicas (``_by_reference=False``); ``pool_failed`` (``FailFast``) ends
+    calls to a failing pool at once."""
 
     def __init__(self, draft: Any, target: Any, router: Any | None = None, prm: Any | None = None,
                  retry: RetryPolicy = NO_RETRY, on_retry: Callable[[str, str], None] | None = None,
                  load: Any = None, lanes: dict[str, int] | None = None, over_grpc: bool = False,
-                 calls_in_flight: int | None = None, slot_roles: Collection[str] | None = None) -> None:
+                 calls_in_flight: int | None = None, slot_roles: Collection[str] | None = None,
+                 pool_failed: Callable[[str], bool] | None = None) -> None:
         if over_grpc:  # every call below: Serve's direct gRPC channel to the replica, not an actor task
             draft, target, router, prm = (h if h is None else h.options(_by_reference=False)
                                           for h in (draft, target, router, prm))
         self.draft, self.target, self.router, self.prm = draft, target, router, prm
         self.retry, self.on_retry = retry, on_retry
+        self.fail_fast = FailFast(pool_failed) if pool_failed is not None else None
         quiet_expected_cancels()
         self.load = load  # a LoadController told of every target call, or None
         self._rng = random.Random()  # jitter only: it never touches a request's output
@@ -293,7 +337,7 @@ class PoolHandles:
 
     def caller(self, role: str, method: str, session_id: str = "", deadline: float | None = None) -> PoolCaller:
         return PoolCaller(_bind(getattr(self, role), method, session_id), role, self.retry, deadline,
-                          self.on_retry, self._rng)
+                          self.on_retry, self._rng, self.fail_fast)
 
     def models(self, session_id: str = "", deadline: float | None = None) -> Models:
         """The loop's ``Models`` for one request (``deadline``: ``time.monotonic()`` seconds

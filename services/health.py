@@ -157,6 +157,13 @@ class PoolHealth:
         return all(pool_serving(n, self.statuses.get(name), name in self.scale_to_zero)
                    for name, n in self.running.items())
 
+    def failed(self, name: str) -> bool:
+        """Deployment ``name`` has no running replica and Serve reports it failing (its replicas
+        died or cannot start: ``FAILED_STATUSES``), by the last probe. A call to it would wait
+        for a replica that may be minutes away (a lost node's Pod), so callers fail fast instead.
+        A pool that is loading (``UPDATING``) or scaled to zero is not failed: its replica comes."""
+        return self.replicas.get(name, 0) == 0 and self.statuses.get(name) in FAILED_STATUSES
+
     def can_add_replicas(self, name: str, max_replicas: int | None) -> bool:
         """``can_add_replicas`` of deployment ``name`` by the last probe (False before one)."""
         return can_add_replicas(self.placed.get(name, 0), self.statuses.get(name), max_replicas)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def _flags(params: dict[str, str]) -> list[str]:
 
 @dataclass
 class LocalRayCluster:
-    """The head and worker nodes; ``nodes`` maps a group name to its metrics ports."""
+    """The head and worker nodes; ``pods`` holds each worker node's group and metrics port."""
 
     rayservice: dict
     env: dict[str, str]
@@ -73,6 +74,7 @@ class LocalRayCluster:
     gcs_port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     metrics_ports: list[int] = field(default_factory=list)
+    pods: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def dashboard(self) -> str:
@@ -109,6 +111,22 @@ class LocalRayCluster:
                 self._wait([self._ray_start([f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={group.cpus}",
                                              f"--num-gpus={group.gpus}", f"--memory={group.memory}",
                                              f"--labels={labels}"])])
+                self.pods.append((group.name, self.metrics_ports[-1]))
+
+    def lose_pods(self, group: str, count: int | None = None) -> int:
+        """SIGKILL every process of ``count`` nodes of ``group`` (None: all of them), which is
+        what losing their Pods' machines does: no drain, no goodbye to the GCS. How many
+        nodes were lost."""
+        lost = [port for name, port in self.pods if name == group][:count]
+        for port in lost:
+            for pid in _node_processes(port):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.pods.remove((group, port))
+            self.metrics_ports.remove(port)
+        return len(lost)
 
     def stop(self) -> None:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=self.env, capture_output=True, timeout=120,
@@ -163,6 +181,41 @@ class LocalRayCluster:
             except OSError:
                 continue  # a node whose exporter is not up yet
         return "\n".join(texts)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _node_processes(metrics_port: int) -> list[int]:
+    """The processes of the node started with ``metrics_port``: its raylet (which names that
+    port), everything the raylet started (agents, workers, replicas), and the node's log
+    monitor (started beside the raylet, named by the raylet's socket suffix)."""
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    cmdlines = {pid: _cmdline(pid) for pid in pids}
+    raylet = next(pid for pid, args in cmdlines.items() if args and args[0].endswith("/raylet")
+                  and f"--metrics_export_port={metrics_port}" in args)
+    socket_arg = next(a for a in cmdlines[raylet] if a.startswith("--raylet_socket_name="))
+    suffix = socket_arg.rsplit("/raylet", 1)[1]  # "" for the first node, ".3" for the fourth
+    children: dict[int, list[int]] = {}
+    for pid in pids:
+        try:
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(pid)
+    out, todo = [], [raylet]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    out += [pid for pid, args in cmdlines.items()
+            if any(a.endswith("log_monitor.py") for a in args) and any(a.endswith(f"/log_monitor{suffix}.out")
+                                                                      for a in args)]
+    return out
 
 
 def pod_env(rayservice: dict) -> dict[str, str]:

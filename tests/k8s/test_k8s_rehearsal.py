@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +20,7 @@ from arbitrage_common.kuberay.spec import GROUP_LABEL, GROUP_OF
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "k8s" / "base" / "cpu-demo" / "rayservice.yaml"
 PROMPT = "Start with 42. Add 17. Subtract 25. Multiply by 2."
+CLIENT_ATTEMPTS = 3
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +213,111 @@ def test_dashboard_metrics_are_exported(cluster, serve_config):
     pools_source = (ROOT / "services" / "pools.py").read_text()
     for name in on_event & wanted:
         assert f'"{name.removeprefix("ray_")}"' in pools_source, name
+
+
+
+def _target_failing(cluster: LocalRayCluster, app: str) -> bool:
+    target = cluster.serve_status()["applications"][app]["deployments"]["target"]
+    return target["status"] in ("UNHEALTHY", "DEPLOY_FAILED") and \
+        not any(r["state"] == "RUNNING" for r in target.get("replicas", []))
+
+
+def _running_targets(cluster: LocalRayCluster, app: str) -> list[dict]:
+    return [r for r in cluster.replicas(app) if r["deployment"] == "target" and r["state"] == "ALIVE"]
+
+
+def _two_target_replicas(cluster: LocalRayCluster, rayservice: dict, serve_config: dict) -> None:
+    """Two target replicas on two target-group Pods (left so by the scaling test above when it ran)."""
+    app = _app(serve_config)
+    if len(_running_targets(cluster, app)) < 2:
+        data = application_config(serve_config["applications"][0]).model_dump(mode="json")
+        data["pools"]["target"]["autoscaling_config"]["min_replicas"] = 2
+        cluster.deploy(yaml.safe_dump(render_serve_config(AppConfig.model_validate(data)), sort_keys=False))
+        target_group = next(g for g in worker_groups(rayservice) if g.name == "target")
+        cluster.add_pods([(target_group, 2 - sum(group == "target" for group, _ in cluster.pods))])
+        _wait_for(lambda: len(_running_targets(cluster, app)) == 2, 240, "two running target replicas")
+
+
+def test_lost_pods_lose_no_request_then_fail_their_pool_fast(cluster: LocalRayCluster, rayservice, serve_config):
+    """Target-group Pods are lost (all processes of a node killed at once, as when its machine
+    dies), under load. One of two: the calls its replica held are retried on the other, and
+    every request succeeds, some after the client resent it on UNAVAILABLE. Then the other: once Serve reports the target pool failing,
+    readiness is NOT_SERVING, and a request that needs the pool is UNAVAILABLE (gRPC) and 503
+    with Retry-After (HTTP) at once, naming the pool (before, it waited for a replica until
+    the client's own deadline and read as the client's DEADLINE_EXCEEDED). The Pod KubeRay
+    starts in its place brings the pool back, in its own group, and the same request succeeds.
+    Runs last: it takes Pods away."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from protos.arbitrage.v1 import arbitrage_pb2 as pb
+    from protos.arbitrage.v1 import arbitrage_pb2_grpc as pbg
+
+    app = _app(serve_config)
+    metadata = (("application", app),)
+    target_group = next(g for g in worker_groups(rayservice) if g.name == "target")
+    _two_target_replicas(cluster, rayservice, serve_config)
+    request = pb.GenerateRequest(prompt=PROMPT, policy="target", max_steps=2)
+    with grpc.insecure_channel(f"127.0.0.1:{serve_config['grpc_options']['port']}") as channel:
+        stub = pbg.ArbitrageServiceStub(channel)
+        outcomes: list[list[str]] = []  # per request, each attempt's code
+        stop = threading.Event()
+
+        def client() -> None:
+            """Resends after UNAVAILABLE, as a gRPC client should: a request that came in
+            through the lost Pod's own proxy (Serve runs one on every node with a replica, and
+            KubeRay's serve Service routes to each) ends so."""
+            while not stop.is_set():
+                codes = []
+                for _ in range(CLIENT_ATTEMPTS):
+                    try:
+                        stub.Generate(request, metadata=metadata, timeout=120)
+                        codes.append("OK")
+                        break
+                    except grpc.RpcError as exc:
+                        codes.append(f"{exc.code().name}: {exc.details()}")
+                        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                            break
+                        time.sleep(1.0)
+                outcomes.append(codes)
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(3)]
+        for t in threads:
+            t.start()
+        _wait_for(lambda: len(outcomes) >= 3, 60, "requests under way")
+        assert cluster.lose_pods("target", count=1) == 1
+        _wait_for(lambda: len(_running_targets(cluster, app)) == 1, 120, "the lost Pod's replica gone")
+        sent_after = len(outcomes)
+        _wait_for(lambda: len(outcomes) >= sent_after + 6, 120, "requests served by the replica left")
+        stop.set()
+        for t in threads:
+            t.join(150)
+        (ROOT / "runs").mkdir(exist_ok=True)
+        (ROOT / "runs" / "pod-loss.json").write_text(json.dumps({"requests": outcomes}, indent=1))
+        assert all(codes[-1] == "OK" for codes in outcomes), [codes for codes in outcomes if codes[-1] != "OK"]
+        retried = [code for codes in outcomes for code in codes[:-1]]
+        assert all(code.startswith("UNAVAILABLE") for code in retried), retried
+
+        assert cluster.lose_pods("target") == 1
+        _wait_for(lambda: _target_failing(cluster, app), 180, "Serve to report the target pool failing")
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def readiness() -> int:
+            return health.Check(health_pb2.HealthCheckRequest(), metadata=metadata, timeout=30).status
+        _wait_for(lambda: readiness() == health_pb2.HealthCheckResponse.NOT_SERVING, 60, "readiness NOT_SERVING")
+        with pytest.raises(grpc.RpcError) as info:  # only the client's deadline: held, it would pass
+            stub.Generate(request, metadata=metadata, timeout=30)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+        assert "the target pool has no running replica" in info.value.details()
+        body = json.dumps({"prompt": PROMPT, "policy": "target", "max_steps": 2}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{serve_config['http_options']['port']}/v1/generate",
+                                     data=body, headers={"content-type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as http_info:
+            urllib.request.urlopen(req, timeout=30)
+        assert http_info.value.code == 503 and int(http_info.value.headers["Retry-After"]) > 0
+        assert "target pool" in json.loads(http_info.value.read())["error"]["message"]
+
+        cluster.add_pods([(target_group, 1)])  # the Pod KubeRay starts in a lost one's place
+        _wait_for(lambda: not _target_failing(cluster, app), 240, "a running target replica")
+        _wait_for(lambda: readiness() == health_pb2.HealthCheckResponse.SERVING, 60, "readiness SERVING")
+        assert stub.Generate(request, metadata=metadata, timeout=120).steps
+    assert {_group_of(r) for r in _running_targets(cluster, app)} == {"target"}

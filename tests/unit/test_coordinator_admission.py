@@ -141,14 +141,18 @@ class _StepsHang(SlowCountPool):
 
 
 class _PoolsDown:
-    """``PoolHealth.down`` as the controller would answer it: ``down`` have no running replica."""
+    """``PoolHealth`` as the controller would answer it: ``down`` have no running replica;
+    ``failing`` also have none, and Serve reports them failing (``PoolHealth.failed``)."""
 
-    def __init__(self, *down: str) -> None:
-        self.down_pools, self.asked = list(down), []
+    def __init__(self, *down: str, failing: tuple[str, ...] = ()) -> None:
+        self.down_pools, self.failing, self.asked = [*down, *failing], failing, []
 
     async def down(self, names):
         self.asked.append(list(names))
         return [name for name in names if name in self.down_pools]
+
+    def failed(self, name: str) -> bool:
+        return name in self.failing
 
 
 @pytest.mark.parametrize("where", ["admission", "loop"])
@@ -176,6 +180,62 @@ def test_a_deadline_missed_waiting_on_a_pool_with_no_replica_is_unavailable(wher
     assert bool(_StepsHang.hung) == (where == "loop")  # the loop's case failed in the loop
     if down:
         assert "draft pool has no running replica" in err.message
+
+
+@pytest.mark.parametrize("prompt", [LONG_PROMPT, "Start with 4. Add 3."])  # admission counts only a long one
+def test_a_call_to_a_failing_pool_is_unavailable_at_once_not_held(prompt):
+    """A pool with no running replica that Serve reports failing (its Pod's node was lost,
+    say) may get one back only in minutes: its calls are not sent to wait for it until the
+    request's deadline (an hour here). The request is UNAVAILABLE at once, naming the pool."""
+    coord = _coordinator(count_s=0.0)
+    coord.health = _PoolsDown(failing=("draft",))
+    _StepsHang.hung.clear()
+    coord.pools.draft = _StepsHang(0.0)  # a call sent would wait, as Serve holds one for a missing replica
+
+    async def run():
+        prepared, stream = await coord.open_stream(RequestFields(prompt=prompt, policy="draft", timeout_s=3600))
+        async for _ in coord.steps_of(stream, prepared):
+            pass
+
+    with pytest.raises(Exception) as info:
+        asyncio.run(asyncio.wait_for(run(), 60))  # a guard against a hang, not a timing
+    err = convert.classify(info.value)
+    assert (err.code, err.http_status) == ("unavailable", 503), err
+    assert "draft pool has no running replica (its replicas died or cannot start" in err.message
+    assert _StepsHang.hung == []
+
+
+def test_a_call_waiting_on_a_pool_that_turns_failing_ends_at_the_next_probe():
+    """A call already out when its pool lost its last replica waits for a new one; the next
+    health probe that finds the pool failing ends it (``FailFast``): UNAVAILABLE, naming the
+    pool, long before the request's deadline (an hour here)."""
+    coord = _coordinator(count_s=0.0)
+    health = coord.health = _PoolsDown()
+    _StepsHang.hung.clear()
+    coord.pools.draft = _StepsHang(0.0)
+
+    async def run():
+        prepared, stream = await coord.open_stream(RequestFields(prompt="Start with 4. Add 3.", policy="draft",
+                                                                 timeout_s=3600))
+
+        async def consume():
+            async for _ in coord.steps_of(stream, prepared):
+                pass
+        request = asyncio.ensure_future(consume())
+        while not _StepsHang.hung:  # the draft call is out, waiting
+            await asyncio.sleep(0.01)
+        coord._after_probe()  # a probe before the pool fails ends nothing
+        await asyncio.sleep(0.05)
+        assert not request.done()
+        health.failing = ("draft",)
+        coord._after_probe()  # what the next health probe runs
+        await request
+
+    with pytest.raises(Exception) as info:
+        asyncio.run(asyncio.wait_for(run(), 60))  # a guard against a hang, not a timing
+    err = convert.classify(info.value)
+    assert (err.code, err.http_status) == ("unavailable", 503), err
+    assert "draft pool has no running replica (its replicas died or cannot start" in err.message
 
 
 def test_models_list_reports_the_threshold_requests_run_with():

@@ -222,7 +222,7 @@ def test_the_refresh_tells_the_controller_whether_the_target_pool_can_grow():
 
 def test_the_coordinator_wires_its_health_probe():
     coord = _coordinator(_on(), autoscaling_config={"min_replicas": 0, "max_replicas": 2})
-    assert coord.health.scale_to_zero == {"target"} and coord.health.on_probe == coord._refresh_load
+    assert coord.health.scale_to_zero == {"target"} and coord.health.on_probe == coord._after_probe
     assert _coordinator(_on()).health.scale_to_zero == frozenset()
     _coordinator(None)._refresh_load()  # off: nothing to refresh
 

@@ -89,6 +89,18 @@ def test_a_scale_to_zero_pool_whose_replicas_failed_is_not_serving(monkeypatch):
     assert probed == [True, False] and health.serving is False
 
 
+def test_failed_is_a_pool_with_no_running_replica_that_serve_reports_failing(monkeypatch):
+    """Calls to a failed pool fail fast (``PoolCaller``); a pool still coming up, scaled to zero
+    or with one replica left is not failed: its calls wait or run."""
+    status = _Status(draft=_deployment("UNHEALTHY", 0, starting=1),  # its node lost: the new replica waits
+                     target=_deployment("UNHEALTHY", 1), router=_deployment("UPDATING", 0, starting=1),
+                     prm=_deployment("HEALTHY", 0), coordinator=_deployment("DEPLOY_FAILED", 0))
+    health, _ = _probe(monkeypatch, [status], scale_to_zero={"prm"})
+    assert [name for name in ("draft", "target", "router", "prm", "coordinator", "unlisted") if health.failed(name)] \
+        == ["draft", "coordinator"]
+    assert not PoolHealth("arbitrage", NEEDED, 2.0).failed("draft")  # before any probe: unknown, not failed
+
+
 def test_on_probe_runs_after_every_probe_even_when_the_controller_cannot_answer(monkeypatch):
     ok = _Status(draft=_deployment("HEALTHY", 1), target=_deployment("HEALTHY", 2), router=_deployment("HEALTHY", 1))
     health, probed = _probe(monkeypatch, [ok, RuntimeError("controller restarting"), ok])
