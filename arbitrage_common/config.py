@@ -444,6 +444,13 @@ class CoordinatorSpec(DeploymentSpec):
                                                                           "probes the pools for gRPC Check/Watch "
                                                                           "and /healthz, seconds (at least 0.1: "
                                                                           "each probe asks the Serve controller).")
+    fail_fast_after_s: float = Field(10.0, ge=0, description="How long a pool must have had no running replica, "
+                                                             "with Serve reporting it failing (UNHEALTHY, "
+                                                             "DEPLOY_FAILED), before calls to it end at once as "
+                                                             "UNAVAILABLE instead of waiting for a replica, seconds: a "
+                                                             "replica restarting in place is waited for, a lost "
+                                                             "node's is not. Seen at the health probes "
+                                                             "(health_probe_s). 0: at the first probe that finds it.")
     merge_calls: bool = Field(True, exclude_if=lambda v: v is True,
                               description="Merge the step calls that concurrent requests make to one pool into one "
                                           "Serve call per lane (arbitrage_common.coalesce): under load a handle "

@@ -145,7 +145,8 @@ class Coordinator:
                           if (cls.scorer is None or getattr(self.pools, cls.scorer) is not None)
                           and (allowed is None or name in allowed)]
         self.health = PoolHealth(serving_app_name(self.cfg.name), pools_needed(self.cfg.policy.default),
-                                 c.health_probe_s, on_probe=self._after_probe)
+                                 c.health_probe_s, on_probe=self._after_probe,
+                                 fail_fast_after_s=c.fail_fast_after_s)
         self._apply_scaling(self.cfg)
         self._contexts: dict[str, int] | None = None
         # Generator pools that keep a per-request prefix cache (transformers, cache not off).
@@ -247,9 +248,11 @@ class Coordinator:
                                                                                          policy=policy))
 
     def _after_probe(self) -> None:
-        assert self.pools.fail_fast is not None
-        self.pools.fail_fast.end_calls_to_failed()  # they wait for a replica that may be minutes away
-        self._refresh_load()
+        try:
+            self._refresh_load()
+        finally:
+            if self.pools.fail_fast is not None:  # they wait for a replica that may be minutes away
+                self.pools.fail_fast.end_calls_to_failed()
 
     def _refresh_load(self) -> None:
         """After every health probe: the controller updates without waiting for a request (its

@@ -99,8 +99,9 @@ class FailFast:
         for role, calls in self._waiting.items():
             if calls and self.failed(role):
                 for task, ended in list(calls.items()):
-                    ended[0] = True
-                    task.cancel()
+                    if not ended[0]:  # once: a second cancel would outlive our uncancel
+                        ended[0] = True
+                        task.cancel()
 
     async def call(self, role: str, response: Any) -> Any:
         """``response`` awaited, or ``PoolDown`` once its pool is found failing."""
@@ -111,9 +112,10 @@ class FailFast:
         try:
             return await _await_cancellable(response)
         except asyncio.CancelledError:
-            if not ended[0]:
+            # Ours alone: the task goes on to handle PoolDown. Cancelled by someone else too
+            # (the client, a timeout), the cancel stands.
+            if not ended[0] or task.uncancel() > 0:
                 raise
-            task.uncancel()  # ours, not the caller's: the task goes on to handle PoolDown
             raise PoolDown(role, failed=True) from None
         finally:
             calls.pop(task, None)

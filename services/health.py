@@ -99,9 +99,11 @@ class PoolHealth:
     called after every probe, answered or not (the load controller's refresh)."""
 
     def __init__(self, app_name: str, needed: list[str], period_s: float, *, scale_to_zero: Iterable[str] = (),
-                 on_probe: Callable[[], None] | None = None) -> None:
+                 on_probe: Callable[[], None] | None = None, fail_fast_after_s: float = 0.0) -> None:
         self.app_name, self.needed, self.period_s = app_name, needed, period_s
         self.scale_to_zero, self.on_probe = frozenset(scale_to_zero), on_probe
+        self.fail_fast_after_s = fail_fast_after_s
+        self._failing_since: dict[str, float] = {}  # deployment -> first answered probe that found it failing
         self.serving: bool | None = None
         self.running: dict[str, int] = {}
         self.replicas: dict[str, int] = {}  # every deployment of the app, as last probed
@@ -144,6 +146,8 @@ class PoolHealth:
             self.statuses = deployment_statuses(deployments)
             self.placed = placed_replicas(deployments)
             self._probed_at, answered = time.monotonic(), True
+            self._failing_since = {name: self._failing_since.get(name, self._probed_at) for name in deployments
+                                   if self.replicas.get(name, 0) == 0 and self.statuses.get(name) in FAILED_STATUSES}
         except Exception as exc:  # noqa: BLE001 (controller restarting: keep the last answer)
             logger.warning("health probe: serve.status() failed (%s); keeping the last answer", type(exc).__name__)
             if self.serving is None:
@@ -158,11 +162,14 @@ class PoolHealth:
                    for name, n in self.running.items())
 
     def failed(self, name: str) -> bool:
-        """Deployment ``name`` has no running replica and Serve reports it failing (its replicas
-        died or cannot start: ``FAILED_STATUSES``), by the last probe. A call to it would wait
-        for a replica that may be minutes away (a lost node's Pod), so callers fail fast instead.
-        A pool that is loading (``UPDATING``) or scaled to zero is not failed: its replica comes."""
-        return self.replicas.get(name, 0) == 0 and self.statuses.get(name) in FAILED_STATUSES
+        """Deployment ``name`` has had no running replica, with Serve reporting it failing (its
+        replicas died or cannot start: ``FAILED_STATUSES``), at every answered probe for at least
+        ``fail_fast_after_s``. A call to it would wait for a replica that may be minutes away (a
+        lost node's Pod), so callers fail fast instead; a replica restarting in place within
+        that time is waited for. A pool that is loading (``UPDATING``) or scaled to zero is not
+        failed: its replica comes."""
+        since = self._failing_since.get(name)
+        return since is not None and time.monotonic() - since >= self.fail_fast_after_s
 
     def can_add_replicas(self, name: str, max_replicas: int | None) -> bool:
         """``can_add_replicas`` of deployment ``name`` by the last probe (False before one)."""

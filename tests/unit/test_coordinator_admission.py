@@ -132,7 +132,7 @@ class _StepsHang(SlowCountPool):
         return _StepsHang(0.0, method_name or self.method)
 
     def remote(self, *args):
-        if self.method == "generate_rows":
+        if self.method in ("generate_rows", "generate"):  # merged or direct
             self.hung.append(args)
             return HandleResponse(asyncio.sleep(3600))
         return super().remote(*args)
@@ -205,11 +205,16 @@ def test_a_call_to_a_failing_pool_is_unavailable_at_once_not_held(prompt):
     assert _StepsHang.hung == []
 
 
-def test_a_call_waiting_on_a_pool_that_turns_failing_ends_at_the_next_probe():
+@pytest.mark.parametrize("merged", [True, False])  # the Coalescer's send task, or the request's own task
+def test_a_call_waiting_on_a_pool_that_turns_failing_ends_at_the_next_probe(merged):
     """A call already out when its pool lost its last replica waits for a new one; the next
     health probe that finds the pool failing ends it (``FailFast``): UNAVAILABLE, naming the
-    pool, long before the request's deadline (an hour here)."""
-    coord = _coordinator(count_s=0.0)
+    pool, long before the request's deadline (an hour here), and the request's task is left
+    with no cancel pending."""
+    data = default_config().model_dump(mode="json")
+    if not merged:
+        data["coordinator"].update(merge_calls=False, pool_calls_in_flight=None)
+    coord = Coordinator(data, *[SlowCountPool(0.0) for _ in range(4)])
     health = coord.health = _PoolsDown()
     _StepsHang.hung.clear()
     coord.pools.draft = _StepsHang(0.0)
@@ -229,7 +234,11 @@ def test_a_call_waiting_on_a_pool_that_turns_failing_ends_at_the_next_probe():
         assert not request.done()
         health.failing = ("draft",)
         coord._after_probe()  # what the next health probe runs
-        await request
+        coord._after_probe()  # and the one after it, before the request ran again: one cancel only
+        try:
+            await request
+        finally:
+            assert request.cancelling() == 0
 
     with pytest.raises(Exception) as info:
         asyncio.run(asyncio.wait_for(run(), 60))  # a guard against a hang, not a timing

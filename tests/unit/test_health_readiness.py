@@ -101,6 +101,35 @@ def test_failed_is_a_pool_with_no_running_replica_that_serve_reports_failing(mon
     assert not PoolHealth("arbitrage", NEEDED, 2.0).failed("draft")  # before any probe: unknown, not failed
 
 
+def test_a_pool_is_failed_only_once_it_has_been_failing_for_fail_fast_after_s(monkeypatch):
+    """A replica restarting in place is waited for: the pool counts as failed only after it
+    has been failing (no running replica, UNHEALTHY) at every answered probe for the grace."""
+    from ray import serve
+
+    import services.health as health_module
+
+    clock = [100.0]
+    monkeypatch.setattr(health_module.time, "monotonic", lambda: clock[0])
+    failing = _Status(draft=_deployment("UNHEALTHY", 0, starting=1), target=_deployment("HEALTHY", 1),
+                      router=_deployment("HEALTHY", 1))
+    back = _Status(draft=_deployment("HEALTHY", 1), target=_deployment("HEALTHY", 1), router=_deployment("HEALTHY", 1))
+    health = PoolHealth("arbitrage", NEEDED, 2.0, fail_fast_after_s=10.0)
+    seen = []
+    for at, answer in [(100.0, failing), (105.0, failing), (110.0, RuntimeError("controller restarting")),
+                       (111.0, failing), (113.0, back), (114.0, failing), (125.0, failing)]:
+        clock[0] = at
+
+        def status(answer=answer):
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+        monkeypatch.setattr(serve, "status", status)
+        asyncio.run(health.probe())
+        seen.append(health.failed("draft"))
+    # failing from 100 on: failed at 110 (the last answer stands) and 111; back at 113 resets it
+    assert seen == [False, False, True, True, False, False, True]
+
+
 def test_on_probe_runs_after_every_probe_even_when_the_controller_cannot_answer(monkeypatch):
     ok = _Status(draft=_deployment("HEALTHY", 1), target=_deployment("HEALTHY", 2), router=_deployment("HEALTHY", 1))
     health, probed = _probe(monkeypatch, [ok, RuntimeError("controller restarting"), ok])
