@@ -85,11 +85,13 @@ def retry_reason(exc: BaseException) -> str | None:
 
 
 class FailFast:
-    """Ends pool calls that would wait for a replica that may be minutes away. ``failed(role)``
-    (``PoolHealth.failed``): the pool has no running replica and Serve reports it failing. A
-    call to such a pool is not sent, and ``end_calls_to_failed`` (after each health probe) ends
-    the calls already waiting on one: each raises ``PoolDown`` instead of holding its request
-    until the deadline."""
+    """Ends pool calls that wait for a replica that may be minutes away. ``failed(role)``
+    (``PoolHealth.failed``): the pool has had no running replica, with Serve reporting it
+    failing, for a while. ``end_calls_to_failed``, run right after each health probe, ends the
+    calls waiting on such a pool: each raises ``PoolDown`` instead of holding its request until
+    the deadline. Calls are still sent: refused on an older probe's word, a call could fail
+    though the pool had just come back (Serve's router learns of a new replica before the
+    next probe does)."""
 
     def __init__(self, failed: Callable[[str], bool]) -> None:
         self.failed = failed
@@ -123,7 +125,7 @@ class FailFast:
 
 class PoolCaller:
     """Calls one bound pool method with retries under a deadline (``time.monotonic``); with a
-    ``fail_fast``, a call to a failing pool ends at once with ``PoolDown``."""
+    ``fail_fast``, a call waiting on a failed pool ends at the next health probe (``PoolDown``)."""
 
     def __init__(self, call: Any, role: str, policy: RetryPolicy, deadline: float | None,
                  on_retry: Callable[[str, str], None] | None, rng: random.Random,
@@ -137,8 +139,6 @@ class PoolCaller:
             try:
                 if self._fail_fast is None:
                     return await _await_cancellable(self._call.remote(*args))
-                if self._fail_fast.failed(self.role):
-                    raise PoolDown(self.role, failed=True)
                 return await self._fail_fast.call(self.role, self._call.remote(*args))
             except Exception as exc:  # PoolDown is not retriable (retry_reason): it goes on up
                 reason = retry_reason(exc)
@@ -286,7 +286,7 @@ class PoolHandles:
     caps their merged calls out at once with one ``CallSlots`` shared by the pools in
     ``slot_roles`` (None: all of them); ``over_grpc`` sends the calls over Serve's direct gRPC
     channel between replicas (``_by_reference=False``); ``pool_failed`` (``FailFast``) ends
-    calls to a failing pool at once."""
+    the calls waiting on a failed pool."""
 
     def __init__(self, draft: Any, target: Any, router: Any | None = None, prm: Any | None = None,
                  retry: RetryPolicy = NO_RETRY, on_retry: Callable[[str, str], None] | None = None,
