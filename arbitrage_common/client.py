@@ -24,8 +24,8 @@ class ServiceError(RuntimeError):
 
     def __init__(self, endpoint: str, code: str, details: str):
         self.code, self.details = code, details
-        hint = f" (set ${API_KEY_ENV} to one of the service's API keys)" if code == "UNAUTHENTICATED" else ""
-        super().__init__(f"{endpoint}: {code}: {details}{hint}")
+        self.hint = f" (set ${API_KEY_ENV} to one of the service's API keys)" if code == "UNAUTHENTICATED" else ""
+        super().__init__(f"{endpoint}: {code}: {details}{self.hint}")
 
     @property
     def retriable(self) -> bool:

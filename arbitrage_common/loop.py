@@ -90,10 +90,12 @@ class LoopRequest:
     # Draft lookahead (module docstring): steps drafted and scored ahead per draft call; 0 off.
     # The service sets it from ``limits.draft_lookahead``.
     lookahead: int = 0
+    # The field a client sent the problem in (chat: "messages[i].content"), named by its errors.
+    prompt_field: str = "prompt"
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise InvalidArgument("prompt", "must not be empty")
+            raise InvalidArgument(self.prompt_field, "must not be empty")
         if not isinstance(self.policy, Policy):
             raise InvalidArgument("policy", f"must be a Policy, got {type(self.policy).__name__}")
         if PROBLEM_FIELD not in self.prompt_template:
@@ -207,8 +209,8 @@ class LoopStream:
                     record = await self._step(len(self.steps))
                 except _ContextFull as full:
                     if not self.steps:  # nothing decided yet: the prompt itself does not fit
-                        raise InvalidArgument("prompt", f"leaves no room in the {full.source} model's context") \
-                            from None
+                        raise InvalidArgument(req.prompt_field, f"leaves no room in the {full.source} model's "
+                                                                f"context") from None
                     # The context filled up mid-request: the request ends here and keeps its steps.
                     self.result = self._result("length")
                     return

@@ -117,6 +117,13 @@ def log_outcome(err: convert.ApiError, transport: str, policy: str, request_id: 
                exc_info=exc if level >= logging.ERROR and exc is not None else None)
 
 
+def _health_refused(err: convert.ApiError) -> convert.ApiError:
+    """Log a refused health call. Not counted in ``arbitrage_requests_total``: probes are not
+    requests (those that succeed are not counted either), and the alerts' ratios read it."""
+    log_outcome(err, "grpc", "none", None)
+    return err
+
+
 class Coordinator:
     """One replica runs many requests concurrently; each is one step loop."""
 
@@ -464,8 +471,8 @@ class Coordinator:
     # -- gRPC: grpc.health.v1.Health (open: no API key) -------------------------------
     def _check_service(self, request: Any, grpc_context: Any) -> None:
         if request.service not in ("", SERVICE_NAME):
-            self._abort(grpc_context, convert.ApiError("not_found", grpc.StatusCode.NOT_FOUND, 404,
-                                                       f"unknown service {request.service!r}"))
+            self._abort(grpc_context, _health_refused(convert.ApiError(
+                "not_found", grpc.StatusCode.NOT_FOUND, 404, f"unknown service {request.service!r}")))
 
     @staticmethod
     def _health_reply(serving: bool) -> health_pb2.HealthCheckResponse:
@@ -486,9 +493,9 @@ class Coordinator:
         # Health is open (no API key) and a stream holds one of the replica's request slots
         # for as long as it lives: a share of them at most, so watches cannot starve requests.
         if self._watches >= self._max_watches:
-            self._abort(grpc_context, convert.ApiError(
+            self._abort(grpc_context, _health_refused(convert.ApiError(
                 "resource_exhausted", grpc.StatusCode.RESOURCE_EXHAUSTED, 503,
-                f"too many open health watches on this replica ({self._max_watches}); use Check, or retry"))
+                f"too many open health watches on this replica ({self._max_watches}); use Check, or retry")))
         self._watches += 1
         try:
             if request.service not in ("", SERVICE_NAME):

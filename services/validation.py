@@ -155,7 +155,7 @@ def prepare(fields: RequestFields, cfg: AppConfig) -> Prepared:
     if fields.timeout_s is not None:
         t = fields.timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-            raise InvalidArgument("timeout_s", f"must be a number of seconds > 0, got {t!r}")
+            raise InvalidArgument("timeout_s", f"must be a finite number of seconds > 0, got {t!r}")
         timeout = min(float(t), timeout)
     request_id = fields.request_id or uuid.uuid4().hex
     if len(request_id) > MAX_REQUEST_ID_CHARS:
@@ -165,7 +165,8 @@ def prepare(fields: RequestFields, cfg: AppConfig) -> Prepared:
                           step_max_tokens=limits.step_max_tokens,
                           options=GenerationOptions(temperature=float(temperature), seed=seed),
                           deadline_s=timeout, prompt_template=cfg.prompt.template,
-                          pipeline=limits.step_pipelining, lookahead=limits.draft_lookahead)
+                          pipeline=limits.step_pipelining, lookahead=limits.draft_lookahead,
+                          prompt_field=prompt_field)
     return Prepared(request=request, policy=name, threshold=policy.threshold, request_id=request_id,
                     prompt_field=prompt_field, threshold_explicit=fields.threshold is not None)
 
@@ -300,6 +301,10 @@ class _OpenAIBody(_Extensions):
             if cfg.policy.allowed is not None and self.model not in cfg.policy.allowed:
                 raise InvalidArgument("model", f"{self.model!r} is not allowed on this server; allowed: "
                                                f"{cfg.served_model_name!r} or {', '.join(cfg.policy.allowed)}")
+            scorer = POLICIES[self.model].scorer
+            if scorer is not None and getattr(cfg.pools, scorer) is None:  # the loop would blame 'policy'
+                raise InvalidArgument("model", f"{self.model!r} needs a {scorer} pool, and none is configured; "
+                                               f"GET /v1/models lists the models this server runs")
             policy = self.model
         budget_field, budget_value = self._budget(budget, ("max_new_tokens", self.max_new_tokens))
         return RequestFields(policy=policy, threshold=self.threshold, max_steps=self.max_steps,

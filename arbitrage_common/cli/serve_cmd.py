@@ -205,6 +205,6 @@ def _generate(args) -> int:
                     print(reply.text)
                     print(_summary_line(reply))
         except ServiceError as exc:
-            print(f"arbitrage: error: {exc.code}: {exc.details}", file=sys.stderr)
+            print(f"arbitrage: error: {exc.code}: {exc.details}{exc.hint}", file=sys.stderr)
             return 1
     return 0

@@ -39,3 +39,26 @@ def _subcommand(argv: list[str]) -> argparse.ArgumentParser:
 def test_commands_that_call_a_service_name_the_key_variable(argv, flag):
     action = next(a for a in _subcommand(argv)._actions if flag in a.option_strings)
     assert "$ARBITRAGE_API_KEY" in action.help, action.help
+
+
+def test_arbitrage_generate_prints_the_variable_on_unauthenticated(monkeypatch, capsys):
+    import arbitrage_common.client as client_module
+    from arbitrage_common.cli.main import main
+
+    class RefusingClient:
+        def __init__(self, endpoint, app=None):
+            self.endpoint = endpoint
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def generate(self, request, timeout=None):
+            raise ServiceError(self.endpoint, "UNAUTHENTICATED", "missing or invalid API key")
+
+    monkeypatch.setattr(client_module, "Client", RefusingClient)
+    assert main(["generate", "1+1"]) == 1
+    err = capsys.readouterr().err
+    assert "UNAUTHENTICATED: missing or invalid API key" in err and "$ARBITRAGE_API_KEY" in err, err

@@ -6,6 +6,7 @@ import asyncio
 from typing import ClassVar
 
 import pytest
+from fake_pools import count_records
 from fakes import HandleResponse
 
 from arbitrage_common.config import default_config
@@ -81,6 +82,7 @@ def test_open_health_watches_take_at_most_an_eighth_of_the_request_slots():
     from grpc_health.v1 import health_pb2
 
     coord = _coordinator(count_s=0.0)
+    records = count_records(coord)
     cap = coord.cfg.coordinator.max_ongoing_requests // 8
     unknown = health_pb2.HealthCheckRequest(service="no.such.Service")  # streams without asking Serve
 
@@ -92,10 +94,24 @@ def test_open_health_watches_take_at_most_an_eighth_of_the_request_slots():
         with pytest.raises(Exception, match="too many open health watches"):
             await anext(coord.Watch(unknown, refused))
         assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert records == []  # logged, but not a request: the alerts' ratios read the count
         await streams[0].aclose()  # a client that leaves frees its place
         assert (await anext(coord.Watch(unknown, _GrpcContext()))).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
     asyncio.run(run())
+
+
+def test_a_health_check_of_an_unknown_service_is_not_found_and_logged(caplog):
+    import grpc
+    from grpc_health.v1 import health_pb2
+
+    coord = _coordinator(count_s=0.0)
+    records, context = count_records(coord), _GrpcContext()
+    with caplog.at_level("INFO", logger="services"), pytest.raises(Exception, match="unknown service 'nope'"):
+        asyncio.run(coord.Check(health_pb2.HealthCheckRequest(service="nope"), context))
+    assert context.code == grpc.StatusCode.NOT_FOUND
+    assert records == []  # health probes are not requests: ok or not, arbitrage_requests_total skips them
+    assert "request failed: status=not_found policy=none transport=grpc" in caplog.text, caplog.text
 
 
 def test_open_health_watches_are_reported_to_the_autoscaler_as_no_load():

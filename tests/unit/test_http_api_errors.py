@@ -87,6 +87,21 @@ def test_malformed_json_stays_422_naming_body(api):
 
 
 # -- models and HEAD ------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_model_whose_pool_is_not_configured_is_refused_naming_model(path):
+    """The client sent ``model``, not ``policy``: the refusal names what it sent."""
+    coord = coordinator(pools={"router": None}, policy={"default": "rsd"})
+    records, client = count_records(coord), TestClient(build_http_api(coord))
+    body = {"model": "arbitrage", "prompt": PROMPT, "messages": [{"role": "user", "content": PROMPT}]}
+    body.pop("messages" if path == "/v1/completions" else "prompt")
+    reply = client.post(path, json=body)
+    assert reply.status_code == 422, reply.text
+    error = _error(reply)
+    assert (error["param"], error["code"]) == ("model", "invalid_argument")
+    assert error["message"].startswith("model: 'arbitrage' needs a router pool, and none is configured"), error
+    assert records == [("openai", "arbitrage", "invalid_argument")]
+
+
 def test_an_unknown_model_is_404_model_not_found_in_openais_shape(api):
     _, records, client = api
     reply = client.get("/v1/models/nope")

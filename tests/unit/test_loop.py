@@ -349,6 +349,13 @@ def test_prompt_that_does_not_fit_is_invalid_argument():
     assert err.value.field == "prompt" and "draft" in str(err.value)
 
 
+def test_a_prompt_that_does_not_fit_is_named_by_the_field_the_client_sent():
+    """A chat request's problem is its last user message: the error names that, not 'prompt'."""
+    with pytest.raises(InvalidArgument) as err:
+        run(make_policy("draft"), draft=ScriptedGenerator([("", "context")]), prompt_field="messages[1].content")
+    assert err.value.field == "messages[1].content" and "draft model's context" in str(err.value)
+
+
 def test_oracle_scores_a_target_step_identical_to_the_draft_as_exactly_no_advantage():
     """In a batch, two identical items can score a few 1e-8 apart (padding, other rows): the
     same step is still no advantage, or other requests' rows would flip its source."""
