@@ -18,7 +18,7 @@ class _Bounded(LoadTestShape):
         s = self.settings
         if t >= s.duration_s:
             return None
-        return max(1, self.users_at(t, s.users)), max(s.spawn_rate, 1.0)
+        return max(1, self.users_at(t, s.users)), s.spawn_rate  # locust takes < 1/s: one user every 1/rate s
 
 
 class SteadyShape(_Bounded):

@@ -21,7 +21,8 @@ def add_loadtest_parser(sub) -> None:
     where.add_argument("--metrics", action="append", default=[], metavar="URL",
                        help="Prometheus endpoint(s) of the service's Ray nodes, sampled for pools over time")
     load = p.add_argument_group("load")
-    load.add_argument("--transport", default="grpc", help="grpc, grpc-stream, http, http-sse, openai, openai-chat")
+    load.add_argument("--transport", help="grpc, grpc-stream, http, http-sse, openai, openai-chat (default: http "
+                                           "with --http alone, else grpc)")
     load.add_argument("--users", type=positive_int, default=4, help="closed loop: concurrent users (peak)")
     load.add_argument("--spawn-rate", type=finite_positive_float, default=4.0, help="users started per second")
     load.add_argument("--shape", default="steady", help="closed loop: steady, ramp or spike")
@@ -44,6 +45,22 @@ def add_loadtest_parser(sub) -> None:
     p.set_defaults(func=_loadtest)
 
 
+def _transport(args) -> str:
+    """The transport to load: --transport, else the API of the one endpoint given. A transport
+    whose endpoint was not given is refused: it would load the default 127.0.0.1 address, not
+    the service named."""
+    transport = args.transport or ("http" if args.http and not args.grpc else "grpc")
+    if args.grpc or args.http:
+        grpc = transport.startswith("grpc")
+        if grpc and not args.grpc:
+            raise ValueError(f"--transport {transport} loads the gRPC API, but only --http was given: add --grpc "
+                             f"HOST:PORT, or pick an HTTP --transport (http, http-sse, openai, openai-chat)")
+        if not grpc and not args.http:
+            raise ValueError(f"--transport {transport} loads the HTTP API, but only --grpc was given: add --http "
+                             f"URL, or pick --transport grpc or grpc-stream")
+    return transport
+
+
 def _loadtest(args) -> int:
     try:
         from loadtests.runner import run_local, run_locust
@@ -51,10 +68,11 @@ def _loadtest(args) -> int:
     except ImportError as exc:
         raise RuntimeError(f"the load tests need locust: pip install -e '.[load]' ({exc})") from None
 
+    transport = _transport(args)
     mix = Mix(policy=args.policy, threshold=args.threshold, hard_prob=args.hard_prob, problem_mix=args.problem_mix,
               max_steps=args.max_steps, seed=args.seed)
     endpoints = {k: v for k, v in (("host_grpc", args.grpc), ("host_http", args.http)) if v}
-    settings = LoadSettings(transport=args.transport, mix=mix, users=args.users, spawn_rate=args.spawn_rate,
+    settings = LoadSettings(transport=transport, mix=mix, users=args.users, spawn_rate=args.spawn_rate,
                             duration_s=args.duration, shape=args.shape, rate=args.rate,
                             max_in_flight=args.max_in_flight, timeout_s=args.timeout, slo_ms=args.slo_ms,
                             app=args.app, **endpoints)

@@ -81,9 +81,8 @@ def load_profile(path: str, flag: str = "--profile"):
         return Profile.load(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{flag}: {path}: not valid JSON ({exc})") from None
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{flag}: {path}: not a profile of `arbitrage plan profile` "
-                         f"({type(exc).__name__}: {exc})") from None
+    except ValueError as exc:  # a field Profile.from_dict refused, named
+        raise ValueError(f"{flag}: {path}: {exc}") from None
 
 
 def _profile(args) -> int:
@@ -105,11 +104,19 @@ def _profile(args) -> int:
     return 0
 
 
-def _fraction_at_matched(bench: dict, policy: str) -> float:
+def _fraction_at_matched(bench: dict, policy: str, path: str) -> float:
+    """The target-step fraction of the bench's matched ``policy`` point; ValueError naming the
+    file and the field when it is missing or not a number in [0, 1]."""
     point = (bench.get("matched") or {}).get(policy)
     if not point:
         raise ValueError(f"--bench: no matched {policy} point in the bench result (its matched section is empty)")
-    return point["target_step_fraction"]
+    field = f"matched.{policy}.target_step_fraction"
+    if not isinstance(point, dict) or "target_step_fraction" not in point:
+        raise ValueError(f"--bench: {path}: {field} is missing (a bench.json of `arbitrage bench` has it)")
+    fraction = point["target_step_fraction"]
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"--bench: {path}: {field} must be a number in [0, 1], got {fraction!r}")
+    return float(fraction)
 
 
 def _target_fraction(args, prof, policy: str) -> tuple[float, str]:
@@ -142,7 +149,7 @@ def _target_fraction(args, prof, policy: str) -> tuple[float, str]:
 def _plan(args) -> int:
     if args.rate is None or args.slo_ms is None:
         raise ValueError("plan: --rate and --slo-ms are required (or run `arbitrage plan profile` / `plan check`)")
-    from ..planning.planner import gpus_and_pods, plan
+    from ..planning.planner import Unreachable, gpus_and_pods, plan
 
     if args.bench and (args.policy is not None or args.target_fraction is not None):
         given = " and ".join(f for f, v in (("--policy", args.policy), ("--target-fraction", args.target_fraction))
@@ -155,8 +162,8 @@ def _plan(args) -> int:
         if not isinstance(bench, dict):
             raise ValueError(f"--bench: {args.bench}: expected the JSON object of bench.json")
         source = f"--bench {args.bench} (matched accuracy)"
-        runs = [("rsd", _fraction_at_matched(bench, "rsd"), source),
-                ("arbitrage", _fraction_at_matched(bench, "arbitrage"), source)]
+        runs = [("rsd", _fraction_at_matched(bench, "rsd", args.bench), source),
+                ("arbitrage", _fraction_at_matched(bench, "arbitrage", args.bench), source)]
     else:
         policy = args.policy or "arbitrage"
         runs = [(policy, *_target_fraction(args, prof, policy))]
@@ -165,24 +172,43 @@ def _plan(args) -> int:
         from ..kuberay.targets import target_config
 
         cfg = target_config(args.preset)
-    results = []
+    # Each policy is planned on its own: one that cannot meet the SLO (RSD, say: the business
+    # case at its strongest) is reported beside the others' plans, not in place of them.
+    results, unreachable = [], []
     for policy, fraction, source in runs:
-        r = plan(prof, policy, fraction, args.rate, args.slo_ms, args.seed)
+        try:
+            r = plan(prof, policy, fraction, args.rate, args.slo_ms, args.seed)
+        except Unreachable as exc:
+            if len(runs) == 1:
+                raise
+            best = None if exc.best_p95_ms is None else round(exc.best_p95_ms, 1)
+            r = {"policy": policy, "target_fraction": round(fraction, 4), "unreachable": str(exc),
+                 "best_p95_ms": best}
+            unreachable.append(r)
         r["target_fraction_source"] = source
         r["profile"] = args.profile
-        if cfg is not None:
+        if cfg is not None and "unreachable" not in r:
             r.update(gpus_and_pods(r["replicas"], cfg))
         results.append(r)
+    if len(unreachable) == len(results):
+        raise ValueError("plan: no policy can be planned: " + "; ".join(f"{r['policy']}: {r['unreachable']}"
+                                                                        for r in unreachable))
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     print(f"plan for {args.rate:g} req/s at a p95 SLO of {args.slo_ms:g} ms, profile {args.profile}")
     for r in results:
-        print(f"{r['policy']:<10} target fraction {r['target_fraction']:.3f} (from {r['target_fraction_source']}): "
-              f"replicas {r['replicas']}  predicted p50 {r['predicted_p50_ms']} ms, p95 {r['predicted_p95_ms']} ms "
-              f"(no-load p95 {r['no_load_p95_ms']} ms)")
+        head = f"{r['policy']:<10} target fraction {r['target_fraction']:.3f} (from {r['target_fraction_source']}):"
+        if "unreachable" in r:
+            best = "" if r["best_p95_ms"] is None else f" (best p95 reached {r['best_p95_ms']} ms)"
+            print(f"{head} cannot be planned{best}: {r['unreachable']}")
+            continue
+        print(f"{head} replicas {r['replicas']}  predicted p50 {r['predicted_p50_ms']} ms, p95 "
+              f"{r['predicted_p95_ms']} ms (no-load p95 {r['no_load_p95_ms']} ms)")
         cores = f", cores {r['core_load']}" if "core_load" in r else ""
         print(f"{'':<10} load at max batch {r['load_at_max_batch']}{cores} (1 = saturated)")
+        if r["headroom_warning"]:
+            print(f"{'':<10} warning: {r['headroom_warning']}")
         if "gpus_per_pool" in r:
             print(f"{'':<10} GPUs requested {r['gpus_per_pool']} = {r['gpus_requested']}; the Pods provision "
                   f"{r['gpus_provisioned']} GPUs; worker groups {r['worker_groups']} (coordinator at its "

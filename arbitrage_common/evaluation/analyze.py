@@ -102,22 +102,32 @@ def _reading(entry: dict) -> str:
 
 def plan_savings(profile, entry: dict, rate: float, slo_ms: float, cfg=None) -> dict:
     """Target-pool replicas (and GPUs, with a preset) that RSD and a router need at ``rate``
-    under ``slo_ms``: RSD at its target fraction, the bound at the oracle's, the router at its."""
-    from ..planning.planner import gpus_and_pods, plan
+    under ``slo_ms``: RSD at its target fraction, the bound at the oracle's, the router at its.
+    Each is planned on its own: one that cannot meet the SLO says so (``unreachable``) beside
+    the others; ValueError only when none can be planned."""
+    from ..planning.planner import Unreachable, gpus_and_pods, plan
 
     fractions = {"rsd": entry["rsd_target_fraction"], "bound": entry["oracle_target_fraction"]}
     if entry.get("router_target_fraction") is not None:
         fractions["router"] = entry["router_target_fraction"]
     out = {}
     for name, fraction in fractions.items():
-        planned = plan(profile, "rsd" if name == "rsd" else "arbitrage", fraction, rate, slo_ms)
+        try:
+            planned = plan(profile, "rsd" if name == "rsd" else "arbitrage", fraction, rate, slo_ms)
+        except Unreachable as exc:
+            out[name] = {"target_fraction": fraction, "unreachable": str(exc)}
+            continue
         row = {"target_fraction": fraction, "replicas": planned["replicas"],
                "target_replicas": planned["replicas"].get("target", 0)}
         if cfg is not None:
             row["target_gpus"] = gpus_and_pods(planned["replicas"], cfg)["gpus_per_pool"].get("target")
         out[name] = row
+    planned = [name for name, row in out.items() if "unreachable" not in row]
+    if not planned:
+        raise ValueError("--slo-ms: neither RSD nor a router can be planned: " + "; ".join(
+            f"{name}: {row['unreachable']}" for name, row in out.items()))
     for name in ("bound", "router"):
-        if name in out:
+        if name in planned and "rsd" in planned:  # a saving needs both plans
             out[name]["target_replicas_saved_vs_rsd"] = out["rsd"]["target_replicas"] - out[name]["target_replicas"]
             if cfg is not None and out[name].get("target_gpus") is not None:
                 out[name]["target_gpus_saved_vs_rsd"] = round(out["rsd"]["target_gpus"] - out[name]["target_gpus"], 3)

@@ -67,6 +67,11 @@ class Pool:
     replicas: int = 1
     max_batch: int = 16
 
+    def __post_init__(self) -> None:
+        # A replica that takes no call would start empty batches forever: the simulation hangs.
+        if self.replicas < 1 or self.max_batch < 1:
+            raise ValueError(f"a pool needs replicas and max_batch >= 1, got {self.replicas} and {self.max_batch}")
+
 
 @dataclass(frozen=True)
 class Workload:

@@ -22,6 +22,12 @@ from .model import (
 )
 
 MAX_REPLICAS = 256
+# With ``cores`` (a CPU machine) every replica shares the same cores: more than this in all
+# only adds contention.
+MAX_REPLICAS_ON_CORES = 64
+# Above this load at max batch (or core load) a plan has no headroom: a small rise in rate
+# overloads it, and its simulated p95 has not settled (it grows with the requests simulated).
+HEADROOM_LOAD = 0.95
 # The no-load p95 (the floor no replica count goes under) is simulated at a rate this share of
 # one request per its own service time: requests almost never meet.
 NO_LOAD_SHARE = 0.01
@@ -41,9 +47,41 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
-        d = json.loads(Path(path).read_text())
-        return cls({k: ServiceCurve(**v) for k, v in d["curves"].items()}, d["max_batch"], d["hop_ms"],
-                   d["request_overhead_ms"], tuple(d["steps"]), d.get("cores"), d.get("measured", {}))
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, d: object) -> Profile:
+        """A profile from its JSON form, checked field by field: profiles are also written by hand
+        (GPU pools), and a zero batch, a negative time or a NaN would otherwise hang the
+        simulation or plan nonsense. ValueError naming the field (``max_batch.target``)."""
+        d = _object(d, "the profile")
+        curves = {}
+        for pool, c in _object(_field(d, "curves"), "curves").items():
+            c = _object(c, f"curves.{pool}")
+            unknown = sorted(set(c) - {"base_ms", "per_item_ms", "cv"})
+            if unknown:
+                raise ValueError(f"curves.{pool}: unknown field(s) {', '.join(unknown)} (a curve has base_ms, "
+                                 f"per_item_ms and cv)")
+            base, per_item = (_number(_field(c, k, f"curves.{pool}."), f"curves.{pool}.{k}")
+                              for k in ("base_ms", "per_item_ms"))
+            curves[pool] = ServiceCurve(base, per_item, _number(c.get("cv", 0.0), f"curves.{pool}.cv"))
+        max_batch = {pool: _positive_int(n, f"max_batch.{pool}")
+                     for pool, n in _object(_field(d, "max_batch"), "max_batch").items()}
+        no_batch = sorted(set(curves) - set(max_batch))
+        if no_batch:  # no default: a guessed batch cap changes the plan
+            raise ValueError(f"max_batch.{no_batch[0]} is missing: every pool with a curve needs its largest batch "
+                             f"(a positive integer)")
+        steps = _field(d, "steps")
+        if not isinstance(steps, list) or not steps:
+            raise ValueError(f"steps must be a non-empty list of steps per request, got {steps!r}")
+        cores = d.get("cores")  # null: GPUs, each replica on its own device
+        measured = _object(d.get("measured", {}), "measured")
+        if "target_fraction" in measured and _number(measured["target_fraction"], "measured.target_fraction") > 1:
+            raise ValueError(f"measured.target_fraction must lie in [0, 1], got {measured['target_fraction']!r}")
+        return cls(curves, max_batch, _number(_field(d, "hop_ms"), "hop_ms"),
+                   _number(_field(d, "request_overhead_ms"), "request_overhead_ms"),
+                   tuple(_positive_int(n, f"steps[{i}]") for i, n in enumerate(steps)),
+                   None if cores is None else _number(cores, "cores", positive=True), measured)
 
     def cpu_ms_per_request(self, policy: str, target_fraction: float) -> float:
         """Work one request puts on the cores at batch 1: pool passes, hops, overhead."""
@@ -65,6 +103,43 @@ class Profile:
                            for k, v in self.curves.items()},
                 "max_batch": self.max_batch, "hop_ms": self.hop_ms, "request_overhead_ms": self.request_overhead_ms,
                 "steps": list(self.steps), "cores": self.cores, "measured": self.measured}
+
+
+def _object(value: object, name: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {value!r}")  # noqa: TRY004 (user input)
+    return value
+
+
+def _field(d: dict, key: str, prefix: str = "") -> object:
+    if key not in d:
+        raise ValueError(f"{prefix}{key} is missing")
+    return d[key]
+
+
+def _number(value: object, name: str, positive: bool = False) -> float:
+    """``value`` as a finite float >= 0, or > 0 if ``positive`` (NaN and infinity refused: they
+    poison the simulation)."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value < 0 or (positive and value == 0)):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
+    return float(value)
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class Unreachable(ValueError):
+    """The SLO or the rate cannot be met for this policy at any replica count the search may
+    use: an outcome of planning, not bad input, so ``--bench`` still plans the other policy.
+    ``best_p95_ms``: the lowest p95 the search saw, where it simulated one."""
+
+    def __init__(self, message: str, best_p95_ms: float | None = None):
+        super().__init__(message)
+        self.best_p95_ms = best_p95_ms
 
 
 def check_policy(policy: str) -> None:
@@ -98,16 +173,21 @@ def check_inputs(rate: float, slo_ms: float, target_fraction: float, profile: Pr
         raise ValueError(f"--slo-ms: the p95 to hold must be > 0 ms and finite, got {slo_ms}")
     if not 0.0 <= target_fraction <= 1.0:
         raise ValueError(f"--target-fraction: must lie in [0, 1], got {target_fraction}")
-    missing = sorted(workload(profile, policy, target_fraction).pools() - set(profile.curves))
+    needed = workload(profile, policy, target_fraction).pools()
+    missing = sorted(needed - set(profile.curves))
     if missing:
         raise ValueError(f"--profile: it has no service curve for pool(s) {', '.join(missing)}, which policy "
                          f"{policy!r} calls (planned by --policy {policy}, or by --bench beside arbitrage); profile a "
                          f"config that serves {' and '.join(missing)} (`arbitrage plan profile --config ...`)")
+    no_batch = sorted(needed - set(profile.max_batch))
+    if no_batch:  # no default: a guessed batch cap changes the plan
+        raise ValueError(f"--profile: it has no max_batch for pool(s) {', '.join(no_batch)}, which policy {policy!r} "
+                         f"calls; give each pool's largest batch (max_batch.<pool>, a positive integer)")
     check_target_timing(profile, policy)
     always, _ = CALLS_PER_STEP[policy]
     one_step = sum(profile.curves[p].ms(1) + profile.hop_ms for p in always if p in profile.curves)
     if slo_ms <= one_step:
-        raise ValueError(f"--slo-ms: {slo_ms:g} ms is below the service time of one step ({one_step:.1f} ms for "
+        raise Unreachable(f"--slo-ms: {slo_ms:g} ms is below the service time of one step ({one_step:.1f} ms for "
                          f"{' + '.join(always)} at batch 1)")
 
 
@@ -117,7 +197,7 @@ def workload(profile: Profile, policy: str, target_fraction: float) -> Workload:
 
 
 def _pools(profile: Profile, w: Workload, replicas: dict[str, int]) -> dict[str, Pool]:
-    return {p: Pool(profile.curves[p], replicas.get(p, 1), profile.max_batch.get(p, 16)) for p in w.pools()}
+    return {p: Pool(profile.curves[p], replicas.get(p, 1), profile.max_batch[p]) for p in w.pools()}
 
 
 def predict(profile: Profile, policy: str, target_fraction: float, rate: float, replicas: dict[str, int],
@@ -134,7 +214,7 @@ def _check_cores_carry(profile: Profile, w: Workload, rate: float) -> None:
     load = core_load(pools, w, rate, profile.cores)
     if load >= 1.0:
         per_request = core_ms_per_request(pools, w)
-        raise ValueError(f"--rate: {rate:g} req/s needs {rate * per_request / 1000.0:.2f} cores ({per_request:.0f} "
+        raise Unreachable(f"--rate: {rate:g} req/s needs {rate * per_request / 1000.0:.2f} cores ({per_request:.0f} "
                          f"core-ms a request at full batches), but the profile has {profile.cores:g} "
                          f"(core load {load:.2f}); these cores carry under {profile.cores * 1000.0 / per_request:.2f}"
                          f" req/s")
@@ -147,7 +227,9 @@ def queued_ms_per_request(result: SimResult, calls: dict[str, float]) -> dict[st
 
 
 def _too_many(profile: Profile, replicas: dict[str, int], pool: str) -> bool:
-    return replicas[pool] >= MAX_REPLICAS or (profile.cores is not None and sum(replicas.values()) > 64)
+    """Whether one more replica of ``pool`` would pass the search's bound."""
+    return replicas[pool] >= MAX_REPLICAS or (profile.cores is not None
+                                              and sum(replicas.values()) >= MAX_REPLICAS_ON_CORES)
 
 
 def no_load_p95(profile: Profile, policy: str, target_fraction: float, seed: int = 0) -> tuple[float, float]:
@@ -170,9 +252,9 @@ def plan(profile: Profile, policy: str, target_fraction: float, rate: float, slo
     _check_cores_carry(profile, w, rate)
     floor, floor_rate = no_load_p95(profile, policy, target_fraction, seed)
     if floor > slo_ms:
-        raise ValueError(f"--slo-ms: p95 {slo_ms:g} ms is not reachable at any replica count: with no load (a "
-                         f"simulation at {floor_rate:.3g} req/s) the p95 is already {floor:.0f} ms, the service "
-                         f"time of the requests themselves; ask for {math.ceil(floor):.0f} ms or more")
+        raise Unreachable(f"--slo-ms: p95 {slo_ms:g} ms is not reachable at any replica count: with no load (a "
+                          f"simulation at {floor_rate:.3g} req/s) the p95 is already {floor:.0f} ms, the service "
+                          f"time of the requests themselves; ask for {math.ceil(floor):.0f} ms or more", floor)
     replicas = dict.fromkeys(sorted(w.pools()), 1)
     calls = calls_per_request(w)
     while True:
@@ -181,8 +263,8 @@ def plan(profile: Profile, policy: str, target_fraction: float, rate: float, slo
         if overloaded:  # the loads are exact: no need to simulate a queue that grows without bound
             busiest = max(overloaded, key=overloaded.get)
             if _too_many(profile, replicas, busiest):
-                raise ValueError(f"--rate: {rate:g} req/s overloads pool {busiest} even with {replicas[busiest]} "
-                                 f"replicas (load at max batch {overloaded[busiest]:.2f})")
+                raise Unreachable(f"--rate: {rate:g} req/s overloads pool {busiest} even with {replicas[busiest]} "
+                                  f"replicas (load at max batch {overloaded[busiest]:.2f})")
         else:
             result = predict(profile, policy, target_fraction, rate, replicas, seed)
             if result.stable and result.p(95) <= slo_ms:
@@ -193,24 +275,41 @@ def plan(profile: Profile, policy: str, target_fraction: float, rate: float, slo
             # added to their passes. Less than the miss: the rest is service time at this load.
             removable, over = result.tail_removable_ms(95), result.p(95) - slo_ms
             if removable < over:
-                raise ValueError(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable (p95 "
-                                 f"{result.p(95):.0f} ms with {replicas}, of which queueing and batching "
-                                 f"{removable:.0f} ms, less than the {over:.0f} ms over the SLO: the rest is the "
-                                 f"service time itself under this load; the no-load p95 is {floor:.0f} ms)")
+                raise Unreachable(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable (p95 "
+                                  f"{result.p(95):.0f} ms with {replicas}, of which queueing and batching "
+                                  f"{removable:.0f} ms, less than the {over:.0f} ms over the SLO: the rest is the "
+                                  f"service time itself under this load; the no-load p95 is {floor:.0f} ms)",
+                                  result.p(95))
             if _too_many(profile, replicas, busiest):
-                most = "64 replicas in all on the profile's cores" if profile.cores is not None else \
-                    f"{MAX_REPLICAS} replicas a pool"
-                raise ValueError(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable within {most} "
-                                 f"(p95 {result.p(95):.0f} ms with {replicas}; the no-load p95 is {floor:.0f} ms)")
+                most = f"{MAX_REPLICAS_ON_CORES} replicas in all on the profile's cores" if profile.cores is not None \
+                    else f"{MAX_REPLICAS} replicas a pool"
+                raise Unreachable(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable within {most} "
+                                  f"(p95 {result.p(95):.0f} ms with {replicas}; the no-load p95 is {floor:.0f} ms)",
+                                  result.p(95))
         replicas[busiest] += 1
     out = {"policy": policy, "target_fraction": round(w.target_fraction, 4), "rate": rate, "slo_p95_ms": slo_ms,
            "replicas": replicas, "predicted_p50_ms": round(result.p(50), 1),
            "predicted_p95_ms": round(result.p(95), 1), "no_load_p95_ms": round(floor, 1),
            "utilization": {k: round(v, 3) for k, v in result.utilization.items()},
-           "load_at_max_batch": {k: round(v, 3) for k, v in result.load_at_max_batch.items()}}
+           "load_at_max_batch": {k: round(v, 3) for k, v in result.load_at_max_batch.items()},
+           "headroom_warning": headroom_warning(result)}
     if result.core_load is not None:
         out["core_load"] = round(result.core_load, 3)
     return out
+
+
+def headroom_warning(result: SimResult) -> str | None:
+    """A warning when the plan's largest load (a pool's at max batch, or the cores') is above
+    ``HEADROOM_LOAD``, else None: such a plan meets the SLO only in a finite simulation."""
+    loads = dict(result.load_at_max_batch)
+    if result.core_load is not None:
+        loads["cores"] = result.core_load
+    busiest = max(loads, key=loads.get)
+    if loads[busiest] <= HEADROOM_LOAD:
+        return None
+    what = "the cores are" if busiest == "cores" else f"pool {busiest} is"
+    return (f"no headroom: {what} at load {loads[busiest]:.3f} (above {HEADROOM_LOAD:g}); a small rise in rate "
+            f"overloads it, and the predicted p95 has not settled (it grows with the requests simulated)")
 
 
 def calibrate(profile: Profile, policy: str, target_fraction: float, capacity_rps: float) -> Profile:

@@ -10,7 +10,8 @@
 2. With ``--grpc``: the overheads the pools do not see and the request shape, from a few
    one-at-a-time requests to the running service (the one client module): steps per request
    and target-step fraction of the policy, per-call hop and per-request overhead (measured
-   latency minus the pools' stage times the service reports). It times no pool.
+   latency minus the pools' stage times the service reports). It times no pool. Without it,
+   the step limit and no overheads are assumed (``measured.request_shape`` says which).
 A benchmark tool: it loads models, so it is never imported by the serving path."""
 from __future__ import annotations
 
@@ -161,8 +162,12 @@ def build_profile(cfg: AppConfig, endpoint: str | None, app: str | None, policy:
     curves, points = profile_pools(cfg, seed=seed, rewrites_only=rewrites_only)
     measured: dict = {"service_ms_by_batch": points,
                       "target_steps": TIMED_ON_REWRITES if rewrites_only else TIMED_ON_EVERY_STEP}
+    # Without a service to measure, every request is assumed to run to the step limit with no
+    # hop or request overhead; the profile says so, since that overstates the work per request.
     steps: tuple[int, ...] = (cfg.limits.default_max_steps,)
     hop = overhead = 0.0
+    measured["request_shape"] = (f"assumed: {steps[0]} steps a request (limits.default_max_steps), no hop or "
+                                 f"request overhead; measure it with --grpc")
     if endpoint:
         m = measure_service(endpoint, app, policy, n, seed, max_steps)
         steps = tuple(m["steps"])
@@ -177,5 +182,6 @@ def build_profile(cfg: AppConfig, endpoint: str | None, app: str | None, policy:
         overhead = max(m["wall_ms_mean"] - m["stage_ms_mean"], 0.0)
         measured.update({k: m[k] for k in ("target_fraction", "calls_per_request", "wall_ms_mean", "stage_ms_mean")})
         measured["policy"] = policy
+        measured["request_shape"] = f"measured: {n} requests to {endpoint}"
     return Profile(curves, {r: s.max_batch_size for r, s in cfg.pools.configured()}, round(hop, 3),
                    round(overhead, 3), steps, cores, measured)

@@ -173,3 +173,29 @@ def test_plan_savings_gives_the_bound_fewer_target_replicas_than_rsd_at_a_high_r
     assert out["rsd"]["target_replicas"] > out["router"]["target_replicas"] > out["bound"]["target_replicas"] >= 1
     assert out["bound"]["target_replicas_saved_vs_rsd"] == out["rsd"]["target_replicas"] - out["bound"]["target_replicas"]
     assert "target_gpus" not in out["rsd"]  # GPUs only with a preset
+
+
+def _small_profile():
+    from arbitrage_common.planning.model import ServiceCurve
+    from arbitrage_common.planning.planner import Profile
+
+    curves = {"draft": ServiceCurve(5, 1), "router": ServiceCurve(8, 0.5), "prm": ServiceCurve(8, 0.5),
+              "target": ServiceCurve(40, 4)}
+    return Profile(curves, dict.fromkeys(curves, 16), 2.0, 5.0, (5, 6, 7), None, {})
+
+
+def test_plan_savings_reports_an_rsd_that_cannot_meet_the_slo_beside_the_routers_plan():
+    from arbitrage_common.evaluation.analyze import plan_savings
+
+    entry = {"rsd_target_fraction": 0.9, "oracle_target_fraction": 0.1}  # no-load p95: RSD ~460 ms, bound ~230 ms
+    out = plan_savings(_small_profile(), entry, rate=2.0, slo_ms=300)
+    assert out["rsd"]["unreachable"].startswith("--slo-ms: p95 300 ms is not reachable")
+    assert out["bound"]["replicas"] == {"draft": 1, "router": 1, "target": 1}
+    assert "target_replicas_saved_vs_rsd" not in out["bound"]  # nothing planned to save against
+
+
+def test_plan_savings_fails_only_when_nothing_can_be_planned():
+    from arbitrage_common.evaluation.analyze import plan_savings
+
+    with pytest.raises(ValueError, match="neither RSD nor a router can be planned: rsd: .*; bound: "):
+        plan_savings(_small_profile(), {"rsd_target_fraction": 0.9, "oracle_target_fraction": 0.1}, 2.0, 100)

@@ -94,3 +94,92 @@ def test_plan_check_checks_the_policy_before_starting_the_service(monkeypatch, c
     assert main(["plan", "check", "--policy", "oracle", "--out", str(tmp_path)]) == 1
     assert "--policy: the planner models" in capsys.readouterr().err
     assert not called
+
+
+def _small_profile(tmp_path: Path, **change) -> Path:
+    """Pool times of a few ms: RSD at the bench's 0.9 has a no-load p95 near 460 ms, arbitrage
+    at 0.1 near 230 ms, so an SLO of 300 ms is reachable for arbitrage only."""
+    curves = {"draft": {"base_ms": 5, "per_item_ms": 1}, "router": {"base_ms": 8, "per_item_ms": 0.5},
+              "prm": {"base_ms": 8, "per_item_ms": 0.5}, "target": {"base_ms": 40, "per_item_ms": 4}}
+    data = {"curves": curves, "max_batch": dict.fromkeys(curves, 16), "hop_ms": 2.0, "request_overhead_ms": 5.0,
+            "steps": [5, 6, 7], "cores": None, "measured": {}, **change}
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _bench_at(tmp_path: Path, rsd, arbitrage) -> Path:
+    bench = tmp_path / "bench-fractions.json"
+    matched = {p: {"threshold": 0.5} if f is None else {"threshold": 0.5, "target_step_fraction": f}
+               for p, f in (("rsd", rsd), ("arbitrage", arbitrage))}
+    bench.write_text(json.dumps({"matched": matched}))
+    return bench
+
+
+def test_a_bad_profile_field_is_named_with_the_file_and_nothing_hangs(tmp_path, capsys):
+    profile = _small_profile(tmp_path, max_batch={"draft": 16, "router": 16, "prm": 16, "target": 0})
+    assert main(["plan", "--profile", str(profile), "--rate", "5", "--slo-ms", "30000",
+                 "--target-fraction", "0.3"]) == 1
+    assert f"--profile: {profile}: max_batch.target must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_bench_plans_each_policy_on_its_own_and_names_the_one_that_cannot_meet_the_slo(tmp_path, capsys):
+    args = ["plan", "--profile", str(_small_profile(tmp_path)), "--rate", "2", "--slo-ms", "300",
+            "--bench", str(_bench_at(tmp_path, 0.9, 0.1))]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "rsd        target fraction 0.900" in out and "cannot be planned (best p95 reached 45" in out
+    assert "arbitrage  target fraction 0.100" in out and "replicas {'draft': 1, 'router': 1, 'target': 1}" in out
+    assert main([*args, "--json"]) == 0
+    rsd, arb = json.loads(capsys.readouterr().out)
+    assert rsd["unreachable"].startswith("--slo-ms: p95 300 ms is not reachable") and rsd["best_p95_ms"] > 300
+    assert "replicas" not in rsd and arb["replicas"] == {"draft": 1, "router": 1, "target": 1}
+
+
+def test_bench_fails_only_when_no_policy_can_be_planned(tmp_path, capsys):
+    assert main(["plan", "--profile", str(_small_profile(tmp_path)), "--rate", "2", "--slo-ms", "100",
+                 "--bench", str(_bench_at(tmp_path, 0.9, 0.1))]) == 1
+    err = capsys.readouterr().err
+    assert "no policy can be planned: rsd: --slo-ms:" in err and "; arbitrage: --slo-ms:" in err
+
+
+@pytest.mark.parametrize("rsd,needle", [
+    (None, "matched.rsd.target_step_fraction is missing"),  # was a KeyError traceback
+    ("0.4", "matched.rsd.target_step_fraction must be a number in [0, 1], got '0.4'"),
+    (1.5, "matched.rsd.target_step_fraction must be a number in [0, 1], got 1.5"),
+])
+def test_a_bench_point_without_a_usable_fraction_is_named_with_the_file(tmp_path, capsys, rsd, needle):
+    bench = _bench_at(tmp_path, rsd, 0.1)
+    assert main(["plan", "--profile", str(_small_profile(tmp_path)), "--rate", "2", "--slo-ms", "300",
+                 "--bench", str(bench)]) == 1
+    assert f"--bench: {bench}: {needle}" in capsys.readouterr().err
+
+
+def test_a_plan_without_headroom_is_flagged_in_text_and_json(tmp_path, capsys):
+    profile = _small_profile(tmp_path, curves={"draft": {"base_ms": 100, "per_item_ms": 0}}, max_batch={"draft": 1},
+                             hop_ms=0.0, request_overhead_ms=0.0, steps=[1])
+    args = ["plan", "--profile", str(profile), "--rate", "9.7", "--slo-ms", "1000000", "--policy", "draft"]
+    assert main(args) == 0
+    assert "warning: no headroom: pool draft is at load 0.970 (above 0.95)" in capsys.readouterr().out
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["headroom_warning"].startswith("no headroom: pool draft")
+    assert main([*args[:4], "5", *args[5:], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["headroom_warning"] is None
+
+
+def test_plan_profile_records_whether_the_request_shape_was_measured_or_assumed(monkeypatch):
+    from arbitrage_common.config import default_config
+    from arbitrage_common.planning import profile
+    from arbitrage_common.planning.model import ServiceCurve
+
+    curves = {p: ServiceCurve(10, 1) for p in ("draft", "router", "target")}
+    monkeypatch.setattr(profile, "profile_pools", lambda *a, **kw: (curves, {}))
+    cfg = default_config()
+    assumed = profile.build_profile(cfg, None, None, "arbitrage", 2, 0, None)
+    assert assumed.steps == (cfg.limits.default_max_steps,)
+    assert assumed.measured["request_shape"].startswith(f"assumed: {cfg.limits.default_max_steps} steps a request")
+    shape = {"steps": [4, 5], "target_fraction": 0.25, "calls_per_request": 10.0, "wall_ms_mean": 200.0,
+             "stage_ms_mean": 150.0}
+    monkeypatch.setattr(profile, "measure_service", lambda *a, **kw: shape)
+    measured = profile.build_profile(cfg, "127.0.0.1:9000", None, "arbitrage", 2, 0, None)
+    assert measured.steps == (4, 5) and measured.measured["request_shape"] == "measured: 2 requests to 127.0.0.1:9000"

@@ -10,6 +10,7 @@ import pytest
 from arbitrage_common.planning.model import Pool, ServiceCurve, SimResult, Workload, core_load, simulate
 from arbitrage_common.planning.planner import (
     Profile,
+    Unreachable,
     calibrate,
     check_inputs,
     gpus_and_pods,
@@ -360,3 +361,76 @@ def test_gpus_and_pods_count_the_gpus_the_pods_hold_and_the_coordinator_group():
     sizes = {size.name: size for size in group_sizes(cfg)}
     assert replica_bounds(cfg.coordinator).min >= 2
     assert out["worker_groups"]["coordinator"]["pods"] == sizes["coordinator"].initial_pods
+
+
+def _profile_dict(**kw) -> dict:
+    return {**_profile().as_dict(), **kw}
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"max_batch": {"draft": 16, "router": 16, "prm": 16, "target": 0}},
+     "max_batch.target must be a positive integer, got 0"),  # hung the simulation: empty batches forever
+    ({"max_batch": {"draft": 16, "router": 16, "prm": 16, "target": 16.5}},
+     "max_batch.target must be a positive integer, got 16.5"),
+    ({"max_batch": {"draft": 16, "router": 16, "prm": 16}},
+     "max_batch.target is missing"),  # was a silent default of 16
+    ({"cores": 0}, "cores must be a finite number > 0, got 0"),  # was a ZeroDivisionError
+    ({"cores": -2}, "cores must be a finite number > 0, got -2"),
+    ({"hop_ms": -1}, "hop_ms must be a finite number >= 0, got -1"),
+    ({"request_overhead_ms": float("inf")}, "request_overhead_ms must be a finite number >= 0, got inf"),
+    ({"curves": {"target": {"base_ms": -600, "per_item_ms": 4}}}, "curves.target.base_ms must be a finite number >= 0"),
+    ({"curves": {"target": {"base_ms": float("nan"), "per_item_ms": 4}}}, "curves.target.base_ms must be a finite"),
+    ({"curves": {"target": {"base_ms": 40}}}, "curves.target.per_item_ms is missing"),
+    ({"curves": {"target": {"base_ms": 40, "per_item_ms": 4, "slope": 1}}}, "curves.target: unknown field(s) slope"),
+    ({"steps": [20.5]}, "steps[0] must be a positive integer, got 20.5"),
+    ({"steps": [5, 0]}, "steps[1] must be a positive integer, got 0"),
+    ({"steps": []}, "steps must be a non-empty list"),
+    ({"measured": {"target_fraction": 1.5}}, "measured.target_fraction must lie in [0, 1], got 1.5"),
+])
+def test_a_hand_written_profile_is_checked_field_by_field(change, needle):
+    with pytest.raises(ValueError) as exc:
+        Profile.from_dict(_profile_dict(**change))
+    assert needle in str(exc.value)
+
+
+def test_a_profile_missing_a_top_level_field_names_it():
+    d = _profile_dict()
+    del d["hop_ms"]
+    with pytest.raises(ValueError, match="^hop_ms is missing$"):
+        Profile.from_dict(d)
+
+
+def test_a_valid_profile_round_trips_through_its_json_form():
+    assert Profile.from_dict(_profile_dict()) == _profile()
+
+
+def test_a_pool_that_takes_no_call_is_refused_rather_than_simulated_forever():
+    with pytest.raises(ValueError, match="max_batch >= 1"):
+        Pool(ServiceCurve(10, 1), max_batch=0)
+
+
+def _one_pool_profile(cores: float | None = None) -> Profile:
+    """Policy draft, one call of 100 ms a request, one call a pass: 10 calls/s a replica."""
+    return Profile({"draft": ServiceCurve(100, 0)}, {"draft": 1}, 0.0, 0.0, (1,), cores, {})
+
+
+def test_a_plan_above_the_headroom_load_is_returned_with_a_warning_naming_the_pool():
+    planned = plan(_one_pool_profile(), "draft", 0.0, rate=9.7, slo_ms=1e6)  # load 0.97 on one replica
+    assert planned["replicas"] == {"draft": 1}
+    assert planned["headroom_warning"].startswith("no headroom: pool draft is at load 0.970 (above 0.95)")
+    assert plan(_one_pool_profile(), "draft", 0.0, rate=5.0, slo_ms=1e6)["headroom_warning"] is None
+
+
+def test_with_cores_the_search_stops_at_64_replicas_in_all():
+    prof = _one_pool_profile(cores=1000.0)  # cores never the limit: only the replica cap
+    assert plan(prof, "draft", 0.0, rate=630.0, slo_ms=1e6)["replicas"] == {"draft": 64}
+    with pytest.raises(Unreachable, match="overloads pool draft even with 64 replicas"):  # was planned with 65
+        plan(prof, "draft", 0.0, rate=640.0, slo_ms=1e6)
+
+
+def test_an_unreachable_slo_says_the_best_p95_the_search_saw():
+    prof = _profile()
+    floor, _ = no_load_p95(prof, "arbitrage", 0.25)
+    with pytest.raises(Unreachable) as exc:
+        plan(prof, "arbitrage", 0.25, rate=1.0, slo_ms=floor - 1)
+    assert exc.value.best_p95_ms == floor
