@@ -19,7 +19,8 @@ def add_k8s_parser(sub) -> None:
     render.add_argument("--name", help="with --config: the base/overlay directory name (default: the file's stem)")
     render.add_argument("--out", help="the k8s/ directory to write into (default: the project's k8s/)")
     render.add_argument("--check", action="store_true", help="write nothing; exit 1 when a rendered file is "
-                                                             "missing or differs on disk")
+                                                             "missing or differs on disk, or a file under the "
+                                                             "rendered directories is no longer rendered")
     render.set_defaults(func=_render)
     scale = k8s_sub.add_parser("scale-patch", help="print the kubectl commands that set the running RayCluster's "
                                                    "worker-group minReplicas/maxReplicas to the rendering's "
@@ -38,7 +39,16 @@ def _refused(problems: list[str]) -> bool:
 
 def _render(args) -> int:
     from ..config import load_config
-    from ..kuberay.targets import default_out, drift, render_targets, target_names, target_path, write_files
+    from ..kuberay.targets import (
+        default_out,
+        drift,
+        remove_stale,
+        render_targets,
+        stale,
+        target_names,
+        target_path,
+        write_files,
+    )
     from .config_cmd import config_check_errors
 
     if args.config:
@@ -47,6 +57,8 @@ def _render(args) -> int:
         paths = {args.name or Path(args.config).stem: Path(args.config)}
     else:
         paths = {name: target_path(name) for name in (args.preset or target_names())}
+    # A render of every target owns all of base/ and overlays/; a partial one only its targets'.
+    scope = None if not (args.config or args.preset) else list(paths)
     configs = {name: load_config(path) for name, path in paths.items()}  # ConfigError: file, field, message
     # Then everything else `arbitrage config check` refuses (Ray Serve's own option checks, the
     # GPU rules, the cluster fit): a manifest of a config that check fails would never come up.
@@ -55,16 +67,20 @@ def _render(args) -> int:
     files = render_targets(configs, paths)  # any rendering error surfaces here, before a file is written
     out = Path(args.out) if args.out else default_out()
     if args.check:
-        stale = drift(files, out)
-        for rel in stale:
+        differ, left_over = drift(files, out), stale(files, out, scope)
+        for rel in differ:
             print(f"k8s render --check: {out / rel} differs from the rendering", file=sys.stderr)
-        if stale:
+        for rel in left_over:
+            print(f"k8s render --check: {out / rel} is no longer rendered (stale)", file=sys.stderr)
+        if differ or left_over:
             print("k8s render --check: run `make k8s` and commit the result", file=sys.stderr)
             return 1
         print(f"k8s render --check: {len(files)} file(s) match the configs")
         return 0
     for path in write_files(files, out):
         print(path)
+    for path in remove_stale(files, out, scope):
+        print(f"removed {path} (no longer rendered)")
     _print_sizes(configs)
     # KubeRay leaves the groups' bounds out of its RayCluster hash: applying a change of them
     # alone never reaches a running cluster.

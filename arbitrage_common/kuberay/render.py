@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..config import RAY_CLUSTER_ENV, AppConfig, render_serve_config
+from ..config import COORDINATOR, RAY_CLUSTER_ENV, AppConfig, render_serve_config
 from .sizing import GroupSize, SizingError, group_sizes, replica_demand
 from .spec import (
     GROUP_LABEL,
@@ -38,6 +38,12 @@ _RESOURCE_NAME = re.compile(r"[A-Za-z0-9_.:/-]+")
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 APP_LABEL = "app.kubernetes.io/name"
+# Which RayService a Pod belongs to (its config's name) and, on the head, which Pod it is: the
+# PodDisruptionBudgets and spread constraints select one RayService's Pods by them, never
+# another config's in the same namespace.
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+HEAD_COMPONENT = "ray-head"
 AUTOSCALER_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
 # Seconds the old cluster of a NewCluster upgrade outlives the longest request it may still hold.
 DELETION_MARGIN_S = 30
@@ -143,7 +149,8 @@ _ManifestDumper.add_representer(
 
 
 def dump_yaml(obj: Any) -> str:
-    return yaml.dump(obj, Dumper=_ManifestDumper, sort_keys=False, default_flow_style=False, width=10**6)
+    return yaml.dump(obj, Dumper=_ManifestDumper, sort_keys=False, default_flow_style=False, width=10**6,
+                     allow_unicode=True)
 
 
 def serve_config_v2(cfg: AppConfig) -> str:
@@ -213,6 +220,22 @@ def _serve_ports(cfg: AppConfig) -> dict[str, int]:
     return {"serve": cfg.http.port, "serve-grpc": cfg.grpc.port, "metrics": METRICS_PORT}
 
 
+def _head_labels(cfg: AppConfig) -> dict[str, str]:
+    return {APP_LABEL: "arbitrage-serve", INSTANCE_LABEL: cfg.name, COMPONENT_LABEL: HEAD_COMPONENT}
+
+
+def _group_pod_labels(cfg: AppConfig, group: str) -> dict[str, str]:
+    return {APP_LABEL: "arbitrage-serve", INSTANCE_LABEL: cfg.name, GROUP_LABEL: group}
+
+
+def _spread_over_nodes(labels: dict[str, str]) -> list[dict[str, Any]]:
+    """A group's Pods on as many Kubernetes nodes as the scheduler can find: Serve's SPREAD
+    only spreads replicas over Ray nodes (Pods), and two Pods on one node go down with one
+    drain. Preferred (ScheduleAnyway): a cluster with fewer nodes than Pods still schedules."""
+    return [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+             "labelSelector": {"matchLabels": dict(labels)}}]
+
+
 def _head(cfg: AppConfig) -> dict[str, Any]:
     head = cfg.cluster.head
     ports = {**RAY_IMAGE_PORTS, **_serve_ports(cfg)}
@@ -220,7 +243,7 @@ def _head(cfg: AppConfig) -> dict[str, Any]:
         # No CPUs and no GPUs for Ray's scheduler: no replica ever lands on the head.
         "rayStartParams": {"num-cpus": "0", "num-gpus": "0", "dashboard-host": "0.0.0.0",
                            "metrics-export-port": str(METRICS_PORT)},
-        "template": {"metadata": {"labels": {APP_LABEL: "arbitrage-serve"}},
+        "template": {"metadata": {"labels": _head_labels(cfg)},
                      "spec": _add_pod_options({"containers": [_container("ray-head", cfg.cluster.image,
                                                                          _resources(head.cpus, head.memory, 0),
                                                                          ports, auth_secret_env(cfg))]},
@@ -270,6 +293,7 @@ def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {"containers": [_container("ray-worker", cfg.cluster.image,
                                                           _resources(size.cpus, shape.memory, size.gpus),
                                                           _serve_ports(cfg), auth_secret_env(cfg))]}
+    pod_spec["topologySpreadConstraints"] = _spread_over_nodes(_group_pod_labels(cfg, size.name))
     if size.gpus:
         pod_spec["tolerations"] = [dict(GPU_TOLERATION)]
     if needs_shm(cfg, size):
@@ -284,8 +308,7 @@ def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
         # Ray node labels (KubeRay 1.5+): the deployments of this group select them.
         "labels": _group_labels(cfg, size.name),
         "rayStartParams": start_params,
-        "template": {"metadata": {"labels": {APP_LABEL: "arbitrage-serve", GROUP_LABEL: size.name}},
-                     "spec": pod_spec},
+        "template": {"metadata": {"labels": _group_pod_labels(cfg, size.name)}, "spec": pod_spec},
     }
     if shape.idle_timeout_s is not None:
         group["idleTimeoutSeconds"] = shape.idle_timeout_s
@@ -347,6 +370,80 @@ def render_rayservice(cfg: AppConfig) -> dict[str, Any]:
     }
 
 
+def _disruption_budget(cfg: AppConfig, name: str, labels: dict[str, str], min_available: int) -> dict[str, Any]:
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": {"name": name, "labels": {APP_LABEL: "arbitrage-serve",
+                                                                     INSTANCE_LABEL: cfg.name}},
+            # Not Ready Pods serve nothing: evicting them never blocks a drain.
+            "spec": {"minAvailable": min_available, "selector": {"matchLabels": dict(labels)},
+                     "unhealthyPodEvictionPolicy": "AlwaysAllow"}}
+
+
+def head_disruption_budget_name(cfg: AppConfig) -> str:
+    return f"{cfg.name}-head"
+
+
+def render_disruption_budgets(cfg: AppConfig) -> list[dict[str, Any]]:
+    """PodDisruptionBudgets: the head's (without GCS fault tolerance its eviction takes every
+    worker Pod down), and one per worker group of two or more required Pods, ``minAvailable``
+    one less than its ``minReplicas``: a drain takes them one at a time, never all at once,
+    and is never held for good (KubeRay Pods have no scale subresource, so Kubernetes takes
+    only an integer ``minAvailable`` for them, not ``maxUnavailable``). A single-Pod group
+    gets none: a budget of 1 would hold every drain of its node until someone steps in.
+    Old and new cluster's Pods of a NewCluster upgrade both count: a budget only eases then."""
+    budgets = [_disruption_budget(cfg, head_disruption_budget_name(cfg), _head_labels(cfg), 1)]
+    return budgets + [_disruption_budget(cfg, f"{cfg.name}-{size.name}", _group_pod_labels(cfg, size.name),
+                                         size.min_pods - 1)
+                      for size in group_sizes(cfg) if size.min_pods >= 2]
+
+
+AT_MAX_ALERT = "ArbitrageAutoscalingAtMax"
+# The Helm release kube-prometheus-stack selects PrometheusRules by (k8s/monitoring's label).
+PROMETHEUS_RELEASE = "kube-prometheus-stack"
+AT_MAX_MIN_FOR_S = 15 * 60
+AT_MAX_FOR_MARGIN_S = 5 * 60
+
+
+def autoscaling_at_max_rule(cfg: AppConfig) -> dict[str, Any] | None:
+    """A PrometheusRule with ``AT_MAX_ALERT``: an autoscaling deployment whose autoscaler target
+    (``serve_autoscaling_target_replicas``, already clamped to the bounds) has sat at this
+    config's ``max_replicas`` for longer than its ``downscale_delay_s``. Serve scales down only
+    after the policy has asked for fewer than the target on every tick of that delay, so the
+    policy kept asking for the max or more the whole time. No metric carries the bounds, so
+    they are rendered in, one term per deployment. None when no deployment autoscales."""
+    specs = [*cfg.pools.configured(), (COORDINATOR, cfg.coordinator)]
+    autoscaled = [(name, auto) for name, spec in specs
+                  if (auto := spec.autoscaling_config) is not None and auto.min_replicas < auto.max_replicas]
+    if not autoscaled:
+        return None
+    by = "namespace, application, deployment"
+    expr = "\nor\n".join(
+        f'max by ({by}) (ray_serve_autoscaling_target_replicas{{application="{cfg.name}",deployment="{name}"}}) '
+        f">= {auto.max_replicas}" for name, auto in autoscaled)
+    for_s = max(AT_MAX_MIN_FOR_S, math.ceil(max(a.downscale_delay_s for _, a in autoscaled)) + AT_MAX_FOR_MARGIN_S)
+    for_m = math.ceil(for_s / 60)
+    bounds = ", ".join(f"{name} {auto.max_replicas}" for name, auto in autoscaled)
+    rule = {
+        "alert": AT_MAX_ALERT, "expr": expr + "\n", "for": f"{for_m}m", "labels": {"severity": "warning"},
+        "annotations": {
+            "summary": f"{{{{ $labels.namespace }}}}/{{{{ $labels.application }}}}: {{{{ $labels.deployment }}}} "
+                       f"held at its max_replicas ({{{{ $value }}}}) for {for_m} minutes",
+            "description": (
+                f"For {for_m} minutes Serve's autoscaler has held {{{{ $labels.deployment }}}} at its "
+                f"autoscaling_config.max_replicas ({bounds}, rendered from the config): its policy asked for at "
+                f"least that many replicas throughout (a lower ask would have scaled it down after "
+                f"downscale_delay_s), so any more load queues. Check the dashboard's \"Queue length per pool\" "
+                f"and ArbitrageOverloaded. Raise max_replicas in the config, `make k8s`, apply, and patch the running "
+                f"RayCluster's worker group bounds (docs/KUBERAY.md §6 (Upgrade, scale, roll back), \"Scale a "
+                f"pool\"); check the cluster can host the added Pods (§7 (GPU sizing per preset)).")},
+    }
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+            "metadata": {"name": f"{cfg.name}-autoscaling",
+                         "labels": {APP_LABEL: "arbitrage-serve", INSTANCE_LABEL: cfg.name,
+                                    "release": PROMETHEUS_RELEASE}},
+            "spec": {"groups": [{"name": f"{cfg.name}-autoscaling", "rules": [rule]}]}}
+
+
 def cluster_problems(cfg: AppConfig) -> list[tuple[str, str]]:
     """(field, message) of what keeps ``cfg`` from rendering (``render_rayservice``'s refusal: a
     replica its group's Pod cannot hold, a selector no Pod matches, ...); empty when it renders.
@@ -384,10 +481,13 @@ def render_kustomize(cfg: AppConfig, overlay: str) -> dict[str, str]:
     header = (f"# Rendered by `arbitrage k8s render` from the AppConfig of {overlay!r}; do not edit by hand\n"
               f"# (edit the config, then `make k8s`).\n")
     dump = lambda obj: header + dump_yaml(obj)
+    dump_all = lambda objs: header + "---\n".join(dump_yaml(obj) for obj in objs)
     base = f"base/{overlay}"
     files = {f"{base}/rayservice.yaml": dump(render_rayservice(cfg)),
+             f"{base}/disruption-budgets.yaml": dump_all(render_disruption_budgets(cfg)),
              f"{base}/kustomization.yaml": dump({"apiVersion": "kustomize.config.k8s.io/v1beta1",
-                                                 "kind": "Kustomization", "resources": ["rayservice.yaml"]})}
+                                                 "kind": "Kustomization",
+                                                 "resources": ["rayservice.yaml", "disruption-budgets.yaml"]})}
     kustomization: dict[str, Any] = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                                      "resources": [f"../../{base}"]}
     if cfg.cluster.namespace:
@@ -399,8 +499,22 @@ def render_kustomize(cfg: AppConfig, overlay: str) -> dict[str, str]:
                                      "target": {"group": "ray.io", "version": "v1", "kind": "RayService",
                                                 "name": cfg.name}}]
     files[f"overlays/{overlay}/kustomization.yaml"] = dump(kustomization)
+    if (rule := autoscaling_at_max_rule(cfg)) is not None:
+        # Its own kustomization (`kubectl apply -k overlays/<name>/monitoring`): the overlay
+        # itself must apply on a cluster without the Prometheus Operator's CRDs.
+        monitoring: dict[str, Any] = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                                      "resources": ["autoscaling-alerts.yaml"]}
+        if cfg.cluster.namespace:
+            monitoring["namespace"] = cfg.cluster.namespace
+        files[f"overlays/{overlay}/monitoring/autoscaling-alerts.yaml"] = dump(rule)
+        files[f"overlays/{overlay}/monitoring/kustomization.yaml"] = dump(monitoring)
+    # With GCS fault tolerance a head eviction no longer takes the workers down (they wait for
+    # the restarted head, §8): its budget would only hold node drains up.
+    drop_head_budget = dump_yaml({"$patch": "delete", "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                                  "metadata": {"name": head_disruption_budget_name(cfg)}})
     ha: dict[str, Any] = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-                          "resources": [f"../{overlay}"], "components": ["../../components/ha"]}
+                          "resources": [f"../{overlay}"], "components": ["../../components/ha"],
+                          "patches": [{"patch": drop_head_budget}]}
     if cfg.cluster.namespace:
         # The component's Redis Service and Deployment are resources of this kustomization, not
         # of the overlay it includes: without its own namespace they would land in kubectl's

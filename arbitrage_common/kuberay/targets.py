@@ -11,6 +11,9 @@ from ..presets import list_presets, preset_path
 from .render import render_kustomize
 
 CPU_DEMO = "cpu-demo"  # configs/cpu-demo.yaml: the embedded default on a CPU-only cluster
+# The subtrees of k8s/ that are all rendered; the rest (Dockerfile, lock file, components/,
+# monitoring/) is written by hand and never touched.
+GENERATED_DIRS = ("base", "overlays")
 
 
 def target_names() -> list[str]:
@@ -76,3 +79,34 @@ def drift(files: dict[str, str], out: Path) -> list[str]:
     """Rendered files that are missing or differ on disk (relative paths)."""
     return [rel for rel, text in sorted(files.items())
             if not (out / rel).is_file() or (out / rel).read_text() != text]
+
+
+def _generated_roots(out: Path, names: list[str] | None) -> list[Path]:
+    """The rendered directories of the targets ``names`` (None: all of base/ and overlays/)."""
+    if names is None:
+        return [out / d for d in GENERATED_DIRS]
+    return [root for name in names for root in (out / "base" / name, out / "overlays" / name,
+                                                 out / "overlays" / f"{name}-ha")]
+
+
+def stale(files: dict[str, str], out: Path, names: list[str] | None = None) -> list[str]:
+    """Files on disk under the rendered directories that the rendering no longer produces
+    (a removed preset's, a ``scheduling.yaml`` whose options were removed); ``names``: look only
+    in those targets' directories (a partial render leaves the other targets alone)."""
+    found = {str(p.relative_to(out)) for root in _generated_roots(out, names) if root.is_dir()
+             for p in root.rglob("*") if p.is_file()}
+    return sorted(found - set(files))
+
+
+def remove_stale(files: dict[str, str], out: Path, names: list[str] | None = None) -> list[Path]:
+    """Delete ``stale`` files, then the directories they leave empty; the deleted paths."""
+    removed = []
+    for rel in stale(files, out, names):
+        path = out / rel
+        path.unlink()
+        removed.append(path)
+        for parent in path.parents:
+            if parent == out or parent.name in GENERATED_DIRS or any(parent.iterdir()):
+                break
+            parent.rmdir()
+    return removed

@@ -17,7 +17,7 @@ import yaml
 
 from arbitrage_common.config import AppConfig, application_config
 from arbitrage_common.kuberay.render import cluster_app_config, pinned_ray_version, render_kustomize
-from arbitrage_common.kuberay.targets import drift, render_targets, target_config, target_names, write_files
+from arbitrage_common.kuberay.targets import drift, render_targets, stale, target_config, target_names, write_files
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -113,6 +113,41 @@ def test_committed_manifests_are_the_rendering():
     assert not drift(files, K8S), "k8s/ differs from the configs: run `make k8s`"
     on_disk = {str(p.relative_to(K8S)) for d in ("base", "overlays") for p in (K8S / d).rglob("*") if p.is_file()}
     assert on_disk == set(files), f"stale files: {sorted(on_disk - set(files))}"
+    assert not stale(files, K8S)  # what `arbitrage k8s render --check` reports
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    return selector["matchLabels"].items() <= labels.items()
+
+
+@pytest.mark.parametrize("overlay", overlays(), ids=lambda p: p.name)
+def test_the_overlays_disruption_budgets_select_their_own_groups_pods(overlay):
+    """Every group of two or more required Pods has a budget of one less than its minReplicas
+    that selects its Pods only; the head has one unless GCS fault tolerance (-ha) lets it
+    restart without the workers."""
+    docs = built(overlay)
+    (service,) = [d for d in docs if d["kind"] == "RayService"]
+    cluster = service["spec"]["rayClusterConfig"]
+    templates = {g["groupName"]: g["template"]["metadata"]["labels"] for g in cluster["workerGroupSpecs"]}
+    templates["head"] = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
+    wanted = {g["groupName"]: g["minReplicas"] - 1 for g in cluster["workerGroupSpecs"] if g["minReplicas"] >= 2}
+    if not overlay.name.endswith("-ha"):
+        wanted["head"] = 1
+    budgets = {}
+    for budget in [d for d in docs if d["kind"] == "PodDisruptionBudget"]:
+        (group,) = [name for name, labels in templates.items() if _matches(budget["spec"]["selector"], labels)]
+        budgets[group] = budget["spec"]["minAvailable"]
+        assert budget["metadata"].get("namespace") == service["metadata"].get("namespace")
+    assert budgets == wanted
+
+
+@pytest.mark.parametrize("target", target_names())
+def test_the_autoscaling_alert_builds_on_its_own(target):
+    """The rendered PrometheusRule is a kustomization of its own: the overlay applies where the
+    Prometheus Operator's CRDs are not installed."""
+    (rule,) = kustomize(K8S / "overlays" / target / "monitoring")
+    assert rule["kind"] == "PrometheusRule"
+    assert not [d for d in built(K8S / "overlays" / target) if d["kind"] == "PrometheusRule"]
 
 
 def test_every_target_has_a_base_an_overlay_and_an_ha_overlay():

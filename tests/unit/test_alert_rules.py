@@ -30,6 +30,8 @@ from test_dashboard_metrics import (
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "k8s" / "monitoring"
 ALERTS = MONITORING / "alerts.yaml"
+# ArbitrageAutoscalingAtMax, rendered per config with its bounds (arbitrage_common.kuberay.render).
+RENDERED_ALERTS = sorted((ROOT / "k8s" / "overlays").glob("*/monitoring/autoscaling-alerts.yaml"))
 SEVERITIES = {"warning", "critical"}
 # Ray Serve's metrics the alerts read beyond the dashboard's ones.
 ALERT_RAY_SERVE_METRICS = {**RAY_SERVE_METRICS, "serve_autoscaling_desired_replicas": "Gauge"}
@@ -46,11 +48,20 @@ def _doc() -> dict:
 
 
 def _rules() -> list[dict]:
-    return [rule for group in _doc()["spec"]["groups"] for rule in group["rules"]]
+    """alerts.yaml's rules, then those rendered per config."""
+    docs = [_doc()] + [yaml.safe_load(path.read_text()) for path in RENDERED_ALERTS]
+    return [rule for doc in docs for group in doc["spec"]["groups"] for rule in group["rules"]]
 
 
 def _rule(name: str) -> dict:
     (rule,) = [r for r in _rules() if r["alert"] == name]
+    return rule
+
+
+def _rendered_rule(cfg) -> dict:
+    from arbitrage_common.kuberay.render import autoscaling_at_max_rule
+
+    (rule,) = autoscaling_at_max_rule(cfg)["spec"]["groups"][0]["rules"]
     return rule
 
 
@@ -167,11 +178,22 @@ def test_the_file_is_a_prometheus_rule_that_kustomize_applies_and_the_stack_sele
     assert "alerts.yaml" in yaml.safe_load((MONITORING / "kustomization.yaml").read_text())["resources"]
 
 
+def test_the_rendered_rules_are_prometheus_rules_the_stack_selects_in_their_own_kustomization():
+    monitor = yaml.safe_load((MONITORING / "podmonitor.yaml").read_text())
+    assert len(RENDERED_ALERTS) >= 4  # cpu-demo and every preset
+    for path in RENDERED_ALERTS:
+        doc = yaml.safe_load(path.read_text())
+        assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["kind"] == "PrometheusRule"
+        assert doc["metadata"]["labels"]["release"] == monitor["metadata"]["labels"]["release"]
+        assert [r["alert"] for g in doc["spec"]["groups"] for r in g["rules"]] == ["ArbitrageAutoscalingAtMax"]
+        assert yaml.safe_load((path.parent / "kustomization.yaml").read_text())["resources"] == [path.name]
+
+
 def test_every_rule_is_a_complete_alert_with_a_unique_name():
-    rules = _rules()
-    names = [r.get("alert") for r in rules]
-    assert len(rules) >= 7 and all(names) and len(set(names)) == len(names), names
-    for rule in rules:
+    shared = _doc()["spec"]["groups"]
+    names = [r.get("alert") for group in shared for r in group["rules"]] + ["ArbitrageAutoscalingAtMax"]
+    assert len(names) >= 7 and all(names) and len(set(names)) == len(names), names  # (one rendered per config)
+    for rule in _rules():
         assert re.fullmatch(r"\d+[smh]", rule.get("for", "")), rule["alert"]
         assert rule["labels"]["severity"] in SEVERITIES, rule["alert"]
         notes = rule["annotations"]
@@ -376,6 +398,68 @@ def test_the_offset_alert_fires_at_each_replicas_own_max_offset():
     LoadGauges(Gauge).export(controller.snapshot())
     assert values[LOAD_GAUGES["offset"][0]] - values[LOAD_GAUGES["max_offset"][0]] >= 0
     assert values[LOAD_GAUGES["max_offset"][0]] == 0.12
+
+
+def _evaluate_at_max(expr: str, series: dict[tuple[str, str], float]) -> set[str]:
+    """Deployments the rendered rule returns for gauge values ``series`` ((application,
+    deployment) -> ray_serve_autoscaling_target_replicas): its terms are ``max by (...)
+    (selector) >= N`` joined by ``or``; evaluated here as Prometheus would."""
+    def terms(node):
+        if isinstance(node, promql_parser.BinaryExpr) and str(node.op) == "or":
+            return terms(node.lhs) + terms(node.rhs)
+        return [node]
+
+    firing = set()
+    for term in terms(promql_parser.parse(expr)):
+        assert str(term.op) == ">=" and isinstance(term.lhs, promql_parser.AggregateExpr)
+        ((metric, matchers),) = _selectors(term.lhs)
+        assert metric == "ray_serve_autoscaling_target_replicas"
+        for (application, deployment), value in series.items():
+            if _selects(matchers, {"application": application, "deployment": deployment}) and value >= term.rhs.val:
+                firing.add(deployment)
+    return firing
+
+
+def _serve_controller(cfg, deployment: str, wanted: list[tuple[float, float]], seconds: float):
+    """Scrapes (every 15 s) of Serve's desired and target replicas gauges while its policy asks
+    for ``wanted`` ((from second, replicas), ...) replicas: Ray's own delay logic on its 0.1 s
+    control loop, then the bounds, as autoscaling_state does; a gauge reads its last value."""
+    from ray.serve.autoscaling_policy import _apply_delay_logic
+    from ray.serve.config import AutoscalingConfig
+
+    spec = dict(cfg.pools.configured())[deployment].autoscaling_config
+    config = AutoscalingConfig(min_replicas=spec.min_replicas, max_replicas=spec.max_replicas,
+                               upscale_delay_s=spec.upscale_delay_s, downscale_delay_s=spec.downscale_delay_s)
+    target, state, scrapes = spec.min_replicas, {}, []
+    for tick in range(int(seconds * 10)):
+        now = tick / 10
+        raw = [n for start, n in wanted if now >= start][-1]
+        desired, state = _apply_delay_logic(raw, target, config, state, _now=now)
+        target = min(max(desired, spec.min_replicas), spec.max_replicas)
+        if tick % 150 == 0:
+            scrapes.append((now, desired, target))
+    return scrapes
+
+
+def test_the_at_max_alert_fires_on_a_pool_held_at_its_max_and_not_after_its_load_falls():
+    """The target pool's policy asks for 12 replicas (max 8) for 30 minutes, then for 2. The
+    rendered rule holds on every scrape from the upscale on, then stops after the downscale
+    delay; the old rule (desired above target) held on almost none, so `for: 15m` never ran out."""
+    from arbitrage_common.kuberay.targets import target_config
+
+    cfg = target_config("llama-1b-8b")
+    rule = _rendered_rule(cfg)
+    spec = cfg.pools.target.autoscaling_config
+    assert spec.max_replicas == 8
+    scrapes = _serve_controller(cfg, "target", [(0, 12), (1800, 2)], seconds=2400)
+    fires = [(now, "target" in _evaluate_at_max(rule["expr"], {(cfg.name, "target"): target}))
+             for now, _, target in scrapes]
+    held = [now for now, firing in fires if firing]
+    assert held[0] <= 30 and all(firing for now, firing in fires if held[0] <= now < 1800)
+    assert not any(firing for now, firing in fires if now > 1800 + spec.downscale_delay_s + 15)
+    old = [desired > target for now, desired, target in scrapes if 30 <= now < 1800]
+    assert sum(old) / len(old) < 0.1  # the gauge shows the policy's ask for one tick per upscale delay
+    assert _evaluate_at_max(rule["expr"], {("another-app", "target"): 8}) == set()  # its own application only
 
 
 def test_the_no_healthy_replica_alert_spares_a_pool_scaled_to_zero():

@@ -147,6 +147,7 @@ def test_the_ha_overlay_puts_its_redis_in_the_configured_namespace():
     assert _kustomization(files, "overlays/llama-1b-8b/kustomization.yaml")["namespace"] == "serving"
     # the component's Redis objects are resources of the -ha kustomization, not of the overlay
     assert _kustomization(files, "overlays/llama-1b-8b-ha/kustomization.yaml")["namespace"] == "serving"
+    assert _kustomization(files, "overlays/llama-1b-8b/monitoring/kustomization.yaml")["namespace"] == "serving"
     plain = render_kustomize(target_config("llama-1b-8b"), "llama-1b-8b")  # unset: kubectl's namespace
     assert "namespace" not in _kustomization(plain, "overlays/llama-1b-8b-ha/kustomization.yaml")
 
@@ -208,6 +209,140 @@ def test_render_writes_and_checks(tmp_path):
     (tmp_path / "base" / "cpu-demo" / "rayservice.yaml").write_text("edited\n")
     proc = _cli("--preset", "cpu-demo", "--out", str(tmp_path), "--check")
     assert proc.returncode == 1 and "rayservice.yaml differs" in proc.stderr
+
+
+def test_check_reports_and_render_removes_files_no_longer_rendered(tmp_path):
+    """A removed preset's overlay or a scheduling.yaml whose options were removed fails --check
+    and is deleted by the next render; the hand-written files and other targets stay."""
+    assert _cli("--preset", "cpu-demo", "--out", str(tmp_path)).returncode == 0
+    stray = [tmp_path / "overlays" / "cpu-demo" / "scheduling.yaml", tmp_path / "base" / "cpu-demo" / "old.yaml"]
+    other = tmp_path / "overlays" / "old-preset" / "kustomization.yaml"
+    kept = [tmp_path / "Dockerfile", tmp_path / "components" / "ha" / "kustomization.yaml", other]
+    for path in stray + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x\n")
+    proc = _cli("--preset", "cpu-demo", "--out", str(tmp_path), "--check")
+    assert proc.returncode == 1, proc.stderr
+    assert all(f"{path} is no longer rendered" in proc.stderr for path in stray)
+    assert str(other) not in proc.stderr  # a partial render looks at its own targets only
+    assert _cli("--preset", "cpu-demo", "--out", str(tmp_path)).returncode == 0
+    assert not any(path.exists() for path in stray) and all(path.exists() for path in kept)
+    assert _cli("--preset", "cpu-demo", "--out", str(tmp_path), "--check").returncode == 0
+
+
+def test_a_full_render_owns_every_rendered_directory(tmp_path):
+    from arbitrage_common.kuberay.targets import remove_stale, render_targets, stale, write_files
+
+    files = render_targets({"cpu-demo": target_config("cpu-demo")})
+    write_files(files, tmp_path)
+    other = tmp_path / "overlays" / "old-preset" / "kustomization.yaml"
+    other.parent.mkdir(parents=True)
+    other.write_text("x\n")
+    (tmp_path / "Dockerfile").write_text("FROM x\n")
+    assert stale(files, tmp_path) == ["overlays/old-preset/kustomization.yaml"]
+    assert remove_stale(files, tmp_path) == [other]
+    assert not other.parent.exists() and (tmp_path / "overlays").is_dir() and (tmp_path / "Dockerfile").is_file()
+    assert stale(files, tmp_path) == []
+
+
+# -- node drains: disruption budgets and spread -------------------------------------------------
+def _budgets(files: dict[str, str], name: str) -> dict[str, dict]:
+    import yaml
+
+    return {d["metadata"]["name"]: d for d in yaml.safe_load_all(files[f"base/{name}/disruption-budgets.yaml"])}
+
+
+@pytest.mark.parametrize("target", target_names())
+def test_groups_of_two_or_more_required_pods_and_the_head_get_a_disruption_budget(target):
+    cfg = target_config(target)
+    files = render_kustomize(cfg, target)
+    budgets = _budgets(files, target)
+    cluster = render_rayservice(cfg)["spec"]["rayClusterConfig"]
+    head = budgets.pop(f"{cfg.name}-head")
+    assert head["spec"]["minAvailable"] == 1
+    assert head["spec"]["selector"]["matchLabels"].items() <= \
+        cluster["headGroupSpec"]["template"]["metadata"]["labels"].items()
+    assert "disruption-budgets.yaml" in _kustomization(files, f"base/{target}/kustomization.yaml")["resources"]
+    for group in cluster["workerGroupSpecs"]:
+        budget = budgets.pop(f"{cfg.name}-{group['groupName']}", None)
+        if group["minReplicas"] < 2:
+            assert budget is None  # one required Pod: a budget would hold its node's drains for good
+            continue
+        assert budget["spec"]["minAvailable"] == group["minReplicas"] - 1  # drained one at a time
+        selector = budget["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= group["template"]["metadata"]["labels"].items()
+        others = [g for g in cluster["workerGroupSpecs"] if g is not group] + [cluster["headGroupSpec"]]
+        assert not any(selector.items() <= g["template"]["metadata"]["labels"].items() for g in others)
+    assert not budgets
+
+
+def test_a_group_of_optional_pods_only_gets_no_budget():
+    data = target_config("llama-1b-8b").model_dump(mode="json")
+    data["pools"]["prm"]["autoscaling_config"]["min_replicas"] = 0
+    data["pools"]["router"]["autoscaling_config"].update(min_replicas=0, initial_replicas=1)
+    cfg = C.AppConfig.model_validate(data)
+    assert next(g for g in group_sizes(cfg) if g.name == "scorers").min_pods == 0
+    assert f"{cfg.name}-scorers" not in _budgets(render_kustomize(cfg, "x"), "x")
+
+
+def test_the_ha_overlay_drops_the_head_budget():
+    import yaml
+
+    files = render_kustomize(target_config("cpu-demo"), "cpu-demo")
+    (patch,) = _kustomization(files, "overlays/cpu-demo-ha/kustomization.yaml")["patches"]
+    assert yaml.safe_load(patch["patch"]) == {"$patch": "delete", "apiVersion": "policy/v1",
+                                              "kind": "PodDisruptionBudget", "metadata": {"name": "arbitrage-head"}}
+
+
+@pytest.mark.parametrize("target", target_names())
+def test_every_groups_pods_prefer_distinct_nodes(target):
+    for group in render_rayservice(target_config(target))["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        (spread,) = group["template"]["spec"]["topologySpreadConstraints"]
+        assert spread["topologyKey"] == "kubernetes.io/hostname"
+        assert spread["whenUnsatisfiable"] == "ScheduleAnyway"  # a preference: never leaves a Pod pending
+        assert spread["labelSelector"]["matchLabels"] == group["template"]["metadata"]["labels"]
+
+
+# -- the per-config autoscaling alert ----------------------------------------------------------------
+def _at_max_rule(cfg: C.AppConfig) -> dict:
+    from arbitrage_common.kuberay.render import autoscaling_at_max_rule
+
+    (rule,) = autoscaling_at_max_rule(cfg)["spec"]["groups"][0]["rules"]
+    return rule
+
+
+@pytest.mark.parametrize("target", target_names())
+def test_the_at_max_alert_holds_each_autoscaling_deployments_own_max(target):
+    import re
+
+    cfg = target_config(target)
+    autos = {name: auto for name, spec in [*cfg.pools.configured(), ("coordinator", cfg.coordinator)]
+             if (auto := spec.autoscaling_config) is not None and auto.min_replicas < auto.max_replicas}
+    rule = _at_max_rule(cfg)
+    found = re.findall(r'ray_serve_autoscaling_target_replicas\{application="([^"]+)",deployment="(\w+)"\}\) >= (\d+)',
+                       rule["expr"])
+    assert sorted((a, d, int(m)) for a, d, m in found) == sorted((cfg.name, n, a.max_replicas) for n, a in autos.items())
+    # longer than any downscale delay, which holds a target up after its load fell
+    assert int(rule["for"].removesuffix("m")) * 60 > max(a.downscale_delay_s for a in autos.values())
+
+
+def test_the_at_max_alert_waits_out_a_long_downscale_delay():
+    data = target_config("cpu-demo").model_dump(mode="json")
+    data["pools"]["target"]["autoscaling_config"]["downscale_delay_s"] = 1800
+    assert _at_max_rule(C.AppConfig.model_validate(data))["for"] == "35m"
+
+
+def test_a_config_without_autoscaling_renders_no_alert():
+    from arbitrage_common.kuberay.render import autoscaling_at_max_rule
+
+    data = target_config("cpu-demo").model_dump(mode="json")
+    for spec in [*data["pools"].values(), data["coordinator"]]:
+        if spec and spec.get("autoscaling_config"):
+            spec["autoscaling_config"] = None
+            spec["num_replicas"] = 1
+    cfg = C.AppConfig.model_validate(data)
+    assert autoscaling_at_max_rule(cfg) is None
+    assert not [f for f in render_kustomize(cfg, "x") if "/monitoring/" in f]
 
 
 # -- custom resources and memory --------------------------------------------------------------
