@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import email.message
 import math
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -368,6 +369,8 @@ def unreadable_body(cause: BaseException | None) -> convert.ApiError:
         detail = f"is not UTF-8 JSON text (invalid byte at position {cause.start})"
     elif isinstance(cause, RecursionError):
         detail = "is JSON nested too deeply to parse"
+    elif isinstance(cause, ValueError) and "integer string conversion" in str(cause):  # CPython's digit cap
+        detail = f"holds an integer of more than {sys.get_int_max_str_digits()} digits"
     else:
         detail = "could not be parsed as JSON"
     return convert.invalid("body", detail)

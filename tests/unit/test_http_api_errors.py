@@ -69,6 +69,7 @@ def test_is_json_content_type():
     ('{"prompt": "caf\xe9"}'.encode("latin-1"), "body: is not UTF-8 JSON text (invalid byte at position 15)"),
     (b'{"prompt": "x", "max_steps": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
      "body: is JSON nested too deeply to parse"),
+    (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", "body: holds an integer of more than 4300 digits"),
 ])
 def test_a_body_that_is_not_json_text_is_422_naming_body_not_400(api, raw, message):
     _, records, client = api
