@@ -472,7 +472,7 @@ class Coordinator:
     def _check_service(self, request: Any, grpc_context: Any) -> None:
         if request.service not in ("", SERVICE_NAME):
             self._abort(grpc_context, _health_refused(convert.ApiError(
-                "not_found", grpc.StatusCode.NOT_FOUND, 404, f"unknown service {request.service!r}")))
+                "not_found", grpc.StatusCode.NOT_FOUND, 404, f"unknown service {request.service[:64]!r}")))
 
     @staticmethod
     def _health_reply(serving: bool) -> health_pb2.HealthCheckResponse:

@@ -19,8 +19,8 @@ def add_k8s_parser(sub) -> None:
     render.add_argument("--name", help="with --config: the base/overlay directory name (default: the file's stem)")
     render.add_argument("--out", help="the k8s/ directory to write into (default: the project's k8s/)")
     render.add_argument("--check", action="store_true", help="write nothing; exit 1 when a rendered file is "
-                                                             "missing or differs on disk, or a file under the "
-                                                             "rendered directories is no longer rendered")
+                                                             "missing or differs on disk, or a file an earlier "
+                                                             "render wrote for these targets is no longer rendered")
     render.set_defaults(func=_render)
     scale = k8s_sub.add_parser("scale-patch", help="print the kubectl commands that set the running RayCluster's "
                                                    "worker-group minReplicas/maxReplicas to the rendering's "
@@ -57,8 +57,6 @@ def _render(args) -> int:
         paths = {args.name or Path(args.config).stem: Path(args.config)}
     else:
         paths = {name: target_path(name) for name in (args.preset or target_names())}
-    # A render of every target owns all of base/ and overlays/; a partial one only its targets'.
-    scope = None if not (args.config or args.preset) else list(paths)
     configs = {name: load_config(path) for name, path in paths.items()}  # ConfigError: file, field, message
     # Then everything else `arbitrage config check` refuses (Ray Serve's own option checks, the
     # GPU rules, the cluster fit): a manifest of a config that check fails would never come up.
@@ -67,7 +65,7 @@ def _render(args) -> int:
     files = render_targets(configs, paths)  # any rendering error surfaces here, before a file is written
     out = Path(args.out) if args.out else default_out()
     if args.check:
-        differ, left_over = drift(files, out), stale(files, out, scope)
+        differ, left_over = drift(files, out), stale(files, out, list(paths))
         for rel in differ:
             print(f"k8s render --check: {out / rel} differs from the rendering", file=sys.stderr)
         for rel in left_over:
@@ -79,7 +77,7 @@ def _render(args) -> int:
         return 0
     for path in write_files(files, out):
         print(path)
-    for path in remove_stale(files, out, scope):
+    for path in remove_stale(files, out, list(paths)):
         print(f"removed {path} (no longer rendered)")
     _print_sizes(configs)
     # KubeRay leaves the groups' bounds out of its RayCluster hash: applying a change of them

@@ -44,6 +44,8 @@ APP_LABEL = "app.kubernetes.io/name"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 HEAD_COMPONENT = "ray-head"
+# The first words of every rendered file: render removes a stale file only if it starts so.
+RENDERED_MARK = "# Rendered by `arbitrage k8s render`"
 AUTOSCALER_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
 # Seconds the old cluster of a NewCluster upgrade outlives the longest request it may still hold.
 DELETION_MARGIN_S = 30
@@ -379,22 +381,16 @@ def _disruption_budget(cfg: AppConfig, name: str, labels: dict[str, str], min_av
                      "unhealthyPodEvictionPolicy": "AlwaysAllow"}}
 
 
-def head_disruption_budget_name(cfg: AppConfig) -> str:
-    return f"{cfg.name}-head"
-
-
 def render_disruption_budgets(cfg: AppConfig) -> list[dict[str, Any]]:
-    """PodDisruptionBudgets: the head's (without GCS fault tolerance its eviction takes every
-    worker Pod down), and one per worker group of two or more required Pods, ``minAvailable``
-    one less than its ``minReplicas``: a drain takes them one at a time, never all at once,
-    and is never held for good (KubeRay Pods have no scale subresource, so Kubernetes takes
-    only an integer ``minAvailable`` for them, not ``maxUnavailable``). A single-Pod group
-    gets none: a budget of 1 would hold every drain of its node until someone steps in.
+    """A PodDisruptionBudget per worker group of two or more required Pods, ``minAvailable``
+    one less than its ``minReplicas``: a drain takes them one at a time, never all at once
+    (KubeRay Pods have no scale subresource, so Kubernetes takes only an integer
+    ``minAvailable`` for them, not ``maxUnavailable``). None for a single-Pod group or the
+    head: a budget of 1 would hold every drain of their node, and with it managed node
+    upgrades and the cluster autoscaler, until someone steps in (KUBERAY.md §5).
     Old and new cluster's Pods of a NewCluster upgrade both count: a budget only eases then."""
-    budgets = [_disruption_budget(cfg, head_disruption_budget_name(cfg), _head_labels(cfg), 1)]
-    return budgets + [_disruption_budget(cfg, f"{cfg.name}-{size.name}", _group_pod_labels(cfg, size.name),
-                                         size.min_pods - 1)
-                      for size in group_sizes(cfg) if size.min_pods >= 2]
+    return [_disruption_budget(cfg, f"{cfg.name}-{size.name}", _group_pod_labels(cfg, size.name), size.min_pods - 1)
+            for size in group_sizes(cfg) if size.min_pods >= 2]
 
 
 AT_MAX_ALERT = "ArbitrageAutoscalingAtMax"
@@ -409,7 +405,7 @@ def autoscaling_at_max_rule(cfg: AppConfig) -> dict[str, Any] | None:
     (``serve_autoscaling_target_replicas``, already clamped to the bounds) has sat at this
     config's ``max_replicas`` for longer than its ``downscale_delay_s``. Serve scales down only
     after the policy has asked for fewer than the target on every tick of that delay, so the
-    policy kept asking for the max or more the whole time. No metric carries the bounds, so
+    policy asked for the max or more at least once per delay. No metric carries the bounds, so
     they are rendered in, one term per deployment. None when no deployment autoscales."""
     specs = [*cfg.pools.configured(), (COORDINATOR, cfg.coordinator)]
     autoscaled = [(name, auto) for name, spec in specs
@@ -431,8 +427,8 @@ def autoscaling_at_max_rule(cfg: AppConfig) -> dict[str, Any] | None:
             "description": (
                 f"For {for_m} minutes Serve's autoscaler has held {{{{ $labels.deployment }}}} at its "
                 f"autoscaling_config.max_replicas ({bounds}, rendered from the config): its policy asked for at "
-                f"least that many replicas throughout (a lower ask would have scaled it down after "
-                f"downscale_delay_s), so any more load queues. Check the dashboard's \"Queue length per pool\" "
+                f"least that many replicas at least once in every downscale_delay_s (a lower ask for that "
+                f"long would have scaled it down), so it has no room left for a burst and more load queues. Check the dashboard's \"Queue length per pool\" "
                 f"and ArbitrageOverloaded. Raise max_replicas in the config, `make k8s`, apply, and patch the running "
                 f"RayCluster's worker group bounds (docs/KUBERAY.md §6 (Upgrade, scale, roll back), \"Scale a "
                 f"pool\"); check the cluster can host the added Pods (§7 (GPU sizing per preset)).")},
@@ -478,16 +474,18 @@ def _overlay_patch(cfg: AppConfig) -> list[dict[str, Any]]:
 
 def render_kustomize(cfg: AppConfig, overlay: str) -> dict[str, str]:
     """Files (path relative to k8s/ -> text) of this config's base and its overlay ``overlay``."""
-    header = (f"# Rendered by `arbitrage k8s render` from the AppConfig of {overlay!r}; do not edit by hand\n"
+    header = (f"{RENDERED_MARK} from the AppConfig of {overlay!r}; do not edit by hand\n"
               f"# (edit the config, then `make k8s`).\n")
     dump = lambda obj: header + dump_yaml(obj)
     dump_all = lambda objs: header + "---\n".join(dump_yaml(obj) for obj in objs)
     base = f"base/{overlay}"
-    files = {f"{base}/rayservice.yaml": dump(render_rayservice(cfg)),
-             f"{base}/disruption-budgets.yaml": dump_all(render_disruption_budgets(cfg)),
-             f"{base}/kustomization.yaml": dump({"apiVersion": "kustomize.config.k8s.io/v1beta1",
-                                                 "kind": "Kustomization",
-                                                 "resources": ["rayservice.yaml", "disruption-budgets.yaml"]})}
+    files = {f"{base}/rayservice.yaml": dump(render_rayservice(cfg))}
+    resources = ["rayservice.yaml"]
+    if budgets := render_disruption_budgets(cfg):
+        files[f"{base}/disruption-budgets.yaml"] = dump_all(budgets)
+        resources.append("disruption-budgets.yaml")
+    files[f"{base}/kustomization.yaml"] = dump({"apiVersion": "kustomize.config.k8s.io/v1beta1",
+                                                "kind": "Kustomization", "resources": resources})
     kustomization: dict[str, Any] = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                                      "resources": [f"../../{base}"]}
     if cfg.cluster.namespace:
@@ -508,13 +506,8 @@ def render_kustomize(cfg: AppConfig, overlay: str) -> dict[str, str]:
             monitoring["namespace"] = cfg.cluster.namespace
         files[f"overlays/{overlay}/monitoring/autoscaling-alerts.yaml"] = dump(rule)
         files[f"overlays/{overlay}/monitoring/kustomization.yaml"] = dump(monitoring)
-    # With GCS fault tolerance a head eviction no longer takes the workers down (they wait for
-    # the restarted head, §8): its budget would only hold node drains up.
-    drop_head_budget = dump_yaml({"$patch": "delete", "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-                                  "metadata": {"name": head_disruption_budget_name(cfg)}})
     ha: dict[str, Any] = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-                          "resources": [f"../{overlay}"], "components": ["../../components/ha"],
-                          "patches": [{"patch": drop_head_budget}]}
+                          "resources": [f"../{overlay}"], "components": ["../../components/ha"]}
     if cfg.cluster.namespace:
         # The component's Redis Service and Deployment are resources of this kustomization, not
         # of the overlay it includes: without its own namespace they would land in kubectl's

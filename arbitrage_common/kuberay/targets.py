@@ -8,12 +8,9 @@ from pathlib import Path
 from ..config import AppConfig, load_config
 from ..paths import configs_dir, project_home
 from ..presets import list_presets, preset_path
-from .render import render_kustomize
+from .render import RENDERED_MARK, render_kustomize
 
 CPU_DEMO = "cpu-demo"  # configs/cpu-demo.yaml: the embedded default on a CPU-only cluster
-# The subtrees of k8s/ that are all rendered; the rest (Dockerfile, lock file, components/,
-# monitoring/) is written by hand and never touched.
-GENERATED_DIRS = ("base", "overlays")
 
 
 def target_names() -> list[str]:
@@ -81,24 +78,30 @@ def drift(files: dict[str, str], out: Path) -> list[str]:
             if not (out / rel).is_file() or (out / rel).read_text() != text]
 
 
-def _generated_roots(out: Path, names: list[str] | None) -> list[Path]:
-    """The rendered directories of the targets ``names`` (None: all of base/ and overlays/)."""
-    if names is None:
-        return [out / d for d in GENERATED_DIRS]
+def _target_dirs(out: Path, names: list[str]) -> list[Path]:
+    """The directories rendered for the targets ``names``."""
     return [root for name in names for root in (out / "base" / name, out / "overlays" / name,
                                                  out / "overlays" / f"{name}-ha")]
 
 
-def stale(files: dict[str, str], out: Path, names: list[str] | None = None) -> list[str]:
-    """Files on disk under the rendered directories that the rendering no longer produces
-    (a removed preset's, a ``scheduling.yaml`` whose options were removed); ``names``: look only
-    in those targets' directories (a partial render leaves the other targets alone)."""
-    found = {str(p.relative_to(out)) for root in _generated_roots(out, names) if root.is_dir()
-             for p in root.rglob("*") if p.is_file()}
+def _rendered_by_us(path: Path) -> bool:
+    try:
+        return path.read_text().startswith(RENDERED_MARK)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def stale(files: dict[str, str], out: Path, names: list[str]) -> list[str]:
+    """Files in the directories of the targets ``names`` that an earlier render wrote (they
+    start with ``RENDERED_MARK``) and this one no longer produces, e.g. a ``scheduling.yaml``
+    whose options were removed. Nothing else: a file written by hand, or another target's
+    (a config of the user's rendered with --config, a GitOps repo's own overlays), stays."""
+    found = {str(p.relative_to(out)) for root in _target_dirs(out, names) if root.is_dir()
+             for p in root.rglob("*") if p.is_file() and _rendered_by_us(p)}
     return sorted(found - set(files))
 
 
-def remove_stale(files: dict[str, str], out: Path, names: list[str] | None = None) -> list[Path]:
+def remove_stale(files: dict[str, str], out: Path, names: list[str]) -> list[Path]:
     """Delete ``stale`` files, then the directories they leave empty; the deleted paths."""
     removed = []
     for rel in stale(files, out, names):
@@ -106,7 +109,7 @@ def remove_stale(files: dict[str, str], out: Path, names: list[str] | None = Non
         path.unlink()
         removed.append(path)
         for parent in path.parents:
-            if parent == out or parent.name in GENERATED_DIRS or any(parent.iterdir()):
+            if parent in (out, out / "base", out / "overlays") or any(parent.iterdir()):
                 break
             parent.rmdir()
     return removed

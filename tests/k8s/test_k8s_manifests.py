@@ -113,7 +113,7 @@ def test_committed_manifests_are_the_rendering():
     assert not drift(files, K8S), "k8s/ differs from the configs: run `make k8s`"
     on_disk = {str(p.relative_to(K8S)) for d in ("base", "overlays") for p in (K8S / d).rglob("*") if p.is_file()}
     assert on_disk == set(files), f"stale files: {sorted(on_disk - set(files))}"
-    assert not stale(files, K8S)  # what `arbitrage k8s render --check` reports
+    assert not stale(files, K8S, target_names())  # what `arbitrage k8s render --check` reports
 
 
 def _matches(selector: dict, labels: dict) -> bool:
@@ -123,16 +123,13 @@ def _matches(selector: dict, labels: dict) -> bool:
 @pytest.mark.parametrize("overlay", overlays(), ids=lambda p: p.name)
 def test_the_overlays_disruption_budgets_select_their_own_groups_pods(overlay):
     """Every group of two or more required Pods has a budget of one less than its minReplicas
-    that selects its Pods only; the head has one unless GCS fault tolerance (-ha) lets it
-    restart without the workers."""
+    that selects its Pods only; no other Pod has one."""
     docs = built(overlay)
     (service,) = [d for d in docs if d["kind"] == "RayService"]
     cluster = service["spec"]["rayClusterConfig"]
     templates = {g["groupName"]: g["template"]["metadata"]["labels"] for g in cluster["workerGroupSpecs"]}
     templates["head"] = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
     wanted = {g["groupName"]: g["minReplicas"] - 1 for g in cluster["workerGroupSpecs"] if g["minReplicas"] >= 2}
-    if not overlay.name.endswith("-ha"):
-        wanted["head"] = 1
     budgets = {}
     for budget in [d for d in docs if d["kind"] == "PodDisruptionBudget"]:
         (group,) = [name for name, labels in templates.items() if _matches(budget["spec"]["selector"], labels)]

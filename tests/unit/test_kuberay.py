@@ -212,57 +212,64 @@ def test_render_writes_and_checks(tmp_path):
 
 
 def test_check_reports_and_render_removes_files_no_longer_rendered(tmp_path):
-    """A removed preset's overlay or a scheduling.yaml whose options were removed fails --check
-    and is deleted by the next render; the hand-written files and other targets stay."""
+    """A file an earlier render wrote for a target and this one no longer produces (a
+    scheduling.yaml whose options were removed) fails --check and is deleted by the next
+    render; files written by hand, and other targets' renderings, stay."""
+    from arbitrage_common.kuberay.render import RENDERED_MARK
+
     assert _cli("--preset", "cpu-demo", "--out", str(tmp_path)).returncode == 0
     stray = [tmp_path / "overlays" / "cpu-demo" / "scheduling.yaml", tmp_path / "base" / "cpu-demo" / "old.yaml"]
-    other = tmp_path / "overlays" / "old-preset" / "kustomization.yaml"
-    kept = [tmp_path / "Dockerfile", tmp_path / "components" / "ha" / "kustomization.yaml", other]
-    for path in stray + kept:
+    other_target = tmp_path / "overlays" / "my-config" / "kustomization.yaml"  # a user's own --config rendering
+    by_hand = [tmp_path / "Dockerfile", tmp_path / "components" / "ha" / "kustomization.yaml",
+               tmp_path / "overlays" / "cpu-demo" / "my-patch.yaml"]
+    for path in [*stray, other_target]:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("x\n")
-    proc = _cli("--preset", "cpu-demo", "--out", str(tmp_path), "--check")
-    assert proc.returncode == 1, proc.stderr
-    assert all(f"{path} is no longer rendered" in proc.stderr for path in stray)
-    assert str(other) not in proc.stderr  # a partial render looks at its own targets only
+        path.write_text(f"{RENDERED_MARK} from the AppConfig of 'x'; do not edit by hand\nkind: X\n")
+    for path in by_hand:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("kind: X\n")
+    for args in [("--preset", "cpu-demo"), ()]:  # a partial render, then a full one
+        proc = _cli(*args, "--out", str(tmp_path), "--check")
+        assert proc.returncode == 1, proc.stderr
+        assert all(f"{path} is no longer rendered" in proc.stderr for path in stray), proc.stderr
+        assert not any(str(path) in proc.stderr for path in [other_target, *by_hand])
     assert _cli("--preset", "cpu-demo", "--out", str(tmp_path)).returncode == 0
-    assert not any(path.exists() for path in stray) and all(path.exists() for path in kept)
+    assert not any(path.exists() for path in stray)
+    assert all(path.exists() for path in [other_target, *by_hand])
     assert _cli("--preset", "cpu-demo", "--out", str(tmp_path), "--check").returncode == 0
 
 
-def test_a_full_render_owns_every_rendered_directory(tmp_path):
+def test_removing_stale_files_drops_the_directories_they_leave_empty(tmp_path):
+    from arbitrage_common.kuberay.render import RENDERED_MARK
     from arbitrage_common.kuberay.targets import remove_stale, render_targets, stale, write_files
 
     files = render_targets({"cpu-demo": target_config("cpu-demo")})
     write_files(files, tmp_path)
-    other = tmp_path / "overlays" / "old-preset" / "kustomization.yaml"
-    other.parent.mkdir(parents=True)
-    other.write_text("x\n")
-    (tmp_path / "Dockerfile").write_text("FROM x\n")
-    assert stale(files, tmp_path) == ["overlays/old-preset/kustomization.yaml"]
-    assert remove_stale(files, tmp_path) == [other]
-    assert not other.parent.exists() and (tmp_path / "overlays").is_dir() and (tmp_path / "Dockerfile").is_file()
-    assert stale(files, tmp_path) == []
+    left = tmp_path / "overlays" / "cpu-demo" / "monitoring" / "old" / "rule.yaml"
+    left.parent.mkdir(parents=True)
+    left.write_text(f"{RENDERED_MARK} from the AppConfig of 'cpu-demo'\n")
+    assert stale(files, tmp_path, ["cpu-demo"]) == ["overlays/cpu-demo/monitoring/old/rule.yaml"]
+    assert remove_stale(files, tmp_path, ["cpu-demo"]) == [left]
+    assert not left.parent.exists() and (tmp_path / "overlays" / "cpu-demo" / "monitoring").is_dir()
+    assert stale(files, tmp_path, ["cpu-demo"]) == []
 
 
 # -- node drains: disruption budgets and spread -------------------------------------------------
 def _budgets(files: dict[str, str], name: str) -> dict[str, dict]:
     import yaml
 
-    return {d["metadata"]["name"]: d for d in yaml.safe_load_all(files[f"base/{name}/disruption-budgets.yaml"])}
+    path = f"base/{name}/disruption-budgets.yaml"
+    return {d["metadata"]["name"]: d for d in yaml.safe_load_all(files[path])} if path in files else {}
 
 
 @pytest.mark.parametrize("target", target_names())
-def test_groups_of_two_or_more_required_pods_and_the_head_get_a_disruption_budget(target):
+def test_groups_of_two_or_more_required_pods_get_a_disruption_budget(target):
     cfg = target_config(target)
     files = render_kustomize(cfg, target)
     budgets = _budgets(files, target)
     cluster = render_rayservice(cfg)["spec"]["rayClusterConfig"]
-    head = budgets.pop(f"{cfg.name}-head")
-    assert head["spec"]["minAvailable"] == 1
-    assert head["spec"]["selector"]["matchLabels"].items() <= \
-        cluster["headGroupSpec"]["template"]["metadata"]["labels"].items()
-    assert "disruption-budgets.yaml" in _kustomization(files, f"base/{target}/kustomization.yaml")["resources"]
+    resources = _kustomization(files, f"base/{target}/kustomization.yaml")["resources"]
+    assert ("disruption-budgets.yaml" in resources) == bool(budgets)
     for group in cluster["workerGroupSpecs"]:
         budget = budgets.pop(f"{cfg.name}-{group['groupName']}", None)
         if group["minReplicas"] < 2:
@@ -273,25 +280,13 @@ def test_groups_of_two_or_more_required_pods_and_the_head_get_a_disruption_budge
         assert selector.items() <= group["template"]["metadata"]["labels"].items()
         others = [g for g in cluster["workerGroupSpecs"] if g is not group] + [cluster["headGroupSpec"]]
         assert not any(selector.items() <= g["template"]["metadata"]["labels"].items() for g in others)
-    assert not budgets
+    assert not budgets  # none for the head either
 
 
-def test_a_group_of_optional_pods_only_gets_no_budget():
-    data = target_config("llama-1b-8b").model_dump(mode="json")
-    data["pools"]["prm"]["autoscaling_config"]["min_replicas"] = 0
-    data["pools"]["router"]["autoscaling_config"].update(min_replicas=0, initial_replicas=1)
-    cfg = C.AppConfig.model_validate(data)
-    assert next(g for g in group_sizes(cfg) if g.name == "scorers").min_pods == 0
-    assert f"{cfg.name}-scorers" not in _budgets(render_kustomize(cfg, "x"), "x")
-
-
-def test_the_ha_overlay_drops_the_head_budget():
-    import yaml
-
-    files = render_kustomize(target_config("cpu-demo"), "cpu-demo")
-    (patch,) = _kustomization(files, "overlays/cpu-demo-ha/kustomization.yaml")["patches"]
-    assert yaml.safe_load(patch["patch"]) == {"$patch": "delete", "apiVersion": "policy/v1",
-                                              "kind": "PodDisruptionBudget", "metadata": {"name": "arbitrage-head"}}
+def test_the_presets_two_coordinator_pods_are_drained_one_at_a_time():
+    budgets = _budgets(render_kustomize(target_config("llama-1b-8b"), "llama-1b-8b"), "llama-1b-8b")
+    assert {name: b["spec"]["minAvailable"] for name, b in budgets.items()} == \
+        {"arbitrage-llama-1b-8b-coordinator": 1}
 
 
 @pytest.mark.parametrize("target", target_names())
@@ -324,6 +319,15 @@ def test_the_at_max_alert_holds_each_autoscaling_deployments_own_max(target):
     assert sorted((a, d, int(m)) for a, d, m in found) == sorted((cfg.name, n, a.max_replicas) for n, a in autos.items())
     # longer than any downscale delay, which holds a target up after its load fell
     assert int(rule["for"].removesuffix("m")) * 60 > max(a.downscale_delay_s for a in autos.values())
+
+
+def test_the_at_max_alert_of_a_preset_names_every_autoscaled_deployment_at_its_max():
+    """configs/presets/llama-1b-8b.yaml's bounds, written out: every deployment autoscales."""
+    import re
+
+    expr = _at_max_rule(target_config("llama-1b-8b"))["expr"]
+    found = re.findall(r'deployment="(\w+)"\}\) >= (\d+)', expr)
+    assert dict(found) == {"draft": "4", "target": "8", "router": "4", "prm": "2", "coordinator": "16"}
 
 
 def test_the_at_max_alert_waits_out_a_long_downscale_delay():
