@@ -149,7 +149,7 @@ def _target_fraction(args, prof, policy: str) -> tuple[float, str]:
 def _plan(args) -> int:
     if args.rate is None or args.slo_ms is None:
         raise ValueError("plan: --rate and --slo-ms are required (or run `arbitrage plan profile` / `plan check`)")
-    from ..planning.planner import Unreachable, gpus_and_pods, plan
+    from ..planning.planner import Unreachable, gpus_and_pods, packing_warning, plan
 
     if args.bench and (args.policy is not None or args.target_fraction is not None):
         given = " and ".join(f for f, v in (("--policy", args.policy), ("--target-fraction", args.target_fraction))
@@ -189,6 +189,7 @@ def _plan(args) -> int:
         r["profile"] = args.profile
         if cfg is not None and "unreachable" not in r:
             r.update(gpus_and_pods(r["replicas"], cfg))
+            r["packing_warning"] = packing_warning(prof, cfg, args.preset)
         results.append(r)
     if len(unreachable) == len(results):
         raise ValueError("plan: no policy can be planned: " + "; ".join(f"{r['policy']}: {r['unreachable']}"
@@ -213,6 +214,8 @@ def _plan(args) -> int:
             print(f"{'':<10} GPUs requested {r['gpus_per_pool']} = {r['gpus_requested']}; the Pods provision "
                   f"{r['gpus_provisioned']} GPUs; worker groups {r['worker_groups']} (coordinator at its "
                   f"configured {r['coordinator_replicas']} replicas)")
+            if r["packing_warning"]:
+                print(f"{'':<10} warning: {r['packing_warning']}")
             for pool, v in r["above_config_max_replicas"].items():
                 print(f"{'':<10} warning: pools.{pool} needs {v['planned']} replicas, above its autoscaling "
                       f"max_replicas ({v['max_replicas']}): raise it, then `make k8s`")

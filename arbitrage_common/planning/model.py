@@ -2,13 +2,23 @@
 
 Each request is a chain of pool calls, step after step: the draft writes, the router (or, for
 RSD, the PRM) scores, and with probability ``target_fraction`` the target rewrites. Every pool
-has ``replicas`` servers with a shared queue; an idle replica takes up to ``max_batch`` queued
-calls at once and serves them in ``base_ms + per_item_ms * b`` (the batch-dependent service
-rate of dynamic batching: calls that arrive during a pass join the next one). Each call also
-pays ``hop_ms`` of handle and coordinator overhead that holds no replica, and each request
-``request_overhead_ms`` (proxy, gRPC). With ``cores`` set (a CPU machine), the busy replicas
-and that overhead, which is Python work on the same cores, share them (processor sharing); on
-GPUs leave it None: each replica has its own device and the overhead is latency only.
+has ``replicas`` servers. With session affinity (the service's default: rendezvous hashing of
+the session, services/affinity.py) each request is pinned to one replica per pool, picked
+uniformly at random, and its calls queue at that replica; without it a pool has one shared
+queue. A pool batches in one of two ways:
+
+- ``static`` (transformers pools, behind Serve's batch gate): an idle replica takes up to
+  ``max_batch`` queued calls at once and serves them in ``base_ms + per_item_ms * b``; calls
+  that arrive during a pass wait for the next one.
+- ``continuous`` (vLLM pools: the engine adds a sequence at its next iteration): batch
+  processor sharing. A replica with ``b`` calls in service advances each by ``dt / ms(b)`` of
+  its work; a new call joins at once while fewer than ``max_batch`` (``max_num_seqs``) run.
+
+Each call also pays ``hop_ms`` of handle and coordinator overhead that holds no replica, and
+each request ``request_overhead_ms`` (proxy, gRPC). With ``cores`` set (a CPU machine), the
+busy replicas and that overhead, which is Python work on the same cores, share them (processor
+sharing). On GPUs leave it None: the overhead is latency only, and the busy replicas on one
+device share it (processor sharing) when a pool packs ``replicas_per_device`` > 1 on a GPU.
 """
 from __future__ import annotations
 
@@ -43,8 +53,14 @@ class ServiceCurve:
         """One pass: the mean times a lognormal factor of mean 1 and this CV."""
         if self.cv <= 0:
             return self.ms(b)
+        return self.ms(b) * self.sample_factor(rng)
+
+    def sample_factor(self, rng: random.Random) -> float:
+        """A lognormal factor of mean 1 and this CV (1 when ``cv`` is 0)."""
+        if self.cv <= 0:
+            return 1.0
         sigma2 = math.log1p(self.cv ** 2)
-        return self.ms(b) * rng.lognormvariate(-sigma2 / 2, math.sqrt(sigma2))
+        return rng.lognormvariate(-sigma2 / 2, math.sqrt(sigma2))
 
     @classmethod
     def fit(cls, batch_sizes: list[int], ms: list[float], cv: float = 0.0) -> ServiceCurve:
@@ -61,16 +77,34 @@ class ServiceCurve:
         return cls(max(my - slope * mx, 0.0), slope, cv)
 
 
+BATCHING = ("static", "continuous")
+
+
 @dataclass(frozen=True)
 class Pool:
     curve: ServiceCurve
     replicas: int = 1
     max_batch: int = 16
+    batching: str = "static"         # or "continuous" (vLLM); see the module docstring
+    replicas_per_device: int = 1     # replicas packed on one GPU, sharing it
 
     def __post_init__(self) -> None:
         # A replica that takes no call would start empty batches forever: the simulation hangs.
         if self.replicas < 1 or self.max_batch < 1:
             raise ValueError(f"a pool needs replicas and max_batch >= 1, got {self.replicas} and {self.max_batch}")
+        if self.batching not in BATCHING:
+            raise ValueError(f"batching: one of {', '.join(BATCHING)}, got {self.batching!r}")
+        if self.replicas_per_device < 1:
+            raise ValueError(f"replicas_per_device must be >= 1, got {self.replicas_per_device}")
+
+    @property
+    def devices(self) -> int:
+        """GPUs the replicas occupy (``replicas_per_device`` on each; the last maybe fewer)."""
+        return math.ceil(self.replicas / self.replicas_per_device)
+
+    def device_of(self, replica: int) -> int:
+        """Round robin: the first ``devices`` replicas each get a device of their own."""
+        return replica % self.devices
 
 
 @dataclass(frozen=True)
@@ -104,16 +138,22 @@ def calls_per_request(w: Workload) -> dict[str, float]:
     return calls
 
 
-def calls_per_s_at_max_batch(pool: Pool) -> float:
-    """The most calls per second the pool serves: every replica running full batches."""
+def calls_per_s_at_max_batch(pool: Pool, affinity: bool = True) -> float:
+    """The most calls per second the pool serves: every device running full batches. Replicas
+    sharing a device share its throughput. With ``affinity`` each replica gets an equal share of
+    the calls, so the most crowded device saturates first: n x per-device / replicas on it."""
     ms = pool.curve.ms(pool.max_batch)
-    return math.inf if ms <= 0 else pool.replicas * pool.max_batch / ms * 1000.0
+    if ms <= 0:
+        return math.inf
+    if affinity:
+        return pool.replicas * pool.max_batch / ms * 1000.0 / min(pool.replicas, pool.replicas_per_device)
+    return pool.devices * pool.max_batch / ms * 1000.0
 
 
-def load_at_max_batch(pools: dict[str, Pool], w: Workload, rate: float) -> dict[str, float]:
+def load_at_max_batch(pools: dict[str, Pool], w: Workload, rate: float, affinity: bool = True) -> dict[str, float]:
     """Per pool: offered calls per second over ``calls_per_s_at_max_batch``; at 1 or more its
     queue grows without bound whatever the latencies of a finite run look like."""
-    return {name: rate * n / calls_per_s_at_max_batch(pools[name]) for name, n in calls_per_request(w).items()}
+    return {name: rate * n / calls_per_s_at_max_batch(pools[name], affinity) for name, n in calls_per_request(w).items()}
 
 
 def core_ms_per_request(pools: dict[str, Pool], w: Workload) -> float:
@@ -132,6 +172,8 @@ def core_load(pools: dict[str, Pool], w: Workload, rate: float, cores: float) ->
 class SimResult:
     latencies_ms: list[float]
     utilization: dict[str, float]
+    # Per pool, the mean ms a call was delayed: queued, and on a continuous pool also what sharing
+    # the engine added to its service (beyond its batch-1 time).
     mean_wait_ms: dict[str, float]
     stable: bool                       # every load below 1
     load_at_max_batch: dict[str, float] = field(default_factory=dict)
@@ -157,6 +199,26 @@ class SimResult:
 class _Req:
     arrival: float
     calls: deque = field(default_factory=deque)
+    replica: dict = field(default_factory=dict)  # pool -> the _Replica its calls queue at
+
+
+class _Replica:
+    """A replica: its queue (one deque shared by the pool's replicas without affinity), the
+    device it shares, and what it runs: static, 1 while a pass runs; continuous, its calls.
+
+    A continuous replica serves all its calls at one rate, so it keeps virtual time: ``attained``
+    is the work each of its calls has received since it started; a call that joins at ``a``
+    with work ``x`` ends when ``attained`` reaches ``a + x`` (``calls``: a heap of those ends).
+    One entry per replica, not per call, keeps the simulation fast at large batches."""
+
+    __slots__ = ("attained", "busy_since", "calls", "device", "pool", "queue", "running")
+
+    def __init__(self, pool: str, queue: deque, device: tuple[str, int]):
+        self.pool, self.queue, self.device = pool, queue, device
+        self.running = 0
+        self.busy_since = 0.0
+        self.attained = 0.0
+        self.calls: list = []  # (end in attained work, rid, work, joined_ms, waited_ms)
 
 
 def _request_calls(w: Workload, rng: random.Random) -> deque:
@@ -170,16 +232,21 @@ def _request_calls(w: Workload, rng: random.Random) -> deque:
 
 
 def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int = 2000, seed: int = 0,
-             cores: float | None = None, warmup: float = 0.1) -> SimResult:
+             cores: float | None = None, warmup: float = 0.1, affinity: bool = True) -> SimResult:
     """Poisson arrivals at ``rate`` per second through the pools; latencies of the requests after
     the warm-up share. ``stable`` is False when any pool's ``load_at_max_batch`` or the
-    ``core_load`` reaches 1: then the latencies only say how long this finite run took to drain."""
+    ``core_load`` reaches 1: then the latencies only say how long this finite run took to drain.
+    ``affinity``: each request's calls to a pool queue at one replica picked at random (the
+    service's session affinity), else at one queue the pool's replicas share."""
     if rate <= 0:
         raise ValueError(f"rate: arrivals per second must be > 0, got {rate}")
     missing = w.pools() - set(pools)
     if missing:
         raise ValueError(f"no profile for pool(s) {sorted(missing)} that policy {w.policy!r} calls")
     rng = random.Random(seed)
+    # The replica picks have a stream of their own, so they shift no arrival or service time:
+    # with one replica a pool the run is the same with affinity or without.
+    pick = random.Random(f"affinity-{seed}")
     events: list = []  # (time_ms, seq, kind, payload)
     seq = 0
 
@@ -192,10 +259,15 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
     for i in range(n_requests):
         t_arr += rng.expovariate(rate) * 1000.0
         push(t_arr, "arrive", i)
-    queues = {name: deque() for name in pools}
-    idle = {name: p.replicas for name, p in pools.items()}
-    # Work on the (shared) cores: [remaining_ms, kind, payload, started_ms]; kind "batch" holds a
-    # replica (payload: pool, calls), "hop" and "finish" are the coordinator's own CPU work.
+    replicas: dict[str, list[_Replica]] = {}
+    for name, p in pools.items():
+        shared: deque = deque()
+        replicas[name] = [_Replica(name, deque() if affinity else shared, (name, p.device_of(i)))
+                          for i in range(p.replicas)]
+    on_device: dict[tuple[str, int], int] = {}  # busy replicas per device
+    # Work in progress: [remaining, kind, payload, started, replica]. "batch": a static pass
+    # (remaining ms; payload: its calls); "engine": a busy continuous replica (remaining: None,
+    # see _Replica); "hop" and "finish" are the coordinator's own CPU work (ms; no replica).
     busy: list[list] = []
     busy_ms = dict.fromkeys(pools, 0.0)
     waits: dict[str, list[float]] = {name: [] for name in pools}
@@ -207,17 +279,62 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
     def speed() -> float:
         return 1.0 if cores is None or len(busy) <= cores else cores / len(busy)
 
+    def rate_of(entry: list, share: float) -> float:
+        """How fast ``entry``'s work goes: its share of the cores and of its device; on a
+        continuous replica each call gets one unit of work per ``ms(b)`` at its batch ``b``."""
+        rep = entry[4]
+        if rep is None:
+            return share
+        r = share / on_device[rep.device] if on_device[rep.device] > 1 else share
+        if entry[1] == "engine":
+            r /= max(pools[rep.pool].curve.ms(rep.running), 1e-9)  # a zero curve: done at once
+        return r
+
+    def left(entry: list) -> float:
+        """Work until ``entry``'s next completion."""
+        return entry[4].calls[0][0] - entry[4].attained if entry[1] == "engine" else entry[0]
+
+    def occupy(rep: _Replica, busy_now: bool) -> None:
+        on_device[rep.device] = on_device.get(rep.device, 0) + (1 if busy_now else -1)
+
+    def join(rep: _Replica, rid: int, enq: float) -> None:
+        """A call joins a continuous replica's running batch at once."""
+        pool = pools[rep.pool]
+        if not rep.running:
+            occupy(rep, True)
+            rep.busy_since, rep.attained = now, 0.0
+            busy.append([None, "engine", None, now, rep])
+        work = pool.curve.sample_factor(rng)
+        heapq.heappush(rep.calls, (rep.attained + work, rid, work, now, now - enq))
+        rep.running += 1
+
     def start_batches() -> None:
-        for name, q in queues.items():
-            while q and idle[name] > 0:
-                b = min(pools[name].max_batch, len(q))
+        for name, reps in replicas.items():
+            pool = pools[name]
+            if pool.batching == "continuous":
+                for rep in reps:
+                    q = rep.queue
+                    while q:
+                        # the least busy replica that serves this queue (one, with affinity): Serve's
+                        # router prefers the shorter queue; a full one leaves the call queued
+                        to = rep if affinity else min(reps, key=lambda r: r.running)
+                        if to.running >= pool.max_batch:
+                            break
+                        join(to, *q.popleft())
+                continue
+            for rep in reps:
+                q = rep.queue
+                if not q or rep.running:
+                    continue
+                b = min(pool.max_batch, len(q))
                 calls = [q.popleft() for _ in range(b)]
-                batching = pools[name].curve.ms(b) - pools[name].curve.ms(1)
+                batching = pool.curve.ms(b) - pool.curve.ms(1)
                 for rid, enq in calls:
                     waits[name].append(now - enq)
                     removable[rid] += now - enq + batching
-                idle[name] -= 1
-                busy.append([pools[name].curve.sample_ms(b, rng), "batch", (name, calls), now])
+                rep.running = 1
+                occupy(rep, True)
+                busy.append([pool.curve.sample_ms(b, rng), "batch", calls, now, rep])
 
     def next_call(rid: int) -> None:
         req = reqs[rid]
@@ -225,43 +342,67 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
             if cores is None:
                 done[rid] = now + w.request_overhead_ms - req.arrival
             else:
-                busy.append([w.request_overhead_ms, "finish", rid, now])
+                busy.append([w.request_overhead_ms, "finish", rid, now, None])
             return
         call = (rid, req.calls.popleft())
         if cores is None:  # GPUs: the overhead is latency, the cores are not the bottleneck
             push(now + w.hop_ms, "enqueue", call)
         else:  # a CPU machine: the coordinator's work per call shares the cores with the pools
-            busy.append([w.hop_ms, "hop", call, now])
+            busy.append([w.hop_ms, "hop", call, now, None])
+
+    def enqueue(rid: int, pool: str) -> None:
+        reqs[rid].replica[pool].queue.append((rid, now))
 
     while events or busy:
         s = speed()
-        t_done = now + min(b[0] for b in busy) / s if busy else math.inf
+        rates = [rate_of(b, s) for b in busy]
+        i = min(range(len(busy)), key=lambda k: left(busy[k]) / rates[k]) if busy else -1
+        t_done = now + left(busy[i]) / rates[i] if busy else math.inf
         t_event = events[0][0] if events else math.inf
         t_next = min(t_done, t_event)
-        for b in busy:
-            b[0] -= (t_next - now) * s
+        for b, r in zip(busy, rates):
+            if b[1] == "engine":
+                b[4].attained += (t_next - now) * r
+            else:
+                b[0] -= (t_next - now) * r
         now = t_next
         if t_done <= t_event:
-            i = min(range(len(busy)), key=lambda k: busy[k][0])
-            _, kind, payload, started = busy.pop(i)
-            if kind == "batch":
-                name, calls = payload
-                idle[name] += 1
-                busy_ms[name] += now - started
-                for rid, _ in calls:
-                    next_call(rid)
-            elif kind == "hop":
-                queues[payload[1]].append((payload[0], now))
+            kind, payload, started, rep = busy[i][1:]
+            if kind == "engine":
+                _, rid, work, joined, waited = heapq.heappop(rep.calls)
+                rep.running -= 1
+                # A call joins at once, so its delay is mostly what sharing the engine with other
+                # calls added to it: counted as waiting, where the search looks for a replica.
+                delay = waited + max(now - joined - pools[rep.pool].curve.ms(1) * work, 0.0)
+                waits[rep.pool].append(delay)
+                removable[rid] += delay
+                if not rep.running:
+                    busy.pop(i)
+                    occupy(rep, False)
+                    busy_ms[rep.pool] += now - started
+                next_call(rid)
             else:
-                done[payload] = now - reqs[payload].arrival
+                busy.pop(i)
+                if kind == "batch":
+                    rep.running = 0
+                    occupy(rep, False)
+                    busy_ms[rep.pool] += now - started
+                    for rid, _ in payload:
+                        next_call(rid)
+                elif kind == "hop":
+                    enqueue(*payload)
+                else:
+                    done[payload] = now - reqs[payload].arrival
         else:
             _, _, kind, payload = heapq.heappop(events)
             if kind == "arrive":
-                reqs[payload] = _Req(now, _request_calls(w, rng))
+                # sorted: the pools' order may come from a set, whose order changes run to run
+                reqs[payload] = _Req(now, _request_calls(w, rng),
+                                     {name: replicas[name][pick.randrange(len(replicas[name]))]
+                                      for name in sorted(replicas)})
                 next_call(payload)
             else:
-                rid, pool = payload
-                queues[pool].append((rid, now))
+                enqueue(*payload)
         start_batches()
         if len(done) >= n_requests:
             break
@@ -269,7 +410,7 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
     kept_ids = order[int(warmup * len(order)):]
     kept = [done[i] for i in kept_ids]
     span = max(now, 1e-9)
-    loads = load_at_max_batch(pools, w, rate)
+    loads = load_at_max_batch(pools, w, rate, affinity)
     cores_used = None if cores is None else core_load(pools, w, rate, cores)
     stable = max([*loads.values(), cores_used or 0.0]) < 1.0
     return SimResult(kept, {n: busy_ms[n] / (span * pools[n].replicas) for n in pools},

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .model import (
+    BATCHING,
     CALLS_PER_STEP,
     Pool,
     ServiceCurve,
@@ -28,6 +29,9 @@ MAX_REPLICAS_ON_CORES = 64
 # Above this load at max batch (or core load) a plan has no headroom: a small rise in rate
 # overloads it, and its simulated p95 has not settled (it grows with the requests simulated).
 HEADROOM_LOAD = 0.95
+# Bound on a profile's counts (steps a request, a pool's max batch): a larger one is a typo
+# that would keep the simulation busy for hours.
+MAX_PROFILE_COUNT = 100_000
 # The no-load p95 (the floor no replica count goes under) is simulated at a rate this share of
 # one request per its own service time: requests almost never meet.
 NO_LOAD_SHARE = 0.01
@@ -35,7 +39,9 @@ NO_LOAD_SHARE = 0.01
 
 @dataclass(frozen=True)
 class Profile:
-    """What ``arbitrage plan profile`` measured: per-pool service curves and the overheads."""
+    """What ``arbitrage plan profile`` measured: per-pool service curves and the overheads.
+    ``batching``, ``replicas_per_device`` (pools left out: static, 1) and ``session_affinity``
+    describe how the pools are served (model.py)."""
 
     curves: dict[str, ServiceCurve]
     max_batch: dict[str, int]
@@ -44,6 +50,9 @@ class Profile:
     steps: tuple[int, ...]
     cores: float | None
     measured: dict
+    batching: dict[str, str] = field(default_factory=dict)
+    replicas_per_device: dict[str, int] = field(default_factory=dict)
+    session_affinity: bool = True
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
@@ -74,14 +83,26 @@ class Profile:
         steps = _field(d, "steps")
         if not isinstance(steps, list) or not steps:
             raise ValueError(f"steps must be a non-empty list of steps per request, got {steps!r}")
-        cores = d.get("cores")  # null: GPUs, each replica on its own device
+        cores = d.get("cores")  # null: GPUs
         measured = _object(d.get("measured", {}), "measured")
         if "target_fraction" in measured and _number(measured["target_fraction"], "measured.target_fraction") > 1:
             raise ValueError(f"measured.target_fraction must lie in [0, 1], got {measured['target_fraction']!r}")
+        # Optional, so older profiles keep their meaning: static batches, a device per replica.
+        batching = _per_pool(d, "batching", curves)
+        for pool, mode in batching.items():
+            if mode not in BATCHING:
+                raise ValueError(f"batching.{pool} must be one of {', '.join(map(repr, BATCHING))} (transformers "
+                                 f"pools batch static, vLLM pools continuous), got {mode!r}")
+        per_device = {pool: _positive_int(n, f"replicas_per_device.{pool}")
+                      for pool, n in _per_pool(d, "replicas_per_device", curves).items()}
+        affinity = d.get("session_affinity", True)
+        if not isinstance(affinity, bool):
+            raise ValueError(f"session_affinity must be true or false, got {affinity!r}")  # noqa: TRY004 (user input)
         return cls(curves, max_batch, _number(_field(d, "hop_ms"), "hop_ms"),
                    _number(_field(d, "request_overhead_ms"), "request_overhead_ms"),
                    tuple(_positive_int(n, f"steps[{i}]") for i, n in enumerate(steps)),
-                   None if cores is None else _number(cores, "cores", positive=True), measured)
+                   None if cores is None else _number(cores, "cores", positive=True), measured,
+                   batching, per_device, affinity)
 
     def cpu_ms_per_request(self, policy: str, target_fraction: float) -> float:
         """Work one request puts on the cores at batch 1: pool passes, hops, overhead."""
@@ -102,13 +123,24 @@ class Profile:
         return {"curves": {k: {"base_ms": v.base_ms, "per_item_ms": v.per_item_ms, "cv": v.cv}
                            for k, v in self.curves.items()},
                 "max_batch": self.max_batch, "hop_ms": self.hop_ms, "request_overhead_ms": self.request_overhead_ms,
-                "steps": list(self.steps), "cores": self.cores, "measured": self.measured}
+                "steps": list(self.steps), "cores": self.cores, "measured": self.measured,
+                "batching": self.batching, "replicas_per_device": self.replicas_per_device,
+                "session_affinity": self.session_affinity}
 
 
 def _object(value: object, name: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{name} must be a JSON object, got {value!r}")  # noqa: TRY004 (user input)
     return value
+
+
+def _per_pool(d: dict, key: str, curves: dict) -> dict:
+    """The optional per-pool object ``key`` (empty if absent); a pool without a curve is named."""
+    per_pool = _object(d.get(key, {}), key)
+    stray = sorted(set(per_pool) - set(curves))
+    if stray:
+        raise ValueError(f"{key}.{stray[0]}: no pool {stray[0]!r} in curves")
+    return per_pool
 
 
 def _field(d: dict, key: str, prefix: str = "") -> object:
@@ -120,16 +152,24 @@ def _field(d: dict, key: str, prefix: str = "") -> object:
 def _number(value: object, name: str, positive: bool = False) -> float:
     """``value`` as a finite float >= 0, or > 0 if ``positive`` (NaN and infinity refused: they
     poison the simulation)."""
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-            or value < 0 or (positive and value == 0)):
-        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
+    try:  # an integer too large for a float (a typo of many digits) is not finite either
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {_shown(value)}")
     return float(value)
 
 
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _positive_int(value: object, name: str, most: int = MAX_PROFILE_COUNT) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= most:
+        raise ValueError(f"{name} must be a positive integer up to {most}, got {_shown(value)}")
     return value
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 class Unreachable(ValueError):
@@ -197,13 +237,16 @@ def workload(profile: Profile, policy: str, target_fraction: float) -> Workload:
 
 
 def _pools(profile: Profile, w: Workload, replicas: dict[str, int]) -> dict[str, Pool]:
-    return {p: Pool(profile.curves[p], replicas.get(p, 1), profile.max_batch[p]) for p in w.pools()}
+    return {p: Pool(profile.curves[p], replicas.get(p, 1), profile.max_batch[p], profile.batching.get(p, "static"),
+                    profile.replicas_per_device.get(p, 1))
+            for p in sorted(w.pools())}  # sorted: a set's order changes run to run, and with it the seeded run
 
 
 def predict(profile: Profile, policy: str, target_fraction: float, rate: float, replicas: dict[str, int],
             seed: int = 0, n_requests: int = 2000) -> SimResult:
     w = workload(profile, policy, target_fraction)
-    return simulate(_pools(profile, w, replicas), w, rate, n_requests=n_requests, seed=seed, cores=profile.cores)
+    return simulate(_pools(profile, w, replicas), w, rate, n_requests=n_requests, seed=seed, cores=profile.cores,
+                    affinity=profile.session_affinity)
 
 
 def _check_cores_carry(profile: Profile, w: Workload, rate: float) -> None:
@@ -258,7 +301,7 @@ def plan(profile: Profile, policy: str, target_fraction: float, rate: float, slo
     replicas = dict.fromkeys(sorted(w.pools()), 1)
     calls = calls_per_request(w)
     while True:
-        loads = load_at_max_batch(_pools(profile, w, replicas), w, rate)
+        loads = load_at_max_batch(_pools(profile, w, replicas), w, rate, profile.session_affinity)
         overloaded = {p: load for p, load in loads.items() if load >= 1.0}
         if overloaded:  # the loads are exact: no need to simulate a queue that grows without bound
             busiest = max(overloaded, key=overloaded.get)
@@ -324,6 +367,29 @@ def calibrate(profile: Profile, policy: str, target_fraction: float, capacity_rp
     w = workload(profile, policy, target_fraction)
     per_request = core_ms_per_request(_pools(profile, w, {}), w)
     return profile.scaled(profile.cores * 1000.0 / capacity_rps / per_request)
+
+
+def packing_warning(profile: Profile, cfg, preset: str) -> str | None:
+    """A warning when a GPU profile's ``replicas_per_device`` differs from how the preset packs a
+    pool's replicas on a GPU (``num_gpus`` 0.5: two), else None: the plan then simulated other
+    devices than the GPUs it counts. CPU profiles (``cores``) are not simulated on devices."""
+    from ..kuberay.sizing import replica_demand
+
+    if profile.cores is not None:
+        return None
+    off = []
+    for pool, spec in cfg.pools.configured():
+        gpus = replica_demand(pool, spec).gpus
+        if pool not in profile.curves or gpus <= 0:
+            continue
+        packed = max(int(1.0 / gpus + 1e-9), 1)  # as Ray fits fractional GPUs on one device
+        if profile.replicas_per_device.get(pool, 1) != packed:
+            off.append(f"replicas_per_device.{pool} is {profile.replicas_per_device.get(pool, 1)}, but --preset "
+                       f"{preset} gives each {pool} replica {gpus:g} GPU ({packed} a GPU)")
+    if not off:
+        return None
+    return (f"the profile simulates other GPUs than the preset packs: {'; '.join(off)}; the plan's p95 and loads are "
+            f"for the profile's packing")
 
 
 def gpus_and_pods(replicas: dict[str, int], cfg) -> dict:

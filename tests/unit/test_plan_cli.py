@@ -49,7 +49,7 @@ def test_bench_refuses_a_policy_or_fraction_it_would_ignore(tmp_path, capsys, ex
 
 def test_a_profile_without_the_prm_is_refused_for_bench_naming_profile_and_policy(tmp_path, capsys):
     data = json.loads(GPU_PROFILE.read_text())
-    for key in ("curves", "max_batch"):
+    for key in ("curves", "max_batch", "batching", "replicas_per_device"):
         data[key].pop("prm")
     profile = tmp_path / "no-prm.json"
     profile.write_text(json.dumps(data))
@@ -120,7 +120,7 @@ def test_a_bad_profile_field_is_named_with_the_file_and_nothing_hangs(tmp_path, 
     profile = _small_profile(tmp_path, max_batch={"draft": 16, "router": 16, "prm": 16, "target": 0})
     assert main(["plan", "--profile", str(profile), "--rate", "5", "--slo-ms", "30000",
                  "--target-fraction", "0.3"]) == 1
-    assert f"--profile: {profile}: max_batch.target must be a positive integer, got 0" in capsys.readouterr().err
+    assert f"--profile: {profile}: max_batch.target must be a positive integer up to 100000, got 0" in capsys.readouterr().err
 
 
 def test_bench_plans_each_policy_on_its_own_and_names_the_one_that_cannot_meet_the_slo(tmp_path, capsys):

@@ -16,6 +16,7 @@ from arbitrage_common.planning.planner import (
     gpus_and_pods,
     no_load_p95,
     plan,
+    predict,
     queued_ms_per_request,
 )
 
@@ -369,9 +370,9 @@ def _profile_dict(**kw) -> dict:
 
 @pytest.mark.parametrize("change,needle", [
     ({"max_batch": {"draft": 16, "router": 16, "prm": 16, "target": 0}},
-     "max_batch.target must be a positive integer, got 0"),  # hung the simulation: empty batches forever
+     "max_batch.target must be a positive integer up to 100000, got 0"),  # hung the simulation: empty batches forever
     ({"max_batch": {"draft": 16, "router": 16, "prm": 16, "target": 16.5}},
-     "max_batch.target must be a positive integer, got 16.5"),
+     "max_batch.target must be a positive integer up to 100000, got 16.5"),
     ({"max_batch": {"draft": 16, "router": 16, "prm": 16}},
      "max_batch.target is missing"),  # was a silent default of 16
     ({"cores": 0}, "cores must be a finite number > 0, got 0"),  # was a ZeroDivisionError
@@ -382,8 +383,10 @@ def _profile_dict(**kw) -> dict:
     ({"curves": {"target": {"base_ms": float("nan"), "per_item_ms": 4}}}, "curves.target.base_ms must be a finite"),
     ({"curves": {"target": {"base_ms": 40}}}, "curves.target.per_item_ms is missing"),
     ({"curves": {"target": {"base_ms": 40, "per_item_ms": 4, "slope": 1}}}, "curves.target: unknown field(s) slope"),
-    ({"steps": [20.5]}, "steps[0] must be a positive integer, got 20.5"),
-    ({"steps": [5, 0]}, "steps[1] must be a positive integer, got 0"),
+    ({"steps": [20.5]}, "steps[0] must be a positive integer up to 100000, got 20.5"),
+    ({"steps": [5, 0]}, "steps[1] must be a positive integer up to 100000, got 0"),
+    ({"steps": [10**9]}, "steps[0] must be a positive integer up to 100000, got 1000000000"),  # hours of simulation
+    ({"hop_ms": 10**400}, "hop_ms must be a finite number >= 0, got 10000000000000000000... (401 characters)"),
     ({"steps": []}, "steps must be a non-empty list"),
     ({"measured": {"target_fraction": 1.5}}, "measured.target_fraction must lie in [0, 1], got 1.5"),
 ])
@@ -434,3 +437,198 @@ def test_an_unreachable_slo_says_the_best_p95_the_search_saw():
     with pytest.raises(Unreachable) as exc:
         plan(prof, "arbitrage", 0.25, rate=1.0, slo_ms=floor - 1)
     assert exc.value.best_p95_ms == floor
+
+
+# --- continuous batching (vLLM pools) ---------------------------------------------------------
+
+def _cont(curve: ServiceCurve, replicas: int = 1, batch: int = 1000, **kw) -> dict[str, Pool]:
+    return {"target": Pool(curve, replicas, batch, "continuous", **kw)}
+
+
+def test_a_continuous_pool_lets_a_call_join_the_running_batch():
+    """A flat curve (a pass costs 100 ms at any batch): on a continuous pool every call is served
+    in 100 ms, whoever else runs (an infinite-server queue); on a static one a call that arrives
+    during a pass waits for it to end."""
+    w = Workload("target", (1,), 1.0)
+    cont = simulate(_cont(ServiceCurve(100.0, 0.0)), w, rate=8.0, n_requests=3000, seed=1)
+    static = simulate({"target": Pool(ServiceCurve(100.0, 0.0), max_batch=1000)}, w, rate=8.0, n_requests=3000,
+                      seed=1)
+    assert max(cont.latencies_ms) == pytest.approx(100.0) and cont.mean_wait_ms["target"] == pytest.approx(0.0)
+    assert statistics.mean(static.latencies_ms) > 130.0
+
+
+def test_a_continuous_pool_is_processor_sharing_and_matches_its_mean_response_time():
+    """ms(b) = 100 b: each of b calls gets 1/b of the replica, egalitarian processor sharing. Its
+    mean response time is E[S] / (1 - rho) whatever the service distribution: 200 ms at rho 0.5."""
+    w = Workload("target", (1,), 1.0)
+    r = simulate(_cont(ServiceCurve(0.0, 100.0)), w, rate=5.0, n_requests=20000, seed=2)
+    assert statistics.mean(r.latencies_ms) == pytest.approx(200.0, rel=0.06)
+    assert r.utilization["target"] == pytest.approx(0.5, rel=0.05)
+
+
+def test_a_continuous_pool_queues_calls_beyond_max_batch():
+    """max_batch 1 (max_num_seqs 1): one call at a time, the rest queue: M/D/1, as a static pool."""
+    w = Workload("target", (1,), 1.0)
+    r = simulate(_cont(ServiceCurve(100.0, 0.0), batch=1), w, rate=5.0, n_requests=20000, seed=1)
+    assert statistics.mean(r.latencies_ms) == pytest.approx(150.0, rel=0.06)
+    assert r.mean_wait_ms["target"] == pytest.approx(50.0, rel=0.15)
+
+
+def test_continuous_work_varies_call_to_call_with_the_curves_cv():
+    w = Workload("target", (1,), 1.0)
+    fixed = simulate(_cont(ServiceCurve(100.0, 0.0)), w, rate=2.0, n_requests=4000, seed=3)
+    varied = simulate(_cont(ServiceCurve(100.0, 0.0, cv=0.5)), w, rate=2.0, n_requests=4000, seed=3)
+    assert statistics.mean(varied.latencies_ms) == pytest.approx(100.0, rel=0.05)
+    assert varied.p(95) > fixed.p(95) == pytest.approx(100.0)
+
+
+def test_without_affinity_a_continuous_call_goes_to_the_least_busy_replica():
+    """ms(b) = 100 b on two replicas sharing one queue: calls spread over both (each runs at
+    most rho/2 loaded), so the mean is lower than one replica at the same rate."""
+    w = Workload("target", (1,), 1.0)
+    one = simulate(_cont(ServiceCurve(0.0, 100.0)), w, rate=8.0, n_requests=6000, seed=4)
+    two = simulate(_cont(ServiceCurve(0.0, 100.0), replicas=2), w, rate=8.0, n_requests=6000, seed=4,
+                   affinity=False)
+    assert statistics.mean(two.latencies_ms) < 0.5 * statistics.mean(one.latencies_ms)
+    assert two.utilization["target"] == pytest.approx(0.4, abs=0.06)
+
+
+def _example_profile(**kw) -> Profile:
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "gpu-profile-llama-1b-8b.assumed.json"
+    return replace(Profile.load(path), **kw)
+
+
+def test_the_example_gpu_profile_batches_its_vllm_pools_continuously():
+    prof = _example_profile()
+    assert prof.batching == {"draft": "continuous", "target": "continuous", "router": "static", "prm": "static"}
+    ones = {"draft": 1, "router": 1, "target": 1}
+    cont = predict(prof, "arbitrage", 0.3, 5.0, ones, n_requests=600)
+    static = predict(replace(prof, batching={}), "arbitrage", 0.3, 5.0, ones, n_requests=600)
+    # the review's case: static batches made every call wait for the running 520 ms target pass
+    assert cont.p(95) < 0.75 * static.p(95)
+    assert cont.load_at_max_batch == static.load_at_max_batch  # the same full-batch capacity
+
+
+def test_the_reviews_case_plans_two_replicas_not_eight():
+    out = plan(_example_profile(), "arbitrage", 0.3, rate=5.0, slo_ms=12000)
+    assert out["replicas"]["draft"] <= 2 and out["replicas"]["target"] <= 2  # static batches planned 8 and 8
+    assert out["predicted_p95_ms"] <= 12000
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"batching": {"target": "dynamic"}}, "batching.target must be one of 'static', 'continuous'"),
+    ({"batching": {"draft_v2": "static"}}, "batching.draft_v2: no pool 'draft_v2' in curves"),
+    ({"batching": ["static"]}, "batching must be a JSON object"),
+    ({"replicas_per_device": {"draft": 0}}, "replicas_per_device.draft must be a positive integer up to 100000, got 0"),
+    ({"replicas_per_device": {"draft": 0.5}}, "replicas_per_device.draft must be a positive integer up to 100000, got 0.5"),
+    ({"session_affinity": "yes"}, "session_affinity must be true or false, got 'yes'"),
+])
+def test_the_serving_fields_of_a_profile_are_checked(change, needle):
+    with pytest.raises(ValueError) as exc:
+        Profile.from_dict(_profile_dict(**change))
+    assert needle in str(exc.value)
+
+
+def test_a_profile_without_the_serving_fields_keeps_its_meaning():
+    d = _profile_dict()
+    for key in ("batching", "replicas_per_device", "session_affinity"):
+        del d[key]
+    prof = Profile.from_dict(d)
+    assert (prof.batching, prof.replicas_per_device, prof.session_affinity) == ({}, {}, True)
+    full = _profile(batching={"target": "continuous"}, replicas_per_device={"draft": 2}, session_affinity=False)
+    assert Profile.from_dict(full.as_dict()) == full
+
+
+# --- session affinity -------------------------------------------------------------------------
+
+def _md(replicas: int) -> dict[str, Pool]:
+    return {"target": Pool(ServiceCurve(100.0, 0.0), replicas=replicas, max_batch=1)}
+
+
+def test_affinity_queues_each_request_at_its_replica_so_two_replicas_queue_longer_than_one_queue():
+    """Two 100 ms servers at 70 % load: one shared queue (M/D/2) against each request pinned to a
+    replica at random (two M/D/1 queues at half the rate): pinning loses the pooling."""
+    w = Workload("target", (1,), 1.0)
+    pinned = simulate(_md(2), w, rate=14.0, n_requests=20000, seed=5)
+    shared = simulate(_md(2), w, rate=14.0, n_requests=20000, seed=5, affinity=False)
+    assert pinned.p(95) > 1.3 * shared.p(95)
+    # M/D/1 at rho 0.7 (Pollaczek-Khinchine): mean wait 0.7 / (2 x 10/s x 0.3) = 117 ms
+    assert pinned.mean_wait_ms["target"] == pytest.approx(117.0, rel=0.1)
+
+
+def test_affinity_changes_nothing_with_one_replica():
+    w = Workload("arbitrage", (5, 6, 7), 0.3, hop_ms=2.0, request_overhead_ms=5.0)
+    pools = {p: Pool(ServiceCurve(40.0, 4.0, cv=0.3), 1, 16, mode)
+             for p, mode in (("draft", "continuous"), ("router", "static"), ("target", "continuous"))}
+    for cores in (None, 2.0):
+        pinned = simulate(pools, w, rate=3.0, n_requests=800, seed=6, cores=cores)
+        shared = simulate(pools, w, rate=3.0, n_requests=800, seed=6, cores=cores, affinity=False)
+        assert pinned.latencies_ms == shared.latencies_ms
+
+
+def test_a_profile_can_switch_affinity_off_for_the_plan():
+    prof = _one_pool_profile()
+    pinned = predict(prof, "draft", 0.0, 14.0, {"draft": 2}, n_requests=6000)
+    shared = predict(replace(prof, session_affinity=False), "draft", 0.0, 14.0, {"draft": 2}, n_requests=6000)
+    assert pinned.p(95) > shared.p(95)
+
+
+# --- replicas sharing a GPU -------------------------------------------------------------------
+
+def test_replicas_on_one_device_share_it():
+    """Two 100 ms replicas packed on one GPU serve what one does: the capacity is one device's,
+    and each call is slower whenever the other replica is busy too."""
+    w = Workload("target", (1,), 1.0)
+    own = {"target": Pool(ServiceCurve(100.0, 0.0), 2, 1)}
+    packed = {"target": Pool(ServiceCurve(100.0, 0.0), 2, 1, replicas_per_device=2)}
+    assert packed["target"].devices == 1 and own["target"].devices == 2
+    a = simulate(own, w, rate=6.0, n_requests=6000, seed=7)
+    b = simulate(packed, w, rate=6.0, n_requests=6000, seed=7)
+    assert b.load_at_max_batch["target"] == pytest.approx(2 * a.load_at_max_batch["target"]) == pytest.approx(0.6)
+    assert statistics.mean(b.latencies_ms) > 1.5 * statistics.mean(a.latencies_ms)
+    # alone on the device (rate so low calls never meet) a replica runs at full speed
+    alone = simulate(packed, w, rate=0.01, n_requests=50, seed=7)
+    assert max(alone.latencies_ms) == pytest.approx(100.0)
+
+
+def test_a_continuous_replica_shares_its_device_too():
+    w = Workload("target", (1,), 1.0)
+    own = simulate(_cont(ServiceCurve(100.0, 0.0), replicas=2), w, rate=6.0, n_requests=4000, seed=8)
+    packed = simulate(_cont(ServiceCurve(100.0, 0.0), replicas=2, replicas_per_device=2), w, rate=6.0,
+                      n_requests=4000, seed=8)
+    assert max(own.latencies_ms) == pytest.approx(100.0) and packed.p(95) > 150.0
+
+
+@pytest.mark.parametrize("affinity,capacity", [(True, 1.5), (False, 2.0)])
+def test_the_capacity_of_packed_replicas_counts_devices(affinity, capacity):
+    """Three replicas two a GPU take two GPUs. Pinned requests give each replica a third of the
+    calls, so the GPU holding two saturates first (1.5 GPUs' worth); one shared queue uses both."""
+    from arbitrage_common.planning.model import calls_per_s_at_max_batch
+
+    one = calls_per_s_at_max_batch(Pool(ServiceCurve(100.0, 0.0), 1, 4))
+    assert calls_per_s_at_max_batch(Pool(ServiceCurve(100.0, 0.0), 3, 4, replicas_per_device=2),
+                                     affinity) == pytest.approx(capacity * one)
+
+
+def test_a_preset_that_packs_replicas_otherwise_than_the_profile_is_flagged():
+    from arbitrage_common.kuberay.targets import target_config
+    from arbitrage_common.planning.planner import packing_warning
+
+    cfg = target_config("llama-1b-8b")  # draft num_gpus 0.5, router and prm 0.25, target 1
+    packed = {"draft": 2, "router": 4, "prm": 4, "target": 1}
+    assert packing_warning(_example_profile(replicas_per_device=packed), cfg, "llama-1b-8b") is None
+    warning = packing_warning(_example_profile(replicas_per_device={**packed, "draft": 1}), cfg, "llama-1b-8b")
+    assert "replicas_per_device.draft is 1, but --preset llama-1b-8b gives each draft replica 0.5 GPU (2 a GPU)" \
+        in warning and "router" not in warning
+    assert packing_warning(_profile(cores=2.0), cfg, "llama-1b-8b") is None  # a CPU profile: no devices
+
+
+def test_the_replica_picks_do_not_depend_on_the_order_the_pools_come_in():
+    """The planner's pools come from a set, whose order changes run to run: the seeded run must not."""
+    w = Workload("arbitrage", (5, 6, 7), 0.3)
+    pools = {p: Pool(ServiceCurve(40.0, 4.0), 2, 16, "continuous") for p in ("draft", "router", "target")}
+    forward = simulate(pools, w, rate=6.0, n_requests=500, seed=9)
+    backward = simulate(dict(reversed(pools.items())), w, rate=6.0, n_requests=500, seed=9)
+    assert forward.latencies_ms == backward.latencies_ms
