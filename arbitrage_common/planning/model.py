@@ -146,7 +146,8 @@ def calls_per_s_at_max_batch(pool: Pool, affinity: bool = True) -> float:
     if ms <= 0:
         return math.inf
     if affinity:
-        return pool.replicas * pool.max_batch / ms * 1000.0 / min(pool.replicas, pool.replicas_per_device)
+        # device_of deals replicas round robin: the most crowded device holds ceil(n / devices)
+        return pool.replicas * pool.max_batch / ms * 1000.0 / math.ceil(pool.replicas / pool.devices)
     return pool.devices * pool.max_batch / ms * 1000.0
 
 
@@ -312,7 +313,7 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
         for name, reps in replicas.items():
             pool = pools[name]
             if pool.batching == "continuous":
-                for rep in reps:
+                for rep in (reps if affinity else reps[:1]):  # without affinity they share one queue
                     q = rep.queue
                     while q:
                         # the least busy replica that serves this queue (one, with affinity): Serve's

@@ -95,6 +95,9 @@ class Profile:
                                  f"pools batch static, vLLM pools continuous), got {mode!r}")
         per_device = {pool: _positive_int(n, f"replicas_per_device.{pool}")
                       for pool, n in _per_pool(d, "replicas_per_device", curves).items()}
+        if cores is not None and any(n > 1 for n in per_device.values()):  # CPU replicas share the cores
+            raise ValueError("replicas_per_device: for GPU profiles only (cores is null); on a CPU profile the "
+                             "replicas share the cores already")
         affinity = d.get("session_affinity", True)
         if not isinstance(affinity, bool):
             raise ValueError(f"session_affinity must be true or false, got {affinity!r}")  # noqa: TRY004 (user input)

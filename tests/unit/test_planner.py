@@ -524,6 +524,7 @@ def test_the_reviews_case_plans_two_replicas_not_eight():
     ({"replicas_per_device": {"draft": 0}}, "replicas_per_device.draft must be a positive integer up to 100000, got 0"),
     ({"replicas_per_device": {"draft": 0.5}}, "replicas_per_device.draft must be a positive integer up to 100000, got 0.5"),
     ({"session_affinity": "yes"}, "session_affinity must be true or false, got 'yes'"),
+    ({"cores": 2, "replicas_per_device": {"draft": 2}}, "replicas_per_device: for GPU profiles only"),
 ])
 def test_the_serving_fields_of_a_profile_are_checked(change, needle):
     with pytest.raises(ValueError) as exc:
@@ -632,3 +633,17 @@ def test_the_replica_picks_do_not_depend_on_the_order_the_pools_come_in():
     forward = simulate(pools, w, rate=6.0, n_requests=500, seed=9)
     backward = simulate(dict(reversed(pools.items())), w, rate=6.0, n_requests=500, seed=9)
     assert forward.latencies_ms == backward.latencies_ms
+
+
+def test_the_full_batch_capacity_of_packed_replicas_follows_their_placement():
+    """Six replicas four to a GPU sit 3 and 3 on two GPUs (round robin): with affinity each
+    replica takes a sixth of the calls, so either GPU saturates at twice one replica's rate."""
+    from arbitrage_common.planning.model import calls_per_s_at_max_batch
+
+    curve = ServiceCurve(100.0, 5.0)
+    one = calls_per_s_at_max_batch(Pool(curve, 1, 16))
+    packed = Pool(curve, 6, 16, replicas_per_device=4)
+    assert packed.devices == 2 and [packed.device_of(i) for i in range(6)] == [0, 1, 0, 1, 0, 1]
+    assert calls_per_s_at_max_batch(packed) == pytest.approx(2 * one)  # was 1.5x: the formula assumed 4 on one
+    assert calls_per_s_at_max_batch(packed, affinity=False) == pytest.approx(2 * one)
+
