@@ -397,15 +397,16 @@ def packing_warning(profile: Profile, cfg, preset: str) -> str | None:
 
 def gpus_and_pods(replicas: dict[str, int], cfg) -> dict:
     """GPUs per pool and worker-group Pods for an AppConfig (a preset) at these replica counts,
-    packed as ``arbitrage k8s render`` packs them. The coordinator's group is included at its
-    configured replica count: the planner does not size it. ``gpus_requested`` sums the replicas'
-    (maybe fractional) GPU shares; ``gpus_provisioned`` is what the Pods hold, the bill."""
+    packed as ``arbitrage k8s render`` packs them. The coordinator's group, and every configured
+    pool the plan does not size (the other policy's scorer, which the preset still deploys), are
+    included at their initial replica counts (``unplanned_replicas``). ``gpus_requested`` sums
+    the replicas' (maybe fractional) GPU shares; ``gpus_provisioned`` is what the Pods hold."""
     from ..kuberay.sizing import coordinator_pods, group_sizes, pods_needed, replica_bounds, replica_demand
 
     specs = {**dict(cfg.pools.configured()), "coordinator": cfg.coordinator}
-    counts = {**{p: n for p, n in replicas.items() if p in specs},
-              "coordinator": replica_bounds(cfg.coordinator).initial}
-    gpus = {p: round(n * replica_demand(p, specs[p]).gpus, 3) for p, n in replicas.items() if p in specs}
+    unplanned = {p: replica_bounds(spec).initial for p, spec in specs.items() if p not in replicas}
+    counts = {**{p: n for p, n in replicas.items() if p in specs}, **unplanned}
+    gpus = {p: round(n * replica_demand(p, specs[p]).gpus, 3) for p, n in counts.items() if p != "coordinator"}
     groups = {}
     for size in group_sizes(cfg):
         demands = [replica_demand(d, specs[d]) for d in size.deployments if d in counts for _ in range(counts[d])]
@@ -418,4 +419,5 @@ def gpus_and_pods(replicas: dict[str, int], cfg) -> dict:
             if p in specs and n > replica_bounds(specs[p]).max}
     return {"gpus_per_pool": gpus, "gpus_requested": round(sum(gpus.values()), 3),
             "gpus_provisioned": sum(g["pods"] * g["gpus_per_pod"] for g in groups.values()),
-            "coordinator_replicas": counts["coordinator"], "worker_groups": groups, "above_config_max_replicas": over}
+            "coordinator_replicas": counts["coordinator"], "worker_groups": groups, "above_config_max_replicas": over,
+            "unplanned_replicas": {p: n for p, n in unplanned.items() if p != "coordinator"}}

@@ -354,7 +354,9 @@ def test_gpus_and_pods_count_the_gpus_the_pods_hold_and_the_coordinator_group():
     out = gpus_and_pods({"draft": 3, "router": 2, "target": 6}, cfg)
     # draft replicas take half a GPU each: 1.5 GPUs requested, held by two one-GPU Pods
     assert out["gpus_per_pool"]["draft"] == 1.5 and out["worker_groups"]["draft"]["pods"] == 2
-    assert out["gpus_requested"] == 8.0 and out["gpus_provisioned"] == 9
+    # the preset still deploys the PRM (RSD's scorer; initial 1, a quarter GPU) beside the router
+    assert out["unplanned_replicas"] == {"prm": 1} and out["gpus_per_pool"]["prm"] == 0.25
+    assert out["gpus_requested"] == 8.25 and out["gpus_provisioned"] == 9
     assert out["gpus_provisioned"] == sum(g["pods"] * g["gpus_per_pod"] for g in out["worker_groups"].values())
     assert out["coordinator_replicas"] == replica_bounds(cfg.coordinator).initial
     assert out["worker_groups"]["coordinator"]["pods"] >= 1
@@ -362,6 +364,16 @@ def test_gpus_and_pods_count_the_gpus_the_pods_hold_and_the_coordinator_group():
     sizes = {size.name: size for size in group_sizes(cfg)}
     assert replica_bounds(cfg.coordinator).min >= 2
     assert out["worker_groups"]["coordinator"]["pods"] == sizes["coordinator"].initial_pods
+
+
+def test_the_unplanned_scorer_takes_its_place_in_the_scorer_pods():
+    """Four router replicas fill one scorer Pod (a quarter GPU each); the PRM the preset still
+    deploys needs a second: the review's case, which counted 1 Pod and 3 GPUs."""
+    from arbitrage_common.kuberay.targets import target_config
+
+    out = gpus_and_pods({"draft": 2, "router": 4, "target": 1}, target_config("llama-1b-8b"))
+    assert out["worker_groups"]["scorers"]["pods"] == 2
+    assert out["gpus_provisioned"] == 1 + 1 + 2  # draft (two halves), target, scorers
 
 
 def _profile_dict(**kw) -> dict:
