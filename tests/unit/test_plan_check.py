@@ -45,7 +45,7 @@ def test_plan_check_predicts_the_configured_replicas_and_saturates_the_cores_at_
     def fake_locust(settings, out, urls, progress):
         if settings.rate is None:
             return {"requests_per_s": capacity, "target_step_fraction": 0.25}
-        return {"requests": 10, "failures_by_status": {}, "e2e_ms": {"p50": 100.0, "p95": 200.0}}
+        return {"requests": 10, "failures_by_status": {"DEADLINE_EXCEEDED": 1}, "e2e_ms": {"p50": 100.0, "p95": 200.0}}
 
     monkeypatch.setattr(plan_check, "run_locust", fake_locust)
     seen = []
@@ -64,3 +64,5 @@ def test_plan_check_predicts_the_configured_replicas_and_saturates_the_cores_at_
     assert core_load(pools, w, capacity, calibrated.cores) == pytest.approx(1.0)
     assert table["calibration_k"] == round(calibrated.measured["scaled_by"], 3)
     assert json.loads((tmp_path / "plan_check.json").read_text())["replicas"]["draft"] == 2
+    (row,) = table["rows"]
+    assert row["failed_share"] == 0.1  # beside a p95 of the successes only
