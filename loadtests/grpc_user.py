@@ -30,7 +30,7 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
         self.transport = transport
 
     def intercept_unary_unary(self, continuation, details, request):
-        started, t0 = time.perf_counter(), records.since_start()
+        started, t0 = records.request_start()
         call = continuation(details, request)
         name = details.method.rsplit("/", 1)[-1]
         try:
@@ -50,7 +50,7 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
         return self._timed(continuation(details, request), details.method.rsplit("/", 1)[-1], request)
 
     def _timed(self, stream, name: str, request):
-        started, t0 = time.perf_counter(), records.since_start()
+        started, t0 = records.request_start()
         rec = records.Record(self.transport, t0, 0.0, "OK", policy=request.policy)
         last, summarized = started, False
         try:

@@ -69,7 +69,7 @@ def _fill(rec: records.Record, prompt: str, result: dict) -> None:
 
 def call_http(session, environment, settings, prompt: str) -> None:
     route = ROUTES[settings.transport]
-    started, t0 = time.perf_counter(), records.since_start()
+    started, t0 = records.request_start()
     rec = records.Record(settings.transport, t0, 0.0, "OK", policy=settings.mix.policy)
     stream = settings.transport == "http-sse"
     with session.post(route, json=_body(settings, prompt), stream=stream, catch_response=True, headers=_AUTH,

@@ -44,7 +44,9 @@ class _Caller:
         if SETTINGS.transport.startswith("grpc"):
             self.grpc_client = make_client(self.environment, SETTINGS)
 
-    def one_request(self) -> None:
+    def one_request(self, scheduled: float | None = None) -> None:
+        """``scheduled``: the open loop's arrival time (perf_counter), where latency starts."""
+        records.schedule_next(scheduled)
         if SETTINGS.transport.startswith("grpc"):
             call_grpc(self.grpc_client, SETTINGS, next_prompt())
         else:
@@ -87,7 +89,7 @@ class OpenLoopUser(_Caller, HttpUser):
                                                      response_length=0, exception=RuntimeError("max_in_flight"))
                 records.add(records.Record(SETTINGS.transport, records.since_start(), 0.0, "DROPPED"))
                 continue
-            pool.spawn(self.one_request)
+            pool.spawn(self.one_request, started + at)
         pool.join(timeout=SETTINGS.client_timeout_s)
         self.environment.runner.quit()
 

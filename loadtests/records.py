@@ -4,6 +4,7 @@ written as JSONL when the run stops."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,6 +58,26 @@ def add(record: Record) -> None:
 
 def since_start() -> float:
     return time.time() - STARTED
+
+
+# Per greenlet (locust patches threading): the open loop's scheduled arrival of the request this
+# greenlet is about to send.
+_scheduled = threading.local()
+
+
+def schedule_next(at_perf_counter: float | None) -> None:
+    """The next request of this greenlet counts from ``at_perf_counter`` (its scheduled arrival)."""
+    _scheduled.at = at_perf_counter
+
+
+def request_start() -> tuple[float, float]:
+    """(perf_counter, seconds since start) a request's times count from: its scheduled arrival
+    when the open loop set one, so a send the scheduler made late counts as latency instead of
+    vanishing (coordinated omission); else now. Taken once per scheduled arrival."""
+    at, now = getattr(_scheduled, "at", None), time.perf_counter()
+    _scheduled.at = None
+    at = now if at is None or at > now else at
+    return at, since_start() - (now - at)
 
 
 def write(path: str | Path) -> int:

@@ -202,3 +202,18 @@ def test_a_streamed_summary_is_graded(monkeypatch):
     summary = ("summary", {"usage": {"target_steps": 1}, "policy": "arbitrage", "answer": 3, "threshold": 0.5})
     rec, _ = _call(monkeypatch, _Body(_events(STEP, summary)))
     assert rec.status == "OK" and rec.correct is True and rec.threshold == 0.5
+
+
+def test_an_open_loop_request_counts_from_its_scheduled_arrival(monkeypatch):
+    """A send the open loop's scheduler made late (a busy client) counts as latency, so the
+    measured p95 does not hide it (coordinated omission); the next call counts from its send."""
+    clock = SimpleNamespace(now=1000.0)
+    clock.perf_counter = clock.time = lambda: clock.now  # a still clock: only the schedule moves
+    monkeypatch.setattr(records, "time", clock)
+    monkeypatch.setattr(http_user, "time", clock)
+    records.schedule_next(clock.now - 0.5)  # the scheduler sends 500 ms after the arrival
+    late, _ = _call(monkeypatch, _Body(_events(STEP, SUMMARY)))
+    on_time, _ = _call(monkeypatch, _Body(_events(STEP, SUMMARY)))  # an arrival is taken once
+    assert (late.e2e_ms, late.ttfs_ms) == (500.0, 500.0)
+    assert (on_time.e2e_ms, on_time.ttfs_ms) == (0.0, 0.0)
+    assert on_time.start_s - late.start_s == pytest.approx(0.5)
