@@ -212,12 +212,11 @@ class _Replica:
     with work ``x`` ends when ``attained`` reaches ``a + x`` (``calls``: a heap of those ends).
     One entry per replica, not per call, keeps the simulation fast at large batches."""
 
-    __slots__ = ("attained", "busy_since", "calls", "device", "pool", "queue", "running")
+    __slots__ = ("attained", "calls", "device", "pool", "queue", "running")
 
     def __init__(self, pool: str, queue: deque, device: tuple[str, int]):
         self.pool, self.queue, self.device = pool, queue, device
         self.running = 0
-        self.busy_since = 0.0
         self.attained = 0.0
         self.calls: list = []  # (end in attained work, rid, work, joined_ms, waited_ms)
 
@@ -303,7 +302,7 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
         pool = pools[rep.pool]
         if not rep.running:
             occupy(rep, True)
-            rep.busy_since, rep.attained = now, 0.0
+            rep.attained = 0.0
             busy.append([None, "engine", None, now, rep])
         work = pool.curve.sample_factor(rng)
         heapq.heappush(rep.calls, (rep.attained + work, rid, work, now, now - enq))
