@@ -38,12 +38,9 @@ _RESOURCE_NAME = re.compile(r"[A-Za-z0-9_.:/-]+")
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 APP_LABEL = "app.kubernetes.io/name"
-# Which RayService a Pod belongs to (its config's name) and, on the head, which Pod it is: the
-# PodDisruptionBudgets and spread constraints select one RayService's Pods by them, never
-# another config's in the same namespace.
+# Which RayService a Pod belongs to (its config's name): the PodDisruptionBudgets and spread
+# constraints select one RayService's Pods by it, never another config's in the same namespace.
 INSTANCE_LABEL = "app.kubernetes.io/instance"
-COMPONENT_LABEL = "app.kubernetes.io/component"
-HEAD_COMPONENT = "ray-head"
 # The first words of every rendered file: render removes a stale file only if it starts so.
 RENDERED_MARK = "# Rendered by `arbitrage k8s render`"
 AUTOSCALER_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
@@ -223,7 +220,7 @@ def _serve_ports(cfg: AppConfig) -> dict[str, int]:
 
 
 def _head_labels(cfg: AppConfig) -> dict[str, str]:
-    return {APP_LABEL: "arbitrage-serve", INSTANCE_LABEL: cfg.name, COMPONENT_LABEL: HEAD_COMPONENT}
+    return {APP_LABEL: "arbitrage-serve", INSTANCE_LABEL: cfg.name}
 
 
 def _group_pod_labels(cfg: AppConfig, group: str) -> dict[str, str]:
