@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from ..config import COORDINATOR, RAY_CLUSTER_ENV, AppConfig, render_serve_config
+from .security import container_security_context, pod_security_context
 from .sizing import GroupSize, SizingError, group_sizes, replica_demand
 from .spec import (
     GROUP_LABEL,
@@ -197,6 +198,7 @@ def _container(name: str, image: str, resources: dict, ports: dict[str, int],
                                  "resources": resources,
                                  "ports": [{"name": n, "containerPort": p} for n, p in ports.items()]}
     container["env"] = [{"name": k, "value": v} for k, v in RAY_CLUSTER_ENV.items()] + [dict(e) for e in env or ()]
+    container["securityContext"] = container_security_context()
     return container
 
 
@@ -245,7 +247,8 @@ def _head(cfg: AppConfig) -> dict[str, Any]:
         "template": {"metadata": {"labels": _head_labels(cfg)},
                      "spec": _add_pod_options({"containers": [_container("ray-head", cfg.cluster.image,
                                                                          _resources(head.cpus, head.memory, 0),
-                                                                         ports, auth_secret_env(cfg))]},
+                                                                         ports, auth_secret_env(cfg))],
+                                               "securityContext": pod_security_context()},
                                               cfg, head)},
     }
 
@@ -291,7 +294,8 @@ def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
         start_params["resources"] = ray_start_resources(size.resources)
     pod_spec: dict[str, Any] = {"containers": [_container("ray-worker", cfg.cluster.image,
                                                           _resources(size.cpus, shape.memory, size.gpus),
-                                                          _serve_ports(cfg), auth_secret_env(cfg))]}
+                                                          _serve_ports(cfg), auth_secret_env(cfg))],
+                                 "securityContext": pod_security_context()}
     pod_spec["topologySpreadConstraints"] = _spread_over_nodes(_group_pod_labels(cfg, size.name))
     if size.gpus:
         pod_spec["tolerations"] = [dict(GPU_TOLERATION)]
@@ -361,7 +365,10 @@ def render_rayservice(cfg: AppConfig) -> dict[str, Any]:
                 "autoscalerOptions": {"version": "v2", "upscalingMode": cluster.upscaling_mode,
                                       "idleTimeoutSeconds": cluster.idle_timeout_s,
                                       "resources": {"requests": dict(AUTOSCALER_RESOURCES),
-                                                    "limits": dict(AUTOSCALER_RESOURCES)}},
+                                                    "limits": dict(AUTOSCALER_RESOURCES)},
+                                      # KubeRay's autoscaler sidecar on the head takes its
+                                      # securityContext from here only, none by default.
+                                      "securityContext": container_security_context()},
                 "headGroupSpec": _head(cfg),
                 "workerGroupSpecs": [_worker(cfg, s) for s in sizes],
             },
