@@ -112,7 +112,9 @@ def openai_response(result: LoopResult, prepared: Prepared, model: str, chat: bo
 
 
 def openai_chunk(prepared: Prepared, model: str, chat: bool, text: str | None, finish: str | None = None,
-                 first: bool = False, result: LoopResult | None = None) -> dict[str, Any]:
+                 first: bool = False, result: LoopResult | None = None, include_usage: bool = False) -> dict[str, Any]:
+    """One streamed chunk. The last (``result`` given) carries the summary under ``arbitrage``, and
+    the usage unless ``include_usage`` asked for OpenAI's separate usage chunk (then null here)."""
     if chat:
         delta: dict[str, Any] = {}
         if first:
@@ -122,13 +124,25 @@ def openai_chunk(prepared: Prepared, model: str, chat: bool, text: str | None, f
         choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
     else:
         choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-    chunk = {"id": ("chatcmpl-" if chat else "cmpl-") + prepared.request_id,
-             "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
-             "model": model, "choices": [choice]}
-    if result is not None:
+    chunk = _chunk_head(prepared, model, chat) | {"choices": [choice]}
+    if include_usage:
+        chunk["usage"] = None
+    elif result is not None:
         chunk["usage"] = _usage(result)
+    if result is not None:
         chunk["arbitrage"] = result_json(result, prepared)
     return chunk
+
+
+def openai_usage_chunk(prepared: Prepared, model: str, chat: bool, result: LoopResult) -> dict[str, Any]:
+    """The chunk ``stream_options.include_usage`` asks for, before ``[DONE]``: empty choices, the usage."""
+    return _chunk_head(prepared, model, chat) | {"choices": [], "usage": _usage(result)}
+
+
+def _chunk_head(prepared: Prepared, model: str, chat: bool) -> dict[str, Any]:
+    return {"id": ("chatcmpl-" if chat else "cmpl-") + prepared.request_id,
+            "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+            "model": model}
 
 
 def step_delta(step: StepRecord) -> str:

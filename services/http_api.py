@@ -286,22 +286,25 @@ def build_http_api(coord: Coordinator) -> FastAPI:
             yield convert.sse(convert.step_json(step), event="step")
         yield convert.sse(convert.result_json(stream.result, prepared), event="summary")
 
-    def openai_events(model: str, chat: bool):
+    def openai_events(model: str, chat: bool, include_usage: bool):
         async def events(prepared: Prepared, stream: LoopStream) -> AsyncIterator[str]:
             first = True
             async for step in coord.steps_of(stream, prepared):
-                yield convert.sse(convert.openai_chunk(prepared, model, chat, convert.step_delta(step), first=first))
+                yield convert.sse(convert.openai_chunk(prepared, model, chat, convert.step_delta(step), first=first,
+                                                       include_usage=include_usage))
                 first = False
             result = stream.result
             yield convert.sse(convert.openai_chunk(prepared, model, chat, None if chat else "",
                                                    finish=convert.OPENAI_FINISH[result.finish_reason],
-                                                   result=result))
+                                                   result=result, include_usage=include_usage))
+            if include_usage:
+                yield convert.sse(convert.openai_usage_chunk(prepared, model, chat, result))
             yield convert.sse("[DONE]")
         return events
 
     async def openai(body: CompletionBody | ChatCompletionBody, chat: bool):
         model = body.model or coord.cfg.served_model_name
-        return await run("openai", body, lambda: body.fields(coord.cfg), openai_events(model, chat),
+        return await run("openai", body, lambda: body.fields(coord.cfg), openai_events(model, chat, body.include_usage),
                          lambda result, prepared: convert.openai_response(result, prepared, model, chat))
 
     # GET and HEAD: load balancers and uptime checks probe with HEAD.

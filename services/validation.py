@@ -258,6 +258,13 @@ def _is_default(value: Any, defaults: tuple[Any, ...]) -> bool:
     return any(type(value) is type(d) and value == d or value is d for d in defaults)
 
 
+class StreamOptionsBody(BaseModel):
+    """OpenAI's ``stream_options``; its other keys (``include_obfuscation``, ...) change no text."""
+
+    include_usage: StrictBool | None = Field(None, description="Send a last chunk with empty choices and the "
+                                                               "usage; every other chunk then has usage null.")
+
+
 class _OpenAIBody(_Extensions):
     model_config = ConfigDict(extra="allow")  # other OpenAI knobs: see ``UNSUPPORTED_OPENAI``
     model: StrictStr | None = Field(None, description="'arbitrage-serve' (default policy) or a policy name.")
@@ -266,12 +273,17 @@ class _OpenAIBody(_Extensions):
     max_completion_tokens: StrictInt | None = Field(None, description="Alias of max_tokens (set one).")
     n: StrictInt = Field(1, description="Only 1 is supported (null: 1).")
     stream: StrictBool = Field(False, description="Server-sent events (null: false).")
+    stream_options: StreamOptionsBody | None = Field(None, description="Only with stream true (as OpenAI and vLLM).")
 
     @field_validator("n", "stream", mode="before")
     @classmethod
     def _null_is_default(cls, value: Any, info: Any) -> Any:
         """OpenAI types ``n`` and ``stream`` nullable; null asks for the default."""
         return cls.model_fields[info.field_name].default if value is None else value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def named_policy(self) -> str | None:
         """The policy the client named: ``policy``, else ``model`` when it is a policy name."""
@@ -292,6 +304,8 @@ class _OpenAIBody(_Extensions):
                 raise InvalidArgument(name, f"is not supported by this server (got {str(value)[:80]!r})")
         if self.n != 1:
             raise InvalidArgument("n", f"only n=1 is supported, got {self.n}")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidArgument("stream_options", "is only allowed when stream is true")
         policy = self.policy
         if self.model is not None and self.model != cfg.served_model_name:
             if self.model not in POLICIES:

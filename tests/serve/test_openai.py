@@ -50,6 +50,23 @@ def test_chat_completion_and_stream(client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
 
 
+def test_include_usage_sends_a_last_chunk_with_the_usage_and_nulls_before_it(client, engine):
+    prompt = problems(4)[3].prompt
+    chunks = list(client.chat.completions.create(model=main_policy(), messages=[{"role": "user", "content": prompt}],
+                                                 stream=True, stream_options={"include_usage": True}))
+    *steps, last = chunks
+    assert last.choices == [] and last.usage.completion_tokens == sum(s.tokens for s in engine.run(prompt, main_policy()).steps)
+    assert all(c.usage is None for c in steps) and steps[-1].choices[0].finish_reason in ("stop", "length")
+    plain = list(client.completions.create(model=main_policy(), prompt=prompt, stream=True))
+    assert all(c.choices for c in plain)  # no usage-only chunk unless asked
+
+
+def test_stream_options_without_stream_is_refused_naming_it(client):
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.completions.create(model="draft", prompt="Start with 3.", stream_options={"include_usage": True})
+    assert info.value.body["param"] == "stream_options"
+
+
 def test_threshold_and_max_steps_through_extra_body(client):
     out = client.completions.create(model="rsd", prompt=problems(1)[0].prompt,
                                     extra_body={"threshold": 0.9, "max_steps": 2})
