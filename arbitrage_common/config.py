@@ -73,7 +73,8 @@ class _Strict(BaseModel):
 class EngineSpec(_Strict):
     """vLLM engine arguments of one pool (``backend: vllm``); the fields ``VLLMStepGenerator`` takes."""
 
-    max_model_len: PositiveInt = Field(4096, description="Prompt + generated tokens per request.")
+    max_model_len: PositiveInt = Field(4096, description="Longest sequence of one request in the engine: prompt "
+                                                         "plus every step generated so far, tokens.")
     dtype: str = Field("auto", description="Weights/activations dtype ('auto', 'bfloat16', 'float32' on CPU).")
     tensor_parallel_size: PositiveInt = Field(1, description="GPUs per engine. >1 needs placement_group_bundles "
                                                              "on the pool (one bundle per GPU).")
@@ -86,18 +87,25 @@ class EngineSpec(_Strict):
                                                                         "VLLM_CPU_KVCACHE_SPACE wins when set.")
     max_num_seqs: PositiveInt | None = Field(None, description="Most sequences per engine step (None: vLLM's "
                                                                "default).")
-    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prefixes (the steps of one "
-                                                          "request).")
+    enable_prefix_caching: bool = Field(True, description="vLLM's automatic prefix caching: reuse the KV blocks of "
+                                                          "a prefix the engine already computed, so each step of a "
+                                                          "request computes only what is new since its last step "
+                                                          "(on the same replica: session_affinity). Off: every step "
+                                                          "recomputes the whole prefix.")
     enforce_eager: bool | None = Field(None, description="No CUDA graphs (None: on for CPU, off on GPU).")
-    quantization: str | None = Field(None, description="vLLM quantization method, e.g. 'awq', 'gptq', "
-                                                       "'bitsandbytes' (None: as the checkpoint says).")
+    quantization: str | None = Field(None, description="vLLM quantization method, e.g. 'awq', 'gptq', 'fp8', "
+                                                       "'bitsandbytes' (None: as the checkpoint's config.json "
+                                                       "quantization_config says, else none). Methods quantized "
+                                                       "ahead of time (awq, awq_marlin, gptq, gptq_marlin, "
+                                                       "compressed-tensors) need a checkpoint with a "
+                                                       "quantization_config (`arbitrage config check --paths`).")
     block_size: PositiveInt | None = Field(None, description="KV block size in tokens (None: 32 on CPU, vLLM's "
                                                              "default on GPU).")
     distributed_executor_backend: Literal["uni", "mp"] | None = Field(
         None, description="Where the model runs: 'uni' in the engine-core process, 'mp' in worker processes of "
                           "its own. None: 'uni' on CPU with tensor_parallel_size 1 (vLLM's CPU build would pick "
                           "'mp', whose worker busy-polls between steps), vLLM's default elsewhere ('uni' on one "
-                          "GPU, 'mp' on several).")
+                          "GPU, 'mp' on several). 'uni' needs tensor_parallel_size 1.")
 
     @model_validator(mode="after")
     def _uni_is_one_worker(self) -> EngineSpec:
@@ -117,26 +125,39 @@ class ModelSpec(_Strict):
                                                          "process; its generator decodes on the CPU only, its "
                                                          "scorers run where model.device says) or 'vllm' "
                                                          "(generator pools only: an AsyncLLM engine per replica; "
-                                                         "the way to generate on GPUs).")
+                                                         "the way to generate on GPUs). The router and PRM pools "
+                                                         "must be 'transformers'.")
     threads: PositiveInt | None = Field(1, description="torch intra-op threads per replica (None: torch's "
                                                        "default, one per core). Keep 1 on small CPU machines.")
-    annotate_history: bool | None = Field(None, description="Scorers only: prefix history steps with 'Model 0: '/"
-                                                            "'Model 1: '. None: as the checkpoint's "
-                                                            "training_meta.json says.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Transformers scorers: where the model runs "
-                                                                      "('auto': the GPU when the replica has one, "
-                                                                      "else the CPU).")
-    trust_remote_code: bool = Field(False, description="Run Python code shipped with the checkpoint (its "
-                                                       "config's auto_map) when loading it. Off unless the "
-                                                       "model needs it and its source is trusted.")
-    engine: EngineSpec | None = Field(None, description="vLLM engine arguments (backend 'vllm' only; None: "
-                                                        "EngineSpec's defaults).")
+    annotate_history: bool | None = Field(None, description="Router and PRM pools: put 'Model 0: ' before each "
+                                                            "earlier step the draft wrote and 'Model 1: ' before "
+                                                            "each the target wrote, as a router trained on "
+                                                            "annotated history expects. None: as the checkpoint's "
+                                                            "training_meta.json says (off without one). true is "
+                                                            "refused when the pool loads a verifier-head router, "
+                                                            "an LM verifier or a value-head PRM (they read plain "
+                                                            "history). Generator pools ignore it.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Router and PRM pools (transformers): where "
+                                                                      "the model runs ('auto': the GPU when Ray "
+                                                                      "gave the replica one, ray_actor_options."
+                                                                      "num_gpus, else the CPU). Generator pools "
+                                                                      "ignore it.")
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with the checkpoint (the auto_map "
+                                                       "of its config.json) when transformers or vLLM loads its "
+                                                       "model and tokenizer. Off unless the model needs it and "
+                                                       "its source is trusted. On, transformers pools load through "
+                                                       "transformers instead of the lean Llama path; a value-head "
+                                                       "PRM refuses it.")
+    engine: EngineSpec | None = Field(None, description="vLLM engine arguments (backend 'vllm' only: refused with "
+                                                        "'transformers'; None: the defaults of its fields).")
     prefix_cache_mb: NonNegativeInt | None = Field(None, description="Transformers backend: MiB of per-request "
                                                                     "prefix KV cache per replica (an LRU; 0 turns "
                                                                     "it off; None: 256), so a step runs only what "
                                                                     "is new since the request's last step. The "
                                                                     "generators (fast Llama path) and causal-LM "
-                                                                    "scorers use it; classifier scorers have none.")
+                                                                    "scorers use it; classifier scorers have none. "
+                                                                    "Refused with backend 'vllm' (its engine "
+                                                                    "caches prefixes: engine.enable_prefix_caching).")
 
     @model_validator(mode="after")
     def _engine_only_with_vllm(self) -> ModelSpec:
@@ -156,9 +177,11 @@ SERVE_METRICS_INTERVAL_S = 10.0
 class AutoscalingSpec(_Strict):
     """The common subset of Ray Serve's ``autoscaling_config``."""
 
-    min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 allows scale to zero).")
-    max_replicas: PositiveInt = Field(1, description="Most replicas.")
-    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time (default min_replicas).")
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 allows scale to zero); at most "
+                                                   "max_replicas.")
+    max_replicas: PositiveInt = Field(1, description="Most replicas; at least min_replicas.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time, within [min_replicas, "
+                                                                 "max_replicas] (None: min_replicas).")
     target_ongoing_requests: PositiveFloat = Field(8.0, description="Load per replica the autoscaler aims for; "
                                                                     "above it, scale up. A model pool's load is "
                                                                     "the rows (request steps) a replica holds, "
@@ -166,11 +189,15 @@ class AutoscalingSpec(_Strict):
                                                                     "coordinator's, its requests.")
     upscale_delay_s: float = Field(5.0, ge=0, description="Seconds load must stay high before scaling up.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Seconds load must stay low before scaling down.")
-    look_back_period_s: PositiveFloat | None = Field(None, description="Seconds of ongoing-request history each "
-                                                                       "decision averages (None: Serve's 30); "
-                                                                       "must exceed metrics_interval_s.")
-    metrics_interval_s: PositiveFloat | None = Field(None, description="Seconds between replicas' load reports "
-                                                                       "(None: Serve's 10).")
+    look_back_period_s: PositiveFloat | None = Field(None, description="Seconds of load history each scaling "
+                                                                       "decision averages (None: Serve's 30). "
+                                                                       "Must be greater than metrics_interval_s "
+                                                                       "(Serve's 10 when that is None), so a "
+                                                                       "decision averages more than one report.")
+    metrics_interval_s: PositiveFloat | None = Field(None, description="Seconds between a replica's load reports "
+                                                                       "to the autoscaler (None: Serve's 10). Must "
+                                                                       "be less than look_back_period_s (Serve's 30 "
+                                                                       "when that is None).")
     load_metric: Literal["rows", "calls"] | None = Field(
         None, exclude_if=lambda v: v is None,
         description="What target_ongoing_requests counts. 'rows': the request steps a replica holds "
@@ -178,7 +205,8 @@ class AutoscalingSpec(_Strict):
                     "(arbitrage_common.autoscaling:rows_policy; model pools only). 'calls': Serve calls, "
                     "Serve's default policy; with merged calls one call carries many requests' steps, so "
                     "a pool would scale with the busy lanes, not the load. None: 'rows' for a pool whose "
-                    "calls the coordinator merges, else 'calls'. Left out of renderings while None.")
+                    "calls the coordinator merges, else 'calls'. The coordinator refuses 'rows' (it scales "
+                    "on its requests). Left out of renderings while None.")
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:
@@ -228,8 +256,9 @@ class ActorOptionsSpec(_Strict):
     resources: dict[str, float] = Field(default_factory=dict, description="Custom resources, e.g. "
                                                                          "{'pool_target': 1} to pin to a worker "
                                                                          "group (`arbitrage k8s render` makes the "
-                                                                         "group's Pods offer them). Not CPU, GPU or "
-                                                                         "memory: num_cpus, num_gpus, memory.")
+                                                                         "group's Pods offer them). Amounts >= 0; "
+                                                                         "names are case-sensitive. Not CPU, GPU "
+                                                                         "or memory: num_cpus, num_gpus, memory.")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100', on a cluster you "
                                                            "start yourself. `arbitrage k8s render` refuses it (no "
                                                            "worker group offers the resource Ray makes of it): "
@@ -258,9 +287,11 @@ class ActorOptionsSpec(_Strict):
 class DeploymentSpec(_Strict):
     """Replica count, resources and queueing of one Ray Serve deployment."""
 
-    num_replicas: PositiveInt | None = Field(None, description="Fixed replica count; exclusive with "
-                                                               "autoscaling_config. Neither: 1.")
-    autoscaling_config: AutoscalingSpec | None = Field(None, description="Autoscale between min and max replicas.")
+    num_replicas: PositiveInt | None = Field(None, description="Fixed replica count; set it or "
+                                                               "autoscaling_config, not both. Neither: 1.")
+    autoscaling_config: AutoscalingSpec | None = Field(None, description="Autoscale between min_replicas and "
+                                                                         "max_replicas (Ray Serve's "
+                                                                         "autoscaling_config). None: num_replicas.")
     ray_actor_options: ActorOptionsSpec = Field(default_factory=ActorOptionsSpec,
                                                 description="Resources of each replica.")
     max_ongoing_requests: PositiveInt = Field(16, description="Requests one replica works on at once; the router "
@@ -318,12 +349,16 @@ class PoolSpec(DeploymentSpec):
                                                 "noise and CPU.")
     max_ongoing_requests: PositiveInt = Field(32, description="Step calls one replica holds at once (running, "
                                                               "batching, or waiting for the running pass); "
-                                                              "the router queues the rest.")
+                                                              "the router queues the rest. At least "
+                                                              "max_batch_size, or batches could never fill.")
     max_batch_size: PositiveInt = Field(16, description="Most calls (steps of concurrent requests) merged into one "
-                                                        "batched forward pass.")
+                                                        "batched forward pass; at most max_ongoing_requests. "
+                                                        "Changed in place on running replicas (the deployment's "
+                                                        "user_config).")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="Seconds an idle pool waits for more calls before "
                                                                "it runs a batch. Under load no wait is needed: calls "
-                                                               "that arrive during a pass join the next one.")
+                                                               "that arrive during a pass join the next one. "
+                                                               "Changed in place, like max_batch_size.")
 
     @model_validator(mode="after")
     def _batching(self) -> PoolSpec:
@@ -333,19 +368,28 @@ class PoolSpec(DeploymentSpec):
         return self
 
     session_affinity: bool = Field(True, description="Send every step of one request to the same replica (a "
-                                                     "session-affine request router keyed by the server's session "
-                                                     "id for each request), so "
-                                                     "the engine's prefix cache is reused. Off: Ray Serve's default "
-                                                     "power-of-two-choices router.")
+                                                     "session-affine request router: rendezvous hashing of the "
+                                                     "session id the server gives each request; with merged calls "
+                                                     "a request keeps its lane and a lane its replica), so the "
+                                                     "replica's prefix cache (engine.enable_prefix_caching, "
+                                                     "prefix_cache_mb) holds the request's earlier steps. A "
+                                                     "replica with a full queue passes the call to the next in "
+                                                     "rank. Matters with more than one replica. Off: Ray Serve's "
+                                                     "default power-of-two-choices router, which scatters a "
+                                                     "request's steps over the replicas.")
     placement_group_bundles: list[dict[str, float]] | None = Field(
         None, description="Ray placement bundles of each replica, e.g. [{'CPU': 1, 'GPU': 1}] * "
-                          "tensor_parallel_size; the first bundle holds the replica actor.")
+                          "tensor_parallel_size; the first bundle holds the replica actor. Required when "
+                          "model.engine.tensor_parallel_size > 1. Resource names are Ray's own (CPU, GPU, memory, "
+                          "case-sensitive) or custom ones; amounts >= 0.")
     placement_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = Field(
-        None, description="How the bundles spread over nodes (None: Ray's PACK).")
+        None, description="How Ray places a replica's bundles on nodes: PACK (on as few nodes as possible), SPREAD "
+                          "(on as many as possible), STRICT_PACK (all on one node, or wait), STRICT_SPREAD (each "
+                          "on its own node, or wait). None: Ray's PACK. Needs placement_group_bundles.")
     placement_group_bundle_label_selector: list[dict[str, str]] | None = Field(
-        None, description="Ray node labels each bundle's node must carry (one selector for all bundles, or one "
-                          "per bundle); how a pool with bundles is pinned to a worker group (the KubeRay rendering "
-                          "merges the group's label into each).")
+        None, description="Ray node labels each bundle's node must carry: one selector for all bundles, or exactly "
+                          "one per bundle; needs placement_group_bundles. How a pool with bundles is pinned to a "
+                          "worker group (the KubeRay rendering merges the group's label into each).")
 
     @field_validator("placement_group_bundles")
     @classmethod
@@ -502,8 +546,12 @@ class PoolsSpec(_Strict):
 
     draft: PoolSpec = Field(description="Draft generator pool (the cheap model writes first).")
     target: PoolSpec = Field(description="Target generator pool (writes routed steps).")
-    router: PoolSpec | None = Field(None, description="Router scorer pool (policy 'arbitrage').")
-    prm: PoolSpec | None = Field(None, description="Process reward model pool (policies 'rsd', 'oracle').")
+    router: PoolSpec | None = Field(None, description="Router scorer pool (policy 'arbitrage'). None: no router; "
+                                                      "requests for 'arbitrage' are refused, and policy.default "
+                                                      "may not be 'arbitrage'.")
+    prm: PoolSpec | None = Field(None, description="Process reward model pool (policies 'rsd', 'oracle'). None: no "
+                                                   "PRM; requests for those are refused, and policy.default may "
+                                                   "be neither.")
 
     def configured(self) -> list[tuple[Role, PoolSpec]]:
         """(role, spec) of every configured pool, generators first."""
@@ -516,7 +564,9 @@ class LoadControlSpec(_Strict):
     coordinator replica moves thresholds toward fewer target calls while its target calls run
     over budget, and back as load falls. A threshold the client sets itself is never moved."""
 
-    enabled: bool = Field(False, description="Run the controller in every coordinator replica.")
+    enabled: bool = Field(False, description="Run the controller in every coordinator replica. Enabled, it needs "
+                                             "latency_budget_ms or in_flight_budget (or both) and at least one "
+                                             "entry in policies.")
     latency_budget_ms: PositiveFloat | None = Field(None, description="Budget for the EWMA of one target call's "
                                                                       "wall latency (queueing and retries "
                                                                       "included), ms. None: no latency signal.")
@@ -533,13 +583,24 @@ class LoadControlSpec(_Strict):
     max_offset: float = Field(0.3, gt=0, le=1, description="Most the threshold moves from its base.")
     interval_s: PositiveFloat = Field(1.0, description="Seconds between updates of the offset.")
     latency_alpha: float = Field(0.2, gt=0, le=1, description="EWMA weight of each new latency sample.")
-    policies: tuple[str, ...] = Field(ADJUSTABLE_POLICIES, description="Policies whose threshold is controlled "
-                                                                       f"(of {', '.join(ADJUSTABLE_POLICIES)}).")
+    policies: tuple[str, ...] = Field(ADJUSTABLE_POLICIES, description="Policies whose threshold is controlled, "
+                                                                       f"each of {', '.join(ADJUSTABLE_POLICIES)} "
+                                                                       "at most once.")
     threshold_limits: dict[str, float] = Field(default_factory=dict, description="Per policy, the furthest "
                                                                                  "threshold the controller may "
                                                                                  "set (arbitrage: a ceiling, "
                                                                                  "default 1; rsd: a floor, "
-                                                                                 "default 0).")
+                                                                                 "default 0). Keys: "
+                                                                                 f"{', '.join(ADJUSTABLE_POLICIES)}"
+                                                                                 "; values in [0, 1]. While "
+                                                                                 "enabled, each must lie beyond "
+                                                                                 "its policy's base threshold "
+                                                                                 "(policy.threshold for the "
+                                                                                 "default policy, else the "
+                                                                                 "policy's default) on the side "
+                                                                                 "of fewer target calls: above "
+                                                                                 "it for arbitrage, below it "
+                                                                                 "for rsd.")
 
     @model_validator(mode="after")
     def _valid(self) -> LoadControlSpec:
@@ -575,16 +636,25 @@ class LoadControlSpec(_Strict):
         return None
 
 
+# For PolicySpec.threshold's description: "rsd [0, 1]; ...".
+_THRESHOLD_RANGES = "; ".join(f"{name} [{cls.threshold_range[0]:g}, {cls.threshold_range[1]:g}]"
+                    for name, cls in POLICIES.items() if cls.threshold_range)
+
+
 class PolicySpec(_Strict):
     """Defaults for requests that do not name a policy or threshold, and which ones they may name."""
 
-    default: str = Field("arbitrage", description=f"Default policy, one of {', '.join(POLICIES)}.")
+    default: str = Field("arbitrage", description=f"Default policy, one of {', '.join(POLICIES)}. The pool its "
+                                                  "scorer needs must be configured (arbitrage: pools.router; rsd, "
+                                                  "oracle: pools.prm).")
     threshold: float | None = Field(None, description="Default threshold of the default policy (None: the "
-                                                      "policy's own default).")
+                                                      "policy's own default), within its range: "
+                                                      f"{_THRESHOLD_RANGES} (the others take none).")
     allowed: list[str] | None = Field(None, exclude_if=lambda v: v is None,
                                       description="Policies a client may name (None: all). oracle and target "
                                                   "run the target on every step: leave them out to keep clients "
-                                                  "off them. Must include the default.")
+                                                  "off them. Names as for default; must include the "
+                                                  "default.")
     threshold_override: bool = Field(True, exclude_if=lambda v: v is True,
                                      description="Clients may set a request's threshold (threshold 0 sends every "
                                                  "step to the target, and an explicit threshold is exempt from "
@@ -631,12 +701,15 @@ class LimitsSpec(_Strict):
 
     max_prompt_chars: PositiveInt = Field(4000, description="Longest prompt accepted, characters.")
     max_steps: PositiveInt = Field(64, description="Largest max_steps a request may ask for.")
-    default_max_steps: PositiveInt = Field(16, description="max_steps when a request sets none.")
+    default_max_steps: PositiveInt = Field(16, description="max_steps when a request sets none; at most "
+                                                           "max_steps.")
     max_new_tokens: PositiveInt = Field(2048, description="Largest max_new_tokens a request may ask for.")
-    default_max_new_tokens: PositiveInt = Field(512, description="max_new_tokens when a request sets none.")
+    default_max_new_tokens: PositiveInt = Field(512, description="max_new_tokens when a request sets none; at "
+                                                                 "most max_new_tokens.")
     step_max_tokens: PositiveInt = Field(64, description="Token limit of one generated step.")
     request_timeout_s: PositiveFloat = Field(60.0, description="Deadline of one request, seconds; past it: "
-                                                               "DEADLINE_EXCEEDED / 504. Requests may ask for less.")
+                                                               "DEADLINE_EXCEEDED / 504. Requests may ask for less. At "
+                                                               "most coordinator.graceful_shutdown_timeout_s.")
     max_body_bytes: PositiveInt = Field(1024 * 1024, description="Largest HTTP request body, bytes (Content-Length, "
                                                                  "or counted as a chunked body arrives); larger: "
                                                                  "413 payload_too_large.")
@@ -656,16 +729,16 @@ class LimitsSpec(_Strict):
         description="With step_pipelining: pipeline a request only if at most this many requests (itself "
                     "included) are in flight on its coordinator replica when it starts; busier, it runs the plain "
                     "loop, so early drafts use spare capacity and never take it from other requests (as "
-                    "speculative decoding is turned off above a batch size). None: every request. Left out of "
-                    "renderings while None.")
+                    "speculative decoding is turned off above a batch size). None: every request. Needs "
+                    "step_pipelining: true. Left out of renderings while None.")
     draft_lookahead: int = Field(0, ge=0, le=8, exclude_if=lambda v: v == 0,
                                  description="Draft lookahead for arbitrage and rsd (LoopRequest.lookahead): one "
                                              "draft call also writes this many steps after its step, as if each "
                                              "were kept, and one scorer call scores them all; while the draft is "
                                              "kept the next steps need no pool call, and a step that goes to the "
                                              "target drops the rest. Same outputs; fewer pool calls for the "
-                                             "dropped drafts' and scores' work. 0: off. Not with "
-                                             "step_pipelining. Left out of renderings while 0.")
+                                             "dropped drafts' and scores' work. 0: off; at most 8. Not "
+                                             "with step_pipelining. Left out of renderings while 0.")
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> LimitsSpec:
@@ -722,16 +795,20 @@ def _not_a_ray_port(port: int) -> int:
 
 
 class HTTPSpec(_Strict):
+    """The HTTP proxy (Serve ``http_options``) on every node."""
+
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 in containers).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port (FastAPI ingress, OpenAI-compatible routes); "
-                                                        "not one of Ray's (6379, 8080, 8265, 10001).")
+                                                        "not one of Ray's (6379, 8080, 8265, 10001), nor grpc.port.")
 
     _port = field_validator("port")(_not_a_ray_port)
 
 
 class GRPCSpec(_Strict):
+    """The gRPC proxy (Serve ``grpc_options``) on every node."""
+
     port: int = Field(9000, ge=1, le=65535, description="gRPC port (ArbitrageService, health, reflection); not one "
-                                                        "of Ray's (6379, 8080, 8265, 10001).")
+                                                        "of Ray's (6379, 8080, 8265, 10001), nor http.port.")
     enable_reflection: bool = Field(True, description="Serve gRPC server reflection.")
 
     _port = field_validator("port")(_not_a_ray_port)
@@ -750,7 +827,9 @@ class AppConfig(_Strict):
                                                "it as 'application' metadata) and the KubeRay RayService's "
                                                "metadata.name: a DNS-1035 label of at most 47 characters.")
     served_model_name: str = Field("arbitrage-serve", description="Model id of the default policy on the "
-                                                                  "OpenAI-compatible routes.")
+                                                                  "OpenAI-compatible routes (/v1/models, and the "
+                                                                  "`model` a request sends; a policy name there "
+                                                                  "picks that policy).")
     base_dir: str | None = Field(None, description="Directory relative model paths resolve against (None: the "
                                                    "builder's working directory). Environment variables expand "
                                                    "where the app is built, e.g. '${ARBITRAGE_HOME}'.")
@@ -761,9 +840,13 @@ class AppConfig(_Strict):
                              "replicas always check their own path.")
     pools: PoolsSpec = Field(description="The model pools.")
     coordinator: CoordinatorSpec = Field(default_factory=CoordinatorSpec, description="The coordinator deployment.")
-    policy: PolicySpec = Field(default_factory=PolicySpec, description="Default policy and threshold.")
+    policy: PolicySpec = Field(default_factory=PolicySpec, description="Default policy and threshold, the "
+                                                                       "policies clients may name, and "
+                                                                       "load-aware thresholds.")
     prompt: PromptSpec = Field(default_factory=PromptSpec, description="Prompt template and step delimiter.")
-    limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits and deadline.")
+    limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Per-request limits (prompt, steps, "
+                                                                       "tokens, message sizes), the deadline, and "
+                                                                       "step pipelining and draft lookahead.")
     auth: AuthSpec = Field(default_factory=AuthSpec, description="API key authentication (off by default).")
     http: HTTPSpec = Field(default_factory=HTTPSpec, description="HTTP proxy options.")
     grpc: GRPCSpec = Field(default_factory=GRPCSpec, description="gRPC proxy options.")

@@ -1,5 +1,6 @@
 """`arbitrage config check` and `arbitrage config list`: validate AppConfig files (presets,
-configs/*.yaml, rendered Serve YAMLs) without loading any weights."""
+configs/*.yaml, rendered Serve YAMLs) without loading any weights. `arbitrage config schema`
+and `arbitrage config reference`: the file's JSON Schema and docs/CONFIG.md (``config_reference``)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,8 @@ from typing import Any
 
 
 def add_config_parser(sub) -> None:
-    config = sub.add_parser("config", help="check and list AppConfig files (presets, configs/*.yaml)")
+    config = sub.add_parser("config", help="check and list AppConfig files (presets, configs/*.yaml); their "
+                                           "schema and field reference (docs/CONFIG.md)")
     config_sub = config.add_subparsers(dest="config_cmd", required=True)
     check = config_sub.add_parser("check", help="validate configs without loading weights: fields, the Serve "
                                                 "rendering, Ray Serve's deployment options, GPU settings")
@@ -22,6 +24,15 @@ def add_config_parser(sub) -> None:
     lst = config_sub.add_parser("list", help="the shipped presets: models and GPUs per replica")
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=_list)
+    schema = config_sub.add_parser("schema", help="print the JSON Schema of an AppConfig file (for an editor's YAML "
+                                                  "language server: docs/CONFIG.md)")
+    schema.set_defaults(func=_schema)
+    ref = config_sub.add_parser("reference", help="write docs/CONFIG.md, every config field with its type, default, "
+                                                  "bounds and description, from the pydantic models")
+    ref.add_argument("--out", help="the file to write ('-': stdout; default: the project's docs/CONFIG.md)")
+    ref.add_argument("--check", action="store_true", help="write nothing; exit 1 when the file differs from the "
+                                                          "models' reference")
+    ref.set_defaults(func=_reference)
 
 
 def default_files() -> list[Path]:
@@ -253,4 +264,35 @@ def _list(args) -> int:
         p = row["pools"]
         print(f"{row['preset']:<20} {p['draft']['path']} -> {p['target']['path']}  "
               f"({row['gpus_one_replica_each']:g} GPUs for one replica of each pool)  {row['file']}")
+    return 0
+
+
+def _schema(args) -> int:
+    from .config_reference import config_schema
+
+    print(json.dumps(config_schema(), indent=2))
+    return 0
+
+
+def _reference(args) -> int:
+    from ..paths import project_home
+    from .config_reference import COMMAND, render_reference
+
+    text = render_reference()
+    if args.out == "-":
+        if args.check:
+            raise ValueError("config reference: --check compares a file; name it with --out FILE")
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.out) if args.out else project_home() / "docs" / "CONFIG.md"
+    if args.check:
+        if not out.is_file() or out.read_text() != text:
+            print(f"config reference --check: {out} differs from the models' reference; run `{COMMAND}` and "
+                  f"commit the result", file=sys.stderr)
+            return 1
+        print(f"config reference --check: {out} matches the models")
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(out)
     return 0
