@@ -136,12 +136,14 @@ class ModelSpec(_Strict):
                                                             "training_meta.json says (off without one). true is "
                                                             "refused when the pool loads a verifier-head router, "
                                                             "an LM verifier or a value-head PRM (they read plain "
-                                                            "history). Generator pools ignore it.")
+                                                            "history). Set on a generator pool it is refused.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Router and PRM pools (transformers): where "
                                                                       "the model runs ('auto': the GPU when Ray "
                                                                       "gave the replica one, ray_actor_options."
                                                                       "num_gpus, else the CPU). Generator pools "
-                                                                      "ignore it.")
+                                                                      "refuse any other value than 'auto' "
+                                                                      "(transformers generates on the CPU, vLLM "
+                                                                      "on the replica's GPUs).")
     trust_remote_code: bool = Field(False, description="Run Python code shipped with the checkpoint (the auto_map "
                                                        "of its config.json) when transformers or vLLM loads its "
                                                        "model and tokenizer. Off unless the model needs it and "
@@ -829,7 +831,7 @@ class AppConfig(_Strict):
     served_model_name: str = Field("arbitrage-serve", description="Model id of the default policy on the "
                                                                   "OpenAI-compatible routes (/v1/models, and the "
                                                                   "`model` a request sends; a policy name there "
-                                                                  "picks that policy).")
+                                                                  "picks that policy). Not a policy name.")
     base_dir: str | None = Field(None, description="Directory relative model paths resolve against (None: the "
                                                    "builder's working directory). Environment variables expand "
                                                    "where the app is built, e.g. '${ARBITRAGE_HOME}'.")
@@ -874,6 +876,28 @@ class AppConfig(_Strict):
                 raise ValueError(f"pools.{role}.model.backend: scorer pools run on 'transformers' "
                                  f"(see docs/PRESETS.md for why)")
         return self
+
+    @model_validator(mode="after")
+    def _scorer_fields_on_scorers(self) -> AppConfig:
+        # Generators would ignore them: refused, so a config never says what does not happen.
+        for role in GENERATOR_ROLES:
+            model = getattr(self.pools, role).model
+            if model.annotate_history is not None:
+                raise ValueError(f"pools.{role}.model.annotate_history: only router and PRM pools annotate the "
+                                 f"history they score; leave it unset on a generator pool")
+            if model.device != "auto":
+                raise ValueError(f"pools.{role}.model.device: only router and PRM pools take a device; a "
+                                 f"generator pool runs where its backend does (transformers: the CPU, vLLM: the "
+                                 f"replica's GPUs); leave it 'auto'")
+        return self
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _not_a_policy(cls, v: str) -> str:
+        if v in POLICIES:  # the OpenAI routes read a policy name in `model` as that policy
+            raise ValueError(f"{v!r} is a policy name, which a request's `model` uses to pick that policy; "
+                             f"choose another id (default 'arbitrage-serve')")
+        return v
 
     @model_validator(mode="after")
     def _drain_outlasts_requests(self) -> AppConfig:

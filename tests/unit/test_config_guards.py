@@ -242,3 +242,22 @@ def test_the_coordinators_queue_is_bounded_by_default_so_overload_is_answered():
     assert options["max_queued_requests"] >= 1
     assert C.default_config().pools.draft.deployment_options("draft")["max_queued_requests"] == -1  # the pools'
     # callers are the coordinator's merged calls, which retry a full pool themselves
+
+
+@pytest.mark.parametrize("role", ["draft", "target"])
+@pytest.mark.parametrize("field,value", [("annotate_history", True), ("annotate_history", False), ("device", "cpu"),
+                                         ("device", "cuda")])
+def test_scorer_only_model_fields_are_refused_on_a_generator_pool(role, field, value):
+    generator = C.PoolSpec(model=C.ModelSpec(path="models/draft", **{field: value}))
+    pools = _pools().model_copy(update={role: generator})
+    with pytest.raises(ValidationError, match=rf"pools\.{role}\.model\.{field}: only router and PRM pools"):
+        C.AppConfig(pools=pools)
+    scorer = C.PoolSpec(model=C.ModelSpec(path="models/router", **{field: value}))
+    assert getattr(C.AppConfig(pools=_pools().model_copy(update={"router": scorer})).pools.router.model, field) == value
+
+
+@pytest.mark.parametrize("name", ["target", "arbitrage", "draft"])
+def test_a_served_model_name_that_is_a_policy_name_is_refused(name):
+    with pytest.raises(ValidationError, match=rf"served_model_name\n.*'{name}' is a policy name"):
+        C.AppConfig(pools=_pools(), served_model_name=name)
+    assert C.AppConfig(pools=_pools(), served_model_name="math-reasoner").served_model_name == "math-reasoner"
