@@ -149,7 +149,7 @@ def _target_fraction(args, prof, policy: str) -> tuple[float, str]:
 def _plan(args) -> int:
     if args.rate is None or args.slo_ms is None:
         raise ValueError("plan: --rate and --slo-ms are required (or run `arbitrage plan profile` / `plan check`)")
-    from ..planning.planner import Unreachable, gpus_and_pods, packing_warning, plan
+    from ..planning.planner import Unreachable, gpus_and_pods, packing_warning, plan, stalled_note
 
     if args.bench and (args.policy is not None or args.target_fraction is not None):
         given = " and ".join(f for f, v in (("--policy", args.policy), ("--target-fraction", args.target_fraction))
@@ -210,6 +210,8 @@ def _plan(args) -> int:
         print(f"{'':<10} load at max batch {r['load_at_max_batch']}{cores} (1 = saturated)")
         if r["headroom_warning"]:
             print(f"{'':<10} warning: {r['headroom_warning']}")
+        if r["stalled_pools"]:
+            print(f"{'':<10} more replicas did not lower p95: {stalled_note(r['stalled_pools'], prof.replicas_per_device)}")
         if "gpus_per_pool" in r:
             print(f"{'':<10} GPUs requested {r['gpus_per_pool']} = {r['gpus_requested']}; the Pods provision "
                   f"{r['gpus_provisioned']} GPUs; worker groups {r['worker_groups']} (coordinator at its "

@@ -182,6 +182,8 @@ class SimResult:
     # Per kept request (as ``latencies_ms``): the ms more replicas could take off it, its waits in
     # the pools' queues plus what batching with others added to its passes (``ms(b) - ms(1)``).
     removable_ms: list[float] = field(default_factory=list)
+    # The same per pool: what more replicas of that pool alone could take off the request.
+    removable_ms_by_pool: list[dict[str, float]] = field(default_factory=list)
 
     def p(self, q: float) -> float:
         xs = sorted(self.latencies_ms)
@@ -189,10 +191,13 @@ class SimResult:
         lo = int(pos)
         return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
 
-    def tail_removable_ms(self, q: float = 95) -> float:
-        """The mean ``removable_ms`` of the requests at or above the ``q``-th percentile latency."""
+    def tail_removable_ms(self, q: float = 95, pools: set[str] | None = None) -> float:
+        """The mean ``removable_ms`` of the requests at or above the ``q``-th percentile latency;
+        with ``pools``, only what those pools add to it."""
         cut = self.p(q)
-        tail = [r for lat, r in zip(self.latencies_ms, self.removable_ms) if lat >= cut]
+        removable = self.removable_ms if pools is None else \
+            [sum(ms for pool, ms in by_pool.items() if pool in pools) for by_pool in self.removable_ms_by_pool]
+        tail = [r for lat, r in zip(self.latencies_ms, removable) if lat >= cut]
         return sum(tail) / len(tail) if tail else 0.0
 
 
@@ -273,7 +278,7 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
     waits: dict[str, list[float]] = {name: [] for name in pools}
     done: dict[int, float] = {}
     reqs: dict[int, _Req] = {}
-    removable = dict.fromkeys(range(n_requests), 0.0)
+    removable: dict[int, dict[str, float]] = {rid: {} for rid in range(n_requests)}
     now = 0.0
 
     def speed() -> float:
@@ -331,7 +336,7 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
                 batching = pool.curve.ms(b) - pool.curve.ms(1)
                 for rid, enq in calls:
                     waits[name].append(now - enq)
-                    removable[rid] += now - enq + batching
+                    removable[rid][name] = removable[rid].get(name, 0.0) + now - enq + batching
                 rep.running = 1
                 occupy(rep, True)
                 busy.append([pool.curve.sample_ms(b, rng), "batch", calls, now, rep])
@@ -375,7 +380,7 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
                 # calls added to it: counted as waiting, where the search looks for a replica.
                 delay = waited + max(now - joined - pools[rep.pool].curve.ms(1) * work, 0.0)
                 waits[rep.pool].append(delay)
-                removable[rid] += delay
+                removable[rid][rep.pool] = removable[rid].get(rep.pool, 0.0) + delay
                 if not rep.running:
                     busy.pop(i)
                     occupy(rep, False)
@@ -415,4 +420,6 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
     stable = max([*loads.values(), cores_used or 0.0]) < 1.0
     return SimResult(kept, {n: busy_ms[n] / (span * pools[n].replicas) for n in pools},
                      {n: (sum(v) / len(v) if v else 0.0) for n, v in waits.items()}, stable=stable,
-                     load_at_max_batch=loads, core_load=cores_used, removable_ms=[removable[i] for i in kept_ids])
+                     load_at_max_batch=loads, core_load=cores_used,
+                     removable_ms=[sum(removable[i].values()) for i in kept_ids],
+                     removable_ms_by_pool=[removable[i] for i in kept_ids])

@@ -35,6 +35,9 @@ MAX_PROFILE_COUNT = 100_000
 # The no-load p95 (the floor no replica count goes under) is simulated at a rate this share of
 # one request per its own service time: requests almost never meet.
 NO_LOAD_SHARE = 0.01
+# Steps of a packed pool the search simulates before it stops growing that pool: two, since its
+# first step may only fill the GPU it has (no throughput), and the next adds a GPU.
+STEPS_TRIED = 2
 
 
 @dataclass(frozen=True)
@@ -272,10 +275,21 @@ def queued_ms_per_request(result: SimResult, calls: dict[str, float]) -> dict[st
     return {p: result.mean_wait_ms[p] * calls.get(p, 0.0) for p in result.mean_wait_ms}
 
 
-def _too_many(profile: Profile, replicas: dict[str, int], pool: str) -> bool:
-    """Whether one more replica of ``pool`` would pass the search's bound."""
-    return replicas[pool] >= MAX_REPLICAS or (profile.cores is not None
-                                              and sum(replicas.values()) >= MAX_REPLICAS_ON_CORES)
+def replicas_step(replicas: int, per_device: int) -> int:
+    """The next replica count that buys a pool capacity. Replicas packed ``per_device`` on a GPU
+    share its throughput, so one added beside busy ones buys none: a packed pool first fills the
+    GPUs it already occupies, then grows a GPU's worth of replicas at a time."""
+    if per_device == 1:
+        return replicas + 1
+    filled = per_device * math.ceil(replicas / per_device)
+    return filled if filled > replicas else replicas + per_device
+
+
+def _too_many(profile: Profile, replicas: dict[str, int], pool: str, grown: int) -> bool:
+    """Whether ``grown`` replicas of ``pool`` would pass the search's bound."""
+    added = grown - replicas[pool]
+    return grown > MAX_REPLICAS or (profile.cores is not None
+                                    and sum(replicas.values()) + added > MAX_REPLICAS_ON_CORES)
 
 
 def no_load_p95(profile: Profile, policy: str, target_fraction: float, seed: int = 0) -> tuple[float, float]:
@@ -287,12 +301,109 @@ def no_load_p95(profile: Profile, policy: str, target_fraction: float, seed: int
     return predict(profile, policy, target_fraction, rate, {}, seed).p(95), rate
 
 
+@dataclass
+class Search:
+    """What the replica search found: the counts, their simulation, every simulated state it kept
+    in order (replicas and p95; a packed pool's step is kept only where it lowered the p95), and
+    the packed pools it stopped growing (``stalled``: pool -> the counts tried and their p95,
+    none lower than the p95 it kept)."""
+
+    replicas: dict[str, int]
+    result: SimResult
+    path: list[tuple[dict[str, int], float]]
+    stalled: dict[str, dict]
+
+
+def search_replicas(profile: Profile, policy: str, target_fraction: float, rate: float, slo_ms: float,
+                    seed: int = 0, floor: float | None = None) -> Search:
+    """Start at one replica a pool. While a pool's load at max batch reaches 1, grow the most
+    loaded one by ``replicas_step`` (no simulation: the loads are exact). Then, while the p95
+    misses the SLO by no more than a request's queueing (the part more replicas can remove), grow
+    the pool where a request spends the most time queued. A replica on a GPU of its own slows no
+    call, so that step is kept (its p95 moves only by sampling noise); a packed pool's step puts
+    replicas on a shared GPU, which slows the calls there and can raise p95, so it is kept only
+    if p95 falls, and when neither that step nor the one after lowers it the pool is left as it
+    is (``stalled``) while the search goes on with the others. ``floor``: the no-load p95, for
+    the messages."""
+    w = workload(profile, policy, target_fraction)
+    replicas = dict.fromkeys(sorted(w.pools()), 1)
+    per_device = {p: profile.replicas_per_device.get(p, 1) for p in replicas}
+    while True:
+        loads = load_at_max_batch(_pools(profile, w, replicas), w, rate, profile.session_affinity)
+        overloaded = {p: load for p, load in loads.items() if load >= 1.0}
+        if not overloaded:
+            break
+        busiest = max(overloaded, key=overloaded.get)
+        grown = replicas_step(replicas[busiest], per_device[busiest])
+        if _too_many(profile, replicas, busiest, grown):
+            raise Unreachable(f"--rate: {rate:g} req/s overloads pool {busiest} even with {replicas[busiest]} "
+                              f"replicas (load at max batch {overloaded[busiest]:.2f})")
+        replicas[busiest] = grown
+    calls = calls_per_request(w)
+    result = predict(profile, policy, target_fraction, rate, replicas, seed)
+    path = [(dict(replicas), result.p(95))]
+    stalled: dict[str, dict] = {}
+    while not (result.stable and result.p(95) <= slo_ms):
+        notes = "" if floor is None else f"; the no-load p95 is {floor:.0f} ms"
+        if stalled:
+            notes += f"; {stalled_note(stalled, per_device)}"
+        growable = set(replicas) - set(stalled)
+        if not growable:
+            raise Unreachable(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable (p95 "
+                              f"{result.p(95):.0f} ms with {replicas}): no pool's next replicas lower it{notes}",
+                              result.p(95))
+        # What more replicas can take off the slowest requests: their queueing and what batching
+        # added to their passes, in the pools the search may still grow. Less than the miss: the
+        # rest is service time at this load (and the stalled pools' sharing of their GPUs).
+        removable, over = result.tail_removable_ms(95, growable), result.p(95) - slo_ms
+        if removable < over:
+            where = f" in pool(s) {', '.join(sorted(growable))}, the ones it may still grow," if stalled else ","
+            raise Unreachable(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable (p95 "
+                              f"{result.p(95):.0f} ms with {replicas}, of which queueing and batching "
+                              f"{removable:.0f} ms{where} less than the {over:.0f} ms over the SLO: the rest is the "
+                              f"service time itself under this load{notes})", result.p(95))
+        queued = {p: q for p, q in queued_ms_per_request(result, calls).items() if p in growable}
+        pool = max(queued, key=queued.get)
+        guarded = per_device[pool] > 1
+        tried = []
+        grown = replicas[pool]
+        for _ in range(STEPS_TRIED if guarded else 1):
+            grown = replicas_step(grown, per_device[pool])
+            if _too_many(profile, replicas, pool, grown):
+                break
+            tried.append((grown, predict(profile, policy, target_fraction, rate, {**replicas, pool: grown}, seed)))
+            if tried[-1][1].p(95) < result.p(95):
+                break
+        if not tried:
+            most = f"{MAX_REPLICAS_ON_CORES} replicas in all on the profile's cores" if profile.cores is not None \
+                else f"{MAX_REPLICAS} replicas a pool"
+            raise Unreachable(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable within {most} "
+                              f"(p95 {result.p(95):.0f} ms with {replicas}{notes})", result.p(95))
+        if not guarded or tried[-1][1].p(95) < result.p(95):
+            replicas[pool], result = tried[-1]
+            path.append((dict(replicas), result.p(95)))
+        else:
+            stalled[pool] = {"replicas": replicas[pool], "p95_ms": round(result.p(95), 1),
+                             "tried": [{"replicas": n, "p95_ms": round(r.p(95), 1)} for n, r in tried]}
+    return Search(replicas, result, path, stalled)
+
+
+def stalled_note(stalled: dict[str, dict], per_device: dict[str, int]) -> str:
+    """One clause per stalled pool (``Search.stalled``): the counts tried, and why they could not help."""
+    notes = []
+    for pool, s in stalled.items():
+        tried = ", ".join(f"{t['replicas']}: {t['p95_ms']:.0f} ms" for t in s["tried"])
+        notes.append(f"pool {pool} kept at {s['replicas']} replica{'s' * (s['replicas'] != 1)} (p95 "
+                     f"{s['p95_ms']:.0f} ms; tried {tried}): its replicas share a GPU {per_device.get(pool, 1)} at a "
+                     f"time, and a busy GPU serves no more for being shared; with replicas_per_device.{pool} 1 "
+                     f"(num_gpus 1) each replica gets a GPU of its own")
+    return "; ".join(notes)
+
+
 def plan(profile: Profile, policy: str, target_fraction: float, rate: float, slo_ms: float,
          seed: int = 0) -> dict:
-    """Replicas per pool: start at one each; while a pool's load at max batch reaches 1, add a
-    replica to the most loaded one; then, while the simulated p95 misses the SLO by no more than
-    a request's queueing (the part more replicas can remove), add a replica to the pool where a
-    request spends the most time queued. An SLO under the no-load p95 is refused up front."""
+    """The fewest replicas per pool ``search_replicas`` finds to hold the SLO. An SLO under the
+    no-load p95 and a rate the cores cannot carry are refused up front."""
     check_inputs(rate, slo_ms, target_fraction, profile, policy)
     w = workload(profile, policy, target_fraction)
     _check_cores_carry(profile, w, rate)
@@ -301,44 +412,14 @@ def plan(profile: Profile, policy: str, target_fraction: float, rate: float, slo
         raise Unreachable(f"--slo-ms: p95 {slo_ms:g} ms is not reachable at any replica count: with no load (a "
                           f"simulation at {floor_rate:.3g} req/s) the p95 is already {floor:.0f} ms, the service "
                           f"time of the requests themselves; ask for {math.ceil(floor):.0f} ms or more", floor)
-    replicas = dict.fromkeys(sorted(w.pools()), 1)
-    calls = calls_per_request(w)
-    while True:
-        loads = load_at_max_batch(_pools(profile, w, replicas), w, rate, profile.session_affinity)
-        overloaded = {p: load for p, load in loads.items() if load >= 1.0}
-        if overloaded:  # the loads are exact: no need to simulate a queue that grows without bound
-            busiest = max(overloaded, key=overloaded.get)
-            if _too_many(profile, replicas, busiest):
-                raise Unreachable(f"--rate: {rate:g} req/s overloads pool {busiest} even with {replicas[busiest]} "
-                                  f"replicas (load at max batch {overloaded[busiest]:.2f})")
-        else:
-            result = predict(profile, policy, target_fraction, rate, replicas, seed)
-            if result.stable and result.p(95) <= slo_ms:
-                break
-            queued = queued_ms_per_request(result, calls)
-            busiest = max(queued, key=queued.get)
-            # What more replicas can take off the slowest requests: their queueing and what batching
-            # added to their passes. Less than the miss: the rest is service time at this load.
-            removable, over = result.tail_removable_ms(95), result.p(95) - slo_ms
-            if removable < over:
-                raise Unreachable(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable (p95 "
-                                  f"{result.p(95):.0f} ms with {replicas}, of which queueing and batching "
-                                  f"{removable:.0f} ms, less than the {over:.0f} ms over the SLO: the rest is the "
-                                  f"service time itself under this load; the no-load p95 is {floor:.0f} ms)",
-                                  result.p(95))
-            if _too_many(profile, replicas, busiest):
-                most = f"{MAX_REPLICAS_ON_CORES} replicas in all on the profile's cores" if profile.cores is not None \
-                    else f"{MAX_REPLICAS} replicas a pool"
-                raise Unreachable(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable within {most} "
-                                  f"(p95 {result.p(95):.0f} ms with {replicas}; the no-load p95 is {floor:.0f} ms)",
-                                  result.p(95))
-        replicas[busiest] += 1
+    found = search_replicas(profile, policy, target_fraction, rate, slo_ms, seed, floor)
+    result = found.result
     out = {"policy": policy, "target_fraction": round(w.target_fraction, 4), "rate": rate, "slo_p95_ms": slo_ms,
-           "replicas": replicas, "predicted_p50_ms": round(result.p(50), 1),
+           "replicas": found.replicas, "predicted_p50_ms": round(result.p(50), 1),
            "predicted_p95_ms": round(result.p(95), 1), "no_load_p95_ms": round(floor, 1),
            "utilization": {k: round(v, 3) for k, v in result.utilization.items()},
            "load_at_max_batch": {k: round(v, 3) for k, v in result.load_at_max_batch.items()},
-           "headroom_warning": headroom_warning(result)}
+           "headroom_warning": headroom_warning(result), "stalled_pools": found.stalled}
     if result.core_load is not None:
         out["core_load"] = round(result.core_load, 3)
     return out

@@ -508,6 +508,10 @@ def test_without_affinity_a_continuous_call_goes_to_the_least_busy_replica():
     assert two.utilization["target"] == pytest.approx(0.4, abs=0.06)
 
 
+# How the llama-1b-8b preset packs its replicas (num_gpus 0.5, 0.25, 1); the example keeps one GPU a replica.
+PRESET_PACKING = {"draft": 2, "target": 1, "router": 4, "prm": 4}
+
+
 def _example_profile(**kw) -> Profile:
     from pathlib import Path
 
@@ -661,3 +665,141 @@ def test_the_full_batch_capacity_of_packed_replicas_follows_their_placement():
     assert calls_per_s_at_max_batch(packed) == pytest.approx(2 * one)  # was 1.5x: the formula assumed 4 on one
     assert calls_per_s_at_max_batch(packed, affinity=False) == pytest.approx(2 * one)
 
+
+
+# --- the search over packed pools -------------------------------------------------------------
+
+def _devices(prof: Profile, replicas: dict[str, int]) -> int:
+    """GPUs a plan occupies as the profile packs it (``Pool.devices``)."""
+    return sum(Pool(prof.curves[p], n, replicas_per_device=prof.replicas_per_device.get(p, 1)).devices
+               for p, n in replicas.items())
+
+
+def _simulations(monkeypatch, most: int) -> list[dict[str, int]]:
+    """The replica counts the planner simulates, in order; more than ``most`` fails the test at
+    once (a search that keeps buying replicas would otherwise run for minutes)."""
+    from arbitrage_common.planning import planner
+
+    seen: list[dict[str, int]] = []
+    real = planner.predict
+
+    def counted(*args, **kw):
+        seen.append(dict(args[4]))
+        assert len(seen) <= most, f"over {most} simulations, the last with {args[4]}: the search does not stop"
+        return real(*args, **kw)
+
+    monkeypatch.setattr(planner, "predict", counted)
+    return seen
+
+
+def test_a_packed_pool_grows_a_gpu_at_a_time_filling_the_gpus_it_has():
+    """A GPU serves the same calls however many replicas share it, so an overloaded pool packed
+    two a GPU needs the GPUs the unpacked pool needs, each filled: 3 GPUs at 21 calls/s of
+    10 a GPU. (One replica at a time left 5 replicas, one GPU half used: 2/5 of the calls on each
+    full GPU, load 0.84, where 6 spread them 0.7 a GPU.)"""
+    from arbitrage_common.planning.planner import replicas_step
+
+    assert [replicas_step(n, 2) for n in (1, 2, 3, 4)] == [2, 4, 4, 6]
+    assert [replicas_step(n, 4) for n in (1, 4, 5)] == [4, 8, 8] and replicas_step(3, 1) == 4
+    unpacked = plan(_one_pool_profile(), "draft", 0.0, rate=21.0, slo_ms=1e6)
+    packed_prof = replace(_one_pool_profile(), replicas_per_device={"draft": 2})
+    packed = plan(packed_prof, "draft", 0.0, rate=21.0, slo_ms=1e6)
+    assert unpacked["replicas"] == {"draft": 3} and packed["replicas"] == {"draft": 6}
+    assert _devices(packed_prof, packed["replicas"]) == 3
+    assert packed["load_at_max_batch"]["draft"] == pytest.approx(0.7)
+
+
+def test_the_reviews_packed_case_keeps_the_draft_that_sharing_a_gpu_slows_and_meets_the_slo(monkeypatch):
+    """The example packed as the llama-1b-8b preset packs: drafts two a GPU. Its one draft engine is
+    always busy: a second on the same GPU halves both engines' speed and pays its own pass, so
+    the p95 rises (12.5 s to 17 s), and it stays above the single replica's for a long way (the
+    search used to climb to 115 replicas, 58 GPUs). The plan keeps one draft replica, says so, and
+    meets the SLO on the other pools, with no more GPUs than the plan that gives every replica a
+    GPU of its own (which can spend its second draft GPU well: 5 against 5 here)."""
+    prof = _example_profile(replicas_per_device=PRESET_PACKING)
+    seen = _simulations(monkeypatch, most=20)
+    out = plan(prof, "arbitrage", 0.3, rate=5.0, slo_ms=12000)
+    assert out["predicted_p95_ms"] <= 12000 and out["replicas"]["draft"] == 1
+    draft = out["stalled_pools"]["draft"]
+    assert [t["replicas"] for t in draft["tried"]] == [2, 4]  # fill its GPU, then a second GPU's worth
+    assert min(t["p95_ms"] for t in draft["tried"]) > draft["p95_ms"]
+    assert all(s.get("draft", 1) in (1, 2, 4) for s in seen)  # never more draft replicas simulated
+    unpacked_prof = _example_profile()
+    assert set(unpacked_prof.replicas_per_device.values()) == {1}
+    unpacked = plan(unpacked_prof, "arbitrage", 0.3, rate=5.0, slo_ms=12000)
+    assert _devices(prof, out["replicas"]) <= _devices(unpacked_prof, unpacked["replicas"])
+
+
+def _packed_small_profile() -> Profile:
+    """Pools of a few ms, the draft two a GPU and the router four, as the GPU presets pack them."""
+    curves = {"draft": ServiceCurve(5, 1), "router": ServiceCurve(8, 0.5), "target": ServiceCurve(40, 4)}
+    return Profile(curves, dict.fromkeys(curves, 16), 2.0, 5.0, (5, 6, 7), None, {},
+                   batching={"draft": "continuous", "target": "continuous"},
+                   replicas_per_device={"draft": 2, "router": 4})
+
+
+def test_the_search_keeps_a_packed_step_only_where_it_lowers_p95():
+    """At 130 req/s the draft needs two GPUs (four replicas) for capacity, and then each GPU
+    more lowers p95; the router's second replica on its GPU (or a second GPU of four) raises it."""
+    from arbitrage_common.planning.planner import search_replicas
+
+    prof = _packed_small_profile()
+    found = search_replicas(prof, "arbitrage", 0.25, rate=130.0, slo_ms=500.0)
+    assert found.result.p(95) <= 500.0
+    packed_steps = 0
+    for (before, p95_before), (after, p95_after) in zip(found.path, found.path[1:]):
+        grown = [p for p in after if after[p] != before[p]]
+        assert len(grown) == 1 and after[grown[0]] > before[grown[0]]
+        if prof.replicas_per_device.get(grown[0], 1) > 1:
+            packed_steps += 1
+            assert p95_after < p95_before, f"{grown[0]} grew to {after[grown[0]]} at a p95 of {p95_after:.0f} ms"
+            assert after[grown[0]] % prof.replicas_per_device[grown[0]] == 0  # whole GPUs
+    assert packed_steps >= 2
+    router = found.stalled["router"]
+    assert found.replicas["router"] == router["replicas"] == 1
+    assert [t["replicas"] for t in router["tried"]] == [4, 8]
+    assert min(t["p95_ms"] for t in router["tried"]) > router["p95_ms"]
+
+
+def test_the_plan_and_its_text_name_a_stalled_pool(tmp_path, capsys):
+    import json
+
+    from arbitrage_common.cli.main import main
+
+    path = tmp_path / "packed.json"
+    path.write_text(json.dumps(_packed_small_profile().as_dict()))
+    base = ["plan", "--profile", str(path), "--rate", "130", "--slo-ms", "500", "--target-fraction", "0.25"]
+    assert main([*base, "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)[0]["stalled_pools"]) == ["router"]
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert "more replicas did not lower p95: pool router kept at 1 replica (p95 " in out
+    assert "; tried 4: " in out and "its replicas share a GPU 4 at a time" in out
+
+
+def test_a_pool_that_sharing_a_gpu_only_slows_is_refused_naming_it_not_grown_without_end(monkeypatch):
+    """One vLLM-like pool, 100 ms a pass whatever its batch, always busy at 20 req/s of 10 steps:
+    a replica of its own GPU each, three meet 1150 ms; two a GPU, the second engine on the GPU
+    halves both (p95 1.3 s to 2.7 s) and more GPUs of two stay above one replica alone, so no
+    step is bought and the refusal names the pool and the packing."""
+    prof = Profile({"draft": ServiceCurve(100, 1)}, {"draft": 64}, 0.0, 0.0, (10,), None, {},
+                   batching={"draft": "continuous"})
+    assert plan(prof, "draft", 0.0, rate=20.0, slo_ms=1150)["replicas"] == {"draft": 3}
+    seen = _simulations(monkeypatch, most=6)
+    with pytest.raises(Unreachable) as exc:
+        plan(replace(prof, replicas_per_device={"draft": 2}), "draft", 0.0, rate=20.0, slo_ms=1150)
+    message = str(exc.value)
+    assert "no pool's next replicas lower it" in message and "pool draft kept at 1 replica" in message
+    assert "with replicas_per_device.draft 1 (num_gpus 1) each replica gets a GPU of its own" in message
+    assert exc.value.best_p95_ms == pytest.approx(1319.6, abs=0.1)
+    assert [s["draft"] for s in seen[1:]] == [1, 2, 4]  # after the no-load run: its plan, then two steps
+
+
+def test_what_replicas_can_remove_is_split_by_pool():
+    w = Workload("arbitrage", (5, 6, 7), 0.3, hop_ms=2.0)
+    pools = {p: Pool(ServiceCurve(40.0, 4.0), 1, 16, mode)
+             for p, mode in (("draft", "continuous"), ("router", "static"), ("target", "continuous"))}
+    r = simulate(pools, w, rate=6.0, n_requests=400, seed=10)
+    assert r.tail_removable_ms(95, set(pools)) == pytest.approx(r.tail_removable_ms(95))
+    parts = [r.tail_removable_ms(95, {p}) for p in pools]
+    assert sum(parts) == pytest.approx(r.tail_removable_ms(95)) and min(parts) > 0
