@@ -57,7 +57,9 @@ LANES_PER_REPLICA = 4
 
 APP_IMPORT_PATH = "services.app:build_app"
 GRPC_SERVICER_FUNCTIONS = [
-    "protos.arbitrage.v1.arbitrage_pb2_grpc.add_ArbitrageServiceServicer_to_server",
+    # The generated registration, with request parsing that leaves a malformed message to the
+    # coordinator (INVALID_ARGUMENT) rather than grpc (UNKNOWN with protobuf's exception text).
+    "services.proxy_status.add_arbitrage_service",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
     # Not a servicer: the hook that runs in every proxy; a dead coordinator replica -> UNAVAILABLE.
     "services.proxy_status.install",

@@ -35,7 +35,7 @@ from protos.arbitrage.v1 import arbitrage_pb2 as pb
 
 from . import convert
 from .handles import PoolHandles
-from .health import PoolHealth, pools_needed, serving_app_name
+from .health import PoolHealth, WatchSlots, pools_needed, serving_app_name
 from .load_metrics import LoadGauges
 from .validation import Prepared, RequestFields, fields_from_proto, prepare
 
@@ -49,6 +49,7 @@ _SPECIAL_TOKENS_MARGIN = 8
 _MIN_DEADLINE_S = 1e-3  # what a request whose admission used up its deadline runs with: it fails at once
 WATCH_RESEND_S = 5.0
 WATCHES_PER_SLOTS = 8  # open health Watch streams: at most one per this many request slots
+WATCH_STALE_S = 3 * WATCH_RESEND_S  # a Watch whose client pulled nothing this long has left
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -162,7 +163,7 @@ class Coordinator:
                                    and m.prefix_cache_mb != 0}
         self._releases: set[asyncio.Task] = set()
         self._inflight = 0  # requests whose steps are being run (``steps_of``)
-        self._watches, self._max_watches = 0, max(1, c.max_ongoing_requests // WATCHES_PER_SLOTS)
+        self._watches = WatchSlots(max(1, c.max_ongoing_requests // WATCHES_PER_SLOTS), WATCH_STALE_S)
         self._retries = Counter("arbitrage_pool_retries_total", description="Pool calls retried, by pool and reason "
                                                                             "(replica died, pool full).",
                                 tag_keys=("role", "reason"))
@@ -492,32 +493,34 @@ class Coordinator:
         (clients that watch it wait; an error would make them retry in a loop)."""
         # Health is open (no API key) and a stream holds one of the replica's request slots
         # for as long as it lives: a share of them at most, so watches cannot starve requests.
-        if self._watches >= self._max_watches:
+        slot = self._watches.take()
+        if slot is None:
             self._abort(grpc_context, _health_refused(convert.ApiError(
                 "resource_exhausted", grpc.StatusCode.RESOURCE_EXHAUSTED, 503,
-                f"too many open health watches on this replica ({self._max_watches}); use Check, or retry")))
-        self._watches += 1
+                f"too many open health watches on this replica ({self._watches.cap}); use Check, or retry")))
         try:
             if request.service not in ("", SERVICE_NAME):
                 while True:
                     yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                    self._watches.pulled(slot)
                     await asyncio.sleep(WATCH_RESEND_S)
             serving = await self.health.current()
             while True:
                 yield self._health_reply(serving)
+                self._watches.pulled(slot)
                 try:
                     serving = await asyncio.wait_for(self.health.wait_change(serving), WATCH_RESEND_S)
                 except TimeoutError:
                     pass
         finally:
-            self._watches -= 1
+            self._watches.release(slot)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's hook for custom autoscaling metrics: the health watches open now, which
         the coordinator's policy takes off Serve's request count
         (``arbitrage_common.autoscaling.requests_policy``). Serve samples it beside its own
         count of ongoing requests, a count at that moment too."""
-        return {WATCHES_METRIC: float(self._watches)}
+        return {WATCHES_METRIC: float(self._watches.open_count())}
 
     # -- HTTP (routes in services.http_api) ------------------------------------------------
     def __serve_build_asgi_app__(self):

@@ -213,3 +213,37 @@ class PoolHealth:
         while True:
             await self.probe()
             await asyncio.sleep(self.period_s)
+
+
+class WatchSlots:
+    """The health Watch streams open on a replica, for its cap and the autoscaler. A stream
+    counts while its client pulls messages (one at least every ``stale_s``: the stream re-sends
+    its status more often). Serve may drop a cancelled stream's generator while it is parked at
+    a ``yield``, without closing it, so its ``finally`` runs only when the garbage collector
+    finds it, or never; silence frees its slot instead."""
+
+    def __init__(self, cap: int, stale_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cap, self.stale_s, self._clock = cap, stale_s, clock
+        self._pulled: dict[int, float] = {}
+        self._next_id = 0
+
+    def open_count(self) -> int:
+        now = self._clock()
+        for key in [k for k, t in self._pulled.items() if now - t > self.stale_s]:
+            del self._pulled[key]
+        return len(self._pulled)
+
+    def take(self) -> int | None:
+        """A slot's key, or None when ``cap`` streams are open."""
+        if self.open_count() >= self.cap:
+            return None
+        self._next_id += 1
+        self._pulled[self._next_id] = self._clock()
+        return self._next_id
+
+    def pulled(self, key: int) -> None:
+        """The stream's client took a message: it is still there."""
+        self._pulled[key] = self._clock()
+
+    def release(self, key: int) -> None:
+        self._pulled.pop(key, None)

@@ -17,6 +17,11 @@ coordinator itself sends when a stream fails (``event: error``), which both the 
 and the OpenAI SDK raise on. Only streams send a response in several chunks, so a started
 response is one.
 
+A gRPC message that does not parse as the method's request (a client's broken serializer) would
+fail in grpc's own deserializer, which answers ``UNKNOWN`` with protobuf's exception text:
+``add_arbitrage_service`` registers the API with a deserializer that hands such a message on as
+``UnparsedRequest``, which the coordinator refuses as ``INVALID_ARGUMENT`` naming ``request``.
+
 ``install`` is listed among the gRPC servicer functions (``GRPC_SERVICER_FUNCTIONS``), the
 one hook Serve runs inside every proxy process: it adds no servicer and wraps the proxy's
 two status mappers and its error-response writer. Every other failure keeps Serve's own
@@ -76,13 +81,13 @@ def install(servicer: Any = None, server: Any = None) -> None:
 
     def grpc_mapper(exc: BaseException, *args: Any, **kwargs: Any):
         err = proxy_error(exc)
-        if err is not None and err.code == "unavailable":
+        if err is not None:  # the same words as the HTTP answer's, not Serve's text
             return ResponseStatus(code=err.grpc_code, is_error=True, message=err.message)
         if isinstance(exc, gRPCStatusError) and exc.grpc_code not in (None, grpc.StatusCode.INTERNAL):
             # The coordinator's own answer (a stream it aborted: bad input, overload, a missed
             # deadline), which it counted and logged; Serve would log a traceback at ERROR for each.
             return ResponseStatus(code=exc.grpc_code, is_error=True, message=exc.grpc_details or "")
-        return grpc_status(exc, *args, **kwargs)  # Serve's: RESOURCE_EXHAUSTED for a full queue
+        return grpc_status(exc, *args, **kwargs)
 
     def http_mapper(exc: BaseException, *args: Any, **kwargs: Any):
         err = proxy_error(exc)
@@ -104,3 +109,60 @@ def install(servicer: Any = None, server: Any = None) -> None:
     proxy.get_grpc_response_status = grpc_mapper
     proxy.get_http_response_status = http_mapper
     proxy.send_http_response_on_exception = http_on_exception
+
+
+class UnparsedRequest:
+    """A request message that did not parse as ``message_type`` (what the coordinator gets),
+    with the fields the coordinator reads before it validates: none set, and its size."""
+
+    policy = request_id = ""
+
+    def __init__(self, message_type: str, size: int) -> None:
+        self.message_type, self._size = message_type, size
+
+    def ByteSize(self) -> int:  # the protobuf message method it stands in for
+        return self._size
+
+
+def _tolerant(handler: Any) -> Any:
+    """``handler`` with a request deserializer that returns an ``UnparsedRequest`` instead of raising."""
+    parse = handler.request_deserializer
+    if parse is None:
+        return handler
+    from google.protobuf.message import DecodeError
+
+    message_type = getattr(parse, "__self__", None)
+    name = message_type.DESCRIPTOR.full_name if message_type is not None else "the request message"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError:
+            return UnparsedRequest(name, len(data))
+
+    return handler._replace(request_deserializer=deserialize)
+
+
+class _TolerantRegistration:
+    """The proxy's gRPC server, as the generated registration sees it: every handler it adds
+    parses requests with ``_tolerant``'s deserializer."""
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, generic_handlers: Any) -> None:
+        for generic in generic_handlers:  # grpc's method-handler table, which Serve's server reads too
+            generic._method_handlers = {m: _tolerant(h) for m, h in generic._method_handlers.items()}
+        self._server.add_generic_rpc_handlers(generic_handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        add = getattr(self._server, "add_registered_method_handlers", None)
+        if add is not None:  # grpcio before 1.63 has only generic handlers
+            add(service, {m: _tolerant(h) for m, h in handlers.items()})
+
+
+def add_arbitrage_service(servicer: Any, server: Any) -> None:
+    """The generated ``add_ArbitrageServiceServicer_to_server``, with ``_tolerant`` deserializers."""
+    from protos.arbitrage.v1 import arbitrage_pb2_grpc
+
+    arbitrage_pb2_grpc.add_ArbitrageServiceServicer_to_server(servicer, _TolerantRegistration(server))

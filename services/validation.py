@@ -174,6 +174,9 @@ def prepare(fields: RequestFields, cfg: AppConfig) -> Prepared:
 # -- gRPC ---------------------------------------------------------------------------------
 def fields_from_proto(req: Any) -> RequestFields:
     """``arbitrage.v1.GenerateRequest`` -> fields (unset optionals stay None)."""
+    if not hasattr(req, "HasField"):  # services.proxy_status.UnparsedRequest: bytes that did not parse
+        raise InvalidArgument("request", f"is not a valid {getattr(req, 'message_type', 'request')} message: "
+                                         f"its bytes do not parse (check the client's serializer)")
     def opt(msg: Any, name: str) -> Any:
         return getattr(msg, name) if msg.HasField(name) else None
 

@@ -247,3 +247,18 @@ def test_an_oversized_request_is_invalid_argument_naming_it(stub, main_metadata,
         stub.Generate(request, metadata=main_metadata, timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith("request:"), info.value.details()
+
+
+@pytest.mark.parametrize("method,call", [("Generate", "unary_unary"), ("GenerateStream", "unary_stream")])
+@pytest.mark.parametrize("data", [b"\x0a\x03\xff\xfeA", b"\xff\xff\xff", b"\x0a\x10abc"],
+                         ids=["bad-utf8", "bad-tag", "truncated"])
+def test_bytes_that_do_not_parse_are_invalid_argument_naming_request(grpc_channel, main_metadata, method, call, data):
+    """A broken client serializer: grpc's own parser would answer UNKNOWN with protobuf's exception text."""
+    rpc = getattr(grpc_channel, call)(f"/arbitrage.v1.ArbitrageService/{method}",
+                                      request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as info:
+        reply = rpc(data, metadata=main_metadata, timeout=30)
+        if call == "unary_stream":
+            list(reply)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert info.value.details().startswith("request: is not a valid arbitrage.v1.GenerateRequest message")

@@ -103,7 +103,7 @@ def test_rendering_round_trips_through_args():
     assert by_name["coordinator"]["user_config"]["scaling"]["target"]["autoscaling_config"]["max_replicas"] == \
         by_name["target"]["autoscaling_config"]["max_replicas"]
     assert rendered["grpc_options"]["port"] == 9000 and rendered["http_options"]["port"] == 8000
-    assert "protos.arbitrage.v1.arbitrage_pb2_grpc.add_ArbitrageServiceServicer_to_server" in \
+    assert "services.proxy_status.add_arbitrage_service" in \
         rendered["grpc_options"]["grpc_servicer_functions"]
 
 

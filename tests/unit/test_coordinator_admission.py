@@ -101,6 +101,58 @@ def test_open_health_watches_take_at_most_an_eighth_of_the_request_slots():
     asyncio.run(run())
 
 
+def test_a_watch_whose_client_left_without_closing_it_frees_its_slot_once_silent():
+    """Serve may drop a cancelled Watch's generator parked at a `yield` without closing it (its
+    `finally` then waits for the garbage collector, or forever): found live, 8 slots leaked down
+    to 6 for good. A stream counts only while its client pulls; one that still pulls keeps its slot."""
+    from grpc_health.v1 import health_pb2
+
+    from services.coordinator import WATCH_STALE_S
+    from services.health import WatchSlots
+
+    now = [0.0]
+    coord = _coordinator(count_s=0.0)
+    coord._watches = WatchSlots(2, WATCH_STALE_S, clock=lambda: now[0])
+    unknown = health_pb2.HealthCheckRequest(service="no.such.Service")
+
+    async def run():
+        left, live = coord.Watch(unknown, _GrpcContext()), coord.Watch(unknown, _GrpcContext())
+        await anext(left)  # parked at its yield, never resumed nor closed: the client is gone
+        await anext(live)
+        with pytest.raises(Exception, match="too many open health watches"):
+            await anext(coord.Watch(unknown, _GrpcContext()))
+        now[0] += WATCH_STALE_S / 2
+        live_next = asyncio.ensure_future(anext(live))  # the live client pulls the next message
+        await asyncio.sleep(0)
+        now[0] += WATCH_STALE_S / 2 + 0.1
+        assert (await coord.record_autoscaling_stats())["arbitrage_health_watches"] == 1.0
+        assert (await anext(coord.Watch(unknown, _GrpcContext()))).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        with pytest.raises(Exception, match="too many open health watches"):  # the live one kept its slot
+            await anext(coord.Watch(unknown, _GrpcContext()))
+        live_next.cancel()
+        return left
+
+    asyncio.run(run())
+
+
+def test_watch_slots_count_a_stream_while_its_client_pulls():
+    from services.health import WatchSlots
+
+    now = [0.0]
+    slots = WatchSlots(2, 15.0, clock=lambda: now[0])
+    a, b = slots.take(), slots.take()
+    assert slots.take() is None and slots.open_count() == 2
+    now[0] = 10.0
+    slots.pulled(a)
+    now[0] = 15.5  # b silent 15.5 s, a 5.5 s
+    assert slots.open_count() == 1
+    c = slots.take()
+    assert c is not None and slots.take() is None
+    slots.release(a)
+    slots.release(a)  # a closed stream's finally after its slot went stale: no harm
+    assert slots.open_count() == 1 and slots.take() is not None and b not in (a, c)
+
+
 def test_a_health_check_of_an_unknown_service_is_not_found_and_logged(caplog):
     import grpc
     from grpc_health.v1 import health_pb2

@@ -65,8 +65,9 @@ def test_other_failures_keep_serves_own_answers():
     (RayActorError(), grpc.StatusCode.UNAVAILABLE),
     (BackPressureError(num_queued_requests=9, max_queued_requests=8), grpc.StatusCode.RESOURCE_EXHAUSTED),
 ])
-def test_grpc_answers_are_retriable_codes(exc, code):
-    assert proxy.get_grpc_response_status(exc, None, "req-1").code == code
+def test_grpc_answers_are_retriable_codes_with_the_https_words(exc, code):
+    status = proxy.get_grpc_response_status(exc, None, "req-1")
+    assert status.code == code and status.message == proxy_status.proxy_error(exc).message
 
 
 def test_a_grpc_status_the_coordinator_set_passes_through_without_a_traceback(caplog):
