@@ -1,36 +1,21 @@
 """The securityContexts of every rendered Pod: the Kubernetes Pod Security Standards'
 ``restricted`` profile (docs/KUBERAY.md §5, "Pod security").
 
-Pod level: who the processes run as and their seccomp profile, so they cover every container of
-the Pod, KubeRay's own included. Container level: the two fields the standard wants on each
+Pod level: non-root and the seccomp profile, so they cover every container of the Pod, KubeRay's
+own included. Container level: the two fields the standard wants on each
 container (``allowPrivilegeEscalation``, ``capabilities``). No Ray imports.
 """
 from __future__ import annotations
 
 from typing import Any
 
-# The user of the rayproject/ray images (docker/base-deps/Dockerfile in ray-project/ray: `ray`,
-# uid 1000, primary group `users`, gid 100), which k8s/Dockerfile keeps (no USER of its own; its
-# files are COPY --chown=ray:users). Numeric on purpose: kubelet refuses runAsNonRoot for an
-# image whose USER is a name it cannot check, unless runAsUser gives the uid.
-RAY_UID = 1000
-RAY_GID = 100
-
 
 def pod_security_context() -> dict[str, Any]:
-    """A Ray Pod's ``securityContext``: non-root as the image's ``ray`` user, RuntimeDefault seccomp."""
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": RAY_UID,
-        "runAsGroup": RAY_GID,
-        # A writable volume of the config's own (a cache, say) becomes group `users`-writable.
-        # OnRootMismatch: kubelet walks a volume's files only when its root is not yet the group's,
-        # not on every Pod start (a volume of model weights is large). Read-only volumes are left
-        # as they are, so weights must be readable by uid 1000 or gid 100, as before.
-        "fsGroup": RAY_GID,
-        "fsGroupChangePolicy": "OnRootMismatch",
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    """A Ray Pod's ``securityContext``: non-root, RuntimeDefault seccomp. No uid of its own: the
+    image's numeric USER runs (the rayproject/ray images' ``USER $RAY_UID``, 1000, which
+    k8s/Dockerfile keeps), kubelet refuses an image that would run as root, and clusters that
+    assign uids and fsGroups per namespace (OpenShift's restricted-v2) can still assign them."""
+    return {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def container_security_context() -> dict[str, Any]:

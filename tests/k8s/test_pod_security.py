@@ -15,7 +15,6 @@ from test_k8s_manifests import built
 
 from arbitrage_common.config import AppConfig
 from arbitrage_common.kuberay.render import render_rayservice
-from arbitrage_common.kuberay.security import RAY_GID, RAY_UID
 from arbitrage_common.kuberay.targets import target_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,18 +192,31 @@ def test_without_the_autoscaler_context_kuberays_sidecar_would_be_refused():
     assert worker["initContainers"][0]["securityContext"] == worker["containers"][0]["securityContext"]
 
 
-def test_the_ray_pods_run_as_the_images_ray_user():
-    """runAsUser/runAsGroup are the rayproject/ray user `ray` (uid 1000, group `users`, gid 100),
-    which k8s/Dockerfile keeps: no USER of its own, its files owned ray:users."""
-    assert (RAY_UID, RAY_GID) == (1000, 100)
+def test_the_ray_pods_run_as_the_images_numeric_non_root_user():
+    """The Pods set runAsNonRoot and no uid: kubelet starts an image whose USER is a non-root
+    number (rayproject/ray's `USER $RAY_UID`, 1000) and refuses one that would run as root or
+    names its user (it cannot check a name). k8s/Dockerfile keeps the Ray image's user: no USER
+    of its own, its files owned ray:users. No fixed uid or fsGroup, so clusters that assign them
+    per namespace (OpenShift's restricted-v2) can."""
     dockerfile = (K8S / "Dockerfile").read_text()
-    assert not re.search(r"^\s*USER\b", dockerfile, re.MULTILINE), "a USER here must match security.RAY_UID"
+    assert not re.search(r"^\s*USER\b", dockerfile, re.MULTILINE), "a USER here must be a non-root number"
     assert re.search(r"^FROM rayproject/ray:", dockerfile, re.MULTILINE)
-    chowns = set(re.findall(r"--chown=(\S+)", dockerfile))
-    assert chowns == {"ray:users"}
+    assert set(re.findall(r"--chown=(\S+)", dockerfile)) == {"ray:users"}
     for spec in kuberay_pod_specs(render_rayservice(target_config("cpu-demo"))).values():
         sc = spec["securityContext"]
-        assert (sc["runAsUser"], sc["runAsGroup"], sc["fsGroup"]) == (RAY_UID, RAY_GID, RAY_GID)
+        assert sc["runAsNonRoot"] is True and not {"runAsUser", "runAsGroup", "fsGroup"} & set(sc)
+        for container in spec["containers"] + spec.get("initContainers", []):
+            assert not {"runAsUser", "runAsGroup"} & set(container.get("securityContext", {}))
+
+
+def test_the_gpu_docs_vllm_image_runs_as_a_numeric_non_root_user():
+    """docs/GPU.md's image on vllm/vllm-openai (root by default) must switch to a numeric
+    non-root USER, or kubelet refuses its Pods under runAsNonRoot."""
+    gpu_md = (K8S.parent / "docs" / "GPU.md").read_text()
+    block = gpu_md[gpu_md.index("FROM vllm/vllm-openai"):]
+    block = block[:block.index("```")]
+    users = re.findall(r"^USER\s+(\S+)", block, re.MULTILINE)
+    assert users and users[-1].isdigit() and int(users[-1]) != 0, users
 
 
 def test_the_redis_data_dir_is_a_volume_its_user_can_write():
