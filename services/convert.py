@@ -111,10 +111,12 @@ def openai_response(result: LoopResult, prepared: Prepared, model: str, chat: bo
             "arbitrage": result_json(result, prepared)}
 
 
-def openai_chunk(prepared: Prepared, model: str, chat: bool, text: str | None, finish: str | None = None,
-                 first: bool = False, result: LoopResult | None = None, include_usage: bool = False) -> dict[str, Any]:
-    """One streamed chunk. The last (``result`` given) carries the summary under ``arbitrage``, and
-    the usage unless ``include_usage`` asked for OpenAI's separate usage chunk (then null here)."""
+def openai_chunk(prepared: Prepared, model: str, chat: bool, created: int, text: str | None,
+                 finish: str | None = None, first: bool = False, result: LoopResult | None = None,
+                 include_usage: bool = False) -> dict[str, Any]:
+    """One streamed chunk; ``created`` is the stream's, the same on every chunk. The last
+    (``result`` given) carries the summary under ``arbitrage``, and the usage unless
+    ``include_usage`` asked for OpenAI's separate usage chunk (then null here)."""
     if chat:
         delta: dict[str, Any] = {}
         if first:
@@ -124,7 +126,7 @@ def openai_chunk(prepared: Prepared, model: str, chat: bool, text: str | None, f
         choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
     else:
         choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-    chunk = _chunk_head(prepared, model, chat) | {"choices": [choice]}
+    chunk = _chunk_head(prepared, model, chat, created) | {"choices": [choice]}
     if include_usage:
         chunk["usage"] = None
     elif result is not None:
@@ -134,15 +136,15 @@ def openai_chunk(prepared: Prepared, model: str, chat: bool, text: str | None, f
     return chunk
 
 
-def openai_usage_chunk(prepared: Prepared, model: str, chat: bool, result: LoopResult) -> dict[str, Any]:
+def openai_usage_chunk(prepared: Prepared, model: str, chat: bool, created: int,
+                       result: LoopResult) -> dict[str, Any]:
     """The chunk ``stream_options.include_usage`` asks for, before ``[DONE]``: empty choices, the usage."""
-    return _chunk_head(prepared, model, chat) | {"choices": [], "usage": _usage(result)}
+    return _chunk_head(prepared, model, chat, created) | {"choices": [], "usage": _usage(result)}
 
 
-def _chunk_head(prepared: Prepared, model: str, chat: bool) -> dict[str, Any]:
+def _chunk_head(prepared: Prepared, model: str, chat: bool, created: int) -> dict[str, Any]:
     return {"id": ("chatcmpl-" if chat else "cmpl-") + prepared.request_id,
-            "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
-            "model": model}
+            "object": "chat.completion.chunk" if chat else "text_completion", "created": created, "model": model}
 
 
 def step_delta(step: StepRecord) -> str:

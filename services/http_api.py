@@ -288,17 +288,17 @@ def build_http_api(coord: Coordinator) -> FastAPI:
 
     def openai_events(model: str, chat: bool, include_usage: bool):
         async def events(prepared: Prepared, stream: LoopStream) -> AsyncIterator[str]:
-            first = True
+            first, created = True, int(time.time())  # one stream, one `created` (as OpenAI and vLLM)
             async for step in coord.steps_of(stream, prepared):
-                yield convert.sse(convert.openai_chunk(prepared, model, chat, convert.step_delta(step), first=first,
-                                                       include_usage=include_usage))
+                yield convert.sse(convert.openai_chunk(prepared, model, chat, created, convert.step_delta(step),
+                                                       first=first, include_usage=include_usage))
                 first = False
             result = stream.result
-            yield convert.sse(convert.openai_chunk(prepared, model, chat, None if chat else "",
+            yield convert.sse(convert.openai_chunk(prepared, model, chat, created, None if chat else "",
                                                    finish=convert.OPENAI_FINISH[result.finish_reason],
                                                    result=result, include_usage=include_usage))
             if include_usage:
-                yield convert.sse(convert.openai_usage_chunk(prepared, model, chat, result))
+                yield convert.sse(convert.openai_usage_chunk(prepared, model, chat, created, result))
             yield convert.sse("[DONE]")
         return events
 

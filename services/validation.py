@@ -307,7 +307,8 @@ class _OpenAIBody(_Extensions):
                 raise InvalidArgument(name, f"is not supported by this server (got {str(value)[:80]!r})")
         if self.n != 1:
             raise InvalidArgument("n", f"only n=1 is supported, got {self.n}")
-        if self.stream_options is not None and not self.stream:
+        if self.stream_options and self.stream_options.model_dump(exclude_none=True) and not self.stream:
+            # As vLLM: an empty object (or nulls), which some clients always send, asks for nothing
             raise InvalidArgument("stream_options", "is only allowed when stream is true")
         policy = self.policy
         if self.model is not None and self.model != cfg.served_model_name:

@@ -57,6 +57,7 @@ def test_include_usage_sends_a_last_chunk_with_the_usage_and_nulls_before_it(cli
     *steps, last = chunks
     assert last.choices == [] and last.usage.completion_tokens == sum(s.tokens for s in engine.run(prompt, main_policy()).steps)
     assert all(c.usage is None for c in steps) and steps[-1].choices[0].finish_reason in ("stop", "length")
+    assert len({c.created for c in chunks}) == 1 and len({c.id for c in chunks}) == 1
     plain = list(client.completions.create(model=main_policy(), prompt=prompt, stream=True))
     assert all(c.choices for c in plain)  # no usage-only chunk unless asked
 
@@ -65,6 +66,8 @@ def test_stream_options_without_stream_is_refused_naming_it(client):
     with pytest.raises(openai.UnprocessableEntityError) as info:
         client.completions.create(model="draft", prompt="Start with 3.", stream_options={"include_usage": True})
     assert info.value.body["param"] == "stream_options"
+    # an empty one asks for nothing: clients that always send it still run (as vLLM takes it)
+    assert client.completions.create(model="draft", prompt="Start with 3.", stream_options={}).choices[0].text
 
 
 def test_threshold_and_max_steps_through_extra_body(client):
