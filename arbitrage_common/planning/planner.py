@@ -374,6 +374,9 @@ def search_replicas(profile: Profile, policy: str, target_fraction: float, rate:
             tried.append((grown, predict(profile, policy, target_fraction, rate, {**replicas, pool: grown}, seed)))
             if tried[-1][1].p(95) < result.p(95):
                 break
+        if not tried and guarded:  # its next GPU's worth passes the cap: the other pools may still help
+            stalled[pool] = {"replicas": replicas[pool], "p95_ms": round(result.p(95), 1), "tried": []}
+            continue
         if not tried:
             most = f"{MAX_REPLICAS_ON_CORES} replicas in all on the profile's cores" if profile.cores is not None \
                 else f"{MAX_REPLICAS} replicas a pool"
@@ -392,9 +395,13 @@ def stalled_note(stalled: dict[str, dict], per_device: dict[str, int]) -> str:
     """One clause per stalled pool (``Search.stalled``): the counts tried, and why they could not help."""
     notes = []
     for pool, s in stalled.items():
+        kept = f"pool {pool} kept at {s['replicas']} replica{'s' * (s['replicas'] != 1)} (p95 {s['p95_ms']:.0f} ms " \
+               f"when it stalled"
+        if not s["tried"]:
+            notes.append(f"{kept}): its next GPU's worth of replicas passes the cap of {MAX_REPLICAS} a pool")
+            continue
         tried = ", ".join(f"{t['replicas']}: {t['p95_ms']:.0f} ms" for t in s["tried"])
-        notes.append(f"pool {pool} kept at {s['replicas']} replica{'s' * (s['replicas'] != 1)} (p95 "
-                     f"{s['p95_ms']:.0f} ms; tried {tried}): its replicas share a GPU {per_device.get(pool, 1)} at a "
+        notes.append(f"{kept}; tried {tried}): its replicas share a GPU {per_device.get(pool, 1)} at a "
                      f"time, and a busy GPU serves no more for being shared; with replicas_per_device.{pool} 1 "
                      f"(num_gpus 1) each replica gets a GPU of its own")
     return "; ".join(notes)

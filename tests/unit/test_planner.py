@@ -803,3 +803,17 @@ def test_what_replicas_can_remove_is_split_by_pool():
     assert r.tail_removable_ms(95, set(pools)) == pytest.approx(r.tail_removable_ms(95))
     parts = [r.tail_removable_ms(95, {p}) for p in pools]
     assert sum(parts) == pytest.approx(r.tail_removable_ms(95)) and min(parts) > 0
+
+
+def test_a_packed_pool_whose_next_gpu_passes_the_cap_stalls_and_the_search_goes_on(monkeypatch):
+    """Under a cap of 3 a pool, the router (four a GPU) cannot take its next GPU's worth (4): it is
+    stalled with nothing tried, and the target's third replica meets the SLO, where the search
+    used to refuse it as unreachable within the cap."""
+    from arbitrage_common.planning import planner
+
+    monkeypatch.setattr(planner, "MAX_REPLICAS", 3)
+    found = planner.search_replicas(_packed_small_profile(), "arbitrage", 0.25, rate=80.0, slo_ms=420.0)
+    assert found.result.p(95) <= 420.0 and found.replicas == {"draft": 1, "router": 1, "target": 3}
+    assert found.stalled["router"]["tried"] == []
+    assert "pool router kept at 1 replica (p95 " in planner.stalled_note(found.stalled, {"router": 4, "draft": 2})
+    assert "passes the cap of 3 a pool" in planner.stalled_note(found.stalled, {"router": 4, "draft": 2})
