@@ -131,8 +131,8 @@ def _tolerant(handler: Any) -> Any:
         return handler
     from google.protobuf.message import DecodeError
 
-    message_type = getattr(parse, "__self__", None)
-    name = message_type.DESCRIPTOR.full_name if message_type is not None else "the request message"
+    descriptor = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)  # FromString's message class
+    name = descriptor.full_name if descriptor is not None else "request"
 
     def deserialize(data: bytes) -> Any:
         try:

@@ -20,6 +20,8 @@ from arbitrage_common.interfaces import GenerationOptions
 from arbitrage_common.loop import LoopRequest
 from arbitrage_common.policies import POLICIES, make_policy
 
+from .proxy_status import UnparsedRequest
+
 CHAT_ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
 MAX_REQUEST_ID_CHARS = 128
 SEED_RANGE = (-2**63, 2**63 - 1)  # the proto's int64, whatever the transport
@@ -174,9 +176,10 @@ def prepare(fields: RequestFields, cfg: AppConfig) -> Prepared:
 # -- gRPC ---------------------------------------------------------------------------------
 def fields_from_proto(req: Any) -> RequestFields:
     """``arbitrage.v1.GenerateRequest`` -> fields (unset optionals stay None)."""
-    if not hasattr(req, "HasField"):  # services.proxy_status.UnparsedRequest: bytes that did not parse
-        raise InvalidArgument("request", f"is not a valid {getattr(req, 'message_type', 'request')} message: "
-                                         f"its bytes do not parse (check the client's serializer)")
+    if isinstance(req, UnparsedRequest):  # bytes that did not parse (services.proxy_status)
+        raise InvalidArgument("request", f"is not a valid {req.message_type} message: its bytes do not parse "
+                                         f"(check the client's serializer)")
+
     def opt(msg: Any, name: str) -> Any:
         return getattr(msg, name) if msg.HasField(name) else None
 
