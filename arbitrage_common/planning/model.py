@@ -179,10 +179,9 @@ class SimResult:
     stable: bool                       # every load below 1
     load_at_max_batch: dict[str, float] = field(default_factory=dict)
     core_load: float | None = None     # None on GPUs (no ``cores``)
-    # Per kept request (as ``latencies_ms``): the ms more replicas could take off it, its waits in
-    # the pools' queues plus what batching with others added to its passes (``ms(b) - ms(1)``).
-    removable_ms: list[float] = field(default_factory=list)
-    # The same per pool: what more replicas of that pool alone could take off the request.
+    # Per kept request (as ``latencies_ms``), by pool: the ms more replicas of that pool could take
+    # off it, its waits in the pool's queue plus what batching with others added to its passes
+    # (``ms(b) - ms(1)``).
     removable_ms_by_pool: list[dict[str, float]] = field(default_factory=list)
 
     def p(self, q: float) -> float:
@@ -192,11 +191,11 @@ class SimResult:
         return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
 
     def tail_removable_ms(self, q: float = 95, pools: set[str] | None = None) -> float:
-        """The mean ``removable_ms`` of the requests at or above the ``q``-th percentile latency;
-        with ``pools``, only what those pools add to it."""
+        """The mean removable ms (``removable_ms_by_pool``, summed over ``pools``, else over all)
+        of the requests at or above the ``q``-th percentile latency."""
         cut = self.p(q)
-        removable = self.removable_ms if pools is None else \
-            [sum(ms for pool, ms in by_pool.items() if pool in pools) for by_pool in self.removable_ms_by_pool]
+        removable = [sum(ms for pool, ms in by_pool.items() if pools is None or pool in pools)
+                     for by_pool in self.removable_ms_by_pool]
         tail = [r for lat, r in zip(self.latencies_ms, removable) if lat >= cut]
         return sum(tail) / len(tail) if tail else 0.0
 
@@ -421,5 +420,4 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
     return SimResult(kept, {n: busy_ms[n] / (span * pools[n].replicas) for n in pools},
                      {n: (sum(v) / len(v) if v else 0.0) for n, v in waits.items()}, stable=stable,
                      load_at_max_batch=loads, core_load=cores_used,
-                     removable_ms=[sum(removable[i].values()) for i in kept_ids],
                      removable_ms_by_pool=[removable[i] for i in kept_ids])
