@@ -60,7 +60,7 @@ GRPC_SERVICER_FUNCTIONS = [
     # The generated registration, with request parsing that leaves a malformed message to the
     # coordinator (INVALID_ARGUMENT) rather than grpc (UNKNOWN with protobuf's exception text).
     "services.proxy_status.add_arbitrage_service",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "services.proxy_status.add_health_service",
     # Not a servicer: the hook that runs in every proxy; a dead coordinator replica -> UNAVAILABLE.
     "services.proxy_status.install",
 ]

@@ -37,6 +37,7 @@ from . import convert
 from .handles import PoolHandles
 from .health import PoolHealth, WatchSlots, pools_needed, serving_app_name
 from .load_metrics import LoadGauges
+from .proxy_status import UnparsedRequest
 from .validation import Prepared, RequestFields, fields_from_proto, prepare
 
 logger = logging.getLogger("ray.serve")
@@ -470,7 +471,14 @@ class Coordinator:
         raise _GrpcAbort(err.message) from None
 
     # -- gRPC: grpc.health.v1.Health (open: no API key) -------------------------------
+    def _refuse_unparsed(self, request: Any, grpc_context: Any) -> None:
+        if isinstance(request, UnparsedRequest):  # bytes that did not parse (services.proxy_status)
+            self._abort(grpc_context, _health_refused(convert.invalid(
+                "request", f"is not a valid {request.message_type} message: its bytes do not parse "
+                           f"(check the client's serializer)")))
+
     def _check_service(self, request: Any, grpc_context: Any) -> None:
+        self._refuse_unparsed(request, grpc_context)
         if request.service not in ("", SERVICE_NAME):
             self._abort(grpc_context, _health_refused(convert.ApiError(
                 "not_found", grpc.StatusCode.NOT_FOUND, 404, f"unknown service {request.service[:64]!r}")))
@@ -493,6 +501,7 @@ class Coordinator:
         (clients that watch it wait; an error would make them retry in a loop)."""
         # Health is open (no API key) and a stream holds one of the replica's request slots
         # for as long as it lives: a share of them at most, so watches cannot starve requests.
+        self._refuse_unparsed(request, grpc_context)
         slot = self._watches.take()
         if slot is None:
             self._abort(grpc_context, _health_refused(convert.ApiError(

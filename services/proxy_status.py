@@ -19,8 +19,9 @@ response is one.
 
 A gRPC message that does not parse as the method's request (a client's broken serializer) would
 fail in grpc's own deserializer, which answers ``UNKNOWN`` with protobuf's exception text:
-``add_arbitrage_service`` registers the API with a deserializer that hands such a message on as
-``UnparsedRequest``, which the coordinator refuses as ``INVALID_ARGUMENT`` naming ``request``.
+``add_arbitrage_service`` and ``add_health_service`` register the API and grpc.health.v1 with a
+deserializer that hands such a message on as ``UnparsedRequest``, which the coordinator refuses
+as ``INVALID_ARGUMENT`` naming ``request``.
 
 ``install`` is listed among the gRPC servicer functions (``GRPC_SERVICER_FUNCTIONS``), the
 one hook Serve runs inside every proxy process: it adds no servicer and wraps the proxy's
@@ -166,3 +167,10 @@ def add_arbitrage_service(servicer: Any, server: Any) -> None:
     from protos.arbitrage.v1 import arbitrage_pb2_grpc
 
     arbitrage_pb2_grpc.add_ArbitrageServiceServicer_to_server(servicer, _TolerantRegistration(server))
+
+
+def add_health_service(servicer: Any, server: Any) -> None:
+    """grpc.health.v1's generated ``add_HealthServicer_to_server``, with ``_tolerant`` deserializers."""
+    from grpc_health.v1 import health_pb2_grpc
+
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, _TolerantRegistration(server))

@@ -155,6 +155,7 @@ def check_file(file: str | Path, paths: bool = False, cluster: bool | None = Non
 
     from ..config import AppConfig, application_config, render_serve_config, render_serve_yaml, yaml_error
     from ..kuberay.render import cluster_problems
+    from ..kuberay.security import volume_profile_problems
     from ..presets import Finding, model_path_problems, resource_problems
 
     path = Path(file)
@@ -200,6 +201,8 @@ def check_file(file: str | Path, paths: bool = False, cluster: bool | None = Non
             warnings += [Finding(prefix + p.field, p.message) for p in serve_warnings + res_warnings]
             if cluster or (cluster is None and not prefix and "cluster" in raw):
                 errors += [Finding(prefix + field, message) for field, message in cluster_problems(cfg)]
+                warnings += [Finding(prefix + field, message)
+                             for field, message in volume_profile_problems(cfg.cluster)]
             if paths:
                 errors += [Finding(prefix + p.field, p.message) for p in model_path_problems(cfg)]
             pools.update(_pool_summary(cfg))

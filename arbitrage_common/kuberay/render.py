@@ -417,9 +417,12 @@ def autoscaling_at_max_rule(cfg: AppConfig) -> dict[str, Any] | None:
     if not autoscaled:
         return None
     by = "namespace, application, deployment"
+    # The bounds are this config's: with its namespace known, another namespace's application of
+    # the same name (other bounds) is left out. Unset, the namespace is kubectl's, unknown here.
+    scope = f'namespace="{cfg.cluster.namespace}",' if cfg.cluster.namespace else ""
     expr = "\nor\n".join(
-        f'max by ({by}) (ray_serve_autoscaling_target_replicas{{application="{cfg.name}",deployment="{name}"}}) '
-        f">= {auto.max_replicas}" for name, auto in autoscaled)
+        f'max by ({by}) (ray_serve_autoscaling_target_replicas{{{scope}application="{cfg.name}",'
+        f'deployment="{name}"}}) >= {auto.max_replicas}' for name, auto in autoscaled)
     for_s = max(AT_MAX_MIN_FOR_S, math.ceil(max(a.downscale_delay_s for _, a in autoscaled)) + AT_MAX_FOR_MARGIN_S)
     for_m = math.ceil(for_s / 60)
     bounds = ", ".join(f"{name} {auto.max_replicas}" for name, auto in autoscaled)

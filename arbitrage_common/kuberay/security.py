@@ -23,3 +23,26 @@ def container_security_context() -> dict[str, Any]:
     capabilities. KubeRay copies the Ray container's onto the workers' ``wait-gcs-ready`` init
     container; the autoscaler sidecar gets it from ``autoscalerOptions.securityContext``."""
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+# The volume sources the ``restricted`` profile admits; ``baseline`` refuses only hostPath.
+RESTRICTED_VOLUME_SOURCES = frozenset({"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                                       "persistentVolumeClaim", "projected", "secret"})
+
+
+def volume_profile_problems(cluster: Any) -> list[tuple[str, str]]:
+    """(field, message) per config volume (``cluster``: a ``ClusterSpec``) whose source takes its
+    Pods out of the ``restricted`` profile: a namespace that enforces it refuses them. A warning,
+    not an error: a node-local model cache (hostPath) is a fair choice where nothing enforces it."""
+    problems = []
+    for shape in ("head", "draft", "target", "scorers", "coordinator"):
+        for i, volume in enumerate(getattr(cluster, shape).volumes):
+            source = next((key for key in volume if key != "name"), "?")
+            if source in RESTRICTED_VOLUME_SOURCES:
+                continue
+            profiles = "profiles 'baseline' and 'restricted'" if source == "hostPath" else "profile 'restricted'"
+            message = (f"volume {volume.get('name')!r} takes these Pods out of the Pod Security Standards' "
+                       f"{profiles}: a namespace that enforces it refuses them ('restricted' admits "
+                       f"{', '.join(sorted(RESTRICTED_VOLUME_SOURCES))})")
+            problems.append((f"cluster.{shape}.volumes[{i}].{source}", message))
+    return problems

@@ -316,3 +316,34 @@ def test_the_checker_admits_what_the_profile_allows(allowed):
     spec = _compliant()
     allowed(spec)
     assert restricted_violations(spec) == []
+
+
+@pytest.mark.parametrize("source,profiles", [({"hostPath": {"path": "/mnt/models"}}, "profiles 'baseline' and 'restricted'"),
+                                             ({"nfs": {"server": "nfs.local", "path": "/models"}}, "profile 'restricted'")])
+def test_config_check_warns_of_a_volume_that_leaves_the_profile(tmp_path, source, profiles):
+    """The Pods it renders are refused where the profile is enforced; check says so, naming the field."""
+    from arbitrage_common.cli.config_cmd import check_file
+
+    data = target_config("llama-1b-8b").model_dump(mode="json")
+    data["cluster"]["target"].update(volumes=[{"name": "models", **source}],
+                                     volume_mounts=[{"name": "models", "mountPath": "/models", "readOnly": True}])
+    specs = kuberay_pod_specs(render_rayservice(AppConfig.model_validate(data)))
+    assert [name for name, spec in specs.items() if restricted_violations(spec)] == ["target"]
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = check_file(path)
+    assert result["ok"]  # a node-local model cache is a fair choice where nothing enforces the profile
+    (warning,) = [w for w in result["warnings"] if "Pod Security" in w]
+    assert warning.startswith(f"cluster.target.volumes[0].{next(iter(source))}: volume 'models'")
+    assert f"Pod Security Standards' {profiles}:" in warning
+
+
+def test_config_check_is_quiet_about_volumes_the_profile_admits(tmp_path):
+    from arbitrage_common.cli.config_cmd import check_file
+
+    data = target_config("llama-1b-8b").model_dump(mode="json")
+    data["cluster"]["target"].update(volumes=[{"name": "models", "persistentVolumeClaim": {"claimName": "models"}}],
+                                     volume_mounts=[{"name": "models", "mountPath": "/models"}])
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert not [w for w in check_file(path)["warnings"] if "Pod Security" in w]

@@ -262,3 +262,17 @@ def test_bytes_that_do_not_parse_are_invalid_argument_naming_request(grpc_channe
             list(reply)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert info.value.details().startswith("request: is not a valid arbitrage.v1.GenerateRequest message")
+
+
+@pytest.mark.parametrize("method,call", [("Check", "unary_unary"), ("Watch", "unary_stream")])
+def test_health_bytes_that_do_not_parse_are_invalid_argument_naming_request(grpc_channel, main_metadata, method,
+                                                                           call):
+    """The health service parses through the same tolerant registration as the API."""
+    rpc = getattr(grpc_channel, call)(f"/grpc.health.v1.Health/{method}",
+                                      request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as info:
+        reply = rpc(b"\x0a\x03\xff\xfeA", metadata=main_metadata, timeout=30)
+        if call == "unary_stream":
+            next(iter(reply))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert info.value.details().startswith("request: is not a valid grpc.health.v1.HealthCheckRequest message")

@@ -336,6 +336,19 @@ def test_the_at_max_alert_waits_out_a_long_downscale_delay():
     assert _at_max_rule(C.AppConfig.model_validate(data))["for"] == "35m"
 
 
+def test_the_at_max_alert_matches_the_configs_namespace_when_it_names_one():
+    """Another namespace's application of the same name has bounds of its own."""
+    import re
+
+    data = target_config("cpu-demo").model_dump(mode="json")
+    data["cluster"]["namespace"] = "serving-a"
+    terms = re.findall(r"ray_serve_autoscaling_target_replicas\{([^}]*)\}",
+                       _at_max_rule(C.AppConfig.model_validate(data))["expr"])
+    assert terms and all(t.startswith('namespace="serving-a",application=') for t in terms)
+    unset = _at_max_rule(target_config("cpu-demo"))["expr"]  # kubectl's namespace: not known when rendering
+    assert "namespace=" not in unset
+
+
 def test_a_config_without_autoscaling_renders_no_alert():
     from arbitrage_common.kuberay.render import autoscaling_at_max_rule
 
