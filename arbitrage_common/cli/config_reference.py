@@ -21,7 +21,7 @@ _BOUNDS = (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("ex
 HEADER = f"""\
 # Config reference
 
-Generated from the pydantic models (`arbitrage_common/config.py`; `cluster`:
+Generated from the pydantic models (`arbitrage_common/config/`; `cluster`:
 `arbitrage_common/kuberay/spec.py`) by `{COMMAND}`; do not edit by hand: change a field's
 description in its model and run the command again (`{COMMAND} --check`, run by
 `tests/unit/test_config_reference.py`, fails while this file differs).

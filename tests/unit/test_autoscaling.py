@@ -16,6 +16,7 @@ from arbitrage_common import autoscaling as A
 from arbitrage_common import config as C
 from arbitrage_common.kuberay.render import serve_config_v2
 from arbitrage_common.kuberay.targets import target_config, target_names
+from arbitrage_common.paths import project_home
 
 
 def _ctx(target: float = 8.0, replicas: int = 1, calls: float = 0.0, queued: float = 0.0,
@@ -226,7 +227,7 @@ def test_ray_serve_accepts_the_options():
     from ray import serve
     from ray.serve.config import AutoscalingConfig
 
-    cfg = C.load_config(C.project_home() / "configs" / "gpu-example.yaml")
+    cfg = C.load_config(project_home() / "configs" / "gpu-example.yaml")
     for opts in _options(cfg).values():
         config = AutoscalingConfig(**opts["autoscaling_config"])
         assert config.policy.policy_function == A.POLICY_FUNCTION and not config.policy.is_default_policy_function()
