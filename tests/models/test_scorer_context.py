@@ -93,3 +93,37 @@ def test_classifier_scorer_truncates_annotated_history(tmp_path):
     assert 0 < len(expected.history) < len(item.history)
     assert scorer.fit(item) == expected
     assert scorer.score_batch([item]) == scorer.score_batch([expected])
+
+
+def test_classifier_scorer_cuts_a_batch_by_its_token_budget_and_keeps_each_score(tmp_path):
+    """Forwards of at most ``max_tokens`` padded tokens (rows x the longest) give each row the
+    score it gets alone, in the caller's order."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from arbitrage_common.backends.hf_scorer import token_budget_chunks
+    from arbitrage_common.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=96,
+                      pad_token_id=tok.pad_token_id, num_labels=1)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    scorer = load_step_scorer(tmp_path)
+    texts = ["Start with 2. Add 2." * k + "\n\nAnswer: 4" for k in (3, 1, 2, 1, 3)]
+    lengths = [1 + len(t) for t in texts]  # BOS + one token per character
+    alone = [scorer.score_texts([t])[0] for t in texts]
+    assert scorer.score_texts(texts) == pytest.approx(alone, abs=1e-5)  # one forward: under the default budget
+    budget = 2 * max(lengths)
+    assert len(token_budget_chunks(lengths, budget)) == 3  # the two 1s, the 2 and a 3, the other 3
+    assert scorer.score_texts(texts, max_tokens=budget) == pytest.approx(alone, abs=1e-5)
+    assert scorer.score_texts(texts, max_tokens=1) == pytest.approx(alone, abs=1e-5)  # each row alone
+
+
+def test_token_budget_chunks_bound_rows_times_the_longest():
+    from arbitrage_common.backends.hf_scorer import token_budget_chunks
+
+    assert token_budget_chunks([50, 10, 30, 10, 200], 100) == [[1, 3, 2], [0], [4]]
+    assert token_budget_chunks([], 100) == []
+    assert token_budget_chunks([5, 5, 5], 15) == [[0, 1, 2]]
