@@ -40,8 +40,10 @@ def records_window_s(recs: list[Record]) -> float:
     return max(r.start_s + r.e2e_ms / 1000.0 for r in recs) - min(r.start_s for r in recs)
 
 
-def summarize(recs: list[Record], duration_s: float, slo_ms: float | None, timeline: list[dict],
+def summarize(recs: list[Record], duration_s: float, slo_ms: float | None, timeline: list[dict] | None,
               settings: dict) -> dict:
+    """The run's figures; ``timeline`` None when no pool metrics were sampled (no ``--metrics``):
+    ``pools_over_time`` and ``proposal_tokens_kept`` are then null, not empty (none ran)."""
     ok = [r for r in recs if r.ok]
     statuses = Counter(r.status for r in recs)
     steps = sum(r.steps for r in ok)
@@ -69,7 +71,7 @@ def summarize(recs: list[Record], duration_s: float, slo_ms: float | None, timel
         "slo_ms": slo_ms,
         "goodput": round(len(within) / len(recs), 4) if recs else None,
         "goodput_requests_per_s": round(len(within) / duration_s, 3) if duration_s > 0 else None,
-        "proposal_tokens_kept": proposal_tokens_kept(timeline),
+        "proposal_tokens_kept": None if timeline is None else proposal_tokens_kept(timeline),
         "pools_over_time": timeline,
     }
 
@@ -84,6 +86,22 @@ def proposal_tokens_kept(timeline: list[dict]) -> dict[str, float]:
                 t[0] += figures["proposal_tokens"]["proposed"]
                 t[1] += figures["proposal_tokens"]["accepted"]
     return {pool: round(accepted / proposed, 4) for pool, (proposed, accepted) in sorted(totals.items())}
+
+
+def pool_metrics_note(timeline: list[dict] | None, urls: list[str], repeats: int = 0) -> str | None:
+    """What a reader of ``pools_over_time`` must know, or None: that no metrics were sampled
+    (and how to sample them), that no sample held a pool, or that samples repeating the
+    previous export were left out (Ray exports every 10 s unless told otherwise)."""
+    if timeline is None:
+        return ("pool metrics (pools_over_time, proposal_tokens_kept) were not sampled: pass --metrics URL, the "
+                "Prometheus endpoint `arbitrage serve` prints")
+    if not any(row["pools"] for row in timeline):
+        return (f"--metrics {' '.join(urls)}: no sample held a pool's metrics (is it the service's Ray metrics "
+                f"export, and --app its application?)")
+    if repeats:
+        return (f"{repeats} sample(s) repeated the service's previous metrics export and were left out: its Ray "
+                f"exports every 10 s by default; start it with `arbitrage serve --metrics-interval-s 2` for 2 s")
+    return None
 
 
 def _png(fig) -> str:
@@ -131,8 +149,8 @@ def _charts(recs: list[Record], timeline: list[dict]) -> list[tuple[str, str]]:
 def _table(summary: dict) -> str:
     rows = []
     for key in ("requests", "succeeded", "requests_per_s", "steps_per_request", "target_step_fraction", "accuracy",
-                "proposal_tokens_kept", "slo_ms", "goodput", "goodput_requests_per_s"):
-        rows.append(f"<tr><th>{key}</th><td>{html.escape(str(summary[key]))}</td></tr>")
+                "proposal_tokens_kept", "slo_ms", "goodput", "goodput_requests_per_s", "pool_metrics_note"):
+        rows.append(f"<tr><th>{key}</th><td>{html.escape(str(summary.get(key)))}</td></tr>")
     for key in ("e2e_ms", "ttfs_ms", "time_per_step_ms"):
         d = summary[key]
         rows.append(f"<tr><th>{key}</th><td>p50 {d['p50']} · p95 {d['p95']} · p99 {d['p99']} · mean {d['mean']} "

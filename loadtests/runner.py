@@ -19,7 +19,7 @@ from typing import Self
 from arbitrage_common.client import Client
 
 from . import records as records_mod
-from .report import records_window_s, summarize, write_report
+from .report import pool_metrics_note, records_window_s, summarize, write_report
 from .service_metrics import Sampler
 from .settings import ENV, LoadSettings
 
@@ -156,7 +156,7 @@ def run_locust(settings: LoadSettings, out: Path, metrics_urls: list[str], progr
                               timeout=settings.duration_s + 2 * settings.client_timeout_s + 120, check=False)
     finally:
         log.close()
-        timeline = sampler.stop() if sampler else []
+        timeline = sampler.stop() if sampler else None  # None: not sampled, unlike a run where no pool ran
     duration = time.monotonic() - started
     if not rec_file.is_file():
         raise RuntimeError(f"locust wrote no request records (exit {proc.returncode}); see {out / 'locust.log'}")
@@ -167,6 +167,7 @@ def run_locust(settings: LoadSettings, out: Path, metrics_urls: list[str], progr
     # end (the locust process's wall time also holds its start-up and the stop drain).
     active = min(duration, settings.duration_s) if rate_mode else (records_window_s(recs) or duration)
     summary = summarize(recs, active, settings.slo_ms, timeline, _settings_dict(settings))
+    summary["pool_metrics_note"] = pool_metrics_note(timeline, metrics_urls, sampler.repeats if sampler else 0)
     summary["locust_exit_code"] = proc.returncode
     summary["locust_wall_s"] = round(duration, 2)
     write_report(out, recs, summary)

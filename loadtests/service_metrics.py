@@ -120,23 +120,37 @@ def scrape(urls: list[str], timeout: float = 5.0) -> list:
 
 
 class Sampler(threading.Thread):
-    """Samples every ``interval_s`` until stopped; ``timeline`` rows: t, pool -> figures."""
+    """Samples every ``interval_s`` until stopped; ``timeline`` rows: t, pool -> figures. A
+    sample whose pool metrics repeat the previous one's is left out (``repeats`` counts them):
+    Ray had not exported since (every 10 s by default), so it would read as an idle interval (an
+    idle service repeats too, and loses nothing by it)."""
 
     def __init__(self, urls: list[str], app: str | None, interval_s: float = 2.0):
         super().__init__(daemon=True)
         self.urls, self.app, self.interval_s = urls, app, interval_s
         self.timeline: list[dict] = []
+        self.repeats = 0
         self._stop_event = threading.Event()
         self._t0 = time.monotonic()
+        self._tracker = ReplicaTracker()
+        self._previous: dict[str, dict[str, float]] = {}
+        self._last: tuple | None = None
+
+    def sample(self, samples: list, now: float) -> None:
+        """Adds one scrape's row to the timeline, unless it repeats the last export."""
+        snap, replicas = snapshot(samples, self.app), self._tracker.update(samples, self.app, now)
+        unseen = self._tracker.unseen_count(now)
+        key = ({dep: dict(v) for dep, v in snap.items()}, replicas, unseen)  # interval_figures fills snap in
+        if self.timeline and key == self._last:
+            self.repeats += 1
+            return
+        self._last = key
+        pools, self._previous = interval_figures(snap, replicas, self._previous, unseen)
+        self.timeline.append({"t": round(now - self._t0, 2), "pools": pools})
 
     def run(self) -> None:
-        previous: dict[str, dict[str, float]] = {}
-        tracker = ReplicaTracker()
         while True:
-            samples, now = scrape(self.urls), time.monotonic()
-            pools, previous = interval_figures(snapshot(samples, self.app), tracker.update(samples, self.app, now),
-                                               previous, tracker.unseen_count(now))
-            self.timeline.append({"t": round(time.monotonic() - self._t0, 2), "pools": pools})
+            self.sample(scrape(self.urls), time.monotonic())
             if self._stop_event.wait(self.interval_s):
                 return
 

@@ -138,7 +138,17 @@ def start(cfg: AppConfig, address: str | None = None, num_cpus: int | None = Non
         raise
     host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
     return {"grpc": f"{host}:{cfg.grpc.port}", "http": f"http://{host}:{cfg.http.port}",
-            "seconds": time.perf_counter() - started}
+            "metrics": metrics_urls(ray.nodes()), "seconds": time.perf_counter() - started}
+
+
+def metrics_urls(nodes: list[dict]) -> list[str]:
+    """The Prometheus endpoint of each alive node of ``ray.nodes()``: its metrics agent's export
+    port, as Ray's own Prometheus service discovery lists them."""
+    def host(address: str) -> str:
+        return f"[{address}]" if ":" in address else address  # IPv6
+
+    return [f"http://{host(n['NodeManagerAddress'])}:{n['MetricsExportPort']}/metrics" for n in nodes
+            if n.get("Alive") and n.get("MetricsExportPort")]
 
 
 def stop(shutdown_ray: bool = True, app_name: str | None = None) -> None:

@@ -50,7 +50,11 @@ def _transport(args) -> str:
     """The transport to load: --transport, else the API of the one endpoint given. A transport
     whose endpoint was not given is refused: it would load the default 127.0.0.1 address, not
     the service named."""
+    from loadtests.settings import TRANSPORTS
+
     transport = args.transport or ("http" if args.http and not args.grpc else "grpc")
+    if transport not in TRANSPORTS:  # before the endpoint pairing, which would misname the mistake
+        raise ValueError(f"--transport: expected one of {', '.join(TRANSPORTS)}, got {transport!r}")
     if args.grpc or args.http:
         grpc = transport.startswith("grpc")
         if grpc and not args.grpc:
@@ -62,6 +66,43 @@ def _transport(args) -> str:
     return transport
 
 
+def _check_mix(args) -> None:
+    """--policy, and --threshold against its range, as the service checks them (``make_policy``):
+    a bad one would fail every request. Without --policy the server's default policy decides
+    the range, so the service checks --threshold."""
+    if args.policy is None:
+        return
+    from ..errors import InvalidArgument
+    from ..policies import make_policy
+
+    try:
+        make_policy(args.policy, args.threshold)
+    except InvalidArgument as exc:
+        raise ValueError(f"--{exc.field}: {exc.detail}") from None
+
+
+def _counts(failures: dict[str, int]) -> str:
+    return ", ".join(f"{status} {n}" for status, n in failures.items())
+
+
+def _outcome(summary: dict, fail_on_errors: bool) -> int:
+    """The exit status, with a stderr line when requests failed: 1 when none succeeded (a run of
+    errors measures nothing) or, with ``fail_on_errors``, when any failed; else a warning."""
+    failures, sent = summary["failures_by_status"], summary["requests"]
+    if not summary["succeeded"]:
+        print(f"arbitrage loadtest: no request succeeded: {sent} sent, failed by status: {_counts(failures)}",
+              file=sys.stderr)
+        return 1
+    if not failures:
+        return 0
+    failed = f"{sum(failures.values())} of {sent} request(s) failed ({_counts(failures)})"
+    if fail_on_errors:
+        print(f"arbitrage loadtest: {failed}", file=sys.stderr)
+        return 1
+    print(f"arbitrage loadtest: warning: {failed}; --fail-on-errors makes this exit 1", file=sys.stderr)
+    return 0
+
+
 def _loadtest(args) -> int:
     try:
         from loadtests.runner import run_local, run_locust
@@ -70,6 +111,11 @@ def _loadtest(args) -> int:
         raise RuntimeError(f"the load tests need locust: pip install -e '.[load]' ({exc})") from None
 
     transport = _transport(args)
+    _check_mix(args)
+    if args.config:
+        from .plan_cmd import existing_file
+
+        existing_file(args.config, "--config")
     mix = Mix(policy=args.policy, threshold=args.threshold, hard_prob=args.hard_prob, problem_mix=args.problem_mix,
               max_steps=args.max_steps, seed=args.seed)
     endpoints = {k: v for k, v in (("host_grpc", args.grpc), ("host_http", args.http)) if v}
@@ -88,8 +134,6 @@ def _loadtest(args) -> int:
                                      "goodput")}
     print(json.dumps(brief, indent=2))
     print(f"arbitrage loadtest: report in {out / 'report.html'}, summary in {out / 'summary.json'}")
-    if args.fail_on_errors and summary["failures_by_status"]:
-        print(f"arbitrage loadtest: {sum(summary['failures_by_status'].values())} request(s) failed",
-              file=sys.stderr)
-        return 1
-    return 0
+    if summary.get("pool_metrics_note"):
+        print(f"arbitrage loadtest: note: {summary['pool_metrics_note']}", file=sys.stderr)
+    return _outcome(summary, args.fail_on_errors)

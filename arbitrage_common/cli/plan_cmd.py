@@ -4,6 +4,7 @@ inputs; `plan check` compares its predictions with locust runs on this machine."
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -85,15 +86,26 @@ def load_profile(path: str, flag: str = "--profile"):
         raise ValueError(f"{flag}: {path}: {exc}") from None
 
 
-def _profile(args) -> int:
+def config_from(path: str | None, flag: str = "--config"):
+    """The AppConfig in ``path`` (the embedded default for None); ValueError naming ``flag``
+    for a path that is missing or not a file."""
     from ..config import default_config, load_config
+
+    if not path:
+        return default_config()
+    existing_file(path, flag)
+    return load_config(path)
+
+
+def _profile(args) -> int:
     from ..planning.planner import check_policy
-    from ..planning.profile import build_profile, check_profilable
+    from ..planning.profile import build_profile, check_profilable, check_service
 
     check_policy(args.policy)  # before any model loads
-
-    cfg = load_config(args.config) if args.config else default_config()
+    cfg = config_from(args.config)
     check_profilable(cfg)  # a vLLM pool cannot be timed here: refused before any model loads
+    if args.grpc:  # before the pools are timed (seconds a pool), not after
+        check_service(args.grpc, args.app)
     cores = args.cores if args.cores else None
     prof = build_profile(cfg, args.grpc, args.app, args.policy, args.n, args.seed, cores)
     out = Path(args.out)
@@ -107,9 +119,13 @@ def _profile(args) -> int:
 def _fraction_at_matched(bench: dict, policy: str, path: str) -> float:
     """The target-step fraction of the bench's matched ``policy`` point; ValueError naming the
     file and the field when it is missing or not a number in [0, 1]."""
-    point = (bench.get("matched") or {}).get(policy)
+    matched = bench.get("matched") or {}
+    point = matched.get(policy) if isinstance(matched, dict) else None
     if not point:
-        raise ValueError(f"--bench: no matched {policy} point in the bench result (its matched section is empty)")
+        # `arbitrage bench` writes matched.<policy> null when no threshold of it reached the level
+        what = (f"matched.{policy} is {point!r}: no {policy} point reached the matched accuracy" if matched
+                else "its matched section is missing or empty")
+        raise ValueError(f"--bench: {path}: no matched {policy} point ({what})")
     field = f"matched.{policy}.target_step_fraction"
     if not isinstance(point, dict) or "target_step_fraction" not in point:
         raise ValueError(f"--bench: {path}: {field} is missing (a bench.json of `arbitrage bench` has it)")
@@ -144,6 +160,26 @@ def _target_fraction(args, prof, policy: str) -> tuple[float, str]:
                          f"not --policy {policy!r}; give --target-fraction or profile "
                          f"with `arbitrage plan profile --policy {policy}`")
     return fraction, f"the profile (measured with policy {policy!r})"
+
+
+def uncalibrated_warning(prof, path: str) -> str | None:
+    """A warning for a CPU profile (``cores``) that `plan check` has not calibrated (no
+    ``measured.scaled_by``), else None: timed in this process with the hops measured one request
+    at a time, it leaves out what requests cost each other inside the running service."""
+    if prof.cores is None or "scaled_by" in prof.measured:
+        return None
+    return (f"{path} is an uncalibrated CPU profile (pools timed in process, hops measured one request at a "
+            f"time): plans from it are optimistic under load (the service saturates at a lower rate, with a "
+            f"higher p95, than predicted); `arbitrage plan check` writes profile-calibrated.json (in its --out, "
+            f"runs/plan-check) to plan with")
+
+
+def assumed_shape_warning(prof) -> str | None:
+    """The profile's ``measured.request_shape`` when it was assumed (no --grpc), else None."""
+    shape = prof.measured.get("request_shape")
+    if not (isinstance(shape, str) and shape.startswith("assumed")):
+        return None
+    return f"the profile's request shape was assumed, not measured by `plan profile --grpc` ({shape})"
 
 
 def _plan(args) -> int:
@@ -187,6 +223,8 @@ def _plan(args) -> int:
             unreachable.append(r)
         r["target_fraction_source"] = source
         r["profile"] = args.profile
+        r["profile_warning"] = uncalibrated_warning(prof, args.profile)
+        r["request_shape"] = prof.measured.get("request_shape")
         if cfg is not None and "unreachable" not in r:
             r.update(gpus_and_pods(r["replicas"], cfg))
             r["packing_warning"] = packing_warning(prof, cfg, args.preset)
@@ -198,6 +236,8 @@ def _plan(args) -> int:
         print(json.dumps(results, indent=2))
         return 0
     print(f"plan for {args.rate:g} req/s at a p95 SLO of {args.slo_ms:g} ms, profile {args.profile}")
+    for warning in filter(None, (uncalibrated_warning(prof, args.profile), assumed_shape_warning(prof))):
+        print(f"warning: {warning}")
     for r in results:
         head = f"{r['policy']:<10} target fraction {r['target_fraction']:.3f} (from {r['target_fraction_source']}):"
         if "unreachable" in r:
@@ -235,13 +275,17 @@ def _check(args) -> int:
     from ..planning.planner import check_policy
 
     check_policy(args.policy)  # before the service starts and the models load
+    if args.config:
+        existing_file(args.config, "--config")
     fractions = _fractions(args.fractions)
     if not fractions or any(not 0 < f < 1 for f in fractions):
         raise ValueError(f"--fractions: shares of capacity in (0, 1), got {args.fractions}")
     try:
-        from loadtests.plan_check import run_plan_check
+        from loadtests.plan_check import run_plan_check, verdict
     except ImportError as exc:
         raise RuntimeError(f"plan check needs locust: pip install -e '.[load]' ({exc})") from None
     table = run_plan_check(args.config, args.policy, fractions, args.duration, args.seed, Path(args.out))
     print(json.dumps(table, indent=2))
+    # A measurement, not a gate: rows outside the tolerance are a warning, and the exit stays 0.
+    print(f"arbitrage plan check: {verdict(table)}", file=sys.stderr)
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -15,6 +16,9 @@ from .argtypes import int64, positive_float, positive_int, positive_int32
 
 DEFAULT_ENDPOINT = "127.0.0.1:9000"  # arbitrage_common.client.DEFAULT_ENDPOINT (not imported: keeps --help light)
 CLIENT_DEADLINE_MARGIN_S = 2.0  # generate --timeout: how much longer than timeout_s the client waits
+# Ray reads its metrics export interval from this variable in every process it starts.
+METRICS_INTERVAL_ENV = "RAY_metrics_report_interval_ms"
+RAY_METRICS_INTERVAL_S = 10.0  # Ray's default export interval
 
 
 def add_serve_parsers(sub) -> None:
@@ -28,6 +32,10 @@ def add_serve_parsers(sub) -> None:
                             "on transformers (docs/VLLM.md). Also applies to --render")
     serve.add_argument("--metrics-port", type=positive_int, help="local cluster: serve Prometheus metrics on this "
                                                                    "port (default: a port Ray picks)")
+    serve.add_argument("--metrics-interval-s", type=positive_float,
+                       help=f"local cluster: export metrics every this many seconds (default: "
+                            f"${METRICS_INTERVAL_ENV} in ms if set, else Ray's {RAY_METRICS_INTERVAL_S:g} s); 2 gives "
+                            f"`arbitrage loadtest --metrics` a fresh sample every 2 s, at some CPU cost")
     serve.add_argument("--render", action="store_true", help="print the Serve YAML rendered from the config and exit")
     serve.add_argument("-o", "--out", help="with --render: write the YAML here")
     serve.set_defaults(func=_serve)
@@ -91,10 +99,39 @@ def _config_for(args):
     return cfg
 
 
+def metrics_interval_s(flag: float | None, env: dict[str, str]) -> float | None:
+    """The metrics export interval a local cluster started now gets: the flag, else the
+    environment's, else Ray's default; None for a malformed environment value."""
+    if flag is not None:
+        return flag
+    raw = env.get(METRICS_INTERVAL_ENV)
+    if raw is None:
+        return RAY_METRICS_INTERVAL_S
+    try:
+        return int(raw) / 1000.0
+    except ValueError:
+        return None
+
+
+def metrics_line(urls: list[str], interval_s: float | None) -> str:
+    """The banner's line saying where the service's Prometheus metrics are (for `loadtest
+    --metrics`) and how often they change there."""
+    if not urls:
+        return "  metrics: no Ray node reports a metrics export port"
+    every = "at the cluster's export interval" if interval_s is None else f"exported every {interval_s:g} s"
+    hint = "" if interval_s is not None and interval_s <= 2 else "; --metrics-interval-s 2 for 2 s samples"
+    return f"  metrics  {' '.join(urls)}  (Prometheus, {every}: `arbitrage loadtest --metrics URL`{hint})"
+
+
 def _serve(args) -> int:
     started = time.perf_counter()
     if args.out and not args.render:
         raise ValueError("-o/--out: only with --render (it names the file the rendered Serve YAML goes to)")
+    if args.metrics_interval_s is not None:
+        if args.address:  # the cluster's processes read it when they start, not from this client
+            raise ValueError("--metrics-interval-s: a local cluster only; a cluster at --address exports at the "
+                             f"interval it was started with (${METRICS_INTERVAL_ENV})")
+        os.environ[METRICS_INTERVAL_ENV] = str(max(round(args.metrics_interval_s * 1000), 1))
     cfg = _config_for(args)
     if args.render:
         from ..config import render_serve_yaml
@@ -109,6 +146,7 @@ def _serve(args) -> int:
 
     from services import local
 
+    interval = metrics_interval_s(args.metrics_interval_s, dict(os.environ))
     try:
         info = local.start(cfg, address=args.address, metrics_port=args.metrics_port)  # cleans up if it fails
     except KeyboardInterrupt:
@@ -121,6 +159,7 @@ def _serve(args) -> int:
               f"  gRPC  {info['grpc']}  (arbitrage.v1.ArbitrageService, grpc.health.v1.Health, reflection)\n"
               f"  HTTP  {info['http']}  (/v1/generate, /v1/completions, /v1/chat/completions, /v1/models, "
               f"/healthz, /docs)\n"
+              f"{metrics_line(info.get('metrics', []), None if args.address else interval)}\n"
               f"  default policy: {cfg.policy.default}.  Ctrl-C stops.", flush=True)
         while not stop.wait(0.5):
             pass

@@ -135,6 +135,20 @@ def profile_pools(cfg: AppConfig, batch_sizes=BATCH_SIZES, seed: int = 0, repeat
     return curves, points
 
 
+HEALTH_TIMEOUT_S = 5.0
+
+
+def check_service(endpoint: str, app: str | None, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+    """ValueError naming ``--grpc`` when the service there does not answer its health check:
+    checked before the pools are timed, which takes seconds a pool."""
+    from ..client import Client
+
+    with Client(endpoint, app) as client:
+        if not client.healthy(timeout=timeout_s):
+            raise ValueError(f"--grpc: {endpoint}: the gRPC health check did not answer SERVING within "
+                             f"{timeout_s:g} s; start the service (`arbitrage serve`) or point --grpc at it")
+
+
 def measure_service(endpoint: str, app: str | None, policy: str, n: int, seed: int,
                     max_steps: int | None = None) -> dict:
     """One request at a time: steps, target fraction, and overheads beyond the pools' stages."""

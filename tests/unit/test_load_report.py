@@ -52,3 +52,43 @@ def test_proposal_tokens_kept_counts_the_run_only_and_skips_a_stopped_replicas_d
                     timeline=timeline, settings={})
     assert out["proposal_tokens_kept"] == {"target": round(35 / 70, 4)}
     assert summarize([], 10.0, None, timeline[:1], {})["proposal_tokens_kept"] == {}
+
+
+def test_unsampled_pool_metrics_are_null_not_empty():
+    out = summarize([Record("grpc", 0.0, 100.0, "OK", steps=2)], 10.0, None, None, {})
+    assert out["proposal_tokens_kept"] is None and out["pools_over_time"] is None  # {} and [] mean "none ran"
+
+
+def test_the_pool_metrics_note_tells_unsampled_empty_and_repeated_apart():
+    from loadtests.report import pool_metrics_note
+
+    assert "not sampled: pass --metrics URL" in pool_metrics_note(None, [])
+    assert pool_metrics_note([{"t": 0, "pools": {}}], ["http://h:1/metrics"]).startswith(
+        "--metrics http://h:1/metrics: no sample held a pool's metrics")
+    row = {"t": 0, "pools": {"draft": {"replicas": 1}}}
+    assert "4 sample(s) repeated" in pool_metrics_note([row], ["u"], repeats=4)
+    assert "--metrics-interval-s 2" in pool_metrics_note([row], ["u"], repeats=4)
+    assert pool_metrics_note([row], ["u"]) is None
+
+
+def _draft_counters(items: float, batches: float) -> list:
+    from loadtests.service_metrics import parse
+
+    return parse("\n".join([
+        'ray_serve_deployment_replica_healthy{application="a",deployment="draft",replica="r1"} 1',
+        f'ray_arbitrage_pool_items_total{{role="draft"}} {items}',
+        f'ray_arbitrage_pool_batch_size_count{{role="draft"}} {batches}',
+    ]))
+
+
+def test_the_sampler_leaves_out_samples_that_repeat_the_last_export():
+    """Ray exports every 10 s by default: sampled every 2 s, four samples in five repeat the one
+    before, and read as idle intervals (batch_size null) unless left out."""
+    from loadtests.service_metrics import Sampler
+
+    sampler = Sampler([], "a")
+    for t, (items, batches) in enumerate([(10, 5), (10, 5), (10, 5), (40, 15), (40, 15)]):
+        sampler.sample(_draft_counters(items, batches), now=sampler._t0 + 2 * t)
+    assert [row["t"] for row in sampler.timeline] == [0, 6]
+    assert sampler.timeline[1]["pools"]["draft"]["batch_size"] == 3.0  # 30 items in 10 calls since the baseline
+    assert sampler.repeats == 3

@@ -73,13 +73,20 @@ def test_a_spawn_rate_below_one_is_given_to_locust_as_it_is():
     assert out.strip() == "(3, 0.5)"  # was raised to 1 user/s
 
 
-def _captured_settings(monkeypatch) -> list:
+def _summary(requests: int = 10, **failures: int) -> dict:
+    """A run's summary as the CLI reads it: ``requests`` sent, ``failures`` by status."""
+    brief = dict.fromkeys(("requests_per_s", "e2e_ms", "ttfs_ms", "time_per_step_ms", "target_step_fraction",
+                           "proposal_tokens_kept", "goodput"))
+    return {**brief, "requests": requests, "succeeded": requests - sum(failures.values()),
+            "failures_by_status": failures}
+
+
+def _captured_settings(monkeypatch, summary: dict | None = None) -> list:
     seen = []
 
     def fake_run(settings, *_a, **_kw):
         seen.append(settings)
-        return {k: {} for k in ("requests", "succeeded", "failures_by_status", "requests_per_s", "e2e_ms", "ttfs_ms",
-                                "time_per_step_ms", "target_step_fraction", "proposal_tokens_kept", "goodput")}
+        return summary or _summary()
 
     monkeypatch.setattr(runner, "run_locust", fake_run)
     monkeypatch.setattr(runner, "run_local", fake_run)
@@ -107,3 +114,68 @@ def test_a_transport_without_its_endpoint_is_refused_naming_transport(monkeypatc
     seen = _captured_settings(monkeypatch)
     assert main(["loadtest", *given, "--transport", transport, "--out", str(tmp_path)]) == 1
     assert needle in capsys.readouterr().err and not seen
+
+
+def test_an_unknown_transport_is_named_before_the_endpoint_pairing(monkeypatch, capsys, tmp_path):
+    from arbitrage_common.cli.main import main
+
+    seen = _captured_settings(monkeypatch)
+    assert main(["loadtest", "--grpc", "h:9000", "--transport", "foo", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "--transport: expected one of grpc, grpc-stream, http, http-sse, openai, openai-chat, got 'foo'" in err
+    assert "only --grpc was given" not in err and not seen
+
+
+@pytest.mark.parametrize("mix,needle", [
+    (["--policy", "bogus"], "--policy: unknown policy 'bogus'; expected one of draft, target, rsd, arbitrage"),
+    (["--policy", "rsd", "--threshold", "2"], "--threshold: must be in [0, 1] for policy 'rsd', got 2"),
+])
+def test_a_policy_or_threshold_the_service_refuses_is_named_before_any_run(monkeypatch, capsys, tmp_path, mix,
+                                                                          needle):
+    from arbitrage_common.cli.main import main
+
+    seen = _captured_settings(monkeypatch)
+    assert main(["loadtest", "--grpc", "h:9000", *mix, "--out", str(tmp_path)]) == 1
+    assert needle in capsys.readouterr().err and not seen  # was 2185 INVALID_ARGUMENT and exit 0
+
+
+def test_a_run_where_no_request_succeeded_exits_1_with_the_counts(monkeypatch, capsys, tmp_path):
+    from arbitrage_common.cli.main import main
+
+    _captured_settings(monkeypatch, _summary(2185, INVALID_ARGUMENT=2180, DROPPED=5))
+    assert main(["loadtest", "--grpc", "h:9000", "--out", str(tmp_path), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "no request succeeded: 2185 sent, failed by status: INVALID_ARGUMENT 2180, DROPPED 5" in err
+
+
+def test_failures_warn_without_fail_on_errors_and_fail_with_it(monkeypatch, capsys, tmp_path):
+    from arbitrage_common.cli.main import main
+
+    _captured_settings(monkeypatch, _summary(100, DEADLINE_EXCEEDED=3))
+    args = ["loadtest", "--grpc", "h:9000", "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    assert "warning: 3 of 100 request(s) failed (DEADLINE_EXCEEDED 3)" in capsys.readouterr().err
+    assert main([*args, "--fail-on-errors"]) == 1
+    assert "3 of 100 request(s) failed (DEADLINE_EXCEEDED 3)" in capsys.readouterr().err
+    _captured_settings(monkeypatch, _summary(100))
+    assert main(args) == 0 and "failed" not in capsys.readouterr().err
+
+
+def test_a_run_without_metrics_says_pool_metrics_were_not_sampled(monkeypatch, capsys, tmp_path):
+    """Against a running service without --metrics: null, not the empty figures of a run where none ran."""
+    from arbitrage_common.cli.main import main
+
+    recs = [Record("grpc", 1.0, 250.0, "OK", steps=4)]
+
+    def fake_locust(cmd, env, **_kw):
+        with open(json.loads(env["ARBITRAGE_LOAD"])["records"], "w") as f:
+            f.writelines(json.dumps(r.__dict__) + "\n" for r in recs)
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(runner, "check_up", lambda settings: None)
+    monkeypatch.setattr(runner.subprocess, "run", fake_locust)
+    monkeypatch.setattr(runner, "write_report", lambda *a: None)  # no matplotlib here
+    assert main(["loadtest", "--grpc", "h:9000", "--duration", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.split("\narbitrage loadtest:")[0])["proposal_tokens_kept"] is None  # was {}
+    assert "note: pool metrics (pools_over_time, proposal_tokens_kept) were not sampled: pass --metrics URL" in err

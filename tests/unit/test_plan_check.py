@@ -66,3 +66,33 @@ def test_plan_check_predicts_the_configured_replicas_and_saturates_the_cores_at_
     assert json.loads((tmp_path / "plan_check.json").read_text())["replicas"]["draft"] == 2
     (row,) = table["rows"]
     assert row["failed_share"] == 0.1  # beside a p95 of the successes only
+    assert table["p95_error_tolerance"] == 0.5
+    assert row["within_tolerance"] is (abs(row["p95_error"]) <= 0.5)
+
+
+def _table(*errors) -> dict:
+    rows = [{"share_of_capacity": share, "rate_per_s": round(share * 13.6, 3), "p95_error": err,
+             "predicted_p95_ms": 1000.0, "measured_p95_ms": 500.0} for share, err in zip((0.3, 0.6, 0.85), errors)]
+    return {"p95_error_tolerance": 0.5, "rows": rows}
+
+
+def test_the_verdict_names_the_rows_outside_the_tolerance():
+    from loadtests.plan_check import verdict, within_tolerance
+
+    assert [within_tolerance(e) for e in (0.3, -0.5, 3.61, None)] == [True, True, False, None]
+    line = verdict(_table(0.30, 0.35, 3.61))  # the planner's walk-through
+    assert line.startswith("warning: p95_error outside +-0.5 at 0.85 of capacity (11.56 req/s): +3.61")
+    assert "0.3 of capacity" not in line and "plans near these loads on this machine are rough" in line
+    assert "no measured p95" in verdict(_table(0.1, None))
+    assert verdict(_table(0.30, -0.2)).startswith("every row's predicted p95 is within 0.5")
+
+
+def test_plan_check_prints_its_verdict_on_stderr_and_exits_0(monkeypatch, capsys, tmp_path):
+    from arbitrage_common.cli.main import main
+    from loadtests import plan_check
+
+    monkeypatch.setattr(plan_check, "run_plan_check", lambda *a, **kw: _table(0.30, 0.35, 3.61))
+    assert main(["plan", "check", "--out", str(tmp_path)]) == 0  # a measurement, not a gate
+    out, err = capsys.readouterr()
+    assert json.loads(out)["rows"][2]["p95_error"] == 3.61
+    assert "arbitrage plan check: warning: p95_error outside +-0.5 at 0.85 of capacity" in err

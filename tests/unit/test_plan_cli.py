@@ -183,3 +183,73 @@ def test_plan_profile_records_whether_the_request_shape_was_measured_or_assumed(
     monkeypatch.setattr(profile, "measure_service", lambda *a, **kw: shape)
     measured = profile.build_profile(cfg, "127.0.0.1:9000", None, "arbitrage", 2, 0, None)
     assert measured.steps == (4, 5) and measured.measured["request_shape"] == "measured: 2 requests to 127.0.0.1:9000"
+
+
+def test_an_uncalibrated_cpu_profile_is_flagged_in_text_and_json(tmp_path, capsys):
+    """A CPU profile timed in process planned 1 replica a pool at a rate the service could not carry."""
+    args = ["--rate", "2", "--slo-ms", "20000", "--target-fraction", "0.3"]
+    raw = _small_profile(tmp_path, cores=2.0, measured={"request_shape": "measured: 20 requests to h:9000"})
+    assert main(["plan", "--profile", str(raw), *args]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: {raw} is an uncalibrated CPU profile" in out and "optimistic under load" in out
+    assert "`arbitrage plan check` writes profile-calibrated.json" in out
+    assert main(["plan", "--profile", str(raw), *args, "--json"]) == 0
+    (r,) = json.loads(capsys.readouterr().out)
+    assert r["profile_warning"].startswith(f"{raw} is an uncalibrated CPU profile")
+    assert r["request_shape"] == "measured: 20 requests to h:9000"
+    calibrated = _small_profile(tmp_path, cores=2.0, measured={"scaled_by": 1.7})
+    for profile in (calibrated, GPU_PROFILE):  # calibrated by `plan check`; a GPU profile has no cores
+        assert main(["plan", "--profile", str(profile), *args, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)[0]["profile_warning"] is None
+
+
+def test_an_assumed_request_shape_is_echoed(tmp_path, capsys):
+    shape = "assumed: 16 steps a request (limits.default_max_steps), no hop or request overhead; measure it with --grpc"
+    profile = _small_profile(tmp_path, measured={"request_shape": shape})
+    args = ["plan", "--profile", str(profile), "--rate", "2", "--slo-ms", "20000", "--target-fraction", "0.3"]
+    assert main(args) == 0
+    assert f"warning: the profile's request shape was assumed, not measured by `plan profile --grpc` ({shape})" in \
+        capsys.readouterr().out
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["request_shape"] == shape
+
+
+@pytest.mark.parametrize("matched,needle", [
+    ({}, "no matched rsd point (its matched section is missing or empty)"),
+    ({"rsd": None, "arbitrage": {"target_step_fraction": 0.1}},
+     "no matched rsd point (matched.rsd is None: no rsd point reached the matched accuracy)"),
+])
+def test_a_bench_without_a_matched_point_names_the_file(tmp_path, capsys, matched, needle):
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"matched": matched}))
+    assert main(["plan", "--profile", str(_small_profile(tmp_path)), "--rate", "2", "--slo-ms", "300",
+                 "--bench", str(bench)]) == 1
+    assert f"--bench: {bench}: {needle}" in capsys.readouterr().err
+
+
+def test_plan_profile_names_grpc_before_timing_any_pool(monkeypatch, capsys, tmp_path):
+    import socket
+
+    from arbitrage_common.planning import profile
+
+    timed = []
+    monkeypatch.setattr(profile, "profile_pools", lambda *a, **kw: timed.append(a))
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["plan", "profile", "--grpc", f"127.0.0.1:{port}", "--out", str(tmp_path / "p.json")]) == 1
+    assert f"--grpc: 127.0.0.1:{port}: the gRPC health check did not answer" in capsys.readouterr().err
+    assert not timed  # was ~15 s of timing every pool first
+
+
+@pytest.mark.parametrize("command", [["plan", "profile"], ["plan", "check"], ["loadtest"]])
+def test_a_missing_config_is_named_with_its_flag(monkeypatch, capsys, tmp_path, command):
+    from arbitrage_common.planning import profile
+    from loadtests import plan_check, runner
+
+    started = []
+    for module, name in ((profile, "build_profile"), (plan_check, "run_plan_check"), (runner, "run_local")):
+        monkeypatch.setattr(module, name, lambda *a, **kw: started.append(a))
+    missing = tmp_path / "nonexistent.yaml"
+    assert main([*command, "--config", str(missing), "--out", str(tmp_path / "out")]) == 1
+    assert f"--config: {missing} does not exist" in capsys.readouterr().err and not started

@@ -134,3 +134,38 @@ def test_bench_rows_per_batch_is_each_pools_rows_over_its_forward_passes_between
     assert ran == {"draft": (4, 21), "router": (3, 24), "prm": (0, 0), "target": (3, 7)}
     # the prm ran nothing and is left out; a pool first counted after `before` starts from zero
     assert rows_per_batch(ran) == {"draft": 5.25, "router": 8.0, "target": 2.33}
+
+
+def test_serve_says_where_its_metrics_are_and_how_often_they_change():
+    from arbitrage_common.cli.serve_cmd import metrics_interval_s, metrics_line
+    from services.local import metrics_urls
+
+    nodes = [{"Alive": True, "NodeManagerAddress": "10.0.0.5", "MetricsExportPort": 44217},
+             {"Alive": False, "NodeManagerAddress": "10.0.0.6", "MetricsExportPort": 44218}]
+    urls = metrics_urls(nodes)
+    assert urls == ["http://10.0.0.5:44217/metrics"]  # the dead node is left out
+    assert metrics_interval_s(None, {}) == 10.0 and metrics_interval_s(None, {"RAY_metrics_report_interval_ms": "2000"}) == 2.0
+    assert metrics_interval_s(3.0, {"RAY_metrics_report_interval_ms": "2000"}) == 3.0
+    line = metrics_line(urls, 10.0)
+    assert "http://10.0.0.5:44217/metrics" in line and "exported every 10 s" in line
+    assert "--metrics-interval-s 2" in line and "--metrics-interval-s" not in metrics_line(urls, 2.0)
+    assert "the cluster's export interval" in metrics_line(urls, None)
+
+
+def test_metrics_interval_reaches_the_local_cluster_and_is_refused_with_address(monkeypatch, capsys):
+    import os
+
+    from services import local
+
+    seen = []
+
+    def start(*a, **kw):
+        seen.append(os.environ.get("RAY_metrics_report_interval_ms"))
+        raise KeyboardInterrupt  # stop before anything runs
+
+    monkeypatch.setattr(local, "start", start)
+    monkeypatch.setenv("RAY_metrics_report_interval_ms", "10000")  # restored after the test
+    assert main(["serve", "--metrics-interval-s", "2"]) == 130
+    assert seen == ["2000"]  # Ray's processes read it when the local cluster starts
+    assert main(["serve", "--address", "ray://h:10001", "--metrics-interval-s", "2"]) == 1
+    assert "--metrics-interval-s: a local cluster only" in capsys.readouterr().err and len(seen) == 1
