@@ -5,19 +5,21 @@ k8s/gpu-image.lock.txt, the set tests/k8s/test_gpu_image_deps.py checks offline.
     python scripts/lock_gpu_image.py            # rewrite k8s/gpu-image.lock.txt (network: PyPI)
     python scripts/lock_gpu_image.py --check    # resolve again; fail if it differs from the file
 
-It replays the Dockerfile's two GPU steps with `pip install --dry-run --ignore-installed
---report` for the image's platform (CPython of the Dockerfile's PYTHON_TAG, manylinux x86_64
-up to glibc 2.35, binary wheels only), so it runs on any machine, GPU or not:
+It resolves with `pip install --dry-run --ignore-installed --report` for the image's platform
+(CPython of the Dockerfile's PYTHON_TAG, manylinux x86_64 up to glibc 2.35, binary wheels
+only), so it runs on any machine, GPU or not:
 
-  1. `vllm==<VLLM_VERSION>` alone; the torch, vllm and transformers it brings are the keep-file;
+  1. `vllm==<VLLM_VERSION>` alone; the torch, vllm and transformers it brings are the keep-file
+     (the project's dependencies never move what vLLM itself resolves to);
   2. `vllm==<VLLM_VERSION>` plus the project's dependencies (pyproject.toml), constrained to the
-     keep-file: the resolution the image's `pip install -c /tmp/keep.txt .` must find.
+     keep-file: the lock.
 
-A step pip cannot resolve (ResolutionImpossible) fails here with pip's explanation. Local pip
-configuration (extra indexes, find-links, constraints) is ignored so the answer is PyPI's;
---index-url points it at a mirror. The image starts from Ray's image, whose preinstalled
-packages pip may keep where they fit: the lock is the fresh-environment answer, and the
-versions that matter (vllm, torch, transformers, protobuf, ray) are pinned or bounded anyway.
+The Dockerfile's GPU step installs `vllm==<VLLM_VERSION>` and the project with the lock as
+constraints (`pip install -c gpu-image.lock.txt "vllm==..." .`), so the image gets this
+resolution: a package of Ray's base image that they need is moved to its locked version, the
+others are left as the base image has them. A step pip cannot resolve (ResolutionImpossible)
+fails here with pip's explanation. Local pip configuration (extra indexes, find-links,
+constraints) is ignored so the answer is PyPI's; --index-url points it at a mirror.
 Needs pip >= 23.1 (several --platform values, --report).
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "k8s" / "Dockerfile"
 LOCK = ROOT / "k8s" / "gpu-image.lock.txt"
-KEEP = ("torch", "vllm", "transformers")  # the Dockerfile's keep-file: pip freeze | grep these
+KEEP = ("torch", "vllm", "transformers")  # pinned to what vLLM alone resolves to (step 1)
 KEY = ("vllm", "torch", "transformers", "protobuf", "ray", "tokenizers", "grpcio")
 GLIBC_MAX = 35  # the Ray GPU image is Ubuntu 22.04 (glibc 2.35)
 

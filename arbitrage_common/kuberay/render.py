@@ -26,8 +26,6 @@ from .spec import (
     METRICS_PORT,
     RAY_IMAGE_PORTS,
     RAY_LABEL_PREFIX,
-    SHM_MOUNT_PATH,
-    SHM_VOLUME_NAME,
     GroupSpec,
     HeadSpec,
 )
@@ -47,15 +45,33 @@ RENDERED_MARK = "# Rendered by `arbitrage k8s render`"
 AUTOSCALER_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
 # Seconds the old cluster of a NewCluster upgrade outlives the longest request it may still hold.
 DELETION_MARGIN_S = 30
-# /dev/shm of a worker Pod that runs GPUs or a vLLM engine: a container's own is Docker's 64 MiB,
-# too small for NCCL's shared-memory transport between a tensor-parallel engine's ranks, vLLM's
-# shared-memory message queues and Ray's object store (which falls back to /tmp, slowly, when
-# /dev/shm is smaller than the store). No sizeLimit: a memory emptyDir's pages are charged to
-# the container's memory limit, so the Pod's `memory` already bounds it, and Kubernetes sizes
-# the tmpfs to that limit (SizeMemoryBackedVolumes); a smaller sizeLimit would only evict the
-# Pod (kubelet's emptyDir check) when NCCL or the object store grew past it, saving no memory.
-SHM_VOLUME = {"name": SHM_VOLUME_NAME, "emptyDir": {"medium": "Memory"}}
-SHM_MOUNT = {"name": SHM_VOLUME_NAME, "mountPath": SHM_MOUNT_PATH}
+# /dev/shm is KubeRay's: it mounts a memory-backed emptyDir `shared-mem` there in every Ray
+# container that has none, sized to the container's memory limit (KubeRay 1.6
+# ray-operator/controllers/ray/common/pod.go: BuildPod -> addEmptyDir -> makeEmptyDirVolume ->
+# findMemoryReqOrLimit; skipped only where rayStartParams set plasma-directory, which the rendering
+# never does), big enough for NCCL between a tensor-parallel engine's ranks, vLLM's
+# shared-memory queues and Ray's object store. The rendering mounts nothing there.
+#
+# A Pod without GPUs (the head, the coordinator, any group whose Pods ask for none): KubeRay sets
+# `num-gpus` only for a Pod with a GPU limit, so `ray start` would count whatever GPUs the node's
+# runtime exposes (the NVIDIA runtime as the node's default, with the CUDA image's
+# NVIDIA_VISIBLE_DEVICES=all, exposes every GPU of the node), and Ray could place a GPU replica
+# there. `num-gpus: "0"` keeps Ray's scheduler off them; NVIDIA_VISIBLE_DEVICES=void makes the
+# NVIDIA runtime leave the container as plain runc would (no GPU, no driver libraries).
+NO_GPU_START_PARAMS = {"num-gpus": "0"}
+NO_GPU_ENV = [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}]
+# An evicted Pod (a node drain) gets SIGTERM. Ray 2.60's `ray start --block` (the PID 1 of
+# KubeRay's container: bash execs the last command of its `-c` string) then marks its node
+# draining, so Serve starts replacements elsewhere, drains the node's proxy and stops the
+# replicas there gracefully, and it kills the node's processes once the node is idle or after
+# RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (default 30 s; ray/_private/node.py,
+# _drain_node_before_shutdown); Kubernetes kills the container terminationGracePeriodSeconds
+# after the SIGTERM (default 30 s). Both would cut a coordinator replica's graceful shutdown
+# (300 s in the presets) to 30 s, so the coordinator group raises both (coordinator_drain_s).
+DRAIN_TIMEOUT_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"
+# Seconds of a coordinator Pod's drain beyond its replicas' graceful shutdown (a replacement's
+# start), and of its termination grace beyond the drain (`ray start` stopping its processes).
+DRAIN_MARGIN_S = 30
 # Ray token authentication (KubeRay 1.5+, Ray 2.52+): KubeRay generates a Secret per RayCluster
 # and gives every Ray container the token; the dashboard, job API and Ray Client then want it.
 TOKEN_AUTH = {"mode": "token"}
@@ -242,12 +258,12 @@ def _head(cfg: AppConfig) -> dict[str, Any]:
     ports = {**RAY_IMAGE_PORTS, **_serve_ports(cfg)}
     return {
         # No CPUs and no GPUs for Ray's scheduler: no replica ever lands on the head.
-        "rayStartParams": {"num-cpus": "0", "num-gpus": "0", "dashboard-host": "0.0.0.0",
+        "rayStartParams": {"num-cpus": "0", **NO_GPU_START_PARAMS, "dashboard-host": "0.0.0.0",
                            "metrics-export-port": str(METRICS_PORT)},
         "template": {"metadata": {"labels": _head_labels(cfg)},
                      "spec": _add_pod_options({"containers": [_container("ray-head", cfg.cluster.image,
                                                                          _resources(head.cpus, head.memory, 0),
-                                                                         ports, auth_secret_env(cfg))],
+                                                                         ports, NO_GPU_ENV + auth_secret_env(cfg))],
                                                "securityContext": pod_security_context()},
                                               cfg, head)},
     }
@@ -258,16 +274,6 @@ def ray_start_resources(resources: dict[str, int]) -> str:
     writes itself (it lands on the ``ray start`` shell command line) and that both KubeRay and
     the Ray autoscaler parse (they strip the outer quotes; the values must be whole numbers)."""
     return "'" + json.dumps(dict(sorted(resources.items()))) + "'"
-
-
-def needs_shm(cfg: AppConfig, size: GroupSize) -> bool:
-    """Whether a worker group's Pods get a memory-backed /dev/shm (``SHM_VOLUME``): every group
-    with GPUs, and any group with a vLLM pool (a tensor-parallel engine's ranks, vLLM's
-    multiprocess executor)."""
-    if size.gpus:
-        return True
-    pools = dict(cfg.pools.configured())
-    return any(pools[name].model.backend == "vllm" for name in size.deployments if name in pools)
 
 
 def _resource_field(cfg: AppConfig, size: GroupSize, resource: str) -> str:
@@ -282,7 +288,7 @@ def _resource_field(cfg: AppConfig, size: GroupSize, resource: str) -> str:
 
 def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
     shape = cfg.cluster.group(size.name)
-    start_params = {"metrics-export-port": str(METRICS_PORT)}
+    start_params = {**({} if size.gpus else NO_GPU_START_PARAMS), "metrics-export-port": str(METRICS_PORT)}
     if size.resources:
         # The custom resources the group's pools ask for (ray_actor_options.resources, bundle
         # keys): without them on the group's nodes such replicas could never be placed.
@@ -292,16 +298,19 @@ def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
                               f"{size.name!r} that the rendering cannot pass to `ray start --resources` (letters, "
                               f"digits, '_', '.', ':', '/', '-' only)")
         start_params["resources"] = ray_start_resources(size.resources)
+    coordinator = size.name == GROUP_OF["coordinator"]
+    env = (([] if size.gpus else NO_GPU_ENV)
+           + ([{"name": DRAIN_TIMEOUT_ENV, "value": str(coordinator_drain_s(cfg))}] if coordinator else [])
+           + auth_secret_env(cfg))
     pod_spec: dict[str, Any] = {"containers": [_container("ray-worker", cfg.cluster.image,
                                                           _resources(size.cpus, shape.memory, size.gpus),
-                                                          _serve_ports(cfg), auth_secret_env(cfg))],
+                                                          _serve_ports(cfg), env)],
                                  "securityContext": pod_security_context()}
+    if coordinator:
+        pod_spec["terminationGracePeriodSeconds"] = coordinator_drain_s(cfg) + DRAIN_MARGIN_S
     pod_spec["topologySpreadConstraints"] = _spread_over_nodes(_group_pod_labels(cfg, size.name))
     if size.gpus:
         pod_spec["tolerations"] = [dict(GPU_TOLERATION)]
-    if needs_shm(cfg, size):
-        pod_spec["containers"][0]["volumeMounts"] = [dict(SHM_MOUNT)]
-        pod_spec["volumes"] = [{"name": SHM_VOLUME["name"], "emptyDir": dict(SHM_VOLUME["emptyDir"])}]
     _add_pod_options(pod_spec, cfg, shape)
     group: dict[str, Any] = {
         "groupName": size.name,
@@ -316,6 +325,16 @@ def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
     if shape.idle_timeout_s is not None:
         group["idleTimeoutSeconds"] = shape.idle_timeout_s
     return group
+
+
+def coordinator_drain_s(cfg: AppConfig) -> int:
+    """``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S`` of the coordinator group's Pods: how long an
+    evicted one's Ray node drains. Serve stops a replica on a draining node once its replacement
+    runs elsewhere, and at the latest its ``graceful_shutdown_timeout_s`` before the drain's
+    deadline, so that timeout, rounded up, plus ``DRAIN_MARGIN_S`` for the replacement to start
+    lets a stopping coordinator replica finish its requests as a downscale does. The Pods'
+    ``terminationGracePeriodSeconds`` is this plus ``DRAIN_MARGIN_S``."""
+    return math.ceil(cfg.coordinator.graceful_shutdown_timeout_s) + DRAIN_MARGIN_S
 
 
 def cluster_deletion_delay_s(cfg: AppConfig) -> int:

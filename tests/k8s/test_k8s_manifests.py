@@ -339,7 +339,8 @@ def test_ha_keeps_the_api_key_env_of_a_config_with_auth(tmp_path):
              if d["kind"] == "RayService"]
     names = [e["name"] for e in _env(ha["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
         "containers"][0])]
-    assert names == ["RAY_SERVE_PROXY_USE_GRPC", "ARBITRAGE_API_KEYS", "RAY_gcs_rpc_server_reconnect_timeout_s"]
+    assert names == ["RAY_SERVE_PROXY_USE_GRPC", "NVIDIA_VISIBLE_DEVICES", "ARBITRAGE_API_KEYS",
+                     "RAY_gcs_rpc_server_reconnect_timeout_s"]
 
 
 def test_every_object_of_an_ha_overlay_lands_in_the_configured_namespace(tmp_path):

@@ -408,9 +408,30 @@ def test_bundle_custom_resources_are_offered_too():
     assert _offered(_groups(C.AppConfig.model_validate(data))["target"]) == {"tp_rank": 2}
 
 
+@pytest.mark.parametrize("grace", [300.0, 450.5])
+def test_an_evicted_coordinator_pod_drains_for_the_replicas_graceful_shutdown(grace):
+    """On SIGTERM, Ray 2.60's `ray start --block` drains its node for RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
+    (30 s by default) and Kubernetes kills the container terminationGracePeriodSeconds after it (30 s
+    by default): both must outlast a stopping coordinator replica's graceful_shutdown_timeout_s, or a
+    node drain cuts its requests at 30 s. Pools (10 s) and the head keep the defaults."""
+    data = target_config("llama-1b-8b").model_dump(mode="json")
+    data["coordinator"]["graceful_shutdown_timeout_s"] = grace
+    specs = _pod_specs(C.AppConfig.model_validate(data))
+    coordinator = specs["coordinator"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in coordinator["containers"][0]["env"]}
+    drain = float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
+    assert drain >= grace + 30 and coordinator["terminationGracePeriodSeconds"] >= drain + 30
+    for group, spec in specs.items():
+        if group != "coordinator":
+            assert "terminationGracePeriodSeconds" not in spec["template"]["spec"], group
+            assert not [e for e in spec["template"]["spec"]["containers"][0]["env"]
+                        if e["name"] == "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"], group
+
+
 def test_groups_without_custom_resources_render_as_before():
     for group in _groups(target_config("llama-1b-8b")).values():
-        assert group["rayStartParams"] == {"metrics-export-port": "8080"}
+        no_gpu = {} if group["groupName"] != "coordinator" else {"num-gpus": "0"}  # CPU only
+        assert group["rayStartParams"] == {**no_gpu, "metrics-export-port": "8080"}
 
 
 def test_a_replica_asking_more_memory_than_its_pod_is_refused_naming_the_field():
@@ -521,47 +542,40 @@ def test_group_labels_are_ray_node_labels_of_the_users_own(labels, text):
     assert field == "cluster.draft.labels" and text in message
 
 
-# -- /dev/shm ---------------------------------------------------------------------------------
-def _shm(group: dict) -> tuple[list, list]:
-    spec = group["template"]["spec"]
-    return spec.get("volumes", []), spec["containers"][0].get("volumeMounts", [])
+# -- /dev/shm and CPU-only Pods ---------------------------------------------------------------
+def _pod_specs(cfg: C.AppConfig) -> dict[str, dict]:
+    cluster = render_rayservice(cfg)["spec"]["rayClusterConfig"]
+    return {"head": cluster["headGroupSpec"], **{g["groupName"]: g for g in cluster["workerGroupSpecs"]}}
 
 
-def test_gpu_groups_mount_a_memory_backed_dev_shm():
-    """A tensor-parallel engine's ranks (NCCL), vLLM's queues and Ray's object store need more
-    than a container's 64 MiB /dev/shm: every GPU group gets a memory emptyDir there."""
-    groups = _groups(target_config("qwen-math-1.5b-7b"))
-    for name in ("draft", "target", "scorers"):
-        volumes, mounts = _shm(groups[name])
-        assert volumes == [{"name": "dshm", "emptyDir": {"medium": "Memory"}}], name  # no sizeLimit: see render.py
-        assert mounts == [{"name": "dshm", "mountPath": "/dev/shm"}], name
-    assert groups["target"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
-    assert _shm(groups["coordinator"]) == ([], [])  # CPU only, no engine
-    head = render_rayservice(target_config("qwen-math-1.5b-7b"))["spec"]["rayClusterConfig"]["headGroupSpec"]
-    assert "volumes" not in head["template"]["spec"]
+@pytest.mark.parametrize("name", ["cpu-demo", "qwen-math-1.5b-7b"])
+def test_dev_shm_is_left_to_kuberays_shared_mem(name):
+    """KubeRay 1.6 mounts a memory emptyDir `shared-mem` at /dev/shm in every Ray container that
+    mounts nothing there, sized to the container's memory limit, unless rayStartParams set
+    plasma-directory (pod.go, BuildPod/addEmptyDir): as large as a volume of the rendering's own
+    could be (its pages count against the same limit), so the rendering mounts none."""
+    for group, spec in _pod_specs(target_config(name)).items():
+        pod = spec["template"]["spec"]
+        mounts = [m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])]
+        assert "/dev/shm" not in mounts and "volumes" not in pod, group
+        assert "plasma-directory" not in spec["rayStartParams"], group
 
 
-def test_cpu_groups_mount_dev_shm_only_for_a_vllm_engine():
-    """vLLM's multiprocess executor passes each step through shared-memory queues."""
-    assert all(_shm(g) == ([], []) for g in _groups(target_config("cpu-demo")).values())
-    data = target_config("cpu-demo").model_dump(mode="json")
-    data["pools"]["target"]["model"].update(backend="vllm", engine={"distributed_executor_backend": "mp"})
-    groups = _groups(C.AppConfig.model_validate(data))
-    assert _shm(groups["target"])[1] == [{"name": "dshm", "mountPath": "/dev/shm"}]
-    assert _shm(groups["draft"]) == ([], [])
-
-
-def test_the_dev_shm_volume_validates_against_the_crd():
-    crd_file = ROOT.parent / "shared" / "schemas" / "ray.io_rayservices.yaml"
-    if not crd_file.is_file():
-        pytest.skip(f"KubeRay's RayService CRD is not at {crd_file}")
-    jsonschema = pytest.importorskip("jsonschema")
-    import yaml
-
-    crd = yaml.safe_load(crd_file.read_text())
-    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
-    manifest = render_rayservice(target_config("qwen-math-1.5b-7b"))
-    assert not [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(manifest)]
-    pod = schema["properties"]["spec"]["properties"]["rayClusterConfig"]["properties"]["workerGroupSpecs"]["items"][
-        "properties"]["template"]["properties"]["spec"]["properties"]
-    assert "medium" in pod["volumes"]["items"]["properties"]["emptyDir"]["properties"]  # declared, not pruned
+@pytest.mark.parametrize("name", ["cpu-demo", "llama-1b-8b", "qwen-math-1.5b-7b"])
+def test_pods_without_a_gpu_limit_offer_ray_no_gpu_and_see_none(name):
+    """KubeRay sets num-gpus only for a Pod with a GPU limit; without it `ray start` counts the
+    GPUs the NVIDIA runtime exposes (all of the node's where it is the default runtime: the CUDA
+    image sets NVIDIA_VISIBLE_DEVICES=all), and Ray could place a GPU replica on the head or a
+    coordinator Pod. Every Pod without a GPU limit says num-gpus 0 and hides the node's GPUs."""
+    no_gpu = {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}
+    specs = _pod_specs(target_config(name))
+    assert "nvidia.com/gpu" not in specs["coordinator"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    for group, spec in specs.items():
+        (container,) = spec["template"]["spec"]["containers"]
+        gpus = container["resources"]["limits"].get("nvidia.com/gpu")
+        if gpus is None:
+            assert spec["rayStartParams"]["num-gpus"] == "0", group
+            assert no_gpu in container["env"], group
+        else:  # KubeRay passes the limit to `ray start --num-gpus`; the device plugin picks the GPUs
+            assert "num-gpus" not in spec["rayStartParams"], group
+            assert not [e for e in container["env"] if e["name"] == "NVIDIA_VISIBLE_DEVICES"], group

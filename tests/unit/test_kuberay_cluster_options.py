@@ -138,11 +138,11 @@ def _with_models_volume(d: dict) -> None:
                                 tolerations=[{"key": "system", "operator": "Exists", "effect": "NoSchedule"}])
 
 
-def test_a_models_volume_is_mounted_beside_dev_shm_on_the_groups_that_ask():
+def test_a_models_volume_is_mounted_on_the_groups_that_ask():
     groups = _groups(_edited(_with_models_volume))
     target = groups["target"]["template"]["spec"]
-    assert target["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory"}}, MODELS_PVC]
-    assert target["containers"][0]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}, MODELS_MOUNT]
+    assert target["volumes"] == [MODELS_PVC]
+    assert target["containers"][0]["volumeMounts"] == [MODELS_MOUNT]
     assert "volumes" not in groups["coordinator"]["template"]["spec"]
 
 
@@ -173,7 +173,8 @@ def test_the_new_fields_stay_out_of_the_serve_config_while_unset():
 @pytest.mark.parametrize("group,value,field,text", [
     ("target", {"volumes": [{"name": "models"}]}, "cluster.target.volumes[0]", "one source mapping"),
     ("target", {"volumes": [{"name": "Models", "emptyDir": {}}]}, "cluster.target.volumes[0]", "DNS-1123"),
-    ("target", {"volumes": [{"name": "dshm", "emptyDir": {}}]}, "cluster.target.volumes[0]", "/dev/shm"),
+    ("target", {"volumes": [MODELS_PVC], "volume_mounts": [{"name": "models", "mountPath": "/dev/shm"}]},
+     "cluster.target.volume_mounts[0]", "/dev/shm"),
     ("target", {"volumes": [MODELS_PVC, MODELS_PVC]}, "cluster.target.volumes", "repeat"),
     ("draft", {"volume_mounts": [MODELS_MOUNT]}, "cluster.draft.volume_mounts", "mounts volume 'models'"),
     ("draft", {"volumes": [MODELS_PVC], "volume_mounts": [{"name": "models", "mount_path": "/m"}]},

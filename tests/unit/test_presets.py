@@ -47,6 +47,17 @@ def test_preset_validates_and_renders(path):
     assert report["warnings"] == []
 
 
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_gpu_pods_need_no_node_label(path):
+    """A GPU group's Pods ask for nvidia.com/gpu, which already keeps them on GPU nodes. A node
+    selector on a label only GPU feature discovery sets (nvidia.com/gpu.present) would leave them
+    Pending where none runs (GKE's managed drivers, EKS with the device plugin alone)."""
+    cluster = C.load_config(path).cluster
+    shapes = {"head": cluster.head, **{g: cluster.group(g) for g in ("draft", "target", "scorers", "coordinator")}}
+    for name, shape in shapes.items():
+        assert shape.node_selector == {}, f"{path.name}: cluster.{name}.node_selector: {shape.node_selector}"
+
+
 def test_one_preset_runs_the_target_tensor_parallel():
     targets = [C.load_config(p).pools.target for p in PRESETS]
     tp = [t for t in targets if t.model.engine.tensor_parallel_size > 1]
