@@ -72,9 +72,8 @@ def test_problem_longer_than_the_context_loses_its_middle(scorer):
     assert scorer.score_batch([item]) == scorer.score_batch([expected])
 
 
-def test_classifier_scorer_truncates_annotated_history(tmp_path):
-    """HFStepScorer (a sequence-classification head) on a tiny random Llama with 96 positions,
-    annotating history: the tags count against the context."""
+def tiny_classifier(path: Path) -> Path:
+    """A random one-layer Llama sequence classifier (96 positions) with the character tokenizer."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from arbitrage_common.tokenizer import build_char_tokenizer
@@ -84,9 +83,15 @@ def test_classifier_scorer_truncates_annotated_history(tmp_path):
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=96,
                       pad_token_id=tok.pad_token_id, num_labels=1)
-    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    scorer = load_step_scorer(tmp_path, annotate_history=True)
+    LlamaForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_classifier_scorer_truncates_annotated_history(tmp_path):
+    """HFStepScorer (a sequence-classification head) on a tiny random Llama with 96 positions,
+    annotating history: the tags count against the context."""
+    scorer = load_step_scorer(tiny_classifier(tmp_path), annotate_history=True)
     assert type(scorer).__name__ == "HFStepScorer" and scorer.context == 96
     item = ScoreItem("Start with 2. Add 2.", tuple((f"{i} + 2 = {i + 2}", "draft") for i in range(12)), "Answer: 4")
     expected = newest_that_fit(item, annotate=True, context=96)
@@ -98,19 +103,9 @@ def test_classifier_scorer_truncates_annotated_history(tmp_path):
 def test_classifier_scorer_cuts_a_batch_by_its_token_budget_and_keeps_each_score(tmp_path):
     """Forwards of at most ``max_tokens`` padded tokens (rows x the longest) give each row the
     score it gets alone, in the caller's order."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     from arbitrage_common.backends.hf_scorer import token_budget_chunks
-    from arbitrage_common.tokenizer import build_char_tokenizer
 
-    tok = build_char_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=96,
-                      pad_token_id=tok.pad_token_id, num_labels=1)
-    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    scorer = load_step_scorer(tmp_path)
+    scorer = load_step_scorer(tiny_classifier(tmp_path))
     texts = ["Start with 2. Add 2." * k + "\n\nAnswer: 4" for k in (3, 1, 2, 1, 3)]
     lengths = [1 + len(t) for t in texts]  # BOS + one token per character
     alone = [scorer.score_texts([t])[0] for t in texts]
