@@ -51,7 +51,7 @@ def run_plan_check(config: str | None, policy: str, fractions: list[float], dura
         fraction_target = sat["target_step_fraction"] or 0.0
         # Calibration: at capacity the cores are saturated, so the profile's (in-process) times are
         # scaled until the model's core load (full-batch cost per request) is 1 at that rate.
-        calibrated = calibrate(profile, policy, fraction_target, capacity)
+        calibrated = with_fraction(calibrate(profile, policy, fraction_target, capacity), fraction_target)
         k = calibrated.measured["scaled_by"]
         rows = []
         for i, share in enumerate(fractions):
@@ -77,6 +77,16 @@ def run_plan_check(config: str | None, policy: str, fractions: list[float], dura
              "p95_error_tolerance": P95_ERROR_TOLERANCE, "rows": rows}
     (out / "plan_check.json").write_text(json.dumps(table, indent=2) + "\n")
     return table
+
+
+def with_fraction(calibrated, fraction: float):
+    """The calibrated profile with the target fraction it was calibrated at (the capacity run's),
+    the one-at-a-time measurement kept beside it: planning from it at the measured capacity must
+    see a core load of 1, which the profiling's few requests (another fraction) would not give."""
+    measured = {**calibrated.measured, "target_fraction": round(fraction, 4),
+                "target_fraction_source": f"the capacity run ({CAPACITY_USERS} users)",
+                "target_fraction_one_at_a_time": calibrated.measured.get("target_fraction")}
+    return replace(calibrated, measured=measured)
 
 
 def within_tolerance(p95_error: float | None) -> bool | None:

@@ -159,7 +159,8 @@ def _target_fraction(args, prof, policy: str) -> tuple[float, str]:
         raise ValueError(f"--target-fraction: the profile's fraction {fraction:.3f} was measured with {with_what}, "
                          f"not --policy {policy!r}; give --target-fraction or profile "
                          f"with `arbitrage plan profile --policy {policy}`")
-    return fraction, f"the profile (measured with policy {policy!r})"
+    where = prof.measured.get("target_fraction_source")  # a calibrated profile's: its capacity run
+    return fraction, f"the profile (measured with policy {policy!r}{f' in {where}' if where else ''})"
 
 
 def uncalibrated_warning(prof, path: str) -> str | None:

@@ -26,7 +26,7 @@ class _Service:
 def _profile() -> Profile:
     curves = {"draft": ServiceCurve(5, 1), "router": ServiceCurve(8, 0.5), "prm": ServiceCurve(8, 0.5),
               "target": ServiceCurve(40, 4)}
-    return Profile(curves, dict.fromkeys(curves, 16), 2.0, 5.0, (5, 6, 7), 2.0, {})
+    return Profile(curves, dict.fromkeys(curves, 16), 2.0, 5.0, (5, 6, 7), 2.0, {"target_fraction": 0.15})
 
 
 def test_plan_check_predicts_the_configured_replicas_and_saturates_the_cores_at_the_measured_capacity(
@@ -63,6 +63,9 @@ def test_plan_check_predicts_the_configured_replicas_and_saturates_the_cores_at_
     pools = {p: Pool(calibrated.curves[p], 1, calibrated.max_batch[p]) for p in w.pools()}
     assert core_load(pools, w, capacity, calibrated.cores) == pytest.approx(1.0)
     assert table["calibration_k"] == round(calibrated.measured["scaled_by"], 3)
+    # planned from at the capacity, the calibrated profile's own fraction saturates the cores too
+    assert calibrated.measured["target_fraction"] == 0.25
+    assert calibrated.measured["target_fraction_one_at_a_time"] == 0.15
     assert json.loads((tmp_path / "plan_check.json").read_text())["replicas"]["draft"] == 2
     (row,) = table["rows"]
     assert row["failed_share"] == 0.1  # beside a p95 of the successes only
