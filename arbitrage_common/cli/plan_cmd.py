@@ -159,8 +159,10 @@ def _target_fraction(args, prof, policy: str) -> tuple[float, str]:
         raise ValueError(f"--target-fraction: the profile's fraction {fraction:.3f} was measured with {with_what}, "
                          f"not --policy {policy!r}; give --target-fraction or profile "
                          f"with `arbitrage plan profile --policy {policy}`")
-    where = prof.measured.get("target_fraction_source")  # a calibrated profile's: its capacity run
-    return fraction, f"the profile (measured with policy {policy!r}{f' in {where}' if where else ''})"
+    # A calibrated profile's comes from its capacity run; plan profile's from a few requests one at
+    # a time (one per entry of steps), a noisy sample of one mix.
+    where = prof.measured.get("target_fraction_source") or f"{len(prof.steps)} requests one at a time"
+    return fraction, f"the profile (measured with policy {policy!r} in {where})"
 
 
 def uncalibrated_warning(prof, path: str) -> str | None:

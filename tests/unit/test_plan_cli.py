@@ -203,6 +203,21 @@ def test_an_uncalibrated_cpu_profile_is_flagged_in_text_and_json(tmp_path, capsy
         assert json.loads(capsys.readouterr().out)[0]["profile_warning"] is None
 
 
+def test_the_profiles_fraction_says_how_it_was_measured(tmp_path, capsys):
+    """plan profile's fraction is a few requests one at a time; a calibrated one, its capacity run's."""
+    args = ["--rate", "2", "--slo-ms", "20000", "--json"]
+    raw = _small_profile(tmp_path, measured={"target_fraction": 0.15, "policy": "arbitrage"})
+    assert main(["plan", "--profile", str(raw), *args]) == 0
+    source = json.loads(capsys.readouterr().out)[0]["target_fraction_source"]
+    assert source == "the profile (measured with policy 'arbitrage' in 3 requests one at a time)"
+    calibrated = _small_profile(tmp_path, measured={"target_fraction": 0.27, "policy": "arbitrage",
+                                                    "target_fraction_source": "the capacity run (16 users)"})
+    assert main(["plan", "--profile", str(calibrated), *args]) == 0
+    (r,) = json.loads(capsys.readouterr().out)
+    assert (r["target_fraction"], r["target_fraction_source"]) == (
+        0.27, "the profile (measured with policy 'arbitrage' in the capacity run (16 users))")
+
+
 def test_an_assumed_request_shape_is_echoed(tmp_path, capsys):
     shape = "assumed: 16 steps a request (limits.default_max_steps), no hop or request overhead; measure it with --grpc"
     profile = _small_profile(tmp_path, measured={"request_shape": shape})
