@@ -25,6 +25,7 @@ from .settings import ENV, LoadSettings
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 READY_TIMEOUT_S = 300
+FAST_METRICS_INTERVAL_S = 2  # seconds between the local service's metric exports (pools over time)
 
 
 class ServiceDown(RuntimeError):
@@ -96,11 +97,11 @@ class LocalService:
         cfg_file = self.log.with_name("service-config.yaml")
         cfg_file.write_text(yaml.safe_dump(data, sort_keys=False))
         env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), **self.extra_env}
-        if self.fast_metrics:  # pools over time at a 2 s grain (Ray's default export is every 10 s)
-            env["RAY_metrics_report_interval_ms"] = "2000"
+        # pools over time at a 2 s grain (Ray's default export is every 10 s)
+        interval = ["--metrics-interval-s", str(FAST_METRICS_INTERVAL_S)] if self.fast_metrics else []
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "arbitrage_common.cli", "serve", "--config",
-                                      str(cfg_file), "--metrics-port", str(self.metrics_port)],
+                                      str(cfg_file), "--metrics-port", str(self.metrics_port), *interval],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      preexec_fn=_exit_with_parent())  # noqa: PLW1509 - a prctl call only
         deadline = time.monotonic() + READY_TIMEOUT_S

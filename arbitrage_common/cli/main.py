@@ -49,8 +49,31 @@ def _parsers(parser: argparse.ArgumentParser):
                 yield from _parsers(child)
 
 
+class _InvalidChoice(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """A subcommand that is optional (``plan``, ``serve``) reads the value of a misspelt flag as
+    its name: ``plan --rates 4`` would say "invalid choice: '4'". The misspelt flag is named instead."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        try:
+            return super().parse_known_args(args, namespace)
+        except _InvalidChoice as exc:
+            known = {o for p in _parsers(self) for a in p._actions for o in a.option_strings}
+            unknown = [t for t in args if t.startswith("--") and t != "--" and t.split("=", 1)[0] not in known]
+            argparse.ArgumentParser.error(self, f"unrecognized arguments: {' '.join(unknown)}" if unknown else str(exc))
+
+    def error(self, message: str):
+        if "invalid choice" in message:
+            raise _InvalidChoice(message)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arbitrage", description="Arbitrage Serve: step-level speculative reasoning")
+    parser = _Parser(prog="arbitrage", description="Arbitrage Serve: step-level speculative reasoning")
     sub = parser.add_subparsers(dest="command", required=True)
     add_models_parser(sub)
     add_train_parser(sub)

@@ -2,6 +2,7 @@
 regime-map` (where Arbitrage pays off on the bundled models)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from .argtypes import mix_list, non_negative_int, positive_float, positive_int, unit_float
@@ -38,7 +39,7 @@ def add_payoff_parsers(sub) -> None:
 
 def _analyze(args) -> int:
     from ..evaluation.analyze import analyze, plan_savings
-    from .plan_cmd import load_profile
+    from .plan_cmd import load_profile, uncalibrated_warning
 
     planning = (args.profile, args.rate, args.slo_ms)
     if any(v is not None for v in planning) and None in planning:
@@ -57,6 +58,9 @@ def _analyze(args) -> int:
 
             cfg = target_config(args.preset)
         result["planned"] = plan_savings(profile, result["headline"], args.rate, args.slo_ms, cfg)
+        result["planned"]["profile_warning"] = warning = uncalibrated_warning(profile, args.profile)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     emit_json(result, args.out)
     return 0
 

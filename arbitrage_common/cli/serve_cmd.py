@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+from ..policies import POLICY_NAMES
 from .argtypes import int64, positive_float, positive_int, positive_int32
 
 DEFAULT_ENDPOINT = "127.0.0.1:9000"  # arbitrage_common.client.DEFAULT_ENDPOINT (not imported: keeps --help light)
@@ -53,7 +54,8 @@ def add_serve_parsers(sub) -> None:
                        help="problems of the overhead comparison; throughput runs two sets of max(n, 4 x concurrency) "
                             "problems, each at both loads")
     bench.add_argument("--seed", type=int, default=3000)
-    bench.add_argument("--policy", help="policy (default: the config's)")
+    bench.add_argument("--policy", choices=POLICY_NAMES,  # checked before a service starts
+                       help="policy (default: the config's)")
     bench.add_argument("--concurrency", type=positive_int, default=16)
     bench.add_argument("--repeats", type=positive_int, default=1,
                        help="run the throughput rounds this many times over fresh problems; above 1 it also prints "

@@ -269,6 +269,7 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
         replicas[name] = [_Replica(name, deque() if affinity else shared, (name, p.device_of(i)))
                           for i in range(p.replicas)]
     on_device: dict[tuple[str, int], int] = {}  # busy replicas per device
+    touched: set[str] = set()  # pools a call joined or left since start_batches: no other can start one
     # Work in progress: [remaining, kind, payload, started, replica]. "batch": a static pass
     # (remaining ms; payload: its calls); "engine": a busy continuous replica (remaining: None,
     # see _Replica); "hop" and "finish" are the coordinator's own CPU work (ms; no replica).
@@ -282,17 +283,6 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
 
     def speed() -> float:
         return 1.0 if cores is None or len(busy) <= cores else cores / len(busy)
-
-    def rate_of(entry: list, share: float) -> float:
-        """How fast ``entry``'s work goes: its share of the cores and of its device; on a
-        continuous replica each call gets one unit of work per ``ms(b)`` at its batch ``b``."""
-        rep = entry[4]
-        if rep is None:
-            return share
-        r = share / on_device[rep.device] if on_device[rep.device] > 1 else share
-        if entry[1] == "engine":
-            r /= max(pools[rep.pool].curve.ms(rep.running), 1e-9)  # a zero curve: done at once
-        return r
 
     def left(entry: list) -> float:
         """Work until ``entry``'s next completion."""
@@ -314,6 +304,8 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
 
     def start_batches() -> None:
         for name, reps in replicas.items():
+            if name not in touched:
+                continue
             pool = pools[name]
             if pool.batching == "continuous":
                 for rep in (reps if affinity else reps[:1]):  # without affinity they share one queue
@@ -339,6 +331,7 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
                 rep.running = 1
                 occupy(rep, True)
                 busy.append([pool.curve.sample_ms(b, rng), "batch", calls, now, rep])
+        touched.clear()
 
     def next_call(rid: int) -> None:
         req = reqs[rid]
@@ -356,22 +349,38 @@ def simulate(pools: dict[str, Pool], w: Workload, rate: float, n_requests: int =
 
     def enqueue(rid: int, pool: str) -> None:
         reqs[rid].replica[pool].queue.append((rid, now))
+        touched.add(pool)
 
     while events or busy:
         s = speed()
-        rates = [rate_of(b, s) for b in busy]
-        i = min(range(len(busy)), key=lambda k: left(busy[k]) / rates[k]) if busy else -1
-        t_done = now + left(busy[i]) / rates[i] if busy else math.inf
+        # How fast each entry's work goes: its share of the cores and of its device; on a
+        # continuous replica each call gets one unit of work per ms(b) at its batch b. And the
+        # entry that completes first (the first of equals). One loop, written out: it is most of
+        # a run's time.
+        rates, i, t_left = [], -1, math.inf
+        for b in busy:
+            rep = b[4]
+            r = s if rep is None or on_device[rep.device] <= 1 else s / on_device[rep.device]
+            if b[1] == "engine":
+                r /= max(pools[rep.pool].curve.ms(rep.running), 1e-9)  # a zero curve: done at once
+            rates.append(r)
+            t = left(b) / r
+            if i < 0 or t < t_left:
+                i, t_left = len(rates) - 1, t
+        t_done = now + t_left if busy else math.inf
         t_event = events[0][0] if events else math.inf
         t_next = min(t_done, t_event)
+        dt = t_next - now
         for b, r in zip(busy, rates):
             if b[1] == "engine":
-                b[4].attained += (t_next - now) * r
+                b[4].attained += dt * r
             else:
-                b[0] -= (t_next - now) * r
+                b[0] -= dt * r
         now = t_next
         if t_done <= t_event:
             kind, payload, started, rep = busy[i][1:]
+            if rep is not None:
+                touched.add(rep.pool)
             if kind == "engine":
                 _, rid, work, joined, waited = heapq.heappop(rep.calls)
                 rep.running -= 1

@@ -38,7 +38,13 @@ NO_LOAD_SHARE = 0.01
 # Steps of a packed pool the search simulates before it stops growing that pool: two, since its
 # first step may only fill the GPU it has (no throughput), and the next adds a GPU.
 STEPS_TRIED = 2
+# How the replica search picks its next step (search_replicas): the step that lowers p95 the most
+# per GPU it adds, or the pool where a request queues the most.
+GAIN_PER_GPU, MOST_QUEUED = "gain per GPU", "most queued"
 
+# The fields of a profile's JSON form (Profile.as_dict); from_dict refuses any other.
+PROFILE_FIELDS = frozenset({"curves", "max_batch", "hop_ms", "request_overhead_ms", "steps", "cores", "measured",
+                            "batching", "replicas_per_device", "session_affinity"})
 
 @dataclass(frozen=True)
 class Profile:
@@ -67,6 +73,9 @@ class Profile:
         (GPU pools), and a zero batch, a negative time or a NaN would otherwise hang the
         simulation or plan nonsense. ValueError naming the field (``max_batch.target``)."""
         d = _object(d, "the profile")
+        unknown = sorted(set(d) - PROFILE_FIELDS)
+        if unknown:  # a misspelt optional field would otherwise be ignored and its default planned with
+            raise ValueError(f"unknown field(s) {', '.join(unknown)} (a profile has {', '.join(sorted(PROFILE_FIELDS))})")
         curves = {}
         for pool, c in _object(_field(d, "curves"), "curves").items():
             c = _object(c, f"curves.{pool}")
@@ -314,81 +323,243 @@ class Search:
     stalled: dict[str, dict]
 
 
-def search_replicas(profile: Profile, policy: str, target_fraction: float, rate: float, slo_ms: float,
-                    seed: int = 0, floor: float | None = None) -> Search:
-    """Start at one replica a pool. While a pool's load at max batch reaches 1, grow the most
-    loaded one by ``replicas_step`` (no simulation: the loads are exact). Then, while the p95
-    misses the SLO by no more than a request's queueing (the part more replicas can remove), grow
-    the pool where a request spends the most time queued. A replica on a GPU of its own slows no
-    call, so that step is kept (its p95 moves only by sampling noise); a packed pool's step puts
-    replicas on a shared GPU, which slows the calls there and can raise p95, so it is kept only
-    if p95 falls, and when neither that step nor the one after lowers it the pool is left as it
-    is (``stalled``) while the search goes on with the others. ``floor``: the no-load p95, for
-    the messages."""
-    w = workload(profile, policy, target_fraction)
+def plan_gpus(profile: Profile, replicas: dict[str, int]) -> int:
+    """GPUs a plan occupies as the profile packs it (``Pool.devices``): ``replicas_per_device``
+    replicas a GPU, the last maybe part full. (A CPU profile packs none: a count of replicas.)"""
+    return sum(math.ceil(n / profile.replicas_per_device.get(p, 1)) for p, n in replicas.items())
+
+
+@dataclass
+class Step:
+    """A pool's next step from a plan: the counts tried in order, each with its simulation (a
+    packed pool's up to ``STEPS_TRIED``, stopping at the first that lowers p95; none where the
+    next passes the replica cap), and the GPUs the last one adds: its replicas over
+    ``replicas_per_device`` (one a replica unpacked; a whole GPU, or the part of one that
+    filling a GPU the pool has uses, packed)."""
+
+    pool: str
+    tried: list[tuple[int, SimResult]]
+    gpus: float
+
+    def gain_ms(self, p95: float) -> float:
+        """How much the last count tried lowers ``p95`` (negative where it raises it)."""
+        return p95 - self.tried[-1][1].p(95) if self.tried else -math.inf
+
+
+class _PastTheBudget(Exception):
+    """A search holds more GPUs than its ``most_gpus`` and still misses the SLO (it cannot plan
+    cheaper than the plan that set the budget), or needs more simulations than it was given."""
+
+
+class _Simulations:
+    """``predict`` at one rate, remembered by replica counts (a run is seeded: the same counts
+    give the same result): a search weighs a step again after a stall, and the two searches of
+    ``cheapest_search`` start from the same plan."""
+
+    def __init__(self, profile: Profile, policy: str, target_fraction: float, rate: float, seed: int):
+        self.args, self.seed, self.seen = (profile, policy, target_fraction, rate), seed, {}
+        self.most: int | None = None  # simulations in all, then _PastTheBudget (None: no limit)
+
+    def __call__(self, replicas: dict[str, int]) -> SimResult:
+        key = tuple(sorted(replicas.items()))
+        if key not in self.seen:
+            if self.most is not None and len(self.seen) >= self.most:
+                raise _PastTheBudget
+            self.seen[key] = predict(*self.args, dict(replicas), self.seed)
+        return self.seen[key]
+
+
+def _next_step(sim: _Simulations, profile: Profile, replicas: dict[str, int], pool: str, p95: float) -> Step:
+    """``pool``'s next step from ``replicas``: one replica, or for a packed pool the counts of
+    ``replicas_step`` (up to ``STEPS_TRIED``: its first may only fill the GPU it has) until one
+    lowers ``p95``."""
+    per_device = profile.replicas_per_device.get(pool, 1)
+    tried, grown = [], replicas[pool]
+    for _ in range(STEPS_TRIED if per_device > 1 else 1):
+        grown = replicas_step(grown, per_device)
+        if _too_many(profile, replicas, pool, grown):
+            break
+        tried.append((grown, sim({**replicas, pool: grown})))
+        if tried[-1][1].p(95) < p95:
+            break
+    return Step(pool, tried, (grown - replicas[pool]) / per_device)
+
+
+def _gain_per_gpu(step: Step, p95: float) -> tuple[float, float]:
+    """A step's rank: the ms of ``p95`` it takes off per GPU it adds, then the ms in all."""
+    gain = step.gain_ms(p95)
+    return gain / step.gpus, gain
+
+
+def _most_gain_per_gpu(steps: dict[str, Step], p95: float) -> Step | None:
+    """The best ranked step (``_gain_per_gpu``) that lowers ``p95``, ties to the pool first by
+    name; None when none lowers it."""
+    lowering = [steps[p] for p in sorted(steps) if steps[p].gain_ms(p95) > 0]
+    return max(lowering, key=lambda s: _gain_per_gpu(s, p95)) if lowering else None
+
+
+def _weigh(sim: _Simulations, profile: Profile, replicas: dict[str, int], pools: set[str], p95: float,
+           ranks: dict[str, tuple[float, float]], steps: dict[str, Step], lazy: bool = True) -> dict[str, Step]:
+    """``steps`` and the next steps of the other ``pools`` from ``replicas``, simulated in the
+    order of their ``ranks`` (updated here) when last weighed. ``lazy``: stop once the best step
+    simulated outranks every pool left, taking a pool's last rank as the most its step gains now
+    (growing other pools leaves less queueing to take off), as lazy greedy search does: most
+    steps simulate one or two pools, not every one."""
+    steps = dict(steps)
+    ranks.update({p: _gain_per_gpu(s, p95) for p, s in steps.items()})
+    unweighed = (math.inf, math.inf)  # a pool not weighed yet is simulated first
+    for pool in sorted(sorted(pools - set(steps)), key=lambda p: ranks.get(p, unweighed), reverse=True):
+        best = _most_gain_per_gpu(steps, p95)
+        if lazy and best is not None and _gain_per_gpu(best, p95) >= ranks.get(pool, unweighed):
+            break
+        steps[pool] = _next_step(sim, profile, replicas, pool, p95)
+        ranks[pool] = _gain_per_gpu(steps[pool], p95)
+    return steps
+
+
+def _carry_the_rate(profile: Profile, w: Workload, rate: float) -> dict[str, int]:
+    """One replica a pool, then, while a pool's load at max batch reaches 1, the most loaded one
+    grown by ``replicas_step`` (no simulation: the loads are exact)."""
     replicas = dict.fromkeys(sorted(w.pools()), 1)
-    per_device = {p: profile.replicas_per_device.get(p, 1) for p in replicas}
     while True:
         loads = load_at_max_batch(_pools(profile, w, replicas), w, rate, profile.session_affinity)
         overloaded = {p: load for p, load in loads.items() if load >= 1.0}
         if not overloaded:
-            break
+            return replicas
         busiest = max(overloaded, key=overloaded.get)
-        grown = replicas_step(replicas[busiest], per_device[busiest])
+        grown = replicas_step(replicas[busiest], profile.replicas_per_device.get(busiest, 1))
         if _too_many(profile, replicas, busiest, grown):
             raise Unreachable(f"--rate: {rate:g} req/s overloads pool {busiest} even with {replicas[busiest]} "
                               f"replicas (load at max batch {overloaded[busiest]:.2f})")
         replicas[busiest] = grown
-    calls = calls_per_request(w)
-    result = predict(profile, policy, target_fraction, rate, replicas, seed)
+
+
+def _notes(floor: float | None, stalled: dict[str, dict], per_device: dict[str, int]) -> str:
+    notes = "" if floor is None else f"; the no-load p95 is {floor:.0f} ms"
+    return notes + (f"; {stalled_note(stalled, per_device)}" if stalled else "")
+
+
+def _growable(result: SimResult, slo_ms: float, rate: float, replicas: dict[str, int], stalled: dict[str, dict],
+              notes: str) -> set[str]:
+    """The pools the search may still grow; Unreachable when there are none, or when what more
+    replicas of them can take off the slowest requests is less than the p95 misses the SLO by."""
+    growable = set(replicas) - set(stalled)
+    if not growable:
+        raise Unreachable(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable (p95 "
+                          f"{result.p(95):.0f} ms with {replicas}): no pool's next replicas lower it{notes}",
+                          result.p(95))
+    # What more replicas can take off the slowest requests: their queueing and what batching
+    # added to their passes, in the pools the search may still grow. Less than the miss: the
+    # rest is service time at this load (and the stalled pools' sharing of their GPUs).
+    removable, over = result.tail_removable_ms(95, growable), result.p(95) - slo_ms
+    if removable < over:
+        where = f" in pool(s) {', '.join(sorted(growable))}, the ones it may still grow," if stalled else ","
+        raise Unreachable(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable (p95 "
+                          f"{result.p(95):.0f} ms with {replicas}, of which queueing and batching "
+                          f"{removable:.0f} ms{where} less than the {over:.0f} ms over the SLO: the rest is the "
+                          f"service time itself under this load{notes})", result.p(95))
+    return growable
+
+
+def _stall(stalled: dict[str, dict], step: Step, replicas: dict[str, int], p95: float) -> None:
+    stalled[step.pool] = {"replicas": replicas[step.pool], "p95_ms": round(p95, 1),
+                          "tried": [{"replicas": n, "p95_ms": round(r.p(95), 1)} for n, r in step.tried]}
+
+
+def _most_queued(pools: set[str], result: SimResult, w: Workload) -> str:
+    """The pool where a request spends the most time queued (``queued_ms_per_request``)."""
+    queued = {p: q for p, q in queued_ms_per_request(result, calls_per_request(w)).items() if p in pools}
+    return max(queued, key=queued.get)
+
+
+def _past_the_cap(profile: Profile, slo_ms: float, rate: float, result: SimResult, replicas: dict[str, int],
+                  notes: str) -> Unreachable:
+    most = f"{MAX_REPLICAS_ON_CORES} replicas in all on the profile's cores" if profile.cores is not None \
+        else f"{MAX_REPLICAS} replicas a pool"
+    return Unreachable(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable within {most} "
+                       f"(p95 {result.p(95):.0f} ms with {replicas}{notes})", result.p(95))
+
+
+def _best_step(sim: _Simulations, profile: Profile, replicas: dict[str, int], growable: set[str], p95: float,
+               ranks: dict[str, tuple[float, float]], weighed: dict[str, Step]) -> Step | None:
+    """The step that lowers ``p95`` the most per GPU (``_gain_per_gpu``), weighed lazily, and
+    where none of those weighed lowers it, every pool's (the ranks may have misled); None when
+    no step lowers it."""
+    steps = _weigh(sim, profile, replicas, growable, p95, ranks, weighed)
+    if _most_gain_per_gpu(steps, p95) is None:
+        steps = _weigh(sim, profile, replicas, growable, p95, ranks, steps, lazy=False)
+    return _most_gain_per_gpu(steps, p95)
+
+
+
+
+def search_replicas(profile: Profile, policy: str, target_fraction: float, rate: float, slo_ms: float,
+                    seed: int = 0, floor: float | None = None, rule: str = GAIN_PER_GPU,
+                    most_gpus: int | None = None, sim: _Simulations | None = None) -> Search:
+    """Carry the rate (``_carry_the_rate``), then, while the p95 misses the SLO by no more than
+    a request's queueing (the part more replicas can remove), take a step: with ``rule``
+    ``GAIN_PER_GPU`` the pools' next step that lowers p95 the most per GPU it adds
+    (``_best_step``), with ``MOST_QUEUED`` (or where no step lowers p95) that of the pool where a
+    request queues the most. That pool's step is simulated first if it is packed: it puts
+    replicas on a shared GPU, which slows the calls there, so where neither it nor the step
+    after lowers p95 the pool is left as it is (``stalled``) while the search goes on with the
+    others. An unpacked pool's step is taken even so (a replica on a GPU of its own slows no
+    call: its p95 moved by sampling noise only). ``floor``: the no-load p95, for the messages;
+    ``most_gpus``: _PastTheBudget once the plan holds more and misses the SLO; ``sim``: the
+    simulations, shared between searches."""
+    w = workload(profile, policy, target_fraction)
+    replicas = _carry_the_rate(profile, w, rate)
+    per_device = {p: profile.replicas_per_device.get(p, 1) for p in replicas}
+    sim = sim or _Simulations(profile, policy, target_fraction, rate, seed)
+    result = sim(replicas)
     path = [(dict(replicas), result.p(95))]
     stalled: dict[str, dict] = {}
+    ranks: dict[str, tuple[float, float]] = {}
     while not (result.stable and result.p(95) <= slo_ms):
-        notes = "" if floor is None else f"; the no-load p95 is {floor:.0f} ms"
-        if stalled:
-            notes += f"; {stalled_note(stalled, per_device)}"
-        growable = set(replicas) - set(stalled)
-        if not growable:
-            raise Unreachable(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable (p95 "
-                              f"{result.p(95):.0f} ms with {replicas}): no pool's next replicas lower it{notes}",
-                              result.p(95))
-        # What more replicas can take off the slowest requests: their queueing and what batching
-        # added to their passes, in the pools the search may still grow. Less than the miss: the
-        # rest is service time at this load (and the stalled pools' sharing of their GPUs).
-        removable, over = result.tail_removable_ms(95, growable), result.p(95) - slo_ms
-        if removable < over:
-            where = f" in pool(s) {', '.join(sorted(growable))}, the ones it may still grow," if stalled else ","
-            raise Unreachable(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable (p95 "
-                              f"{result.p(95):.0f} ms with {replicas}, of which queueing and batching "
-                              f"{removable:.0f} ms{where} less than the {over:.0f} ms over the SLO: the rest is the "
-                              f"service time itself under this load{notes})", result.p(95))
-        queued = {p: q for p, q in queued_ms_per_request(result, calls).items() if p in growable}
-        pool = max(queued, key=queued.get)
-        guarded = per_device[pool] > 1
-        tried = []
-        grown = replicas[pool]
-        for _ in range(STEPS_TRIED if guarded else 1):
-            grown = replicas_step(grown, per_device[pool])
-            if _too_many(profile, replicas, pool, grown):
-                break
-            tried.append((grown, predict(profile, policy, target_fraction, rate, {**replicas, pool: grown}, seed)))
-            if tried[-1][1].p(95) < result.p(95):
-                break
-        if not tried and guarded:  # its next GPU's worth passes the cap: the other pools may still help
-            stalled[pool] = {"replicas": replicas[pool], "p95_ms": round(result.p(95), 1), "tried": []}
+        if most_gpus is not None and plan_gpus(profile, replicas) > most_gpus:
+            raise _PastTheBudget
+        notes, p95 = _notes(floor, stalled, per_device), result.p(95)
+        growable = _growable(result, slo_ms, rate, replicas, stalled, notes)
+        pool = _most_queued(growable, result, w)
+        queued = _next_step(sim, profile, replicas, pool, p95) if per_device[pool] > 1 else None
+        if queued is not None and queued.gain_ms(p95) <= 0:  # or its next GPU's worth passes the cap
+            _stall(stalled, queued, replicas, p95)
             continue
-        if not tried:
-            most = f"{MAX_REPLICAS_ON_CORES} replicas in all on the profile's cores" if profile.cores is not None \
-                else f"{MAX_REPLICAS} replicas a pool"
-            raise Unreachable(f"--slo-ms: p95 {slo_ms:g} ms at {rate:g} req/s is not reachable within {most} "
-                              f"(p95 {result.p(95):.0f} ms with {replicas}{notes})", result.p(95))
-        if not guarded or tried[-1][1].p(95) < result.p(95):
-            replicas[pool], result = tried[-1]
-            path.append((dict(replicas), result.p(95)))
-        else:
-            stalled[pool] = {"replicas": replicas[pool], "p95_ms": round(result.p(95), 1),
-                             "tried": [{"replicas": n, "p95_ms": round(r.p(95), 1)} for n, r in tried]}
+        weighed = {} if queued is None else {pool: queued}
+        best = _best_step(sim, profile, replicas, growable, p95, ranks, weighed) if rule == GAIN_PER_GPU else None
+        best = best or queued or _next_step(sim, profile, replicas, pool, p95)
+        if not best.tried:
+            raise _past_the_cap(profile, slo_ms, rate, result, replicas, notes)
+        replicas[best.pool], result = best.tried[-1]
+        path.append((dict(replicas), result.p(95)))
     return Search(replicas, result, path, stalled)
+
+
+def cheapest_search(profile: Profile, policy: str, target_fraction: float, rate: float, slo_ms: float,
+                    seed: int = 0, floor: float | None = None) -> Search:
+    """The cheaper plan (``_cost``) of the two rules' searches. ``MOST_QUEUED`` (the planner's
+    search before) runs first: its plan bounds the other, and its refusal is raised as before.
+    ``GAIN_PER_GPU`` mostly plans fewer GPUs, but it is greedy on p95s that sampling noise moves
+    and can buy many steps that gain little, so it stops once it holds more GPUs than the first
+    plan, or once it has run twice as many simulations of its own as the first search ran (it
+    weighs more than one pool a step; ``plan`` takes at most about three times as long as the
+    first search alone). The two share their simulations."""
+    sim = _Simulations(profile, policy, target_fraction, rate, seed)
+    args = (profile, policy, target_fraction, rate, slo_ms, seed, floor)
+    queued = search_replicas(*args, rule=MOST_QUEUED, sim=sim)
+    sim.most = 3 * len(sim.seen)
+    try:
+        weighed = search_replicas(*args, rule=GAIN_PER_GPU, most_gpus=plan_gpus(profile, queued.replicas), sim=sim)
+    except (Unreachable, _PastTheBudget):
+        return queued
+    return min((weighed, queued), key=lambda s: _cost(profile, s))
+
+
+def _cost(profile: Profile, found: Search) -> tuple[int, float, float]:
+    """What a plan costs, compared in order: its GPUs, the GPU shares its replicas use (a packed
+    GPU may be part full), its p95."""
+    shares = sum(n / profile.replicas_per_device.get(p, 1) for p, n in found.replicas.items())
+    return plan_gpus(profile, found.replicas), shares, found.result.p(95)
 
 
 def stalled_note(stalled: dict[str, dict], per_device: dict[str, int]) -> str:
@@ -409,7 +580,7 @@ def stalled_note(stalled: dict[str, dict], per_device: dict[str, int]) -> str:
 
 def plan(profile: Profile, policy: str, target_fraction: float, rate: float, slo_ms: float,
          seed: int = 0) -> dict:
-    """The fewest replicas per pool ``search_replicas`` finds to hold the SLO. An SLO under the
+    """The cheapest replicas per pool ``cheapest_search`` finds to hold the SLO. An SLO under the
     no-load p95 and a rate the cores cannot carry are refused up front."""
     check_inputs(rate, slo_ms, target_fraction, profile, policy)
     w = workload(profile, policy, target_fraction)
@@ -419,7 +590,7 @@ def plan(profile: Profile, policy: str, target_fraction: float, rate: float, slo
         raise Unreachable(f"--slo-ms: p95 {slo_ms:g} ms is not reachable at any replica count: with no load (a "
                           f"simulation at {floor_rate:.3g} req/s) the p95 is already {floor:.0f} ms, the service "
                           f"time of the requests themselves; ask for {math.ceil(floor):.0f} ms or more", floor)
-    found = search_replicas(profile, policy, target_fraction, rate, slo_ms, seed, floor)
+    found = cheapest_search(profile, policy, target_fraction, rate, slo_ms, seed, floor)
     result = found.result
     out = {"policy": policy, "target_fraction": round(w.target_fraction, 4), "rate": rate, "slo_p95_ms": slo_ms,
            "replicas": found.replicas, "predicted_p50_ms": round(result.p(50), 1),
@@ -463,11 +634,15 @@ def calibrate(profile: Profile, policy: str, target_fraction: float, capacity_rp
 def packing_warning(profile: Profile, cfg, preset: str) -> str | None:
     """A warning when a GPU profile's ``replicas_per_device`` differs from how the preset packs a
     pool's replicas on a GPU (``num_gpus`` 0.5: two), else None: the plan then simulated other
-    devices than the GPUs it counts. CPU profiles (``cores``) are not simulated on devices."""
-    from ..kuberay.sizing import replica_demand
+    devices than the GPUs it counts. A CPU profile (``cores``) gets one too: its pools share its
+    cores, while the preset's Pods hold CPUs of their own."""
+    from ..kuberay.sizing import group_sizes, replica_demand
 
     if profile.cores is not None:
-        return None
+        pods = ", ".join(f"{size.name} {size.cpus:g}" for size in group_sizes(cfg))
+        return (f"the profile's pools share its {profile.cores:g} cores (the machine it was measured on), but --preset "
+                f"{preset} runs them in Pods with CPUs of their own (CPUs a Pod: {pods}): the plan's p95 and loads "
+                f"are for the shared cores; profile on the Pods' nodes to plan them")
     off = []
     for pool, spec in cfg.pools.configured():
         gpus = replica_demand(pool, spec).gpus

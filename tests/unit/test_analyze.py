@@ -199,3 +199,33 @@ def test_plan_savings_fails_only_when_nothing_can_be_planned():
 
     with pytest.raises(ValueError, match="neither RSD nor a router can be planned: rsd: .*; bound: "):
         plan_savings(_small_profile(), {"rsd_target_fraction": 0.9, "oracle_target_fraction": 0.1}, 2.0, 100)
+
+
+@pytest.mark.parametrize("cores,warned", [(None, False), (2.0, True), ("calibrated", False)])
+def test_analyze_with_a_profile_warns_of_an_uncalibrated_cpu_profile(tmp_path, capsys, cores, warned):
+    """As `plan` does: a CPU profile `plan check` has not calibrated plans optimistically."""
+    import dataclasses
+    import json
+
+    from arbitrage_common.cli.main import main
+
+    prof = _small_profile()
+    if cores is not None:
+        measured = {"scaled_by": 1.1} if cores == "calibrated" else {}
+        prof = dataclasses.replace(prof, cores=2.0, measured=measured)
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(prof.as_dict()))
+    rows = [{"problem_id": i // 2, "problem": "P", "history": [], "draft_step": "d", "advantage": adv,
+             "prm_draft": prm, "label": 0} for i, (prm, adv) in enumerate([(0.1, 0.4), (0.2, 0.0), (0.8, 0.0),
+                                                                          (0.9, 0.0)])]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["analyze", "--data", str(data), "--profile", str(path), "--rate", "1", "--slo-ms", "2000"]) == 0
+    out, err = capsys.readouterr()
+    planned = json.loads(out)["planned"]
+    assert "bound" in planned
+    if warned:
+        assert planned["profile_warning"].startswith(f"{path} is an uncalibrated CPU profile")
+        assert f"warning: {path} is an uncalibrated CPU profile" in err
+    else:
+        assert planned["profile_warning"] is None and "warning" not in err

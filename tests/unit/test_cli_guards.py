@@ -393,3 +393,30 @@ def test_a_ray_serve_refusal_is_one_line(monkeypatch):
     assert all(f.message == "Ray Serve refuses the deployment options: 1 validation error for DeploymentConfig "
                             "max_queued_requests max_queued_requests must be -1 (no limit) or a positive integer."
                for f in errors), errors
+
+
+@pytest.mark.parametrize("argv,flag", [(["plan", "--rates", "4"], "--rates"),  # was "invalid choice: '4'"
+                                       (["plan", "--rate=4", "--slo-mss", "300"], "--slo-mss"),
+                                       (["serve", "--foo", "x"], "--foo")])
+def test_a_misspelt_flag_before_an_optional_subcommand_is_named(capsys, argv, flag):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert f"unrecognized arguments: {flag}" in _err(capsys)
+
+
+def test_a_wrong_subcommand_is_still_an_invalid_choice(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "chek"])
+    assert "invalid choice: 'chek'" in _err(capsys)
+
+
+def test_serve_bench_refuses_an_unknown_policy_before_starting_anything(capsys, monkeypatch):
+    import services.local
+
+    def start(*args, **kw):
+        raise RuntimeError("the service was started")
+
+    monkeypatch.setattr(services.local, "start", start)
+    with pytest.raises(SystemExit):
+        main(["serve", "bench", "--policy", "nope"])
+    assert "argument --policy: invalid choice: 'nope'" in _err(capsys)
