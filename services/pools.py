@@ -44,6 +44,8 @@ from arbitrage_common.interfaces import Generation, GenerationOptions, ScoreItem
 from arbitrage_common.lookahead import DraftAhead, chain, chain_rows
 from arbitrage_common.presets import check_pool_model
 
+from .engine_metrics import EngineMetrics
+
 # Rows of one forward pass (arbitrage_pool_batch_size): up to max_batch_size calls, each with
 # several rows on scorer pools (a router call scores 1 + draft_lookahead items, up to 9), so
 # 1 .. 4096 covers max_batch_size 64 x 9 = 576 of the presets and pools up to 455 calls a batch.
@@ -242,6 +244,7 @@ class GeneratorPool(_Pool):
             for counter in self._prefix_tokens.values():
                 counter.set_default_tags({"role": role})
             self._prefix_seen = CounterDeltas()
+        self._engine_metrics = EngineMetrics(role) if self.engine_batched else None
         # Token-level speculation (a transformers target verifying the draft's step): counts since start.
         speculation = getattr(self.backend, "speculation", None)
         self._speculation_seen = CounterDeltas(speculation) if speculation else None
@@ -261,6 +264,19 @@ class GeneratorPool(_Pool):
             return
         for outcome, grown in self._speculation_seen.since_last(self.backend.speculation).items():
             self._proposal_tokens.inc(grown, tags={"outcome": outcome})
+
+    def _export_engine(self) -> None:
+        """A vLLM pool's engine counters and state to the metrics."""
+        engine = self.backend.stats()
+        self._export_prefix_cache(engine["prefix_cache_hits"], engine["prefix_cache_queries"])
+        self._engine_metrics.export(engine)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """``_Pool``'s, and a vLLM pool's engine metrics exported (so they move while a call is in
+        flight and after traffic stops)."""
+        if self._engine_metrics is not None:
+            self._export_engine()
+        return await super().record_autoscaling_stats()
 
     def _export_prefix_cache(self, hits: int, queries: int) -> None:
         """Add the prefix-cache tokens looked up and reused since the last export (``hits`` and
@@ -340,8 +356,7 @@ class GeneratorPool(_Pool):
             seconds = time.perf_counter() - started
             self._stats["forward_s"] += seconds
             self._batch_ms.observe(seconds * 1000.0)
-            engine = self.backend.stats()
-            self._export_prefix_cache(engine["prefix_cache_hits"], engine["prefix_cache_queries"])
+            self._export_engine()
 
     async def release(self, session: str) -> bool:
         """Drop a finished request's cached prefix; True if this replica held one."""
@@ -360,6 +375,8 @@ class GeneratorPool(_Pool):
             out["prefix_cache"] = {"requests": s["prefix_cache_requests"], "queries": s["prefix_cache_queries"],
                                    "hits": s["prefix_cache_hits"], "hit_rate": s["prefix_cache_hit_rate"]}
             out["engine"] = {"max_running_requests": s["max_running_requests"],
+                             **{k: s[k] for k in ("running_requests", "waiting_requests", "kv_cache_usage",
+                                                  "peak_kv_cache_usage", "preempted_requests")},
                              "unfinished_requests": self.backend.unfinished_requests(),
                              "aborted_requests": self.backend.aborted, "pids": self.backend.engine_pids(),
                              "served_dir": self.backend.served_dir, "args": dict(self.backend.engine_args)}

@@ -301,33 +301,41 @@ class _ClosedEngine:
         pass
 
 
-class PrefixCacheCounter:
-    """Accumulates vLLM's prefix-cache stats (token queries and hits) across scheduler steps."""
+class EngineStats:
+    """What vLLM's scheduler reports each step, kept for the pool's metrics and ``info()``:
+    prefix-cache counters (requests, token queries, hits) and preempted requests since start,
+    the most requests run in one step, and the engine's state at its last step (requests
+    running and waiting, the share of KV-cache blocks in use)."""
 
     def __init__(self) -> None:
-        self.queries = 0
-        self.hits = 0
-        self.requests = 0
-        self.max_running = 0
+        self.queries = self.hits = self.requests = self.preempted = 0
+        self.max_running = self.running = self.waiting = 0
+        self.kv_cache_usage = self.peak_kv_cache_usage = 0.0
         self._lock = threading.Lock()
 
-    def add(self, requests: int, queries: int, hits: int, running: int = 0) -> None:
+    def add(self, requests: int, queries: int, hits: int, running: int = 0, waiting: int = 0,
+            kv_cache_usage: float = 0.0, preempted: int = 0) -> None:
         with self._lock:
             self.requests += requests
             self.queries += queries
             self.hits += hits
+            self.preempted += preempted
+            self.running, self.waiting, self.kv_cache_usage = running, waiting, kv_cache_usage
             self.max_running = max(self.max_running, running)
+            self.peak_kv_cache_usage = max(self.peak_kv_cache_usage, kv_cache_usage)
 
     def snapshot(self) -> dict[str, float]:
         with self._lock:
             rate = self.hits / self.queries if self.queries else 0.0
             return {"prefix_cache_requests": self.requests, "prefix_cache_queries": self.queries,
                     "prefix_cache_hits": self.hits, "prefix_cache_hit_rate": rate,
-                    "max_running_requests": self.max_running}
+                    "max_running_requests": self.max_running, "running_requests": self.running,
+                    "waiting_requests": self.waiting, "kv_cache_usage": self.kv_cache_usage,
+                    "peak_kv_cache_usage": self.peak_kv_cache_usage, "preempted_requests": self.preempted}
 
 
-def _stat_logger_factory(counter: PrefixCacheCounter):
-    """A vLLM StatLoggerFactory feeding ``counter`` (vLLM's stat logger API is not stable:
+def _stat_logger_factory(stats: EngineStats):
+    """A vLLM StatLoggerFactory feeding ``stats`` (vLLM's stat logger API is not stable:
     anything unexpected is ignored rather than breaking generation)."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
@@ -336,10 +344,13 @@ def _stat_logger_factory(counter: PrefixCacheCounter):
             self.engine_index = engine_index
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
-            stats = getattr(scheduler_stats, "prefix_cache_stats", None)
-            if stats is not None:
-                counter.add(getattr(stats, "requests", 0), getattr(stats, "queries", 0), getattr(stats, "hits", 0),
-                            getattr(scheduler_stats, "num_running_reqs", 0))
+            if scheduler_stats is None:  # a step that carried only outputs
+                return
+            cache = getattr(scheduler_stats, "prefix_cache_stats", None)
+            stats.add(getattr(cache, "requests", 0), getattr(cache, "queries", 0), getattr(cache, "hits", 0),
+                      getattr(scheduler_stats, "num_running_reqs", 0), getattr(scheduler_stats, "num_waiting_reqs", 0),
+                      float(getattr(scheduler_stats, "kv_cache_usage", 0.0) or 0.0),
+                      getattr(iteration_stats, "num_preempted_reqs", 0))
 
         def log_engine_initialized(self):
             pass
@@ -407,7 +418,7 @@ class VLLMStepGenerator:
             model_str = str(check_checkpoint_dir(Path(model_str).expanduser()).resolve())
         self.model = model_str
         self.delimiter = delimiter
-        self.prefix_cache = PrefixCacheCounter()
+        self.engine_stats = EngineStats()
 
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -450,7 +461,7 @@ class VLLMStepGenerator:
         self.engine_args = args
         try:
             self.engine = AsyncLLM.from_engine_args(
-                AsyncEngineArgs(**_executor_as_given(args, on_cpu)), stat_loggers=[_stat_logger_factory(self.prefix_cache)])
+                AsyncEngineArgs(**_executor_as_given(args, on_cpu)), stat_loggers=[_stat_logger_factory(self.engine_stats)])
         except Exception as exc:  # config/load errors come from the engine process in many types
             raise EngineStartError(engine_start_message(model_str, exc)) from exc
         # Prompts go to the engine as token ids from its own tokenizer: the context check
@@ -593,9 +604,17 @@ class VLLMStepGenerator:
             return -1
 
     def stats(self) -> dict[str, float]:
-        """Counters since start: prefix-cache requests, token queries, token hits, hit rate, and
-        the most requests the scheduler ran in one step (> 1: requests were batched)."""
-        return self.prefix_cache.snapshot()
+        """``EngineStats.snapshot``: counters since start (prefix-cache requests, token queries,
+        token hits, hit rate; preempted requests; the most requests the scheduler ran in one step,
+        > 1: requests were batched; the peak KV-cache share in use) and the engine at its last
+        step (requests running and waiting, KV-cache share in use), all 0 when no request is left."""
+        stats = self.engine_stats.snapshot()
+        if not self.unfinished_requests():
+            # The engine core reports only with a step's outputs, and a request that ends at the
+            # step delimiter (a stop string, matched here) is aborted after its last step: the
+            # last report still counts it, and no step follows once the engine is idle.
+            stats.update(running_requests=0, waiting_requests=0, kv_cache_usage=0.0)
+        return stats
 
     async def reset_prefix_cache(self) -> bool:
         """False when the engine could not empty it (a request still held blocks)."""

@@ -184,10 +184,13 @@ def test_dashboard_metrics_are_exported(cluster, serve_config):
     looked up or reused a prefix) and the proposal counter (a step routed to the target; the
     load tests check it is exported), which the pools' source must declare; and the proxies'
     error counters (an error response), which tests/unit/test_dashboard_metrics.py checks
-    against Ray's source; and the load controller's gauges, exported only with
-    policy.load_control on (tests/unit/test_coordinator_load_control.py checks them)."""
+    against Ray's source; the load controller's gauges, exported only with
+    policy.load_control on (tests/unit/test_coordinator_load_control.py checks them); and a vLLM
+    pool's engine metrics, exported by vLLM pools only, which the rehearsal's cpu-demo config has
+    none of (tests/unit/test_engine_metrics.py and tests/vllm check them)."""
     from test_k8s_manifests import dashboard_metrics  # one parser of the dashboard's queries
 
+    from services.engine_metrics import ENGINE_GAUGES, PREEMPTIONS
     from services.load_metrics import LOAD_GAUGES
 
     wanted = dashboard_metrics()
@@ -196,6 +199,10 @@ def test_dashboard_metrics_are_exported(cluster, serve_config):
     on_error = {"ray_serve_num_http_error_requests_total", "ray_serve_num_grpc_error_requests_total"}
     load_control_on = serve_config["applications"][0]["args"]["policy"].get("load_control", {}).get("enabled")
     switched_off = set() if load_control_on else {f"ray_{name}" for name, _ in LOAD_GAUGES.values()}
+    vllm_pools = {p for p, spec in serve_config["applications"][0]["args"]["pools"].items()
+                  if spec and spec.get("model", {}).get("backend") == "vllm"}
+    if not vllm_pools:
+        switched_off |= {f"ray_{name}" for name, _ in ENGINE_GAUGES.values()} | {f"ray_{PREEMPTIONS[0]}"}
 
     def exported():
         text = cluster.metrics_text()

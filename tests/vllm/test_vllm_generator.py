@@ -187,7 +187,13 @@ def test_concurrent_calls_are_batched_in_the_engine(engine, loop):
     out = run(loop, many())
     assert [len(o) for o in out] == [1] * 8
     assert all(o[0].finish_reason in ("delimiter", "eos", "length") for o in out)
-    assert engine.stats()["max_running_requests"] >= 2  # the scheduler ran several at once
+    stats = engine.stats()
+    assert stats["max_running_requests"] >= 2  # the scheduler ran several at once
+    # The engine's state for the pool's gauges: KV-cache blocks were in use while the batch ran;
+    # with every call returned nothing runs, waits or holds a block, though the engine's last
+    # report was sent before the requests that stopped at the delimiter were aborted.
+    assert 0.0 < stats["peak_kv_cache_usage"] <= 1.0 and stats["preempted_requests"] >= 0
+    assert (stats["running_requests"], stats["waiting_requests"], stats["kv_cache_usage"]) == (0, 0, 0.0)
 
 
 def test_seeded_sampling_is_reproducible(engine, loop):

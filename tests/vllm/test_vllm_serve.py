@@ -239,7 +239,9 @@ def test_concurrent_pool_calls_run_as_one_engine_batch(served, app_config):
                    "ten requests waiting in the frozen engine")
     outs = [c.result(timeout_s=BUDGET_S) for c in calls]
     assert [len(o) for o in outs] == [1] * len(prefixes)
-    assert info(app_config, "draft")["engine"]["max_running_requests"] >= len(prefixes)
+    engine = info(app_config, "draft")["engine"]
+    assert engine["max_running_requests"] >= len(prefixes)
+    assert engine["running_requests"] == engine["waiting_requests"] == 0 and engine["peak_kv_cache_usage"] > 0
 
 
 def test_cancelled_pool_call_aborts_its_engine_request(served, app_config):
