@@ -96,14 +96,39 @@ def replica_device(device: str | None, gpu_ids: Callable[[], Sequence[Any]] | No
     return "cuda" if list(gpu_ids()) else "cpu"
 
 
+def cap_gpu_share(device: str, share: float | None, set_fraction: Callable[[float], None] | None = None) -> bool:
+    """On a GPU given in part (``num_gpus`` 0.25: four replicas share it), hold this process to
+    its ``share`` of the GPU's memory, as each vLLM engine holds to ``gpu_memory_utilization``:
+    torch's caching allocator would otherwise grow into its neighbours' memory, and the
+    replica that runs out would be whichever allocates next, not the one that grew. True when
+    capped. ``set_fraction``: torch's ``set_per_process_memory_fraction`` (tests inject one)."""
+    if not device.startswith("cuda") or share is None or not 0 < share < 1:
+        return False
+    if set_fraction is None:
+        import torch
+
+        set_fraction = torch.cuda.set_per_process_memory_fraction
+    set_fraction(share)
+    return True
+
+
+def _assigned_gpu_share() -> float | None:
+    """The GPUs Ray assigned this replica (its ``num_gpus``); None outside a Ray worker."""
+    if not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_assigned_resources().get("GPU")
+
+
 def _load_scorer(model: dict[str, Any]):
     backend = model.get("backend", "transformers")
     if backend == "transformers":
         from arbitrage_common.backends.scorers import load_step_scorer
 
+        device = replica_device(model.get("device"))
+        cap_gpu_share(device, _assigned_gpu_share())
         return load_step_scorer(model["path"], threads=model.get("threads"),
                                 annotate_history=model.get("annotate_history"),
-                                device=replica_device(model.get("device")),
+                                device=device,
                                 trust_remote_code=_trust_remote_code(model), prefix_cache_mb=model.get("prefix_cache_mb"))
     raise ValueError(f"model.backend: unsupported scorer backend {backend!r}")
 

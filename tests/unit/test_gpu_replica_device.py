@@ -32,20 +32,33 @@ def test_outside_a_ray_worker_the_backend_keeps_its_own_choice(pools, monkeypatc
     assert pools.replica_device(None) == "auto"
 
 
-@pytest.mark.parametrize("gpu_ids,want", [([], "cpu"), ([0], "cuda")])
-def test_a_scorer_pool_passes_the_replicas_device_down(pools, monkeypatch, gpu_ids, want):
+@pytest.mark.parametrize("gpu_ids,share,want,capped", [([], None, "cpu", []), ([0], 0.25, "cuda", [0.25, 0.25]),
+                                                    ([0], 1.0, "cuda", [])])
+def test_a_scorer_pool_passes_the_replicas_device_down_and_holds_to_its_gpu_share(
+        pools, monkeypatch, gpu_ids, share, want, capped):
+    """A replica given part of a GPU (num_gpus 0.25) is held to that share of its memory
+    before the model loads; one given a whole GPU, or none, is not capped."""
+    torch = pytest.importorskip("torch")
     from arbitrage_common.backends import scorers
 
-    seen = []
-    monkeypatch.setattr(scorers, "load_step_scorer", lambda path, **kw: seen.append(kw["device"]))
+    seen, fractions = [], []
+    monkeypatch.setattr(scorers, "load_step_scorer",
+                        lambda path, **kw: seen.append((kw["device"], list(fractions))))
     monkeypatch.setattr(pools.ray, "is_initialized", lambda: True)  # as in a replica
     monkeypatch.setattr(pools.ray, "get_gpu_ids", lambda: gpu_ids)
-    try:
-        import torch
-
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # GPUs visible to the process
-    except ImportError:
-        pass
+    monkeypatch.setattr(pools, "_assigned_gpu_share", lambda: share)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # GPUs visible to the process
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
     pools._load_scorer({"path": "/m"})
     pools._load_scorer({"path": "/m", "device": "auto"})
-    assert seen == [want, want]
+    assert [device for device, _ in seen] == [want, want] and fractions == capped
+    if capped:
+        assert seen[0][1] == [share]  # capped before the model loaded
+
+
+@pytest.mark.parametrize("device,share", [("cpu", 0.25), ("cuda", None), ("cuda", 0.0), ("cuda", 2.0)])
+def test_no_cap_off_a_gpu_or_without_a_part_of_one(pools, device, share):
+    def never(fraction):
+        raise AssertionError("capped")
+
+    assert pools.cap_gpu_share(device, share, never) is False
