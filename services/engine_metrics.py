@@ -3,8 +3,9 @@ application, deployment and replica): requests running and waiting in the engine
 share of its KV-cache blocks in use at its last scheduler step, and requests it preempted
 (a full KV cache makes vLLM stop a running request and recompute it later). vLLM's own
 ``RayPrometheusStatLogger`` tags its metrics with the replica id only, so the dashboard's
-application filter could not select them. The pool exports after each call and at each
-autoscaling poll, so the gauges also move while calls are in flight and after traffic stops."""
+application filter could not select them. The pool exports on a clock (``ENGINE_EXPORT_S``):
+Ray drops a gauge that is not set again within two export intervals, and one set as each call
+ends would read the engine as its batch ends, often empty."""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -53,6 +53,8 @@ BATCH_ROWS_BOUNDARIES = [2**i for i in range(13)]
 BATCH_ROWS_DESCRIPTION = ("Rows in one batched forward pass: prefixes generated (generator pools) or items "
                           "scored (scorer pools; a call can carry several, e.g. a router call 1 + "
                           "draft_lookahead), over all the calls batched into it.")
+# Seconds between exports of a vLLM pool's engine gauges: under Ray's shortest export interval (1 s).
+ENGINE_EXPORT_S = 0.5
 # Up to 30 s: one vLLM call may decode a 512-token step for many rows.
 _MS_BOUNDARIES = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 
@@ -270,6 +272,7 @@ class GeneratorPool(_Pool):
                 counter.set_default_tags({"role": role})
             self._prefix_seen = CounterDeltas()
         self._engine_metrics = EngineMetrics(role) if self.engine_batched else None
+        self._engine_export: asyncio.Task | None = None  # started by the first health check
         # Token-level speculation (a transformers target verifying the draft's step): counts since start.
         speculation = getattr(self.backend, "speculation", None)
         self._speculation_seen = CounterDeltas(speculation) if speculation else None
@@ -296,12 +299,21 @@ class GeneratorPool(_Pool):
         self._export_prefix_cache(engine["prefix_cache_hits"], engine["prefix_cache_queries"])
         self._engine_metrics.export(engine)
 
-    async def record_autoscaling_stats(self) -> dict[str, float]:
-        """``_Pool``'s, and a vLLM pool's engine metrics exported (so they move while a call is in
-        flight and after traffic stops)."""
-        if self._engine_metrics is not None:
+    async def check_health(self) -> None:
+        """``_Pool``'s; and, on a vLLM pool, the engine metrics' export started (Serve checks a
+        replica's health soon after it starts, on its event loop)."""
+        if self._engine_metrics is not None and self._engine_export is None:
+            self._engine_export = asyncio.get_running_loop().create_task(self._export_engine_every(ENGINE_EXPORT_S))
+        await super().check_health()
+
+    async def _export_engine_every(self, seconds: float) -> None:
+        """Ray drops a gauge that is not set again within two of its export intervals (2 s with
+        ``--metrics-interval-s 1``), so the engine's gauges are set on a clock, also while a call
+        is in flight and after traffic stops. Only on the clock: set as a call ends, they would
+        read the engine as its batch ends (often empty), and the export keeps the last value set."""
+        while True:
             self._export_engine()
-        return await super().record_autoscaling_stats()
+            await asyncio.sleep(seconds)
 
     def _export_prefix_cache(self, hits: int, queries: int) -> None:
         """Add the prefix-cache tokens looked up and reused since the last export (``hits`` and
@@ -381,7 +393,8 @@ class GeneratorPool(_Pool):
             seconds = time.perf_counter() - started
             self._stats["forward_s"] += seconds
             self._batch_ms.observe(seconds * 1000.0)
-            self._export_engine()
+            engine = self.backend.stats()  # the gauges go on the clock only (_export_engine_every)
+            self._export_prefix_cache(engine["prefix_cache_hits"], engine["prefix_cache_queries"])
 
     async def release(self, session: str) -> bool:
         """Drop a finished request's cached prefix; True if this replica held one."""

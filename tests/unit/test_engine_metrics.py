@@ -58,3 +58,45 @@ def test_the_export_sets_the_gauges_to_the_last_step_and_counts_preemptions_once
     assert [g.value for g in metrics.gauges.values()] == [0.0, 0.0, 0.0] and metrics.preempted.value == 5
     assert all(m.tags == {"role": "draft"} and m.tag_keys == ("role",)
                for m in (*metrics.gauges.values(), metrics.preempted))
+
+
+def test_the_pool_sets_the_gauges_on_a_clock_started_once_by_its_health_check():
+    """Set as calls end they would read the engine as its batch ends (often empty); on the
+    clock they follow the engine, and Ray keeps them (it drops a gauge not set again)."""
+    import asyncio
+
+    from arbitrage_common.counter_deltas import CounterDeltas
+
+    pools = pytest.importorskip("services.pools")
+    running = iter([3, 7, 0, 0, 0, 0, 0, 0, 0, 0])
+
+    class Backend:
+        async def check_health(self):
+            pass
+
+        def stats(self):
+            stats = EngineStats()
+            stats.add(0, 0, 0, running=next(running))
+            return stats.snapshot()
+
+    class Pool(pools.GeneratorPool):
+        def __init__(self):  # no model: the backend and metrics are fakes
+            self.backend, self._engine_export, self._prefix_seen = Backend(), None, CounterDeltas()
+            self._prefix_tokens = {"hits": _Metric("h"), "queries": _Metric("q")}
+            self._engine_metrics = _metrics()
+            self.seen = []
+            gauge = self._engine_metrics.gauges["running_requests"]
+            gauge.set = lambda value: self.seen.append(value)
+
+    async def run():
+        pool = Pool()
+        await pool.check_health()
+        started = pool._engine_export
+        await pool.check_health()
+        assert pool._engine_export is started  # one clock per replica
+        await asyncio.sleep(3.5 * pools.ENGINE_EXPORT_S)
+        started.cancel()
+        return pool.seen
+
+    seen = asyncio.run(run())
+    assert seen[:3] == [3.0, 7.0, 0.0] and len(seen) >= 3
