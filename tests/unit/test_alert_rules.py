@@ -126,14 +126,17 @@ def _metric_calls(path: Path, prefix: str) -> dict[str, set[str]]:
 
 
 def _ours() -> dict[str, set[str]]:
-    """Prometheus name -> labels of every metric services/ exports (the load controller's gauges,
-    built in a loop, from their table)."""
+    """Prometheus name -> labels of every metric services/ exports (the load controller's gauges
+    and a vLLM pool's engine metrics, built in a loop, from their tables)."""
+    from services.engine_metrics import ENGINE_GAUGES, PREEMPTIONS
     from services.load_metrics import LOAD_GAUGES
 
     tags: dict[str, set[str]] = {}
     for path in (ROOT / "services").glob("*.py"):
         tags.update(_metric_calls(path, "arbitrage_"))
     tags.update({f"ray_{name}": set() for name, _ in LOAD_GAUGES.values()})
+    tags.update({f"ray_{name}": {"role"} for name, _ in ENGINE_GAUGES.values()})
+    tags.update({name: {"role"} for name in _prometheus_names("Counter", PREEMPTIONS[0])})
     return {name: keys | _serve_tags() for name, keys in tags.items()}
 
 
