@@ -1,7 +1,8 @@
 """The service's own Prometheus metrics, sampled during a run: per pool (deployment) the
-healthy replicas, requests queued at callers and running on replicas, the mean batch size
-and the proposal tokens run and kept (a target verifying the draft's step) since the previous
-sample. Reads the Ray metrics export port(s); no Ray import."""
+healthy replicas, requests queued at callers and running on replicas, the mean batch size,
+the proposal tokens run and kept (a target verifying the draft's step) since the previous
+sample, and a vLLM pool's engines (requests running and waiting, the fullest one's KV-cache
+share, preemptions since the previous sample). Reads the Ray metrics export port(s); no Ray import."""
 from __future__ import annotations
 
 import re
@@ -13,6 +14,11 @@ from collections import defaultdict
 _LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 POOLS = ("draft", "target", "router", "prm", "coordinator")
+# A vLLM pool's engine metrics summed over its replicas -> snapshot key (the KV-cache share is
+# the fullest replica's).
+ENGINE_SUMS = {"ray_arbitrage_pool_engine_running_requests": "engine_running",
+               "ray_arbitrage_pool_engine_waiting_requests": "engine_waiting",
+               "ray_arbitrage_pool_engine_preempted_requests_total": "preempted"}
 
 
 def parse(text: str) -> list[tuple[str, dict[str, str], float]]:
@@ -79,6 +85,10 @@ def snapshot(samples, app: str | None) -> dict[str, dict[str, float]]:
             pools[labels["role"]]["batch_count"] += value
         elif name == "ray_arbitrage_pool_proposal_tokens_total" and labels.get("role") and labels.get("outcome"):
             pools[labels["role"]][labels["outcome"]] += value  # proposed / accepted
+        elif name in ENGINE_SUMS and labels.get("role"):  # a vLLM pool's engines
+            pools[labels["role"]][ENGINE_SUMS[name]] += value
+        elif name == "ray_arbitrage_pool_engine_kv_cache_usage" and labels.get("role"):
+            pools[labels["role"]]["kv_cache_usage"] = max(pools[labels["role"]]["kv_cache_usage"], value)
     return {dep: dict(v) for dep, v in pools.items() if dep in POOLS}
 
 
@@ -104,6 +114,11 @@ def interval_figures(snap: dict[str, dict[str, float]], replicas: dict[str, int]
         # A pool's first sample is the baseline; a replica that stopped takes its counts along.
         if dep in previous and proposed > 0 and accepted >= 0:
             pools[dep]["proposal_tokens"] = {"proposed": proposed, "accepted": accepted}
+        if "engine_running" in v:  # a vLLM pool: its engines at the export, preemptions since the last row
+            preempted = v.get("preempted", 0) - before.get("preempted", 0)
+            pools[dep]["engine"] = {"running": v["engine_running"], "waiting": v.get("engine_waiting", 0),
+                                    "kv_cache_usage": round(v.get("kv_cache_usage", 0), 4),
+                                    "preempted": preempted if dep in previous and preempted >= 0 else None}
         snap[dep] = v
     return pools, {**previous, **snap}
 

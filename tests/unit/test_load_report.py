@@ -92,3 +92,27 @@ def test_the_sampler_leaves_out_samples_that_repeat_the_last_export():
     assert [row["t"] for row in sampler.timeline] == [0, 6]
     assert sampler.timeline[1]["pools"]["draft"]["batch_size"] == 3.0  # 30 items in 10 calls since the baseline
     assert sampler.repeats == 3
+
+
+def test_a_vllm_pools_engines_are_in_the_timeline_summed_and_the_fullest_kv_cache():
+    from loadtests.service_metrics import ReplicaTracker, interval_figures, parse, snapshot
+
+    def engines(preempted_a: float, preempted_b: float, kv_a: float, kv_b: float) -> list:
+        lines = []
+        for replica, preempted, kv, running in (("r1", preempted_a, kv_a, 3), ("r2", preempted_b, kv_b, 2)):
+            tags = f'application="a",deployment="draft",replica="{replica}",role="draft"'
+            lines += [f"ray_serve_deployment_replica_healthy{{{tags}}} 1",
+                      f"ray_arbitrage_pool_engine_running_requests{{{tags}}} {running}",
+                      f"ray_arbitrage_pool_engine_waiting_requests{{{tags}}} 1",
+                      f"ray_arbitrage_pool_engine_kv_cache_usage{{{tags}}} {kv}",
+                      f"ray_arbitrage_pool_engine_preempted_requests_total{{{tags}}} {preempted}"]
+        lines.append('ray_arbitrage_pool_items_total{application="a",role="router"} 5')  # a transformers pool
+        return parse("\n".join(lines))
+
+    tracker, previous, rows = ReplicaTracker(), {}, []
+    for t, sample in enumerate([engines(4, 1, 0.5, 0.25), engines(6, 2, 0.25, 0.75)]):
+        pools, previous = interval_figures(snapshot(sample, "a"), tracker.update(sample, "a", now=t), previous)
+        rows.append(pools)
+    assert rows[0]["draft"]["engine"] == {"running": 5, "waiting": 2, "kv_cache_usage": 0.5, "preempted": None}
+    assert rows[1]["draft"]["engine"] == {"running": 5, "waiting": 2, "kv_cache_usage": 0.75, "preempted": 3}
+    assert "engine" not in rows[1]["router"]
