@@ -15,6 +15,8 @@ from ray.serve.metrics import Counter, Gauge
 
 from arbitrage_common.counter_deltas import CounterDeltas
 
+# Seconds between a vLLM pool's exports of its engine's metrics: under Ray's shortest export interval (1 s).
+ENGINE_EXPORT_S = 0.5
 # EngineStats.snapshot key -> (metric name, description)
 ENGINE_GAUGES: dict[str, tuple[str, str]] = {
     "running_requests": ("arbitrage_pool_engine_running_requests",

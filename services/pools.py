@@ -44,7 +44,7 @@ from arbitrage_common.interfaces import Generation, GenerationOptions, ScoreItem
 from arbitrage_common.lookahead import DraftAhead, chain, chain_rows
 from arbitrage_common.presets import check_pool_model
 
-from .engine_metrics import EngineMetrics
+from .engine_metrics import ENGINE_EXPORT_S, EngineMetrics
 
 # Rows of one forward pass (arbitrage_pool_batch_size): up to max_batch_size calls, each with
 # several rows on scorer pools (a router call scores 1 + draft_lookahead items, up to 9), so
@@ -53,8 +53,6 @@ BATCH_ROWS_BOUNDARIES = [2**i for i in range(13)]
 BATCH_ROWS_DESCRIPTION = ("Rows in one batched forward pass: prefixes generated (generator pools) or items "
                           "scored (scorer pools; a call can carry several, e.g. a router call 1 + "
                           "draft_lookahead), over all the calls batched into it.")
-# Seconds between exports of a vLLM pool's engine gauges: under Ray's shortest export interval (1 s).
-ENGINE_EXPORT_S = 0.5
 # Up to 30 s: one vLLM call may decode a 512-token step for many rows.
 _MS_BOUNDARIES = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 
@@ -294,7 +292,7 @@ class GeneratorPool(_Pool):
             self._proposal_tokens.inc(grown, tags={"outcome": outcome})
 
     def _export_engine(self) -> None:
-        """A vLLM pool's engine counters and state to the metrics."""
+        """A vLLM pool's engine counters (prefix cache, preemptions) and state to the metrics."""
         engine = self.backend.stats()
         self._export_prefix_cache(engine["prefix_cache_hits"], engine["prefix_cache_queries"])
         self._engine_metrics.export(engine)
@@ -392,9 +390,7 @@ class GeneratorPool(_Pool):
         finally:
             seconds = time.perf_counter() - started
             self._stats["forward_s"] += seconds
-            self._batch_ms.observe(seconds * 1000.0)
-            engine = self.backend.stats()  # the gauges go on the clock only (_export_engine_every)
-            self._export_prefix_cache(engine["prefix_cache_hits"], engine["prefix_cache_queries"])
+            self._batch_ms.observe(seconds * 1000.0)  # the engine's own metrics go on a clock (_export_engine_every)
 
     async def release(self, session: str) -> bool:
         """Drop a finished request's cached prefix; True if this replica held one."""

@@ -94,7 +94,7 @@ def test_the_pool_sets_the_gauges_on_a_clock_started_once_by_its_health_check():
         started = pool._engine_export
         await pool.check_health()
         assert pool._engine_export is started  # one clock per replica
-        await asyncio.sleep(3.5 * pools.ENGINE_EXPORT_S)
+        await asyncio.sleep(3.5 * engine_metrics.ENGINE_EXPORT_S)
         started.cancel()
         return pool.seen
 
