@@ -113,10 +113,14 @@ def cap_gpu_share(device: str, share: float | None, set_fraction: Callable[[floa
 
 
 def _assigned_gpu_share() -> float | None:
-    """The GPUs Ray assigned this replica (its ``num_gpus``); None outside a Ray worker."""
+    """The GPUs Ray assigned this replica (its ``num_gpus``); None outside a Ray worker (a driver
+    building a pool by hand has no assigned resources: Ray asserts on asking)."""
     if not ray.is_initialized():
         return None
-    return ray.get_runtime_context().get_assigned_resources().get("GPU")
+    context = ray.get_runtime_context()
+    if context.worker.mode != ray.WORKER_MODE:
+        return None
+    return context.get_assigned_resources().get("GPU")
 
 
 def _load_scorer(model: dict[str, Any]):
@@ -125,7 +129,8 @@ def _load_scorer(model: dict[str, Any]):
         from arbitrage_common.backends.scorers import load_step_scorer
 
         device = replica_device(model.get("device"))
-        cap_gpu_share(device, _assigned_gpu_share())
+        if device.startswith("cuda"):
+            cap_gpu_share(device, _assigned_gpu_share())
         return load_step_scorer(model["path"], threads=model.get("threads"),
                                 annotate_history=model.get("annotate_history"),
                                 device=device,

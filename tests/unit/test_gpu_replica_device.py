@@ -62,3 +62,18 @@ def test_no_cap_off_a_gpu_or_without_a_part_of_one(pools, device, share):
         raise AssertionError("capped")
 
     assert pools.cap_gpu_share(device, share, never) is False
+
+
+def test_a_driver_with_ray_running_has_no_assigned_share(pools, monkeypatch):
+    """A script (or a test) that builds a pool by hand while Ray runs in its process is no
+    worker: Ray asserts when such a process asks for its assigned resources."""
+    import types
+
+    asked = []
+    context = types.SimpleNamespace(worker=types.SimpleNamespace(mode=pools.ray.SCRIPT_MODE),
+                                    get_assigned_resources=lambda: asked.append(1) or {"GPU": 0.25})
+    monkeypatch.setattr(pools.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(pools.ray, "get_runtime_context", lambda: context)
+    assert pools._assigned_gpu_share() is None and asked == []
+    context.worker.mode = pools.ray.WORKER_MODE
+    assert pools._assigned_gpu_share() == 0.25
