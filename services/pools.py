@@ -96,19 +96,21 @@ def replica_device(device: str | None, gpu_ids: Callable[[], Sequence[Any]] | No
     return "cuda" if list(gpu_ids()) else "cpu"
 
 
-def cap_gpu_share(device: str, share: float | None, set_fraction: Callable[[float], None] | None = None) -> bool:
+def cap_gpu_share(device: str, share: float | None,
+                  set_fraction: Callable[[float, int | None], None] | None = None) -> bool:
     """On a GPU given in part (``num_gpus`` 0.25: four replicas share it), hold this process to
     its ``share`` of the GPU's memory, as each vLLM engine holds to ``gpu_memory_utilization``:
     torch's caching allocator would otherwise grow into its neighbours' memory, and the
     replica that runs out would be whichever allocates next, not the one that grew. True when
-    capped. ``set_fraction``: torch's ``set_per_process_memory_fraction`` (tests inject one)."""
+    capped (on ``device`` itself: ``cuda:1`` caps GPU 1, ``cuda`` the current one). ``set_fraction``:
+    torch's ``set_per_process_memory_fraction`` (tests inject one)."""
     if not device.startswith("cuda") or share is None or not 0 < share < 1:
         return False
-    if set_fraction is None:
-        import torch
+    import torch
 
-        set_fraction = torch.cuda.set_per_process_memory_fraction
-    set_fraction(share)
+    set_fraction = set_fraction or torch.cuda.set_per_process_memory_fraction
+    # torch takes a device index, or None for the current device ("cuda" has no index)
+    set_fraction(float(share), torch.device(device).index)
     return True
 
 

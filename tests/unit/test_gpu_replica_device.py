@@ -48,7 +48,8 @@ def test_a_scorer_pool_passes_the_replicas_device_down_and_holds_to_its_gpu_shar
     monkeypatch.setattr(pools.ray, "get_gpu_ids", lambda: gpu_ids)
     monkeypatch.setattr(pools, "_assigned_gpu_share", lambda: share)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # GPUs visible to the process
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda f, device=None: fractions.append(f) if device is None else None)  # "cuda": the current
     pools._load_scorer({"path": "/m"})
     pools._load_scorer({"path": "/m", "device": "auto"})
     assert [device for device, _ in seen] == [want, want] and fractions == capped
@@ -58,7 +59,7 @@ def test_a_scorer_pool_passes_the_replicas_device_down_and_holds_to_its_gpu_shar
 
 @pytest.mark.parametrize("device,share", [("cpu", 0.25), ("cuda", None), ("cuda", 0.0), ("cuda", 2.0)])
 def test_no_cap_off_a_gpu_or_without_a_part_of_one(pools, device, share):
-    def never(fraction):
+    def never(fraction, device):
         raise AssertionError("capped")
 
     assert pools.cap_gpu_share(device, share, never) is False
@@ -77,3 +78,9 @@ def test_a_driver_with_ray_running_has_no_assigned_share(pools, monkeypatch):
     assert pools._assigned_gpu_share() is None and asked == []
     context.worker.mode = pools.ray.WORKER_MODE
     assert pools._assigned_gpu_share() == 0.25
+
+
+def test_the_cap_is_set_on_the_replicas_own_device(pools):
+    capped = []
+    assert pools.cap_gpu_share("cuda:1", 0.5, lambda fraction, device: capped.append((fraction, device)))
+    assert capped == [(0.5, 1)]  # an index: torch refuses a device without one ("cuda")
