@@ -34,6 +34,7 @@ from arbitrage_common.threshold_control import LoadController
 from protos.arbitrage.v1 import arbitrage_pb2 as pb
 
 from . import convert
+from .gauge_clock import GaugeClock
 from .handles import PoolHandles
 from .health import PoolHealth, WatchSlots, pools_needed, serving_app_name
 from .load_metrics import LoadGauges
@@ -149,6 +150,8 @@ class Coordinator:
                                  over_grpc=c.pool_calls_over_grpc, calls_in_flight=c.pool_calls_in_flight,
                                  slot_roles=slotted, pool_failed=lambda role: self.health.failed(role))
         self._load_gauges = LoadGauges() if self.load is not None else None
+        # Set at admission and at each probe too, but a probe every 2 s is not enough alone.
+        self._load_clock = GaugeClock(self._export_load)
         allowed = self.cfg.policy.allowed
         self.available = [name for name, cls in POLICIES.items()
                           if (cls.scorer is None or getattr(self.pools, cls.scorer) is not None)
@@ -248,8 +251,9 @@ class Coordinator:
             return prepared
         if _in_replica():  # the health probe's loop refreshes the controller (_refresh_load)
             self.health.start()
+            self._load_clock.start()
         used = self.load.threshold_for(prepared.policy, prepared.threshold, time.monotonic(), explicit=explicit)
-        self._load_gauges.export(self.load.snapshot())
+        self._export_load()
         if used == prepared.threshold:
             return prepared
         policy = make_policy(prepared.policy, used, prepared.request.options.seed)
@@ -271,6 +275,9 @@ class Coordinator:
             return
         can_scale = self.health.can_add_replicas("target", self._target_max_replicas)
         self.load.update(time.monotonic(), can_scale=can_scale)
+        self._export_load()
+
+    def _export_load(self) -> None:
         self._load_gauges.export(self.load.snapshot())
 
     def _request_ended(self, prepared: Prepared, seconds: float) -> None:

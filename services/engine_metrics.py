@@ -3,9 +3,9 @@ application, deployment and replica): requests running and waiting in the engine
 share of its KV-cache blocks in use at its last scheduler step, and requests it preempted
 (a full KV cache makes vLLM stop a running request and recompute it later). vLLM's own
 ``RayPrometheusStatLogger`` tags its metrics with the replica id only, so the dashboard's
-application filter could not select them. The pool exports on a clock (``ENGINE_EXPORT_S``):
-Ray drops a gauge that is not set again within two export intervals, and one set as each call
-ends would read the engine as its batch ends, often empty."""
+application filter could not select them. The pool exports on a clock
+(``services.gauge_clock``): one set as each call ends would read the engine as its batch ends,
+often empty."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -15,8 +15,6 @@ from ray.serve.metrics import Counter, Gauge
 
 from arbitrage_common.counter_deltas import CounterDeltas
 
-# Seconds between a vLLM pool's exports of its engine's metrics: under Ray's shortest export interval (1 s).
-ENGINE_EXPORT_S = 0.5
 # EngineStats.snapshot key -> (metric name, description)
 ENGINE_GAUGES: dict[str, tuple[str, str]] = {
     "running_requests": ("arbitrage_pool_engine_running_requests",

@@ -44,7 +44,8 @@ from arbitrage_common.interfaces import Generation, GenerationOptions, ScoreItem
 from arbitrage_common.lookahead import DraftAhead, chain, chain_rows
 from arbitrage_common.presets import check_pool_model
 
-from .engine_metrics import ENGINE_EXPORT_S, EngineMetrics
+from .engine_metrics import EngineMetrics
+from .gauge_clock import GaugeClock
 
 # Rows of one forward pass (arbitrage_pool_batch_size): up to max_batch_size calls, each with
 # several rows on scorer pools (a router call scores 1 + draft_lookahead items, up to 9), so
@@ -277,7 +278,9 @@ class GeneratorPool(_Pool):
                 counter.set_default_tags({"role": role})
             self._prefix_seen = CounterDeltas()
         self._engine_metrics = EngineMetrics(role) if self.engine_batched else None
-        self._engine_export: asyncio.Task | None = None  # started by the first health check
+        # Only on the clock: set as a call ends, the gauges would read the engine as its batch
+        # ends (often empty), and the export keeps the last value set.
+        self._engine_export = GaugeClock(self._export_engine)  # started by the first health check
         # Token-level speculation (a transformers target verifying the draft's step): counts since start.
         speculation = getattr(self.backend, "speculation", None)
         self._speculation_seen = CounterDeltas(speculation) if speculation else None
@@ -305,20 +308,11 @@ class GeneratorPool(_Pool):
         self._engine_metrics.export(engine)
 
     async def check_health(self) -> None:
-        """``_Pool``'s; and, on a vLLM pool, the engine metrics' export started (Serve checks a
+        """``_Pool``'s; and, on a vLLM pool, the engine metrics' clock started (Serve checks a
         replica's health soon after it starts, on its event loop)."""
-        if self._engine_metrics is not None and self._engine_export is None:
-            self._engine_export = asyncio.get_running_loop().create_task(self._export_engine_every(ENGINE_EXPORT_S))
+        if self._engine_metrics is not None:
+            self._engine_export.start()
         await super().check_health()
-
-    async def _export_engine_every(self, seconds: float) -> None:
-        """Ray drops a gauge that is not set again within two of its export intervals (2 s with
-        ``--metrics-interval-s 1``), so the engine's gauges are set on a clock, also while a call
-        is in flight and after traffic stops. Only on the clock: set as a call ends, they would
-        read the engine as its batch ends (often empty), and the export keeps the last value set."""
-        while True:
-            self._export_engine()
-            await asyncio.sleep(seconds)
 
     def _export_prefix_cache(self, hits: int, queries: int) -> None:
         """Add the prefix-cache tokens looked up and reused since the last export (``hits`` and
@@ -397,7 +391,7 @@ class GeneratorPool(_Pool):
         finally:
             seconds = time.perf_counter() - started
             self._stats["forward_s"] += seconds
-            self._batch_ms.observe(seconds * 1000.0)  # the engine's own metrics go on a clock (_export_engine_every)
+            self._batch_ms.observe(seconds * 1000.0)  # the engine's own metrics go on a clock (_engine_export)
 
     async def release(self, session: str) -> bool:
         """Drop a finished request's cached prefix; True if this replica held one."""

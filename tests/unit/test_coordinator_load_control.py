@@ -271,3 +271,27 @@ def test_admission_outside_a_replica_starts_no_health_probe_even_with_ray_initia
     coord = _coordinator(_on())
     prepared = coord.prepare_request(RequestFields(prompt="x", policy="arbitrage"))
     assert prepared.policy == "arbitrage" and coord.health._task is None
+    assert coord._load_clock.task is None
+
+
+def test_in_a_replica_the_load_gauges_are_set_again_on_a_clock_while_idle(monkeypatch):
+    """Ray drops a gauge not set again within two export intervals (2 s at 1 s): admissions and
+    2 s probes alone let an idle replica's gauges drop out."""
+    import services.coordinator as coordinator_module
+    from services.gauge_clock import GAUGE_EXPORT_S
+
+    monkeypatch.setattr(coordinator_module, "_in_replica", lambda: True)
+    coord = _coordinator(_on())
+    monkeypatch.setattr(coord.health, "start", lambda: None)  # no probes: only admission and the clock
+    sets = []
+    coord._load_gauges.gauges["offset"].set = sets.append
+
+    async def admit_then_idle():
+        coord.prepare_request(RequestFields(prompt="x", policy="arbitrage"))
+        admitted = len(sets)
+        await asyncio.sleep(4.5 * GAUGE_EXPORT_S)
+        coord._load_clock.task.cancel()
+        return admitted
+
+    admitted = asyncio.run(admit_then_idle())
+    assert admitted >= 1 and len(sets) >= admitted + 4

@@ -68,6 +68,7 @@ def test_the_pool_sets_the_gauges_on_a_clock_started_once_by_its_health_check():
     from arbitrage_common.counter_deltas import CounterDeltas
 
     pools = pytest.importorskip("services.pools")
+    from services.gauge_clock import GAUGE_EXPORT_S, GaugeClock
     running = iter([3, 7, 0, 0, 0, 0, 0, 0, 0, 0])
 
     class Backend:
@@ -81,7 +82,8 @@ def test_the_pool_sets_the_gauges_on_a_clock_started_once_by_its_health_check():
 
     class Pool(pools.GeneratorPool):
         def __init__(self):  # no model: the backend and metrics are fakes
-            self.backend, self._engine_export, self._prefix_seen = Backend(), None, CounterDeltas()
+            self.backend, self._prefix_seen = Backend(), CounterDeltas()
+            self._engine_export = GaugeClock(self._export_engine)
             self._prefix_tokens = {"hits": _Metric("h"), "queries": _Metric("q")}
             self._engine_metrics = _metrics()
             self.seen = []
@@ -91,10 +93,10 @@ def test_the_pool_sets_the_gauges_on_a_clock_started_once_by_its_health_check():
     async def run():
         pool = Pool()
         await pool.check_health()
-        started = pool._engine_export
+        started = pool._engine_export.task
         await pool.check_health()
-        assert pool._engine_export is started  # one clock per replica
-        await asyncio.sleep(3.5 * engine_metrics.ENGINE_EXPORT_S)
+        assert pool._engine_export.task is started  # one clock per replica
+        await asyncio.sleep(3.5 * GAUGE_EXPORT_S)
         started.cancel()
         return pool.seen
 
