@@ -17,6 +17,9 @@ DEFAULT_ENDPOINT = "127.0.0.1:9000"
 API_KEY_ENV = "ARBITRAGE_API_KEY"
 RETRIABLE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 _OPTIONAL_FIELDS = ("threshold", "max_steps", "max_new_tokens", "timeout_s", "request_id")
+# grpc turns a deadline near 1e10 s away into one already passed (DEADLINE_EXCEEDED at once);
+# no server runs a request for days, so a longer one is this.
+MAX_DEADLINE_S = 1e6
 
 
 class ServiceError(RuntimeError):
@@ -96,6 +99,10 @@ def to_dict(message) -> dict:
     return out
 
 
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else min(timeout, MAX_DEADLINE_S)
+
+
 @dataclass
 class Client:
     """A channel to one endpoint. Use as a context manager (closes the channel)."""
@@ -132,7 +139,7 @@ class Client:
         import grpc
 
         try:
-            return self.stub.Generate(request, metadata=self.metadata, timeout=timeout)
+            return self.stub.Generate(request, metadata=self.metadata, timeout=_deadline(timeout))
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 
@@ -141,7 +148,7 @@ class Client:
         import grpc
 
         try:
-            yield from self.stub.GenerateStream(request, metadata=self.metadata, timeout=timeout)
+            yield from self.stub.GenerateStream(request, metadata=self.metadata, timeout=_deadline(timeout))
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 

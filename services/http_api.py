@@ -66,6 +66,10 @@ def error_response(err: convert.ApiError, retry_after_s: float | None = None,
     headers = dict(headers or {})
     if err.http_status == 503 and retry_after_s is not None:
         headers["Retry-After"] = retry_after(retry_after_s)
+    if err.http_status >= 500 and not err.retriable:
+        # The OpenAI SDKs retry any 5xx twice unless told not to: a deadline or a bug would run
+        # the whole request three times.
+        headers["x-should-retry"] = "false"
     return JSONResponse(err.json(), status_code=err.http_status, headers=headers or None)
 
 
@@ -329,7 +333,7 @@ def build_http_api(coord: Coordinator) -> FastAPI:
     async def models() -> dict[str, Any]:
         return coord.list_models()
 
-    @api.api_route("/v1/models/{model_id}", methods=["GET", "HEAD"])
+    @api.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])  # ids such as org/model
     async def model(model_id: str, request: Request):
         """One entry of /v1/models (the OpenAI SDK's ``models.retrieve``); 404 ``model_not_found``
         in OpenAI's shape for an id it does not list."""

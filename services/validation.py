@@ -236,7 +236,8 @@ class GenerateBody(_Extensions):
     stream: StrictBool = Field(False, description="Server-sent events: one 'step' event per decided step, then 'summary'.")
 
     def fields(self) -> RequestFields:
-        return RequestFields(prompt=self.prompt, messages=_messages(self.messages), policy=self.policy,
+        # [] is unset, as an empty repeated field is over gRPC (the same fields on both)
+        return RequestFields(prompt=self.prompt, messages=_messages(self.messages) or None, policy=self.policy,
                              threshold=self.threshold, max_steps=self.max_steps, max_new_tokens=self.max_new_tokens,
                              temperature=self.temperature, seed=self.seed, request_id=self.request_id,
                              timeout_s=self.timeout_s)
@@ -256,7 +257,11 @@ UNSUPPORTED_OPENAI = {"stop": (None, [], ""), "logprobs": (None, False, 0), "top
                       "top_k": (None, -1, 0), "min_p": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
                       "stop_token_ids": (None, []), "min_tokens": (None, 0), "ignore_eos": (None, False),
                       "bad_words": (None, []), "guided_json": (None,), "guided_choice": (None,),
-                      "guided_regex": (None,), "guided_grammar": (None,), "structured_outputs": (None,)}
+                      "guided_regex": (None,), "guided_grammar": (None,), "structured_outputs": (None,),
+                      "use_beam_search": (None, False), "length_penalty": (None, 1, 1.0),
+                      "allowed_token_ids": (None, []), "truncate_prompt_tokens": (None,), "prompt_logprobs": (None,),
+                      "chat_template": (None,), "chat_template_kwargs": (None, {}),
+                      "continue_final_message": (None, False), "verbosity": (None,)}
 
 
 def _is_default(value: Any, defaults: tuple[Any, ...]) -> bool:

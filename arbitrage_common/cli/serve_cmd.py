@@ -13,7 +13,7 @@ import threading
 import time
 
 from ..policies import POLICY_NAMES
-from .argtypes import int64, positive_float, positive_int, positive_int32
+from .argtypes import finite_positive_float, int64, positive_float, positive_int, positive_int32
 
 DEFAULT_ENDPOINT = "127.0.0.1:9000"  # arbitrage_common.client.DEFAULT_ENDPOINT (not imported: keeps --help light)
 CLIENT_DEADLINE_MARGIN_S = 2.0  # generate --timeout: how much longer than timeout_s the client waits
@@ -76,7 +76,7 @@ def add_serve_parsers(sub) -> None:
     gen.add_argument("--max-new-tokens", type=positive_int32)
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--seed", type=int64)
-    gen.add_argument("--timeout", type=positive_float,
+    gen.add_argument("--timeout", type=finite_positive_float,
                      help="request deadline, seconds: the server's timeout_s, and the client waits at most "
                           f"{CLIENT_DEADLINE_MARGIN_S:g} s longer")
     gen.add_argument("--stream", action="store_true", help="print steps as they are decided, marked by source")

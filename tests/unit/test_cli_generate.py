@@ -46,6 +46,14 @@ def test_generate_timeout_is_also_the_clients_own_deadline(stalled, capsys):
     assert timeout_s == pytest.approx(0.2) and remaining is not None and remaining < 60
 
 
+def test_a_very_long_timeout_reaches_the_server_instead_of_overflowing_grpcs_deadline(stalled, capsys):
+    """grpc turned a deadline 1e10 s away into one already passed: the call never left."""
+    servicer, endpoint = stalled
+    servicer.hold.set()
+    assert main(["generate", "Start with 1.", "--endpoint", endpoint, "--timeout", "1e10"]) == 0
+    assert servicer.seen[0][0] == 1e10 and "answer: 7" in capsys.readouterr().out
+
+
 def test_generate_json_has_the_http_apis_shapes(stalled, capsys):
     servicer, endpoint = stalled
     servicer.hold.set()
@@ -58,6 +66,7 @@ def test_generate_json_has_the_http_apis_shapes(stalled, capsys):
     ("--max-steps", "9999999999", "argument --max-steps: must be <= 2147483647"),
     ("--max-new-tokens", "0", "argument --max-new-tokens: must be >= 1"),
     ("--seed", str(2**64), "argument --seed: must be <= 9223372036854775807"),
+    ("--timeout", "inf", "argument --timeout: must be a finite number > 0, got inf"),
 ])
 def test_generate_flags_out_of_the_apis_range_name_the_flag(flag, value, message, capsys):
     with pytest.raises(SystemExit) as info:

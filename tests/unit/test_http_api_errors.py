@@ -1,13 +1,13 @@
 """The HTTP API's refusals on the real Coordinator over fake pools (no Ray): bodies that are
-not JSON, unknown models, HEAD on the read-only routes, and that every refusal is counted
-once with a bounded policy label (the policy the client named when it is a known one, else
+not JSON, unknown models, HEAD on the read-only routes, failures the OpenAI SDK must not
+resend, and that every refusal is counted once with a bounded policy label (the policy the client named when it is a known one, else
 'none'; the request's own policy once it is validated)."""
 from __future__ import annotations
 
 import json
 
 import pytest
-from fake_pools import coordinator, count_records
+from fake_pools import PoolRecord, coordinator, count_records
 from fastapi.testclient import TestClient
 
 from services.http_api import build_http_api, is_json_content_type
@@ -115,6 +115,14 @@ def test_an_unknown_model_is_404_model_not_found_in_openais_shape(api):
     assert client.get("/v1/models/draft").json()["id"] == "draft"
 
 
+def test_a_model_id_with_a_slash_is_retrieved(api):
+    """Hugging Face style ids (org/model) are common served_model_names."""
+    coord, _, client = api
+    coord.cfg = coord.cfg.model_copy(update={"served_model_name": "acme/arbitrage-7b"})
+    assert client.get("/v1/models/acme/arbitrage-7b").json()["id"] == "acme/arbitrage-7b"
+    assert _error(client.get("/v1/models/acme/nope"))["code"] == "model_not_found"
+
+
 @pytest.mark.parametrize("path", ["/healthz", "/livez", "/v1/models", "/v1/models/draft"])
 def test_head_is_answered_on_the_read_only_routes(api, path):
     _, records, client = api
@@ -157,3 +165,20 @@ def test_a_pool_down_after_validation_is_labelled_with_the_requests_policy(api):
     reply = client.post("/v1/generate", json={"prompt": PROMPT})  # no policy named: the default runs
     assert reply.status_code == 503
     assert records == [("http", coord.cfg.policy.default, "unavailable")]
+
+
+# -- what the OpenAI SDK does with a failure ----------------------------------------------------
+@pytest.mark.parametrize("fail,code", [({}, "deadline_exceeded"), ({"router": ValueError("bug")}, "internal")])
+def test_the_openai_sdk_does_not_resend_a_passed_deadline_or_a_bug(fail, code):
+    """It retries a 5xx twice unless the reply says ``x-should-retry: false``: the same request
+    would run three times and be counted three times."""
+    openai = pytest.importorskip("openai")
+    coord = coordinator(PoolRecord(fail=fail))
+    records = count_records(coord)
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused",
+                           http_client=TestClient(build_http_api(coord)))
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="arbitrage", messages=[{"role": "user", "content": PROMPT}],
+                                       extra_body={"timeout_s": 1e-9} if not fail else None)
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert records == [("openai", "arbitrage", code)]

@@ -92,6 +92,13 @@ def test_proto_optionals_stay_unset():
     assert (f.max_steps, f.threshold, f.temperature, f.seed) == (0, 0.0, 0.5, 3)
 
 
+def test_empty_messages_are_unset_over_http_as_over_grpc():
+    """The proto's rule (one of prompt / messages non-empty) reads the same on both transports."""
+    over_http = prepare(GenerateBody(prompt=PROMPT, messages=[]).fields(), _cfg())
+    over_grpc = prepare(fields_from_proto(pb.GenerateRequest(prompt=PROMPT)), _cfg())
+    assert over_http.request.prompt == over_grpc.request.prompt == PROMPT
+
+
 def test_chat_prompt_is_the_last_user_message():
     f = ChatCompletionBody(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                      {"role": "user", "content": PROMPT}], max_completion_tokens=9).fields(_cfg())

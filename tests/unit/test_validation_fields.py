@@ -38,6 +38,9 @@ def _refused_field(make, cfg: AppConfig | None = None) -> str:
     ("tool_choice", {"type": "function", "function": {"name": "f"}}), ("tool_choice", "required"),
     ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}),
     ("prediction", {"type": "content", "content": "x"}), ("best_of", True),
+    ("use_beam_search", True), ("length_penalty", 0.5), ("allowed_token_ids", [1, 2]),
+    ("truncate_prompt_tokens", 16), ("prompt_logprobs", 0), ("chat_template", "{{ messages }}"),
+    ("chat_template_kwargs", {"enable_thinking": False}), ("continue_final_message", True), ("verbosity", "low"),
 ])
 @pytest.mark.parametrize("chat", [True, False])
 def test_output_changing_fields_are_refused_naming_the_field(name, value, chat):
@@ -51,6 +54,8 @@ def test_output_changing_fields_are_refused_naming_the_field(name, value, chat):
     {"tool_choice": None}, {"tool_choice": "none"}, {"tool_choice": "auto"}, {"modalities": ["text"]},
     {"stop_token_ids": []}, {"min_tokens": 0}, {"ignore_eos": False}, {"bad_words": []}, {"guided_json": None},
     {"reasoning_effort": None}, {"audio": None}, {"prediction": None}, {"structured_outputs": None},
+    {"use_beam_search": False}, {"length_penalty": 1.0}, {"allowed_token_ids": None}, {"chat_template_kwargs": {}},
+    {"continue_final_message": False}, {"verbosity": None},
 ])
 def test_those_fields_at_their_do_nothing_values_pass(extra):
     body = ChatCompletionBody(messages=CHAT, **extra)
