@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
@@ -154,7 +154,9 @@ def sections() -> list[Section]:
                 each = ", ".join(f"`{f'{path}.{n}'.lstrip('.')}`" for n in siblings)
                 children.append((child, at, f"`{at}` is each of {each}. {_doc(child)}"))
             else:
-                children.append((child, full, _doc(child) or rows[-1].description))
+                # A list of models (tolerations): its fields are each entry's.
+                at = f"{full}[]" if get_origin(field.annotation) is list else full
+                children.append((child, at, _doc(child) or rows[-1].description))
         out.append(Section(path, intro.strip(), tuple(rows)))
         for child, at, text in children:
             walk(child, at, text)

@@ -20,12 +20,13 @@ def add_k8s_parser(sub) -> None:
     render.add_argument("--out", help="the k8s/ directory to write into (default: the project's k8s/)")
     render.add_argument("--check", action="store_true", help="write nothing; exit 1 when a rendered file is "
                                                              "missing or differs on disk, or a file an earlier "
-                                                             "render wrote for these targets is no longer rendered")
+                                                             "render wrote for these targets, or for a target "
+                                                             "that no longer exists, is no longer rendered")
     render.set_defaults(func=_render)
     scale = k8s_sub.add_parser("scale-patch", help="print the kubectl commands that set the running RayCluster's "
                                                    "worker-group minReplicas/maxReplicas to the rendering's "
                                                    "(`kubectl apply` does not: docs/KUBERAY.md §6)")
-    scale.add_argument("name", nargs="?", help="cpu-demo or a preset name")
+    scale.add_argument("name", nargs="?", metavar="NAME", help="cpu-demo or a preset name")
     scale.add_argument("--config", help="this AppConfig file instead of a named target")
     scale.set_defaults(func=_scale_patch)
 
@@ -55,17 +56,22 @@ def _render(args) -> int:
         if args.preset:
             raise ValueError("--config and --preset: name one kind of target")
         paths = {args.name or Path(args.config).stem: Path(args.config)}
+        known = None  # a file of the user's: its own directories only, never another rendering's
     else:
+        if args.name is not None:
+            raise ValueError("--name: only with --config (a target's directories are named after it)")
         paths = {name: target_path(name) for name in (args.preset or target_names())}
+        known = target_names()  # also a removed or renamed target's leftovers
     configs = {name: load_config(path) for name, path in paths.items()}  # ConfigError: file, field, message
     # Then everything else `arbitrage config check` refuses (Ray Serve's own option checks, the
     # GPU rules, the cluster fit): a manifest of a config that check fails would never come up.
     if _refused(config_check_errors(paths.values())):
         return 1
-    files = render_targets(configs, paths)  # any rendering error surfaces here, before a file is written
+    # any rendering error surfaces here, before a file is written
+    files = render_targets(configs, paths, user_configs=known is None)
     out = Path(args.out) if args.out else default_out()
     if args.check:
-        differ, left_over = drift(files, out), stale(files, out, list(paths))
+        differ, left_over = drift(files, out), stale(files, out, list(paths), known)
         for rel in differ:
             print(f"k8s render --check: {out / rel} differs from the rendering", file=sys.stderr)
         for rel in left_over:
@@ -77,7 +83,7 @@ def _render(args) -> int:
         return 0
     for path in write_files(files, out):
         print(path)
-    for path in remove_stale(files, out, list(paths)):
+    for path in remove_stale(files, out, list(paths), known):
         print(f"removed {path} (no longer rendered)")
     _print_sizes(configs)
     # KubeRay leaves the groups' bounds out of its RayCluster hash: applying a change of them
@@ -95,7 +101,7 @@ def _scale_patch(args) -> int:
 
     if (args.name is None) == (args.config is None):
         raise ValueError("k8s scale-patch: name one target (cpu-demo or a preset) or --config FILE")
-    path = Path(args.config) if args.config else target_path(args.name)
+    path = Path(args.config) if args.config else target_path(args.name, option="k8s scale-patch NAME")
     cfg = load_config(path)
     if _refused(config_check_errors([path])):  # no patch for a config `k8s render` would refuse
         return 1

@@ -243,10 +243,13 @@ class AuthSpec(StrictModel):
         return v
 
 
+_RAY_PORTS = ", ".join(str(p) for p in sorted(RESERVED_PORTS))
+
+
 def _not_a_ray_port(port: int) -> int:
     """A proxy port must differ from the ports Ray itself binds on every node of a rendered
     KubeRay cluster (``kuberay.spec.RESERVED_PORTS``): the head's GCS, dashboard and client
-    server, and every Pod's metrics export port."""
+    server, and every Pod's metrics export and dashboard agent ports."""
     if port in RESERVED_PORTS:
         fixed = ", ".join(f"{name} {p}" for p, name in sorted(RESERVED_PORTS.items()))
         raise ValueError(f"{port} is Ray's {RESERVED_PORTS[port]} port on the cluster this config renders to "
@@ -259,7 +262,7 @@ class HTTPSpec(StrictModel):
 
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 in containers).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port (FastAPI ingress, OpenAI-compatible routes); "
-                                                        "not one of Ray's (6379, 8080, 8265, 10001), nor grpc.port.")
+                                                        f"not one of Ray's ({_RAY_PORTS}), nor grpc.port.")
 
     _port = field_validator("port")(_not_a_ray_port)
 
@@ -268,7 +271,7 @@ class GRPCSpec(StrictModel):
     """The gRPC proxy (Serve ``grpc_options``) on every node."""
 
     port: int = Field(9000, ge=1, le=65535, description="gRPC port (ArbitrageService, health, reflection); not one "
-                                                        "of Ray's (6379, 8080, 8265, 10001), nor http.port.")
+                                                        f"of Ray's ({_RAY_PORTS}), nor http.port.")
     enable_reflection: bool = Field(True, description="Serve gRPC server reflection.")
 
     _port = field_validator("port")(_not_a_ray_port)

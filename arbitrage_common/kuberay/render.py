@@ -42,6 +42,10 @@ APP_LABEL = "app.kubernetes.io/name"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 # The first words of every rendered file: render removes a stale file only if it starts so.
 RENDERED_MARK = "# Rendered by `arbitrage k8s render`"
+# The header's second line: a project target's (configs/, presets: `make k8s` renders it again)
+# or a user's --config rendering, which no render of the project's targets deletes.
+TARGET_HINT = "# (edit the config, then `make k8s`).\n"
+CONFIG_HINT = "# (edit the config file, then `arbitrage k8s render --config` it again).\n"
 AUTOSCALER_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
 # Seconds the old cluster of a NewCluster upgrade outlives the longest request it may still hold.
 DELETION_MARGIN_S = 30
@@ -156,23 +160,51 @@ def cluster_app_config(cfg: AppConfig) -> AppConfig:
     return AppConfig.model_validate(data)
 
 
+# Kubernetes tools read YAML with go-yaml v2's YAML 1.1 rules (kubectl, kustomize, the API
+# server, KubeRay's own parse of serveConfigV2: sigs.k8s.io/yaml): a plain y, n, yes, off, 1e3,
+# 0x1F, 1_000 or 12:30 is no string there, though PyYAML writes it plain (it reads it back as
+# one). Resolvers decide by a plain scalar's first character: one that starts with a letter or
+# '/' is a string unless it is one of these words (any case); every other string is quoted.
+_PLAIN_START = re.compile(r"[A-Za-z/]")
+_YAML11_WORDS = frozenset({"y", "n", "yes", "no", "on", "off", "true", "false", "null"})
+
+
+def _represent_str(dumper: _ManifestDumper, s: str) -> yaml.ScalarNode:
+    if "\n" in s:
+        # Never plain (PyYAML quotes it, or a literal block: a string either way).
+        style = "|" if dumper.literal_blocks else None
+    elif _PLAIN_START.match(s) and s.lower() not in _YAML11_WORDS:
+        style = None  # plain, unless PyYAML's own syntax wants quotes
+    else:
+        style = '"'
+    return dumper.represent_scalar("tag:yaml.org,2002:str", s, style=style)
+
+
 class _ManifestDumper(yaml.SafeDumper):
-    """Multi-line strings (``serveConfigV2``) as literal blocks, so a manifest reads as YAML."""
+    """The one dumper of every rendered file and of ``serveConfigV2``: strings a YAML 1.1 reader
+    could take for another type double-quoted; multi-line strings (``serveConfigV2``) as literal
+    blocks, so a manifest reads as YAML."""
+
+    literal_blocks = True
 
 
-_ManifestDumper.add_representer(
-    str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+class _NoBlocksDumper(_ManifestDumper):
+    literal_blocks = False
 
 
-def dump_yaml(obj: Any) -> str:
-    return yaml.dump(obj, Dumper=_ManifestDumper, sort_keys=False, default_flow_style=False, width=10**6,
-                     allow_unicode=True)
+_ManifestDumper.add_representer(str, _represent_str)
+
+
+def dump_yaml(obj: Any, literal_blocks: bool = True) -> str:
+    return yaml.dump(obj, Dumper=_ManifestDumper if literal_blocks else _NoBlocksDumper, sort_keys=False,
+                     default_flow_style=False, width=10**6, allow_unicode=True)
 
 
 def serve_config_v2(cfg: AppConfig) -> str:
-    """The ``serveConfigV2`` string: the Serve YAML of ``cluster_app_config(cfg)``."""
-    return yaml.safe_dump(render_serve_config(cluster_app_config(cfg)), sort_keys=False, default_flow_style=False,
-                          width=10**6)
+    """The ``serveConfigV2`` string: the Serve YAML of ``cluster_app_config(cfg)``. KubeRay reads
+    it with go-yaml before it sends it to Ray, so it is dumped as the manifests are (its own
+    multi-line strings, prompt templates, quoted as PyYAML quotes them)."""
+    return dump_yaml(render_serve_config(cluster_app_config(cfg)), literal_blocks=False)
 
 
 def pinned_ray_version() -> str:
@@ -360,7 +392,7 @@ def _refuse_options_of_absent_groups(cfg: AppConfig, sizes: list[GroupSize]) -> 
 
 
 def render_rayservice(cfg: AppConfig) -> dict[str, Any]:
-    """The RayService manifest of ``cfg`` as a dict (``yaml.safe_dump`` it)."""
+    """The RayService manifest of ``cfg`` as a dict (``dump_yaml`` it)."""
     sizes = group_sizes(cfg)
     _refuse_options_of_absent_groups(cfg, sizes)
     cluster = cfg.cluster
@@ -486,7 +518,8 @@ def _overlay_patch(cfg: AppConfig) -> list[dict[str, Any]]:
     if head.node_selector:
         ops.append({"op": "add", "path": f"{head_base}/nodeSelector", "value": dict(head.node_selector)})
     if head.tolerations:
-        ops.append({"op": "add", "path": f"{head_base}/tolerations", "value": list(head.tolerations)})
+        ops.append({"op": "add", "path": f"{head_base}/tolerations",
+                    "value": [t.model_dump() for t in head.tolerations]})
     for i, size in enumerate(group_sizes(cfg)):
         shape = cfg.cluster.group(size.name)
         base = f"/spec/rayClusterConfig/workerGroupSpecs/{i}/template/spec"
@@ -494,14 +527,16 @@ def _overlay_patch(cfg: AppConfig) -> list[dict[str, Any]]:
             ops.append({"op": "add", "path": f"{base}/nodeSelector", "value": dict(shape.node_selector)})
         if shape.tolerations:
             existing = [dict(GPU_TOLERATION)] if size.gpus else []
-            ops.append({"op": "add", "path": f"{base}/tolerations", "value": existing + list(shape.tolerations)})
+            ops.append({"op": "add", "path": f"{base}/tolerations",
+                        "value": existing + [t.model_dump() for t in shape.tolerations]})
     return ops
 
 
-def render_kustomize(cfg: AppConfig, overlay: str) -> dict[str, str]:
-    """Files (path relative to k8s/ -> text) of this config's base and its overlay ``overlay``."""
+def render_kustomize(cfg: AppConfig, overlay: str, target: bool = True) -> dict[str, str]:
+    """Files (path relative to k8s/ -> text) of this config's base and its overlay ``overlay``
+    (``target``: a project target's config, else a user's --config file)."""
     header = (f"{RENDERED_MARK} from the AppConfig of {overlay!r}; do not edit by hand\n"
-              f"# (edit the config, then `make k8s`).\n")
+              + (TARGET_HINT if target else CONFIG_HINT))
     dump = lambda obj: header + dump_yaml(obj)
     dump_all = lambda objs: header + "---\n".join(dump_yaml(obj) for obj in objs)
     base = f"base/{overlay}"

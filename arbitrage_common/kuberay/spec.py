@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     NonNegativeInt,
     PositiveInt,
+    StrictInt,
     ValidationInfo,
     field_validator,
 )
@@ -41,11 +42,15 @@ _SUFFIX_FACTOR = {"": 1.0, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, 
 # does not start in less. Catches '100' (100 bytes) and '1m' (a thousandth of a byte), which the
 # quantity pattern accepts.
 MIN_POD_MEMORY = "64Mi"
-# The Ray head's fixed ports on a rendered cluster (KubeRay's defaults) and every Pod's metrics
-# port (rayStartParams metrics-export-port): the Serve proxies' ports must differ from them.
+# The Ray head's fixed ports on a rendered cluster (KubeRay's defaults), every Pod's metrics
+# port (rayStartParams metrics-export-port) and every Pod's dashboard agent port (KubeRay sets
+# dashboard-agent-listen-port 52365 on every Pod and probes it: ray-operator/controllers/ray/
+# common/pod.go, utils.DefaultDashboardAgentListenPort): the Serve proxies' ports must differ from them.
 RAY_IMAGE_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
 METRICS_PORT = 8080
-RESERVED_PORTS: dict[int, str] = {**{p: n for n, p in RAY_IMAGE_PORTS.items()}, METRICS_PORT: "metrics"}
+DASHBOARD_AGENT_PORT = 52365
+RESERVED_PORTS: dict[int, str] = {**{p: n for n, p in RAY_IMAGE_PORTS.items()}, METRICS_PORT: "metrics",
+                                  DASHBOARD_AGENT_PORT: "dashboard-agent"}
 # A Kubernetes namespace name: a DNS-1123 label.
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 # Ray node label keys and values (a Kubernetes label's syntax); Ray reserves the ray.io/ prefix.
@@ -86,16 +91,39 @@ def _memory_quantity(v: str) -> str:
     return v
 
 
+def _label_key_problem(key: str) -> str | None:
+    prefix, _, name = key.rpartition("/")
+    if not _LABEL_KEY.fullmatch(key) or len(name) > 63 or len(prefix) > 253:
+        return (f"{key!r} is not a label key (an optional DNS prefix and '/', then up to 63 letters, digits, "
+                f"'-', '_', '.')")
+    return None
+
+
+def _label_value_problem(value: str) -> str | None:
+    if not _LABEL_VALUE.fullmatch(value):
+        return f"{value!r} is not a label value (up to 63 letters, digits, '-', '_', '.')"
+    return None
+
+
 def _node_labels(v: dict[str, str]) -> dict[str, str]:
     for key, value in v.items():
-        if not _LABEL_KEY.fullmatch(key) or len(key.rpartition("/")[2]) > 63:
-            raise ValueError(f"{key!r} is not a label key (an optional DNS prefix and '/', then up to 63 "
-                             f"letters, digits, '-', '_', '.')")
+        if (problem := _label_key_problem(key)) is not None:
+            raise ValueError(problem)
         if key == GROUP_LABEL or key.startswith(RAY_LABEL_PREFIX):
             raise ValueError(f"{key!r}: the rendering sets {GROUP_LABEL} itself, and Ray reserves "
                              f"{RAY_LABEL_PREFIX}")
-        if not isinstance(value, str) or not _LABEL_VALUE.fullmatch(value):
-            raise ValueError(f"{key}: {value!r} is not a label value (up to 63 letters, digits, '-', '_', '.')")
+        if (problem := _label_value_problem(value)) is not None:
+            raise ValueError(f"{key}: {problem}")
+    return v
+
+
+def _node_selector(v: dict[str, str]) -> dict[str, str]:
+    """A Pod nodeSelector: Kubernetes labels (the API server refuses a Pod with any other)."""
+    for key, value in v.items():
+        if (problem := _label_key_problem(key)) is not None:
+            raise ValueError(problem)
+        if (problem := _label_value_problem(value)) is not None:
+            raise ValueError(f"{key}: {problem}")
     return v
 
 
@@ -160,6 +188,7 @@ def _object_name(v: str | None) -> str | None:
 
 MemoryQuantity = Annotated[str, AfterValidator(_memory_quantity)]
 NodeLabels = Annotated[dict[str, str], AfterValidator(_node_labels)]
+NodeSelector = Annotated[dict[str, str], AfterValidator(_node_selector)]
 Volumes = Annotated[list[Annotated[dict[str, Any], AfterValidator(_volume)]], AfterValidator(_unique_volumes)]
 VolumeMounts = list[Annotated[dict[str, Any], AfterValidator(_volume_mount)]]
 ObjectName = Annotated[str, AfterValidator(_object_name)]
@@ -174,6 +203,64 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _unset(v: Any) -> bool:
+    return v is None
+
+
+class Toleration(_Strict):
+    """A Pod toleration (Kubernetes core/v1), checked as the API server checks a Pod's: KubeRay
+    would create Pods it refuses (the RayService never comes up), and the CRD drops an unknown
+    field without a word. Fields left unset are left out of the rendering."""
+
+    key: str | None = Field(None, exclude_if=_unset, description="Taint key (a label key); empty only with "
+                                                                 "operator Exists (then every taint).")
+    operator: Literal["Equal", "Exists"] | None = Field(
+        None, exclude_if=_unset, validate_default=True,
+        description="Equal (None: Kubernetes' default) or Exists (any value of the key; value empty).")
+    value: str | None = Field(None, exclude_if=_unset, description="Taint value to equal (a label value); empty "
+                                                                   "with operator Exists.")
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, exclude_if=_unset, description="Taint effect to match (empty or None: every effect).")
+    tolerationSeconds: StrictInt | None = Field(
+        None, exclude_if=_unset, description="Seconds the Pod stays on a node after a matching NoExecute taint "
+                                             "appears (None: for good); only with effect NoExecute.")
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        if v and (problem := _label_key_problem(v)) is not None:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("operator")
+    @classmethod
+    def _operator(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # Fields validate in order: key is in info.data unless it failed (its own error says why).
+        if "key" in info.data and not info.data["key"] and v != "Exists":
+            raise ValueError(f"{v or 'Equal (the default)'} needs a key: only operator Exists may leave key empty "
+                             f"(it then tolerates every taint)")
+        return v
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("operator") == "Exists":
+            if v:
+                raise ValueError(f"{v!r}: with operator Exists the value must be empty (Exists matches every value "
+                                 f"of the key)")
+        elif v is not None and (problem := _label_value_problem(v)) is not None:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("tolerationSeconds")
+    @classmethod
+    def _seconds(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and "effect" in info.data and (effect := info.data["effect"]) != "NoExecute":
+            raise ValueError(f"{v}: only with effect NoExecute (effect is {'unset' if effect is None else repr(effect)}"
+                             f"): only a NoExecute taint evicts a running Pod")
+        return v
+
+
 class GroupSpec(_Strict):
     """One worker group's Pod shape and scheduling knobs."""
 
@@ -183,11 +270,12 @@ class GroupSpec(_Strict):
                                                        "1 for Ray's own processes; at least 2).")
     memory: MemoryQuantity = Field("8Gi", description="Memory request and limit per Pod (a Kubernetes quantity, "
                                                        "e.g. '8Gi').")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector (rendered into the "
-                                                                            "overlay, not the base).")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations (rendered into the "
-                                                                                "overlay). GPU groups always "
-                                                                                "tolerate nvidia.com/gpu.")
+    node_selector: NodeSelector = Field(default_factory=dict, description="Pod nodeSelector (rendered into the "
+                                                                          "overlay, not the base): label keys and "
+                                                                          "values.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations (rendered into the "
+                                                                            "overlay). GPU groups always tolerate "
+                                                                            "nvidia.com/gpu.")
     idle_timeout_s: PositiveInt | None = Field(None, description="Seconds an idle Pod of this group lives before "
                                                                  "the autoscaler removes it (None: the cluster's).")
     labels: NodeLabels = Field(
@@ -223,10 +311,11 @@ class HeadSpec(_Strict):
     cpus: PositiveInt = Field(2, description="CPUs of the head Pod (Ray's own processes only).")
     memory: MemoryQuantity = Field("8Gi", description="Memory of the head Pod (a Kubernetes quantity, e.g. "
                                                        "'8Gi').")
-    node_selector: dict[str, str] = Field(default_factory=dict, exclude_if=lambda v: not v,
-                                          description="Head Pod nodeSelector (rendered into the overlay).")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, exclude_if=lambda v: not v,
-                                              description="Head Pod tolerations (rendered into the overlay).")
+    node_selector: NodeSelector = Field(default_factory=dict, exclude_if=lambda v: not v,
+                                        description="Head Pod nodeSelector (rendered into the overlay): label keys "
+                                                    "and values.")
+    tolerations: list[Toleration] = Field(default_factory=list, exclude_if=lambda v: not v,
+                                          description="Head Pod tolerations (rendered into the overlay).")
     volumes: Volumes = Field(default_factory=list, exclude_if=lambda v: not v,
                              description=_VOLUMES_DOC.replace("this group's Pods", "the head Pod"))
     volume_mounts: VolumeMounts = Field(default_factory=list, exclude_if=lambda v: not v, description=_MOUNTS_DOC)

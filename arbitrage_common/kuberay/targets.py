@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import AppConfig, load_config
 from ..paths import configs_dir, project_home
 from ..presets import list_presets, preset_path
-from .render import RENDERED_MARK, render_kustomize
+from .render import RENDERED_MARK, TARGET_HINT, render_kustomize
 
 CPU_DEMO = "cpu-demo"  # configs/cpu-demo.yaml: the embedded default on a CPU-only cluster
 
@@ -18,14 +18,15 @@ def target_names() -> list[str]:
     return [CPU_DEMO] + [p.stem for p in list_presets()]
 
 
-def target_path(name: str) -> Path:
-    """The config file of one target; ValueError names an unknown one and lists the known."""
+def target_path(name: str, option: str = "--preset") -> Path:
+    """The config file of one target; ValueError names an unknown one and lists the known
+    (``option``: the command-line argument that named it)."""
     if name == CPU_DEMO:
         return configs_dir() / f"{CPU_DEMO}.yaml"
     try:
         return preset_path(name)
     except ValueError:
-        raise ValueError(f"--preset: unknown preset {name!r} (known: {', '.join(target_names())})") from None
+        raise ValueError(f"{option}: unknown preset {name!r} (known: {', '.join(target_names())})") from None
 
 
 def target_config(name: str) -> AppConfig:
@@ -35,14 +36,16 @@ def target_config(name: str) -> AppConfig:
     return load_config(target_path(name))
 
 
-def render_targets(configs: dict[str, AppConfig], sources: dict[str, Path] | None = None) -> dict[str, str]:
+def render_targets(configs: dict[str, AppConfig], sources: dict[str, Path] | None = None,
+                   user_configs: bool = False) -> dict[str, str]:
     """Every file of every target (relative to k8s/). Raises before anything is written, naming
     the target's config file (``sources``: name -> file; default ``target_path``) first, as
-    `arbitrage config check` does: ``<file>: <field>: <message>``."""
+    `arbitrage config check` does: ``<file>: <field>: <message>``. ``user_configs``: the
+    configs are a user's --config files, not the project's targets."""
     files: dict[str, str] = {}
     for name, cfg in configs.items():
         try:
-            files.update(render_kustomize(cfg, name))
+            files.update(render_kustomize(cfg, name, target=not user_configs))
         except ValueError as exc:
             source = sources[name] if sources else target_path(name)
             raise ValueError(f"{source}: {exc}") from None
@@ -84,27 +87,41 @@ def _target_dirs(out: Path, names: list[str]) -> list[Path]:
                                                  out / "overlays" / f"{name}-ha")]
 
 
-def _rendered_by_us(path: Path) -> bool:
+def _rendered_by_us(path: Path, target_only: bool = False) -> bool:
+    """The file starts with the render header (``target_only``: a project target's)."""
     try:
-        return path.read_text().startswith(RENDERED_MARK)
+        with path.open() as f:
+            first, second = f.readline(), f.readline()
     except (OSError, UnicodeDecodeError):
         return False
+    return first.startswith(RENDERED_MARK) and (not target_only or second == TARGET_HINT)
 
 
-def stale(files: dict[str, str], out: Path, names: list[str]) -> list[str]:
+def _orphans(out: Path, known: list[str]) -> set[Path]:
+    """Files an earlier render wrote under base/ and overlays/ outside every directory of the
+    targets ``known``: a removed or renamed target's."""
+    owned = _target_dirs(out, known)
+    return {p for top in (out / "base", out / "overlays") if top.is_dir() for p in top.rglob("*")
+            if p.is_file() and not any(p.is_relative_to(root) for root in owned) and _rendered_by_us(p, True)}
+
+
+def stale(files: dict[str, str], out: Path, names: list[str], known: list[str] | None = None) -> list[str]:
     """Files in the directories of the targets ``names`` that an earlier render wrote (they
     start with ``RENDERED_MARK``) and this one no longer produces, e.g. a ``scheduling.yaml``
-    whose options were removed. Nothing else: a file written by hand, or another target's
-    (a config of the user's rendered with --config, a GitOps repo's own overlays), stays."""
-    found = {str(p.relative_to(out)) for root in _target_dirs(out, names) if root.is_dir()
+    whose options were removed; with ``known`` (every target: a render of the project's own),
+    also such files under base/ and overlays/ that belong to none of them (a removed or renamed
+    preset's). Nothing else: a file written by hand, or another known target's, stays."""
+    found = {p for root in _target_dirs(out, names) if root.is_dir()
              for p in root.rglob("*") if p.is_file() and _rendered_by_us(p)}
-    return sorted(found - set(files))
+    if known is not None:
+        found |= _orphans(out, known)
+    return sorted({str(p.relative_to(out)) for p in found} - set(files))
 
 
-def remove_stale(files: dict[str, str], out: Path, names: list[str]) -> list[Path]:
+def remove_stale(files: dict[str, str], out: Path, names: list[str], known: list[str] | None = None) -> list[Path]:
     """Delete ``stale`` files, then the directories they leave empty; the deleted paths."""
     removed = []
-    for rel in stale(files, out, names):
+    for rel in stale(files, out, names, known):
         path = out / rel
         path.unlink()
         removed.append(path)

@@ -113,7 +113,7 @@ def test_committed_manifests_are_the_rendering():
     assert not drift(files, K8S), "k8s/ differs from the configs: run `make k8s`"
     on_disk = {str(p.relative_to(K8S)) for d in ("base", "overlays") for p in (K8S / d).rglob("*") if p.is_file()}
     assert on_disk == set(files), f"stale files: {sorted(on_disk - set(files))}"
-    assert not stale(files, K8S, target_names())  # what `arbitrage k8s render --check` reports
+    assert not stale(files, K8S, target_names(), known=target_names())  # what `arbitrage k8s render --check` reports
 
 
 def _matches(selector: dict, labels: dict) -> bool:
@@ -269,6 +269,24 @@ def test_volumes_service_account_pull_secrets_and_head_scheduling_render_what_th
         _validate_core(_pod(template))
     target = next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == "target")["template"]["spec"]
     assert pvc in target["volumes"] and mount in target["containers"][0]["volumeMounts"]
+
+
+def test_label_and_toleration_values_stay_strings_through_kustomize(tmp_path):
+    """Values YAML 1.1 readers retype when plain (`y`, `1e3`, `0x1F`): a node selector of them,
+    plain, was a number or a boolean once kustomize or kubectl read it, and the CRD refused the
+    RayService. The rendering quotes them, so the built RayService holds the strings."""
+    data = target_config("cpu-demo").model_dump(mode="json")
+    selector = {"example.com/fast": "y", "example.com/size": "1e3", "example.com/rev": "0x1F"}
+    data["cluster"]["draft"].update(node_selector=selector, labels={"spot": "n", "rev": "017"},
+                                    tolerations=[{"key": "example.com/fast", "value": "1_000", "effect": "NoSchedule"}])
+    (manifest,) = [d for d in built_elsewhere(tmp_path, AppConfig.model_validate(data), "x", "x")
+                   if d["kind"] == "RayService"]
+    errors = sorted(crd_validator().iter_errors(manifest), key=lambda e: list(e.path))
+    assert not errors, [f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors[:5]]
+    draft = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert draft["template"]["spec"]["nodeSelector"] == selector
+    assert draft["labels"] == {"arbitrage-serve.io/group": "draft", "spot": "n", "rev": "017"}
+    assert draft["template"]["spec"]["tolerations"][-1]["value"] == "1_000"
 
 
 @pytest.mark.parametrize("target", target_names())

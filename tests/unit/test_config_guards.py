@@ -167,7 +167,7 @@ def test_unbounded_and_positive_queue_bounds_are_accepted(queued):
 
 @pytest.mark.parametrize("section", ["http", "grpc"])
 @pytest.mark.parametrize("port,name", [(8080, "metrics"), (8265, "dashboard"), (6379, "gcs-server"),
-                                       (10001, "client")])
+                                       (10001, "client"), (52365, "dashboard-agent")])
 def test_a_proxy_port_on_one_of_rays_fixed_ports_is_refused(section, port, name):
     data = _cpu_demo()
     data[section]["port"] = port

@@ -75,6 +75,12 @@ def test_siblings_of_one_model_share_a_placeholder():
     assert "`pools.<role>` is each of `pools.draft`, `pools.target`, `pools.router`, `pools.prm`." in render_reference()
 
 
+def test_the_fields_of_a_list_of_models_are_documented_per_entry():
+    paths = {row.path for row in rows()}
+    assert {"cluster.<group>.tolerations[].operator", "cluster.head.tolerations[].tolerationSeconds"} <= paths
+    assert "## `cluster.<group>.tolerations[]`" in render_reference()
+
+
 def test_rows_carry_types_defaults_bounds_and_cross_field_rules():
     by_path = {row.path: row for row in rows()}
     assert by_path["limits.draft_lookahead"].bounds == ">= 0, <= 8"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -214,12 +215,13 @@ def test_render_writes_and_checks(tmp_path):
 def test_check_reports_and_render_removes_files_no_longer_rendered(tmp_path):
     """A file an earlier render wrote for a target and this one no longer produces (a
     scheduling.yaml whose options were removed) fails --check and is deleted by the next
-    render; files written by hand, and other targets' renderings, stay."""
+    render; files written by hand, and the renderings of targets a partial render leaves out,
+    stay."""
     from arbitrage_common.kuberay.render import RENDERED_MARK
 
     assert _cli("--preset", "cpu-demo", "--out", str(tmp_path)).returncode == 0
     stray = [tmp_path / "overlays" / "cpu-demo" / "scheduling.yaml", tmp_path / "base" / "cpu-demo" / "old.yaml"]
-    other_target = tmp_path / "overlays" / "my-config" / "kustomization.yaml"  # a user's own --config rendering
+    other_target = tmp_path / "overlays" / "llama-1b-8b" / "old.yaml"  # a target `--preset cpu-demo` leaves out
     by_hand = [tmp_path / "Dockerfile", tmp_path / "components" / "ha" / "kustomization.yaml",
                tmp_path / "overlays" / "cpu-demo" / "my-patch.yaml"]
     for path in [*stray, other_target]:
@@ -232,10 +234,45 @@ def test_check_reports_and_render_removes_files_no_longer_rendered(tmp_path):
         proc = _cli(*args, "--out", str(tmp_path), "--check")
         assert proc.returncode == 1, proc.stderr
         assert all(f"{path} is no longer rendered" in proc.stderr for path in stray), proc.stderr
-        assert not any(str(path) in proc.stderr for path in [other_target, *by_hand])
+        assert not any(str(path) in proc.stderr for path in by_hand + ([other_target] if args else []))
     assert _cli("--preset", "cpu-demo", "--out", str(tmp_path)).returncode == 0
     assert not any(path.exists() for path in stray)
     assert all(path.exists() for path in [other_target, *by_hand])
+    assert _cli("--preset", "cpu-demo", "--out", str(tmp_path), "--check").returncode == 0
+
+
+def test_a_removed_targets_files_are_stale_and_a_config_render_leaves_them(tmp_path):
+    """A preset removed or renamed leaves its base/ and overlays/ directories behind: a render of
+    the project's targets, whole or partial, reports and deletes the files in them that carry
+    a project target's render header (docs/KUBERAY.md: `make k8s` deletes rendered files no
+    longer produced), and keeps the rest: files written by hand, and a user's --config rendering,
+    whose header says so; a --config render touches its own directories only."""
+    from arbitrage_common.kuberay.render import RENDERED_MARK, TARGET_HINT
+
+    assert _cli("--preset", "cpu-demo", "--out", str(tmp_path)).returncode == 0
+    old = [tmp_path / rel for rel in ("base/old-preset/rayservice.yaml", "base/old-preset/kustomization.yaml",
+                                      "overlays/old-preset/kustomization.yaml",
+                                      "overlays/old-preset/monitoring/autoscaling-alerts.yaml",
+                                      "overlays/old-preset-ha/kustomization.yaml")]
+    for path in old:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{RENDERED_MARK} from the AppConfig of 'old-preset'; do not edit by hand\n{TARGET_HINT}kind: X\n")
+    by_hand = tmp_path / "overlays" / "old-preset" / "my-patch.yaml"
+    by_hand.write_text("kind: X\n")
+    config = _cli("--config", str(ROOT / "configs" / "cpu-demo.yaml"), "--name", "mine", "--out", str(tmp_path))
+    assert config.returncode == 0 and "no longer rendered" not in config.stdout
+    assert all(path.exists() for path in old)
+    mine = tmp_path / "overlays" / "mine" / "kustomization.yaml"  # a --config rendering: the user's, kept
+    assert mine.exists()
+    for args in [("--preset", "cpu-demo"), ()]:
+        proc = _cli(*args, "--out", str(tmp_path), "--check")
+        assert proc.returncode == 1
+        assert all(f"{path} is no longer rendered" in proc.stderr for path in old), proc.stderr
+        assert str(by_hand) not in proc.stderr and "/mine/" not in proc.stderr
+    proc = _cli("--preset", "cpu-demo", "--out", str(tmp_path))
+    assert proc.returncode == 0 and all(f"removed {path}" in proc.stdout for path in old)
+    assert not any(path.exists() for path in old) and by_hand.exists() and mine.exists()
+    assert not (tmp_path / "base" / "old-preset").exists() and not (tmp_path / "overlays" / "old-preset-ha").exists()
     assert _cli("--preset", "cpu-demo", "--out", str(tmp_path), "--check").returncode == 0
 
 
@@ -579,3 +616,80 @@ def test_pods_without_a_gpu_limit_offer_ray_no_gpu_and_see_none(name):
         else:  # KubeRay passes the limit to `ray start --num-gpus`; the device plugin picks the GPUs
             assert "num-gpus" not in spec["rayStartParams"], group
             assert not [e for e in container["env"] if e["name"] == "NVIDIA_VISIBLE_DEVICES"], group
+
+
+# -- YAML as Kubernetes tools read it -----------------------------------------------------------
+# Plain scalars go-yaml v2 (kubectl, kustomize, the API server and KubeRay's parse of
+# serveConfigV2: sigs.k8s.io/yaml) or PyYAML reads as no string (YAML 1.1): bool and null words,
+# ints (0x, 0o, 0b, old octal, '_'), floats (exponents, .inf, .nan), timestamps, sexagesimals.
+_YAML11_WORDS = {"y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "true", "True", "TRUE", "false", "False",
+                 "FALSE", "on", "On", "ON", "off", "Off", "OFF", "null", "Null", "NULL", "~", ""}
+_YAML11_NOT_STR = re.compile(
+    r"[-+]?(0b[01_]+|0o?[0-7_]+|0x[0-9a-fA-F_]+|[0-9][0-9_]*(:[0-5]?[0-9])*"
+    r"|(\.[0-9_]+|[0-9][0-9_]*(\.[0-9_]*)?)([eE][-+]?[0-9]+)?|\.(inf|Inf|INF|nan|NaN|NAN))"
+    r"|[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}([Tt ].*)?")
+TRICKY = ["y", "Y", "n", "N", "yes", "No", "ON", "off", "True", "FALSE", "null", "~", "", "1e3", "1E-3", "0x1F",
+          "0o17", "0b101", "017", "1_000", "-1", "+1", ".5", "1.", ".inf", "-.Inf", ".NaN", "12:30", "2024-01-02",
+          "2024-01-02T03:04:05Z", "<<"]
+
+
+def _not_a_string_when_plain(value: str) -> bool:
+    return value in _YAML11_WORDS or value == "<<" or bool(_YAML11_NOT_STR.fullmatch(value))
+
+
+def _plain_strings(text: str) -> list[str]:
+    """Every plain (unquoted) string scalar of a YAML stream, serveConfigV2's own included."""
+    import yaml
+
+    out, stack = [], list(yaml.compose_all(text))
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            stack += [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
+        elif isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str":
+            if node.style is None:
+                out.append(node.value)
+            elif node.style == "|":
+                out += _plain_strings(node.value)
+    return out
+
+
+def test_the_yaml_11_check_catches_what_it_should():
+    assert all(_not_a_string_when_plain(v) for v in TRICKY)
+    assert not any(_not_a_string_when_plain(v) for v in ["8Gi", "arbitrage-serve:0.1.0-gpu", "ray.io/v1", "yy",
+                                                          "NoSchedule", "/spec/x", "nvidia.com/gpu"])
+
+
+@pytest.mark.parametrize("value", TRICKY)
+def test_a_string_a_yaml_11_reader_would_retype_is_double_quoted(value):
+    import yaml
+
+    from arbitrage_common.kuberay.render import dump_yaml
+
+    assert dump_yaml({"k": value}) == f'k: "{value}"\n'
+    if value:  # an empty key takes PyYAML's explicit form (`? ""`)
+        assert dump_yaml({value: "v"}) == f'"{value}": v\n'
+    assert yaml.safe_load(dump_yaml({"k": value, value: "v"})) == {"k": value, value: "v"}
+
+
+def test_rendered_files_leave_no_string_plain_that_a_yaml_11_reader_retypes():
+    """The reviewer's case: a node selector `example.com/fast: "y"` written plain became a boolean
+    in kubectl, and the CRD refused the RayService. Node selectors, Ray node labels, tolerations
+    and the user's label selectors (inside serveConfigV2) of such values, and every target."""
+    def edit(d: dict) -> None:
+        d["cluster"]["draft"].update(node_selector={"example.com/fast": "y", "example.com/n": "1e3"},
+                                     labels={"spot": "n", "rev": "0x1F"},
+                                     tolerations=[{"key": "example.com/on", "value": "on", "effect": "NoSchedule"}])
+        d["pools"]["draft"]["ray_actor_options"]["label_selector"] = {"spot": "n"}
+
+    data = target_config("cpu-demo").model_dump(mode="json")
+    edit(data)
+    renderings = [render_kustomize(C.AppConfig.model_validate(data), "yn")]
+    renderings += [render_kustomize(target_config(name), name) for name in target_names()]
+    for files in renderings:
+        for rel, text in files.items():
+            retyped = [v for v in _plain_strings(text) if _not_a_string_when_plain(v)]
+            assert not retyped, f"{rel}: {retyped}"
+    assert 'example.com/fast: "y"' in renderings[0]["overlays/yn/scheduling.yaml"]

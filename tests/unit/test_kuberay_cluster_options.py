@@ -102,9 +102,20 @@ def test_the_scale_patch_command_prints_the_patch(capsys, tmp_path):
     assert "kubectl patch raycluster" in out and "/spec/workerGroupSpecs/3/minReplicas" in out
     assert main(["k8s", "scale-patch"]) == 1
     assert "name one target" in _err(capsys)
+    assert main(["k8s", "scale-patch", "nope"]) == 1  # a positional NAME: no --preset option to blame
+    err = _err(capsys)
+    assert "unknown preset 'nope'" in err and "scale-patch NAME" in err and "--preset" not in err
     bad = _write(tmp_path, lambda d: d["pools"]["target"]["ray_actor_options"].update(accelerator_type="H100"))
     assert main(["k8s", "scale-patch", "--config", str(bad)]) == 1
     assert f"arbitrage: error: {bad}: pools.target.ray_actor_options.accelerator_type: " in _err(capsys)
+
+
+def test_render_refuses_a_name_without_a_config(tmp_path, capsys):
+    """--name names a --config file's directories; a target's are named after it."""
+    for args in (["--name", "foo"], ["--preset", "cpu-demo", "--name", "foo"]):
+        assert main(["k8s", "render", *args, "--out", str(tmp_path / "k8s")]) == 1
+        assert "--name: only with --config" in _err(capsys)
+    assert not (tmp_path / "k8s").exists()
 
 
 def test_render_reminds_that_apply_leaves_the_bounds_of_a_running_cluster(tmp_path, capsys):
@@ -205,6 +216,77 @@ def test_object_names_are_kubernetes_names(value):
     data["cluster"].update(value)
     with pytest.raises(ValidationError, match="DNS-1123 subdomain"):
         C.AppConfig.model_validate(data)
+
+
+# Kubernetes' Pod validation of tolerations (core/v1: key, operator, value, effect,
+# tolerationSeconds): KubeRay would create Pods the API server refuses.
+@pytest.mark.parametrize("toleration,field,text", [
+    ({"key": "x", "operator": "Exists", "value": "y"}, "value", "must be empty"),
+    ({"key": "x", "operator": "In"}, "operator", "'Equal' or 'Exists'"),
+    ({"key": "x", "operator": "Exists", "effect": "NoSchedul"}, "effect", "'NoExecute'"),
+    ({"key": "x", "operator": "Exists", "bogus": 1}, "bogus", "Extra inputs"),
+    ({"key": "x", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 60}, "tolerationSeconds",
+     "only with effect NoExecute"),
+    ({"key": "x", "operator": "Exists", "tolerationSeconds": 60}, "tolerationSeconds", "only with effect NoExecute"),
+    ({"key": "x", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": "60"}, "tolerationSeconds",
+     "integer"),
+    ({"operator": "Equal", "value": "a"}, "operator", "needs a key"),
+    ({"key": "", "value": "a"}, "operator", "needs a key"),  # Equal, Kubernetes' default
+    ({"key": "bad key!", "operator": "Exists"}, "key", "not a label key"),
+    ({"key": "x", "value": "not a value"}, "value", "not a label value"),
+    ({"key": "x", "value": 1}, "value", "string"),
+])
+@pytest.mark.parametrize("group", ["draft", "head"])
+def test_a_toleration_kubernetes_refuses_is_refused_naming_the_field(group, toleration, field, text):
+    data = target_config("cpu-demo").model_dump(mode="json")
+    data["cluster"][group]["tolerations"] = [{"key": "ok", "operator": "Exists"}, toleration]
+    with pytest.raises(ValidationError) as exc:
+        C.AppConfig.model_validate(data)
+    problems = C.validation_problems(exc.value)
+    assert [f for f, _ in problems] == [f"cluster.{group}.tolerations[1].{field}"] and text in problems[0][1], problems
+
+
+@pytest.mark.parametrize("toleration", [
+    {"operator": "Exists"},  # every taint
+    {"key": "x", "operator": "Exists", "value": "", "effect": "NoSchedule"},
+    {"key": "x", "value": "a", "effect": ""},
+    {"key": "example.com/spot", "operator": "Equal", "value": "true", "effect": "NoExecute", "tolerationSeconds": 30},
+])
+def test_a_toleration_kubernetes_takes_renders_as_written(toleration):
+    cfg = _edited(lambda d: d["cluster"]["draft"].update(tolerations=[toleration]), "cpu-demo")
+    ops = yaml.safe_load(render_kustomize(cfg, "x")["overlays/x/scheduling.yaml"])
+    assert ops == [{"op": "add", "path": "/spec/rayClusterConfig/workerGroupSpecs/0/template/spec/tolerations",
+                    "value": [toleration]}]
+    assert cfg.model_dump(mode="json")["cluster"]["draft"]["tolerations"] == [toleration]  # round-trips
+
+
+@pytest.mark.parametrize("selector,text", [
+    ({"bad key!": "a"}, "not a label key"),
+    ({"example.com/" + "a" * 64: "a"}, "not a label key"),
+    ({"zone": "a b"}, "not a label value"),
+    ({"zone": "a" * 64}, "not a label value"),
+    ({"zone": "-a"}, "not a label value"),
+])
+@pytest.mark.parametrize("group", ["target", "head"])
+def test_a_node_selector_that_is_not_kubernetes_labels_is_refused(group, selector, text):
+    data = target_config("cpu-demo").model_dump(mode="json")
+    data["cluster"][group]["node_selector"] = selector
+    with pytest.raises(ValidationError) as exc:
+        C.AppConfig.model_validate(data)
+    problems = C.validation_problems(exc.value)
+    assert [f for f, _ in problems] == [f"cluster.{group}.node_selector"] and text in problems[0][1], problems
+
+
+def test_config_check_and_render_refuse_a_bad_toleration_in_the_same_lines(tmp_path, capsys):
+    path = _write(tmp_path, lambda d: d["cluster"]["draft"].update(
+        tolerations=[{"key": "x", "operator": "Exists", "value": "y", "effect": "NoSchedul"}]))
+    assert main(["config", "check", str(path)]) == 1
+    checked = [line for line in _err(capsys).splitlines() if line.startswith(f"{path}: ")]
+    assert [line.split(": ")[1] for line in checked] == ["cluster.draft.tolerations[0].value",
+                                                         "cluster.draft.tolerations[0].effect"]
+    assert main(["k8s", "render", "--config", str(path), "--out", str(tmp_path / "k8s")]) == 1
+    assert _err(capsys).splitlines() == [f"arbitrage: error: {line}" for line in checked]
+    assert not (tmp_path / "k8s").exists()
 
 
 # -- 4. one coordinator Pod per required coordinator replica --------------------------------
