@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..synthetic.problems import MIXES
-from .argtypes import finite_float, finite_positive_float, positive_int, unit_float
+from .argtypes import finite_float, finite_positive_float, positive_int, positive_int32, unit_float
 
 
 def add_loadtest_parser(sub) -> None:
@@ -38,7 +38,8 @@ def add_loadtest_parser(sub) -> None:
     mix.add_argument("--hard-prob", type=unit_float, default=0.2, help="share of problems with a hard step (0..1)")
     mix.add_argument("--mix", dest="problem_mix", choices=sorted(MIXES),
                      help="a named problem mix instead of --hard-prob (olympiad: every problem has a hard step)")
-    mix.add_argument("--max-steps", type=positive_int)
+    mix.add_argument("--max-steps", type=positive_int32,  # the API's int32 max_steps
+                     help="steps a request at most (default: the server's)")
     mix.add_argument("--seed", type=int, default=0, help="seed of the problem draws and Poisson arrivals")
     p.add_argument("--out", default="runs/loadtest", help="output directory")
     p.add_argument("--fail-on-errors", action="store_true", help="exit 1 when any request failed")

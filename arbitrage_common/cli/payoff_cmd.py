@@ -61,8 +61,19 @@ def _analyze(args) -> int:
         result["planned"]["profile_warning"] = warning = uncalibrated_warning(profile, args.profile)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
+        _headroom_warnings(result["planned"])
     emit_json(result, args.out)
     return 0
+
+
+def _headroom_warnings(planned: dict) -> None:
+    """On stderr, as `plan` warns of them: a plan without headroom, or one that meets the SLO at
+    its seed only, is no saving to count on (``planned.<name>.headroom_warning`` and
+    ``sampling_warning`` in the JSON)."""
+    for name in ("rsd", "bound", "router"):
+        for key in ("headroom_warning", "sampling_warning"):
+            if warning := (planned.get(name) or {}).get(key):
+                print(f"warning: planned.{name}: {warning}", file=sys.stderr)
 
 
 def _read_rows(path: str) -> list[dict]:

@@ -9,13 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from .argtypes import finite_positive_float, positive_int, unit_float
+from .subcommands import FlagsBeforeSubcommand
 
 DEFAULT_PROFILE = "runs/plan/profile.json"
 
 
 def add_plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="capacity planner: replicas / GPUs / Pods per pool for a rate and a p95 SLO")
-    p.add_argument("--profile", default=DEFAULT_PROFILE, help=f"from `arbitrage plan profile` ({DEFAULT_PROFILE})")
+    # Every flag of `plan` defaults to None (or False): `FlagsBeforeSubcommand` tells one given before a
+    # subcommand by it; `_plan` fills in the defaults.
+    p.add_argument("--profile", help=f"from `arbitrage plan profile` (default: {DEFAULT_PROFILE})")
     p.add_argument("--rate", type=finite_positive_float, help="arrivals per second to plan for")
     p.add_argument("--slo-ms", type=finite_positive_float, help="p95 end-to-end latency to hold, ms")
     p.add_argument("--policy", help="arbitrage (default), rsd, target or draft; not with --bench")
@@ -25,10 +28,10 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--bench", help="bench.json of `arbitrage bench`: plan RSD and Arbitrage at its matched accuracy "
                                    "(their target fractions; no --policy or --target-fraction)")
     p.add_argument("--preset", help="GPUs per pool and worker-group Pods for this preset (or cpu-demo)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="seed of the simulation (default: 0)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_plan)
-    plan_sub = p.add_subparsers(dest="plan_cmd")
+    plan_sub = p.add_subparsers(dest="plan_cmd", action=FlagsBeforeSubcommand)
     prof = plan_sub.add_parser("profile", help="measure per-pool service time vs batch size, in this process with "
                                                "the transformers backend (no vllm pools), and, with --grpc, overheads "
                                                "and steps per request from a running service")
@@ -195,7 +198,9 @@ def _plan(args) -> int:
                              if v is not None)
         raise ValueError(f"--bench: it plans rsd and arbitrage at the bench's matched-accuracy target fractions; "
                          f"leave out {given}, or leave out --bench to plan one policy")
-    prof = load_profile(args.profile)
+    profile_path = DEFAULT_PROFILE if args.profile is None else args.profile
+    seed = 0 if args.seed is None else args.seed
+    prof = load_profile(profile_path)
     if args.bench:
         bench = read_json(args.bench, "--bench")
         if not isinstance(bench, dict):
@@ -216,7 +221,7 @@ def _plan(args) -> int:
     results, unreachable = [], []
     for policy, fraction, source in runs:
         try:
-            r = plan(prof, policy, fraction, args.rate, args.slo_ms, args.seed)
+            r = plan(prof, policy, fraction, args.rate, args.slo_ms, seed)
         except Unreachable as exc:
             if len(runs) == 1:
                 raise
@@ -225,8 +230,8 @@ def _plan(args) -> int:
                  "best_p95_ms": best}
             unreachable.append(r)
         r["target_fraction_source"] = source
-        r["profile"] = args.profile
-        r["profile_warning"] = uncalibrated_warning(prof, args.profile)
+        r["profile"] = profile_path
+        r["profile_warning"] = uncalibrated_warning(prof, profile_path)
         r["request_shape"] = prof.measured.get("request_shape")
         if cfg is not None and "unreachable" not in r:
             r.update(gpus_and_pods(r["replicas"], cfg))
@@ -238,8 +243,8 @@ def _plan(args) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"plan for {args.rate:g} req/s at a p95 SLO of {args.slo_ms:g} ms, profile {args.profile}")
-    for warning in filter(None, (uncalibrated_warning(prof, args.profile), assumed_shape_warning(prof))):
+    print(f"plan for {args.rate:g} req/s at a p95 SLO of {args.slo_ms:g} ms, profile {profile_path}")
+    for warning in filter(None, (uncalibrated_warning(prof, profile_path), assumed_shape_warning(prof))):
         print(f"warning: {warning}")
     for r in results:
         head = f"{r['policy']:<10} target fraction {r['target_fraction']:.3f} (from {r['target_fraction_source']}):"
@@ -251,10 +256,11 @@ def _plan(args) -> int:
               f"{r['predicted_p95_ms']} ms (no-load p95 {r['no_load_p95_ms']} ms)")
         cores = f", cores {r['core_load']}" if "core_load" in r else ""
         print(f"{'':<10} load at max batch {r['load_at_max_batch']}{cores} (1 = saturated)")
-        if r["headroom_warning"]:
-            print(f"{'':<10} warning: {r['headroom_warning']}")
+        for key in ("headroom_warning", "sampling_warning"):
+            if r[key]:
+                print(f"{'':<10} warning: {r[key]}")
         if r["stalled_pools"]:
-            print(f"{'':<10} more replicas did not lower p95: {stalled_note(r['stalled_pools'], prof.replicas_per_device)}")
+            print(f"{'':<10} more replicas did not lower p95: {stalled_note(r['stalled_pools'], prof.replicas_per_device, prof.cores)}")
         if "gpus_per_pool" in r:
             print(f"{'':<10} GPUs requested {r['gpus_per_pool']} = {r['gpus_requested']}; the Pods provision "
                   f"{r['gpus_provisioned']} GPUs; worker groups {r['worker_groups']} (coordinator at its "

@@ -14,6 +14,7 @@ import time
 
 from ..policies import POLICY_NAMES
 from .argtypes import finite_positive_float, int64, positive_float, positive_int, positive_int32
+from .subcommands import FlagsBeforeSubcommand
 
 DEFAULT_ENDPOINT = "127.0.0.1:9000"  # arbitrage_common.client.DEFAULT_ENDPOINT (not imported: keeps --help light)
 CLIENT_DEADLINE_MARGIN_S = 2.0  # generate --timeout: how much longer than timeout_s the client waits
@@ -40,7 +41,7 @@ def add_serve_parsers(sub) -> None:
     serve.add_argument("--render", action="store_true", help="print the Serve YAML rendered from the config and exit")
     serve.add_argument("-o", "--out", help="with --render: write the YAML here")
     serve.set_defaults(func=_serve)
-    serve_sub = serve.add_subparsers(dest="serve_cmd")
+    serve_sub = serve.add_subparsers(dest="serve_cmd", action=FlagsBeforeSubcommand)  # its flags default to None
     bench = serve_sub.add_parser("bench", help="serving overhead, throughput at N clients / 1, startup seconds")
     bench.add_argument("--config", help="AppConfig YAML (models of the in-process reference, and of the "
                                         "service when it is started here)")

@@ -103,8 +103,9 @@ def _reading(entry: dict) -> str:
 def plan_savings(profile, entry: dict, rate: float, slo_ms: float, cfg=None) -> dict:
     """Target-pool replicas (and GPUs, with a preset) that RSD and a router need at ``rate``
     under ``slo_ms``: RSD at its target fraction, the bound at the oracle's, the router at its.
-    Each is planned on its own: one that cannot meet the SLO says so (``unreachable``) beside
-    the others; ValueError only when none can be planned."""
+    Each is planned on its own, with its predicted p95 and the planner's warnings
+    (``headroom_warning``, ``sampling_warning``, ``stalled_pools``); one that cannot meet the SLO says so
+    (``unreachable``) beside the others; ValueError only when none can be planned."""
     from ..planning.planner import Unreachable, gpus_and_pods, plan
 
     fractions = {"rsd": entry["rsd_target_fraction"], "bound": entry["oracle_target_fraction"]}
@@ -117,8 +118,12 @@ def plan_savings(profile, entry: dict, rate: float, slo_ms: float, cfg=None) -> 
         except Unreachable as exc:
             out[name] = {"target_fraction": fraction, "unreachable": str(exc)}
             continue
+        # The plan's own caveats go with it: one without headroom, or with pools more replicas did
+        # not help, is no plain saving.
         row = {"target_fraction": fraction, "replicas": planned["replicas"],
-               "target_replicas": planned["replicas"].get("target", 0)}
+               "target_replicas": planned["replicas"].get("target", 0),
+               **{k: planned[k] for k in ("predicted_p95_ms", "headroom_warning", "sampling_warning",
+                                          "stalled_pools")}}
         if cfg is not None:
             row["target_gpus"] = gpus_and_pods(planned["replicas"], cfg)["gpus_per_pool"].get("target")
         out[name] = row

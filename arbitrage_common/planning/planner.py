@@ -29,6 +29,9 @@ MAX_REPLICAS_ON_CORES = 64
 # Above this load at max batch (or core load) a plan has no headroom: a small rise in rate
 # overloads it, and its simulated p95 has not settled (it grows with the requests simulated).
 HEADROOM_LOAD = 0.95
+# The seeds after the plan's own that its replicas are simulated at again: the search judged
+# its steps at one seed, so a p95 just under the SLO may hold there only.
+SEEDS_CHECKED = 2
 # Bound on a profile's counts (steps a request, a pool's max batch): a larger one is a typo
 # that would keep the simulation busy for hours.
 MAX_PROFILE_COUNT = 100_000
@@ -434,9 +437,9 @@ def _carry_the_rate(profile: Profile, w: Workload, rate: float) -> dict[str, int
         replicas[busiest] = grown
 
 
-def _notes(floor: float | None, stalled: dict[str, dict], per_device: dict[str, int]) -> str:
+def _notes(floor: float | None, stalled: dict[str, dict], per_device: dict[str, int], cores: float | None) -> str:
     notes = "" if floor is None else f"; the no-load p95 is {floor:.0f} ms"
-    return notes + (f"; {stalled_note(stalled, per_device)}" if stalled else "")
+    return notes + (f"; {stalled_note(stalled, per_device, cores)}" if stalled else "")
 
 
 def _growable(result: SimResult, slo_ms: float, rate: float, replicas: dict[str, int], stalled: dict[str, dict],
@@ -503,7 +506,8 @@ def search_replicas(profile: Profile, policy: str, target_fraction: float, rate:
     request queues the most. That pool's step is simulated first if it is packed: it puts
     replicas on a shared GPU, which slows the calls there, so where neither it nor the step
     after lowers p95 the pool is left as it is (``stalled``) while the search goes on with the
-    others. An unpacked pool's step is taken even so (a replica on a GPU of its own slows no
+    others; so is every pool's on a CPU profile, whose replicas share its cores. On a GPU
+    profile an unpacked pool's step is taken even so (a replica on a GPU of its own slows no
     call: its p95 moved by sampling noise only). ``floor``: the no-load p95, for the messages;
     ``most_gpus``: _PastTheBudget once the plan holds more and misses the SLO; ``sim``: the
     simulations, shared between searches."""
@@ -515,24 +519,39 @@ def search_replicas(profile: Profile, policy: str, target_fraction: float, rate:
     path = [(dict(replicas), result.p(95))]
     stalled: dict[str, dict] = {}
     ranks: dict[str, tuple[float, float]] = {}
-    while not (result.stable and result.p(95) <= slo_ms):
-        if most_gpus is not None and plan_gpus(profile, replicas) > most_gpus:
-            raise _PastTheBudget
-        notes, p95 = _notes(floor, stalled, per_device), result.p(95)
-        growable = _growable(result, slo_ms, rate, replicas, stalled, notes)
-        pool = _most_queued(growable, result, w)
-        queued = _next_step(sim, profile, replicas, pool, p95) if per_device[pool] > 1 else None
-        if queued is not None and queued.gain_ms(p95) <= 0:  # or its next GPU's worth passes the cap
-            _stall(stalled, queued, replicas, p95)
-            continue
-        weighed = {} if queued is None else {pool: queued}
-        best = _best_step(sim, profile, replicas, growable, p95, ranks, weighed) if rule == GAIN_PER_GPU else None
-        best = best or queued or _next_step(sim, profile, replicas, pool, p95)
-        if not best.tried:
-            raise _past_the_cap(profile, slo_ms, rate, result, replicas, notes)
-        replicas[best.pool], result = best.tried[-1]
-        path.append((dict(replicas), result.p(95)))
+    try:
+        while not (result.stable and result.p(95) <= slo_ms):
+            if most_gpus is not None and plan_gpus(profile, replicas) > most_gpus:
+                raise _PastTheBudget
+            notes, p95 = _notes(floor, stalled, per_device, profile.cores), result.p(95)
+            growable = _growable(result, slo_ms, rate, replicas, stalled, notes)
+            pool = _most_queued(growable, result, w)
+            # A packed pool's replicas share a GPU, and on a CPU profile every replica shares the
+            # cores: there a step can slow every call, so it is weighed before it is taken.
+            shared = per_device[pool] > 1 or profile.cores is not None
+            queued = _next_step(sim, profile, replicas, pool, p95) if shared else None
+            if queued is not None and queued.gain_ms(p95) <= 0:  # or its next GPU's worth passes the cap
+                _stall(stalled, queued, replicas, p95)
+                continue
+            weighed = {} if queued is None else {pool: queued}
+            best = _best_step(sim, profile, replicas, growable, p95, ranks, weighed) if rule == GAIN_PER_GPU else None
+            best = best or queued or _next_step(sim, profile, replicas, pool, p95)
+            if not best.tried:
+                raise _past_the_cap(profile, slo_ms, rate, result, replicas, notes)
+            replicas[best.pool], result = best.tried[-1]
+            path.append((dict(replicas), result.p(95)))
+    except Unreachable as exc:
+        raise _with_best(exc, path) from None
     return Search(replicas, result, path, stalled)
+
+
+def _with_best(exc: Unreachable, path: list[tuple[dict[str, int], float]]) -> Unreachable:
+    """``exc`` told of the lowest p95 among the states the search kept, where that is not the
+    state it stopped at (on shared cores or GPUs a step can raise p95)."""
+    best, p95 = min(path, key=lambda state: state[1])
+    if exc.best_p95_ms is not None and exc.best_p95_ms <= p95:
+        return exc
+    return Unreachable(f"{exc}; the lowest p95 it reached was {p95:.0f} ms, with {best}", p95)
 
 
 def cheapest_search(profile: Profile, policy: str, target_fraction: float, rate: float, slo_ms: float,
@@ -543,16 +562,41 @@ def cheapest_search(profile: Profile, policy: str, target_fraction: float, rate:
     and can buy many steps that gain little, so it stops once it holds more GPUs than the first
     plan, or once it has run twice as many simulations of its own as the first search ran (it
     weighs more than one pool a step; ``plan`` takes at most about three times as long as the
-    first search alone). The two share their simulations."""
+    first search alone). The two share their simulations. Then ``_trim`` drops the replicas the
+    plan can spare."""
     sim = _Simulations(profile, policy, target_fraction, rate, seed)
     args = (profile, policy, target_fraction, rate, slo_ms, seed, floor)
     queued = search_replicas(*args, rule=MOST_QUEUED, sim=sim)
     sim.most = 3 * len(sim.seen)
     try:
         weighed = search_replicas(*args, rule=GAIN_PER_GPU, most_gpus=plan_gpus(profile, queued.replicas), sim=sim)
+        found = min((weighed, queued), key=lambda s: _cost(profile, s))
     except (Unreachable, _PastTheBudget):
-        return queued
-    return min((weighed, queued), key=lambda s: _cost(profile, s))
+        found = queued
+    sim.most = None
+    return _trim(sim, profile, found, slo_ms)
+
+
+def _trim(sim: _Simulations, profile: Profile, found: Search, slo_ms: float) -> Search:
+    """``found`` less each GPU whose replicas it can spare and still hold the SLO, one at a
+    time: a greedy search buys steps that gains within the sampling noise justified, and a step
+    bought early may be spare once later ones are in. A packed pool drops a GPU's worth (the
+    replicas on its last GPU): one fewer replica on a shared GPU frees nothing."""
+    replicas, result, path = dict(found.replicas), found.result, list(found.path)
+    while True:
+        for pool, n in replicas.items():
+            per_device = profile.replicas_per_device.get(pool, 1)
+            kept = (math.ceil(n / per_device) - 1) * per_device if per_device > 1 else n - 1
+            if kept < 1:
+                continue
+            fewer = {**replicas, pool: kept}
+            trimmed = sim(fewer)
+            if trimmed.stable and trimmed.p(95) <= slo_ms:
+                replicas, result = fewer, trimmed
+                path.append((dict(replicas), result.p(95)))
+                break
+        else:
+            return Search(replicas, result, path, found.stalled)
 
 
 def _cost(profile: Profile, found: Search) -> tuple[int, float, float]:
@@ -562,8 +606,9 @@ def _cost(profile: Profile, found: Search) -> tuple[int, float, float]:
     return plan_gpus(profile, found.replicas), shares, found.result.p(95)
 
 
-def stalled_note(stalled: dict[str, dict], per_device: dict[str, int]) -> str:
-    """One clause per stalled pool (``Search.stalled``): the counts tried, and why they could not help."""
+def stalled_note(stalled: dict[str, dict], per_device: dict[str, int], cores: float | None = None) -> str:
+    """One clause per stalled pool (``Search.stalled``): the counts tried, and why they could not
+    help (``cores``: a CPU profile's, which every replica shares)."""
     notes = []
     for pool, s in stalled.items():
         kept = f"pool {pool} kept at {s['replicas']} replica{'s' * (s['replicas'] != 1)} (p95 {s['p95_ms']:.0f} ms " \
@@ -572,6 +617,10 @@ def stalled_note(stalled: dict[str, dict], per_device: dict[str, int]) -> str:
             notes.append(f"{kept}): its next GPU's worth of replicas passes the cap of {MAX_REPLICAS} a pool")
             continue
         tried = ", ".join(f"{t['replicas']}: {t['p95_ms']:.0f} ms" for t in s["tried"])
+        if cores is not None and per_device.get(pool, 1) == 1:
+            notes.append(f"{kept}; tried {tried}): the pools share the profile's {cores:g} cores, so another "
+                         f"replica adds no compute, and its passes slow the others'")
+            continue
         notes.append(f"{kept}; tried {tried}): its replicas share a GPU {per_device.get(pool, 1)} at a "
                      f"time, and a busy GPU serves no more for being shared; with replicas_per_device.{pool} 1 "
                      f"(num_gpus 1) each replica gets a GPU of its own")
@@ -598,9 +647,23 @@ def plan(profile: Profile, policy: str, target_fraction: float, rate: float, slo
            "utilization": {k: round(v, 3) for k, v in result.utilization.items()},
            "load_at_max_batch": {k: round(v, 3) for k, v in result.load_at_max_batch.items()},
            "headroom_warning": headroom_warning(result), "stalled_pools": found.stalled}
+    others = [predict(profile, policy, target_fraction, rate, found.replicas, seed + k).p(95)
+              for k in range(1, SEEDS_CHECKED + 1)]
+    out["p95_other_seeds_ms"] = [round(p95, 1) for p95 in others]
+    out["sampling_warning"] = sampling_warning(slo_ms, seed, others)
     if result.core_load is not None:
         out["core_load"] = round(result.core_load, 3)
     return out
+
+
+def sampling_warning(slo_ms: float, seed: int, others: list[float]) -> str | None:
+    """A warning when the plan misses the SLO at one of the other seeds (``others``, seeds
+    ``seed`` + 1, ...), else None: its margin is within the simulation's sampling noise."""
+    if max(others) <= slo_ms:
+        return None
+    at = ", ".join(f"{p95:.0f} ms at seed {seed + k}" for k, p95 in enumerate(others, 1))
+    return (f"sampling noise: the plan meets the SLO at seed {seed}, but its p95 is {at}; the margin is within the "
+            f"simulation's noise: plan for a lower --slo-ms, or add a replica to the busiest pool")
 
 
 def headroom_warning(result: SimResult) -> str | None:

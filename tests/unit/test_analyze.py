@@ -229,3 +229,50 @@ def test_analyze_with_a_profile_warns_of_an_uncalibrated_cpu_profile(tmp_path, c
         assert f"warning: {path} is an uncalibrated CPU profile" in err
     else:
         assert planned["profile_warning"] is None and "warning" not in err
+
+
+def _saturating_profile():
+    """Only the target pool takes time (100 ms a call, one at a time): at 19.4 req/s RSD at a target
+    fraction of 0.5 keeps its one replica at load 0.97, past the planner's headroom."""
+    from arbitrage_common.planning.model import ServiceCurve
+    from arbitrage_common.planning.planner import Profile
+
+    curves = {"draft": ServiceCurve(1, 0), "router": ServiceCurve(1, 0), "prm": ServiceCurve(1, 0),
+              "target": ServiceCurve(100, 0)}
+    return Profile(curves, dict.fromkeys(curves, 1), 0.0, 0.0, (1,), None, {})
+
+
+def test_plan_savings_keeps_each_plans_predicted_p95_and_warnings():
+    """Were dropped: a plan without headroom read as plain savings, with no p95."""
+    from arbitrage_common.evaluation.analyze import plan_savings
+
+    out = plan_savings(_saturating_profile(), {"rsd_target_fraction": 0.5, "oracle_target_fraction": 0.25},
+                       rate=19.4, slo_ms=1e6)
+    assert out["rsd"]["headroom_warning"].startswith("no headroom: pool target is at load 0.970")
+    assert out["bound"]["headroom_warning"] is None
+    for name in ("rsd", "bound"):
+        assert out[name]["predicted_p95_ms"] > 0 and out[name]["stalled_pools"] == {}
+        assert out[name]["sampling_warning"] is None  # an SLO far above the p95 holds at every seed
+
+
+def test_analyze_with_a_profile_warns_of_a_plan_without_headroom(tmp_path, capsys):
+    import json
+
+    from arbitrage_common.cli.main import main
+
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(_saturating_profile().as_dict()))
+    # RSD at threshold 0.5 sends the two rows under it to the target (0.5); one of them improves (0.25)
+    rows = [{"problem_id": i // 2, "problem": "P", "history": [], "draft_step": "d", "advantage": adv,
+             "prm_draft": prm, "label": 0} for i, (prm, adv) in enumerate([(0.1, 0.4), (0.2, 0.0), (0.8, 0.0),
+                                                                          (0.9, 0.0)])]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["analyze", "--data", str(data), "--profile", str(path), "--rate", "19.4",
+                 "--slo-ms", "1000000"]) == 0
+    out, err = capsys.readouterr()
+    planned = json.loads(out)["planned"]
+    assert planned["rsd"]["headroom_warning"].startswith("no headroom: pool target")
+    assert "warning: planned.rsd: no headroom: pool target is at load 0.970" in err
+    assert "planned.bound" not in err
+

@@ -59,6 +59,22 @@ def test_loadtest_cli_refuses_non_finite_numbers_naming_the_flag(monkeypatch, ca
     assert f"argument {flag}: must be a finite number > 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value,message", [(str(2**31), "must be <= 2147483647"), ("0", "must be >= 1")])
+def test_loadtest_max_steps_out_of_the_apis_int32_is_refused_naming_the_flag(monkeypatch, capsys, value, message):
+    """Was let through: every gRPC request failed to build and the run ended "locust sent no request"."""
+    from arbitrage_common.cli.main import main
+
+    def no_run(*a, **kw):
+        raise AssertionError(f"--max-steps {value} was let through to a run")
+
+    monkeypatch.setattr(runner, "run_local", no_run)
+    monkeypatch.setattr(runner, "run_locust", no_run)
+    with pytest.raises(SystemExit) as exc:
+        main(["loadtest", "--grpc", "h:9000", "--max-steps", value])
+    assert exc.value.code == 2
+    assert f"argument --max-steps: {message}" in capsys.readouterr().err
+
+
 def test_a_spawn_rate_below_one_is_given_to_locust_as_it_is():
     import subprocess
     import sys

@@ -268,3 +268,67 @@ def test_a_missing_config_is_named_with_its_flag(monkeypatch, capsys, tmp_path, 
     missing = tmp_path / "nonexistent.yaml"
     assert main([*command, "--config", str(missing), "--out", str(tmp_path / "out")]) == 1
     assert f"--config: {missing} does not exist" in capsys.readouterr().err and not started
+
+
+def _parse(argv: list[str]):
+    from arbitrage_common.cli.main import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+@pytest.mark.parametrize("command", ["profile", "check"])
+@pytest.mark.parametrize("argv,policy,seed", [
+    (["--policy", "rsd", "--seed", "7", "{}"], "rsd", 7),  # was arbitrage and 0: the subcommand's defaults won
+    (["{}", "--policy", "rsd", "--seed", "7"], "rsd", 7),
+    (["--policy", "rsd", "{}", "--seed", "7"], "rsd", 7),
+    (["--policy", "rsd", "--seed", "7", "{}", "--policy", "rsd", "--seed", "7"], "rsd", 7),  # the same twice
+    (["{}"], "arbitrage", 0),
+])
+def test_a_flag_given_to_plan_before_its_subcommand_applies_to_it(command, argv, policy, seed):
+    args = _parse(["plan", *[a.format(command) for a in argv]])
+    assert (args.plan_cmd, args.policy, args.seed) == (command, policy, seed)
+
+
+def test_plan_check_checks_the_policy_given_before_it(monkeypatch, tmp_path):
+    from loadtests import plan_check
+
+    called = []
+    monkeypatch.setattr(plan_check, "run_plan_check", lambda *a, **kw: called.append(a) or {})
+    monkeypatch.setattr(plan_check, "verdict", lambda table: "")
+    assert main(["plan", "--policy", "rsd", "--seed", "7", "check", "--out", str(tmp_path)]) == 0
+    ((_config, policy, _fractions, _duration, seed, _out),) = called
+    assert (policy, seed) == ("rsd", 7)  # was arbitrage and 0: the wrong policy checked
+
+
+@pytest.mark.parametrize("command", ["profile", "check"])
+@pytest.mark.parametrize("flag,before,after", [("--policy", "rsd", "target"), ("--seed", "7", "5"),
+                                               ("--seed", "0", "5")])  # 0, the default, given all the same
+def test_a_flag_given_to_plan_and_its_subcommand_with_two_values_is_refused(capsys, command, flag, before, after):
+    with pytest.raises(SystemExit) as exc:
+        _parse(["plan", flag, before, command, flag, after])
+    assert exc.value.code == 2
+    assert (f"{flag}: {before} given to `plan` and {after} to `plan {command}`; give it once"
+            in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command", ["profile", "check"])
+@pytest.mark.parametrize("given", [["--rate", "3"], ["--slo-ms", "300"], ["--json"], ["--preset", "cpu-demo"],
+                                   ["--profile", "p.json"], ["--target-fraction", "0.3"], ["--bench", "b.json"]])
+def test_a_plan_flag_its_subcommand_does_not_take_is_refused_naming_it(capsys, command, given):
+    """Was accepted and ignored: `plan --rate 3 check` ran the check as if --rate were not there."""
+    with pytest.raises(SystemExit) as exc:
+        _parse(["plan", "--policy", "rsd", *given, command])
+    assert exc.value.code == 2
+    assert f"{given[0]}: a `plan` flag; `plan {command}` does not take it" in capsys.readouterr().err
+
+
+def test_plan_without_profile_or_seed_plans_from_the_default_profile_at_seed_0(monkeypatch, tmp_path):
+    from arbitrage_common.cli import plan_cmd
+    from arbitrage_common.planning import planner
+
+    loaded, seeds = [], []
+    real_load, real_plan, profile = plan_cmd.load_profile, planner.plan, str(_small_profile(tmp_path))
+    monkeypatch.setattr(plan_cmd, "load_profile", lambda path: loaded.append(path) or real_load(profile))
+    monkeypatch.setattr(planner, "plan", lambda *a: seeds.append(a[-1]) or real_plan(*a))
+    assert main(["plan", "--rate", "2", "--slo-ms", "20000", "--target-fraction", "0.3"]) == 0
+    assert (loaded, seeds) == ([plan_cmd.DEFAULT_PROFILE], [0])

@@ -721,7 +721,7 @@ def test_the_reviews_packed_case_keeps_the_draft_that_sharing_a_gpu_slows_and_me
     meets the SLO on the other pools, with no more GPUs than the plan that gives every replica a
     GPU of its own (which can spend its second draft GPU well: 5 against 5 here)."""
     prof = _example_profile(replicas_per_device=PRESET_PACKING)
-    seen = _simulations(monkeypatch, most=20)
+    seen = _simulations(monkeypatch, most=24)  # 20 the searches, then the trim and the two seeds checked
     out = plan(prof, "arbitrage", 0.3, rate=5.0, slo_ms=12000)
     assert out["predicted_p95_ms"] <= 12000 and out["replicas"]["draft"] == 1
     draft = out["stalled_pools"]["draft"]
@@ -885,6 +885,7 @@ def test_the_plan_keeps_the_cheaper_of_the_two_rules_and_the_most_queued_refusal
             return per_rule[rule]
 
         monkeypatch.setattr(planner, "search_replicas", search)
+        monkeypatch.setattr(planner, "_trim", lambda sim, profile, found, slo_ms: found)  # the choice alone
         return calls
 
     args = (_profile(), "arbitrage", 0.25, 10.0, 500.0)
@@ -929,3 +930,75 @@ def test_the_second_search_runs_at_most_twice_the_first_searchs_simulations(monk
     (rule1, ran1, most1), (rule2, ran2, most2) = budgets
     assert (rule1, most1) == (planner.MOST_QUEUED, None) and rule2 == planner.GAIN_PER_GPU
     assert most2 == 3 * ran1 and ran1 < ran2 <= most2
+
+
+# --- shared cores, the best p95 of a refusal, trimming, seeds ----------------------------------
+
+def _shared_cores(cores: float) -> Profile:
+    """A review's CPU profile: pools on shared cores, where a second draft or target replica
+    slows every pass (p95 2440 ms with one replica each at 5 req/s of rsd; 3547 with two drafts)."""
+    curves = {"draft": ServiceCurve(40.0, 10.0, 0.3), "target": ServiceCurve(120.0, 30.0, 0.3),
+              "router": ServiceCurve(5.0, 1.0, 0.1), "prm": ServiceCurve(8.0, 2.0, 0.1)}
+    return _profile(curves=curves, max_batch={"draft": 8, "target": 8, "router": 16, "prm": 16}, hop_ms=4.0,
+                    request_overhead_ms=20.0, steps=(3, 4, 4, 5, 4, 3, 6), cores=cores)
+
+
+def test_on_shared_cores_a_step_that_raises_p95_is_not_taken_and_the_refusal_names_the_best_p95():
+    """Before: the search took the most-queued pool's step even where p95 rose (a replica on a GPU
+    of its own slows no call, but on shared cores it does), ended at {draft 2, prm 1, target 2}
+    with 4218 ms, and reported that as the best p95 reached."""
+    prof = _shared_cores(2.0)
+    one_each = predict(prof, "rsd", 0.4, 5.0, {"draft": 1, "prm": 1, "target": 1}).p(95)
+    with pytest.raises(Unreachable) as exc:
+        plan(prof, "rsd", 0.4, rate=5.0, slo_ms=2000.0)
+    assert exc.value.best_p95_ms == pytest.approx(one_each)
+    assert "share the profile's 2 cores" in str(exc.value)
+
+
+def test_a_refusal_after_steps_that_raised_p95_names_the_lowest_p95_and_its_replicas():
+    from arbitrage_common.planning.planner import _with_best
+
+    path = [({"draft": 1}, 900.0), ({"draft": 2}, 1200.0)]
+    better = _with_best(Unreachable("no", 1200.0), path)
+    assert better.best_p95_ms == 900.0 and "lowest p95 it reached was 900 ms, with {'draft': 1}" in str(better)
+    kept = Unreachable("no", 800.0)
+    assert _with_best(kept, path) is kept
+
+
+def test_the_plan_drops_replicas_it_can_spare(monkeypatch):
+    """A greedy search buys steps whose gains are within the sampling noise: given a plan with
+    replicas to spare, ``cheapest_search`` trims them while the SLO holds, and never a replica
+    the SLO needs."""
+    from arbitrage_common.planning import planner
+
+    prof, slo = _shared_cores(8.0), 1500.0
+    generous = {"draft": 6, "router": 3, "target": 5}
+    monkeypatch.setattr(planner, "search_replicas", lambda *a, rule, most_gpus=None, sim=None: planner.Search(
+        dict(generous), sim(generous), [], {}))
+    trimmed = planner.cheapest_search(prof, "arbitrage", 0.25, 20.0, slo)
+    assert sum(trimmed.replicas.values()) < sum(generous.values()) and trimmed.result.p(95) <= slo
+    for pool, n in trimmed.replicas.items():  # each replica left is needed at this seed
+        if n > 1:
+            fewer = predict(prof, "arbitrage", 0.25, 20.0, {**trimmed.replicas, pool: n - 1})
+            assert not (fewer.stable and fewer.p(95) <= slo)
+
+
+def test_a_packed_pool_is_trimmed_a_gpu_at_a_time(monkeypatch):
+    """One replica fewer on a shared GPU frees nothing: a packed pool drops its last GPU's replicas."""
+    from arbitrage_common.planning import planner
+
+    prof = replace(_one_pool_profile(), replicas_per_device={"draft": 2})
+    monkeypatch.setattr(planner, "search_replicas", lambda *a, rule, most_gpus=None, sim=None: planner.Search(
+        {"draft": 10}, sim({"draft": 10}), [], {}))
+    trimmed = planner.cheapest_search(prof, "draft", 0.0, 21.0, 1e6)
+    assert trimmed.replicas == {"draft": 6}  # 3 GPUs, full: 2 GPUs cannot carry 21 calls/s of 10 a GPU
+
+
+def test_a_plan_that_meets_the_slo_at_its_seed_only_is_flagged():
+    from arbitrage_common.planning.planner import sampling_warning
+
+    assert sampling_warning(1000.0, 0, [990.0, 1000.0]) is None
+    warning = sampling_warning(1000.0, 3, [990.0, 1012.4])
+    assert "1012 ms at seed 5" in warning and "990 ms at seed 4" in warning
+    out = plan(_profile(), "arbitrage", 0.25, rate=10.0, slo_ms=500.0)
+    assert len(out["p95_other_seeds_ms"]) == 2 and out["p95_other_seeds_ms"] != [out["predicted_p95_ms"]] * 2

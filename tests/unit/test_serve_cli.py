@@ -4,6 +4,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
+
 from arbitrage_common.cli.main import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -169,3 +171,13 @@ def test_metrics_interval_reaches_the_local_cluster_and_is_refused_with_address(
     assert seen == ["2000"]  # Ray's processes read it when the local cluster starts
     assert main(["serve", "--address", "ray://h:10001", "--metrics-interval-s", "2"]) == 1
     assert "--metrics-interval-s: a local cluster only" in capsys.readouterr().err and len(seen) == 1
+
+
+def test_serve_flags_given_before_bench_apply_to_it_or_are_refused(capsys):
+    """`serve --backend vllm bench` benched the transformers pools: argparse's subcommand defaults
+    overwrote the flags given to `serve`."""
+    args = build_parser().parse_args(["serve", "--config", "a.yaml", "--backend", "vllm", "bench"])
+    assert (args.serve_cmd, args.config, args.backend) == ("bench", "a.yaml", "vllm")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--render", "bench"])
+    assert "--render: a `serve` flag; `serve bench` does not take it" in capsys.readouterr().err
