@@ -91,6 +91,31 @@ class CallSlots:
             owner._pump(lane)
 
 
+class _SlotHold:
+    """One merged call's call slot, given back once: when the call ends, or earlier when it
+    waits without running (``yield_call_slot``)."""
+
+    def __init__(self, slots: CallSlots) -> None:
+        self.slots, self.held = slots, True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.slots.give_back()
+
+
+# The slot of the merged call whose task this is (each runs in a context of its own).
+_held_slot: contextvars.ContextVar[_SlotHold | None] = contextvars.ContextVar("held_slot", default=None)
+
+
+def yield_call_slot() -> None:
+    """A merged call about to wait without running a forward pass (a retry's backoff) gives its
+    call slot to a waiting lane; it then goes on without one. Elsewhere, nothing."""
+    hold = _held_slot.get()
+    if hold is not None:
+        hold.release()
+
+
 def _oldest_row(lane: _Lane) -> float:
     """When the lane's oldest live queued row arrived (inf: none left)."""
     return min((arrived for _, future, arrived in lane.queue if not future.done()), default=math.inf)
@@ -162,14 +187,19 @@ class Coalescer:
         if lane.flush is not None:
             lane.flush.cancel()
             lane.flush = None
-        lane.in_flight += 1
+        # Messages sent alone hold no row: they never keep the lane's rows waiting (a pool that is
+        # full or has no replica can hold such a call for seconds).
+        lane.in_flight += bool(rows)
         self.calls += 1
         self.rows += len(rows)
-        task = asyncio.get_running_loop().create_task(self._run(lane, rows, piggyback), context=contextvars.Context())
+        context = contextvars.Context()
+        hold = _SlotHold(self.slots) if slot else None
+        context.run(_held_slot.set, hold)
+        task = asyncio.get_running_loop().create_task(self._run(lane, rows, piggyback), context=context)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        if slot:  # after _run's own pump: the lane that just finished queues for a slot like any other
-            task.add_done_callback(lambda _: self.slots.give_back())
+        if hold is not None:  # after _run's own pump: the lane that just finished queues for a slot like any other
+            task.add_done_callback(lambda _: hold.release())
 
     async def _run(self, lane: _Lane, rows: list[tuple[Any, asyncio.Future]], piggyback: list[Any]) -> None:
         futures = [future for _, future in rows]
@@ -201,7 +231,7 @@ class Coalescer:
                 else:
                     future.set_result(result)
         finally:
-            lane.in_flight -= 1
+            lane.in_flight -= bool(rows)
             self._pump(lane)
             if lane.in_flight == 0:
                 self._schedule_flush(lane)

@@ -93,6 +93,12 @@ _LOG_LEVELS = {"internal": logging.ERROR, "unavailable": logging.WARNING, "resou
 _LOGGED_ID_CHARS = 64  # a request_id is logged before validation too: bounded, escaped (%r)
 
 
+def _called(stream: LoopStream) -> set[str]:
+    """The pools the request's loop called (a call was made, answered or not)."""
+    return {role for role in ("draft", "target", "router", "prm")
+            if getattr(getattr(stream.models, role), "called", False)}
+
+
 def _in_replica() -> bool:
     """Whether this runs in a Serve replica (on its event loop), not in a test or a script
     that merely has Ray initialized."""
@@ -229,8 +235,8 @@ class Coordinator:
             self.health.start()
         try:
             await self._admit(prepared, deadline)
-        except DeadlineExceeded as exc:
-            await self._blame_pool_down(exc, prepared.policy)
+        except DeadlineExceeded as exc:  # admission calls the generators only
+            await self._blame_pool_down(exc, ["draft", "target"])
         request = prepared.request
         if deadline is not None:  # the loop's clock starts at its first step: it gets what admission left
             request = dataclasses.replace(request, deadline_s=max(deadline - time.monotonic(), _MIN_DEADLINE_S))
@@ -358,18 +364,19 @@ class Coordinator:
                 self._steps.inc(tags={"source": step.source, "policy": policy})
                 yield step
         except DeadlineExceeded as exc:
-            await self._blame_pool_down(exc, policy)
+            await self._blame_pool_down(exc, [role for role in pools_needed(policy) if role in _called(stream)])
         finally:
             self._inflight -= 1
             self._request_ended(prepared, time.perf_counter() - started)
             await stream.aclose()
             self._release(prepared, stream)
 
-    async def _blame_pool_down(self, exc: DeadlineExceeded, policy: str) -> None:
-        """Re-raise a missed deadline, as ``PoolDown`` when a pool the policy needs has no
+    async def _blame_pool_down(self, exc: DeadlineExceeded, called: list[str]) -> None:
+        """Re-raise a missed deadline, as ``PoolDown`` when a pool the request ``called`` has no
         running replica: the request waited for it (Serve holds a call until a replica runs),
-        and the client should retry later rather than raise its deadline."""
-        down = await self.health.down(pools_needed(policy))
+        and the client should retry later rather than raise its deadline. A pool it never
+        called (the target of a draft-only request, scaled to zero) did not make it late."""
+        down = await self.health.down(called)
         if down:
             raise convert.PoolDown(down[0]) from exc
         raise exc
@@ -379,9 +386,7 @@ class Coordinator:
         evicts it anyway if this is lost). With merged calls it rides on the next call. A pool
         the request never called gets nothing: a draft-only request sends the target no
         traffic, which would count as load to its autoscaler."""
-        called = {role for role in ("draft", "target", "router", "prm")
-                  if getattr(getattr(stream.models, role), "called", False)}
-        for role in called & ({"router", "prm"} | self._cached_generators):
+        for role in _called(stream) & ({"router", "prm"} | self._cached_generators):
             if getattr(self.pools, role) is None or self.pools.release(role, prepared.session_id):
                 continue
             task = asyncio.get_running_loop().create_task(self._release_one(role, prepared.session_id))

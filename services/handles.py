@@ -25,6 +25,7 @@ bug, a bad checkpoint) and backend timeouts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -34,7 +35,7 @@ from typing import Any
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from arbitrage_common.coalesce import CallSlots, Coalescer
+from arbitrage_common.coalesce import CallSlots, Coalescer, yield_call_slot
 from arbitrage_common.interfaces import Generation, GenerationOptions, ScoreItem
 from arbitrage_common.lookahead import DraftAhead
 from arbitrage_common.loop import Models
@@ -43,6 +44,8 @@ from arbitrage_common.retry import RetryPolicy
 from .convert import PoolDown, replica_channel_lost
 
 NO_RETRY = RetryPolicy(retries=0)
+# Seconds a merged call that carries only releases may take: a pool with no replica holds it.
+RELEASES_ALONE_S = 10.0
 # Serve logs this at INFO for every handle call cancelled while its replica has not yet
 # answered. Here nearly all are by design: step pipelining cancels the early draft of each
 # step routed to the target. The rest belong to requests that ended, which the coordinator
@@ -155,6 +158,7 @@ class PoolCaller:
                     raise
                 if self._on_retry is not None:
                     self._on_retry(self.role, reason)
+                yield_call_slot()  # no forward pass runs while it backs off: another pool's may
                 await asyncio.sleep(delay)
                 attempt += 1
 
@@ -321,6 +325,11 @@ class PoolHandles:
             # rows: (args, deadline) each; the pool method takes one list per argument (empty
             # lists when only piggybacked releases travel)
             columns = [[args[k] for args, _ in rows] for k in range(arity)]
+            if not rows:  # releases alone: best effort (the LRU bounds the caches), once, bounded
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.caller(role, method, lane_key, retry=NO_RETRY)(*columns, piggyback),
+                                           RELEASES_ALONE_S)
+                return []
             deadline = _earliest([deadline for _, deadline in rows])
             return await self.caller(role, method, lane_key, deadline)(*columns, piggyback)
         return send
@@ -337,8 +346,9 @@ class PoolHandles:
     def configured(self) -> dict[str, Any]:
         return {role: h for role in ("draft", "target", "router", "prm") if (h := getattr(self, role)) is not None}
 
-    def caller(self, role: str, method: str, session_id: str = "", deadline: float | None = None) -> PoolCaller:
-        return PoolCaller(_bind(getattr(self, role), method, session_id), role, self.retry, deadline,
+    def caller(self, role: str, method: str, session_id: str = "", deadline: float | None = None,
+               retry: RetryPolicy | None = None) -> PoolCaller:
+        return PoolCaller(_bind(getattr(self, role), method, session_id), role, retry or self.retry, deadline,
                           self.on_retry, self._rng, self.fail_fast)
 
     def models(self, session_id: str = "", deadline: float | None = None) -> Models:

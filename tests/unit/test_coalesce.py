@@ -7,7 +7,7 @@ import contextvars
 
 import pytest
 
-from arbitrage_common.coalesce import CallSlots, Coalescer, lane_index
+from arbitrage_common.coalesce import CallSlots, Coalescer, lane_index, yield_call_slot
 
 
 class FakePool:
@@ -207,6 +207,25 @@ def test_piggybacked_messages_ride_the_next_call_of_their_lane_or_leave_alone_wh
     assert calls == [("lane-0", [1], ["done-1"]), ("lane-0", [], ["done-2"])]
 
 
+def test_messages_sent_alone_never_keep_a_row_waiting():
+    """A release-only call held by its pool (full, or with no replica) held the lane's one call
+    out, so the next request's row was not even sent."""
+    async def main():
+        pool = FakePool()
+        merged = Coalescer(pool.send, flush_s=0.0)
+        pool.gate.clear()  # the pool answers nothing yet
+        merged.attach("done-1", "done-1")
+        await asyncio.sleep(0.01)  # the release leaves alone, and waits
+        row = asyncio.ensure_future(merged.call("next", 1))
+        await settle()
+        sent = list(pool.calls)
+        pool.gate.set()
+        return sent, await row
+
+    sent, result = run(main())
+    assert sent == [("lane-0", [], ["done-1"]), ("lane-0", [1], [])] and result == 10
+
+
 @pytest.mark.parametrize("bad", [{"lanes": 0}, {"max_in_flight": 0}, {"max_rows": 0}])
 def test_bounds_are_checked(bad):
     with pytest.raises(ValueError):
@@ -285,6 +304,36 @@ def test_a_slot_comes_back_after_a_failed_call_and_after_its_rows_were_cancelled
         return after_failure, after_cancel, await o.call("d", 4), len(other.calls)
 
     assert run(main()) == (0, 0, 40, 1)
+
+
+def test_a_call_that_backs_off_gives_its_slot_to_another_pool_once():
+    """A merged call waiting out a retry's backoff ran no forward pass but held its slot, so an
+    idle pool's call waited for it (seconds, with a full pool's retries)."""
+    async def main():
+        slots, backing_off, sent = CallSlots(1), asyncio.Event(), []
+
+        async def retrying(key, rows, piggyback):
+            yield_call_slot()  # what PoolCaller does before its backoff sleep
+            yield_call_slot()  # twice: the slot is given back once only
+            await backing_off.wait()
+            return [r for r in rows]
+
+        async def healthy(key, rows, piggyback):
+            sent.append(rows)
+            return [r for r in rows]
+
+        full, idle = Coalescer(retrying, slots=slots), Coalescer(healthy, slots=slots)
+        stuck = asyncio.ensure_future(full.call("a", 1))
+        await settle()
+        answer = await asyncio.wait_for(idle.call("b", 2), 5)  # a guard against a hang, not a timing
+        out_while_backing_off = slots.out
+        backing_off.set()
+        await stuck
+        await settle()
+        return answer, sent, out_while_backing_off, slots.out
+
+    answer, sent, during, after = run(main())
+    assert (answer, sent, during, after) == (2, [[2]], 0, 0)
 
 
 def test_call_slots_need_a_positive_limit():

@@ -172,6 +172,43 @@ def test_a_full_pool_fails_every_row_as_overload_before_its_deadline_merged_or_n
     assert asyncio.run(three()) == ["resource_exhausted"] * 3
 
 
+def test_releases_sent_alone_to_a_full_pool_go_once_and_never_cost_a_request_its_status():
+    """A release-only merged call had no deadline: it ran all its retries against the full pool
+    while holding the lane, and the next request's row, never sent, missed its deadline
+    (DEADLINE_EXCEEDED) where alone it gets RESOURCE_EXHAUSTED (503, retry)."""
+    from arbitrage_common.loop import LoopRequest, stream_loop
+    from arbitrage_common.policies import make_policy
+    from services import convert
+    from services.handles import PoolHandles
+
+    class Counted(_AlwaysFull):
+        calls = 0
+
+        def remote(self, *args):
+            Counted.calls += 1
+            return super().remote(*args)
+
+    async def run() -> str:
+        pools = PoolHandles(Counted(), _AlwaysFull(), retry=RetryPolicy(retries=8, base_s=0.05, cap_s=1.0),
+                            lanes={"draft": 1})
+        pools.merged["draft"].flush_s = 0.0
+        pools.release("draft", "finished-session")
+        await asyncio.sleep(0.01)  # the release leaves alone
+        released = Counted.calls
+        request = LoopRequest(prompt="Start with 12.", policy=make_policy("draft", None, None), deadline_s=0.8)
+        try:
+            async for _ in stream_loop(request, pools.models("next", time.monotonic() + 0.8)):
+                pass
+        except Exception as exc:  # noqa: BLE001 (the status is what is checked)
+            return released, convert.classify(exc).code
+        finally:
+            await pools.merged["draft"].aclose()
+        return released, "ok"
+
+    released, status = asyncio.run(run())
+    assert (released, status) == (1, "resource_exhausted")
+
+
 class _DiesOnSecondCall:
     """A generator pool handle whose second ``generate_rows`` call finds its replica dead;
     every call takes ``hold_s`` (so rows queue behind the first and merge)."""
