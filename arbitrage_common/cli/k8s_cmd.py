@@ -38,11 +38,16 @@ def _refused(problems: list[str]) -> bool:
     return bool(problems)
 
 
+_ORPHAN = ("was rendered for a target that is no longer one (a removed or renamed preset?); not deleted: "
+           "delete it if it is not yours")
+
+
 def _render(args) -> int:
     from ..config import load_config
     from ..kuberay.targets import (
         default_out,
         drift,
+        orphans,
         remove_stale,
         render_targets,
         stale,
@@ -56,12 +61,12 @@ def _render(args) -> int:
         if args.preset:
             raise ValueError("--config and --preset: name one kind of target")
         paths = {args.name or Path(args.config).stem: Path(args.config)}
-        known = None  # a file of the user's: its own directories only, never another rendering's
+        known = None  # a file of the user's: its own directories only
     else:
         if args.name is not None:
             raise ValueError("--name: only with --config (a target's directories are named after it)")
         paths = {name: target_path(name) for name in (args.preset or target_names())}
-        known = target_names()  # also a removed or renamed target's leftovers
+        known = target_names()  # a removed or renamed target's leftovers are named
     configs = {name: load_config(path) for name, path in paths.items()}  # ConfigError: file, field, message
     # Then everything else `arbitrage config check` refuses (Ray Serve's own option checks, the
     # GPU rules, the cluster fit): a manifest of a config that check fails would never come up.
@@ -70,21 +75,26 @@ def _render(args) -> int:
     # any rendering error surfaces here, before a file is written
     files = render_targets(configs, paths, user_configs=known is None)
     out = Path(args.out) if args.out else default_out()
+    left_behind = orphans(out, known) if known is not None else []
     if args.check:
-        differ, left_over = drift(files, out), stale(files, out, list(paths), known)
+        differ, left_over = drift(files, out), stale(files, out, list(paths))
         for rel in differ:
             print(f"k8s render --check: {out / rel} differs from the rendering", file=sys.stderr)
         for rel in left_over:
             print(f"k8s render --check: {out / rel} is no longer rendered (stale)", file=sys.stderr)
-        if differ or left_over:
+        for rel in left_behind:
+            print(f"k8s render --check: {out / rel} {_ORPHAN}", file=sys.stderr)
+        if differ or left_over or left_behind:
             print("k8s render --check: run `make k8s` and commit the result", file=sys.stderr)
             return 1
         print(f"k8s render --check: {len(files)} file(s) match the configs")
         return 0
     for path in write_files(files, out):
         print(path)
-    for path in remove_stale(files, out, list(paths), known):
+    for path in remove_stale(files, out, list(paths)):
         print(f"removed {path} (no longer rendered)")
+    for rel in left_behind:
+        print(f"k8s render: {out / rel} {_ORPHAN}", file=sys.stderr)
     _print_sizes(configs)
     # KubeRay leaves the groups' bounds out of its RayCluster hash: applying a change of them
     # alone never reaches a running cluster.

@@ -260,7 +260,7 @@ def _plan(args) -> int:
             if r[key]:
                 print(f"{'':<10} warning: {r[key]}")
         if r["stalled_pools"]:
-            print(f"{'':<10} more replicas did not lower p95: {stalled_note(r['stalled_pools'], prof.replicas_per_device, prof.cores)}")
+            print(f"{'':<10} more replicas did not lower p95: {stalled_note(r['stalled_pools'], prof.replicas_per_device)}")
         if "gpus_per_pool" in r:
             print(f"{'':<10} GPUs requested {r['gpus_per_pool']} = {r['gpus_requested']}; the Pods provision "
                   f"{r['gpus_provisioned']} GPUs; worker groups {r['worker_groups']} (coordinator at its "

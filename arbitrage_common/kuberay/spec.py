@@ -214,9 +214,9 @@ class Toleration(_Strict):
 
     key: str | None = Field(None, exclude_if=_unset, description="Taint key (a label key); empty only with "
                                                                  "operator Exists (then every taint).")
-    operator: Literal["Equal", "Exists"] | None = Field(
+    operator: Literal["Equal", "Exists", ""] | None = Field(
         None, exclude_if=_unset, validate_default=True,
-        description="Equal (None: Kubernetes' default) or Exists (any value of the key; value empty).")
+        description="Equal (None or '': Kubernetes' default) or Exists (any value of the key; value empty).")
     value: str | None = Field(None, exclude_if=_unset, description="Taint value to equal (a label value); empty "
                                                                    "with operator Exists.")
     effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(

@@ -97,31 +97,31 @@ def _rendered_by_us(path: Path, target_only: bool = False) -> bool:
     return first.startswith(RENDERED_MARK) and (not target_only or second == TARGET_HINT)
 
 
-def _orphans(out: Path, known: list[str]) -> set[Path]:
-    """Files an earlier render wrote under base/ and overlays/ outside every directory of the
-    targets ``known``: a removed or renamed target's."""
+def orphans(out: Path, known: list[str]) -> list[str]:
+    """Files a render of the project's targets wrote under base/ and overlays/ (their header says
+    so) outside every directory of the targets ``known``: a removed or renamed preset's. Only
+    reported, never deleted: a user's --config rendering of an earlier version carried the same
+    header."""
     owned = _target_dirs(out, known)
-    return {p for top in (out / "base", out / "overlays") if top.is_dir() for p in top.rglob("*")
-            if p.is_file() and not any(p.is_relative_to(root) for root in owned) and _rendered_by_us(p, True)}
+    return sorted(str(p.relative_to(out)) for top in (out / "base", out / "overlays") if top.is_dir()
+                  for p in top.rglob("*")
+                  if p.is_file() and not any(p.is_relative_to(root) for root in owned) and _rendered_by_us(p, True))
 
 
-def stale(files: dict[str, str], out: Path, names: list[str], known: list[str] | None = None) -> list[str]:
+def stale(files: dict[str, str], out: Path, names: list[str]) -> list[str]:
     """Files in the directories of the targets ``names`` that an earlier render wrote (they
     start with ``RENDERED_MARK``) and this one no longer produces, e.g. a ``scheduling.yaml``
-    whose options were removed; with ``known`` (every target: a render of the project's own),
-    also such files under base/ and overlays/ that belong to none of them (a removed or renamed
-    preset's). Nothing else: a file written by hand, or another known target's, stays."""
-    found = {p for root in _target_dirs(out, names) if root.is_dir()
+    whose options were removed. Nothing else: a file written by hand, or another target's
+    (a config of the user's rendered with --config, a GitOps repo's own overlays), stays."""
+    found = {str(p.relative_to(out)) for root in _target_dirs(out, names) if root.is_dir()
              for p in root.rglob("*") if p.is_file() and _rendered_by_us(p)}
-    if known is not None:
-        found |= _orphans(out, known)
-    return sorted({str(p.relative_to(out)) for p in found} - set(files))
+    return sorted(found - set(files))
 
 
-def remove_stale(files: dict[str, str], out: Path, names: list[str], known: list[str] | None = None) -> list[Path]:
+def remove_stale(files: dict[str, str], out: Path, names: list[str]) -> list[Path]:
     """Delete ``stale`` files, then the directories they leave empty; the deleted paths."""
     removed = []
-    for rel in stale(files, out, names, known):
+    for rel in stale(files, out, names):
         path = out / rel
         path.unlink()
         removed.append(path)

@@ -437,9 +437,9 @@ def _carry_the_rate(profile: Profile, w: Workload, rate: float) -> dict[str, int
         replicas[busiest] = grown
 
 
-def _notes(floor: float | None, stalled: dict[str, dict], per_device: dict[str, int], cores: float | None) -> str:
+def _notes(floor: float | None, stalled: dict[str, dict], per_device: dict[str, int]) -> str:
     notes = "" if floor is None else f"; the no-load p95 is {floor:.0f} ms"
-    return notes + (f"; {stalled_note(stalled, per_device, cores)}" if stalled else "")
+    return notes + (f"; {stalled_note(stalled, per_device)}" if stalled else "")
 
 
 def _growable(result: SimResult, slo_ms: float, rate: float, replicas: dict[str, int], stalled: dict[str, dict],
@@ -506,9 +506,9 @@ def search_replicas(profile: Profile, policy: str, target_fraction: float, rate:
     request queues the most. That pool's step is simulated first if it is packed: it puts
     replicas on a shared GPU, which slows the calls there, so where neither it nor the step
     after lowers p95 the pool is left as it is (``stalled``) while the search goes on with the
-    others; so is every pool's on a CPU profile, whose replicas share its cores. On a GPU
-    profile an unpacked pool's step is taken even so (a replica on a GPU of its own slows no
-    call: its p95 moved by sampling noise only). ``floor``: the no-load p95, for the messages;
+    others. An unpacked pool's step is taken even so (a replica on a GPU of its own slows no
+    call: its p95 moved by sampling noise only; on a CPU profile's shared cores it may slow
+    them all, and a refusal then names the lowest p95 the search held, ``_with_best``). ``floor``: the no-load p95, for the messages;
     ``most_gpus``: _PastTheBudget once the plan holds more and misses the SLO; ``sim``: the
     simulations, shared between searches."""
     w = workload(profile, policy, target_fraction)
@@ -523,13 +523,10 @@ def search_replicas(profile: Profile, policy: str, target_fraction: float, rate:
         while not (result.stable and result.p(95) <= slo_ms):
             if most_gpus is not None and plan_gpus(profile, replicas) > most_gpus:
                 raise _PastTheBudget
-            notes, p95 = _notes(floor, stalled, per_device, profile.cores), result.p(95)
+            notes, p95 = _notes(floor, stalled, per_device), result.p(95)
             growable = _growable(result, slo_ms, rate, replicas, stalled, notes)
             pool = _most_queued(growable, result, w)
-            # A packed pool's replicas share a GPU, and on a CPU profile every replica shares the
-            # cores: there a step can slow every call, so it is weighed before it is taken.
-            shared = per_device[pool] > 1 or profile.cores is not None
-            queued = _next_step(sim, profile, replicas, pool, p95) if shared else None
+            queued = _next_step(sim, profile, replicas, pool, p95) if per_device[pool] > 1 else None
             if queued is not None and queued.gain_ms(p95) <= 0:  # or its next GPU's worth passes the cap
                 _stall(stalled, queued, replicas, p95)
                 continue
@@ -595,8 +592,9 @@ def _trim(sim: _Simulations, profile: Profile, found: Search, slo_ms: float) -> 
                 replicas, result = fewer, trimmed
                 path.append((dict(replicas), result.p(95)))
                 break
-        else:
-            return Search(replicas, result, path, found.stalled)
+        else:  # a stalled pool the trim shrank is no longer as it stalled
+            return Search(replicas, result, path, {p: s for p, s in found.stalled.items()
+                                                   if replicas[p] == s["replicas"]})
 
 
 def _cost(profile: Profile, found: Search) -> tuple[int, float, float]:
@@ -606,9 +604,8 @@ def _cost(profile: Profile, found: Search) -> tuple[int, float, float]:
     return plan_gpus(profile, found.replicas), shares, found.result.p(95)
 
 
-def stalled_note(stalled: dict[str, dict], per_device: dict[str, int], cores: float | None = None) -> str:
-    """One clause per stalled pool (``Search.stalled``): the counts tried, and why they could not
-    help (``cores``: a CPU profile's, which every replica shares)."""
+def stalled_note(stalled: dict[str, dict], per_device: dict[str, int]) -> str:
+    """One clause per stalled pool (``Search.stalled``): the counts tried, and why they could not help."""
     notes = []
     for pool, s in stalled.items():
         kept = f"pool {pool} kept at {s['replicas']} replica{'s' * (s['replicas'] != 1)} (p95 {s['p95_ms']:.0f} ms " \
@@ -617,10 +614,6 @@ def stalled_note(stalled: dict[str, dict], per_device: dict[str, int], cores: fl
             notes.append(f"{kept}): its next GPU's worth of replicas passes the cap of {MAX_REPLICAS} a pool")
             continue
         tried = ", ".join(f"{t['replicas']}: {t['p95_ms']:.0f} ms" for t in s["tried"])
-        if cores is not None and per_device.get(pool, 1) == 1:
-            notes.append(f"{kept}; tried {tried}): the pools share the profile's {cores:g} cores, so another "
-                         f"replica adds no compute, and its passes slow the others'")
-            continue
         notes.append(f"{kept}; tried {tried}): its replicas share a GPU {per_device.get(pool, 1)} at a "
                      f"time, and a busy GPU serves no more for being shared; with replicas_per_device.{pool} 1 "
                      f"(num_gpus 1) each replica gets a GPU of its own")

@@ -241,17 +241,16 @@ def test_check_reports_and_render_removes_files_no_longer_rendered(tmp_path):
     assert _cli("--preset", "cpu-demo", "--out", str(tmp_path), "--check").returncode == 0
 
 
-def test_a_removed_targets_files_are_stale_and_a_config_render_leaves_them(tmp_path):
+def test_a_removed_targets_files_are_named_never_deleted_and_a_config_render_is_not_one(tmp_path):
     """A preset removed or renamed leaves its base/ and overlays/ directories behind: a render of
-    the project's targets, whole or partial, reports and deletes the files in them that carry
-    a project target's render header (docs/KUBERAY.md: `make k8s` deletes rendered files no
-    longer produced), and keeps the rest: files written by hand, and a user's --config rendering,
-    whose header says so; a --config render touches its own directories only."""
+    the project's targets, whole or partial, names the files in them that carry a project
+    target's render header, and `--check` fails on them; none is deleted (a user's --config
+    rendering of an earlier version carried the same header). A --config rendering's header
+    marks it the user's: never named."""
     from arbitrage_common.kuberay.render import RENDERED_MARK, TARGET_HINT
 
     assert _cli("--preset", "cpu-demo", "--out", str(tmp_path)).returncode == 0
-    old = [tmp_path / rel for rel in ("base/old-preset/rayservice.yaml", "base/old-preset/kustomization.yaml",
-                                      "overlays/old-preset/kustomization.yaml",
+    old = [tmp_path / rel for rel in ("base/old-preset/rayservice.yaml", "overlays/old-preset/kustomization.yaml",
                                       "overlays/old-preset/monitoring/autoscaling-alerts.yaml",
                                       "overlays/old-preset-ha/kustomization.yaml")]
     for path in old:
@@ -260,20 +259,18 @@ def test_a_removed_targets_files_are_stale_and_a_config_render_leaves_them(tmp_p
     by_hand = tmp_path / "overlays" / "old-preset" / "my-patch.yaml"
     by_hand.write_text("kind: X\n")
     config = _cli("--config", str(ROOT / "configs" / "cpu-demo.yaml"), "--name", "mine", "--out", str(tmp_path))
-    assert config.returncode == 0 and "no longer rendered" not in config.stdout
-    assert all(path.exists() for path in old)
-    mine = tmp_path / "overlays" / "mine" / "kustomization.yaml"  # a --config rendering: the user's, kept
+    assert config.returncode == 0 and "no longer" not in config.stdout + config.stderr
+    mine = tmp_path / "overlays" / "mine" / "kustomization.yaml"
     assert mine.exists()
     for args in [("--preset", "cpu-demo"), ()]:
         proc = _cli(*args, "--out", str(tmp_path), "--check")
         assert proc.returncode == 1
-        assert all(f"{path} is no longer rendered" in proc.stderr for path in old), proc.stderr
+        assert all(f"{path} was rendered for a target that is no longer one" in proc.stderr for path in old), \
+            proc.stderr
         assert str(by_hand) not in proc.stderr and "/mine/" not in proc.stderr
     proc = _cli("--preset", "cpu-demo", "--out", str(tmp_path))
-    assert proc.returncode == 0 and all(f"removed {path}" in proc.stdout for path in old)
-    assert not any(path.exists() for path in old) and by_hand.exists() and mine.exists()
-    assert not (tmp_path / "base" / "old-preset").exists() and not (tmp_path / "overlays" / "old-preset-ha").exists()
-    assert _cli("--preset", "cpu-demo", "--out", str(tmp_path), "--check").returncode == 0
+    assert proc.returncode == 0 and all(f"{path} was rendered for a target" in proc.stderr for path in old)
+    assert all(path.exists() for path in [*old, by_hand, mine])
 
 
 def test_removing_stale_files_drops_the_directories_they_leave_empty(tmp_path):

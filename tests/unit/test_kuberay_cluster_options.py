@@ -222,7 +222,7 @@ def test_object_names_are_kubernetes_names(value):
 # tolerationSeconds): KubeRay would create Pods the API server refuses.
 @pytest.mark.parametrize("toleration,field,text", [
     ({"key": "x", "operator": "Exists", "value": "y"}, "value", "must be empty"),
-    ({"key": "x", "operator": "In"}, "operator", "'Equal' or 'Exists'"),
+    ({"key": "x", "operator": "In"}, "operator", "'Equal', 'Exists' or ''"),
     ({"key": "x", "operator": "Exists", "effect": "NoSchedul"}, "effect", "'NoExecute'"),
     ({"key": "x", "operator": "Exists", "bogus": 1}, "bogus", "Extra inputs"),
     ({"key": "x", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 60}, "tolerationSeconds",
@@ -250,6 +250,7 @@ def test_a_toleration_kubernetes_refuses_is_refused_naming_the_field(group, tole
     {"operator": "Exists"},  # every taint
     {"key": "x", "operator": "Exists", "value": "", "effect": "NoSchedule"},
     {"key": "x", "value": "a", "effect": ""},
+    {"key": "x", "operator": "", "value": "a"},  # '' is Equal, as Kubernetes reads it
     {"key": "example.com/spot", "operator": "Equal", "value": "true", "effect": "NoExecute", "tolerationSeconds": 30},
 ])
 def test_a_toleration_kubernetes_takes_renders_as_written(toleration):
