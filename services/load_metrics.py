@@ -1,7 +1,8 @@
 """The load controller's state (``arbitrage_common.threshold_control``) as Ray Serve gauges
 of one coordinator replica. The coordinator exports them at every admission, at every health
 probe and on a clock (``services.gauge_clock``), so they (and the offset itself, which the
-probe's refresh lets decay) move after traffic stops and stay exported while it idles. Unknown values (no update yet, latency forgotten while idle) read 0."""
+probe's refresh lets decay) move after traffic stops and stay exported while it idles.
+Unknown values (no update yet, latency forgotten while idle) read 0."""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -508,9 +508,9 @@ def search_replicas(profile: Profile, policy: str, target_fraction: float, rate:
     after lowers p95 the pool is left as it is (``stalled``) while the search goes on with the
     others. An unpacked pool's step is taken even so (a replica on a GPU of its own slows no
     call: its p95 moved by sampling noise only; on a CPU profile's shared cores it may slow
-    them all, and a refusal then names the lowest p95 the search held, ``_with_best``). ``floor``: the no-load p95, for the messages;
-    ``most_gpus``: _PastTheBudget once the plan holds more and misses the SLO; ``sim``: the
-    simulations, shared between searches."""
+    them all, and a refusal then names the lowest p95 the search held, ``_with_best``).
+    ``floor``: the no-load p95, for the messages; ``most_gpus``: _PastTheBudget once the plan
+    holds more and misses the SLO; ``sim``: the simulations, shared between searches."""
     w = workload(profile, policy, target_fraction)
     replicas = _carry_the_rate(profile, w, rate)
     per_device = {p: profile.replicas_per_device.get(p, 1) for p in replicas}
