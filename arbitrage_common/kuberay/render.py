@@ -43,7 +43,7 @@ INSTANCE_LABEL = "app.kubernetes.io/instance"
 # The first words of every rendered file: render removes a stale file only if it starts so.
 RENDERED_MARK = "# Rendered by `arbitrage k8s render`"
 # The header's second line: a project target's (configs/, presets: `make k8s` renders it again)
-# or a user's --config rendering, which no render of the project's targets deletes.
+# or a user's --config rendering, which a render of the project's targets never names as left over.
 TARGET_HINT = "# (edit the config, then `make k8s`).\n"
 CONFIG_HINT = "# (edit the config file, then `arbitrage k8s render --config` it again).\n"
 AUTOSCALER_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
