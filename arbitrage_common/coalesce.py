@@ -148,6 +148,11 @@ class Coalescer:
         self._lanes += [_Lane(f"{self._key_prefix}-{i}") for i in range(len(self._lanes), lanes)]
         self.lanes = lanes
 
+    def rows_waiting(self) -> int:
+        """Live rows queued in every lane, not sent yet: their lane's call is out, or no call
+        slot is free."""
+        return sum(not future.done() for lane in self._lanes for _, future, _ in lane.queue)
+
     def lane(self, session: str) -> _Lane:
         return self._lanes[lane_index(session, self.lanes)]
 

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import gevent
 from gevent.pool import Pool
 from locust import HttpUser, constant, events, task
+from locust import stats as locust_stats
 
 from loadtests import records
 from loadtests.grpc_user import call_grpc, make_client
@@ -30,6 +31,13 @@ SETTINGS = LoadSettings.from_env()
 records.EXPECTED.update(SETTINGS.mix.answers())
 PROMPTS = list(records.EXPECTED)
 _NEXT = itertools.count()
+# Locust writes its CSVs every ``CSV_STATS_INTERVAL_SEC`` and not again at quit (it only closes
+# them), so the open loop waits one interval and a margin for the write after its last request.
+CSV_WRITE_MARGIN_S = 0.5
+
+
+def csv_write_wait_s() -> float:
+    return locust_stats.CSV_STATS_INTERVAL_SEC + CSV_WRITE_MARGIN_S
 
 
 def next_prompt() -> str:
@@ -91,6 +99,7 @@ class OpenLoopUser(_Caller, HttpUser):
                 continue
             pool.spawn(self.one_request, started + at)
         pool.join(timeout=SETTINGS.client_timeout_s)
+        gevent.sleep(csv_write_wait_s())  # else locust_stats.csv misses the last interval's requests
         self.environment.runner.quit()
 
 

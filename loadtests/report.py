@@ -13,6 +13,11 @@ from pathlib import Path
 from .records import Record
 
 PERCENTILES = (50, 95, 99)
+# What each end-to-end distribution counts, in the summary beside its figures: ``e2e_ms`` leaves
+# failures out, which a deadline-bound run's p95 hides behind; ``e2e_ms_all`` keeps them.
+E2E_OF = "succeeded requests only (failures left out: see e2e_ms_all)"
+E2E_ALL_OF = ("every request sent, a failed one at the time it took (DROPPED, never sent, left out; a fast refusal "
+              "counts low)")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -57,7 +62,8 @@ def summarize(recs: list[Record], duration_s: float, slo_ms: float | None, timel
         "succeeded": len(ok),
         "failures_by_status": {k: v for k, v in sorted(statuses.items()) if k != "OK"},
         "requests_per_s": round(len(ok) / duration_s, 3) if duration_s > 0 else None,
-        "e2e_ms": _dist([r.e2e_ms for r in ok]),
+        "e2e_ms": {**_dist([r.e2e_ms for r in ok]), "of": E2E_OF},
+        "e2e_ms_all": {**_dist([r.e2e_ms for r in recs if r.status != "DROPPED"]), "of": E2E_ALL_OF},
         "ttfs_ms": _dist([r.ttfs_ms for r in ok if r.ttfs_ms is not None]),
         "time_per_step_ms": _dist(per_step),
         "time_per_step_source": "gaps between streamed steps" if any(r.step_ms for r in ok)
@@ -88,13 +94,21 @@ def proposal_tokens_kept(timeline: list[dict]) -> dict[str, float]:
     return {pool: round(accepted / proposed, 4) for pool, (proposed, accepted) in sorted(totals.items())}
 
 
-def pool_metrics_note(timeline: list[dict] | None, urls: list[str], repeats: int = 0) -> str | None:
+def pool_metrics_note(timeline: list[dict] | None, urls: list[str], repeats: int = 0,
+                      unreachable: dict[str, str] | None = None) -> str | None:
     """What a reader of ``pools_over_time`` must know, or None: that no metrics were sampled
-    (and how to sample them), that no sample held a pool, or that samples repeating the
-    previous export were left out (Ray exports every 10 s unless told otherwise)."""
+    (and how to sample them), that a URL was never reached (``unreachable``: URL -> why), that
+    no sample held a pool, or that samples repeating the previous export were left out (Ray
+    exports every 10 s unless told otherwise)."""
     if timeline is None:
         return ("pool metrics (pools_over_time, proposal_tokens_kept) were not sampled: pass --metrics URL, the "
                 "Prometheus endpoint `arbitrage serve` prints")
+    if unreachable:
+        named = "; ".join(f"{url} ({why})" for url, why in unreachable.items())
+        what = ("no pool metrics were sampled" if set(unreachable) >= set(urls)
+                else "the pools it exports are missing from pools_over_time")
+        return (f"--metrics: could not be reached during the run: {named}; {what} (is it the Prometheus endpoint "
+                f"`arbitrage serve` prints?)")
     if not any(row["pools"] for row in timeline):
         return (f"--metrics {' '.join(urls)}: no sample held a pool's metrics (is it the service's Ray metrics "
                 f"export, and --app its application?)")
@@ -151,10 +165,13 @@ def _table(summary: dict) -> str:
     for key in ("requests", "succeeded", "requests_per_s", "steps_per_request", "target_step_fraction", "accuracy",
                 "proposal_tokens_kept", "slo_ms", "goodput", "goodput_requests_per_s", "pool_metrics_note"):
         rows.append(f"<tr><th>{key}</th><td>{html.escape(str(summary.get(key)))}</td></tr>")
-    for key in ("e2e_ms", "ttfs_ms", "time_per_step_ms"):
-        d = summary[key]
+    for key in ("e2e_ms", "e2e_ms_all", "ttfs_ms", "time_per_step_ms"):
+        d = summary.get(key)
+        if d is None:
+            continue
+        of = f" · {html.escape(d['of'])}" if d.get("of") else ""
         rows.append(f"<tr><th>{key}</th><td>p50 {d['p50']} · p95 {d['p95']} · p99 {d['p99']} · mean {d['mean']} "
-                    f"(n={d['n']})</td></tr>")
+                    f"(n={d['n']}){of}</td></tr>")
     rows.append(f"<tr><th>failures by status</th><td>{html.escape(json.dumps(summary['failures_by_status']))}"
                 f"</td></tr>")
     return "<table>" + "".join(rows) + "</table>"

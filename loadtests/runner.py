@@ -26,6 +26,12 @@ from .settings import ENV, LoadSettings
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 READY_TIMEOUT_S = 300
 FAST_METRICS_INTERVAL_S = 2  # seconds between the local service's metric exports (pools over time)
+# Open loop: run time beyond the drain for the locustfile's wait for locust's last CSV write
+# (``csv_write_wait_s``, 1.5 s), so the run-time limit does not stop the run before it.
+CSV_WAIT_MARGIN_S = 5
+# What a run writes in its --out (locust's CSVs, the records, the report), removed before it starts.
+RUN_OUTPUTS = ("requests.jsonl", "summary.json", "report.html", "locust_stats.csv", "locust_stats_history.csv",
+               "locust_failures.csv", "locust_exceptions.csv")
 
 
 class ServiceDown(RuntimeError):
@@ -139,9 +145,14 @@ def run_locust(settings: LoadSettings, out: Path, metrics_urls: list[str], progr
     rec_file = out / "requests.jsonl"
     settings = replace(settings, records=str(rec_file))
     rate_mode = settings.rate is not None
+    # A reused --out: a locust that died before writing must not leave the last run's files to be
+    # read (requests.jsonl) or shown (summary, report, CSVs) as this run's.
+    for name in RUN_OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    run_time = settings.duration_s + (settings.client_timeout_s + CSV_WAIT_MARGIN_S if rate_mode else 0)
     cmd = [shutil.which("locust") or str(Path(sys.executable).with_name("locust")), "-f", str(LOCUSTFILE),
            "--headless", "--csv", str(out / "locust"), "--csv-full-history", "--host", settings.host_http,
-           "-t", f"{math.ceil(settings.duration_s + (settings.client_timeout_s if rate_mode else 0))}s",
+           "-t", f"{math.ceil(run_time)}s",
            "--stop-timeout", str(math.ceil(settings.client_timeout_s)), "--loglevel", "WARNING"]
     cmd += ["-u", "1", "-r", "1"] if rate_mode else ["-u", str(settings.users), "-r", str(settings.spawn_rate)]
     if not progress:
@@ -168,7 +179,8 @@ def run_locust(settings: LoadSettings, out: Path, metrics_urls: list[str], progr
     # end (the locust process's wall time also holds its start-up and the stop drain).
     active = min(duration, settings.duration_s) if rate_mode else (records_window_s(recs) or duration)
     summary = summarize(recs, active, settings.slo_ms, timeline, _settings_dict(settings))
-    summary["pool_metrics_note"] = pool_metrics_note(timeline, metrics_urls, sampler.repeats if sampler else 0)
+    summary["pool_metrics_note"] = pool_metrics_note(timeline, metrics_urls, sampler.repeats if sampler else 0,
+                                                     sampler.unreachable if sampler else None)
     summary["locust_exit_code"] = proc.returncode
     summary["locust_wall_s"] = round(duration, 2)
     write_report(out, recs, summary)

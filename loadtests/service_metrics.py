@@ -107,8 +107,10 @@ def interval_figures(snap: dict[str, dict[str, float]], replicas: dict[str, int]
         v = {**before, **v}
         calls = v.get("batch_count", 0) - before.get("batch_count", 0)
         items = v.get("items", 0) - before.get("items", 0)
+        # A pool's first row has no row before it: its counters are the service's since it started,
+        # not this interval's, so its batch size is null (as its preemptions and proposal tokens are).
         pools[dep] = {"replicas": replicas.get(dep, unseen), "queued": v.get("queued", 0), "running": v.get("running", 0),
-                      "batch_size": round(items / calls, 2) if calls > 0 else None}
+                      "batch_size": round(items / calls, 2) if calls > 0 and dep in previous else None}
         proposed = v.get("proposed", 0) - before.get("proposed", 0)
         accepted = v.get("accepted", 0) - before.get("accepted", 0)
         # A pool's first sample is the baseline; a replica that stopped takes its counts along.
@@ -123,14 +125,21 @@ def interval_figures(snap: dict[str, dict[str, float]], replicas: dict[str, int]
     return pools, {**previous, **snap}
 
 
-def scrape(urls: list[str], timeout: float = 5.0) -> list:
+def scrape(urls: list[str], timeout: float = 5.0, errors: dict[str, str] | None = None,
+           reached: set[str] | None = None) -> list:
+    """The samples of every URL that answers; ``errors`` gets why each other did not (the last
+    reason), ``reached`` each that did."""
     samples = []
     for url in urls:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp:
                 samples += parse(resp.read().decode())
-        except OSError:
+        except (OSError, ValueError) as exc:  # ValueError: not a URL urllib can open
+            if errors is not None:
+                errors[url] = str(getattr(exc, "reason", None) or exc)
             continue
+        if reached is not None:
+            reached.add(url)
     return samples
 
 
@@ -150,6 +159,14 @@ class Sampler(threading.Thread):
         self._tracker = ReplicaTracker()
         self._previous: dict[str, dict[str, float]] = {}
         self._last: tuple | None = None
+        self._errors: dict[str, str] = {}
+        self._reached: set[str] = set()
+
+    @property
+    def unreachable(self) -> dict[str, str]:
+        """Each URL no scrape reached, with the last reason: told apart from one that answered
+        without a pool's metrics."""
+        return {url: why for url, why in self._errors.items() if url not in self._reached}
 
     def sample(self, samples: list, now: float) -> None:
         """Adds one scrape's row to the timeline, unless it repeats the last export."""
@@ -165,7 +182,7 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while True:
-            self.sample(scrape(self.urls), time.monotonic())
+            self.sample(scrape(self.urls, errors=self._errors, reached=self._reached), time.monotonic())
             if self._stop_event.wait(self.interval_s):
                 return
 

@@ -6,13 +6,24 @@ import json
 import math
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 ENV = "ARBITRAGE_LOAD"
 Transport = Literal["grpc", "grpc-stream", "http", "http-sse", "openai", "openai-chat"]
 TRANSPORTS: tuple[str, ...] = ("grpc", "grpc-stream", "http", "http-sse", "openai", "openai-chat")
 Shape = Literal["steady", "ramp", "spike"]
+# The closed loop's flags and their LoadSettings fields: an open loop (--rate) has no use for them.
+CLOSED_LOOP_FLAGS = (("--users", "users"), ("--spawn-rate", "spawn_rate"), ("--shape", "shape"))
+
+
+def open_loop_conflict(rate: float, given: dict[str, object]) -> str:
+    """The refusal of closed-loop flags (``given``: flag -> value) beside ``--rate``: an open
+    loop runs Poisson arrivals from one scheduler user, so they would be ignored."""
+    named = " and ".join(f"{flag} {value}" for flag, value in given.items())
+    return (f"--rate {rate:g} with {named}: an open loop (Poisson arrivals from one scheduler user) ignores "
+            f"{', '.join(given)}; leave {'them' if len(given) > 1 else 'it'} out, or leave out --rate for a "
+            f"closed loop")
 
 
 @dataclass(frozen=True)
@@ -62,7 +73,7 @@ class LoadSettings:
     spawn_rate: float = 4.0
     duration_s: float = 60.0
     shape: str = "steady"
-    rate: float | None = None           # open loop: Poisson arrivals per second (users then ignored)
+    rate: float | None = None           # open loop: Poisson arrivals per second (no users, spawn rate, shape)
     max_in_flight: int = 256            # open loop: more in flight are dropped and counted
     timeout_s: float = 120.0
     slo_ms: float | None = None
@@ -79,6 +90,17 @@ class LoadSettings:
                 raise ValueError(f"{flag}: must be a finite number > 0, got {value}")
         if self.users <= 0:
             raise ValueError(f"--users: must be > 0, got {self.users}")
+        if self.rate is not None:
+            self._check_open_loop()
+
+    def _check_open_loop(self) -> None:
+        """A value equal to the default cannot be told from one left out here; the CLI, which
+        can, refuses those too (``open_loop_conflict``)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        given = {flag: getattr(self, name) for flag, name in CLOSED_LOOP_FLAGS
+                 if getattr(self, name) != defaults[name]}
+        if given:
+            raise ValueError(open_loop_conflict(self.rate, given))
 
     @property
     def client_timeout_s(self) -> float:

@@ -37,7 +37,7 @@ from . import convert
 from .gauge_clock import GaugeClock
 from .handles import PoolHandles
 from .health import PoolHealth, WatchSlots, pools_needed, serving_app_name
-from .load_metrics import LoadGauges
+from .load_metrics import LoadGauges, RowsWaitingGauge
 from .proxy_status import UnparsedRequest
 from .validation import Prepared, RequestFields, fields_from_proto, prepare
 
@@ -156,8 +156,10 @@ class Coordinator:
                                  over_grpc=c.pool_calls_over_grpc, calls_in_flight=c.pool_calls_in_flight,
                                  slot_roles=slotted, pool_failed=lambda role: self.health.failed(role))
         self._load_gauges = LoadGauges() if self.load is not None else None
-        # Set at admission and at each probe too, but a probe every 2 s is not enough alone.
-        self._load_clock = GaugeClock(self._export_load)
+        self._rows_waiting = RowsWaitingGauge() if self.pools.merged else None
+        # The load gauges are set at admission and at each probe too, but a probe every 2 s is
+        # not enough alone.
+        self._gauge_clock = GaugeClock(self._export_gauges)
         allowed = self.cfg.policy.allowed
         self.available = [name for name, cls in POLICIES.items()
                           if (cls.scorer is None or getattr(self.pools, cls.scorer) is not None)
@@ -233,6 +235,7 @@ class Coordinator:
         deadline = time.monotonic() + prepared.request.deadline_s if prepared.request.deadline_s else None
         if _in_replica():  # the probes keep PoolHealth.failed current: calls to a failing pool fail fast
             self.health.start()
+            self._gauge_clock.start()
         try:
             await self._admit(prepared, deadline)
         except DeadlineExceeded as exc:  # admission calls the generators only
@@ -257,7 +260,7 @@ class Coordinator:
             return prepared
         if _in_replica():  # the health probe's loop refreshes the controller (_refresh_load)
             self.health.start()
-            self._load_clock.start()
+            self._gauge_clock.start()
         used = self.load.threshold_for(prepared.policy, prepared.threshold, time.monotonic(), explicit=explicit)
         self._export_load()
         if used == prepared.threshold:
@@ -285,6 +288,12 @@ class Coordinator:
 
     def _export_load(self) -> None:
         self._load_gauges.export(self.load.snapshot())
+
+    def _export_gauges(self) -> None:
+        if self.load is not None:
+            self._export_load()
+        if self._rows_waiting is not None:
+            self._rows_waiting.export(self.pools.rows_waiting())
 
     def _request_ended(self, prepared: Prepared, seconds: float) -> None:
         """A request whose threshold the controller set lasted ``seconds``: the controller's loop
@@ -504,6 +513,14 @@ class Coordinator:
         self._check_service(request, grpc_context)
         return self._health_reply(await self.health.current())
 
+    async def List(self, request: health_pb2.HealthListRequest, grpc_context: Any = None):
+        """Every service this server reports on (the server itself, "", and the API), with
+        ``Check``'s status. Serve's proxy registers the whole Health service, so without this a
+        List call would be an unknown method, which Serve answers INTERNAL."""
+        self._refuse_unparsed(request, grpc_context)
+        reply = self._health_reply(await self.health.current())
+        return health_pb2.HealthListResponse(statuses={"": reply, SERVICE_NAME: reply})
+
     async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None):
         """The current status, then a message at each change, until the client leaves. The
         status is also re-sent every ``WATCH_RESEND_S`` unchanged: Serve's proxy notices a
@@ -516,25 +533,30 @@ class Coordinator:
         self._refuse_unparsed(request, grpc_context)
         slot = self._watches.take()
         if slot is None:
-            self._abort(grpc_context, _health_refused(convert.ApiError(
-                "resource_exhausted", grpc.StatusCode.RESOURCE_EXHAUSTED, 503,
-                f"too many open health watches on this replica ({self._watches.cap}); use Check, or retry")))
+            self._watches_full(grpc_context)
         try:
             if request.service not in ("", SERVICE_NAME):
                 while True:
                     yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-                    self._watches.pulled(slot)
+                    if not self._watches.pulled(slot):
+                        self._watches_full(grpc_context)
                     await asyncio.sleep(WATCH_RESEND_S)
             serving = await self.health.current()
             while True:
                 yield self._health_reply(serving)
-                self._watches.pulled(slot)
+                if not self._watches.pulled(slot):  # silent so long its slot went to another stream
+                    self._watches_full(grpc_context)
                 try:
                     serving = await asyncio.wait_for(self.health.wait_change(serving), WATCH_RESEND_S)
                 except TimeoutError:
                     pass
         finally:
             self._watches.release(slot)
+
+    def _watches_full(self, grpc_context: Any) -> NoReturn:
+        self._abort(grpc_context, _health_refused(convert.ApiError(
+            "resource_exhausted", grpc.StatusCode.RESOURCE_EXHAUSTED, 503,
+            f"too many open health watches on this replica ({self._watches.cap}); use Check, or retry")))
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's hook for custom autoscaling metrics: the health watches open now, which

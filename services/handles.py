@@ -312,6 +312,10 @@ class PoolHandles:
                             slots=slots if slot_roles is None or role in slot_roles else None)
             for role, n in (lanes or {}).items() if getattr(self, role) is not None}
 
+    def rows_waiting(self) -> dict[str, int]:
+        """Rows queued for a merged call, by pool (``Coalescer.rows_waiting``)."""
+        return {role: merged.rows_waiting() for role, merged in self.merged.items()}
+
     def set_lanes(self, lanes: dict[str, int]) -> None:
         """New lane counts of merged pools (``Coalescer.set_lanes``); others are ignored."""
         for role, n in lanes.items():

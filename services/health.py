@@ -241,9 +241,13 @@ class WatchSlots:
         self._pulled[self._next_id] = self._clock()
         return self._next_id
 
-    def pulled(self, key: int) -> None:
-        """The stream's client took a message: it is still there."""
+    def pulled(self, key: int) -> bool:
+        """The stream's client took a message: it is still there. False when its slot went
+        to silence and ``cap`` streams are open now: the stream must end, not exceed the cap."""
+        if key not in self._pulled and self.open_count() >= self.cap:
+            return False
         self._pulled[key] = self._clock()
+        return True
 
     def release(self, key: int) -> None:
         self._pulled.pop(key, None)

@@ -217,7 +217,10 @@ def build_http_api(coord: Coordinator) -> FastAPI:
     @api.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": ""}
+        # The deepest error: a union (str or a list of str) reports each branch, and the one
+        # that got furthest names the bad element (prompt[1], not prompt).
+        first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else \
+            {"loc": ("body",), "msg": "invalid request", "type": ""}
         loc = tuple(first.get("loc", ("body",)))
         content_type = request.headers.get("content-type")
         if loc[:1] == ("body",) and not is_json_content_type(content_type):  # FastAPI left the body unparsed
@@ -261,12 +264,12 @@ def build_http_api(coord: Coordinator) -> FastAPI:
         try:
             async for _ in coord.steps_of(stream, prepared):
                 pass
+            response = JSONResponse(render(stream.result, prepared))  # encoded here: counted ok only once it is
         except asyncio.CancelledError as exc:
             coord.fail(transport, policy, exc, request_id)
             raise
         except Exception as exc:  # noqa: BLE001 (every failure maps to a status)
             return error_response(coord.fail(transport, policy, exc, request_id), retry)
-        response = JSONResponse(render(stream.result, prepared))  # encoded here: counted ok only once it is
         coord.record(transport, policy, "ok", started)
         return response
 

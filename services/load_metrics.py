@@ -1,8 +1,10 @@
-"""The load controller's state (``arbitrage_common.threshold_control``) as Ray Serve gauges
-of one coordinator replica. The coordinator exports them at every admission, at every health
-probe and on a clock (``services.gauge_clock``), so they (and the offset itself, which the
-probe's refresh lets decay) move after traffic stops and stay exported while it idles.
-Unknown values (no update yet, latency forgotten while idle) read 0."""
+"""Gauges of one coordinator replica: the load controller's state
+(``arbitrage_common.threshold_control``) and the pool-call rows it holds back
+(``RowsWaitingGauge``). The coordinator exports the controller's at every admission, at every
+health probe and on a clock (``services.gauge_clock``), so they (and the offset itself, which
+the probe's refresh lets decay) move after traffic stops and stay exported while it idles;
+the rows waiting on the clock only. Unknown values (no update yet, latency forgotten while
+idle) read 0."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -38,3 +40,19 @@ class LoadGauges:
         for key, gauge in self.gauges.items():
             value = snapshot.get(key)
             gauge.set(0.0 if value is None else float(value))
+
+
+ROWS_WAITING = ("arbitrage_pool_rows_waiting",
+                ("Pool-call rows queued in this coordinator replica, by pool, not sent yet: waiting for "
+                 "their lane's merged call or a call slot (Serve's queue metrics cannot see them)."))
+
+
+class RowsWaitingGauge:
+    """``ROWS_WAITING``, one series per pool with merged calls."""
+
+    def __init__(self, gauge: Callable[..., Any] = Gauge) -> None:
+        self.gauge = gauge(ROWS_WAITING[0], description=ROWS_WAITING[1], tag_keys=("role",))
+
+    def export(self, waiting: dict[str, int]) -> None:
+        for role, rows in waiting.items():
+            self.gauge.set(float(rows), tags={"role": role})

@@ -246,7 +246,7 @@ class GenerateBody(_Extensions):
 # OpenAI request fields this service does not implement, and the values that ask for nothing
 # (clients send some of them by default): any other value is refused, naming the field, rather
 # than silently ignored, since each would change the output.
-UNSUPPORTED_OPENAI = {"stop": (None, [], ""), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
+UNSUPPORTED_OPENAI = {"stop": (None, [], ""), "logprobs": (None, False), "top_logprobs": (None, 0),
                       "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "top_p": (None, 1, 1.0),
                       "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
                       "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),

@@ -105,6 +105,7 @@ def _render(args) -> int:
 
 def _scale_patch(args) -> int:
     from ..config import load_config
+    from ..kuberay.render import autoscaling_at_max_rule
     from ..kuberay.scale import scale_patch_commands
     from ..kuberay.targets import target_path
     from .config_cmd import config_check_errors
@@ -119,6 +120,9 @@ def _scale_patch(args) -> int:
     print(f"# {cfg.name}: set the active RayCluster's worker-group bounds to the rendering's")
     for line in lines:
         print(line)
+    if autoscaling_at_max_rule(cfg) is not None:  # bounds written in, and not in the overlay (its CRDs)
+        print(f"# then reload ArbitrageAutoscalingAtMax's bounds: kubectl apply -k k8s/overlays/"
+              f"{args.name or '<name>'}/monitoring")
     return 0
 
 

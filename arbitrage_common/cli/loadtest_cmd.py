@@ -23,9 +23,11 @@ def add_loadtest_parser(sub) -> None:
     load = p.add_argument_group("load")
     load.add_argument("--transport", help="grpc, grpc-stream, http, http-sse, openai, openai-chat (default: http "
                                            "with --http alone, else grpc)")
-    load.add_argument("--users", type=positive_int, default=4, help="closed loop: concurrent users (peak)")
-    load.add_argument("--spawn-rate", type=finite_positive_float, default=4.0, help="users started per second")
-    load.add_argument("--shape", default="steady", help="closed loop: steady, ramp or spike")
+    # No argparse defaults: a closed-loop flag given beside --rate is refused, even at its default.
+    load.add_argument("--users", type=positive_int, help="closed loop: concurrent users (peak; default 4)")
+    load.add_argument("--spawn-rate", type=finite_positive_float, help="closed loop: users started per second "
+                                                                        "(default 4)")
+    load.add_argument("--shape", help="closed loop: steady (default), ramp or spike")
     load.add_argument("--rate", type=finite_positive_float, help="open loop: Poisson arrivals per second (replaces --users)")
     load.add_argument("--max-in-flight", type=positive_int, default=256, help="open loop: more are dropped, counted")
     load.add_argument("--duration", type=finite_positive_float, default=60.0, help="seconds of load")
@@ -107,7 +109,7 @@ def _outcome(summary: dict, fail_on_errors: bool) -> int:
 def _loadtest(args) -> int:
     try:
         from loadtests.runner import run_local, run_locust
-        from loadtests.settings import LoadSettings, Mix
+        from loadtests.settings import CLOSED_LOOP_FLAGS, LoadSettings, Mix, open_loop_conflict
     except ImportError as exc:
         raise RuntimeError(f"the load tests need locust: pip install -e '.[load]' ({exc})") from None
 
@@ -120,8 +122,11 @@ def _loadtest(args) -> int:
     mix = Mix(policy=args.policy, threshold=args.threshold, hard_prob=args.hard_prob, problem_mix=args.problem_mix,
               max_steps=args.max_steps, seed=args.seed)
     endpoints = {k: v for k, v in (("host_grpc", args.grpc), ("host_http", args.http)) if v}
-    settings = LoadSettings(transport=transport, mix=mix, users=args.users, spawn_rate=args.spawn_rate,
-                            duration_s=args.duration, shape=args.shape, rate=args.rate,
+    closed = {name: getattr(args, name) for _, name in CLOSED_LOOP_FLAGS if getattr(args, name) is not None}
+    if args.rate is not None and closed:
+        raise ValueError(open_loop_conflict(args.rate, {flag: closed[name] for flag, name in CLOSED_LOOP_FLAGS
+                                                        if name in closed}))
+    settings = LoadSettings(transport=transport, mix=mix, **closed, duration_s=args.duration, rate=args.rate,
                             max_in_flight=args.max_in_flight, timeout_s=args.timeout, slo_ms=args.slo_ms,
                             app=args.app, **endpoints)
     out = Path(args.out)
@@ -131,7 +136,7 @@ def _loadtest(args) -> int:
     else:
         summary = run_local(settings, out, args.config, progress)
     brief = {k: summary[k] for k in ("requests", "succeeded", "failures_by_status", "requests_per_s", "e2e_ms",
-                                     "ttfs_ms", "time_per_step_ms", "target_step_fraction", "proposal_tokens_kept",
+                                     "e2e_ms_all", "ttfs_ms", "time_per_step_ms", "target_step_fraction", "proposal_tokens_kept",
                                      "goodput")}
     print(json.dumps(brief, indent=2))
     print(f"arbitrage loadtest: report in {out / 'report.html'}, summary in {out / 'summary.json'}")

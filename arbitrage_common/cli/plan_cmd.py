@@ -3,6 +3,7 @@ p95 SLO (RSD and Arbitrage side by side at matched accuracy); `plan profile` mea
 inputs; `plan check` compares its predictions with locust runs on this machine."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -42,7 +43,10 @@ def add_plan_parser(sub) -> None:
     prof.add_argument("--policy", default="arbitrage")
     prof.add_argument("--n", type=positive_int, default=20, help="requests for the calibration")
     prof.add_argument("--seed", type=int, default=0)
-    prof.add_argument("--cores", type=finite_positive_float, help="CPU cores the pools share (a CPU machine; omit on GPUs)")
+    prof.add_argument("--cores", type=_cores_arg,
+                      help="CPU cores the pools' replicas share when planned (default: the CPUs this process may use, "
+                           "on which the pools are timed, with or without --grpc); 'none' plans every replica on "
+                           "cores of its own (Pods with CPUs of their own), with no core-load refusal")
     prof.add_argument("--out", default=DEFAULT_PROFILE)
     prof.set_defaults(func=_profile)
     check = plan_sub.add_parser("check", help="predicted vs measured p95 at 30/60/85%% of measured capacity "
@@ -54,6 +58,19 @@ def add_plan_parser(sub) -> None:
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--out", default="runs/plan-check")
     check.set_defaults(func=_check)
+
+
+OWN_CORES = "none"  # `plan profile --cores none`: the profile's cores null, no replica shares cores
+
+
+def _cores_arg(text: str) -> float | str:
+    """argparse type of ``plan profile --cores``: a finite number > 0, or ``none``."""
+    if text.strip().lower() == OWN_CORES:
+        return OWN_CORES
+    try:
+        return finite_positive_float(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or 'none')") from None
 
 
 def existing_file(path: str, flag: str, hint: str = "") -> Path:
@@ -102,20 +119,24 @@ def config_from(path: str | None, flag: str = "--config"):
 
 def _profile(args) -> int:
     from ..planning.planner import check_policy
-    from ..planning.profile import build_profile, check_profilable, check_service
+    from ..planning.profile import build_profile, check_profilable, check_service, local_cores
 
     check_policy(args.policy)  # before any model loads
     cfg = config_from(args.config)
     check_profilable(cfg)  # a vLLM pool cannot be timed here: refused before any model loads
     if args.grpc:  # before the pools are timed (seconds a pool), not after
         check_service(args.grpc, args.app)
-    cores = args.cores if args.cores else None
+    # The pools are timed in this process, on its CPUs, in every mode (--grpc only adds the request
+    # shape and overheads): left out, --cores is those CPUs, never null (a GPU's own device each).
+    cores = local_cores() if args.cores is None else None if args.cores == OWN_CORES else args.cores
     prof = build_profile(cfg, args.grpc, args.app, args.policy, args.n, args.seed, cores)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(prof.as_dict(), indent=2) + "\n")
     print(json.dumps(prof.as_dict(), indent=2))
-    print(f"arbitrage plan profile: wrote {out}")
+    shared = (f"the replicas share {cores:g} cores" if cores is not None
+              else "cores null: every replica on cores of its own (--cores none)")
+    print(f"arbitrage plan profile: wrote {out} ({shared})")
     return 0
 
 

@@ -487,9 +487,11 @@ def autoscaling_at_max_rule(cfg: AppConfig) -> dict[str, Any] | None:
                 f"autoscaling_config.max_replicas ({bounds}, rendered from the config): its policy asked for at "
                 f"least that many replicas at least once in every downscale_delay_s (a lower ask for that "
                 f"long would have scaled it down), so it has no room left for a burst and more load queues. Check the dashboard's \"Queue length per pool\" "
-                f"and ArbitrageOverloaded. Raise max_replicas in the config, `make k8s`, apply, and patch the running "
-                f"RayCluster's worker group bounds (docs/KUBERAY.md §6 (Upgrade, scale, roll back), \"Scale a "
-                f"pool\"); check the cluster can host the added Pods (§7 (GPU sizing per preset)).")},
+                f"(rows waiting in the coordinator included) and ArbitrageOverloaded. Raise max_replicas in the config, "
+                f"`make k8s`, apply, and patch the running RayCluster's worker group bounds (docs/KUBERAY.md §6 "
+                f"(Upgrade, scale, roll back), \"Scale a pool\"); then re-apply this rule "
+                f"(`kubectl apply -k k8s/overlays/<preset>/monitoring`): its bounds are written in, so until then it "
+                f"fires at the old max. Check the cluster can host the added Pods (§7 (GPU sizing per preset)).")},
     }
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
             "metadata": {"name": f"{cfg.name}-autoscaling",

@@ -15,6 +15,7 @@
 A benchmark tool: it loads models, so it is never imported by the serving path."""
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import time
@@ -133,6 +134,15 @@ def profile_pools(cfg: AppConfig, batch_sizes=BATCH_SIZES, seed: int = 0, repeat
         curves[role] = ServiceCurve.fit(sizes, ms, cv)
         points[role] = dict(zip(map(str, sizes), (round(m, 2) for m in ms)))
     return curves, points
+
+
+def local_cores() -> float:
+    """The CPUs this process may run on (its affinity, not the machine's count): the cores the
+    pools timed here shared, and so a CPU profile's default ``cores``."""
+    try:
+        return float(len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (not Linux)
+        return float(os.cpu_count() or 1)
 
 
 HEALTH_TIMEOUT_S = 5.0

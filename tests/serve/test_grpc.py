@@ -118,6 +118,9 @@ def test_health_and_reflection(grpc_channel, main_metadata):
     reply = health.Check(health_pb2.HealthCheckRequest(service="arbitrage.v1.ArbitrageService"),
                          metadata=main_metadata)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    listed = health.List(health_pb2.HealthListRequest(), metadata=main_metadata)  # no key: health is open
+    assert {name: r.status for name, r in listed.statuses.items()} == {
+        "": health_pb2.HealthCheckResponse.SERVING, "arbitrage.v1.ArbitrageService": health_pb2.HealthCheckResponse.SERVING}
     services = ProtoReflectionDescriptorDatabase(grpc_channel).get_services()
     assert "arbitrage.v1.ArbitrageService" in services and "grpc.health.v1.Health" in services
 

@@ -126,16 +126,16 @@ def _metric_calls(path: Path, prefix: str) -> dict[str, set[str]]:
 
 
 def _ours() -> dict[str, set[str]]:
-    """Prometheus name -> labels of every metric services/ exports (the load controller's gauges
-    and a vLLM pool's engine metrics, built in a loop, from their tables)."""
+    """Prometheus name -> labels of every metric services/ exports (the load controller's gauges,
+    the rows a coordinator holds back and a vLLM pool's engine metrics, from their tables)."""
     from services.engine_metrics import ENGINE_GAUGES, PREEMPTIONS
-    from services.load_metrics import LOAD_GAUGES
+    from services.load_metrics import LOAD_GAUGES, ROWS_WAITING
 
     tags: dict[str, set[str]] = {}
     for path in (ROOT / "services").glob("*.py"):
         tags.update(_metric_calls(path, "arbitrage_"))
     tags.update({f"ray_{name}": set() for name, _ in LOAD_GAUGES.values()})
-    tags.update({f"ray_{name}": {"role"} for name, _ in ENGINE_GAUGES.values()})
+    tags.update({f"ray_{name}": {"role"} for name, _ in (*ENGINE_GAUGES.values(), ROWS_WAITING)})
     tags.update({name: {"role"} for name in _prometheus_names("Counter", PREEMPTIONS[0])})
     return {name: keys | _serve_tags() for name, keys in tags.items()}
 
@@ -307,9 +307,9 @@ def test_the_overload_alert_counts_the_same_503_refusals_on_every_source():
     answers = [*codes.values(), *PROXY_ANSWERS, ("OK", 200), ("INVALID_ARGUMENT", 422)]
     examples = {  # metric -> [(labels of one series, counted as refused?)]
         "ray_arbitrage_requests_total": [({"status": s}, s in refused) for s in [*codes, "ok"]],
-        "ray_serve_num_http_requests_total": [({"route": "/v1/generate", "status_code": str(h)}, h == 503)
-                                              for _, h in answers],
-        "ray_serve_num_grpc_requests_total": [({"method": "/arbitrage.v1.ArbitrageService/Generate",
+        "ray_serve_num_http_requests_total": [({"application": "app", "route": "/v1/generate", "status_code": str(h)},
+                                               h == 503) for _, h in answers],
+        "ray_serve_num_grpc_requests_total": [({"application": "app", "method": "/arbitrage.v1.ArbitrageService/Generate",
                                                 "status_code": g}, h == 503) for g, h in answers],
     }
     selectors = _selectors(promql_parser.parse(_rule("ArbitrageOverloaded")["expr"]))
@@ -328,9 +328,9 @@ def test_the_abandoned_alert_counts_client_cancels_on_every_source_and_the_error
     answers = [*codes.values(), *PROXY_ANSWERS, ("OK", 200)]
     examples = {  # metric -> [(labels of one series, counted as abandoned?)]
         "ray_arbitrage_requests_total": [({"status": s}, s == "cancelled") for s in [*codes, "ok"]],
-        "ray_serve_num_http_requests_total": [({"route": "/v1/chat/completions", "status_code": str(h)}, h == 499)
-                                              for _, h in answers],
-        "ray_serve_num_grpc_requests_total": [({"method": "/arbitrage.v1.ArbitrageService/GenerateStream",
+        "ray_serve_num_http_requests_total": [({"application": "app", "route": "/v1/chat/completions",
+                                                "status_code": str(h)}, h == 499) for _, h in answers],
+        "ray_serve_num_grpc_requests_total": [({"application": "app", "method": "/arbitrage.v1.ArbitrageService/GenerateStream",
                                                 "status_code": g}, g == "CANCELLED") for g, _ in answers],
     }
     abandoned = _selectors(promql_parser.parse(_rule("ArbitrageRequestsAbandoned")["expr"]))
@@ -344,6 +344,23 @@ def test_the_abandoned_alert_counts_client_cancels_on_every_source_and_the_error
             assert _selects(den, labels), (metric, labels)
             assert _selects(num, labels) is is_abandoned, (metric, labels)
             assert not (is_abandoned and _selects(error_num, labels)), (metric, labels)
+
+
+# Serve's proxies count their own routes under application="": KubeRay's readiness probe alone
+# makes them, and they answer 503 while no ingress replica runs.
+SERVE_OWN_SERIES = [{"application": "", "route": "/-/healthz", "status_code": "503"},
+                    {"application": "", "route": "/-/routes", "status_code": "503"}]
+
+
+def test_every_proxy_selector_leaves_out_serves_own_routes():
+    checked = 0
+    for rule in _rules():
+        for metric, matchers in _selectors(promql_parser.parse(rule["expr"])):
+            if re.match(r"ray_serve_(num_)?(http|grpc)_", metric):
+                checked += 1
+                assert ("application", "!=", "") in matchers, f'{rule["alert"]}: {metric} lacks application!=""'
+                assert not any(_selects(matchers, series) for series in SERVE_OWN_SERIES), (rule["alert"], metric)
+    assert checked >= 18  # three ratio alerts, two proxies, numerator, denominator and guard
 
 
 RATIO_ALERTS = ("ArbitrageServerErrorRatioHigh", "ArbitrageOverloaded", "ArbitrageRequestsAbandoned")

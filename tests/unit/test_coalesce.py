@@ -72,6 +72,29 @@ def test_calls_that_arrive_while_the_lane_is_busy_leave_as_one_call_with_their_o
     assert (merged.calls, merged.rows) == (2, 6)
 
 
+def test_rows_waiting_counts_live_queued_rows_behind_a_call_or_a_slot():
+    async def main():
+        draft, router = FakePool(), FakePool()
+        draft.gate.clear()
+        slots = CallSlots(1)
+        d, r = Coalescer(draft.send, slots=slots), Coalescer(router.send, slots=slots)
+        out = asyncio.ensure_future(d.call("a", 1))  # sent: not waiting
+        await settle()
+        behind_call = [asyncio.ensure_future(d.call(s, 2)) for s in ("b", "c")]
+        behind_slot = asyncio.ensure_future(r.call("x", 3))
+        await settle()
+        seen = [(d.rows_waiting(), r.rows_waiting())]
+        behind_call[0].cancel()  # a cancelled row is dropped, not counted
+        await settle()
+        seen.append((d.rows_waiting(), r.rows_waiting()))
+        draft.gate.set()
+        await asyncio.gather(out, behind_call[1], behind_slot)
+        seen.append((d.rows_waiting(), r.rows_waiting()))
+        return seen
+
+    assert run(main()) == [(2, 1), (1, 1), (0, 0)]
+
+
 def test_max_rows_splits_a_long_queue():
     async def main():
         pool = FakePool()

@@ -129,6 +129,8 @@ def test_a_watch_whose_client_left_without_closing_it_frees_its_slot_once_silent
         assert (await anext(coord.Watch(unknown, _GrpcContext()))).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
         with pytest.raises(Exception, match="too many open health watches"):  # the live one kept its slot
             await anext(coord.Watch(unknown, _GrpcContext()))
+        with pytest.raises(Exception, match="too many open health watches"):  # the silent one came back: no slot
+            await anext(left)
         live_next.cancel()
         return left
 
@@ -148,6 +150,11 @@ def test_watch_slots_count_a_stream_while_its_client_pulls():
     assert slots.open_count() == 1
     c = slots.take()
     assert c is not None and slots.take() is None
+    assert slots.pulled(b) is False and slots.open_count() == 2  # b's client came back: no slot for it
+    slots.release(c)
+    assert slots.pulled(b) is True and slots.open_count() == 2  # a slot is free again: b takes it
+    slots.release(b)
+    c = slots.take()
     slots.release(a)
     slots.release(a)  # a closed stream's finally after its slot went stale: no harm
     assert slots.open_count() == 1 and slots.take() is not None and b not in (a, c)
@@ -164,6 +171,24 @@ def test_a_health_check_of_an_unknown_service_is_not_found_and_logged(caplog):
     assert context.code == grpc.StatusCode.NOT_FOUND
     assert records == []  # health probes are not requests: ok or not, arbitrage_requests_total skips them
     assert "request failed: status=not_found policy=none transport=grpc" in caplog.text, caplog.text
+
+
+def test_health_list_reports_the_server_and_the_api_as_check_does():
+    from grpc_health.v1 import health_pb2
+
+    from services.coordinator import SERVICE_NAME
+
+    coord = _coordinator(count_s=0.0)
+
+    async def serving() -> bool:
+        return True
+
+    coord.health.current = serving
+    check = asyncio.run(coord.Check(health_pb2.HealthCheckRequest(), _GrpcContext()))
+    listed = asyncio.run(coord.List(health_pb2.HealthListRequest(), _GrpcContext()))
+    assert set(listed.statuses) == {"", SERVICE_NAME}
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
+    assert all(reply.status == check.status for reply in listed.statuses.values())
 
 
 def test_open_health_watches_are_reported_to_the_autoscaler_as_no_load():

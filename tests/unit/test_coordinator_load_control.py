@@ -271,7 +271,7 @@ def test_admission_outside_a_replica_starts_no_health_probe_even_with_ray_initia
     coord = _coordinator(_on())
     prepared = coord.prepare_request(RequestFields(prompt="x", policy="arbitrage"))
     assert prepared.policy == "arbitrage" and coord.health._task is None
-    assert coord._load_clock.task is None
+    assert coord._gauge_clock.task is None
 
 
 def test_in_a_replica_the_load_gauges_are_set_again_on_a_clock_while_idle(monkeypatch):
@@ -290,8 +290,35 @@ def test_in_a_replica_the_load_gauges_are_set_again_on_a_clock_while_idle(monkey
         coord.prepare_request(RequestFields(prompt="x", policy="arbitrage"))
         admitted = len(sets)
         await asyncio.sleep(4.5 * GAUGE_EXPORT_S)
-        coord._load_clock.task.cancel()
+        coord._gauge_clock.task.cancel()
         return admitted
 
     admitted = asyncio.run(admit_then_idle())
     assert admitted >= 1 and len(sets) >= admitted + 4
+
+
+def test_in_a_replica_the_rows_waiting_by_pool_are_exported_on_the_clock(monkeypatch):
+    """Rows the coordinator holds for a merged call or a call slot never reach Serve's queue
+    metrics: the clock exports them per pool, load control on or off."""
+    import fake_pools
+
+    import services.coordinator as coordinator_module
+    from services.gauge_clock import GAUGE_EXPORT_S
+
+    monkeypatch.setattr(coordinator_module, "_in_replica", lambda: True)
+    coord = fake_pools.coordinator()
+    monkeypatch.setattr(coord.health, "start", lambda: None)
+    sets: list[tuple[str, float]] = []
+    coord._rows_waiting.gauge.set = lambda value, tags: sets.append((tags["role"], value))
+
+    async def one_request_then_idle():
+        prepared, stream = await coord.start_stream(coord.prepare_request(
+            RequestFields(prompt="Start with 2. Add 3.", policy="arbitrage")))
+        async for _ in coord.steps_of(stream, prepared):
+            pass
+        await asyncio.sleep(2.5 * GAUGE_EXPORT_S)
+        coord._gauge_clock.task.cancel()
+
+    asyncio.run(one_request_then_idle())
+    assert {role for role, _ in sets} == set(coord.pools.merged) >= {"draft", "router", "target"}
+    assert all(value == 0.0 for _, value in sets[-len(coord.pools.merged):])  # idle: nothing waits

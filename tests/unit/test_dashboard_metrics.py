@@ -67,11 +67,12 @@ def _exported_by_services() -> set[str]:
     for path in (ROOT / "services").glob("*.py"):
         for kind, name in pattern.findall(path.read_text()):
             names |= _prometheus_names(kind, name)
-    # Gauges and counters built from their tables: the load controller's, a vLLM pool's engine.
+    # Gauges and counters built from their tables: the load controller's, the rows a coordinator
+    # holds back, a vLLM pool's engine.
     from services.engine_metrics import ENGINE_GAUGES, PREEMPTIONS
-    from services.load_metrics import LOAD_GAUGES
+    from services.load_metrics import LOAD_GAUGES, ROWS_WAITING
 
-    tables = (*LOAD_GAUGES.values(), *ENGINE_GAUGES.values())
+    tables = (*LOAD_GAUGES.values(), ROWS_WAITING, *ENGINE_GAUGES.values())
     return names | {f"ray_{name}" for name, _ in tables} | _prometheus_names("Counter", PREEMPTIONS[0])
 
 

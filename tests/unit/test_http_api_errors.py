@@ -4,6 +4,7 @@ resend, and that every refusal is counted once with a bounded policy label (the 
 'none'; the request's own policy once it is validated)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -182,3 +183,41 @@ def test_the_openai_sdk_does_not_resend_a_passed_deadline_or_a_bug(fail, code):
                                        extra_body={"timeout_s": 1e-9} if not fail else None)
     assert info.value.response.headers["x-should-retry"] == "false"
     assert records == [("openai", "arbitrage", code)]
+
+
+# -- a failure while the finished response is rendered ---------------------------------------
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/completions"])
+def test_a_response_that_fails_to_render_is_the_apis_500_counted_once(api, path, monkeypatch):
+    """Rendering runs inside the request's error handling: the client gets the API's error
+    shape (not Starlette's bare text 500) and the request is counted as what it was."""
+    from services import convert
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("render bug")
+
+    monkeypatch.setattr(convert, "result_json", broken)
+    monkeypatch.setattr(convert, "openai_response", broken)
+    _, records, client = api
+    reply = client.post(path, json={"prompt": PROMPT, "model": "draft"}
+                        if path != "/v1/generate" else {"prompt": PROMPT, "policy": "draft"})
+    assert reply.status_code == 500 and reply.headers["x-should-retry"] == "false", reply.text
+    assert _error(reply)["code"] == "internal"
+    assert [status for *_, status in records] == ["internal"]
+
+
+def test_an_answer_longer_than_python_parses_leaves_answer_unset(monkeypatch):
+    """``Answer: `` and 5000 digits: past int64 and past Python's digit cap; no answer, no 500."""
+    import fake_pools
+    from fake_pools import FakePool
+
+    real = FakePool._generation
+
+    async def long_answer(self, prefix, session):
+        made = await real(self, prefix, session)
+        return dataclasses.replace(made, text="Answer: " + "9" * 5000) if made.text.startswith("Answer") else made
+
+    monkeypatch.setattr(fake_pools.FakePool, "_generation", long_answer)
+    client = TestClient(build_http_api(coordinator()))
+    reply = client.post("/v1/generate", json={"prompt": PROMPT, "policy": "draft"})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["answer"] is None and reply.json()["text"].endswith("9" * 5000)

@@ -391,3 +391,12 @@ def test_chat_refuses_a_part_that_is_not_text_naming_it():
         {"type": "text", "text": "Start with 12."}, {"type": "image_url", "image_url": {"url": "http://x"}}]}]}
     reply = _client(FakeCoordinator()).post("/v1/chat/completions", json=body)
     assert reply.status_code == 422 and reply.json()["error"]["param"] == "messages[0].content[1]", reply.text
+
+
+@pytest.mark.parametrize(("body", "param"), [({"prompt": ["Start with 2.", 5]}, "prompt[1]"),
+                                             ({"prompt": 5}, "prompt")])
+def test_a_bad_element_of_a_prompt_list_is_named_by_its_index(body, param):
+    """``prompt`` is a string or a list of strings: pydantic reports both branches, and the
+    error names the one that reached the bad element."""
+    reply = _client(FakeCoordinator()).post("/v1/completions", json={"model": "arbitrage", **body})
+    assert reply.status_code == 422 and reply.json()["error"]["param"] == param, reply.text

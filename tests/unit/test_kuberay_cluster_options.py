@@ -100,6 +100,7 @@ def test_the_scale_patch_command_prints_the_patch(capsys, tmp_path):
     assert main(["k8s", "scale-patch", "llama-1b-8b"]) == 0
     out = capsys.readouterr().out
     assert "kubectl patch raycluster" in out and "/spec/workerGroupSpecs/3/minReplicas" in out
+    assert "kubectl apply -k k8s/overlays/llama-1b-8b/monitoring" in out  # the at-max alert's bounds
     assert main(["k8s", "scale-patch"]) == 1
     assert "name one target" in _err(capsys)
     assert main(["k8s", "scale-patch", "nope"]) == 1  # a positional NAME: no --preset option to blame

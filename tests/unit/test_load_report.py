@@ -90,6 +90,8 @@ def test_the_sampler_leaves_out_samples_that_repeat_the_last_export():
     for t, (items, batches) in enumerate([(10, 5), (10, 5), (10, 5), (40, 15), (40, 15)]):
         sampler.sample(_draft_counters(items, batches), now=sampler._t0 + 2 * t)
     assert [row["t"] for row in sampler.timeline] == [0, 6]
+    # the first row has no row before it: 10 items in 5 calls since the service started is not its interval
+    assert sampler.timeline[0]["pools"]["draft"]["batch_size"] is None
     assert sampler.timeline[1]["pools"]["draft"]["batch_size"] == 3.0  # 30 items in 10 calls since the baseline
     assert sampler.repeats == 3
 
@@ -116,3 +118,40 @@ def test_a_vllm_pools_engines_are_in_the_timeline_summed_and_the_fullest_kv_cach
     assert rows[0]["draft"]["engine"] == {"running": 5, "waiting": 2, "kv_cache_usage": 0.5, "preempted": None}
     assert rows[1]["draft"]["engine"] == {"running": 5, "waiting": 2, "kv_cache_usage": 0.75, "preempted": 3}
     assert "engine" not in rows[1]["router"]
+
+
+def test_e2e_is_labelled_successes_only_and_e2e_all_counts_failures_at_their_time():
+    """Was one e2e_ms, of the successes only: a run where the slowest hit the deadline read fast."""
+    recs = [Record("grpc", 0.0, 100.0 + i, "OK", steps=2) for i in range(10)]
+    recs += [Record("grpc", 0.0, 30000.0, "DEADLINE_EXCEEDED") for _ in range(10)]
+    recs.append(Record("grpc", 0.0, 0.0, "DROPPED"))  # never sent: not a time
+    out = summarize(recs, duration_s=10.0, slo_ms=None, timeline=None, settings={})
+    assert out["e2e_ms"]["p95"] < 200 and out["e2e_ms"]["of"].startswith("succeeded requests only")
+    assert out["e2e_ms_all"]["n"] == 20 and out["e2e_ms_all"]["p95"] == 30000.0
+    assert out["e2e_ms_all"]["p50"] == (109.0 + 30000.0) / 2
+    assert "a failed one at the time it took" in out["e2e_ms_all"]["of"]
+
+
+def test_an_unreachable_metrics_url_is_named_not_reported_as_a_url_without_pools(monkeypatch):
+    """Was "no sample held a pool's metrics", as if the URL had answered without them."""
+    import urllib.error
+
+    from loadtests import service_metrics
+    from loadtests.report import pool_metrics_note
+
+    def refuse(url, timeout):
+        raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+
+    monkeypatch.setattr(service_metrics.urllib.request, "urlopen", refuse)
+    sampler = service_metrics.Sampler(["http://h:1/metrics"], "a", interval_s=60)
+    sampler.start()
+    timeline = sampler.stop()
+    assert sampler.unreachable == {"http://h:1/metrics": "[Errno 111] Connection refused"}
+    note = pool_metrics_note(timeline, sampler.urls, sampler.repeats, sampler.unreachable)
+    assert note.startswith("--metrics: could not be reached during the run: http://h:1/metrics ([Errno 111] "
+                           "Connection refused); no pool metrics were sampled")
+    assert "no sample held" not in note
+    monkeypatch.undo()
+    errors: dict = {}
+    service_metrics.scrape(["localhost:1/metrics"], errors=errors)  # no scheme: urllib's ValueError, named too
+    assert "unknown url type" in errors["localhost:1/metrics"]

@@ -91,7 +91,7 @@ def test_a_spawn_rate_below_one_is_given_to_locust_as_it_is():
 
 def _summary(requests: int = 10, **failures: int) -> dict:
     """A run's summary as the CLI reads it: ``requests`` sent, ``failures`` by status."""
-    brief = dict.fromkeys(("requests_per_s", "e2e_ms", "ttfs_ms", "time_per_step_ms", "target_step_fraction",
+    brief = dict.fromkeys(("requests_per_s", "e2e_ms", "e2e_ms_all", "ttfs_ms", "time_per_step_ms", "target_step_fraction",
                            "proposal_tokens_kept", "goodput"))
     return {**brief, "requests": requests, "succeeded": requests - sum(failures.values()),
             "failures_by_status": failures}
@@ -195,3 +195,86 @@ def test_a_run_without_metrics_says_pool_metrics_were_not_sampled(monkeypatch, c
     out, err = capsys.readouterr()
     assert json.loads(out.split("\narbitrage loadtest:")[0])["proposal_tokens_kept"] is None  # was {}
     assert "note: pool metrics (pools_over_time, proposal_tokens_kept) were not sampled: pass --metrics URL" in err
+
+
+def test_the_open_loops_last_requests_reach_locust_stats_csv(tmp_path):
+    """Locust writes its CSVs once an interval and not at quit: the open loop quit right after its
+    last request, and locust_stats.csv missed that interval's requests (here: all of them)."""
+    import subprocess
+    import sys
+
+    # In a child process (importing locust gevent-patches it): locust's own CSV writer, the open
+    # loop's scheduler with two arrivals, each one request event; the CSV read when it quits.
+    code = """if True:
+        import csv, sys
+        from types import SimpleNamespace
+        import gevent
+        from locust.env import Environment
+        from locust.stats import PERCENTILES_TO_REPORT, StatsCSVFileWriter
+        from loadtests import locustfile as lf
+
+        env = Environment(user_classes=[lf.OpenLoopUser])
+        env.create_local_runner()  # hooks the request event to env.stats
+        writer = StatsCSVFileWriter(env, PERCENTILES_TO_REPORT, sys.argv[1])
+        gevent.spawn(writer.stats_writer)
+        gevent.sleep(0)  # its first write, as locust starts it before the users
+
+        def quit():
+            writer.close_files()
+            rows = list(csv.DictReader(open(sys.argv[1] + "_stats.csv")))
+            print([r["Request Count"] for r in rows if r["Name"] == "Aggregated"][0])
+
+        def one_request(at):
+            env.events.request.fire(request_type="grpc", name="Generate", response_time=5, response_length=0,
+                                    exception=None, context={})
+
+        lf.poisson_arrivals = lambda rate, duration, seed: [0.01, 0.02]
+        user = SimpleNamespace(environment=SimpleNamespace(events=env.events, runner=SimpleNamespace(quit=quit)),
+                               one_request=one_request)
+        lf.OpenLoopUser.schedule(user)
+    """
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, ENV: LoadSettings(rate=100.0, duration_s=1.0).to_env()}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "locust")], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "2"  # was 0: quit came before the next write
+
+
+@pytest.mark.parametrize("closed,named", [
+    (["--shape", "ramp"], "--rate 2 with --shape ramp: an open loop"),
+    (["--users", "32"], "--rate 2 with --users 32: an open loop"),
+    (["--users", "32", "--spawn-rate", "8"], "--rate 2 with --users 32 and --spawn-rate 8.0"),
+])
+def test_rate_with_a_closed_loop_flag_is_refused_naming_both(monkeypatch, capsys, tmp_path, closed, named):
+    """Was run open loop, the closed loop's flag silently ignored."""
+    from arbitrage_common.cli.main import main
+
+    seen = _captured_settings(monkeypatch)
+    assert main(["loadtest", "--grpc", "h:9000", "--rate", "2", *closed, "--out", str(tmp_path)]) == 1
+    assert named in capsys.readouterr().err and not seen
+    assert main(["loadtest", "--grpc", "h:9000", "--rate", "2", "--out", str(tmp_path), "--no-progress"]) == 0
+
+
+def test_a_reused_out_does_not_report_the_last_runs_records(monkeypatch, tmp_path):
+    """A locust that died before writing its records: the last run's requests.jsonl was read as this run's."""
+    (tmp_path / "requests.jsonl").write_text(json.dumps(Record("grpc", 1.0, 250.0, "OK", steps=4).__dict__) + "\n")
+    (tmp_path / "summary.json").write_text("{}")
+    monkeypatch.setattr(runner, "check_up", lambda settings: None)
+    monkeypatch.setattr(runner.subprocess, "run", lambda cmd, env, **kw: SimpleNamespace(returncode=2))
+    with pytest.raises(RuntimeError, match="locust wrote no request records"):
+        runner.run_locust(LoadSettings(users=4, duration_s=10.0), tmp_path, [], False)
+    assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("flags,named", [(["--users", "4"], "--users 4"), (["--shape", "steady"], "--shape steady"),
+                                         (["--users", "8", "--spawn-rate", "2"], "--users 8 and --spawn-rate 2.0")])
+def test_closed_loop_flags_beside_rate_are_refused_even_at_their_defaults(monkeypatch, capsys, tmp_path, flags,
+                                                                        named):
+    from arbitrage_common.cli.main import main
+
+    seen = _captured_settings(monkeypatch)
+    assert main(["loadtest", "--grpc", "h:9000", "--rate", "2", *flags, "--out", str(tmp_path)]) == 1
+    assert f"--rate 2 with {named}: an open loop" in capsys.readouterr().err and not seen
+    assert main(["loadtest", "--grpc", "h:9000", *flags, "--out", str(tmp_path), "--no-progress"]) == 0  # closed
+    assert seen[0].rate is None

@@ -69,8 +69,8 @@ def test_plan_check_predicts_the_configured_replicas_and_saturates_the_cores_at_
     assert json.loads((tmp_path / "plan_check.json").read_text())["replicas"]["draft"] == 2
     (row,) = table["rows"]
     assert row["failed_share"] == 0.1  # beside a p95 of the successes only
-    assert table["p95_error_tolerance"] == 0.5
-    assert row["within_tolerance"] is (abs(row["p95_error"]) <= 0.5)
+    assert table["p95_error_tolerance"] == 0.5 and table["max_failed_share"] == 0.01
+    assert row["within_tolerance"] is False  # 10 % failed: whatever its p95 error
 
 
 def _table(*errors) -> dict:
@@ -99,3 +99,21 @@ def test_plan_check_prints_its_verdict_on_stderr_and_exits_0(monkeypatch, capsys
     out, err = capsys.readouterr()
     assert json.loads(out)["rows"][2]["p95_error"] == 3.61
     assert "arbitrage plan check: warning: p95_error outside +-0.5 at 0.85 of capacity" in err
+
+
+def test_a_row_where_requests_failed_is_not_within_tolerance_and_the_verdict_says_failures():
+    """Was "within tolerance": half the requests failed, and the p95 of the rest agreed."""
+    from loadtests.plan_check import MAX_FAILED_SHARE, verdict, within_tolerance
+
+    assert MAX_FAILED_SHARE == 0.01
+    assert within_tolerance(0.1, failed_share=0.5) is False
+    assert within_tolerance(None, failed_share=0.5) is False
+    assert within_tolerance(0.1, failed_share=0.01) is True  # at the bound: agrees
+    table = _table(0.1, 0.2)
+    table["rows"][1].update(failed_share=0.5, failures={"DEADLINE_EXCEEDED": 120})
+    line = verdict(table)
+    assert line.startswith("warning: more than 1% of the requests failed at 0.6 of capacity (8.16 req/s): "
+                           "50.0% failed (DEADLINE_EXCEEDED 120)")
+    assert "p95_error outside" not in line and "0.3 of capacity" not in line
+    table["rows"][0].update(p95_error=3.0)
+    assert "; and p95_error outside +-0.5 at 0.3 of capacity (4.08 req/s): +3.00" in verdict(table)

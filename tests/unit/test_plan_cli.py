@@ -332,3 +332,39 @@ def test_plan_without_profile_or_seed_plans_from_the_default_profile_at_seed_0(m
     monkeypatch.setattr(planner, "plan", lambda *a: seeds.append(a[-1]) or real_plan(*a))
     assert main(["plan", "--rate", "2", "--slo-ms", "20000", "--target-fraction", "0.3"]) == 0
     assert (loaded, seeds) == ([plan_cmd.DEFAULT_PROFILE], [0])
+
+
+def _fake_build_profile(monkeypatch) -> list:
+    """`plan profile` with the pools' timing faked: the ``cores`` it was built with, kept."""
+    from arbitrage_common.planning import profile
+    from arbitrage_common.planning.model import ServiceCurve
+    from arbitrage_common.planning.planner import Profile
+
+    seen = []
+
+    def build(cfg, endpoint, app, policy, n, seed, cores, *a, **kw):
+        seen.append(cores)
+        curves = {p: ServiceCurve(10, 1) for p in ("draft", "router", "target")}
+        return Profile(curves, dict.fromkeys(curves, 16), 0.0, 0.0, (4,), cores, {})
+
+    monkeypatch.setattr(profile, "build_profile", build)
+    return seen
+
+
+def test_plan_profile_defaults_cores_to_the_cpus_it_timed_the_pools_on(monkeypatch, tmp_path, capsys):
+    """Was null without --cores: `plan` then gave every replica its own GPU, with no core-load
+    refusal, from pools timed on this machine's CPUs."""
+    import os
+
+    seen = _fake_build_profile(monkeypatch)
+    out = tmp_path / "p.json"
+    assert main(["plan", "profile", "--out", str(out)]) == 0
+    assert seen == [float(len(os.sched_getaffinity(0)))]
+    assert json.loads(out.read_text())["cores"] == seen[0]
+    assert f"the replicas share {seen[0]:g} cores" in capsys.readouterr().out
+    assert main(["plan", "profile", "--cores", "3", "--out", str(out)]) == 0 and seen[-1] == 3.0
+    assert main(["plan", "profile", "--cores", "none", "--out", str(out)]) == 0  # the explicit way to null
+    assert seen[-1] is None and json.loads(out.read_text())["cores"] is None
+    with pytest.raises(SystemExit):
+        main(["plan", "profile", "--cores", "0", "--out", str(out)])
+    assert "argument --cores: must be a finite number > 0, got 0 (or 'none')" in capsys.readouterr().err

@@ -165,7 +165,8 @@ def test_openai_budget_reaches_the_loop_under_any_of_its_names():
         assert prepare(body.fields(_cfg()), _cfg()).request.max_new_tokens == 7
 
 
-@pytest.mark.parametrize("extra", [{"stop": ["x"]}, {"stop": "\n"}, {"logprobs": 2}, {"logprobs": True},
+# logprobs 0 asks a completion for the chosen tokens' logprobs: not a do-nothing value
+@pytest.mark.parametrize("extra", [{"stop": ["x"]}, {"stop": "\n"}, {"logprobs": 2}, {"logprobs": True}, {"logprobs": 0},
                                    {"echo": True}, {"best_of": 3}, {"top_p": 0.9}, {"presence_penalty": 0.5},
                                    {"logit_bias": {"5": 1}}, {"top_k": 5}])
 def test_openai_fields_that_would_change_the_output_are_refused_not_ignored(extra):
