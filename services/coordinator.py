@@ -35,7 +35,7 @@ from protos.arbitrage.v1 import arbitrage_pb2 as pb
 
 from . import convert
 from .gauge_clock import GaugeClock
-from .handles import PoolHandles
+from .handles import NO_RETRY, RELEASES_ALONE_S, PoolHandles
 from .health import PoolHealth, WatchSlots, pools_needed, serving_app_name
 from .load_metrics import LoadGauges, RowsWaitingGauge
 from .proxy_status import UnparsedRequest
@@ -403,8 +403,9 @@ class Coordinator:
             task.add_done_callback(self._releases.discard)
 
     async def _release_one(self, role: str, session: str) -> None:
-        try:
-            await self.pools.caller(role, "release", session)(session)
+        try:  # as merged releases sent alone: once, bounded (a pool with no replica would hold it)
+            await asyncio.wait_for(self.pools.caller(role, "release", session, retry=NO_RETRY)(session),
+                                   RELEASES_ALONE_S)
         except Exception as exc:  # noqa: BLE001 (best effort: the LRU bounds the cache anyway)
             logger.debug("release of %s on %s failed: %s", session, role, type(exc).__name__)
 

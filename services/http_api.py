@@ -168,6 +168,22 @@ class BodyLimitMiddleware:
             await self._reject(scope, receive, send, None)
 
 
+class _EventStream(StreamingResponse):
+    """Server-sent events, with ``unread`` awaited once the response ends: a client gone
+    before the body starts makes Starlette cancel it unread, and ``unread`` then counts the
+    request and closes its stream (else it is never counted)."""
+
+    def __init__(self, body: AsyncIterator[str], unread: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._unread = unread
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._unread()
+
+
 def build_http_api(coord: Coordinator) -> FastAPI:
     api = FastAPI(title="Arbitrage Serve", version="1",
                   description="Step-level speculative reasoning. 422 names the bad field, 503 = overloaded "
@@ -259,8 +275,13 @@ def build_http_api(coord: Coordinator) -> FastAPI:
                 raise
             except Exception as exc:  # noqa: BLE001 (every failure maps to a status)
                 return error_response(coord.fail(transport, policy, exc, request_id), retry)
-            return StreamingResponse(guard(transport, prepared, first, chunks, started),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            opened: list[bool] = []
+
+            async def unread() -> None:
+                if not opened:  # Starlette cancelled the body unread: the client left before it started
+                    coord.fail(transport, policy, asyncio.CancelledError(), request_id)
+                    await chunks.aclose()
+            return _EventStream(guard(transport, prepared, first, chunks, started, opened), unread)
         try:
             async for _ in coord.steps_of(stream, prepared):
                 pass
@@ -274,7 +295,8 @@ def build_http_api(coord: Coordinator) -> FastAPI:
         return response
 
     async def guard(transport: str, prepared: Prepared, first: str, events: AsyncIterator[str],
-                    started: float) -> AsyncIterator[str]:
+                    started: float, opened: list[bool]) -> AsyncIterator[str]:
+        opened.append(True)  # from here on, this counts the request
         try:
             yield first
             async for chunk in events:

@@ -71,3 +71,29 @@ def test_models_and_readiness_list_only_the_policies_the_server_allows():
     listed = [m["id"] for m in coord.list_models()["data"]]
     assert sorted(listed[1:]) == ["arbitrage", "draft"]
     assert sorted(coord.available) == ["arbitrage", "draft"]  # /healthz's "policies"
+
+
+def test_a_release_sent_alone_to_a_failing_pool_goes_once(monkeypatch):
+    """Without merged calls a release goes alone: best effort (the LRU bounds the caches), so a
+    pool whose replica died is not retried with it, as a merged release sent alone is not."""
+    from ray.exceptions import RayActorError
+
+    record = PoolRecord()
+    attempts: list[tuple[str, str]] = []
+
+    def dead_replica(role: str, session: str) -> None:
+        attempts.append((role, session))
+        raise RayActorError()
+
+    monkeypatch.setattr(record, "release", dead_replica)
+    coord = coordinator(record, coordinator={"merge_calls": False, "pool_calls_in_flight": None, "pool_retries": 3,
+                                             "retry_backoff_s": 0.001})
+
+    async def one():
+        prepared, _ = await _run(coord, RequestFields(prompt=PROMPT_SHORT, policy="draft"))
+        for _ in range(50):
+            await asyncio.sleep(0.002)
+        return prepared
+
+    prepared = asyncio.run(one())
+    assert attempts == [("draft", prepared.session_id)]

@@ -4,6 +4,7 @@ resend, and that every refusal is counted once with a bounded policy label (the 
 'none'; the request's own policy once it is validated)."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 
@@ -221,3 +222,36 @@ def test_an_answer_longer_than_python_parses_leaves_answer_unset(monkeypatch):
     reply = client.post("/v1/generate", json={"prompt": PROMPT, "policy": "draft"})
     assert reply.status_code == 200, reply.text
     assert reply.json()["answer"] is None and reply.json()["text"].endswith("9" * 5000)
+
+
+# -- a client gone before a stream's body starts --------------------------------------------------
+def test_a_stream_whose_client_left_before_its_body_started_is_counted_once_as_cancelled():
+    """Starlette (ASGI spec 2.3: a disconnect listener) cancels a body it never read when the
+    client is gone: the request is still counted, once, and its stream closed."""
+    coord = coordinator()
+    records = count_records(coord)
+    app = build_http_api(coord)
+    body = json.dumps({"prompt": PROMPT, "policy": "draft", "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/generate", "raw_path": b"/v1/generate",
+             "root_path": "", "query_string": b"", "server": ("test", 80), "client": ("client", 1),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+
+    async def main() -> list[dict]:
+        incoming = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return incoming.pop(0) if incoming else {"type": "http.disconnect"}  # then the client is gone
+
+        async def send(message: dict) -> None:
+            await asyncio.sleep(0)  # a transport's write yields to the loop
+            sent.append(message)
+
+        await app(scope, receive, send)
+        return sent
+
+    sent = asyncio.run(main())
+    assert not any(m["type"] == "http.response.body" and m.get("body") for m in sent)  # nothing streamed
+    assert records == [("http", "draft", "cancelled")]
+    assert coord._inflight == 0  # the stream was closed, not left to the garbage collector
