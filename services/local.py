@@ -65,13 +65,17 @@ def use_backend(cfg: AppConfig, backend: str, cpus: list[int] | None = None) -> 
     """``cfg`` with the draft and target pools on ``backend``; router and PRM stay on
     transformers (docs/VLLM.md says why). For 'vllm': the CPU engine settings above, at most
     ``max_ongoing_requests`` sequences per engine step, and per-pool thread binding
-    (``cpu_binding``); env vars the config already sets win."""
+    (``cpu_binding``); env vars the config already sets win. A pool already on vLLM is left as
+    it is: its engine settings are the config's own (a GPU preset's dtype, context, tensor
+    parallelism), not the bundled models' CPU ones."""
     if backend not in ("transformers", "vllm"):
         raise ValueError(f"--backend: expected 'transformers' or 'vllm', got {backend!r}")
     data = cfg.model_dump(mode="json")
     binding = cpu_binding(cpus) if backend == "vllm" else {}
     for role in GENERATOR_ROLES:
         pool = data["pools"][role]
+        if backend == "vllm" and pool["model"]["backend"] == "vllm":
+            continue
         pool["model"]["backend"] = backend
         pool["model"]["engine"] = None
         if backend == "vllm":

@@ -451,6 +451,12 @@ class VLLMStepGenerator:
             args["max_num_seqs"] = max_num_seqs
         if block_size is None and on_cpu:
             block_size = CPU_DEFAULT_BLOCK_SIZE
+        if on_cpu and block_size % CPU_DEFAULT_BLOCK_SIZE:  # vLLM would fail at engine start, 20 s on, unnamed
+            raise ValueError(f"model.engine.block_size: vLLM's CPU attention needs a multiple of "
+                             f"{CPU_DEFAULT_BLOCK_SIZE}, got {block_size}")
+        if on_cpu and gpu_memory_utilization is not None and kv_cache_memory_bytes is not None:
+            logger.warning("model.engine.gpu_memory_utilization %s is ignored on CPU: the KV cache is "
+                           "kv_cache_memory_bytes (%d)", gpu_memory_utilization, kv_cache_memory_bytes)
         if block_size is not None:
             args["block_size"] = block_size
         if distributed_executor_backend is None and on_cpu and tensor_parallel_size == 1:
@@ -545,7 +551,7 @@ class VLLMStepGenerator:
         start = time.perf_counter()
         base = f"step-{self._tag}-{next(self._ids)}"
         results: list[tuple[str, int, str]] = [("", 0, "length")] * len(prefixes)
-        run, tasks = [], []
+        run, planned = [], []
         for i, (prefix, opts) in enumerate(zip(prefixes, rows)):
             ids = self._encode(prefix)
             room = self.context - len(ids)
@@ -553,8 +559,12 @@ class VLLMStepGenerator:
                 results[i] = ("", 0, "context")
             elif opts.max_new_tokens >= 1:
                 run.append(i)
-                params = self._sampling_params(opts, min(opts.max_new_tokens, room))
-                tasks.append(asyncio.ensure_future(self._one(prefix, ids, params, f"{base}-{i}")))
+                try:  # every row's params before any request starts: a refused one leaves none running
+                    params = self._sampling_params(opts, min(opts.max_new_tokens, room))
+                except Exception as exc:  # noqa: BLE001 (vLLM's own validation: this call's error)
+                    raise self._request_error(exc) from exc
+                planned.append((prefix, ids, params, f"{base}-{i}"))
+        tasks = [asyncio.ensure_future(self._one(*row)) for row in planned]
         try:
             outs = await asyncio.gather(*tasks)
         except BaseException as exc:
@@ -607,9 +617,10 @@ class VLLMStepGenerator:
         """``EngineStats.snapshot``: counters since start (prefix-cache requests, token queries,
         token hits, hit rate; preempted requests; the most requests the scheduler ran in one step,
         > 1: requests were batched; the peak KV-cache share in use) and the engine at its last
-        step (requests running and waiting, KV-cache share in use), all 0 when no request is left."""
+        step (requests running and waiting, KV-cache share in use), all 0 when no request is left
+        or the engine is dead (its requests are not removed then, and no step runs them)."""
         stats = self.engine_stats.snapshot()
-        if not self.unfinished_requests():
+        if self._closed or self.engine.errored or not self.unfinished_requests():
             # The engine core reports only with a step's outputs, and a request that ends at the
             # step delimiter (a stop string, matched here) is aborted after its last step: the
             # last report still counts it, and no step follows once the engine is idle.

@@ -55,13 +55,17 @@ class EngineSpec(StrictModel):
         None, description="Where the model runs: 'uni' in the engine-core process, 'mp' in worker processes of "
                           "its own. None: 'uni' on CPU with tensor_parallel_size 1 (vLLM's CPU build would pick "
                           "'mp', whose worker busy-polls between steps), vLLM's default elsewhere ('uni' on one "
-                          "GPU, 'mp' on several). 'uni' needs tensor_parallel_size 1.")
+                          "GPU; with tensor_parallel_size > 1 in a Serve replica, Ray workers placed in the "
+                          "replica's GPU bundles). 'uni' needs tensor_parallel_size 1. 'mp' starts its workers on "
+                          "the GPUs the replica's process sees, whatever bundles Ray reserved: only for a replica "
+                          "with its Pod's GPUs to itself.")
 
     @model_validator(mode="after")
     def _uni_is_one_worker(self) -> EngineSpec:
         if self.distributed_executor_backend == "uni" and self.tensor_parallel_size > 1:
             raise ValueError(f"distributed_executor_backend 'uni' runs one worker: tensor_parallel_size="
-                             f"{self.tensor_parallel_size} needs 'mp' (or None)")
+                             f"{self.tensor_parallel_size} needs None (vLLM's choice: Ray workers in the "
+                             f"replica's GPU bundles) or 'mp'")
         return self
 
 

@@ -196,7 +196,7 @@ def test_vllm_engine_args_and_placement_are_validated():
     opts = pool.deployment_options("target")
     assert opts["placement_group_bundles"] == [{"CPU": 1, "GPU": 1}, {"GPU": 1}]
     assert opts["placement_group_strategy"] == "STRICT_PACK"
-    with pytest.raises(ValidationError, match="'uni' runs one worker: tensor_parallel_size=2 needs 'mp'"):
+    with pytest.raises(ValidationError, match="'uni' runs one worker: tensor_parallel_size=2 needs None"):
         C.EngineSpec(tensor_parallel_size=2, distributed_executor_backend="uni")
     with pytest.raises(ValidationError, match="distributed_executor_backend"):
         C.EngineSpec(distributed_executor_backend="ray")

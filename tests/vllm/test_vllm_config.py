@@ -57,6 +57,17 @@ def test_use_backend_keeps_env_vars_the_config_sets():
         "env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "X": "1"}, "working_dir": "."}
 
 
+@pytest.mark.parametrize("preset", ["configs/gpu-example.yaml", "configs/presets/llama-1b-8b.yaml"])
+def test_use_backend_leaves_a_pool_already_on_vllm_with_its_own_engine(preset):
+    """A GPU config's engine (bf16, its context, tensor parallelism) must not become the
+    bundled models' CPU one."""
+    from arbitrage_common.config import load_config
+
+    cfg = load_config(ROOT / preset)
+    assert all(getattr(cfg.pools, role).model.backend == "vllm" for role in ("draft", "target"))
+    assert use_backend(cfg, "vllm", cpus=[0, 1]).pools.model_dump() == cfg.pools.model_dump()
+
+
 def test_use_backend_refuses_an_unknown_backend():
     with pytest.raises(ValueError, match="--backend"):
         use_backend(default_config(), "tgi")

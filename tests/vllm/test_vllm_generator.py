@@ -49,6 +49,33 @@ def test_module_imports_without_vllm():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_a_dead_engines_gauges_read_zero_though_its_requests_were_never_removed():
+    """vLLM re-raises EngineDeadError without removing the request from its output processor, so
+    the last step's figures would stay exported as load until Serve replaces the replica."""
+    from types import SimpleNamespace
+
+    from arbitrage_common.backends.vllm_generator import EngineStats, VLLMStepGenerator
+
+    gen = object.__new__(VLLMStepGenerator)  # no engine: only stats()' arithmetic
+    gen._closed, gen.engine_stats = False, EngineStats()
+    gen.engine_stats.add(1, 10, 5, running=1, waiting=2, kv_cache_usage=0.3)
+    unfinished = SimpleNamespace(get_num_unfinished_requests=lambda: 1)
+    gen.engine = SimpleNamespace(errored=False, output_processor=unfinished)
+    assert gen.stats()["running_requests"] == 1 and gen.stats()["kv_cache_usage"] == 0.3  # alive: as reported
+    gen.engine.errored = True
+    stats = gen.stats()
+    assert (stats["running_requests"], stats["waiting_requests"], stats["kv_cache_usage"]) == (0, 0, 0.0)
+    assert stats["peak_kv_cache_usage"] == 0.3  # counters since start stay
+
+
+def test_a_block_size_the_cpu_kernels_cannot_take_is_refused_before_the_engine_starts():
+    _vllm()
+    from arbitrage_common.backends.vllm_generator import VLLMStepGenerator
+
+    with pytest.raises(ValueError, match=r"model.engine.block_size: .* multiple of 32, got 16"):
+        VLLMStepGenerator(DRAFT, block_size=16)
+
+
 def test_missing_model_dir_fails_at_construction_naming_the_path(tmp_path):
     from arbitrage_common.backends.vllm_generator import VLLMStepGenerator
 
@@ -278,6 +305,19 @@ def test_timeout_aborts_and_raises(engine, loop):
         run(loop, with_deadline())
     run(loop, asyncio.sleep(0.2))
     assert _unfinished(engine) == 0
+
+
+def test_a_row_vllm_refuses_fails_its_call_as_ours_before_any_row_starts(engine, loop):
+    """vLLM validates sampling params (temperature above 2 here): the call fails with this
+    module's error type, and no earlier row of it is left decoding unawaited."""
+    from arbitrage_common.backends.vllm_generator import EngineRequestError
+
+    rows = [GenerationOptions(max_new_tokens=400, temperature=1.0, seed=1),
+            GenerationOptions(max_new_tokens=8, temperature=2.5, seed=2)]
+    with pytest.raises(EngineRequestError, match="temperature"):
+        run(loop, engine.generate(_prefixes(2), rows))
+    assert _unfinished(engine) == 0
+    assert run(loop, engine.generate(_prefixes(1), STEP))[0].finish_reason == "delimiter"  # still serving
 
 
 def test_check_health_is_cheap_and_passes(engine, loop):
