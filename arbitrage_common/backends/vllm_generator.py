@@ -561,7 +561,7 @@ class VLLMStepGenerator:
                 run.append(i)
                 try:  # every row's params before any request starts: a refused one leaves none running
                     params = self._sampling_params(opts, min(opts.max_new_tokens, room))
-                except Exception as exc:  # noqa: BLE001 (vLLM's own validation: this call's error)
+                except Exception as exc:  # vLLM's own validation: this call's error
                     raise self._request_error(exc) from exc
                 planned.append((prefix, ids, params, f"{base}-{i}"))
         tasks = [asyncio.ensure_future(self._one(*row)) for row in planned]
