@@ -20,6 +20,7 @@ from ..config import COORDINATOR, RAY_CLUSTER_ENV, AppConfig, render_serve_confi
 from .security import container_security_context, pod_security_context
 from .sizing import GroupSize, SizingError, group_sizes, replica_demand
 from .spec import (
+    DASHBOARD_AGENT_PORT,
     GROUP_LABEL,
     GROUP_NAMES,
     GROUP_OF,
@@ -31,6 +32,11 @@ from .spec import (
 )
 
 SERVE_PORT_NAMES = ("serve", "serve-grpc")  # KubeRay 1.6+ puts every serve / serve-* port on the serve Service
+# The serve Service's gRPC port speaks HTTP/2 without TLS: KubeRay builds the Service's ports as a
+# name and a port only, so Gateway API implementations and meshes would take 9000 for HTTP/1.1.
+# KubeRay 1.6+ takes a user `spec.serveService` port of the same name as it is, appProtocol
+# included (ray-operator/controllers/ray/common/service.go, BuildServeService).
+GRPC_APP_PROTOCOL = "kubernetes.io/h2c"
 # Custom resource names the rendering passes to `ray start --resources='<json>'` (inside single
 # quotes on KubeRay's shell command line): no quote may end them early.
 _RESOURCE_NAME = re.compile(r"[A-Za-z0-9_.:/-]+")
@@ -72,10 +78,21 @@ NO_GPU_ENV = [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}]
 # _drain_node_before_shutdown); Kubernetes kills the container terminationGracePeriodSeconds
 # after the SIGTERM (default 30 s). Both would cut a coordinator replica's graceful shutdown
 # (300 s in the presets) to 30 s, so the coordinator group raises both (coordinator_drain_s).
+# The pool groups keep Ray's drain (written out, POOL_DRAIN_S) and, like the coordinator's, get
+# DRAIN_MARGIN_S of grace beyond it: at the default grace SIGKILL would land on the drain's deadline.
 DRAIN_TIMEOUT_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"
+POOL_DRAIN_S = 30
 # Seconds of a coordinator Pod's drain beyond its replicas' graceful shutdown (a replacement's
-# start), and of its termination grace beyond the drain (`ray start` stopping its processes).
+# start), and of every worker Pod's termination grace beyond its drain (`ray start` stopping its
+# processes).
 DRAIN_MARGIN_S = 30
+# The coordinator Pods' readiness probe: KubeRay's own checks for a RayService worker (the
+# raylet's health through the dashboard agent, then the Serve proxy's /-/healthz; KubeRay 1.6
+# ray-operator/controllers/ray/common/pod.go, initLivenessAndReadinessProbe), which KubeRay keeps
+# when the container sets one. KubeRay's gives the probe 2 s and takes one failure as not Ready,
+# so one slow answer of a busy coordinator's proxy would take its Pod out of the serve Service.
+PROBE_CHECK_TIMEOUT_S = 5
+COORDINATOR_PROBE_FAILURES = 3
 # Ray token authentication (KubeRay 1.5+, Ray 2.52+): KubeRay generates a Secret per RayCluster
 # and gives every Ray container the token; the dashboard, job API and Ray Client then want it.
 TOKEN_AUTH = {"mode": "token"}
@@ -252,14 +269,13 @@ def _container(name: str, image: str, resources: dict, ports: dict[str, int],
 
 def _add_pod_options(pod_spec: dict[str, Any], cfg: AppConfig, shape: GroupSpec | HeadSpec) -> dict[str, Any]:
     """``pod_spec`` with the config's own volumes and mounts (``shape``: the head or a group),
-    after any the rendering set, and the cluster's serviceAccountName and imagePullSecrets."""
+    after any the rendering set, and the cluster's imagePullSecrets; the head's serviceAccountName
+    (``_head``) and the workers' token (``_worker``) are set apart."""
     if shape.volumes:
         pod_spec["volumes"] = pod_spec.get("volumes", []) + [dict(v) for v in shape.volumes]
     if shape.volume_mounts:
         container = pod_spec["containers"][0]
         container["volumeMounts"] = container.get("volumeMounts", []) + [dict(m) for m in shape.volume_mounts]
-    if cfg.cluster.service_account_name:
-        pod_spec["serviceAccountName"] = cfg.cluster.service_account_name
     if cfg.cluster.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": name} for name in cfg.cluster.image_pull_secrets]
     return pod_spec
@@ -288,16 +304,20 @@ def _spread_over_nodes(labels: dict[str, str]) -> list[dict[str, Any]]:
 def _head(cfg: AppConfig) -> dict[str, Any]:
     head = cfg.cluster.head
     ports = {**RAY_IMAGE_PORTS, **_serve_ports(cfg)}
+    pod_spec = _add_pod_options({"containers": [_container("ray-head", cfg.cluster.image,
+                                                           _resources(head.cpus, head.memory, 0),
+                                                           ports, NO_GPU_ENV + auth_secret_env(cfg))],
+                                 "securityContext": pod_security_context()}, cfg, head)
+    if cfg.cluster.service_account_name:
+        # The head's only: KubeRay binds its autoscaler Role (Pods get/list/watch/patch, rayclusters
+        # get/patch) to the head's ServiceAccount (KubeRay 1.6 common/rbac.go BuildRole,
+        # utils.GetHeadGroupServiceAccountName).
+        pod_spec["serviceAccountName"] = cfg.cluster.service_account_name
     return {
         # No CPUs and no GPUs for Ray's scheduler: no replica ever lands on the head.
         "rayStartParams": {"num-cpus": "0", **NO_GPU_START_PARAMS, "dashboard-host": "0.0.0.0",
                            "metrics-export-port": str(METRICS_PORT)},
-        "template": {"metadata": {"labels": _head_labels(cfg)},
-                     "spec": _add_pod_options({"containers": [_container("ray-head", cfg.cluster.image,
-                                                                         _resources(head.cpus, head.memory, 0),
-                                                                         ports, NO_GPU_ENV + auth_secret_env(cfg))],
-                                               "securityContext": pod_security_context()},
-                                              cfg, head)},
+        "template": {"metadata": {"labels": _head_labels(cfg)}, "spec": pod_spec},
     }
 
 
@@ -331,15 +351,19 @@ def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
                               f"digits, '_', '.', ':', '/', '-' only)")
         start_params["resources"] = ray_start_resources(size.resources)
     coordinator = size.name == GROUP_OF["coordinator"]
-    env = (([] if size.gpus else NO_GPU_ENV)
-           + ([{"name": DRAIN_TIMEOUT_ENV, "value": str(coordinator_drain_s(cfg))}] if coordinator else [])
+    drain_s = coordinator_drain_s(cfg) if coordinator else POOL_DRAIN_S
+    env = (([] if size.gpus else NO_GPU_ENV) + [{"name": DRAIN_TIMEOUT_ENV, "value": str(drain_s)}]
            + auth_secret_env(cfg))
-    pod_spec: dict[str, Any] = {"containers": [_container("ray-worker", cfg.cluster.image,
-                                                          _resources(size.cpus, shape.memory, size.gpus),
-                                                          _serve_ports(cfg), env)],
-                                 "securityContext": pod_security_context()}
+    container = _container("ray-worker", cfg.cluster.image, _resources(size.cpus, shape.memory, size.gpus),
+                           _serve_ports(cfg), env)
     if coordinator:
-        pod_spec["terminationGracePeriodSeconds"] = coordinator_drain_s(cfg) + DRAIN_MARGIN_S
+        container["readinessProbe"] = coordinator_readiness_probe(cfg)
+    pod_spec: dict[str, Any] = {"containers": [container], "securityContext": pod_security_context(),
+                                # A worker never calls the Kubernetes API (KubeRay's autoscaler runs on
+                                # the head; its init container and probes ask Ray): no token for the
+                                # replicas' code, trust_remote_code models included, to use.
+                                "automountServiceAccountToken": False,
+                                "terminationGracePeriodSeconds": drain_s + DRAIN_MARGIN_S}
     pod_spec["topologySpreadConstraints"] = _spread_over_nodes(_group_pod_labels(cfg, size.name))
     if size.gpus:
         pod_spec["tolerations"] = [dict(GPU_TOLERATION)]
@@ -357,6 +381,27 @@ def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
     if shape.idle_timeout_s is not None:
         group["idleTimeoutSeconds"] = shape.idle_timeout_s
     return group
+
+
+def coordinator_readiness_probe(cfg: AppConfig) -> dict[str, Any]:
+    """The coordinator container's readinessProbe: KubeRay's checks for a RayService worker, as
+    KubeRay 1.6 writes them, given ``PROBE_CHECK_TIMEOUT_S`` each and ``COORDINATOR_PROBE_FAILURES``
+    failures in a row before the Pod leaves the serve Service (KubeRay's: 2 s for the probe, 1)."""
+    check = "wget --tries 1 -T {t} -q -O- http://localhost:{port}/{path} | grep success"
+    commands = [check.format(t=PROBE_CHECK_TIMEOUT_S, port=DASHBOARD_AGENT_PORT, path="api/local_raylet_healthz"),
+                check.format(t=PROBE_CHECK_TIMEOUT_S, port=cfg.http.port, path="-/healthz")]
+    return {"exec": {"command": ["bash", "-c", " && ".join(commands)]},
+            "initialDelaySeconds": 10, "periodSeconds": 5, "successThreshold": 1,
+            "timeoutSeconds": PROBE_CHECK_TIMEOUT_S * len(commands), "failureThreshold": COORDINATOR_PROBE_FAILURES}
+
+
+def serve_service(cfg: AppConfig) -> dict[str, Any]:
+    """``spec.serveService``: the serve Service's ports with the gRPC one's appProtocol. KubeRay
+    1.6+ keeps its own name (``<name>-serve-svc``), namespace, selector, labels and type for it (it
+    replaces a user's selector, fills in what is unset) and takes each port of a name it would
+    have built as the user wrote it."""
+    return {"spec": {"ports": [{"name": "serve", "port": cfg.http.port},
+                               {"name": "serve-grpc", "port": cfg.grpc.port, "appProtocol": GRPC_APP_PROTOCOL}]}}
 
 
 def coordinator_drain_s(cfg: AppConfig) -> int:
@@ -409,6 +454,7 @@ def render_rayservice(cfg: AppConfig) -> dict[str, Any]:
             # The old cluster then lives on until every request it accepted has met its deadline.
             "rayClusterDeletionDelaySeconds": cluster_deletion_delay_s(cfg),
             "serveConfigV2": serve_config_v2(cfg),
+            "serveService": serve_service(cfg),
             "rayClusterConfig": {
                 "rayVersion": pinned_ray_version(),
                 **({"authOptions": dict(TOKEN_AUTH)} if cluster.ray_token_auth else {}),

@@ -274,6 +274,9 @@ def test_volumes_service_account_pull_secrets_and_head_scheduling_render_what_th
     cluster = manifest["spec"]["rayClusterConfig"]
     head = cluster["headGroupSpec"]["template"]
     assert head["spec"]["nodeSelector"] == {"pool": "system"} and head["spec"]["serviceAccountName"] == "arbitrage"
+    # the head's only (KubeRay binds its autoscaler Role to it); workers mount no token
+    assert not [g for g in cluster["workerGroupSpecs"] if "serviceAccountName" in g["template"]["spec"]
+                or g["template"]["spec"]["automountServiceAccountToken"] is not False]
     for template in [head] + [g["template"] for g in cluster["workerGroupSpecs"]]:
         _validate_core(_pod(template))
     target = next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == "target")["template"]["spec"]
@@ -389,6 +392,16 @@ def test_ha_ships_no_redis_password(overlay):
     env = redis["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "arbitrage-redis", "key": "password"}}} \
         in env
+
+
+@pytest.mark.parametrize("overlay", _ha_overlays(), ids=lambda p: p.name)
+def test_ha_redis_is_replaced_never_doubled_and_its_image_pinned(overlay):
+    """Its /data is an emptyDir: a RollingUpdate would start a second, empty Redis behind the same
+    Service before it stops the first. A patch release, not the moving `7.4` tag."""
+    (redis,) = [d for d in built(overlay) if d["kind"] == "Deployment"]
+    assert redis["spec"]["strategy"] == {"type": "Recreate"}
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+", container["image"]), container["image"]
 
 
 def test_the_docs_say_how_to_create_the_redis_secret():

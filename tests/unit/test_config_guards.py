@@ -73,15 +73,18 @@ def test_kuberay_pods_get_the_key_variable_from_a_secret_only_with_auth():
     proxy_grpc = {"name": "RAY_SERVE_PROXY_USE_GRPC", "value": "1"}  # every Pod: proxy -> coordinator over gRPC
     no_gpu = {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}  # cpu-demo: no Pod has a GPU limit
     drain = {"name": "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "value": "330"}  # the coordinator group's
+    pool_drain = {"name": "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "value": "30"}  # the pool groups' (Ray's)
     containers = _containers(render_rayservice(base))  # head, draft, target, scorers, coordinator
-    assert [c["env"] for c in containers] == [[proxy_grpc, no_gpu]] * 4 + [[proxy_grpc, no_gpu, drain]]
+    assert [c["env"] for c in containers] == \
+        [[proxy_grpc, no_gpu]] + [[proxy_grpc, no_gpu, pool_drain]] * 3 + [[proxy_grpc, no_gpu, drain]]
 
     secured = base.model_copy(update={"auth": C.AuthSpec(api_key_env="ARBITRAGE_API_KEYS")})
     expected = [{"name": "ARBITRAGE_API_KEYS",
                  "valueFrom": {"secretKeyRef": {"name": f"{base.name}-api-keys", "key": "ARBITRAGE_API_KEYS"}}}]
     containers = _containers(render_rayservice(secured))
     assert [c["env"] for c in containers] == \
-        [[proxy_grpc, no_gpu, *expected]] * 4 + [[proxy_grpc, no_gpu, drain, *expected]]
+        [[proxy_grpc, no_gpu, *expected]] + [[proxy_grpc, no_gpu, pool_drain, *expected]] * 3 \
+        + [[proxy_grpc, no_gpu, drain, *expected]]
 
     named = base.model_copy(update={"auth": C.AuthSpec(api_key_env="K", k8s_secret="prod-keys")})
     assert auth_secret_env(named)[0]["valueFrom"]["secretKeyRef"] == {"name": "prod-keys", "key": "K"}

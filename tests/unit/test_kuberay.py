@@ -11,9 +11,16 @@ import pytest
 from pydantic import ValidationError
 
 from arbitrage_common import config as C
-from arbitrage_common.kuberay.render import DELETION_MARGIN_S, cluster_app_config, render_kustomize, render_rayservice
+from arbitrage_common.kuberay.render import (
+    DELETION_MARGIN_S,
+    DRAIN_MARGIN_S,
+    SERVE_PORT_NAMES,
+    cluster_app_config,
+    render_kustomize,
+    render_rayservice,
+)
 from arbitrage_common.kuberay.sizing import Demand, SizingError, group_sizes, pods_needed
-from arbitrage_common.kuberay.spec import GROUP_LABEL
+from arbitrage_common.kuberay.spec import DASHBOARD_AGENT_PORT, GROUP_LABEL
 from arbitrage_common.kuberay.targets import target_config, target_names
 from arbitrage_common.presets import ModelPathError, check_pool_model
 
@@ -447,19 +454,71 @@ def test_an_evicted_coordinator_pod_drains_for_the_replicas_graceful_shutdown(gr
     """On SIGTERM, Ray 2.60's `ray start --block` drains its node for RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
     (30 s by default) and Kubernetes kills the container terminationGracePeriodSeconds after it (30 s
     by default): both must outlast a stopping coordinator replica's graceful_shutdown_timeout_s, or a
-    node drain cuts its requests at 30 s. Pools (10 s) and the head keep the defaults."""
+    node drain cuts its requests at 30 s. Pools (10 s) keep Ray's drain; the head keeps the defaults."""
     data = target_config("llama-1b-8b").model_dump(mode="json")
     data["coordinator"]["graceful_shutdown_timeout_s"] = grace
     specs = _pod_specs(C.AppConfig.model_validate(data))
     coordinator = specs["coordinator"]["template"]["spec"]
-    env = {e["name"]: e.get("value") for e in coordinator["containers"][0]["env"]}
-    drain = float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
-    assert drain >= grace + 30 and coordinator["terminationGracePeriodSeconds"] >= drain + 30
+    assert _drain_s(coordinator) >= grace + 30 and coordinator["terminationGracePeriodSeconds"] >= _drain_s(coordinator) + 30
+    head = specs.pop("head")["template"]["spec"]
+    assert "terminationGracePeriodSeconds" not in head and _drain_s(head) is None
     for group, spec in specs.items():
         if group != "coordinator":
-            assert "terminationGracePeriodSeconds" not in spec["template"]["spec"], group
-            assert not [e for e in spec["template"]["spec"]["containers"][0]["env"]
-                        if e["name"] == "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"], group
+            assert _drain_s(spec["template"]["spec"]) == 30, group  # Ray's default, written out
+
+
+def _drain_s(pod: dict) -> float | None:
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    drain = env.get("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S")
+    return None if drain is None else float(drain)
+
+
+@pytest.mark.parametrize("target", target_names())
+def test_every_worker_pod_outlives_its_drain(target):
+    """Kubernetes SIGKILLs a Pod terminationGracePeriodSeconds (30 s by default) after its SIGTERM;
+    `ray start` drains for RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s by default) and then stops
+    its processes. At the defaults the kill lands on the drain's deadline: every worker group gets
+    a grace DRAIN_MARGIN_S beyond its drain (pools: 30 s and 60 s; coordinator: 330 s and 360 s)."""
+    for group in render_rayservice(target_config(target))["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == _drain_s(pod) + DRAIN_MARGIN_S, group["groupName"]
+
+
+def test_the_serve_service_marks_its_grpc_port_h2c():
+    """KubeRay builds the serve Service's ports as a name and a port only (service.go,
+    BuildServeService), so Gateway API implementations and meshes took 9000 for HTTP/1.1. KubeRay
+    1.6+ takes a spec.serveService port whose name it would have built as written (appProtocol
+    kept) and sets the Service's name, selector and labels itself: so the rendering gives ports
+    only, named as the head container's serve ports."""
+    data = target_config("cpu-demo").model_dump(mode="json")
+    data["http"]["port"], data["grpc"]["port"] = 8001, 9001
+    spec = render_rayservice(C.AppConfig.model_validate(data))["spec"]
+    assert spec["serveService"] == {"spec": {"ports": [
+        {"name": "serve", "port": 8001},
+        {"name": "serve-grpc", "port": 9001, "appProtocol": "kubernetes.io/h2c"}]}}
+    head_ports = spec["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    serve_ports = {p["name"]: p["containerPort"] for p in head_ports if p["name"] in SERVE_PORT_NAMES}
+    assert {p["name"]: p["port"] for p in spec["serveService"]["spec"]["ports"]} == serve_ports
+
+
+@pytest.mark.parametrize("target", ["cpu-demo", "llama-1b-8b"])
+def test_a_busy_coordinator_pod_survives_one_slow_proxy_health_check(target):
+    """KubeRay's readiness probe for a RayService worker (pod.go, initLivenessAndReadinessProbe)
+    gives the probe 2 s and takes one failure as not Ready, so one slow /-/healthz of a busy
+    coordinator's proxy took its Pod out of the serve Service. KubeRay keeps a probe the container
+    sets: the coordinator's runs KubeRay's checks with more time and 3 failures in a row."""
+    cfg = target_config(target)
+    specs = _pod_specs(cfg)
+    probe = specs.pop("coordinator")["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert probe["timeoutSeconds"] >= 5 and probe["failureThreshold"] == 3 and probe["periodSeconds"] == 5
+    command = probe["exec"]["command"]
+    assert command[:2] == ["bash", "-c"]
+    assert f"http://localhost:{DASHBOARD_AGENT_PORT}/api/local_raylet_healthz | grep success" in command[2]
+    assert f"http://localhost:{cfg.http.port}/-/healthz | grep success" in command[2]
+    for timeout in re.findall(r"-T (\d+)", command[2]):
+        assert int(timeout) * 2 <= probe["timeoutSeconds"]
+    for group, spec in specs.items():  # KubeRay's own elsewhere
+        assert "readinessProbe" not in spec["template"]["spec"]["containers"][0], group
 
 
 def test_groups_without_custom_resources_render_as_before():

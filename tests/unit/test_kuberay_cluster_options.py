@@ -158,12 +158,30 @@ def test_a_models_volume_is_mounted_on_the_groups_that_ask():
     assert "volumes" not in groups["coordinator"]["template"]["spec"]
 
 
-def test_the_service_account_and_pull_secrets_go_on_every_pod():
+def test_the_service_account_goes_on_the_head_only_and_pull_secrets_on_every_pod():
+    """KubeRay binds its autoscaler Role (Pods get/list/watch/patch, rayclusters get/patch) to
+    the head's ServiceAccount (common/rbac.go BuildRole, utils.GetHeadGroupServiceAccountName):
+    on a worker it would hand those rights to the replicas' code, remote model code included."""
     cluster = _cluster(_edited(_with_models_volume))
-    for spec in [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"]
-                                                                  for g in cluster["workerGroupSpecs"]]:
-        assert spec["serviceAccountName"] == "arbitrage"
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert head["serviceAccountName"] == "arbitrage" and head["imagePullSecrets"] == [{"name": "registry"}]
+    assert "automountServiceAccountToken" not in head  # KubeRay's autoscaler sidecar uses the token
+    for group in cluster["workerGroupSpecs"]:
+        spec = group["template"]["spec"]
+        assert "serviceAccountName" not in spec, group["groupName"]
         assert spec["imagePullSecrets"] == [{"name": "registry"}]
+
+
+@pytest.mark.parametrize("name", ["cpu-demo", "llama-1b-8b"])
+def test_worker_pods_mount_no_service_account_token(name):
+    """Workers never call the Kubernetes API (KubeRay's autoscaler runs on the head; the workers'
+    wait-gcs-ready init container and probes ask Ray), so their Pods mount no token, with or
+    without a configured ServiceAccount."""
+    for cfg in (target_config(name), _edited(lambda d: d["cluster"].update(service_account_name="arbitrage"), name)):
+        cluster = _cluster(cfg)
+        assert "automountServiceAccountToken" not in cluster["headGroupSpec"]["template"]["spec"]
+        for group in cluster["workerGroupSpecs"]:
+            assert group["template"]["spec"]["automountServiceAccountToken"] is False, group["groupName"]
 
 
 def test_the_heads_scheduling_knobs_go_into_the_overlay():
