@@ -25,7 +25,7 @@ served stress with step pipelining stalled a draft lane in 4 of 7 runs).
 
 Piggyback: small fire-and-forget messages for a session (the scorers' ``release``) ride on the
 next merged call of its lane; a lane that stays idle sends them alone after ``flush_s``. A
-call with rows that is cancelled or fails hands its messages on to the next.
+call with rows that is cancelled hands its messages on to the next.
 """
 from __future__ import annotations
 
@@ -118,10 +118,11 @@ def yield_call_slot() -> None:
 
 
 def _requeue(lane: _Lane, rows: list, piggyback: list[Any]) -> None:
-    """Messages that rode rows on a call that was cancelled or failed go again, with the lane's
-    next call or alone after ``flush_s``: the pool may never have read them (a pipelined step
-    that went to the target cancels its early draft's call). Those of a call that carried only
-    them are not: sent alone once, the pool that could not take them would not take them again."""
+    """Messages that rode rows on a call that was cancelled go again, with the lane's next call
+    or alone after ``flush_s``: the pool may never have read them (a pipelined step that went to
+    the target cancels its early draft's call). Not those of a failed call (its retries sent them
+    already, and a message the pool refuses would fail every later call), nor of a call that
+    carried only them."""
     if rows and piggyback:
         lane.piggyback[:0] = piggyback
 
@@ -235,7 +236,6 @@ class Coalescer:
             for future in futures:
                 future.cancel()
         except Exception as exc:  # noqa: BLE001 (the merged call's failure is every row's)
-            _requeue(lane, rows, piggyback)
             for future in futures:
                 if not future.done():
                     future.set_exception(exc)

@@ -107,8 +107,8 @@ def pool_metrics_note(timeline: list[dict] | None, urls: list[str], repeats: int
         named = "; ".join(f"{url} ({why})" for url, why in unreachable.items())
         what = ("no pool metrics were sampled" if set(unreachable) >= set(urls)
                 else "the pools it exports are missing from pools_over_time")
-        return (f"--metrics: could not be reached during the run: {named}; {what} (is it the Prometheus endpoint "
-                f"`arbitrage serve` prints?)")
+        return (f"--metrics: never answered with metrics during the run: {named}; {what} (is it the Prometheus "
+                f"endpoint `arbitrage serve` prints?)")
     if not any(row["pools"] for row in timeline):
         return (f"--metrics {' '.join(urls)}: no sample held a pool's metrics (is it the service's Ray metrics "
                 f"export, and --app its application?)")

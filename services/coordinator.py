@@ -35,7 +35,7 @@ from protos.arbitrage.v1 import arbitrage_pb2 as pb
 
 from . import convert
 from .gauge_clock import GaugeClock
-from .handles import NO_RETRY, RELEASES_ALONE_S, PoolHandles
+from .handles import PoolHandles
 from .health import PoolHealth, WatchSlots, pools_needed, serving_app_name
 from .load_metrics import LoadGauges, RowsWaitingGauge
 from .proxy_status import UnparsedRequest
@@ -158,8 +158,9 @@ class Coordinator:
         self._load_gauges = LoadGauges() if self.load is not None else None
         self._rows_waiting = RowsWaitingGauge() if self.pools.merged else None
         # The load gauges are set at admission and at each probe too, but a probe every 2 s is
-        # not enough alone.
-        self._gauge_clock = GaugeClock(self._export_gauges)
+        # not enough alone. No clock when there is nothing to export.
+        clocked = self.load is not None or self._rows_waiting is not None
+        self._gauge_clock = GaugeClock(self._export_gauges) if clocked else None
         allowed = self.cfg.policy.allowed
         self.available = [name for name, cls in POLICIES.items()
                           if (cls.scorer is None or getattr(self.pools, cls.scorer) is not None)
@@ -235,7 +236,8 @@ class Coordinator:
         deadline = time.monotonic() + prepared.request.deadline_s if prepared.request.deadline_s else None
         if _in_replica():  # the probes keep PoolHealth.failed current: calls to a failing pool fail fast
             self.health.start()
-            self._gauge_clock.start()
+            if self._gauge_clock is not None:
+                self._gauge_clock.start()
         try:
             await self._admit(prepared, deadline)
         except DeadlineExceeded as exc:  # admission calls the generators only
@@ -260,7 +262,7 @@ class Coordinator:
             return prepared
         if _in_replica():  # the health probe's loop refreshes the controller (_refresh_load)
             self.health.start()
-            self._gauge_clock.start()
+            self._gauge_clock.start()  # there is one: the load controller is on
         used = self.load.threshold_for(prepared.policy, prepared.threshold, time.monotonic(), explicit=explicit)
         self._export_load()
         if used == prepared.threshold:
@@ -403,11 +405,7 @@ class Coordinator:
             task.add_done_callback(self._releases.discard)
 
     async def _release_one(self, role: str, session: str) -> None:
-        try:  # as merged releases sent alone: once, bounded (a pool with no replica would hold it)
-            await asyncio.wait_for(self.pools.caller(role, "release", session, retry=NO_RETRY)(session),
-                                   RELEASES_ALONE_S)
-        except Exception as exc:  # noqa: BLE001 (best effort: the LRU bounds the cache anyway)
-            logger.debug("release of %s on %s failed: %s", session, role, type(exc).__name__)
+        await self.pools.send_alone(role, "release", session, session)
 
     def fail(self, transport: str, policy: str | None, exc: BaseException,
              request_id: str | None = None) -> convert.ApiError:

@@ -25,7 +25,6 @@ bug, a bad checkpoint) and backend timeouts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -43,6 +42,7 @@ from arbitrage_common.retry import RetryPolicy
 
 from .convert import PoolDown, replica_channel_lost
 
+logger = logging.getLogger(__name__)
 NO_RETRY = RetryPolicy(retries=0)
 # Seconds a merged call that carries only releases may take: a pool with no replica holds it.
 RELEASES_ALONE_S = 10.0
@@ -329,14 +329,21 @@ class PoolHandles:
             # rows: (args, deadline) each; the pool method takes one list per argument (empty
             # lists when only piggybacked releases travel)
             columns = [[args[k] for args, _ in rows] for k in range(arity)]
-            if not rows:  # releases alone: best effort (the LRU bounds the caches), once, bounded
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.caller(role, method, lane_key, retry=NO_RETRY)(*columns, piggyback),
-                                           RELEASES_ALONE_S)
+            if not rows:
+                await self.send_alone(role, method, lane_key, *columns, piggyback)
                 return []
             deadline = _earliest([deadline for _, deadline in rows])
             return await self.caller(role, method, lane_key, deadline)(*columns, piggyback)
         return send
+
+    async def send_alone(self, role: str, method: str, key: str, *args: Any) -> None:
+        """Cache releases sent on their own: best effort (the pools' LRU bounds the caches), so
+        once, within ``RELEASES_ALONE_S`` (a pool with no replica would hold the call), and a
+        failure is only logged."""
+        try:
+            await asyncio.wait_for(self.caller(role, method, key, retry=NO_RETRY)(*args), RELEASES_ALONE_S)
+        except Exception as exc:  # noqa: BLE001
+            logger.debug("release on %s failed: %s", role, type(exc).__name__)
 
     def release(self, role: str, session_id: str) -> bool:
         """Queue a finished session's cache release on a merged pool (it rides on the lane's

@@ -269,13 +269,15 @@ def _container(name: str, image: str, resources: dict, ports: dict[str, int],
 
 def _add_pod_options(pod_spec: dict[str, Any], cfg: AppConfig, shape: GroupSpec | HeadSpec) -> dict[str, Any]:
     """``pod_spec`` with the config's own volumes and mounts (``shape``: the head or a group),
-    after any the rendering set, and the cluster's imagePullSecrets; the head's serviceAccountName
-    (``_head``) and the workers' token (``_worker``) are set apart."""
+    after any the rendering set, and the cluster's serviceAccountName and imagePullSecrets (the
+    workers mount no token: ``_worker``)."""
     if shape.volumes:
         pod_spec["volumes"] = pod_spec.get("volumes", []) + [dict(v) for v in shape.volumes]
     if shape.volume_mounts:
         container = pod_spec["containers"][0]
         container["volumeMounts"] = container.get("volumeMounts", []) + [dict(m) for m in shape.volume_mounts]
+    if cfg.cluster.service_account_name:
+        pod_spec["serviceAccountName"] = cfg.cluster.service_account_name
     if cfg.cluster.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": name} for name in cfg.cluster.image_pull_secrets]
     return pod_spec
@@ -308,11 +310,6 @@ def _head(cfg: AppConfig) -> dict[str, Any]:
                                                            _resources(head.cpus, head.memory, 0),
                                                            ports, NO_GPU_ENV + auth_secret_env(cfg))],
                                  "securityContext": pod_security_context()}, cfg, head)
-    if cfg.cluster.service_account_name:
-        # The head's only: KubeRay binds its autoscaler Role (Pods get/list/watch/patch, rayclusters
-        # get/patch) to the head's ServiceAccount (KubeRay 1.6 common/rbac.go BuildRole,
-        # utils.GetHeadGroupServiceAccountName).
-        pod_spec["serviceAccountName"] = cfg.cluster.service_account_name
     return {
         # No CPUs and no GPUs for Ray's scheduler: no replica ever lands on the head.
         "rayStartParams": {"num-cpus": "0", **NO_GPU_START_PARAMS, "dashboard-host": "0.0.0.0",
@@ -361,7 +358,10 @@ def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {"containers": [container], "securityContext": pod_security_context(),
                                 # A worker never calls the Kubernetes API (KubeRay's autoscaler runs on
                                 # the head; its init container and probes ask Ray): no token for the
-                                # replicas' code, trust_remote_code models included, to use.
+                                # replicas' code, trust_remote_code models included, to use with the
+                                # rights KubeRay binds to the ServiceAccount (its autoscaler Role). The
+                                # account stays: a cloud identity (IRSA, Workload Identity) needs no
+                                # Kubernetes API token, and the pools may need it to read weights.
                                 "automountServiceAccountToken": False,
                                 "terminationGracePeriodSeconds": drain_s + DRAIN_MARGIN_S}
     pod_spec["topologySpreadConstraints"] = _spread_over_nodes(_group_pod_labels(cfg, size.name))

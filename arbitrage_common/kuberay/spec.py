@@ -346,9 +346,10 @@ class ClusterSpec(_Strict):
                                              "routes are unaffected (they use auth). False: no authOptions.")
     service_account_name: ObjectName | None = Field(
         None, exclude_if=lambda v: v is None,
-        description="serviceAccountName of the head Pod (None: KubeRay's, which it creates). It must exist in the "
-                    "namespace; KubeRay binds its autoscaler Role (Pods, RayClusters) to it. Worker Pods keep the "
-                    "namespace's default ServiceAccount and mount no token.")
+        description="serviceAccountName of every Pod (None: KubeRay's for the head, which it creates, and the "
+                    "namespace's default for the workers). It must exist in the namespace; KubeRay binds its "
+                    "autoscaler Role (Pods, RayClusters) to it, so worker Pods mount no token (a cloud identity "
+                    "such as IRSA or Workload Identity still works).")
     image_pull_secrets: list[ObjectName] = Field(default_factory=list, exclude_if=lambda v: not v,
                                                  description="Names of the Secrets every Pod pulls cluster.image "
                                                              "with (imagePullSecrets).")

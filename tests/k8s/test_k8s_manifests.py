@@ -274,8 +274,8 @@ def test_volumes_service_account_pull_secrets_and_head_scheduling_render_what_th
     cluster = manifest["spec"]["rayClusterConfig"]
     head = cluster["headGroupSpec"]["template"]
     assert head["spec"]["nodeSelector"] == {"pool": "system"} and head["spec"]["serviceAccountName"] == "arbitrage"
-    # the head's only (KubeRay binds its autoscaler Role to it); workers mount no token
-    assert not [g for g in cluster["workerGroupSpecs"] if "serviceAccountName" in g["template"]["spec"]
+    # every Pod's; workers mount no token (KubeRay binds its autoscaler Role to the account)
+    assert not [g for g in cluster["workerGroupSpecs"] if g["template"]["spec"]["serviceAccountName"] != "arbitrage"
                 or g["template"]["spec"]["automountServiceAccountToken"] is not False]
     for template in [head] + [g["template"] for g in cluster["workerGroupSpecs"]]:
         _validate_core(_pod(template))

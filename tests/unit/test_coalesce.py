@@ -230,29 +230,43 @@ def test_piggybacked_messages_ride_the_next_call_of_their_lane_or_leave_alone_wh
     assert calls == [("lane-0", [1], ["done-1"]), ("lane-0", [], ["done-2"])]
 
 
-@pytest.mark.parametrize("ends", ["cancelled", "failed"])
-def test_messages_that_rode_a_call_that_was_cancelled_or_failed_go_again(ends):
+def test_messages_that_rode_a_cancelled_call_go_again():
     """A pipelined step that goes to the target cancels its early draft's call, and with it the
     releases that rode on it: they go with the next call, or alone."""
     async def main():
-        pool = FakePool(fail_call=RuntimeError("pool full") if ends == "failed" else None)
+        pool = FakePool()
         pool.gate.clear()
         merged = Coalescer(pool.send, flush_s=0.01)
         merged.attach("done", "release-done")
         row = asyncio.ensure_future(merged.call("b", 1))  # carries the release
         await settle()
-        if ends == "cancelled":
-            row.cancel()  # its only row: the call is abandoned
-        else:
-            pool.gate.set()
+        row.cancel()  # its only row: the call is abandoned
         await asyncio.gather(row, return_exceptions=True)
-        pool.fail_call = None
         pool.gate.set()
         await asyncio.sleep(0.05)  # past flush_s: the lane is idle, the release goes alone
         await merged.aclose()
         return pool.calls
 
     assert run(main()) == [("lane-0", [1], ["release-done"]), ("lane-0", [], ["release-done"])]
+
+
+def test_messages_of_a_failed_call_never_ride_the_calls_after_it():
+    """A failed call's retries already carried its messages; one the pool refuses would
+    otherwise fail every later call of the lane."""
+    async def main():
+        pool = FakePool(fail_call=RuntimeError("refused"))
+        merged = Coalescer(pool.send, flush_s=0.01)
+        merged.attach("done", "bad")
+        with pytest.raises(RuntimeError):
+            await merged.call("b", 1)
+        pool.fail_call = None
+        later = [await merged.call(f"c{i}", i) for i in range(3)]
+        await asyncio.sleep(0.05)
+        await merged.aclose()
+        return later, pool.calls
+
+    later, calls = run(main())
+    assert later == [0, 10, 20] and [piggyback for _, _, piggyback in calls] == [["bad"], [], [], []]
 
 
 def test_messages_sent_alone_in_a_call_that_fails_are_not_sent_again():

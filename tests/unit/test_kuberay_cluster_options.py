@@ -158,18 +158,20 @@ def test_a_models_volume_is_mounted_on_the_groups_that_ask():
     assert "volumes" not in groups["coordinator"]["template"]["spec"]
 
 
-def test_the_service_account_goes_on_the_head_only_and_pull_secrets_on_every_pod():
+def test_the_service_account_and_pull_secrets_go_on_every_pod_and_only_the_head_mounts_a_token():
     """KubeRay binds its autoscaler Role (Pods get/list/watch/patch, rayclusters get/patch) to
     the head's ServiceAccount (common/rbac.go BuildRole, utils.GetHeadGroupServiceAccountName):
-    on a worker it would hand those rights to the replicas' code, remote model code included."""
+    a worker's token would hand those rights to the replicas' code, remote model code included.
+    The account itself stays on the workers: a cloud identity (IRSA, Workload Identity) for
+    reading weights needs no Kubernetes API token."""
     cluster = _cluster(_edited(_with_models_volume))
     head = cluster["headGroupSpec"]["template"]["spec"]
     assert head["serviceAccountName"] == "arbitrage" and head["imagePullSecrets"] == [{"name": "registry"}]
     assert "automountServiceAccountToken" not in head  # KubeRay's autoscaler sidecar uses the token
     for group in cluster["workerGroupSpecs"]:
         spec = group["template"]["spec"]
-        assert "serviceAccountName" not in spec, group["groupName"]
-        assert spec["imagePullSecrets"] == [{"name": "registry"}]
+        assert spec["serviceAccountName"] == "arbitrage", group["groupName"]
+        assert spec["automountServiceAccountToken"] is False and spec["imagePullSecrets"] == [{"name": "registry"}]
 
 
 @pytest.mark.parametrize("name", ["cpu-demo", "llama-1b-8b"])

@@ -148,7 +148,7 @@ def test_an_unreachable_metrics_url_is_named_not_reported_as_a_url_without_pools
     timeline = sampler.stop()
     assert sampler.unreachable == {"http://h:1/metrics": "[Errno 111] Connection refused"}
     note = pool_metrics_note(timeline, sampler.urls, sampler.repeats, sampler.unreachable)
-    assert note.startswith("--metrics: could not be reached during the run: http://h:1/metrics ([Errno 111] "
+    assert note.startswith("--metrics: never answered with metrics during the run: http://h:1/metrics ([Errno 111] "
                            "Connection refused); no pool metrics were sampled")
     assert "no sample held" not in note
     monkeypatch.undo()
