@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import yaml
@@ -78,10 +79,13 @@ NO_GPU_ENV = [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}]
 # _drain_node_before_shutdown); Kubernetes kills the container terminationGracePeriodSeconds
 # after the SIGTERM (default 30 s). Both would cut a coordinator replica's graceful shutdown
 # (300 s in the presets) to 30 s, so the coordinator group raises both (coordinator_drain_s).
-# The pool groups keep Ray's drain (written out, POOL_DRAIN_S) and, like the coordinator's, get
-# DRAIN_MARGIN_S of grace beyond it: at the default grace SIGKILL would land on the drain's deadline.
+# The pool groups keep Ray's drain (written out, POOL_DRAIN_S) while their pools' graceful
+# shutdown leaves a replacement POOL_REPLACEMENT_S to start within it (the pools' default, 10 s,
+# does), and drain longer for a longer one; like the coordinator's, they get DRAIN_MARGIN_S of
+# grace beyond it: at the default grace SIGKILL would land on the drain's deadline.
 DRAIN_TIMEOUT_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"
 POOL_DRAIN_S = 30
+POOL_REPLACEMENT_S = 20
 # Seconds of a coordinator Pod's drain beyond its replicas' graceful shutdown (a replacement's
 # start), and of every worker Pod's termination grace beyond its drain (`ray start` stopping its
 # processes).
@@ -348,7 +352,7 @@ def _worker(cfg: AppConfig, size: GroupSize) -> dict[str, Any]:
                               f"digits, '_', '.', ':', '/', '-' only)")
         start_params["resources"] = ray_start_resources(size.resources)
     coordinator = size.name == GROUP_OF["coordinator"]
-    drain_s = coordinator_drain_s(cfg) if coordinator else POOL_DRAIN_S
+    drain_s = coordinator_drain_s(cfg) if coordinator else pool_drain_s(cfg, size.deployments)
     env = (([] if size.gpus else NO_GPU_ENV) + [{"name": DRAIN_TIMEOUT_ENV, "value": str(drain_s)}]
            + auth_secret_env(cfg))
     container = _container("ray-worker", cfg.cluster.image, _resources(size.cpus, shape.memory, size.gpus),
@@ -412,6 +416,15 @@ def coordinator_drain_s(cfg: AppConfig) -> int:
     lets a stopping coordinator replica finish its requests as a downscale does. The Pods'
     ``terminationGracePeriodSeconds`` is this plus ``DRAIN_MARGIN_S``."""
     return math.ceil(cfg.coordinator.graceful_shutdown_timeout_s) + DRAIN_MARGIN_S
+
+
+def pool_drain_s(cfg: AppConfig, deployments: Iterable[str]) -> int:
+    """``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S`` of a pool group's Pods: Ray's 30 s, or longer
+    where a pool of the group shuts down gracefully for more than 10 s, so that a stopping
+    replica still finishes its calls and a replacement has ``POOL_REPLACEMENT_S`` to start."""
+    pools = dict(cfg.pools.configured())
+    grace = max((pools[name].graceful_shutdown_timeout_s for name in deployments if name in pools), default=0.0)
+    return max(POOL_DRAIN_S, math.ceil(grace) + POOL_REPLACEMENT_S)
 
 
 def cluster_deletion_delay_s(cfg: AppConfig) -> int:

@@ -467,6 +467,22 @@ def test_an_evicted_coordinator_pod_drains_for_the_replicas_graceful_shutdown(gr
             assert _drain_s(spec["template"]["spec"]) == 30, group  # Ray's default, written out
 
 
+@pytest.mark.parametrize("grace", [10.0, 45.0, 90.5])
+def test_a_pool_group_drains_for_its_pools_graceful_shutdown(grace):
+    """A pool replica on a draining node stops at the latest its graceful_shutdown_timeout_s before
+    the drain's deadline: a pool that shuts down for longer than 10 s would have its calls cut, or
+    no time left for a replacement, at Ray's 30 s. Its group drains that timeout plus 20 s; the
+    other pool groups keep 30 s."""
+    data = target_config("llama-1b-8b").model_dump(mode="json")
+    data["pools"]["target"]["graceful_shutdown_timeout_s"] = grace
+    specs = _pod_specs(C.AppConfig.model_validate(data))
+    target = specs["target"]["template"]["spec"]
+    assert _drain_s(target) == max(30, math.ceil(grace) + 20)
+    assert target["terminationGracePeriodSeconds"] == _drain_s(target) + DRAIN_MARGIN_S
+    for group in ("draft", "scorers"):
+        assert _drain_s(specs[group]["template"]["spec"]) == 30, group
+
+
 def _drain_s(pod: dict) -> float | None:
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     drain = env.get("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S")
