@@ -3,7 +3,8 @@ is one kube-prometheus-stack loads, every rule is complete and its PromQL parses
 (promql-parser, the dev extra); every metric an alert reads is one this code exports
 (services/) or one of Ray Serve's, checked against the installed ray, with the labels it
 carries and the status / reason values the code sets; the error ratio excludes what the
-dashboard's does, the overload alert counts the same 503 refusals on every source; the
+dashboard's does, the overload alert counts the same 503 refusals on every source; every
+ratio divides by the requests accepted (client mistakes such as 404, 401, 422 left out); the
 thresholds fit what they compare with; descriptions point at doc sections that exist. Pure
 file checks: no cluster, no network."""
 from __future__ import annotations
@@ -16,8 +17,11 @@ import grpc
 import promql_parser
 import yaml
 from test_dashboard_metrics import (
+    HTTP_ONLY_REFUSALS,
+    OTHER_ANSWERS,
     PROXY_ANSWERS,
     RAY_SERVE_METRICS,
+    _accepted,
     _api_error_codes,
     _exported_by_services,
     _ingress_tag_keys,
@@ -263,7 +267,7 @@ def test_every_label_an_alert_matches_or_groups_by_is_one_the_metric_carries():
 def test_the_status_and_reason_values_matched_are_ones_the_code_sets():
     statuses = set(_api_error_codes()) | {"ok"}
     grpc_codes = {c.name for c in grpc.StatusCode}
-    http = {str(h) for _, h in [*_api_error_codes().values(), *PROXY_ANSWERS]}
+    http = {str(h) for _, h in [*_api_error_codes().values(), *PROXY_ANSWERS, ("OK", 200)]}
     checked = 0
     for rule in _rules():
         for metric, matchers in _selectors(promql_parser.parse(rule["expr"])):
@@ -305,20 +309,21 @@ def test_the_overload_alert_counts_the_same_503_refusals_on_every_source():
     refused = {status for status, (_, http) in codes.items() if http == 503}
     assert refused == {"resource_exhausted", "unavailable"}
     answers = [*codes.values(), *PROXY_ANSWERS, ("OK", 200), ("INVALID_ARGUMENT", 422)]
-    examples = {  # metric -> [(labels of one series, counted as refused?)]
-        "ray_arbitrage_requests_total": [({"status": s}, s in refused) for s in [*codes, "ok"]],
+    examples = {  # metric -> [(labels of one series, counted as refused?, accepted?)]
+        "ray_arbitrage_requests_total": [({"status": s}, s in refused, _accepted(h))
+                                         for s, (_, h) in [*codes.items(), ("ok", ("OK", 200))]],
         "ray_serve_num_http_requests_total": [({"application": "app", "route": "/v1/generate", "status_code": str(h)},
-                                               h == 503) for _, h in answers],
+                                               h == 503, _accepted(h)) for _, h in answers],
         "ray_serve_num_grpc_requests_total": [({"application": "app", "method": "/arbitrage.v1.ArbitrageService/Generate",
-                                                "status_code": g}, h == 503) for g, h in answers],
+                                                "status_code": g}, h == 503, _accepted(h)) for g, h in answers],
     }
     selectors = _selectors(promql_parser.parse(_rule("ArbitrageOverloaded")["expr"]))
     assert {m for m, _ in selectors} == set(examples)
     for metric, series in examples.items():
         (num, den, guard) = [matchers for m, matchers in selectors if m == metric]
         assert guard == den
-        for labels, is_refused in series:
-            assert _selects(den, labels), (metric, labels)
+        for labels, is_refused, accepted in series:
+            assert _selects(den, labels) is accepted, (metric, labels)  # a client's 422 dilutes nothing
             assert _selects(num, labels) is is_refused, (metric, labels)
 
 
@@ -326,12 +331,13 @@ def test_the_abandoned_alert_counts_client_cancels_on_every_source_and_the_error
     codes = _api_error_codes()
     assert codes["cancelled"] == ("CANCELLED", 499)  # what Serve's proxies count for a cancel, too
     answers = [*codes.values(), *PROXY_ANSWERS, ("OK", 200)]
-    examples = {  # metric -> [(labels of one series, counted as abandoned?)]
-        "ray_arbitrage_requests_total": [({"status": s}, s == "cancelled") for s in [*codes, "ok"]],
+    examples = {  # metric -> [(labels of one series, counted as abandoned?, accepted?)]
+        "ray_arbitrage_requests_total": [({"status": s}, s == "cancelled", _accepted(h))
+                                         for s, (_, h) in [*codes.items(), ("ok", ("OK", 200))]],
         "ray_serve_num_http_requests_total": [({"application": "app", "route": "/v1/chat/completions",
-                                                "status_code": str(h)}, h == 499) for _, h in answers],
+                                                "status_code": str(h)}, h == 499, _accepted(h)) for _, h in answers],
         "ray_serve_num_grpc_requests_total": [({"application": "app", "method": "/arbitrage.v1.ArbitrageService/GenerateStream",
-                                                "status_code": g}, g == "CANCELLED") for g, _ in answers],
+                                                "status_code": g}, g == "CANCELLED", _accepted(h)) for g, h in answers],
     }
     abandoned = _selectors(promql_parser.parse(_rule("ArbitrageRequestsAbandoned")["expr"]))
     errors = _selectors(promql_parser.parse(_rule("ArbitrageServerErrorRatioHigh")["expr"]))
@@ -340,10 +346,66 @@ def test_the_abandoned_alert_counts_client_cancels_on_every_source_and_the_error
         (num, den, guard) = [matchers for m, matchers in abandoned if m == metric]
         (error_num, _, _) = [matchers for m, matchers in errors if m == metric]
         assert guard == den
-        for labels, is_abandoned in series:
-            assert _selects(den, labels), (metric, labels)
+        for labels, is_abandoned, accepted in series:
+            assert _selects(den, labels) is accepted, (metric, labels)  # cancels in it, client mistakes not
             assert _selects(num, labels) is is_abandoned, (metric, labels)
             assert not (is_abandoned and _selects(error_num, labels)), (metric, labels)
+
+
+# What every ratio divides by, source by source: the requests the service accepted (a success,
+# a client's cancel, every server-caused failure), and never a client's mistake.
+ACCEPTED = {
+    "ray_arbitrage_requests_total": {"ok", "cancelled", "resource_exhausted", "unavailable", "deadline_exceeded",
+                                     "internal"},
+    "ray_serve_num_http_requests_total": {"200", "499", "408", "500", "503", "504"},
+    "ray_serve_num_grpc_requests_total": {"OK", "CANCELLED", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED",
+                                          "INTERNAL", "UNKNOWN", "DATA_LOSS"},
+}
+CLIENT_MISTAKES = {
+    "ray_arbitrage_requests_total": {"not_found", "unauthenticated", "invalid_argument", "payload_too_large",
+                                     "method_not_allowed", "model_not_found", "invalid_request"},
+    "ray_serve_num_http_requests_total": {"404", "401", "405", "413", "422", "400", "403", "409"},
+    "ray_serve_num_grpc_requests_total": {"INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND",
+                                          "UNIMPLEMENTED", "FAILED_PRECONDITION", "OUT_OF_RANGE", "ALREADY_EXISTS"},
+}
+
+
+def _every_answer() -> dict[str, list[tuple[dict[str, str], str, int]]]:
+    """metric -> [(labels of one series, its status value, its HTTP status)] for every answer a
+    source counts: the services' ApiErrors and HTTP-only refusals, the proxies' own answers,
+    other client mistakes (and DATA_LOSS) a series may carry, and a success."""
+    codes = {**_api_error_codes(), **HTTP_ONLY_REFUSALS}
+    answers = [*codes.values(), *PROXY_ANSWERS, *OTHER_ANSWERS, ("OK", 200)]
+    http = {"application": "app", "route": "/v1/generate"}
+    grpc_ = {"application": "app", "method": "/arbitrage.v1.ArbitrageService/Generate"}
+    return {
+        "ray_arbitrage_requests_total": [({"status": s}, s, h) for s, (_, h) in [*codes.items(), ("ok", ("OK", 200))]],
+        "ray_serve_num_http_requests_total": [({**http, "status_code": str(h)}, str(h), h) for _, h in answers],
+        "ray_serve_num_grpc_requests_total": [({**grpc_, "status_code": g}, g, h) for g, h in answers],
+    }
+
+
+def test_every_ratio_divides_by_the_requests_accepted_and_leaves_client_mistakes_out():
+    """A scanner probing random paths (404s at 50/s), a bad API key (401), a body too large
+    (413) or invalid (422, 400): refused for the client's own mistake, counted in no ratio's
+    denominator (nor its guard), where they would hide a real 5xx burst. Successes, client
+    cancels (the abandoned alert's numerator) and every server-caused status are in all."""
+    examples = _every_answer()
+    for metric, series in examples.items():
+        seen = {value for _, value, _ in series}
+        assert seen == ACCEPTED[metric] | CLIENT_MISTAKES[metric], (metric, sorted(seen))
+        assert not ACCEPTED[metric] & CLIENT_MISTAKES[metric], metric
+        for _, value, http in series:  # the lists above agree with the HTTP classes
+            assert (value in ACCEPTED[metric]) is _accepted(http), (metric, value, http)
+    for name in RATIO_ALERTS:
+        selectors = _selectors(promql_parser.parse(_rule(name)["expr"]))
+        assert {m for m, _ in selectors} == set(examples), name
+        for metric, series in examples.items():
+            (num, den, guard) = [matchers for m, matchers in selectors if m == metric]
+            assert guard == den, (name, metric)
+            for labels, value, _ in series:
+                assert _selects(den, labels) is (value in ACCEPTED[metric]), (name, metric, value)
+                assert not _selects(num, labels) or _selects(den, labels), (name, metric, value)  # num within den
 
 
 # Serve's proxies count their own routes under application="": KubeRay's readiness probe alone

@@ -2,7 +2,8 @@
 with labels they carry, and counts what an operator needs during an overload: every metric is
 one this code exports (services/) or one of Ray Serve's, checked against the installed ray
 package; errors the proxy answers itself (queue full, dead or missing coordinator) are charted;
-the error ratio leaves client-caused statuses out; the proxy latency holds API calls only."""
+the error ratio leaves client-caused statuses out, and divides by the requests accepted (a
+client's mistake, a 404 or 401, in neither part); the proxy latency holds API calls only."""
 from __future__ import annotations
 
 import json
@@ -180,39 +181,55 @@ def _client_caused(http: int) -> bool:
     return 400 <= http < 500 and http != 408  # 408: Serve's own request timeout
 
 
+def _accepted(http: int) -> bool:
+    """Whether a ratio's denominator counts an answer: the service accepted the request (a
+    success, a server-caused failure, a client's cancel: 499). A client's mistake (404, 401,
+    405, 413, 400 / 422, ...) is in none: a scanner's 404s would dilute every ratio."""
+    return not _client_caused(http) or http == 499
+
+
 # What Serve's proxies answer on their own (ray/serve/_private/http_util.py, grpc_util.py): a
 # timeout, a client gone, a full queue, no replica, a crash (services/proxy_status.py maps the
 # last to UNAVAILABLE / 503).
 PROXY_ANSWERS = [("DEADLINE_EXCEEDED", 408), ("CANCELLED", 499), ("RESOURCE_EXHAUSTED", 503),
                  ("UNAVAILABLE", 503), ("INTERNAL", 500), ("UNKNOWN", 500)]
+# HTTP-only refusals built from variables (no such route, method, model; a body that does not
+# parse): client-caused, like the ApiErrors _api_error_codes() finds. status -> (gRPC, HTTP).
+HTTP_ONLY_REFUSALS = {"not_found": ("NOT_FOUND", 404), "method_not_allowed": ("UNIMPLEMENTED", 405),
+                      "model_not_found": ("NOT_FOUND", 404), "invalid_request": ("INVALID_ARGUMENT", 400)}
+# Other codes a series may carry (a client's mistake the services do not build today; gRPC's
+# DATA_LOSS, server-caused): the ratios must still class them right.
+OTHER_ANSWERS = [("PERMISSION_DENIED", 403), ("FAILED_PRECONDITION", 400), ("OUT_OF_RANGE", 400),
+                 ("ALREADY_EXISTS", 409), ("DATA_LOSS", 500)]
 
 
 def test_the_error_ratio_counts_server_caused_statuses_only():
     codes = _api_error_codes()
     assert {"invalid_argument", "unauthenticated", "payload_too_large", "cancelled", "resource_exhausted",
             "unavailable", "deadline_exceeded", "internal"} <= set(codes)
-    # HTTP-only refusals built from variables (no such route, method, model): client-caused too
-    codes.update({"not_found": ("NOT_FOUND", 404), "method_not_allowed": ("UNIMPLEMENTED", 405),
-                  "model_not_found": ("NOT_FOUND", 404), "invalid_request": ("INVALID_ARGUMENT", 400)})
-    examples = {  # metric -> [(labels of one series, left out of the errors?)]
-        "ray_arbitrage_requests_total": [({"status": s}, _client_caused(h)) for s, (_, h) in codes.items()]
-        + [({"status": "ok"}, True)],
-        "ray_serve_num_http_requests_total": [({"status_code": str(h), "route": "/v1/chat/completions"},
-                                               _client_caused(h)) for _, h in [*codes.values(), *PROXY_ANSWERS]]
-        + [({"status_code": "200", "route": "/v1/generate"}, True)],
-        "ray_serve_num_grpc_requests_total": [({"status_code": g, "method": "/arbitrage.v1.ArbitrageService/Generate"},
-                                               _client_caused(h)) for g, h in [*codes.values(), *PROXY_ANSWERS]]
-        + [({"status_code": "OK", "method": "/arbitrage.v1.ArbitrageService/GenerateStream"}, True)],
+    codes.update(HTTP_ONLY_REFUSALS)  # client-caused too
+    answers = [*codes.values(), *PROXY_ANSWERS, *OTHER_ANSWERS]
+    examples = {  # metric -> [(labels of one series, its HTTP status)]
+        "ray_arbitrage_requests_total": [({"status": s}, h) for s, (_, h) in codes.items()]
+        + [({"status": "ok"}, 200)],
+        "ray_serve_num_http_requests_total": [({"status_code": str(h), "route": "/v1/chat/completions"}, h)
+                                              for _, h in answers]
+        + [({"status_code": "200", "route": "/v1/generate"}, 200)],
+        "ray_serve_num_grpc_requests_total": [({"status_code": g, "method": "/arbitrage.v1.ArbitrageService/Generate"}, h)
+                                              for g, h in answers]
+        + [({"status_code": "OK", "method": "/arbitrage.v1.ArbitrageService/GenerateStream"}, 200)],
     }
     targets = _panel("Error ratio")["targets"]
     assert {m for t in targets for m in _METRIC.findall(t["expr"])} == set(examples)
     for target in targets:
         (num_metric, num), (den_metric, den) = _SELECTOR.findall(target["expr"])
         assert num_metric == den_metric, target["refId"]
-        for labels, left_out in examples[num_metric]:
+        for labels, http in examples[num_metric]:
             series = {"application": "$application", **labels}
-            assert _selects(_matchers(den), series), (target["refId"], labels)
-            assert _selects(_matchers(num), series) is not left_out, (target["refId"], labels)
+            # over the requests accepted: a client's mistake (a scanner's 404s) dilutes nothing
+            assert _selects(_matchers(den), series) is _accepted(http), (target["refId"], labels)
+            assert _selects(_matchers(num), series) is (http != 200 and not _client_caused(http)), \
+                (target["refId"], labels)
 
 
 def test_a_health_probe_is_no_api_error():
