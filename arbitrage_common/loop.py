@@ -15,7 +15,8 @@ or, to send each step as soon as it is decided::
     stream.result                              # LoopResult; set when the last step is yielded
 
 On a missed deadline both raise ``DeadlineExceeded`` whose ``.partial`` (also
-``stream.result``) holds the steps kept so far. Cancellation propagates untouched. When a
+``stream.result``) holds the steps kept so far, and ``.waiting_on`` the model whose call was
+out when it passed. Cancellation propagates untouched. When a
 generator answers ``"context"`` (no room left in its context), the request ends with
 ``finish_reason "length"`` keeping its steps; at the first step that is the prompt's fault,
 ``InvalidArgument('prompt')``.
@@ -137,7 +138,11 @@ class Models:
 
 
 class _DeadlinePassed(Exception):
-    """Internal: turned into DeadlineExceeded with the partial result by the loop."""
+    """Internal: turned into DeadlineExceeded with the partial result by the loop; ``stage``
+    and ``waited_s``: the model call it passed during, if any, and how long that call was out."""
+
+    def __init__(self, stage: Stage | None = None, waited_s: float = 0.0) -> None:
+        self.stage, self.waited_s = stage, waited_s
 
 
 class _ContextFull(Exception):
@@ -221,9 +226,9 @@ class LoopStream:
                 yield record
                 if reason is not None:
                     return
-        except _DeadlinePassed:
+        except _DeadlinePassed as passed:
             self.result = self._result("deadline")
-            raise DeadlineExceeded(self.result) from None
+            raise DeadlineExceeded(self.result, waiting_on=passed.stage, waited_s=passed.waited_s) from None
         finally:
             # Whatever ended the request (also an error, cancellation or aclose at a yield),
             # an early draft still out is cancelled and awaited: no task outlives the stream.
@@ -499,7 +504,7 @@ class LoopStream:
                 return await call()
         except TimeoutError:
             if timeout.expired():
-                raise _DeadlinePassed from None
+                raise _DeadlinePassed(stage, time.perf_counter() - started) from None
             raise
         finally:
             seconds = time.perf_counter() - started

@@ -386,10 +386,15 @@ class Coordinator:
         """Re-raise a missed deadline, as ``PoolDown`` when a pool the request ``called`` has no
         running replica: the request waited for it (Serve holds a call until a replica runs),
         and the client should retry later rather than raise its deadline. A pool it never
-        called (the target of a draft-only request, scaled to zero) did not make it late."""
+        called (the target of a draft-only request, scaled to zero) did not make it late. As
+        ``PoolStalled`` when its call out at the deadline had waited ``pool_stall_s``: a hung
+        replica still counts as running until Serve's health checks replace it."""
         down = await self.health.down(called)
         if down:
             raise convert.PoolDown(down[0]) from exc
+        stall_s = self.cfg.coordinator.pool_stall_s
+        if exc.waiting_on is not None and stall_s is not None and exc.waited_s >= stall_s:
+            raise convert.PoolStalled(exc.waiting_on, exc.waited_s) from exc
         raise exc
 
     def _release(self, prepared: Prepared, stream: LoopStream) -> None:

@@ -11,7 +11,9 @@ The same probe tells the load controller whether the target pool can still add r
 (``can_add_replicas``), through ``on_probe``.
 
 When the controller cannot be asked (it is restarting after a crash), the last answer
-stands: traffic flows without the controller, and so should readiness.
+stands: traffic flows without the controller, and so should readiness. So it does while the
+restarted controller answers before it has re-attached to the live replicas
+(``controller_catching_up``), for at most ``RECOVERY_GRACE_S``.
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ STATUS_TIMEOUT_S = 5.0
 DOWN_PROBE_S = 1.0
 # Serve's DeploymentStatus values for a deployment whose replicas fail to start or died.
 FAILED_STATUSES = frozenset({"UNHEALTHY", "DEPLOY_FAILED"})
+# How long answers from a controller still catching up keep the last answer. Serve itself
+# gives a replica it recovers 30 s (SLOW_STARTUP_WARNING_S) before it stops it as failed.
+RECOVERY_GRACE_S = 30.0
 
 
 def pools_needed(policy: str) -> list[str]:
@@ -79,6 +84,23 @@ def can_add_replicas(placed: int, status: str | None, max_replicas: int | None) 
     return placed < max_replicas
 
 
+def controller_catching_up(app, needed: Iterable[str]) -> bool:
+    """Whether ``serve.status()``'s answer for the app (None: not listed) is a restarted
+    controller's that has not re-attached to its replicas yet. A restarted controller answers
+    at once, from its checkpoint: each replica it found alive is RECOVERING (Serve sets that
+    state nowhere else) until it answers the controller, a moment later. Not knowing yet is:
+    the app unlisted, or no replica of it RUNNING, though the replica that asks is one (it
+    probes once it serves a request); or a needed pool with RECOVERING replicas and none
+    RUNNING. A pool whose replicas died shows STARTING or none, while the rest run: an outage."""
+    if app is None:
+        return True
+    states = [d.replica_states for d in app.deployments.values()]
+    if not any(s.get("RUNNING", 0) for s in states):
+        return True
+    return any(not d.replica_states.get("RUNNING", 0) and d.replica_states.get("RECOVERING", 0)
+               for name, d in app.deployments.items() if name in needed)
+
+
 def serving_app_name(configured: str) -> str:
     """The application Serve runs this replica in: readiness must look its pools up there, and
     Serve's own name wins over the config's (``serve.run`` without ``name=``, the Serve CLI with
@@ -99,10 +121,12 @@ class PoolHealth:
     called after every probe, answered or not (the load controller's refresh)."""
 
     def __init__(self, app_name: str, needed: list[str], period_s: float, *, scale_to_zero: Iterable[str] = (),
-                 on_probe: Callable[[], None] | None = None, fail_fast_after_s: float = 0.0) -> None:
+                 on_probe: Callable[[], None] | None = None, fail_fast_after_s: float = 0.0,
+                 recovery_grace_s: float = RECOVERY_GRACE_S) -> None:
         self.app_name, self.needed, self.period_s = app_name, needed, period_s
         self.scale_to_zero, self.on_probe = frozenset(scale_to_zero), on_probe
-        self.fail_fast_after_s = fail_fast_after_s
+        self.fail_fast_after_s, self.recovery_grace_s = fail_fast_after_s, recovery_grace_s
+        self._catching_up_since: float | None = None  # first of the answers in a row from a controller catching up
         self._failing_since: dict[str, float] = {}  # deployment -> first answered probe that found it failing
         self.serving: bool | None = None
         self.running: dict[str, int] = {}
@@ -140,14 +164,16 @@ class PoolHealth:
         try:
             status = await asyncio.wait_for(asyncio.to_thread(serve.status), STATUS_TIMEOUT_S)
             app = status.applications.get(self.app_name)
-            deployments = app.deployments if app is not None else {}
-            self.replicas = running_pools(deployments, deployments)
-            self.running = running_pools(deployments, self.needed)
-            self.statuses = deployment_statuses(deployments)
-            self.placed = placed_replicas(deployments)
-            self._probed_at, answered = time.monotonic(), True
-            self._failing_since = {name: self._failing_since.get(name, self._probed_at) for name in deployments
-                                   if self.replicas.get(name, 0) == 0 and self.statuses.get(name) in FAILED_STATUSES}
+            if not self._keep_last_answer(app):  # else: as for an error, below
+                deployments = app.deployments if app is not None else {}
+                self.replicas = running_pools(deployments, deployments)
+                self.running = running_pools(deployments, self.needed)
+                self.statuses = deployment_statuses(deployments)
+                self.placed = placed_replicas(deployments)
+                self._probed_at, answered = time.monotonic(), True
+                self._failing_since = {name: self._failing_since.get(name, self._probed_at) for name in deployments
+                                       if self.replicas.get(name, 0) == 0
+                                       and self.statuses.get(name) in FAILED_STATUSES}
         except Exception as exc:  # noqa: BLE001 (controller restarting: keep the last answer)
             logger.warning("health probe: serve.status() failed (%s); keeping the last answer", type(exc).__name__)
             if self.serving is None:
@@ -155,6 +181,22 @@ class PoolHealth:
         if answered or self.serving is None:
             await self._set_serving(self.serving_now())
         self._probed()
+
+    def _keep_last_answer(self, app) -> bool:
+        """An answer from a controller catching up (``controller_catching_up``) leaves the last
+        one standing, as an error does: believed, it would report every pool down while the
+        replicas serve, and pull a healthy replica out of its load balancer. Believed when there
+        is no last answer, and after ``recovery_grace_s`` of such answers in a row."""
+        if not controller_catching_up(app, self.needed):
+            self._catching_up_since = None
+            return False
+        now = time.monotonic()
+        if self._catching_up_since is None:
+            self._catching_up_since = now
+            if self.serving is not None:
+                logger.warning("health probe: the Serve controller has not recovered its replicas yet; "
+                               "keeping the last answer")
+        return self.serving is not None and now - self._catching_up_since < self.recovery_grace_s
 
     def serving_now(self) -> bool:
         """Readiness from the last probe: every needed pool serves (``pool_serving``)."""

@@ -259,6 +259,11 @@ class DeploymentSpec(StrictModel):
                                                                        "its requests.")
     access_log: bool = Field(True, description="Log every call to this deployment (Serve access log). Pools get "
                                                "one call per step, so they default to off.")
+    health_check_period_s: PositiveFloat = Field(10.0, description="Seconds between Serve's health checks of each "
+                                                                   "replica (Serve's default).")
+    health_check_timeout_s: PositiveFloat = Field(30.0, description="Seconds a health check may take before it "
+                                                                    "counts as failed; Serve replaces a replica "
+                                                                    "after 3 failed in a row (Serve's default).")
 
     @field_validator("max_queued_requests")
     @classmethod
@@ -281,6 +286,8 @@ class DeploymentSpec(StrictModel):
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
             "logging_config": {"enable_access_log": self.access_log},
         }
         return {**opts, **self.scaling_options()}  # (a pool's deployment_options passes merged_calls)
@@ -303,6 +310,15 @@ class PoolSpec(DeploymentSpec):
     model: ModelSpec = Field(description="The checkpoint this pool serves.")
     access_log: bool = Field(False, description="Log every step call (Serve access log); off: one per step is "
                                                 "noise and CPU.")
+    # Tighter than Serve's 10 s / 30 s: a pool's health check only asks its event loop (and a
+    # vLLM engine's flag), its forward passes run in a thread, so a replica that fails to answer
+    # for 10 s is hung; Serve then replaces it after about 30 s instead of 90.
+    health_check_period_s: PositiveFloat = Field(5.0, description="Seconds between Serve's health checks of each "
+                                                                  "replica.")
+    health_check_timeout_s: PositiveFloat = Field(10.0, description="Seconds a health check may take before it "
+                                                                    "counts as failed; Serve replaces a replica "
+                                                                    "after 3 failed in a row: a hung replica about "
+                                                                    "30 s after it stopped answering.")
     max_ongoing_requests: PositiveInt = Field(32, description="Step calls one replica holds at once (running, "
                                                               "batching, or waiting for the running pass); "
                                                               "the router queues the rest. At least "
@@ -451,6 +467,13 @@ class CoordinatorSpec(DeploymentSpec):
                                                              "replica restarting in place is waited for, a lost "
                                                              "node's is not. Seen at the health probes "
                                                              "(health_probe_s). 0: at the first probe that finds it.")
+    pool_stall_s: PositiveFloat | None = Field(10.0, description="A request whose deadline passes while one "
+                                                                "of its pool calls has been out this long ends "
+                                                                "UNAVAILABLE / 503 naming the pool (retry later), "
+                                                                "not DEADLINE_EXCEEDED (raise your deadline): that "
+                                                                "pool is hung or far behind, seconds. Set it above "
+                                                                "the longest step call a healthy pool takes. None: "
+                                                                "always DEADLINE_EXCEEDED.")
     merge_calls: bool = Field(True, exclude_if=lambda v: v is True,
                               description="Merge the step calls that concurrent requests make to one pool into one "
                                           "Serve call per lane (arbitrage_common.coalesce): under load a handle "

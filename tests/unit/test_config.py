@@ -139,6 +139,12 @@ def test_deployment_options():
     assert opts["user_config"] == {"max_batch_size": 16, "batch_wait_timeout_s": 0.0}
     assert opts["logging_config"] == {"enable_access_log": False}
     assert _pool().deployment_options("x")["num_replicas"] == 1
+    # Pools: a hung replica (its event loop silent for 10 s) is replaced after 3 missed checks.
+    assert (opts["health_check_period_s"], opts["health_check_timeout_s"]) == (5.0, 10.0)
+    coordinator = C.default_config().coordinator.deployment_options("coordinator")
+    assert (coordinator["health_check_period_s"], coordinator["health_check_timeout_s"]) == (10.0, 30.0)
+    tuned = _pool(health_check_period_s=2.0, health_check_timeout_s=4.0).deployment_options("x")
+    assert (tuned["health_check_period_s"], tuned["health_check_timeout_s"]) == (2.0, 4.0)
 
 
 def test_policy_defaults_are_validated():

@@ -279,6 +279,54 @@ def test_a_deadline_missed_waiting_on_a_pool_with_no_replica_is_unavailable(wher
         assert f"{blamed[0]} pool has no running replica" in err.message
 
 
+class _StepsSlow(SlowCountPool):
+    """Admission answers at once; every step call takes ``step_s`` (a long request of quick steps)."""
+
+    def __init__(self, step_s: float, method: str | None = None) -> None:
+        super().__init__(0.0, method)
+        self.step_s = step_s
+
+    def options(self, method_name: str | None = None, **kw):
+        return _StepsSlow(self.step_s, method_name or self.method)
+
+    def remote(self, *args):
+        async def answer():
+            await asyncio.sleep(self.step_s)
+            return [[Generation("Step.", 3, "delimiter", 0.0)] for _ in args[0]]
+        if self.method == "generate_rows":
+            return HandleResponse(answer())
+        return super().remote(*args)
+
+
+@pytest.mark.parametrize("stall_s", [0.1, 5.0, None])
+@pytest.mark.parametrize("pool", ["hung", "slow"])
+def test_a_deadline_missed_on_a_pool_call_out_for_pool_stall_s_is_unavailable(pool, stall_s):
+    """A hung replica still counts as running (Serve replaces it only after its health checks
+    fail), so ``_PoolsDown`` finds nothing: the call that was out at the deadline tells. Out
+    for ``pool_stall_s`` or more: UNAVAILABLE naming the pool (retry later), not the client's
+    DEADLINE_EXCEEDED. Quick steps that merely add up past the deadline stay 504, as do stalls
+    shorter than the bound, or any with the bound off (None)."""
+    data = default_config().model_dump(mode="json")
+    data["coordinator"]["pool_stall_s"] = stall_s
+    coord = Coordinator(data, *[SlowCountPool(0.0) for _ in range(4)])
+    coord.health = _PoolsDown()
+    coord.pools.draft = _StepsHang(0.0) if pool == "hung" else _StepsSlow(0.02)
+
+    async def run():
+        prepared, stream = await coord.open_stream(RequestFields(prompt="Start with 4. Add 3.", policy="draft",
+                                                                 timeout_s=0.4, max_steps=64))
+        async for _ in coord.steps_of(stream, prepared):
+            pass
+
+    with pytest.raises(Exception) as info:
+        asyncio.run(asyncio.wait_for(run(), 60))  # a guard against a hang, not a timing
+    err = convert.classify(info.value)
+    stalled = pool == "hung" and stall_s == 0.1
+    assert (err.code, err.http_status) == (("unavailable", 503) if stalled else ("deadline_exceeded", 504)), err
+    if stalled:
+        assert "the draft pool answered no call for" in err.message and "retry" in err.message
+
+
 @pytest.mark.parametrize("already", [False, True])  # the pool fails under the call, or failed before it
 @pytest.mark.parametrize("merged", [True, False])  # the Coalescer's send task, or the request's own task
 def test_a_call_waiting_on_a_failed_pool_ends_at_the_next_probe(merged, already):

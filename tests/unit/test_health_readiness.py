@@ -14,8 +14,10 @@ from services.health import PoolHealth, can_add_replicas, pool_serving
 NEEDED = ["draft", "target", "router"]
 
 
-def _deployment(status: str, running: int = 0, starting: int = 0, stopping: int = 0) -> DeploymentStatusOverview:
-    states = {ReplicaState.RUNNING: running, ReplicaState.STARTING: starting, ReplicaState.STOPPING: stopping}
+def _deployment(status: str, running: int = 0, starting: int = 0, stopping: int = 0,
+                recovering: int = 0) -> DeploymentStatusOverview:
+    states = {ReplicaState.RUNNING: running, ReplicaState.STARTING: starting, ReplicaState.STOPPING: stopping,
+              ReplicaState.RECOVERING: recovering}
     return DeploymentStatusOverview(status=DeploymentStatus(status), status_trigger=DeploymentStatusTrigger.AUTOSCALING,
                                     replica_states={k: v for k, v in states.items() if v}, message="")
 
@@ -183,3 +185,84 @@ def test_the_probe_tells_whether_the_target_pool_can_grow(monkeypatch):
     health, _ = _probe(monkeypatch, answers)
     assert not health.can_add_replicas("target", 4)
     assert not PoolHealth("arbitrage", NEEDED, 2.0).can_add_replicas("target", 4)  # before any probe
+
+
+def _healthy() -> _Status:
+    return _Status(draft=_deployment("HEALTHY", 1), target=_deployment("HEALTHY", 2), router=_deployment("HEALTHY", 1),
+                   coordinator=_deployment("HEALTHY", 1))
+
+
+def _restarted(**running: int) -> _Status:
+    """A restarted controller's answer from its checkpoint: every deployment UPDATING, the live
+    replicas it found RECOVERING until they answer it (those named in ``running`` have)."""
+    sizes = {"draft": 1, "target": 2, "router": 1, "coordinator": 1}
+    return _Status(**{name: _deployment("UPDATING", running.get(name, 0), recovering=n - running.get(name, 0))
+                      for name, n in sizes.items()})
+
+
+class _NoApp:
+    """A controller that lists no application yet."""
+
+    def __init__(self) -> None:
+        self.applications: dict = {}
+
+
+def test_a_restarted_controller_that_has_not_recovered_its_replicas_keeps_the_replica_serving(monkeypatch):
+    """Before: after the controller's kill -9, /healthz read 503 with every pool at 0 running
+    replicas for ~2 s while every request succeeded: the restarted controller answered before
+    it had re-attached to the replicas, and that answer was believed."""
+    catching_up = [
+        _restarted(),                                     # every replica RECOVERING
+        _NoApp(),                                         # the application not listed yet
+        _Status(),                                        # listed, with no deployment
+        _Status(draft=_deployment("UPDATING"), target=_deployment("UPDATING"),
+                router=_deployment("UPDATING"), coordinator=_deployment("UPDATING")),  # no replica in any state
+        _restarted(router=1, coordinator=1, target=1),    # part way: draft still RECOVERING
+    ]
+    health, probed = _probe(monkeypatch, [_healthy(), *catching_up, _healthy()])
+    assert probed == [True] * 7
+    assert health.running == {"draft": 1, "target": 2, "router": 1}
+    assert health.statuses["target"] == "HEALTHY" and not health.failed("draft")
+
+
+def test_after_a_controller_restart_a_pool_that_lost_its_replicas_is_not_serving_at_once(monkeypatch):
+    """Keeping the last answer is for the restarted controller's first answers only: a pool
+    whose replicas died (STARTING again, or none listed) while the others run is down at once."""
+    lost = _Status(draft=_deployment("UNHEALTHY", 0, starting=1), target=_deployment("HEALTHY", 2),
+                   router=_deployment("HEALTHY", 1), coordinator=_deployment("HEALTHY", 1))
+    health, probed = _probe(monkeypatch, [_healthy(), _restarted(), lost])
+    assert probed == [True, True, False] and health.running["draft"] == 0
+    gone = _Status(draft=_deployment("UPDATING"), target=_deployment("UPDATING", 2), router=_deployment("UPDATING", 1),
+                   coordinator=_deployment("UPDATING", 1))  # died before the controller could recover them
+    health, probed = _probe(monkeypatch, [_healthy(), _restarted(), gone])
+    assert probed == [True, True, False]
+    scaled = _Status(draft=_deployment("HEALTHY", 1), target=_deployment("HEALTHY"), router=_deployment("HEALTHY", 1),
+                     coordinator=_deployment("HEALTHY", 1))  # a scale-to-zero pool at zero still serves
+    health, probed = _probe(monkeypatch, [_healthy(), _restarted(), scaled], scale_to_zero={"target"})
+    assert probed == [True, True, True]
+
+
+def test_answers_from_a_controller_catching_up_are_believed_after_the_grace(monkeypatch):
+    """The last answer stands for ``recovery_grace_s`` of such answers in a row, then they are
+    believed; with no last answer (the first probe) at once."""
+    from ray import serve
+
+    import services.health as health_module
+
+    clock = [100.0]
+    monkeypatch.setattr(health_module.time, "monotonic", lambda: clock[0])
+    health = PoolHealth("arbitrage", NEEDED, 2.0)
+    health.recovery_grace_s = 30.0
+    seen = []
+    for at, answer in [(100.0, _healthy()), (101.0, _restarted()), (120.0, _NoApp()), (130.9, _restarted()),
+                       (131.0, _restarted()), (133.0, _healthy()), (140.0, _restarted())]:
+        clock[0] = at
+        monkeypatch.setattr(serve, "status", lambda answer=answer: answer)
+        asyncio.run(health.probe())
+        seen.append(health.serving)
+    # believed at 131 (30 s after 101); back at 133, which starts the grace anew at 140
+    assert seen == [True, True, True, True, False, True, True]
+    monkeypatch.setattr(serve, "status", _restarted)
+    first = PoolHealth("arbitrage", NEEDED, 2.0)
+    asyncio.run(first.probe())
+    assert first.serving is False

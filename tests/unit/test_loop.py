@@ -164,6 +164,7 @@ def test_deadline_raises_with_partial_result():
     assert [s.text for s in partial.steps] == ["d0", "d1"]
     assert partial.usage.draft_tokens_kept == 4
     assert draft.cancelled  # the slow call was cancelled, not left running
+    assert err.value.waiting_on == "draft" and err.value.waited_s > 0.0  # the call out at the deadline
 
 
 def test_deadline_checked_before_each_call():
@@ -180,6 +181,7 @@ def test_deadline_checked_before_each_call():
     assert target.calls == []
     # the abandoned draft step was spent, not kept
     assert err.value.partial.usage.draft_tokens_discarded == 2 and err.value.partial.steps == []
+    assert err.value.waiting_on is None  # refused before a call: none was out
 
 
 def test_model_timeout_error_is_not_a_deadline():
