@@ -14,6 +14,7 @@ import grpc.experimental.gevent as grpc_gevent
 from arbitrage_common.client import Client, ServiceError, build_request
 
 from . import records
+from .backoff import Outcome
 
 grpc_gevent.init_gevent()  # grpc's event loop must cooperate with locust's greenlets
 
@@ -94,8 +95,9 @@ def make_client(environment, settings) -> Client:
     return Client(settings.host_grpc, settings.app, channel=channel)
 
 
-def call_grpc(client: Client, settings, prompt: str) -> None:
-    """One request; failures are already counted by the interceptor."""
+def call_grpc(client: Client, settings, prompt: str) -> Outcome:
+    """One request; failures are already counted by the interceptor. Its gRPC status, for the
+    closed loop's backoff (the service sends no retry hint in trailing metadata: the backoff decides)."""
     mix = settings.mix
     request = build_request(prompt, mix.policy, threshold=mix.threshold, max_steps=mix.max_steps)
     try:
@@ -104,5 +106,6 @@ def call_grpc(client: Client, settings, prompt: str) -> None:
                 pass
         else:
             client.generate(request, timeout=settings.timeout_s)
-    except ServiceError:
-        pass
+    except ServiceError as exc:
+        return Outcome(exc.code)
+    return Outcome("OK")

@@ -12,6 +12,7 @@ from urllib3.exceptions import ReadTimeoutError
 from arbitrage_common.client import auth_metadata
 
 from . import records
+from .backoff import Outcome, parse_retry_after
 
 # The service's API key, when it has one: $ARBITRAGE_API_KEY, as the gRPC client sends it.
 _AUTH = dict(auth_metadata())
@@ -67,7 +68,9 @@ def _fill(rec: records.Record, prompt: str, result: dict) -> None:
     records.grade_json(rec, prompt, result)
 
 
-def call_http(session, environment, settings, prompt: str) -> None:
+def call_http(session, environment, settings, prompt: str) -> Outcome:
+    """One request, recorded; its status and the server's Retry-After (503s carry one), for the
+    closed loop's backoff."""
     route = ROUTES[settings.transport]
     started, t0 = records.request_start()
     rec = records.Record(settings.transport, t0, 0.0, "OK", policy=settings.mix.policy)
@@ -99,7 +102,9 @@ def call_http(session, environment, settings, prompt: str) -> None:
         # Locust took response_time when the headers came; a streamed call's row must cover the
         # whole call, as the gRPC end row does. request_meta is reported on __exit__.
         resp.request_meta["response_time"] = rec.e2e_ms
+        retry_after = parse_retry_after(resp.headers.get("Retry-After")) if resp.status_code else None
     records.add(rec)
+    return Outcome(rec.status, retry_after)
 
 
 def _read_sse(resp, environment, rec: records.Record, started: float, prompt: str = "") -> None:

@@ -2,7 +2,8 @@
 
 The run is described by ``ARBITRAGE_LOAD`` (``settings.LoadSettings`` as JSON): transport, mix,
 shape, and for open-loop runs a Poisson arrival rate. Closed loop: ``users`` users, each sending
-its next request when the last one ends, shaped steady / ramp / spike. Open loop
+its next request when the last one ends (after a backoff when it failed retriably:
+``backoff``), shaped steady / ramp / spike. Open loop
 (``rate``): one scheduler user starts requests at seeded Poisson arrival times whatever the
 responses do (locust alone is closed-loop); more than ``max_in_flight`` at once are dropped and
 counted, never silently queued. Per-request records go to ``records`` when the run stops.
@@ -22,6 +23,7 @@ from locust import HttpUser, constant, events, task
 from locust import stats as locust_stats
 
 from loadtests import records
+from loadtests.backoff import Backoff, Outcome
 from loadtests.grpc_user import call_grpc, make_client
 from loadtests.http_user import call_http
 from loadtests.settings import LoadSettings, poisson_arrivals
@@ -31,6 +33,7 @@ SETTINGS = LoadSettings.from_env()
 records.EXPECTED.update(SETTINGS.mix.answers())
 PROMPTS = list(records.EXPECTED)
 _NEXT = itertools.count()
+_USERS = itertools.count()  # closed-loop users in start order: each seeds its own backoff
 # Locust writes its CSVs every ``CSV_STATS_INTERVAL_SEC`` and not again at quit (it only closes
 # them), so the open loop waits one interval and a margin for the write after its last request.
 CSV_WRITE_MARGIN_S = 0.5
@@ -52,28 +55,34 @@ class _Caller:
         if SETTINGS.transport.startswith("grpc"):
             self.grpc_client = make_client(self.environment, SETTINGS)
 
-    def one_request(self, scheduled: float | None = None) -> None:
+    def one_request(self, scheduled: float | None = None) -> Outcome:
         """``scheduled``: the open loop's arrival time (perf_counter), where latency starts."""
         records.schedule_next(scheduled)
         if SETTINGS.transport.startswith("grpc"):
-            call_grpc(self.grpc_client, SETTINGS, next_prompt())
-        else:
-            call_http(self.client, self.environment, SETTINGS, next_prompt())
+            return call_grpc(self.grpc_client, SETTINGS, next_prompt())
+        return call_http(self.client, self.environment, SETTINGS, next_prompt())
 
 
 class ArbitrageUser(_Caller, HttpUser):
-    """Closed loop: the next request as soon as the last one ends."""
+    """Closed loop: the next request as soon as the last one ends, or after a backoff when it
+    failed retriably (the service down or overloaded), as a real client would."""
 
     host = SETTINGS.host_http
-    wait_time = constant(0)
     abstract = SETTINGS.rate is not None
 
     def on_start(self) -> None:
         self.setup_transport()
+        self.backoff, self.pause_s = Backoff.for_user(SETTINGS.mix.seed, next(_USERS)), 0.0
+
+    def wait_time(self) -> float:
+        """Locust's wait before the next request: a wait, not a request, so nothing counts it, and
+        locust stops a waiting user at once."""
+        return self.pause_s
 
     @task
     def request(self) -> None:
-        self.one_request()
+        self.pause_s = 0.0  # a request that raises (a bug here) leaves no stale wait behind
+        self.pause_s = self.backoff.after(self.one_request())
 
 
 class OpenLoopUser(_Caller, HttpUser):

@@ -124,8 +124,10 @@ class _NoReply(_CaughtResponse):
         self.status_code, self.error = 0, error
 
 
-def _unary(monkeypatch, make, transport: str = "http", prompt: str = "prompt") -> tuple[records.Record, dict, dict]:
-    """One non-streamed ``call_http``; the record, the call's locust event and the post's kwargs."""
+def _unary(monkeypatch, make, transport: str = "http", prompt: str = "prompt",
+           outcome: list | None = None) -> tuple[records.Record, dict, dict]:
+    """One non-streamed ``call_http``; the record, the call's locust event and the post's kwargs
+    (``outcome`` gets what ``call_http`` returned)."""
     fired: list[dict] = []
     sent: dict = {}
 
@@ -136,17 +138,20 @@ def _unary(monkeypatch, make, transport: str = "http", prompt: str = "prompt") -
     added: list[records.Record] = []
     monkeypatch.setattr(records, "add", added.append)
     settings = LoadSettings(transport=transport, mix=Mix(policy="arbitrage"), timeout_s=30.0)
-    http_user.call_http(SimpleNamespace(post=post), SimpleNamespace(events=SimpleNamespace(request=SimpleNamespace(
-        fire=lambda **e: fired.append(e)))), settings, prompt)
+    returned = http_user.call_http(SimpleNamespace(post=post), SimpleNamespace(events=SimpleNamespace(
+        request=SimpleNamespace(fire=lambda **e: fired.append(e)))), settings, prompt)
+    if outcome is not None:
+        outcome.append(returned)
     (rec,) = added
     (call,) = fired
     return rec, call, sent
 
 
-def _reply(status: int, body: bytes):
+def _reply(status: int, body: bytes, headers: dict | None = None):
     def make(fire, name):
         resp = _CaughtResponse(_Body(body), fire, name)
         resp.status_code = status
+        resp.headers.update(headers or {})
         return resp
     return make
 
@@ -176,6 +181,21 @@ def test_a_call_that_got_no_reply_is_named_for_what_happened_not_http_0(monkeypa
 def test_an_error_reply_keeps_the_apis_code_so_overload_and_dead_replicas_differ(monkeypatch, body, status):
     rec, call, _ = _unary(monkeypatch, _reply(503, body))
     assert rec.status == status and status in str(call["exception"])
+
+
+@pytest.mark.parametrize("make,status,retry_after_s", [
+    (_reply(503, b'{"error": {"code": "resource_exhausted"}}', {"Retry-After": "2"}), "RESOURCE_EXHAUSTED", 2.0),
+    (_reply(503, b"<html>no upstream</html>"), "HTTP_503", None),
+    (lambda fire, name: _NoReply(requests.exceptions.ConnectionError("connection refused"), fire, name),
+     "CONNECTION_ERROR", None),
+    (_reply(200, b'{"steps": [], "usage": {"target_steps": 0}, "policy": "arbitrage"}'), "OK", None),
+])
+def test_a_call_returns_its_status_and_the_servers_retry_after_for_the_closed_loops_backoff(
+        monkeypatch, make, status, retry_after_s):
+    outcome: list = []
+    rec, _, _ = _unary(monkeypatch, make, outcome=outcome)
+    assert rec.status == status
+    assert (outcome[0].status, outcome[0].retry_after_s) == (status, retry_after_s)
 
 
 def test_the_client_waits_longer_than_the_deadline_it_sends_the_service(monkeypatch):

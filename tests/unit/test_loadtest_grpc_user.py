@@ -59,3 +59,21 @@ def test_a_stream_with_its_summary_succeeds_and_is_graded(interceptor):
     rec, end = _run(interceptor, _step(), _summary())
     assert (rec.status, rec.steps, rec.target_steps, rec.correct) == ("OK", 1, 1, True)
     assert end.get("exception") is None
+
+
+@pytest.mark.parametrize("transport", ["grpc", "grpc-stream"])
+def test_a_call_returns_its_grpc_status_for_the_closed_loops_backoff(monkeypatch, transport):
+    monkeypatch.setattr(grpc.experimental.gevent, "init_gevent", lambda: None)
+    from arbitrage_common.client import ServiceError
+    from loadtests.grpc_user import call_grpc
+    from loadtests.settings import LoadSettings
+
+    def refused(request, timeout=None):
+        raise ServiceError("h:9000", "UNAVAILABLE", "failed to connect to all addresses; connection refused")
+
+    down = SimpleNamespace(generate=refused, stream=refused)
+    up = SimpleNamespace(generate=lambda request, timeout=None: pb.GenerateResponse(),
+                         stream=lambda request, timeout=None: iter([_step(), _summary()]))
+    settings = LoadSettings(transport=transport)
+    assert call_grpc(down, settings, "p").status == "UNAVAILABLE"
+    assert call_grpc(up, settings, "p").status == "OK"
