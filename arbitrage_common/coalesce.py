@@ -23,9 +23,10 @@ router indexes pending calls by that id: a call cancelled while still pending ca
 successor's entry with it, and the successor then waits for a replica forever (measured: a
 served stress with step pipelining stalled a draft lane in 4 of 7 runs).
 
-Piggyback: small fire-and-forget messages for a session (the scorers' ``release``) ride on the
-next merged call of its lane; a lane that stays idle sends them alone after ``flush_s``. A
-call with rows that is cancelled hands its messages on to the next.
+Piggyback: small fire-and-forget messages for a session (the pools' cache ``release``: scorers,
+and generators with a prefix cache) ride on the next merged call of its lane; a lane that
+stays idle sends them alone after ``flush_s``. A call with rows that is cancelled hands its
+messages on to the next.
 """
 from __future__ import annotations
 
@@ -254,6 +255,6 @@ class Coalescer:
                 self._schedule_flush(lane)
 
     async def aclose(self) -> None:
-        """Wait for the merged calls still out (tests, shutdown)."""
+        """Wait for the merged calls still out (tests only: shutdown does not call it)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)

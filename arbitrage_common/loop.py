@@ -19,7 +19,8 @@ On a missed deadline both raise ``DeadlineExceeded`` whose ``.partial`` (also
 out when it passed. Cancellation propagates untouched. When a
 generator answers ``"context"`` (no room left in its context), the request ends with
 ``finish_reason "length"`` keeping its steps; at the first step that is the prompt's fault,
-``InvalidArgument('prompt')``.
+``InvalidArgument`` naming the field the prompt came in (``LoopRequest.prompt_field``; chat:
+``messages[i].content``).
 
 Step pipelining (``LoopRequest.pipeline``, policies with a scorer that run one model per
 step: ``arbitrage``, ``rsd``): while the scorer reads draft step k, the draft already writes

@@ -170,8 +170,3 @@ def make_policy(name: str, threshold: float | None = None, seed: int | None = No
     if cls is None:
         raise InvalidArgument("policy", f"unknown policy {name!r}; expected one of {', '.join(POLICIES)}")
     return cls(threshold, seed)
-
-
-def policy_specs() -> list[dict[str, Any]]:
-    """``describe()`` of every registered policy, in registry order."""
-    return [cls.describe() for cls in POLICIES.values()]

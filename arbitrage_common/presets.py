@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .backends.checkpoints import CheckpointError, check_checkpoint_dir
 from .backends.value_head_prm import HEAD_KEYS, is_value_head_prm, value_head_problem  # torch-free
-from .config import SCORER_ROLES, AppConfig, PoolSpec, load_config
+from .config import SCORER_ROLES, AppConfig, PoolSpec
 from .paths import presets_dir, project_home
 
 REPO_ROOT = project_home()  # the checkout, $ARBITRAGE_HOME, or an install's share/arbitrage-serve
@@ -72,10 +72,6 @@ def preset_path(name: str, directory: str | Path | None = None) -> Path:
         known = ", ".join(p.stem for p in list_presets(d)) or "none"
         raise ValueError(f"preset {name!r}: no {path} (known: {known})")
     return path
-
-
-def load_preset(name: str, directory: str | Path | None = None) -> AppConfig:
-    return load_config(preset_path(name, directory))
 
 
 # -- model paths --------------------------------------------------------------------------

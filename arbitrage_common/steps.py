@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from .interfaces import ScoreItem, Source
 
-# Same value as arbitrage_common.synthetic.STEP_DELIMITER; kept here so the generic step
-# code does not depend on the synthetic task.
+# The one definition: the synthetic task imports it from here, so the generic step code
+# does not depend on the task.
 STEP_DELIMITER = "\n\n"
 
 # History annotation used by the router (paper's convention): who wrote each kept step.

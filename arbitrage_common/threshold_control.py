@@ -93,7 +93,7 @@ class LoadController:
         self._can_scale = False               # the target pool can still add replicas (health probe)
         self._request_s: float | None = None  # EWMA of controlled requests' durations, s
 
-    # -- what the coordinator reads --------------------------------------------------------
+    # -- state, for tests and debugging (the coordinator reads snapshot()) -----------------
     @property
     def offset(self) -> float:
         """How far thresholds are moved toward fewer target calls now (gauge this)."""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import string
-from pathlib import Path
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIALS = [PAD, BOS, EOS, UNK]
@@ -25,7 +24,3 @@ def build_char_tokenizer():
         # User text is data: a literal "</s>" in a prompt must not become an end-of-sequence.
         split_special_tokens=True,
     )
-
-
-def save_char_tokenizer(out_dir: str | Path) -> None:
-    build_char_tokenizer().save_pretrained(str(out_dir))

@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 ENV = "ARBITRAGE_LOAD"
-Transport = Literal["grpc", "grpc-stream", "http", "http-sse", "openai", "openai-chat"]
 TRANSPORTS: tuple[str, ...] = ("grpc", "grpc-stream", "http", "http-sse", "openai", "openai-chat")
 Shape = Literal["steady", "ramp", "spike"]
 # The closed loop's flags and their LoadSettings fields: an open loop (--rate) has no use for them.

@@ -391,29 +391,3 @@ def classify(exc: BaseException) -> ApiError:
         what = f" ({', '.join(details)})" if details else ""
     return ApiError("internal", grpc.StatusCode.INTERNAL, 500, f"internal error{what}; reference {reference}",
                     reference=reference)
-
-
-# -- the way back (clients: remote benches, tests) ----------------------------------------
-def loop_result(msg: pb.GenerateResponse, prompt: str = "") -> LoopResult:
-    """A ``GenerateResponse`` as the engine's ``LoopResult``, so code written against the
-    in-process loop (benches, graders, router data) can run against a service."""
-    from arbitrage_common.accounting import Usage
-
-    source = {pb.SOURCE_DRAFT: "draft", pb.SOURCE_TARGET: "target"}
-    steps = [StepRecord(index=s.index, text=s.text, source=source[s.source],
-                        score=s.score if s.HasField("score") else None, draft_discarded=s.draft_discarded,
-                        discarded_draft_text=s.discarded_draft_text if s.HasField("discarded_draft_text") else None,
-                        tokens=s.tokens, finish_reason=s.finish_reason,
-                        stage_ms={k: v for k in STAGES if (v := getattr(s.stage_ms, k))},
-                        draft_score=s.draft_score if s.HasField("draft_score") else None)
-             for s in msg.steps]
-    u = msg.usage
-    usage = Usage(draft_tokens_kept=u.draft_tokens_kept, draft_tokens_discarded=u.draft_tokens_discarded,
-                  target_tokens=u.target_tokens, steps_by_source={"draft": u.draft_steps, "target": u.target_steps},
-                  router_calls=u.router_calls, prm_calls=u.prm_calls,
-                  speculative_drafts_used=u.speculative_drafts_used,
-                  speculative_drafts_discarded=u.speculative_drafts_discarded,
-                  speculative_draft_tokens_discarded=u.speculative_draft_tokens_discarded,
-                  stage_seconds={k: getattr(u.stage_ms, k) / 1000.0 for k in STAGES})
-    return LoopResult(prompt=prompt, steps=steps, finish_reason=msg.finish_reason, usage=usage,
-                      total_seconds=msg.total_ms / 1000.0)

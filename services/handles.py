@@ -10,12 +10,13 @@ handle's router), so every step of the request reaches the same replica of each 
 whose deployment runs the session-affine router (``services.affinity``); other routers
 ignore the id. Per step nothing is created but the call itself.
 
-Retries: a pool call that fails because its replica died (``RayActorError``, an engine
-that died: ``EngineDeadError``) or because the pool is full (``BackPressureError``,
-``DeploymentUnavailableError``) is made again after a full-jitter backoff
-(``arbitrage_common.retry``), while the request's deadline leaves room. The router then
-picks another replica (Serve drops a dead one from its set; the affinity router's next
-rank takes the session). That is safe because a pool call is a pure function of its input:
+Retries: a pool call that fails because its replica died or went away (``RayActorError``, an
+engine that died: ``EngineDeadError``, a lost replica channel: ``replica_channel_lost``), because
+the pool has no replica deployed (``DeploymentUnavailableError``), or because the pool is full
+(``BackPressureError``) is made again after a full-jitter backoff (``arbitrage_common.retry``),
+while the request's deadline leaves room (``retry_reason``). The router then picks another
+replica (Serve drops a dead one from its set; the affinity router's next rank takes the
+session). That is safe because a pool call is a pure function of its input:
 a greedy step depends only on the prefix, a sampled one on the prefix and the request's
 seed, and a score on its items, so a retried step is the same step; a failed call
 delivered nothing, so nothing is counted twice (both backends take an unset seed as 0, so an
@@ -354,9 +355,6 @@ class PoolHandles:
         merged.attach(session_id, session_id)
         return True
 
-    def configured(self) -> dict[str, Any]:
-        return {role: h for role in ("draft", "target", "router", "prm") if (h := getattr(self, role)) is not None}
-
     def caller(self, role: str, method: str, session_id: str = "", deadline: float | None = None,
                retry: RetryPolicy | None = None) -> PoolCaller:
         return PoolCaller(_bind(getattr(self, role), method, session_id), role, retry or self.retry, deadline,
@@ -384,8 +382,3 @@ class PoolHandles:
             router=scorer("router"),
             prm=scorer("prm"),
         )
-
-
-def models_from_handles(draft: Any, target: Any, router: Any | None = None, prm: Any | None = None) -> Models:
-    """The loop's ``Models`` over pool handles, without a session."""
-    return PoolHandles(draft, target, router, prm).models()

@@ -143,7 +143,7 @@ def _load_scorer(model: dict[str, Any]):
 
 
 class _Pool:
-    """Shared plumbing: metrics, live batching knobs, a cheap health check."""
+    """Shared plumbing: metrics, live batching knobs, a cheap health check, cache releases."""
 
     kind = "pool"
 
@@ -205,9 +205,19 @@ class _Pool:
         (``arbitrage_common.autoscaling``; the rows policy scales on them)."""
         return self._held.sample()
 
+    async def release(self, session: str) -> bool:
+        """Drop a finished request's cached prefix; True if this replica held one."""
+        return bool(self.backend.release(session)) if self.cached else False
+
+    async def _release_all(self, sessions: Sequence[str]) -> None:
+        """The releases a merged call carries, run before its rows."""
+        for session in sessions:
+            await self.release(session)
+
     def info(self) -> dict[str, Any]:
-        """What this replica serves and how it has batched so far (for tests and debugging);
-        ``held_rows`` / ``held_calls``: rows and step calls it holds now."""
+        """What this replica serves and how it has batched so far (tests, debugging, and the
+        figures of ``services.bench`` and ``services.affinity_bench``); ``held_rows`` /
+        ``held_calls``: rows and step calls it holds now."""
         return {"role": self.role, "kind": self.kind, "model_path": self.model_path,
                 "backend": self.backend_name, "pid": os.getpid(),
                 "params": getattr(self.backend, "params", None), "prefix_cache": None, "engine": None,
@@ -254,7 +264,10 @@ def _split(flat: list, sizes: list[int]) -> list[list]:
 
 
 class GeneratorPool(_Pool):
-    """Serves ``generate(prefixes, options, session)`` for the draft or target model."""
+    """Serves the draft or target model: ``generate(prefixes, options, session, ahead)`` (one
+    request's step; ``ahead``: the draft lookahead's planned steps), ``generate_rows`` (merged
+    calls, what the coordinator sends by default), ``release(session)``, ``context_info``,
+    ``count_tokens`` and ``reset_prefix_cache``."""
 
     kind = "generator"
 
@@ -364,8 +377,7 @@ class GeneratorPool(_Pool):
         from arbitrage_common.backends.vllm_generator import EngineDeadError, EngineRequestError
 
         self._stats["calls"] += 1
-        for session in release:
-            await self.release(session)
+        await self._release_all(release)
         sessions = sessions or [None] * len(prefix_lists)
         aheads = aheads or [None] * len(prefix_lists)
         calls = [self._generate_ahead(prefixes, options, session, ahead)
@@ -393,10 +405,6 @@ class GeneratorPool(_Pool):
             seconds = time.perf_counter() - started
             self._stats["forward_s"] += seconds
             self._batch_ms.observe(seconds * 1000.0)  # the engine's own metrics go on a clock (_engine_export)
-
-    async def release(self, session: str) -> bool:
-        """Drop a finished request's cached prefix; True if this replica held one."""
-        return bool(self.backend.release(session)) if self.cached else False
 
     def info(self) -> dict[str, Any]:
         """``_Pool.info()``, plus the prefix cache: the session cache's counters (transformers),
@@ -493,14 +501,9 @@ class ScorerPool(_Pool):
         """A merged call: the score calls of several requests (one session each), plus the
         sessions that finished since (their cached prefixes are dropped first)."""
         self._stats["calls"] += 1
-        for session in release:
-            await self.release(session)
+        await self._release_all(release)
         with self._held.hold(sum(len(items) for items in item_lists)):
             return await _gather_rows([self._score(items, session) for items, session in zip(item_lists, sessions)])
-
-    async def release(self, session: str) -> bool:
-        """Drop a finished request's cached prefix; True if this replica held one."""
-        return bool(self.backend.release(session)) if self.cached else False
 
     def info(self) -> dict[str, Any]:
         out = super().info()

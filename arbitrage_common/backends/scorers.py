@@ -20,7 +20,8 @@ def load_step_scorer(model_dir: str | Path, threads: int | None = None, annotate
 
     Every kind truncates an input longer than its model's context (``steps.fit_scorer_input``).
     ``prefix_cache_mb`` bounds the causal-LM scorers' per-session prefix cache (0: off; None:
-    the backend's default); the classifier scorers have no such cache and ignore it.
+    the backend's default); the classifier scorers and a value-head PRM have no such cache and
+    ignore it.
     ``lean_load=False``: the causal-LM scorers load through transformers even where they need not
     (``llama_checkpoint``); the classifier scorers always do."""
     cache = {} if prefix_cache_mb is None else {"prefix_cache_bytes": int(prefix_cache_mb) * 2**20}

@@ -65,7 +65,7 @@ def add_router_parser(sub) -> None:
     ev = router.add_parser("eval", help="Spearman of a router vs the oracle advantage on held-out steps")
     ev.add_argument("--data", required=True)
     ev.add_argument("--router", help="router checkpoint (default: the bundled router)")
-    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--json", action="store_true", help="accepted for compatibility; JSON is the only output")
     ev.set_defaults(func=_router_eval)
 
 
@@ -81,7 +81,7 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--prm", type=existing_path, help="PRM checkpoint (default: <models-dir>/prm)")
     bench.add_argument("--router", type=existing_path, help="router checkpoint (default: <models-dir>/router)")
     bench.add_argument("--confirm-n", type=positive_int, default=None, help="problems in the wall-clock confirmation")
-    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--json", action="store_true", help="accepted for compatibility; JSON is the only output")
     bench.add_argument("--no-progress", action="store_true")
     bench.add_argument("--endpoint", help="HOST:PORT of a running service: sweep over gRPC instead of in-process "
                                           "(API key from $ARBITRAGE_API_KEY)")

@@ -16,7 +16,7 @@ def add_models_parser(sub) -> None:
     ev.add_argument("--prm", help="PRM checkpoint (default: <models-dir>/prm)")
     ev.add_argument("--models-dir", help="bundled checkpoints (default: $ARBITRAGE_HOME/models, else the installed bundle)")
     ev.add_argument("--no-prm", action="store_true", help="skip the PRM AUROC")
-    ev.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
+    ev.add_argument("--json", action="store_true", help="accepted for compatibility; JSON is the only output")
     ev.add_argument("--out", help="also write the JSON here (only when the run succeeds)")
     ev.set_defaults(func=_models_eval)
 

@@ -81,8 +81,11 @@ class ModelSpec(StrictModel):
                                                          "(generator pools only: an AsyncLLM engine per replica; "
                                                          "the way to generate on GPUs). The router and PRM pools "
                                                          "must be 'transformers'.")
-    threads: PositiveInt | None = Field(1, description="torch intra-op threads per replica (None: torch's "
-                                                       "default, one per core). Keep 1 on small CPU machines.")
+    threads: PositiveInt | None = Field(1, description="Transformers backend only; torch intra-op threads per "
+                                                       "replica (None: torch's default, one per core). Keep 1 on "
+                                                       "small CPU machines. vLLM pools ignore it: their engine's "
+                                                       "CPU threads follow VLLM_CPU_OMP_THREADS_BIND "
+                                                       "(ray_actor_options.runtime_env.env_vars; docs/VLLM.md).")
     annotate_history: bool | None = Field(None, description="Router and PRM pools: put 'Model 0: ' before each "
                                                             "earlier step the draft wrote and 'Model 1: ' before "
                                                             "each the target wrote, as a router trained on "
@@ -110,8 +113,10 @@ class ModelSpec(StrictModel):
                                                                     "prefix KV cache per replica (an LRU; 0 turns "
                                                                     "it off; None: 256), so a step runs only what "
                                                                     "is new since the request's last step. The "
-                                                                    "generators (fast Llama path) and causal-LM "
-                                                                    "scorers use it; classifier scorers have none. "
+                                                                    "generators (fast Llama path) and the verifier "
+                                                                    "scorers (a verifier-head router, an LM "
+                                                                    "verifier) use it; classifier scorers and a "
+                                                                    "value-head PRM have none. "
                                                                     "Refused with backend 'vllm' (its engine "
                                                                     "caches prefixes: engine.enable_prefix_caching).")
 

@@ -33,6 +33,7 @@ from .spec import (
 )
 
 SERVE_PORT_NAMES = ("serve", "serve-grpc")  # KubeRay 1.6+ puts every serve / serve-* port on the serve Service
+SERVE_HTTP_PORT_NAME, SERVE_GRPC_PORT_NAME = SERVE_PORT_NAMES
 # The serve Service's gRPC port speaks HTTP/2 without TLS: KubeRay builds the Service's ports as a
 # name and a port only, so Gateway API implementations and meshes would take 9000 for HTTP/1.1.
 # KubeRay 1.6+ takes a user `spec.serveService` port of the same name as it is, appProtocol
@@ -288,7 +289,7 @@ def _add_pod_options(pod_spec: dict[str, Any], cfg: AppConfig, shape: GroupSpec 
 
 
 def _serve_ports(cfg: AppConfig) -> dict[str, int]:
-    return {"serve": cfg.http.port, "serve-grpc": cfg.grpc.port, "metrics": METRICS_PORT}
+    return {SERVE_HTTP_PORT_NAME: cfg.http.port, SERVE_GRPC_PORT_NAME: cfg.grpc.port, "metrics": METRICS_PORT}
 
 
 def _head_labels(cfg: AppConfig) -> dict[str, str]:
@@ -404,8 +405,9 @@ def serve_service(cfg: AppConfig) -> dict[str, Any]:
     1.6+ keeps its own name (``<name>-serve-svc``), namespace, selector, labels and type for it (it
     replaces a user's selector, fills in what is unset) and takes each port of a name it would
     have built as the user wrote it."""
-    return {"spec": {"ports": [{"name": "serve", "port": cfg.http.port},
-                               {"name": "serve-grpc", "port": cfg.grpc.port, "appProtocol": GRPC_APP_PROTOCOL}]}}
+    return {"spec": {"ports": [{"name": SERVE_HTTP_PORT_NAME, "port": cfg.http.port},
+                               {"name": SERVE_GRPC_PORT_NAME, "port": cfg.grpc.port,
+                                "appProtocol": GRPC_APP_PROTOCOL}]}}
 
 
 def coordinator_drain_s(cfg: AppConfig) -> int:

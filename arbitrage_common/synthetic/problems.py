@@ -10,7 +10,8 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
-STEP_DELIMITER = "\n\n"
+from ..steps import STEP_DELIMITER
+
 Tier = Literal["easy", "medium", "hard"]
 OpKind = Literal["add", "sub", "mul", "teen"]
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 
 import torch
@@ -86,7 +85,3 @@ def train_lm(role: str, out_dir: str, steps: int, seed: int = 0, lr: float = 2e-
                      f"--batch-size {batch_size} --threads {threads}"
                      + (f" --stop-after {end}" if end < steps else "") + f" --out {out_dir}")
     return out
-
-
-def discard_resume_state(out_dir: str) -> None:
-    shutil.rmtree(Path(out_dir) / "ckpt", ignore_errors=True)

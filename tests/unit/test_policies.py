@@ -3,12 +3,13 @@ import math
 import pytest
 
 from arbitrage_common.errors import InvalidArgument
-from arbitrage_common.policies import POLICY_NAMES, make_policy, policy_specs
+from arbitrage_common.policies import POLICIES, POLICY_NAMES, make_policy
 
 
 def test_registry_names_and_specs():
     assert POLICY_NAMES == ("draft", "target", "rsd", "arbitrage", "oracle", "random")
-    specs = {s["name"]: s for s in policy_specs()}
+    specs = {name: POLICIES[name].describe() for name in POLICY_NAMES}  # as the coordinator lists models
+    assert all(spec["name"] == name for name, spec in specs.items())
     assert specs["oracle"]["threshold_range"] == [-1.0, 1.0]
     assert specs["oracle"]["default_threshold"] == 0.0
     assert specs["oracle"]["runs_both"] is True

@@ -254,4 +254,4 @@ def test_the_path_check_imports_no_engine():
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ValueError, match="known: llama-1b-8b"):
         P.preset_path("gpt-5")
-    assert P.load_preset("llama-1b-8b").name == "arbitrage-llama-1b-8b"
+    assert C.load_config(P.preset_path("llama-1b-8b")).name == "arbitrage-llama-1b-8b"

@@ -266,17 +266,6 @@ def test_deadline_maps_to_504_and_deadline_exceeded():
     assert err.http_status == 504 and err.grpc_code.name == "DEADLINE_EXCEEDED"
 
 
-def test_loop_result_round_trips_through_the_proto():
-    prepared = prepare(RequestFields(prompt=PROMPT), _cfg())
-    back = convert.loop_result(convert.result_proto(_result(), prepared), PROMPT)
-    original = _result()
-    assert back.text == original.text and back.finish_reason == original.finish_reason
-    assert [(s.index, s.source, s.score, s.tokens, s.draft_discarded) for s in back.steps] == \
-        [(s.index, s.source, s.score, s.tokens, s.draft_discarded) for s in original.steps]
-    assert back.usage.acceptance_rate == pytest.approx(original.usage.acceptance_rate)
-    assert back.usage.steps_by_source == original.usage.steps_by_source
-
-
 @pytest.mark.parametrize("answered", [True, False])
 def test_the_grpc_clients_json_is_the_http_apis_json(answered):
     """``arbitrage generate --json`` (client.to_dict of the gRPC reply) prints what /v1/generate
