@@ -23,16 +23,34 @@ MAX_DEADLINE_S = 1e6
 
 
 class ServiceError(RuntimeError):
-    """A call that ended with a non-OK gRPC status: ``code`` is the status name."""
+    """A call that ended with a non-OK gRPC status: ``code`` is the status name;
+    ``retry_after_s``: the server's advised wait before a retry (its ``retry-after`` trailing
+    metadata, sent with UNAVAILABLE and RESOURCE_EXHAUSTED), or None."""
 
-    def __init__(self, endpoint: str, code: str, details: str):
-        self.code, self.details = code, details
+    def __init__(self, endpoint: str, code: str, details: str, retry_after_s: float | None = None):
+        self.code, self.details, self.retry_after_s = code, details, retry_after_s
         self.hint = f" (set ${API_KEY_ENV} to one of the service's API keys)" if code == "UNAUTHENTICATED" else ""
         super().__init__(f"{endpoint}: {code}: {details}{self.hint}")
 
     @property
     def retriable(self) -> bool:
         return self.code in RETRIABLE
+
+
+def retry_after_of(exc) -> float | None:
+    """The ``retry-after`` trailing metadata of a failed gRPC call, in seconds, or None."""
+    try:
+        trailers = exc.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 (a call that ended before any metadata: no hint)
+        return None
+    for key, value in trailers:
+        if key == "retry-after":
+            try:
+                seconds = float(value)
+            except ValueError:
+                return None
+            return seconds if seconds > 0 else None
+    return None
 
 
 def auth_metadata(api_key: str | None = None) -> tuple[tuple[str, str], ...]:
@@ -132,7 +150,7 @@ class Client:
         self.channel.close()
 
     def _error(self, exc) -> ServiceError:
-        return ServiceError(self.endpoint, exc.code().name, exc.details() or "")
+        return ServiceError(self.endpoint, exc.code().name, exc.details() or "", retry_after_of(exc))
 
     def generate(self, request, timeout: float | None = None):
         """``Generate``; a non-OK status raises ``ServiceError``."""

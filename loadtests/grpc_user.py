@@ -107,5 +107,5 @@ def call_grpc(client: Client, settings, prompt: str) -> Outcome:
         else:
             client.generate(request, timeout=settings.timeout_s)
     except ServiceError as exc:
-        return Outcome(exc.code)
+        return Outcome(exc.code, exc.retry_after_s)
     return Outcome("OK")

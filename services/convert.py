@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import secrets
 import time
@@ -297,6 +298,12 @@ def _pool_of(chain: list[BaseException]) -> str | None:
 
 def _any(chain: list[BaseException], types: type | tuple[type, ...]) -> BaseException | None:
     return next((e for e in chain if isinstance(e, types)), None)
+
+
+def retry_after(seconds: float) -> str:
+    """Retry-After is whole seconds: never less than advised, never 0 (an immediate retry). HTTP
+    sends it as a header, gRPC as ``retry-after`` trailing metadata."""
+    return str(max(1, math.ceil(seconds)))
 
 
 def unavailable(message: str) -> ApiError:

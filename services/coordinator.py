@@ -12,8 +12,8 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -97,6 +97,24 @@ def _called(stream: LoopStream) -> set[str]:
     """The pools the request's loop called (a call was made, answered or not)."""
     return {role for role in ("draft", "target", "router", "prm")
             if getattr(getattr(stream.models, role), "called", False)}
+
+
+T = TypeVar("T")
+
+
+async def _answered(role: str, call: Awaitable[T], pending: dict[str, float]) -> T:
+    """``call``'s answer; while it is out, ``pending[role]`` says since when. A call the
+    deadline cut (cancelled) stays there, so the missed deadline names the pool it waited on."""
+    pending[role] = time.monotonic()
+    try:
+        answer = await call
+    except asyncio.CancelledError:
+        raise
+    except BaseException:
+        pending.pop(role, None)
+        raise
+    pending.pop(role, None)
+    return answer
 
 
 def _in_replica() -> bool:
@@ -303,11 +321,12 @@ class Coordinator:
         if self.load is not None and self.load.applies(prepared.policy, explicit=prepared.threshold_explicit):
             self.load.observe_request(seconds, time.monotonic())
 
-    async def _generator_contexts(self, deadline: float | None) -> dict[str, int]:
+    async def _generator_contexts(self, deadline: float | None, pending: dict[str, float]) -> dict[str, int]:
         """Each generator pool's context length (asked once; {} while a pool cannot answer)."""
         if self._contexts is None:
             try:
-                infos = await asyncio.gather(*(self.pools.caller(role, "context_info", deadline=deadline)()
+                infos = await asyncio.gather(*(_answered(role, self.pools.caller(role, "context_info",
+                                                                                 deadline=deadline)(), pending)
                                                for role in ("draft", "target")))
             except Exception:  # noqa: BLE001 (the loop still ends an overlong prompt cleanly)
                 return {}
@@ -322,23 +341,28 @@ class Coordinator:
         pool call it makes."""
         request = prepared.request
         timeout = asyncio.timeout(None if deadline is None else deadline - time.monotonic())
+        pending: dict[str, float] = {}  # pool -> when its call out now was sent
         try:
             async with timeout:
                 await self._check_prompt_fits(build_prefix(request.prompt, [], request.prompt_template), deadline,
-                                              prepared.prompt_field)
+                                              prepared.prompt_field, pending)
         except TimeoutError:
             if not timeout.expired():
                 raise
+            waiting_on = min(pending, key=pending.__getitem__, default=None)  # the longest out
+            waited_s = 0.0 if waiting_on is None else time.monotonic() - pending[waiting_on]
             raise DeadlineExceeded(LoopResult(request.prompt, [], "deadline", Usage(), 0.0),
-                                   "deadline exceeded while checking the prompt's length") from None
+                                   "deadline exceeded while checking the prompt's length",
+                                   waiting_on=waiting_on, waited_s=waited_s) from None
 
-    async def _check_prompt_fits(self, prefix: str, deadline: float | None, field: str) -> None:
-        contexts = await self._generator_contexts(deadline)
+    async def _check_prompt_fits(self, prefix: str, deadline: float | None, field: str,
+                                 pending: dict[str, float]) -> None:
+        contexts = await self._generator_contexts(deadline, pending)
         if not contexts or len(prefix.encode()) + _SPECIAL_TOKENS_MARGIN < min(contexts.values()):
             return
         roles = list(contexts)
-        counts = await asyncio.gather(*(self.pools.caller(role, "count_tokens", deadline=deadline)(prefix)
-                                        for role in roles))
+        counts = await asyncio.gather(*(_answered(role, self.pools.caller(role, "count_tokens", deadline=deadline)(prefix),
+                                                  pending) for role in roles))
         for role, tokens in zip(roles, counts):
             if tokens >= contexts[role]:
                 raise InvalidArgument(field, f"is {tokens} tokens for the {role} model (prompt template "
@@ -463,8 +487,7 @@ class Coordinator:
             if grpc_context is None:
                 raise _GrpcAbort(err.message) from None
             # Unary: the status travels with the (empty, never delivered) reply; no traceback logged.
-            grpc_context.set_code(err.grpc_code)
-            grpc_context.set_details(err.message)
+            self._set_status(grpc_context, err)
             return pb.GenerateResponse()
         self.record("grpc", policy, "ok", started)
         return response
@@ -487,13 +510,20 @@ class Coordinator:
         self.record("grpc", policy, "ok", started)
         yield pb.GenerateStreamResponse(summary=summary)
 
-    @staticmethod
-    def _abort(grpc_context: Any, err: convert.ApiError) -> NoReturn:
+    def _abort(self, grpc_context: Any, err: convert.ApiError) -> NoReturn:
         """Streams: set the status, then raise; Serve ends the stream with that status."""
         if grpc_context is not None:
-            grpc_context.set_code(err.grpc_code)
-            grpc_context.set_details(err.message)
+            self._set_status(grpc_context, err)
         raise _GrpcAbort(err.message) from None
+
+    def _set_status(self, grpc_context: Any, err: convert.ApiError) -> None:
+        """A failed call's status; a retriable one (HTTP's 503) also carries ``retry-after``
+        trailing metadata, whole seconds as HTTP's header: gRPC has no standard hint. (Serve's
+        proxy passes it on for ``Generate``; a failed stream's trailers it drops.)"""
+        grpc_context.set_code(err.grpc_code)
+        grpc_context.set_details(err.message)
+        if err.http_status == 503:
+            grpc_context.set_trailing_metadata([("retry-after", convert.retry_after(self.cfg.coordinator.retry_after_s))])
 
     # -- gRPC: grpc.health.v1.Health (open: no API key) -------------------------------
     def _refuse_unparsed(self, request: Any, grpc_context: Any) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import email.message
-import math
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -37,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from arbitrage_common.auth import check_bearer, load_keys
 
 from . import convert
+from .convert import retry_after
 from .validation import ChatCompletionBody, CompletionBody, GenerateBody, Prepared, RequestFields, field_from_loc
 
 if TYPE_CHECKING:
@@ -54,11 +54,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 OnReject = Callable[[str, convert.ApiError], None]  # (path, error) of a request answered by a middleware
-
-
-def retry_after(seconds: float) -> str:
-    """Retry-After is whole seconds: never less than advised, never 0 (an immediate retry)."""
-    return str(max(1, math.ceil(seconds)))
 
 
 def error_response(err: convert.ApiError, retry_after_s: float | None = None,

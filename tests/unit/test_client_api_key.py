@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from arbitrage_common.cli.main import build_parser
-from arbitrage_common.client import API_KEY_ENV, ServiceError, auth_metadata
+from arbitrage_common.client import API_KEY_ENV, ServiceError, auth_metadata, retry_after_of
 
 
 def test_the_client_reads_its_own_variable(monkeypatch):
@@ -62,3 +62,21 @@ def test_arbitrage_generate_prints_the_variable_on_unauthenticated(monkeypatch, 
     assert main(["generate", "1+1"]) == 1
     err = capsys.readouterr().err
     assert "UNAUTHENTICATED: missing or invalid API key" in err and "$ARBITRAGE_API_KEY" in err, err
+
+
+class _FailedCall:
+    def __init__(self, trailers) -> None:
+        self.trailers = trailers
+
+    def trailing_metadata(self):
+        if isinstance(self.trailers, Exception):
+            raise self.trailers
+        return self.trailers
+
+
+def test_the_client_reads_the_servers_retry_after_trailer():
+    """The service sends ``retry-after`` trailing metadata with UNAVAILABLE / RESOURCE_EXHAUSTED;
+    anything else, or none, is no hint."""
+    assert retry_after_of(_FailedCall((("request_id", "x"), ("retry-after", "3")))) == 3.0
+    for trailers in [(), None, (("retry-after", "soon"),), (("retry-after", "0"),), RuntimeError("no call")]:
+        assert retry_after_of(_FailedCall(trailers)) is None, trailers

@@ -13,7 +13,7 @@ from arbitrage_common.config import default_config
 from arbitrage_common.errors import DeadlineExceeded
 from arbitrage_common.interfaces import Generation
 from services import convert
-from services.coordinator import Coordinator
+from services.coordinator import Coordinator, _GrpcAbort
 from services.validation import RequestFields
 
 LONG_PROMPT = "Start with 1. " * 40  # long enough that admission counts its tokens on the pools
@@ -67,12 +67,19 @@ def test_the_loop_gets_only_the_time_admission_left():
 
 class _GrpcContext:
     code = details = None
+    trailers: tuple = ()
 
     def set_code(self, code) -> None:
         self.code = code
 
     def set_details(self, details: str) -> None:
         self.details = details
+
+    def set_trailing_metadata(self, trailers) -> None:
+        self.trailers = tuple(trailers)
+
+    def invocation_metadata(self):
+        return []
 
 
 def test_open_health_watches_take_at_most_an_eighth_of_the_request_slots():
@@ -325,6 +332,61 @@ def test_a_deadline_missed_on_a_pool_call_out_for_pool_stall_s_is_unavailable(po
     assert (err.code, err.http_status) == (("unavailable", 503) if stalled else ("deadline_exceeded", 504)), err
     if stalled:
         assert "the draft pool answered no call for" in err.message and "retry" in err.message
+
+
+@pytest.mark.parametrize("stall_s", [0.1, None])
+def test_a_deadline_missed_in_admission_on_a_stalled_pool_is_unavailable(stall_s):
+    """Admission asks the generators for their contexts and token counts: a pool that answers
+    none of it for ``pool_stall_s`` is named, UNAVAILABLE, as in the loop (a hung draft met a
+    service's first request there); with the bound off, DEADLINE_EXCEEDED."""
+    data = default_config().model_dump(mode="json")
+    data["coordinator"]["pool_stall_s"] = stall_s
+    coord = Coordinator(data, SlowCountPool(30.0), SlowCountPool(0.0), SlowCountPool(0.0), SlowCountPool(0.0))
+    coord.health = _PoolsDown()
+
+    async def run():
+        prepared, stream = await coord.open_stream(RequestFields(prompt=LONG_PROMPT, policy="draft", timeout_s=0.3))
+        async for _ in coord.steps_of(stream, prepared):
+            pass
+
+    with pytest.raises(Exception) as info:
+        asyncio.run(asyncio.wait_for(run(), 60))  # a guard against a hang, not a timing
+    err = convert.classify(info.value)
+    if stall_s is None:
+        assert (err.code, err.http_status) == ("deadline_exceeded", 504), err
+    else:
+        assert (err.code, err.http_status) == ("unavailable", 503), err
+        assert "the draft pool answered no call for" in err.message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_retriable_grpc_failure_carries_retry_after_and_others_do_not(stream):
+    """HTTP's 503 has Retry-After; gRPC has no standard hint, so UNAVAILABLE and
+    RESOURCE_EXHAUSTED carry ``retry-after`` trailing metadata (whole seconds, the same
+    ``coordinator.retry_after_s``), which the shared client reads. A deadline or a bad request
+    carries none: retrying it as it is would fail again."""
+    from protos.arbitrage.v1 import arbitrage_pb2 as pb
+
+    data = default_config().model_dump(mode="json")
+    data["coordinator"].update(pool_stall_s=0.1, retry_after_s=2.5)
+    coord = Coordinator(data, *[SlowCountPool(0.0) for _ in range(4)])
+    coord.health = _PoolsDown()
+    coord.pools.draft = _StepsHang(0.0)
+
+    async def call(request):
+        context = _GrpcContext()
+        if stream:
+            with pytest.raises(_GrpcAbort):
+                async for _ in coord.GenerateStream(request, context):
+                    pass
+        else:
+            await coord.Generate(request, context)
+        return context
+
+    hung = asyncio.run(call(pb.GenerateRequest(prompt="Start with 4. Add 3.", policy="draft", timeout_s=0.3)))
+    bad = asyncio.run(call(pb.GenerateRequest(prompt="", policy="draft")))
+    assert hung.code.name == "UNAVAILABLE" and hung.trailers == (("retry-after", "3"),)
+    assert bad.code.name == "INVALID_ARGUMENT" and bad.trailers == ()
 
 
 @pytest.mark.parametrize("already", [False, True])  # the pool fails under the call, or failed before it

@@ -65,15 +65,21 @@ def test_a_stream_with_its_summary_succeeds_and_is_graded(interceptor):
 def test_a_call_returns_its_grpc_status_for_the_closed_loops_backoff(monkeypatch, transport):
     monkeypatch.setattr(grpc.experimental.gevent, "init_gevent", lambda: None)
     from arbitrage_common.client import ServiceError
+    from loadtests.backoff import Outcome
     from loadtests.grpc_user import call_grpc
     from loadtests.settings import LoadSettings
 
     def refused(request, timeout=None):
         raise ServiceError("h:9000", "UNAVAILABLE", "failed to connect to all addresses; connection refused")
 
+    def overloaded(request, timeout=None):  # the service's own refusal: with its retry-after trailer
+        raise ServiceError("h:9000", "RESOURCE_EXHAUSTED", "overloaded", retry_after_s=2.0)
+
     down = SimpleNamespace(generate=refused, stream=refused)
+    busy = SimpleNamespace(generate=overloaded, stream=overloaded)
     up = SimpleNamespace(generate=lambda request, timeout=None: pb.GenerateResponse(),
                          stream=lambda request, timeout=None: iter([_step(), _summary()]))
     settings = LoadSettings(transport=transport)
-    assert call_grpc(down, settings, "p").status == "UNAVAILABLE"
+    assert call_grpc(down, settings, "p") == Outcome("UNAVAILABLE", None)
+    assert call_grpc(busy, settings, "p") == Outcome("RESOURCE_EXHAUSTED", 2.0)
     assert call_grpc(up, settings, "p").status == "OK"
