@@ -4,15 +4,13 @@ undecorated over the bundled draft model; no cluster is started."""
 import asyncio
 from pathlib import Path
 
-import pytest
-
 from arbitrage_common.backends.hf_generator import HFStepGenerator
 from arbitrage_common.counter_deltas import CounterDeltas
 from arbitrage_common.interfaces import GenerationOptions
 from arbitrage_common.steps import build_prefix
 from arbitrage_common.synthetic import generate_problems
+from services import pools
 
-pools = pytest.importorskip("services.pools")
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
 

@@ -111,6 +111,8 @@ def test_max_rows_splits_a_long_queue():
 
 
 def test_a_rows_own_failure_reaches_only_that_row():
+    """The failing row's call raises its exception (a returned exception instance would look
+    the same through gather(return_exceptions=True)); the other rows get their results."""
     async def main():
         pool = FakePool(fail_rows=frozenset({2}))
         pool.gate.clear()
@@ -118,11 +120,59 @@ def test_a_rows_own_failure_reaches_only_that_row():
         tasks = [asyncio.ensure_future(merged.call("s", i)) for i in range(4)]
         await settle()
         pool.gate.set()
-        return await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait(tasks)
+        return tasks
 
-    results = run(main())
-    assert results[:2] == [0, 10] and results[3] == 30
-    assert isinstance(results[2], ValueError) and str(results[2]) == "row 2"
+    tasks = run(main())
+    assert [tasks[i].result() for i in (0, 1, 3)] == [0, 10, 30]
+    failure = tasks[2].exception()
+    assert isinstance(failure, ValueError) and str(failure) == "row 2"
+    with pytest.raises(ValueError, match="^row 2$"):
+        tasks[2].result()
+
+
+def test_cancelling_one_row_of_a_merged_call_in_flight_leaves_the_others_their_results():
+    """A merged call [1, 2, 3] is out; row 1's caller stops waiting. The call goes on (others
+    still wait for it) and rows 2 and 3 get their results: the cancelled row is skipped, not
+    answered (which would fail and leave the rest hanging)."""
+    async def main():
+        pool = FakePool()
+        pool.gate.clear()
+        merged = Coalescer(pool.send, max_in_flight=1)
+        first = asyncio.ensure_future(merged.call("s", 0))
+        await settle()
+        rows = [asyncio.ensure_future(merged.call("s", i)) for i in (1, 2, 3)]
+        await settle()
+        pool.gate.set()
+        await first
+        pool.gate.clear()
+        await settle()
+        assert [r for _, r, _ in pool.calls] == [[0], [1, 2, 3]]  # out as one merged call
+        rows[0].cancel()
+        await settle()
+        pool.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(*rows[1:]), 5)  # hang guard
+        await merged.aclose()
+        return results, pool.cancelled
+
+    assert run(main()) == ([20, 30], 0)
+
+
+def test_a_merged_call_answering_too_few_results_fails_its_rows_instead_of_hanging():
+    """A pool that answers fewer results than rows is a broken contract: every row of the call
+    gets a RuntimeError saying so, none waits forever."""
+    async def main():
+        async def short(key, rows, piggyback):
+            return rows[:-1]
+
+        merged = Coalescer(short)
+        call = asyncio.ensure_future(merged.call("s", 1))
+        await asyncio.wait_for(asyncio.wait([call]), 5)  # hang guard
+        return call
+
+    call = run(main())
+    with pytest.raises(RuntimeError, match="returned 0 results for 1 rows"):
+        call.result()
 
 
 def test_a_failed_merged_call_fails_every_row_in_it():

@@ -169,6 +169,20 @@ def test_limits():
         C.LimitsSpec(request_timeout_s=0)
 
 
+def test_limits_defaults_stay_within_their_limits_and_name_the_field():
+    """A default above its limit is refused from one past the edge, naming the default; the
+    edge itself is accepted. The in-flight cap of step pipelining needs step pipelining."""
+    with pytest.raises(ValidationError, match="default_max_steps must be <= max_steps"):
+        C.LimitsSpec(max_steps=4, default_max_steps=5)
+    assert C.LimitsSpec(max_steps=4, default_max_steps=4).default_max_steps == 4
+    with pytest.raises(ValidationError, match="default_max_new_tokens must be <= max_new_tokens"):
+        C.LimitsSpec(max_new_tokens=8, default_max_new_tokens=9)
+    assert C.LimitsSpec(max_new_tokens=8, default_max_new_tokens=8).default_max_new_tokens == 8
+    with pytest.raises(ValidationError, match="step_pipelining_max_inflight needs step_pipelining"):
+        C.LimitsSpec(step_pipelining_max_inflight=2)
+    assert C.LimitsSpec(step_pipelining=True, step_pipelining_max_inflight=2).step_pipelining_max_inflight == 2
+
+
 def test_unknown_fields_and_backends_are_rejected():
     with pytest.raises(ValidationError):
         C.ModelSpec(path="x", backend="onnx")

@@ -10,8 +10,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "k8s" / "monitoring" / "grafana-dashboard.json"
 
@@ -80,7 +78,7 @@ def _exported_by_services() -> set[str]:
 def _ray_serve_source_metrics() -> dict[str, set[str]]:
     """Metric name -> kinds, as the installed ray's Serve registers them (``{protocol_name}``
     expanded to http and grpc)."""
-    ray = pytest.importorskip("ray")
+    import ray
     pattern = re.compile(r'\b(Counter|Gauge|Histogram)\(\s*(?:name=)?f?"(serve_[a-z_{}]+)"')
     found: dict[str, set[str]] = {}
     for path in (Path(ray.__file__).parent / "serve").rglob("*.py"):

@@ -4,11 +4,8 @@
 Ray's metric classes are replaced by fakes here; tests/vllm runs the real engine."""
 from __future__ import annotations
 
-import pytest
-
 from arbitrage_common.backends.vllm_generator import EngineStats
-
-engine_metrics = pytest.importorskip("services.engine_metrics")
+from services import engine_metrics
 
 
 class _Metric:
@@ -66,8 +63,7 @@ def test_the_pool_sets_the_gauges_on_a_clock_started_once_by_its_health_check():
     import asyncio
 
     from arbitrage_common.counter_deltas import CounterDeltas
-
-    pools = pytest.importorskip("services.pools")
+    from services import pools
     from services.gauge_clock import GAUGE_EXPORT_S, GaugeClock
     running = iter([3, 7, 0, 0, 0, 0, 0, 0, 0, 0])
 

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
-gauge_clock = pytest.importorskip("services.gauge_clock")
+from services import gauge_clock
 
 
 def test_the_clock_starts_once_and_outlives_a_failed_export():

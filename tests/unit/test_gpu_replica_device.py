@@ -8,7 +8,9 @@ import pytest
 
 @pytest.fixture
 def pools():
-    return pytest.importorskip("services.pools")
+    from services import pools
+
+    return pools
 
 
 @pytest.mark.parametrize("device,gpu_ids,want", [
@@ -38,7 +40,8 @@ def test_a_scorer_pool_passes_the_replicas_device_down_and_holds_to_its_gpu_shar
         pools, monkeypatch, gpu_ids, share, want, capped):
     """A replica given part of a GPU (num_gpus 0.25) is held to that share of its memory
     before the model loads; one given a whole GPU, or none, is not capped."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     from arbitrage_common.backends import scorers
 
     seen, fractions = [], []

@@ -132,6 +132,17 @@ def test_e2e_is_labelled_successes_only_and_e2e_all_counts_failures_at_their_tim
     assert "a failed one at the time it took" in out["e2e_ms_all"]["of"]
 
 
+def test_goodput_is_the_share_of_all_requests_answered_within_the_slo():
+    """Goodput counts successes at or under slo_ms over every request (a failure, however
+    fast, is not good); goodput_requests_per_s divides the same count by the duration."""
+    recs = [Record("grpc", 0.0, ms, "OK", steps=1) for ms in (50.0, 100.0, 150.0, 400.0)]
+    recs.append(Record("grpc", 0.0, 10.0, "UNAVAILABLE"))
+    out = summarize(recs, duration_s=10.0, slo_ms=100.0, timeline=None, settings={})
+    assert out["slo_ms"] == 100.0 and out["goodput"] == 0.4 and out["goodput_requests_per_s"] == 0.2
+    no_slo = summarize(recs, duration_s=10.0, slo_ms=None, timeline=None, settings={})
+    assert no_slo["goodput"] == 0.8
+
+
 def test_an_unreachable_metrics_url_is_named_not_reported_as_a_url_without_pools(monkeypatch):
     """Was "no sample held a pool's metrics", as if the URL had answered without them."""
     import urllib.error

@@ -14,7 +14,7 @@ from test_pipeline import PROMPT, SCENARIOS, SCORED, P, _cfg, _models, _partial,
 from arbitrage_common.config import AppConfig, LimitsSpec, render_serve_config
 from arbitrage_common.errors import DeadlineExceeded, InvalidArgument, ScorerError
 from arbitrage_common.interfaces import Generation, GenerationOptions
-from arbitrage_common.lookahead import DraftAhead, chain
+from arbitrage_common.lookahead import DraftAhead, chain, chain_rows
 from arbitrage_common.loop import LoopRequest, Models, stream_loop
 from arbitrage_common.policies import POLICY_NAMES, make_policy
 from arbitrage_common.steps import build_prefix
@@ -169,6 +169,87 @@ def test_a_failed_lookahead_step_ends_the_chain_not_the_request():
 def test_a_generator_answering_more_than_one_step_is_an_error():
     with pytest.raises(ScorerError, match="returned 2 generations"):
         _run(_models(ScriptedGenerator(["d0", "d1"], count=2), **_scorers()), "arbitrage", lookahead=1)
+
+
+# -- chain and chain_rows: a later step is a guess -----------------------------------------
+STEP = Generation("a", 1, "delimiter", 0.0)
+PLAN = DraftAhead(extra_steps=3, tokens_left=100, steps_left=8, step_max_tokens=8)
+OPTS = GenerationOptions(max_new_tokens=8)
+
+
+def _chain_with(answers):
+    """``chain`` over a generator that answers the i-th call with ``answers[i]`` (an exception
+    is raised); returns what it kept and the number of calls."""
+    calls = []
+
+    async def generate(prefixes, options):
+        calls.append(prefixes)
+        answer = answers[len(calls) - 1]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    return asyncio.run(chain(generate, P, OPTS, PLAN)), len(calls)
+
+
+def test_chain_keeps_the_first_step_when_a_later_call_fails():
+    """Only the first call's failure is the request's; a later one ends the chain."""
+    gens, calls = _chain_with([[STEP], RuntimeError("replica died")])
+    assert gens == [STEP] and calls == 2
+    with pytest.raises(RuntimeError, match="replica died"):
+        _chain_with([RuntimeError("replica died")])
+
+
+@pytest.mark.parametrize("later", [[STEP, STEP], [Generation("a", None, "delimiter", 0.0)]],
+                         ids=["two-items", "tokens-none"])
+def test_chain_stops_at_a_malformed_later_answer(later):
+    """A later answer that is not one well-formed generation is dropped and ends the chain."""
+    gens, calls = _chain_with([[STEP], later, [STEP], [STEP]])
+    assert gens == [STEP] and calls == 2
+
+
+def test_chain_refuses_a_malformed_first_answer():
+    """The first answer is the step the loop asked for: two generations are the draft
+    generator's fault; an ill-formed one is returned as is, unchained, for the loop to report."""
+    with pytest.raises(ScorerError, match="^draft generator: returned 2 generations"):
+        _chain_with([[STEP, STEP]])
+    bad = Generation("a", None, "delimiter", 0.0)
+    assert _chain_with([[bad], [STEP]]) == ([bad], 1)
+
+
+def _rows_run(answers):
+    """A ``chain_rows`` ``run`` whose i-th round answers ``answers[i]`` for every live row (an
+    exception is raised); records the rows of each round."""
+    rounds = []
+
+    def run(rows, prefixes, options):
+        rounds.append(list(rows))
+        answer = answers[len(rounds) - 1]
+        if isinstance(answer, Exception):
+            raise answer
+        return [answer for _ in rows]
+
+    return run, rounds
+
+
+def test_chain_rows_keeps_the_first_round_when_a_later_round_fails():
+    """As ``chain``: a later round's failure returns what the earlier rounds wrote; only the
+    first round's is raised."""
+    run, rounds = _rows_run([STEP, RuntimeError("replica died")])
+    out = chain_rows(run, [P, P], [OPTS, OPTS], [PLAN, PLAN])
+    assert out == [[STEP], [STEP]] and rounds == [[0, 1], [0, 1]]
+    run, _ = _rows_run([RuntimeError("replica died")])
+    with pytest.raises(RuntimeError, match="replica died"):
+        chain_rows(run, [P], [OPTS], [PLAN])
+
+
+def test_chain_rows_stops_a_row_at_a_malformed_answer():
+    """A row whose step has no usable token count is not planned from (nor does it fail the
+    batch): the chain ends there."""
+    bad = Generation("a", None, "delimiter", 0.0)
+    run, rounds = _rows_run([STEP, bad, STEP, STEP])
+    out = chain_rows(run, [P], [OPTS], [PLAN])
+    assert out[0][0] == STEP and rounds == [[0], [0]]
 
 
 def test_a_deadline_past_ends_the_request_before_a_stashed_step():

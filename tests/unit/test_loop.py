@@ -5,7 +5,7 @@ import pytest
 from fakes import ScriptedGenerator, TableScorer, chars, words
 
 from arbitrage_common.errors import DeadlineExceeded, InvalidArgument, ScorerError
-from arbitrage_common.interfaces import GenerationOptions
+from arbitrage_common.interfaces import Generation, GenerationOptions
 from arbitrage_common.loop import LoopRequest, Models, run_loop, stream_loop
 from arbitrage_common.policies import make_policy
 
@@ -314,6 +314,26 @@ def test_wrong_generation_count_is_an_error(count):
     with pytest.raises(ScorerError, match=f"^target generator: returned {count} generations") as err:
         run(make_policy("target"), target=ScriptedGenerator(TARGET, count=count))
     assert err.value.role == "target generator"
+
+
+class _OneAnswer:
+    """A generator that answers every call with the same single generation."""
+
+    def __init__(self, gen: Generation) -> None:
+        self.gen = gen
+
+    async def generate(self, prefixes, options):
+        return [self.gen]
+
+
+@pytest.mark.parametrize("gen", [Generation("x", -1, "delimiter", 0.0), Generation("x", True, "delimiter", 0.0),
+                                 Generation("x", 1, "stop", 0.0)], ids=["negative", "bool", "unknown-reason"])
+def test_a_generators_malformed_answer_is_a_scorer_error(gen):
+    """A negative or bool token count and a finish reason outside the contract are the
+    generator's fault, named by its role, not booked as a step."""
+    with pytest.raises(ScorerError, match="^draft generator: ") as err:
+        run(make_policy("draft"), draft=_OneAnswer(gen))
+    assert err.value.role == "draft generator"
 
 
 def test_prompt_template_reaches_generators_but_not_scorers():

@@ -284,30 +284,67 @@ def test_deadline_while_scoring_drops_the_early_draft():
     assert u.speculative_drafts_used == 0
 
 
-def test_deadline_checked_before_each_call():
+class FakeClock:
+    """The loop's ``time``: ``perf_counter`` stands still until a fake model moves it, so a
+    deadline passes exactly where a test says (no real sleeping, no race on a loaded box)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    from arbitrage_common import loop
+
+    fake = FakeClock()
+    monkeypatch.setattr(loop, "time", fake)
+    return fake
+
+
+def _router_past_the_deadline(clock: FakeClock, default: float) -> TableScorer:
+    """A router that moves the clock past any deadline below 100 s while it scores, without
+    yielding: the call's own timeout cannot fire, only the next call's check can."""
     class SlowRouter(TableScorer):
         async def score(self, items):
-            import time
-            time.sleep(0.03)  # blocks: the timeout cannot fire, the next call's check must  # noqa: ASYNC251
+            clock.now += 100.0
             return await super().score(items)
 
-    plain, pipe, _, pipe_models = _pair(lambda: _models(router=SlowRouter({}, 0.9)), "arbitrage", deadline_s=0.02)
+    return SlowRouter({}, default)
+
+
+def test_deadline_checked_before_each_call(clock):
+    plain, pipe, _, pipe_models = _pair(lambda: _models(router=_router_past_the_deadline(clock, 0.9)), "arbitrage",
+                                        deadline_s=60.0)
     _assert_same(plain, pipe)
     assert pipe_models.target.calls == [] and pipe.partial.usage.speculative_drafts_discarded == 1
 
 
-def test_deadline_passed_before_the_early_draft_is_awaited():
+def test_deadline_passed_before_the_early_draft_is_awaited(clock):
     # The router blocks past the deadline and keeps d0; step 1's early draft never ran. The
     # next step's deadline check refuses to wait for it: it must still be cancelled.
-    class SlowRouter(TableScorer):
-        async def score(self, items):
-            import time
-            time.sleep(0.03)  # noqa: ASYNC251 (deliberate: the timeout cannot fire)
-            return await super().score(items)
-
-    plain, pipe, _, _ = _pair(lambda: _models(router=SlowRouter({}, 0.1)), "arbitrage", deadline_s=0.02)
+    plain, pipe, _, _ = _pair(lambda: _models(router=_router_past_the_deadline(clock, 0.1)), "arbitrage",
+                              deadline_s=60.0)
     _assert_same(plain, pipe)
     assert [s.text for s in pipe.partial.steps] == ["d0"]
+    assert pipe.partial.usage.speculative_drafts_discarded == 1 and pipe.partial.usage.speculative_drafts_used == 0
+
+
+def test_no_early_draft_starts_once_the_deadline_has_passed(clock):
+    """The deadline passes during step 0's draft call: the scorer call is refused next, so no
+    early draft for step 1 is started (it could only be discarded)."""
+    class SlowDraft(ScriptedGenerator):
+        async def generate(self, prefixes, options):
+            clock.now += 100.0
+            return await super().generate(prefixes, options)
+
+    plain, pipe, _, pipe_models = _pair(lambda: _models(SlowDraft(DRAFT), **_scorers()), "arbitrage", deadline_s=60.0)
+    _assert_same(plain, pipe)
+    assert pipe.partial.steps == [] and pipe.partial.finish_reason == "deadline"
+    assert [p for p, _ in pipe_models.draft.calls] == [[P]]
+    assert pipe.partial.usage.speculative_drafts_discarded == 0
 
 
 def test_a_finished_early_draft_past_the_deadline_is_discarded_with_its_tokens():

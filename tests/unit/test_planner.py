@@ -27,6 +27,14 @@ def test_service_curve_fit_recovers_a_line():
     assert ServiceCurve.fit([4], [8.0]).ms(4) == pytest.approx(8.0)
 
 
+def test_service_curve_fit_clamps_a_falling_profile_to_a_flat_line():
+    """Larger batches profiled faster (noise) must not give a negative per-item cost: the
+    slope is clamped to 0 and the base is then the mean, 20 ms."""
+    c = ServiceCurve.fit([1, 2, 4], [30.0, 20.0, 10.0])
+    assert c.per_item_ms == 0.0 and c.base_ms == pytest.approx(20.0)
+    assert c.ms(100) == pytest.approx(20.0)
+
+
 def _one_pool(ms: float, batch: int = 1, replicas: int = 1) -> dict[str, Pool]:
     return {"target": Pool(ServiceCurve(ms, 0.0), replicas=replicas, max_batch=batch)}
 

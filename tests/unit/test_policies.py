@@ -64,6 +64,14 @@ def test_random_policy_without_a_seed_routes_as_seed_0_every_time():
     assert unset[0] == unset[1] == unset[2] == zero and 0 < sum(zero) < 64
 
 
+@pytest.mark.parametrize("seed", [True, 1.5, "7"])
+def test_random_refuses_a_seed_that_is_not_an_integer(seed):
+    """A bool is an int to Python but no seed a client meant: refused, naming the field."""
+    with pytest.raises(InvalidArgument) as err:
+        make_policy("random", 0.5, seed=seed)
+    assert err.value.field == "seed"
+
+
 def test_random_is_seeded_and_respects_extremes():
     p1, p2 = make_policy("random", 0.5, seed=7), make_policy("random", 0.5, seed=7)
     seq1 = [p1.route_to_target() for _ in range(50)]

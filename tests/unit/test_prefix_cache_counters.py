@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from arbitrage_common.counter_deltas import CounterDeltas
+from services import pools
 
-pools = pytest.importorskip("services.pools")
 ROOT = Path(__file__).resolve().parents[2]
 
 

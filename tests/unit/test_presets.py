@@ -225,7 +225,8 @@ def test_an_lm_verifier_may_serve_as_prm(tmp_path):
 
 
 def test_the_verifier_file_name_matches_the_backend():
-    lm_verifier = pytest.importorskip("arbitrage_common.backends.lm_verifier")
+    from arbitrage_common.backends import lm_verifier
+
     assert lm_verifier.VERIFIER_FILE == P.LM_VERIFIER_FILE
 
 

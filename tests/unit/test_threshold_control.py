@@ -212,6 +212,53 @@ def test_call_helpers_count_in_flight_and_time_calls():
     assert ctl.in_flight == 0 and ctl.latency_ewma_ms == pytest.approx(800.0)
 
 
+def test_a_negative_in_flight_count_counts_as_zero():
+    """A count that went below zero (a finish reported twice) is 0, never a negative load."""
+    ctl = _ctl()
+    ctl.observe_in_flight(-3, 0.5)
+    assert ctl.in_flight == 0
+    ctl.call_finished(0.5, 0.6, sample=False)
+    assert ctl.in_flight == 0
+
+
+def test_request_durations_are_averaged_with_the_documented_weight():
+    """``D`` is an EWMA with weight 0.2 per ended request: 10 s then 20 s gives
+    0.8 * 10 + 0.2 * 20 = 12 s (the first duration is taken as is)."""
+    ctl = _ctl()
+    ctl.observe_request(10.0, 0.0)
+    assert ctl.request_s_ewma == pytest.approx(10.0)
+    ctl.observe_request(20.0, 0.0)
+    assert ctl.request_s_ewma == pytest.approx(12.0)
+
+
+def test_a_partly_idle_window_averages_in_flight_over_its_busy_time():
+    """Q is the in-flight integral over the window's busy span: 8 calls for half of a 1 s
+    window is a mean of 4 (error -0.5 against 8); with the update only at t = 3, the same
+    half second over the one busy interval is again a mean of 4 (twice a budget of 2: up
+    0.05), and the two idle intervals after it decay 0.02 each."""
+    ctl = LoadController(C.LoadControlSpec(enabled=True, in_flight_budget=8))
+    ctl.observe_in_flight(8, 0.0)
+    ctl.observe_in_flight(0, 0.5)
+    assert _at(ctl, 1.0) == 0.0 and ctl.snapshot()["error"] == pytest.approx(-0.5)
+    ctl = LoadController(C.LoadControlSpec(enabled=True, in_flight_budget=2))
+    ctl.observe_in_flight(8, 0.0)
+    ctl.observe_in_flight(0, 0.5)
+    assert _at(ctl, 3.0) == pytest.approx(0.05 - 2 * 0.02)
+
+
+def test_latency_exactly_on_the_deadband_edges_holds_the_offset():
+    """The deadband is closed: ``|e| == deadband`` holds. 0.25 and budgets of 400 are exact
+    in binary, so e is exactly +-0.25 at 500 and 300 ms."""
+    ctl = _ctl(deadband=0.25, latency_alpha=1.0)
+    ctl.observe_latency(2 * BUDGET, 0.5)
+    held = _at(ctl, 1.0)
+    assert held == pytest.approx(0.05)
+    for t, latency, error in ((1.0, 500.0, 0.25), (2.0, 300.0, -0.25)):
+        ctl.observe_latency(latency, t + 0.5)
+        assert _at(ctl, t + 1.0) == held
+        assert ctl.snapshot()["error"] == error
+
+
 def test_bad_latency_samples_are_ignored():
     ctl = _ctl()
     for bad in (float("nan"), float("inf"), -1.0, True):
