@@ -34,9 +34,9 @@ class ScorerError(RuntimeError):
 class DeadlineExceeded(TimeoutError):
     """The request ran past its deadline. ``partial`` holds the steps kept so far
     (finish_reason 'deadline'); ``waiting_on``: the model (draft, target, router, prm) whose
-    call was out when it passed, and ``waited_s`` how long that call had been out."""
+    call the loop was waiting for when it passed, if any."""
 
     def __init__(self, partial: LoopResult, message: str = "deadline exceeded", *,
-                 waiting_on: str | None = None, waited_s: float = 0.0) -> None:
-        self.partial, self.waiting_on, self.waited_s = partial, waiting_on, waited_s
+                 waiting_on: str | None = None) -> None:
+        self.partial, self.waiting_on = partial, waiting_on
         super().__init__(f"{message} after {len(partial.steps)} steps")

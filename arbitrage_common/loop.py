@@ -15,8 +15,8 @@ or, to send each step as soon as it is decided::
     stream.result                              # LoopResult; set when the last step is yielded
 
 On a missed deadline both raise ``DeadlineExceeded`` whose ``.partial`` (also
-``stream.result``) holds the steps kept so far, and ``.waiting_on`` the model whose call was
-out when it passed. Cancellation propagates untouched. When a
+``stream.result``) holds the steps kept so far, and ``.waiting_on`` the model whose call the
+loop was waiting for. Cancellation propagates untouched. When a
 generator answers ``"context"`` (no room left in its context), the request ends with
 ``finish_reason "length"`` keeping its steps; at the first step that is the prompt's fault,
 ``InvalidArgument`` naming the field the prompt came in (``LoopRequest.prompt_field``; chat:
@@ -139,11 +139,11 @@ class Models:
 
 
 class _DeadlinePassed(Exception):
-    """Internal: turned into DeadlineExceeded with the partial result by the loop; ``stage``
-    and ``waited_s``: the model call it passed during, if any, and how long that call was out."""
+    """Internal: turned into DeadlineExceeded with the partial result by the loop; ``stage``:
+    the model call it passed during, if any."""
 
-    def __init__(self, stage: Stage | None = None, waited_s: float = 0.0) -> None:
-        self.stage, self.waited_s = stage, waited_s
+    def __init__(self, stage: Stage | None = None) -> None:
+        self.stage = stage
 
 
 class _ContextFull(Exception):
@@ -229,7 +229,7 @@ class LoopStream:
                     return
         except _DeadlinePassed as passed:
             self.result = self._result("deadline")
-            raise DeadlineExceeded(self.result, waiting_on=passed.stage, waited_s=passed.waited_s) from None
+            raise DeadlineExceeded(self.result, waiting_on=passed.stage) from None
         finally:
             # Whatever ended the request (also an error, cancellation or aclose at a yield),
             # an early draft still out is cancelled and awaited: no task outlives the stream.
@@ -505,7 +505,7 @@ class LoopStream:
                 return await call()
         except TimeoutError:
             if timeout.expired():
-                raise _DeadlinePassed(stage, time.perf_counter() - started) from None
+                raise _DeadlinePassed(stage) from None
             raise
         finally:
             seconds = time.perf_counter() - started

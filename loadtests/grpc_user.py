@@ -96,8 +96,8 @@ def make_client(environment, settings) -> Client:
 
 
 def call_grpc(client: Client, settings, prompt: str) -> Outcome:
-    """One request; failures are already counted by the interceptor. Its gRPC status, for the
-    closed loop's backoff (the service sends no retry hint in trailing metadata: the backoff decides)."""
+    """One request; failures are already counted by the interceptor. Its gRPC status and the
+    service's ``retry-after`` trailer (unary calls only), for the closed loop's backoff."""
     mix = settings.mix
     request = build_request(prompt, mix.policy, threshold=mix.threshold, max_steps=mix.max_steps)
     try:

@@ -185,9 +185,9 @@ class PoolDown(RuntimeError):
 
 
 class PoolStalled(RuntimeError):
-    """A request's deadline passed while one call to a pool had been out for
-    ``coordinator.pool_stall_s`` or more: the pool answers nothing in that time, hung or far
-    behind (Serve's health checks replace a hung replica), so the client should retry later
+    """A request's deadline passed while a pool it waited on had answered nothing for
+    ``coordinator.pool_stall_s`` or more though calls were out to it
+    (``arbitrage_common.pool_progress``): a hung replica, so the client should retry later
     rather than raise its deadline."""
 
     def __init__(self, pool: str, waited_s: float) -> None:
@@ -330,8 +330,8 @@ def classify(exc: BaseException) -> ApiError:
     - ``PoolDown`` (a needed pool had no running replica: the deadline passed waiting for one,
       or Serve reports the pool failing) -> UNAVAILABLE / 503, retriable: the client's deadline
       was not what failed it.
-    - ``PoolStalled`` (the deadline passed while a pool call had been out ``pool_stall_s``)
-      -> UNAVAILABLE / 503, retriable, naming the pool.
+    - ``PoolStalled`` (the deadline passed while a pool it waited on had answered nothing for
+      ``pool_stall_s``) -> UNAVAILABLE / 503, retriable, naming the pool.
     - ``DeadlineExceeded`` raised here (the request's own deadline) -> DEADLINE_EXCEEDED / 504.
     - cancellation (``asyncio.CancelledError``, Ray's ``TaskCancelledError``) -> CANCELLED / 499.
     - ``BackPressureError`` (a pool's queue is full) -> RESOURCE_EXHAUSTED / 503, retriable.
@@ -363,8 +363,8 @@ def classify(exc: BaseException) -> ApiError:
                else "it is starting or restarting")
         return unavailable(f"the {down.pool} pool has no running replica ({why}); retry after Retry-After")
     if isinstance(stalled := _any(chain, PoolStalled), PoolStalled) and stalled.pool in POOL_NAMES:
-        return unavailable(f"the {stalled.pool} pool answered no call for {stalled.waited_s:.0f} s (a replica hung "
-                           f"or far behind); retry after Retry-After")
+        return unavailable(f"the {stalled.pool} pool answered no call for {stalled.waited_s:.1f} s while calls were "
+                           f"out to it (a replica hung); retry after Retry-After")
     if isinstance(exc, DeadlineExceeded) and len(chain) == 1:  # wrapped, it would be a pool's own timeout
         return ApiError("deadline_exceeded", grpc.StatusCode.DEADLINE_EXCEEDED, 504,
                         f"request deadline exceeded after {len(exc.partial.steps)} steps; no partial result "

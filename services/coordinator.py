@@ -12,8 +12,8 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, NoReturn, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -97,24 +97,6 @@ def _called(stream: LoopStream) -> set[str]:
     """The pools the request's loop called (a call was made, answered or not)."""
     return {role for role in ("draft", "target", "router", "prm")
             if getattr(getattr(stream.models, role), "called", False)}
-
-
-T = TypeVar("T")
-
-
-async def _answered(role: str, call: Awaitable[T], pending: dict[str, float]) -> T:
-    """``call``'s answer; while it is out, ``pending[role]`` says since when. A call the
-    deadline cut (cancelled) stays there, so the missed deadline names the pool it waited on."""
-    pending[role] = time.monotonic()
-    try:
-        answer = await call
-    except asyncio.CancelledError:
-        raise
-    except BaseException:
-        pending.pop(role, None)
-        raise
-    pending.pop(role, None)
-    return answer
 
 
 def _in_replica() -> bool:
@@ -321,12 +303,11 @@ class Coordinator:
         if self.load is not None and self.load.applies(prepared.policy, explicit=prepared.threshold_explicit):
             self.load.observe_request(seconds, time.monotonic())
 
-    async def _generator_contexts(self, deadline: float | None, pending: dict[str, float]) -> dict[str, int]:
+    async def _generator_contexts(self, deadline: float | None) -> dict[str, int]:
         """Each generator pool's context length (asked once; {} while a pool cannot answer)."""
         if self._contexts is None:
             try:
-                infos = await asyncio.gather(*(_answered(role, self.pools.caller(role, "context_info",
-                                                                                 deadline=deadline)(), pending)
+                infos = await asyncio.gather(*(self.pools.caller(role, "context_info", deadline=deadline)()
                                                for role in ("draft", "target")))
             except Exception:  # noqa: BLE001 (the loop still ends an overlong prompt cleanly)
                 return {}
@@ -341,28 +322,23 @@ class Coordinator:
         pool call it makes."""
         request = prepared.request
         timeout = asyncio.timeout(None if deadline is None else deadline - time.monotonic())
-        pending: dict[str, float] = {}  # pool -> when its call out now was sent
         try:
             async with timeout:
                 await self._check_prompt_fits(build_prefix(request.prompt, [], request.prompt_template), deadline,
-                                              prepared.prompt_field, pending)
+                                              prepared.prompt_field)
         except TimeoutError:
             if not timeout.expired():
                 raise
-            waiting_on = min(pending, key=pending.__getitem__, default=None)  # the longest out
-            waited_s = 0.0 if waiting_on is None else time.monotonic() - pending[waiting_on]
             raise DeadlineExceeded(LoopResult(request.prompt, [], "deadline", Usage(), 0.0),
-                                   "deadline exceeded while checking the prompt's length",
-                                   waiting_on=waiting_on, waited_s=waited_s) from None
+                                   "deadline exceeded while checking the prompt's length") from None
 
-    async def _check_prompt_fits(self, prefix: str, deadline: float | None, field: str,
-                                 pending: dict[str, float]) -> None:
-        contexts = await self._generator_contexts(deadline, pending)
+    async def _check_prompt_fits(self, prefix: str, deadline: float | None, field: str) -> None:
+        contexts = await self._generator_contexts(deadline)
         if not contexts or len(prefix.encode()) + _SPECIAL_TOKENS_MARGIN < min(contexts.values()):
             return
         roles = list(contexts)
-        counts = await asyncio.gather(*(_answered(role, self.pools.caller(role, "count_tokens", deadline=deadline)(prefix),
-                                                  pending) for role in roles))
+        counts = await asyncio.gather(*(self.pools.caller(role, "count_tokens", deadline=deadline)(prefix)
+                                        for role in roles))
         for role, tokens in zip(roles, counts):
             if tokens >= contexts[role]:
                 raise InvalidArgument(field, f"is {tokens} tokens for the {role} model (prompt template "
@@ -411,14 +387,18 @@ class Coordinator:
         running replica: the request waited for it (Serve holds a call until a replica runs),
         and the client should retry later rather than raise its deadline. A pool it never
         called (the target of a draft-only request, scaled to zero) did not make it late. As
-        ``PoolStalled`` when its call out at the deadline had waited ``pool_stall_s``: a hung
-        replica still counts as running until Serve's health checks replace it."""
+        ``PoolStalled`` when a pool has answered nothing for ``pool_stall_s`` though calls were
+        out to it (``PoolProgress``): a hung replica, which counts as running until Serve's
+        health checks replace it. The pool the loop waited on first, then those it called,
+        then those sharing its call slots (a hung pool holds slots the others wait for)."""
         down = await self.health.down(called)
         if down:
             raise convert.PoolDown(down[0]) from exc
         stall_s = self.cfg.coordinator.pool_stall_s
-        if exc.waiting_on is not None and stall_s is not None and exc.waited_s >= stall_s:
-            raise convert.PoolStalled(exc.waiting_on, exc.waited_s) from exc
+        if stall_s is not None:
+            for role in dict.fromkeys([exc.waiting_on, *called, *self.pools.slot_roles]):
+                if role is not None and (stalled := self.pools.progress.stalled_s(role)) >= stall_s:
+                    raise convert.PoolStalled(role, stalled) from exc
         raise exc
 
     def _release(self, prepared: Prepared, stream: LoopStream) -> None:

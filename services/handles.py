@@ -39,6 +39,7 @@ from arbitrage_common.coalesce import CallSlots, Coalescer, yield_call_slot
 from arbitrage_common.interfaces import Generation, GenerationOptions, ScoreItem
 from arbitrage_common.lookahead import DraftAhead
 from arbitrage_common.loop import Models
+from arbitrage_common.pool_progress import PoolProgress
 from arbitrage_common.retry import RetryPolicy
 
 from .convert import PoolDown, replica_channel_lost
@@ -129,21 +130,40 @@ class FailFast:
 
 class PoolCaller:
     """Calls one bound pool method with retries under a deadline (``time.monotonic``); with a
-    ``fail_fast``, a call waiting on a failed pool ends at the next health probe (``PoolDown``)."""
+    ``fail_fast``, a call waiting on a failed pool ends at the next health probe (``PoolDown``);
+    ``progress`` is told when each attempt leaves and whether the pool answered it."""
 
     def __init__(self, call: Any, role: str, policy: RetryPolicy, deadline: float | None,
                  on_retry: Callable[[str, str], None] | None, rng: random.Random,
-                 fail_fast: FailFast | None = None) -> None:
+                 fail_fast: FailFast | None = None, progress: PoolProgress | None = None) -> None:
         self._call, self.role, self._policy, self._deadline = call, role, policy, deadline
         self._on_retry, self._rng, self._fail_fast = on_retry, rng, fail_fast
+        self._progress = progress
+
+    async def _attempt(self, args: tuple) -> Any:
+        token = None if self._progress is None else self._progress.sent(self.role)
+        answered = False
+        try:
+            if self._fail_fast is None:
+                result = await _await_cancellable(self._call.remote(*args))
+            else:
+                result = await self._fail_fast.call(self.role, self._call.remote(*args))
+            answered = True
+            return result
+        except PoolDown:  # ended here, on the health probe's word: no answer
+            raise
+        except Exception:
+            answered = True  # the pool's (or its replica's) own error is an answer
+            raise
+        finally:
+            if token is not None:
+                self._progress.ended(self.role, token, answered)
 
     async def __call__(self, *args: Any) -> Any:
         attempt = 0
         while True:
             try:
-                if self._fail_fast is None:
-                    return await _await_cancellable(self._call.remote(*args))
-                return await self._fail_fast.call(self.role, self._call.remote(*args))
+                return await self._attempt(args)
             except Exception as exc:  # PoolDown is not retriable (retry_reason): it goes on up
                 reason = retry_reason(exc)
                 remaining = None if self._deadline is None else self._deadline - time.monotonic()
@@ -304,10 +324,14 @@ class PoolHandles:
         self.draft, self.target, self.router, self.prm = draft, target, router, prm
         self.retry, self.on_retry = retry, on_retry
         self.fail_fast = FailFast(pool_failed) if pool_failed is not None else None
+        self.progress = PoolProgress()  # whether each pool answers (a missed deadline blames a hung one)
         quiet_expected_cancels()
         self.load = load  # a LoadController told of every target call, or None
         self._rng = random.Random()  # jitter only: it never touches a request's output
         slots = CallSlots(calls_in_flight) if calls_in_flight else None
+        # The pools whose merged calls wait for the shared call slots.
+        self.slot_roles = [role for role in (lanes or {}) if slots is not None and getattr(self, role) is not None
+                           and (slot_roles is None or role in slot_roles)]
         self.merged: dict[str, Coalescer] = {
             role: Coalescer(self._merged_send(role), lanes=n, key_prefix=f"{role}-lane",
                             slots=slots if slot_roles is None or role in slot_roles else None)
@@ -358,7 +382,7 @@ class PoolHandles:
     def caller(self, role: str, method: str, session_id: str = "", deadline: float | None = None,
                retry: RetryPolicy | None = None) -> PoolCaller:
         return PoolCaller(_bind(getattr(self, role), method, session_id), role, retry or self.retry, deadline,
-                          self.on_retry, self._rng, self.fail_fast)
+                          self.on_retry, self._rng, self.fail_fast, self.progress)
 
     def models(self, session_id: str = "", deadline: float | None = None) -> Models:
         """The loop's ``Models`` for one request (``deadline``: ``time.monotonic()`` seconds

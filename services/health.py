@@ -133,7 +133,8 @@ class PoolHealth:
         self.replicas: dict[str, int] = {}  # every deployment of the app, as last probed
         self.placed: dict[str, int] = {}  # replicas running or coming up, by deployment
         self.statuses: dict[str, str] = {}  # every deployment's Serve status, as last probed
-        self._probed_at: float | None = None
+        self._probed_at: float | None = None  # the last answer believed
+        self._asked_at: float | None = None  # the last probe made, answered or not
         self._changed: asyncio.Condition | None = None
         self._task: asyncio.Task | None = None
 
@@ -160,7 +161,7 @@ class PoolHealth:
     async def probe(self) -> None:
         from ray import serve
 
-        answered = False
+        answered, self._asked_at = False, time.monotonic()  # failure paths ask at most once a period
         try:
             status = await asyncio.wait_for(asyncio.to_thread(serve.status), STATUS_TIMEOUT_S)
             app = status.applications.get(self.app_name)
@@ -236,13 +237,13 @@ class PoolHealth:
                     self._changed.notify_all()
 
     async def down(self, names: Iterable[str]) -> list[str]:
-        """Those of ``names`` with no running replica, by a probe at most ``period_s`` old
-        (one is made if needed); [] when the controller cannot say."""
+        """Those of ``names`` with no running replica, by the last answer believed, from a probe
+        asked at most ``period_s`` ago (one is made if needed); [] when the controller cannot say."""
         import ray
 
         if not ray.is_initialized():  # not in a replica (a unit test): nothing to ask
             return []
-        if self._probed_at is None or time.monotonic() - self._probed_at > self.period_s:
+        if self._asked_at is None or time.monotonic() - self._asked_at > self.period_s:
             try:  # on a failure path: the client waits for this answer
                 await asyncio.wait_for(self.probe(), DOWN_PROBE_S)
             except TimeoutError:

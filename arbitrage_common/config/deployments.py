@@ -316,8 +316,10 @@ class PoolSpec(DeploymentSpec):
     access_log: bool = Field(False, description="Log every step call (Serve access log); off: one per step is "
                                                 "noise and CPU.")
     # Tighter than Serve's 10 s / 30 s: a pool's health check only asks its event loop (and a
-    # vLLM engine's flag), its forward passes run in a thread, so a replica that fails to answer
-    # for 10 s is hung; Serve then replaces it after about 30 s instead of 90.
+    # vLLM engine's flag), its forward passes run in a thread, so a replica whose loop fails to
+    # answer for 10 s is hung (stopped, deadlocked); Serve then replaces it after about 30 s
+    # instead of 90. A forward stuck in its thread still answers: coordinator.pool_stall_s
+    # reports that one to clients.
     health_check_period_s: PositiveFloat = Field(5.0, description="Seconds between Serve's health checks of each "
                                                                   "replica.")
     health_check_timeout_s: PositiveFloat = Field(10.0, description="Seconds a health check may take before it "
@@ -472,13 +474,16 @@ class CoordinatorSpec(DeploymentSpec):
                                                              "replica restarting in place is waited for, a lost "
                                                              "node's is not. Seen at the health probes "
                                                              "(health_probe_s). 0: at the first probe that finds it.")
-    pool_stall_s: PositiveFloat | None = Field(10.0, description="A request whose deadline passes while one "
-                                                                "of its pool calls has been out this long ends "
-                                                                "UNAVAILABLE / 503 naming the pool (retry later), "
-                                                                "not DEADLINE_EXCEEDED (raise your deadline): that "
-                                                                "pool is hung or far behind, seconds. Set it above "
-                                                                "the longest step call a healthy pool takes. None: "
-                                                                "always DEADLINE_EXCEEDED.")
+    pool_stall_s: PositiveFloat | None = Field(30.0, description="A request whose deadline passes while a pool it "
+                                                                "waits on has answered nothing for this long, "
+                                                                "though calls were out to it, ends UNAVAILABLE / "
+                                                                "503 naming the pool (a hung replica: retry later), "
+                                                                "not DEADLINE_EXCEEDED (raise your deadline), "
+                                                                "seconds. Time a call waits before it leaves (merge "
+                                                                "lanes, call slots, backoff) does not count, nor "
+                                                                "does a pool that keeps answering other calls. Set "
+                                                                "it above the longest step call a healthy pool "
+                                                                "takes alone. None: always DEADLINE_EXCEEDED.")
     merge_calls: bool = Field(True, exclude_if=lambda v: v is True,
                               description="Merge the step calls that concurrent requests make to one pool into one "
                                           "Serve call per lane (arbitrage_common.coalesce): under load a handle "

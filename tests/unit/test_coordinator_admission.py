@@ -305,19 +305,20 @@ class _StepsSlow(SlowCountPool):
         return super().remote(*args)
 
 
-@pytest.mark.parametrize("stall_s", [0.1, 5.0, None])
+@pytest.mark.parametrize("stall_s", [0.2, 5.0, None])
 @pytest.mark.parametrize("pool", ["hung", "slow"])
-def test_a_deadline_missed_on_a_pool_call_out_for_pool_stall_s_is_unavailable(pool, stall_s):
+def test_a_deadline_missed_on_a_pool_that_answers_nothing_for_pool_stall_s_is_unavailable(pool, stall_s):
     """A hung replica still counts as running (Serve replaces it only after its health checks
-    fail), so ``_PoolsDown`` finds nothing: the call that was out at the deadline tells. Out
-    for ``pool_stall_s`` or more: UNAVAILABLE naming the pool (retry later), not the client's
-    DEADLINE_EXCEEDED. Quick steps that merely add up past the deadline stay 504, as do stalls
-    shorter than the bound, or any with the bound off (None)."""
+    fail), so ``_PoolsDown`` finds nothing: what tells is a pool that has answered nothing for
+    ``pool_stall_s`` though a call was out to it. Then UNAVAILABLE naming the pool (retry
+    later), not the client's DEADLINE_EXCEEDED. A pool that keeps answering quick steps that
+    merely add up past the deadline stays 504, as does a stall shorter than the bound, or any
+    with the bound off (None)."""
     data = default_config().model_dump(mode="json")
     data["coordinator"]["pool_stall_s"] = stall_s
     coord = Coordinator(data, *[SlowCountPool(0.0) for _ in range(4)])
     coord.health = _PoolsDown()
-    coord.pools.draft = _StepsHang(0.0) if pool == "hung" else _StepsSlow(0.02)
+    coord.pools.draft = _StepsHang(0.0) if pool == "hung" else _StepsSlow(0.01)
 
     async def run():
         prepared, stream = await coord.open_stream(RequestFields(prompt="Start with 4. Add 3.", policy="draft",
@@ -328,10 +329,55 @@ def test_a_deadline_missed_on_a_pool_call_out_for_pool_stall_s_is_unavailable(po
     with pytest.raises(Exception) as info:
         asyncio.run(asyncio.wait_for(run(), 60))  # a guard against a hang, not a timing
     err = convert.classify(info.value)
-    stalled = pool == "hung" and stall_s == 0.1
+    stalled = pool == "hung" and stall_s == 0.2
     assert (err.code, err.http_status) == (("unavailable", 503) if stalled else ("deadline_exceeded", 504)), err
     if stalled:
         assert "the draft pool answered no call for" in err.message and "retry" in err.message
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("waiting_on, stalled, blamed", [
+    ("draft", {"draft"}, "draft"),  # the pool the loop waited on
+    ("draft", {"target"}, "target"),  # its rows wait for call slots that a hung target holds
+    ("draft", {"draft", "target"}, "draft"),  # the one waited on first
+    (None, {"router"}, "router"),  # admission, or between calls: any pool sharing the slots
+    ("draft", set(), None),  # every pool answers: the client's deadline
+])
+def test_a_missed_deadline_blames_a_pool_that_answered_nothing_for_pool_stall_s(waiting_on, stalled, blamed):
+    """``_blame_pool_down`` over ``PoolProgress`` with a clock the test moves: a pool with a call
+    out since t=0 and no answer since is stalled at t=40 (bound 30). Pools that answered at
+    t=39 are not. A request waits on the pool of its own call first, then on those sharing
+    the call slots (the embedded default's transformers pools share two)."""
+    from arbitrage_common.accounting import LoopResult, Usage
+    from arbitrage_common.pool_progress import PoolProgress
+
+    coord = _coordinator(count_s=0.0)
+    coord.health = _PoolsDown()
+    clock = _Clock()
+    progress = coord.pools.progress = PoolProgress(clock)
+    for role in ("draft", "target", "router"):
+        token = progress.sent(role)
+        if role not in stalled:
+            clock.now = 39.0
+            progress.ended(role, token, answered=True)
+            progress.sent(role)  # and one more call out since
+        clock.now = 0.0
+    clock.now = 40.0
+    exc = DeadlineExceeded(LoopResult("p", [], "deadline", Usage(), 0.0), waiting_on=waiting_on)
+    with pytest.raises(Exception) as info:
+        asyncio.run(coord._blame_pool_down(exc, ["draft"]))
+    if blamed is None:
+        assert info.value is exc
+    else:
+        assert isinstance(info.value, convert.PoolStalled) and info.value.pool == blamed
+        assert info.value.waited_s == 40.0
 
 
 @pytest.mark.parametrize("stall_s", [0.1, None])

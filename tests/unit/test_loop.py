@@ -164,7 +164,7 @@ def test_deadline_raises_with_partial_result():
     assert [s.text for s in partial.steps] == ["d0", "d1"]
     assert partial.usage.draft_tokens_kept == 4
     assert draft.cancelled  # the slow call was cancelled, not left running
-    assert err.value.waiting_on == "draft" and err.value.waited_s > 0.0  # the call out at the deadline
+    assert err.value.waiting_on == "draft"  # the call the loop waited for at the deadline
 
 
 def test_deadline_checked_before_each_call():
