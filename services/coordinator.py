@@ -391,15 +391,22 @@ class Coordinator:
         out to it (``PoolProgress``): a hung replica, which counts as running until Serve's
         health checks replace it. The pool the loop waited on first, then those it called,
         then those sharing its call slots (a hung pool holds slots the others wait for)."""
-        down = await self.health.down(called)
+        stalled = self._stalled_pool([exc.waiting_on, *called, *self.pools.slot_roles])  # now: a cut call's
+        down = await self.health.down(called)  # silence is told only for a moment, and this may probe
         if down:
             raise convert.PoolDown(down[0]) from exc
+        if stalled is not None:
+            raise convert.PoolStalled(*stalled) from exc
+        raise exc
+
+    def _stalled_pool(self, roles: list[str | None]) -> tuple[str, float] | None:
+        """The first of ``roles`` silent for ``pool_stall_s`` with calls out, and for how long."""
         stall_s = self.cfg.coordinator.pool_stall_s
         if stall_s is not None:
-            for role in dict.fromkeys([exc.waiting_on, *called, *self.pools.slot_roles]):
-                if role is not None and (stalled := self.pools.progress.stalled_s(role)) >= stall_s:
-                    raise convert.PoolStalled(role, stalled) from exc
-        raise exc
+            for role in dict.fromkeys(roles):
+                if role is not None and (silent := self.pools.progress.stalled_s(role)) >= stall_s:
+                    return role, silent
+        return None
 
     def _release(self, prepared: Prepared, stream: LoopStream) -> None:
         """Fire and forget: the pools this request called drop its cached prefix (their LRU

@@ -135,13 +135,14 @@ class PoolCaller:
 
     def __init__(self, call: Any, role: str, policy: RetryPolicy, deadline: float | None,
                  on_retry: Callable[[str, str], None] | None, rng: random.Random,
-                 fail_fast: FailFast | None = None, progress: PoolProgress | None = None) -> None:
+                 fail_fast: FailFast | None = None, progress: PoolProgress | None = None,
+                 lane: str | None = None) -> None:
         self._call, self.role, self._policy, self._deadline = call, role, policy, deadline
         self._on_retry, self._rng, self._fail_fast = on_retry, rng, fail_fast
-        self._progress = progress
+        self._progress, self._progress_key = progress, role if lane is None else f"{role}/{lane}"
 
     async def _attempt(self, args: tuple) -> Any:
-        token = None if self._progress is None else self._progress.sent(self.role)
+        token = None if self._progress is None else self._progress.sent(self._progress_key)
         answered = False
         try:
             if self._fail_fast is None:
@@ -150,14 +151,14 @@ class PoolCaller:
                 result = await self._fail_fast.call(self.role, self._call.remote(*args))
             answered = True
             return result
-        except PoolDown:  # ended here, on the health probe's word: no answer
-            raise
+        except (PoolDown, BackPressureError, DeploymentUnavailableError):
+            raise  # ended here, by the health probe or this replica's own router: no replica spoke
         except Exception:
             answered = True  # the pool's (or its replica's) own error is an answer
             raise
         finally:
             if token is not None:
-                self._progress.ended(self.role, token, answered)
+                self._progress.ended(self._progress_key, token, answered)
 
     async def __call__(self, *args: Any) -> Any:
         attempt = 0
@@ -358,7 +359,7 @@ class PoolHandles:
                 await self.send_alone(role, method, lane_key, *columns, piggyback)
                 return []
             deadline = _earliest([deadline for _, deadline in rows])
-            return await self.caller(role, method, lane_key, deadline)(*columns, piggyback)
+            return await self.caller(role, method, lane_key, deadline, lane=lane_key)(*columns, piggyback)
         return send
 
     async def send_alone(self, role: str, method: str, key: str, *args: Any) -> None:
@@ -380,9 +381,10 @@ class PoolHandles:
         return True
 
     def caller(self, role: str, method: str, session_id: str = "", deadline: float | None = None,
-               retry: RetryPolicy | None = None) -> PoolCaller:
+               retry: RetryPolicy | None = None, lane: str | None = None) -> PoolCaller:
+        """``lane``: a merged call's lane, whose progress is told apart (one replica's)."""
         return PoolCaller(_bind(getattr(self, role), method, session_id), role, retry or self.retry, deadline,
-                          self.on_retry, self._rng, self.fail_fast, self.progress)
+                          self.on_retry, self._rng, self.fail_fast, self.progress, lane)
 
     def models(self, session_id: str = "", deadline: float | None = None) -> Models:
         """The loop's ``Models`` for one request (``deadline``: ``time.monotonic()`` seconds

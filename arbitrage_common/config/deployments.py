@@ -481,7 +481,9 @@ class CoordinatorSpec(DeploymentSpec):
                                                                 "not DEADLINE_EXCEEDED (raise your deadline), "
                                                                 "seconds. Time a call waits before it leaves (merge "
                                                                 "lanes, call slots, backoff) does not count, nor "
-                                                                "does a pool that keeps answering other calls. Set "
+                                                                "does a pool that keeps answering other calls, "
+                                                                "though a merged lane (one replica) silent while "
+                                                                "the others answer does. Set "
                                                                 "it above the longest step call a healthy pool "
                                                                 "takes alone. None: always DEADLINE_EXCEEDED.")
     merge_calls: bool = Field(True, exclude_if=lambda v: v is True,

@@ -305,7 +305,7 @@ class _StepsSlow(SlowCountPool):
         return super().remote(*args)
 
 
-@pytest.mark.parametrize("stall_s", [0.2, 5.0, None])
+@pytest.mark.parametrize("stall_s", [0.3, 5.0, None])
 @pytest.mark.parametrize("pool", ["hung", "slow"])
 def test_a_deadline_missed_on_a_pool_that_answers_nothing_for_pool_stall_s_is_unavailable(pool, stall_s):
     """A hung replica still counts as running (Serve replaces it only after its health checks
@@ -318,18 +318,18 @@ def test_a_deadline_missed_on_a_pool_that_answers_nothing_for_pool_stall_s_is_un
     data["coordinator"]["pool_stall_s"] = stall_s
     coord = Coordinator(data, *[SlowCountPool(0.0) for _ in range(4)])
     coord.health = _PoolsDown()
-    coord.pools.draft = _StepsHang(0.0) if pool == "hung" else _StepsSlow(0.01)
+    coord.pools.draft = _StepsHang(0.0) if pool == "hung" else _StepsSlow(0.02)
 
     async def run():
         prepared, stream = await coord.open_stream(RequestFields(prompt="Start with 4. Add 3.", policy="draft",
-                                                                 timeout_s=0.4, max_steps=64))
+                                                                 timeout_s=0.9, max_steps=64))
         async for _ in coord.steps_of(stream, prepared):
             pass
 
     with pytest.raises(Exception) as info:
         asyncio.run(asyncio.wait_for(run(), 60))  # a guard against a hang, not a timing
     err = convert.classify(info.value)
-    stalled = pool == "hung" and stall_s == 0.2
+    stalled = pool == "hung" and stall_s == 0.3
     assert (err.code, err.http_status) == (("unavailable", 503) if stalled else ("deadline_exceeded", 504)), err
     if stalled:
         assert "the draft pool answered no call for" in err.message and "retry" in err.message
@@ -378,6 +378,32 @@ def test_a_missed_deadline_blames_a_pool_that_answered_nothing_for_pool_stall_s(
     else:
         assert isinstance(info.value, convert.PoolStalled) and info.value.pool == blamed
         assert info.value.waited_s == 40.0
+
+
+def test_a_cut_call_is_judged_before_the_down_probe_runs():
+    """The deadline cuts the hung call (its silence is told for ``CUT_FRESH_S``) before the
+    request looks for a pool to blame; ``health.down`` may then probe the controller for up to
+    ``DOWN_PROBE_S``. The stall is read first, or a slow probe would turn a hung pool into 504."""
+    from arbitrage_common.accounting import LoopResult, Usage
+    from arbitrage_common.pool_progress import PoolProgress
+    from services.health import DOWN_PROBE_S
+
+    coord = _coordinator(count_s=0.0)
+    clock = _Clock()
+    progress = coord.pools.progress = PoolProgress(clock)
+    token = progress.sent("draft")
+    clock.now = 40.0
+    progress.ended("draft", token, answered=False)  # the deadline cut the hung call
+
+    class SlowProbe:
+        async def down(self, names):
+            clock.now += DOWN_PROBE_S + 0.01  # the probe timed out
+            return []
+
+    coord.health = SlowProbe()
+    exc = DeadlineExceeded(LoopResult("p", [], "deadline", Usage(), 0.0), waiting_on="draft")
+    with pytest.raises(convert.PoolStalled):
+        asyncio.run(coord._blame_pool_down(exc, ["draft"]))
 
 
 @pytest.mark.parametrize("stall_s", [0.1, None])

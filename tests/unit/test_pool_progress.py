@@ -130,3 +130,72 @@ def test_a_retried_attempt_is_a_new_call_out():
         return progress.stalled_s("draft")
 
     assert asyncio.run(main()) == 0.0  # both attempts ended: nothing out
+
+
+def test_an_idle_pool_is_silent_only_since_its_next_call_left():
+    clock = Clock()
+    progress = PoolProgress(clock)
+    progress.ended("draft", progress.sent("draft"), answered=True)  # answered at 0
+    clock.now = 100.0
+    progress.sent("draft")  # idle 100 s, then one call
+    clock.now = 105.0
+    assert progress.stalled_s("draft") == 5.0
+
+
+def test_the_oldest_call_out_tells():
+    clock = Clock()
+    progress = PoolProgress(clock)
+    progress.sent("draft")
+    clock.now = 35.0
+    progress.sent("draft")
+    clock.now = 40.0
+    assert progress.stalled_s("draft") == 40.0
+
+
+def test_a_cut_call_is_silent_only_since_the_last_answer():
+    clock = Clock()
+    progress = PoolProgress(clock)
+    long = progress.sent("draft")
+    clock.now = 30.0
+    progress.ended("draft", progress.sent("draft"), answered=True)
+    clock.now = 35.0
+    progress.ended("draft", long, answered=False)
+    assert progress.stalled_s("draft") == 5.0
+
+
+def test_one_silent_lane_stalls_its_pool_though_other_lanes_answer():
+    """Affinity sends a merged lane to one replica: a lane silent for 40 s while the pool's
+    other lanes answer is one hung replica of several. Another pool's lanes do not count."""
+    clock = Clock()
+    progress = PoolProgress(clock)
+    progress.sent("target/target-lane-0")
+    for t in range(1, 40):
+        clock.now = float(t)
+        progress.ended("target/target-lane-1", progress.sent("target/target-lane-1"), answered=True)
+        progress.ended("draft", progress.sent("draft"), answered=True)
+    clock.now = 40.0
+    assert progress.stalled_s("target") == 40.0
+    assert progress.stalled_s("draft") == 0.0
+    assert progress.stalled_s("target-lane") == 0.0  # a pool's name, never a prefix of another's
+
+
+@pytest.mark.parametrize("refusal", ["backpressure", "unavailable"])
+def test_a_refusal_by_the_callers_own_router_is_no_answer(refusal):
+    """``BackPressureError`` (the caller's queue for the pool is full) and
+    ``DeploymentUnavailableError`` are raised on this side: no replica spoke."""
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    async def main():
+        clock = Clock()
+        progress = PoolProgress(clock)
+        error = (BackPressureError(num_queued_requests=1, max_queued_requests=1) if refusal == "backpressure"
+                 else DeploymentUnavailableError("draft"))
+        call = Gated(error)
+        call.gate.set()
+        progress.sent("draft")  # a call out since 0, never answered
+        caller = PoolCaller(call, "draft", RetryPolicy(retries=0), None, None, random.Random(0), progress=progress)
+        clock.now = 50.0
+        await asyncio.gather(caller("p"), return_exceptions=True)
+        return progress.stalled_s("draft")
+
+    assert asyncio.run(main()) == 50.0
