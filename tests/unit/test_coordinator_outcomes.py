@@ -32,6 +32,9 @@ class GrpcContext:
     def set_details(self, details) -> None:
         self.details = details
 
+    def set_trailing_metadata(self, trailers) -> None:
+        self.trailers = tuple(trailers)
+
 
 @pytest.fixture
 def logged():
