@@ -330,13 +330,15 @@ class PoolHandles:
         self.load = load  # a LoadController told of every target call, or None
         self._rng = random.Random()  # jitter only: it never touches a request's output
         slots = CallSlots(calls_in_flight) if calls_in_flight else None
-        # The pools whose merged calls wait for the shared call slots.
-        self.slot_roles = [role for role in (lanes or {}) if slots is not None and getattr(self, role) is not None
-                           and (slot_roles is None or role in slot_roles)]
         self.merged: dict[str, Coalescer] = {
             role: Coalescer(self._merged_send(role), lanes=n, key_prefix=f"{role}-lane",
                             slots=slots if slot_roles is None or role in slot_roles else None)
             for role, n in (lanes or {}).items() if getattr(self, role) is not None}
+
+    @property
+    def slot_roles(self) -> list[str]:
+        """The pools whose merged calls wait for the shared call slots."""
+        return [role for role, merged in self.merged.items() if merged.slots is not None]
 
     def rows_waiting(self) -> dict[str, int]:
         """Rows queued for a merged call, by pool (``Coalescer.rows_waiting``)."""
